@@ -1,0 +1,157 @@
+"""One exception hierarchy for the whole framework.
+
+Every error carries a stable ``code`` (a short snake_case string) that the HTTP layer maps to a status
+and that security events record as the reason.  Catch ``QflareError`` to catch everything we raise on
+purpose; anything else escaping is a bug.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "QflareError",
+    "ConfigError",
+    "DataError",
+    "DatasetMissingError",
+    "ValidationError",
+    "ArchitectureMismatchError",
+    "TrainingError",
+    "NonFiniteError",
+    "ProtocolError",
+    "MalformedError",
+    "OversizeError",
+    "AuthError",
+    "UnknownDeviceError",
+    "RevokedError",
+    "BadSignatureError",
+    "TokenError",
+    "ReplayError",
+    "SessionExpiredError",
+    "RoundError",
+    "WrongRoundError",
+    "StaleModelError",
+    "PolicyError",
+    "CryptoUnavailableError",
+]
+
+
+class QflareError(Exception):
+    """Base of every error QFLARE raises deliberately."""
+
+    code: str = "qflare_error"
+    http_status: int = 500
+
+    def __init__(self, message: str, *, code: str | None = None) -> None:
+        super().__init__(message)
+        if code is not None:
+            self.code = code
+
+    @property
+    def message(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
+class ConfigError(QflareError):
+    code = "config_error"
+    http_status = 400
+
+
+class DataError(QflareError):
+    code = "data_error"
+    http_status = 400
+
+
+class DatasetMissingError(DataError):
+    code = "dataset_missing"
+
+
+class ValidationError(QflareError):
+    """An input (tensor, update, blob) is the wrong shape, dtype, size or value."""
+
+    code = "validation_error"
+    http_status = 422
+
+
+class ArchitectureMismatchError(ValidationError):
+    code = "architecture_mismatch"
+
+
+class TrainingError(QflareError):
+    code = "training_error"
+    http_status = 500
+
+
+class NonFiniteError(TrainingError):
+    """Loss or weights became NaN/Inf: the update must never be sent."""
+
+    code = "non_finite"
+
+
+class ProtocolError(QflareError):
+    """A protocol message was refused."""
+
+    code = "protocol_error"
+    http_status = 400
+
+
+class MalformedError(ProtocolError):
+    code = "malformed"
+
+
+class OversizeError(ProtocolError):
+    code = "oversized"
+    http_status = 413
+
+
+class AuthError(ProtocolError):
+    code = "auth_error"
+    http_status = 401
+
+
+class UnknownDeviceError(AuthError):
+    code = "unknown_device"
+
+
+class RevokedError(AuthError):
+    code = "revoked"
+    http_status = 403
+
+
+class BadSignatureError(AuthError):
+    code = "bad_signature"
+
+
+class TokenError(AuthError):
+    code = "bad_token"
+
+
+class ReplayError(ProtocolError):
+    code = "replay"
+    http_status = 409
+
+
+class SessionExpiredError(AuthError):
+    code = "session_expired"
+
+
+class RoundError(ProtocolError):
+    code = "round_error"
+    http_status = 409
+
+
+class WrongRoundError(RoundError):
+    code = "wrong_round"
+
+
+class StaleModelError(RoundError):
+    code = "stale_model"
+
+
+class PolicyError(ProtocolError):
+    code = "policy_violation"
+    http_status = 403
+
+
+class CryptoUnavailableError(QflareError):
+    """A required primitive is missing from the linked OpenSSL: start-up must fail."""
+
+    code = "crypto_unavailable"
