@@ -1,0 +1,323 @@
+"""The coordinator: enrollment, sessions and the round endpoints, bytes in and bytes out.
+
+The same object serves the in-process simulation and the HTTP server (whose routes only parse HTTP and
+call :meth:`Coordinator.handle`).  Every refusal raises a typed :class:`~qflare.errors.QflareError`,
+changes no state, and is recorded as a security event with its reason code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+import torch
+
+from ..crypto import (
+    DEFAULT_POLICY,
+    DEFAULT_SUITE,
+    Channel,
+    Field,
+    MsgType,
+    Policy,
+    ServerHandshake,
+    SignedEnvelope,
+    SigningKey,
+    Suite,
+    VerifyKey,
+)
+from ..crypto.envelope import u64
+from ..errors import (
+    AuthError,
+    MalformedError,
+    OversizeError,
+    ProtocolError,
+    QflareError,
+    RevokedError,
+    StaleModelError,
+    UnknownDeviceError,
+    ValidationError,
+    WrongRoundError,
+)
+from ..storage import BlobStore, Store
+from ..strategy import ClientUpdate, Pipeline
+from ..wire import ParamLayout, decode_blob, sha256_hex
+from .messages import Frame, Receipt, Route, TaskInfo, decode_json, pack_signed, unpack_signed
+from .rounds import PublishedModel, RoundConfig, RoundManager
+
+__all__ = ["Coordinator", "CoordinatorConfig"]
+
+_PENDING_LIMIT = 10_000
+
+
+@dataclass(frozen=True)
+class CoordinatorConfig:
+    suite: Suite = DEFAULT_SUITE
+    policy: Policy = DEFAULT_POLICY
+    session_lifetime_s: int = 3600
+    max_update_bytes: int = 64 * 1024 * 1024
+    handshake_timeout_s: float = 30.0
+
+
+@dataclass
+class _Session:
+    device_id: str
+    key: VerifyKey
+    channel: Channel
+    lock: threading.Lock
+
+
+class Coordinator:
+    """Runs the federation: see the module docstring."""
+
+    def __init__(
+        self,
+        *,
+        layout: ParamLayout,
+        initial_flat: torch.Tensor,
+        strategy: Pipeline,
+        identity: SigningKey,
+        store: Store,
+        rounds: RoundConfig,
+        config: CoordinatorConfig | None = None,
+        blobs: BlobStore | None = None,
+        clock: Callable[[], float] = time.time,
+        on_model: Callable[[PublishedModel], None] | None = None,
+    ) -> None:
+        self.config = config or CoordinatorConfig()
+        self.config.policy.check(self.config.suite)
+        if identity.alg != self.config.suite.sig:
+            raise AuthError(f"coordinator key is {identity.alg}, suite needs {self.config.suite.sig}")
+        self.identity, self.store, self.layout = identity, store, layout
+        self._clock = clock
+        self._sessions: dict[str, _Session] = {}
+        self._pending: dict[str, ServerHandshake] = {}
+        self._lock = threading.Lock()
+        self.rounds = RoundManager(
+            layout=layout,
+            initial_flat=initial_flat,
+            strategy=strategy,
+            config=rounds,
+            identity=identity,
+            suite=self.config.suite,
+            store=store,
+            blobs=blobs,
+            clock=clock,
+            on_model=on_model,
+        )
+
+    @property
+    def public_key(self) -> VerifyKey:
+        return self.identity.public
+
+    # ------------------------------------------------------------------ admin
+    def create_tokens(self, count: int = 1, ttl_s: float = 3600.0, label: str = "") -> list[str]:
+        """Mint one-time enrollment tokens (only their hashes are stored)."""
+        return self.store.create_tokens(count, timedelta(seconds=ttl_s), label)
+
+    def revoke(self, device_id: str, reason: str) -> None:
+        """Revoke a device: its sessions die and its next message is refused."""
+        self.store.revoke_device(device_id, reason)
+        with self._lock:
+            for sid in [s for s, v in self._sessions.items() if v.device_id == device_id]:
+                del self._sessions[sid]
+
+    # ------------------------------------------------------------------ dispatch
+    def handle(self, route: Route | str, body: bytes, *, session_id: str | None = None, remote: str | None = None) -> bytes:
+        """Serve one request.  Refusals raise a QflareError after being recorded as security events."""
+        device_id: str | None = None
+        try:
+            route = Route(route)
+            if route is Route.ENROLL:
+                return self._enroll(body)
+            if route is Route.HELLO:
+                return self._hello(body)
+            if route is Route.FINISH:
+                return self._finish(body)
+            sess = self._session(session_id)
+            device_id = sess.device_id
+            with sess.lock:
+                self._check_active(sess)
+                if route is Route.TASK:
+                    return self._task(sess, body)
+                if route is Route.MODEL:
+                    return self._model(sess, body)
+                return self._update(sess, body)
+        except ValueError:
+            self._event("malformed", f"unknown route {route!r}", device_id, session_id, remote)
+            raise MalformedError(f"unknown route {route!r}") from None
+        except QflareError as exc:
+            if isinstance(exc, (ProtocolError, ValidationError)):
+                self._event(exc.code, f"{route}: {exc}", device_id, session_id, remote)
+            raise
+
+    def _event(self, code: str, detail: str, device_id: str | None, session_id: str | None, remote: str | None) -> None:
+        self.store.record_security_event(code, detail[:2000], device_id=device_id, session_id=session_id, remote_addr=remote)
+
+    # ------------------------------------------------------------------ enrollment
+    def _enroll(self, body: bytes) -> bytes:
+        env = SignedEnvelope.parse(body, expected_type=MsgType.ENROLL_REQUEST)
+        suite = self.config.policy.check(env.suite)
+        key = VerifyKey.from_bytes(suite.sig, env.get(Field.SIGNING_PUBLIC))
+        env.verify(key)  # proof of possession of the signing key
+        if env.get(Field.DEVICE_ID).decode("utf-8", "replace") != key.key_id:
+            raise AuthError("device id must be the key id of the presented key", code="device_id_mismatch")
+        now = int(self._clock())
+        if abs(env.get_int(Field.TIMESTAMP) - now) > 300:
+            raise AuthError("enrollment request timestamp is more than 5 minutes off", code="stale_request")
+        record = SignedEnvelope.sign(
+            self.config.suite,
+            MsgType.ENROLL_RECORD,
+            {
+                Field.DEVICE_ID: key.key_id.encode(),
+                Field.DEVICE_KEY_ID: key.key_id_bytes,
+                Field.SIGNING_PUBLIC: key.raw,
+                Field.SERVER_KEY_ID: self.identity.public.key_id_bytes,
+                Field.TIMESTAMP: u64(now),
+            },
+            self.identity,
+        ).to_bytes()
+        token = env.get(Field.ENROLL_TOKEN).decode("utf-8", "replace")
+        self.store.enroll_device(token, key.key_id, suite.sig, key.raw, record)
+        return record
+
+    # ------------------------------------------------------------------ sessions
+    def _resolve(self, key_id: str) -> VerifyKey | None:
+        row = self.store.get_device(key_id)
+        if row is None:
+            return None
+        if row.status != "active":
+            raise RevokedError(f"device {key_id[:16]}... is revoked", code="revoked")
+        return VerifyKey.from_bytes(row.sig_alg, row.sig_public_key)
+
+    def _hello(self, body: bytes) -> bytes:
+        hs = ServerHandshake(
+            self.identity,
+            self._resolve,
+            policy=self.config.policy,
+            lifetime_s=self.config.session_lifetime_s,
+            handshake_timeout_s=self.config.handshake_timeout_s,
+            max_plaintext=self.config.max_update_bytes,
+            clock=self._clock,
+        )
+        reply = hs.respond(body)
+        key = hashlib.sha256(reply).hexdigest()
+        with self._lock:
+            if len(self._pending) >= _PENDING_LIMIT:
+                self._pending.pop(next(iter(self._pending)))
+            self._pending[key] = hs
+        return reply
+
+    def _finish(self, body: bytes) -> bytes:
+        """Body: ``SHA-256(server hello) || CLIENT_FINISH``; returns the session id (hex, ASCII)."""
+        if len(body) < 32:
+            raise MalformedError("handshake finish is truncated", code="truncated")
+        with self._lock:
+            hs = self._pending.pop(body[:32].hex(), None)
+        if hs is None:
+            raise AuthError("no handshake in progress for this server hello", code="unknown_handshake")
+        channel = hs.finish(body[32:])
+        key = hs.device_key
+        assert key is not None
+        sid = channel.session_id.hex()
+        expires = datetime.fromtimestamp(self._clock() + self.config.session_lifetime_s, UTC)
+        self.store.add_session(sid, key.key_id, expires, created_at=datetime.fromtimestamp(self._clock(), UTC))
+        with self._lock:
+            self._sessions[sid] = _Session(key.key_id, key, channel, threading.Lock())
+        return sid.encode()
+
+    def _session(self, session_id: str | None) -> _Session:
+        sess = self._sessions.get(session_id or "")
+        if sess is None:
+            raise AuthError("unknown or closed session: run the handshake again", code="unknown_session")
+        return sess
+
+    def _check_active(self, sess: _Session) -> None:
+        row = self.store.get_device(sess.device_id)
+        if row is None:
+            raise UnknownDeviceError("device is no longer enrolled", code="unknown_device")
+        if row.status != "active":
+            raise RevokedError("device has been revoked", code="revoked")
+
+    # ------------------------------------------------------------------ round endpoints
+    def _task(self, sess: _Session, body: bytes) -> bytes:
+        sess.channel.open(Frame.TASK_REQUEST, 0, body)
+        rm = self.rounds
+        rnd = rm.current
+        if rnd is None:
+            info = TaskInfo(0, "finished" if rm.finished else "waiting", False, rm.model.sha256, rm.model.version)
+        else:
+            info = TaskInfo(
+                rnd.number,
+                "open",
+                sess.device_id in rnd.selected,
+                rnd.base.sha256,
+                rnd.base.version,
+                rnd.deadline,
+                sess.device_id in rnd.accepted,
+            )
+        return sess.channel.seal(Frame.TASK, 0, info.to_bytes())
+
+    def _model(self, sess: _Session, body: bytes) -> bytes:
+        req = decode_json(sess.channel.open(Frame.MODEL_REQUEST, 0, body))
+        version = req.get("version")
+        model = self.rounds.model
+        if version != model.version:
+            raise StaleModelError(f"model version {version!r} is not the current {model.version}", code="stale_model")
+        return sess.channel.seal(Frame.MODEL, model.version, pack_signed(model.envelope, model.blob))
+
+    def _update(self, sess: _Session, body: bytes) -> bytes:
+        if len(body) > self.config.max_update_bytes:
+            raise OversizeError(f"update of {len(body)} bytes exceeds {self.config.max_update_bytes}")
+        rnd = self.rounds.current
+        if rnd is None:
+            raise WrongRoundError("no round is open", code="wrong_round")
+        payload = sess.channel.open(Frame.UPDATE, rnd.number, body)
+        head, blob = unpack_signed(payload)
+        env = SignedEnvelope.parse(head, expected_type=MsgType.UPDATE)
+        if env.get_key_id(Field.DEVICE_KEY_ID) != sess.device_id:
+            raise AuthError("update header names another device", code="device_mismatch")
+        env.verify(sess.key)
+        if env.get_int(Field.ROUND) != rnd.number:
+            raise WrongRoundError(f"update is for round {env.get_int(Field.ROUND)}, open is {rnd.number}")
+        base = env.get(Field.BASE_MODEL_HASH).hex()
+        if base != rnd.base.sha256:
+            raise StaleModelError("update was trained on another base model", code="stale_model")
+        if env.get_int(Field.PAYLOAD_SIZE) != len(blob):
+            raise MalformedError("update blob length differs from its signed size", code="truncated")
+        digest = env.get(Field.UPDATE_HASH).hex()
+        blob_bytes = bytes(blob)
+        flat = decode_blob(blob_bytes, self.layout, kind="update", expected_sha256=digest).flat
+        metrics = _metrics(env)
+        update = ClientUpdate(sess.device_id, flat, env.get_int(Field.NUM_EXAMPLES), metrics)
+        accepted, duplicate = self.rounds.accept(update, digest, base, env.signature, blob_bytes)
+        ack = SignedEnvelope.sign(
+            self.config.suite,
+            MsgType.UPDATE_ACK,
+            {
+                Field.DEVICE_KEY_ID: bytes.fromhex(sess.device_id),
+                Field.ROUND: u64(rnd.number),
+                Field.UPDATE_HASH: bytes.fromhex(digest),
+                Field.STATUS: bytes([1 if duplicate else 0]),
+                Field.TIMESTAMP: u64(int(self._clock())),
+            },
+            self.identity,
+        ).to_bytes()
+        receipt = Receipt(rnd.number, digest, accepted, duplicate)
+        return sess.channel.seal(Frame.RECEIPT, rnd.number, pack_signed(ack, receipt.to_bytes()))
+
+
+def _metrics(env: SignedEnvelope) -> dict[str, float]:
+    raw = env.fields.get(Field.METADATA) if hasattr(Field, "METADATA") else None
+    if not raw:
+        return {}
+    obj = decode_json(raw, max_len=4096)
+    out: dict[str, float] = {}
+    for k, v in obj.items():
+        if not isinstance(v, (int, float)) or isinstance(v, bool):
+            raise MalformedError(f"update metadata {k!r} must be a number")
+        out[str(k)[:64]] = float(v)
+    return out

@@ -1,0 +1,146 @@
+"""Protocol messages between a device and the coordinator, and their byte codecs.
+
+Everything a device and a coordinator exchange is bytes, so the same objects run over the in-process
+transport and over HTTP.  Signed artefacts (enrollment, handshake, global model header, update header,
+receipt) are :class:`~qflare.crypto.SignedEnvelope` s; after the handshake, every request and response
+travels as an AES-256-GCM frame of the session :class:`~qflare.crypto.Channel`, whose message type and
+round are bound into the frame's associated data.  The small control messages inside frames are strict
+JSON objects (unknown or missing keys are refused); model and update tensors travel as safetensors blobs
+next to their signed header, never as JSON numbers.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import struct
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from ..errors import MalformedError
+
+__all__ = [
+    "Route",
+    "Frame",
+    "TaskInfo",
+    "Receipt",
+    "pack_signed",
+    "unpack_signed",
+    "encode_json",
+    "decode_json",
+]
+
+
+class Route(str, enum.Enum):
+    """The coordinator's endpoints (the HTTP layer serves each under ``/v1/<value>``)."""
+
+    ENROLL = "enroll"
+    HELLO = "handshake/hello"
+    FINISH = "handshake/finish"
+    TASK = "task"
+    MODEL = "model"
+    UPDATE = "update"
+
+
+class Frame(enum.IntEnum):
+    """Channel message types (bound into each frame's AAD together with the round)."""
+
+    TASK_REQUEST = 0x30
+    TASK = 0x31
+    MODEL_REQUEST = 0x32
+    MODEL = 0x33
+    UPDATE = 0x34
+    RECEIPT = 0x35
+
+
+@dataclass(frozen=True)
+class TaskInfo:
+    """What the coordinator tells a device when it asks for work."""
+
+    round: int
+    state: str  # "open" (selected or not), "waiting" (no round open), "finished" (federation over)
+    selected: bool
+    model_hash: str = ""
+    model_version: int = 0
+    deadline: float = 0.0
+    submitted: bool = False
+
+    def to_bytes(self) -> bytes:
+        return encode_json(asdict(self))
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> TaskInfo:
+        return _strict(cls, decode_json(data))
+
+
+@dataclass(frozen=True)
+class Receipt:
+    """The coordinator's acknowledgement of an accepted update (``duplicate`` for an idempotent retry)."""
+
+    round: int
+    update_hash: str
+    accepted: int
+    duplicate: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_bytes(self) -> bytes:
+        return encode_json(asdict(self))
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> Receipt:
+        return _strict(cls, decode_json(data))
+
+
+def encode_json(obj: dict[str, Any]) -> bytes:
+    return json.dumps(obj, separators=(",", ":"), sort_keys=True, allow_nan=False).encode()
+
+
+def decode_json(data: bytes, max_len: int = 65536) -> dict[str, Any]:
+    if len(data) > max_len:
+        raise MalformedError(f"control message of {len(data)} bytes exceeds {max_len}")
+    try:
+        obj = json.loads(bytes(data).decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise MalformedError(f"control message is not valid JSON: {exc}") from None
+    if not isinstance(obj, dict):
+        raise MalformedError("control message must be a JSON object")
+    return obj
+
+
+_TYPES = {int: (int,), float: (int, float), str: (str,), bool: (bool,), dict: (dict,)}
+
+
+def _strict(cls: Any, obj: dict[str, Any]) -> Any:
+    names = {f.name: f for f in cls.__dataclass_fields__.values()}
+    unknown = set(obj) - set(names)
+    if unknown:
+        raise MalformedError(f"{cls.__name__}: unknown field(s) {sorted(unknown)}")
+    kwargs = {}
+    for name, f in names.items():
+        if name not in obj:
+            raise MalformedError(f"{cls.__name__}: missing field {name!r}")
+        value = obj[name]
+        base = {"int": int, "float": float, "str": str, "bool": bool}.get(str(f.type), dict)
+        ok = isinstance(value, _TYPES[base]) and not (base in (int, float) and isinstance(value, bool))
+        if not ok:
+            raise MalformedError(f"{cls.__name__}.{name}: expected {base.__name__}")
+        kwargs[name] = value
+    return cls(**kwargs)
+
+
+_LEN = struct.Struct(">I")
+
+
+def pack_signed(envelope: bytes, blob: bytes = b"") -> bytes:
+    """``u32 len(envelope) || envelope || blob`` — a signed header followed by the tensor blob it names."""
+    return _LEN.pack(len(envelope)) + envelope + blob
+
+
+def unpack_signed(data: bytes, max_envelope: int = 65536) -> tuple[bytes, memoryview]:
+    view = memoryview(data)
+    if len(view) < _LEN.size:
+        raise MalformedError("signed payload truncated before its header length", code="truncated")
+    (n,) = _LEN.unpack_from(view, 0)
+    if n > max_envelope or _LEN.size + n > len(view):
+        raise MalformedError(f"signed payload header length {n} is out of range", code="truncated")
+    return bytes(view[_LEN.size : _LEN.size + n]), view[_LEN.size + n :]

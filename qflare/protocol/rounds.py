@@ -1,0 +1,243 @@
+"""The round state machine: selection, acceptance of updates, quorum, deadline, aggregation, publication.
+
+State lives in the :class:`~qflare.storage.Store` (rounds, updates, model versions), the tensors in
+memory (the running aggregate) and, when a :class:`~qflare.storage.BlobStore` is given, update and
+model blobs on disk — which is what lets a restarted coordinator rebuild the open round exactly: every
+acknowledged update is re-read from its blob and folded in again, none twice.
+
+    OPEN --quorum reached--> (aggregate, sign, publish) --> CLOSED --> next round OPEN
+    OPEN --deadline, >= min_participants--> same as quorum
+    OPEN --deadline, < min_participants--> FAILED --> next round OPEN on the same model
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import numpy as np
+import torch
+
+from ..crypto import Field, MsgType, SignedEnvelope, SigningKey, Suite
+from ..crypto.envelope import u64
+from ..errors import ConfigError, RoundError, ValidationError
+from ..storage import BlobStore, Store
+from ..strategy import ClientUpdate, Pipeline, RoundAggregation
+from ..wire import ParamLayout, decode_blob, encode_model, sha256_hex
+
+__all__ = ["RoundConfig", "PublishedModel", "RoundManager"]
+
+
+@dataclass(frozen=True)
+class RoundConfig:
+    rounds: int = 30
+    """How many rounds the federation runs; after the last one devices are told it is finished."""
+    per_round: int = 10
+    """Devices selected each round (all active devices when fewer are enrolled)."""
+    min_participants: int | None = None
+    """Updates needed to aggregate at the deadline (default: all selected = quorum)."""
+    round_timeout_s: float = 600.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.rounds < 1 or self.per_round < 1:
+            raise ConfigError("rounds and per_round must be >= 1")
+        if self.min_participants is not None and not 1 <= self.min_participants <= self.per_round:
+            raise ConfigError("min_participants must be between 1 and per_round")
+        if self.round_timeout_s <= 0:
+            raise ConfigError("round_timeout_s must be > 0")
+
+
+@dataclass(frozen=True)
+class PublishedModel:
+    """A signed global model version: ``envelope`` signs (version, hash, size, time) of ``blob``."""
+
+    version: int
+    flat: torch.Tensor
+    blob: bytes
+    sha256: str
+    envelope: bytes
+
+
+@dataclass
+class _OpenRound:
+    number: int
+    selected: tuple[str, ...]
+    quorum: int
+    min_participants: int
+    deadline: float
+    base: PublishedModel
+    aggregation: RoundAggregation
+    accepted: dict[str, str]  # device id -> update hash
+
+
+def _utc(ts: float) -> datetime:
+    return datetime.fromtimestamp(ts, UTC)
+
+
+class RoundManager:
+    """Owns the current round and the current global model.  Thread-safe."""
+
+    def __init__(
+        self,
+        *,
+        layout: ParamLayout,
+        initial_flat: torch.Tensor,
+        strategy: Pipeline,
+        config: RoundConfig,
+        identity: SigningKey,
+        suite: Suite,
+        store: Store,
+        blobs: BlobStore | None = None,
+        clock: Callable[[], float] = time.time,
+        on_model: Callable[[PublishedModel], None] | None = None,
+    ) -> None:
+        self.layout, self.strategy, self.config = layout, strategy, config
+        self._identity, self._suite, self._store, self._blobs = identity, suite, store, blobs
+        self._clock, self._on_model = clock, on_model
+        self._lock = threading.RLock()
+        self._rng = np.random.default_rng(config.seed + 1)
+        self._round: _OpenRound | None = None
+        self.finished = False
+        latest = store.latest_model()
+        if latest is None:
+            self.model = self._publish(0, initial_flat.detach().to(torch.float32).clone())
+            store.add_model_version(0, None, self.model.sha256, None, self.model.envelope, {})
+        else:
+            self.model = self._recover_model(latest.version, latest.model_hash)
+            self._recover_round()
+
+    # ------------------------------------------------------------------ models
+    def _publish(self, version: int, flat: torch.Tensor) -> PublishedModel:
+        blob = encode_model(self.layout, flat, {"version": str(version)})
+        digest = sha256_hex(blob)
+        env = SignedEnvelope.sign(
+            self._suite,
+            MsgType.GLOBAL_MODEL,
+            {
+                Field.ROUND: u64(version),
+                Field.MODEL_HASH: bytes.fromhex(digest),
+                Field.PAYLOAD_SIZE: u64(len(blob)),
+                Field.TIMESTAMP: u64(int(self._clock())),
+            },
+            self._identity,
+        ).to_bytes()
+        if self._blobs is not None:
+            self._blobs.put(blob)
+        return PublishedModel(version, flat, blob, digest, env)
+
+    def _recover_model(self, version: int, digest: str) -> PublishedModel:
+        if self._blobs is None:
+            raise ConfigError("the database holds model versions but no blob store was given to read them")
+        blob = self._blobs.get(digest)
+        flat = decode_blob(blob, self.layout, kind="model", expected_sha256=digest).flat
+        row = self._store.get_model(version)
+        assert row is not None
+        return PublishedModel(version, flat, blob, digest, bytes(row.signature))
+
+    def _recover_round(self) -> None:
+        row = self._store.current_round()
+        if row is None or row.state != "open":
+            last = self._store.list_rounds(limit=1)
+            self.finished = bool(last) and last[0].round_number >= self.config.rounds and last[0].state == "closed"
+            return
+        assert self._blobs is not None
+        agg = self.strategy.begin(self.model.flat)
+        accepted: dict[str, str] = {}
+        for upd in self._store.updates_for_round(row.round_number):
+            blob = self._blobs.get(upd.update_hash)
+            flat = decode_blob(blob, self.layout, kind="update", expected_sha256=upd.update_hash).flat
+            agg.add(ClientUpdate(upd.device_id, flat, upd.num_examples, dict(upd.metrics)))
+            accepted[upd.device_id] = upd.update_hash
+        self._round = _OpenRound(
+            row.round_number,
+            tuple(row.selected_devices),
+            row.quorum,
+            row.min_participants,
+            row.deadline.timestamp(),
+            self.model,
+            agg,
+            accepted,
+        )
+        self._rng = np.random.default_rng([self.config.seed + 1, row.round_number])
+
+    # ------------------------------------------------------------------ rounds
+    @property
+    def current(self) -> _OpenRound | None:
+        return self._round
+
+    def open_next(self) -> _OpenRound | None:
+        """Open the next round with a seeded sample of the active devices (None when finished)."""
+        with self._lock:
+            if self._round is not None:
+                raise RoundError(f"round {self._round.number} is still open", code="round_open")
+            last = self._store.list_rounds(limit=1)
+            number = last[0].round_number + 1 if last else 1
+            if number > self.config.rounds:
+                self.finished = True
+                return None
+            active = [d.device_id for d in self._store.list_devices(status="active")]
+            if not active:
+                raise RoundError("no active devices to select", code="no_devices")
+            k = min(self.config.per_round, len(active))
+            chosen = tuple(active[i] for i in self._rng.choice(len(active), k, replace=False))
+            minimum = min(self.config.min_participants or k, k)
+            deadline = self._clock() + self.config.round_timeout_s
+            self._store.open_round(number, self.model.sha256, chosen, minimum, k, _utc(deadline))
+            self._round = _OpenRound(
+                number, chosen, k, minimum, deadline, self.model, self.strategy.begin(self.model.flat), {}
+            )
+            return self._round
+
+    def accept(self, update: ClientUpdate, update_hash: str, base_hash: str, signature: bytes, blob: bytes) -> tuple[int, bool]:
+        """Record and fold in one verified update; (accepted count, duplicate?).  Idempotent per device."""
+        with self._lock:
+            rnd = self._round
+            if rnd is None:
+                raise RoundError("no round is open", code="wrong_round")
+            if update.device_id not in rnd.selected:
+                raise RoundError(f"device was not selected for round {rnd.number}", code="not_selected")
+            previous = rnd.accepted.get(update.device_id)
+            if previous is not None:
+                if previous == update_hash:
+                    return len(rnd.accepted), True
+                raise ValidationError("a different update was already accepted for this round", code="duplicate_submission")
+            prepared = rnd.aggregation.check(update)
+            if self._blobs is not None:
+                self._blobs.put(blob, expected_sha256=update_hash)
+            self._store.record_update(
+                rnd.number, update.device_id, update_hash, base_hash, update.num_examples, signature, update.metrics
+            )
+            rnd.aggregation.commit(prepared)
+            rnd.accepted[update.device_id] = update_hash
+            if len(rnd.accepted) >= rnd.quorum:
+                self._close(rnd)
+            return len(rnd.accepted), False
+
+    def tick(self) -> None:
+        """Deadline handling: aggregate with what arrived, or fail the round and move on."""
+        with self._lock:
+            rnd = self._round
+            if rnd is None or self._clock() < rnd.deadline:
+                return
+            if len(rnd.accepted) >= rnd.min_participants:
+                self._close(rnd)
+            else:
+                self._store.set_round_state(rnd.number, "open", "failed")
+                self._round = None
+
+    def _close(self, rnd: _OpenRound) -> None:
+        self._store.set_round_state(rnd.number, "open", "aggregating")
+        new_flat = rnd.aggregation.finish()
+        published = self._publish(rnd.number, new_flat)
+        metrics = {"updates": len(rnd.accepted), "examples": rnd.aggregation.total_examples}
+        self._store.publish_model(rnd.number, rnd.number, published.sha256, published.envelope, metrics)
+        self.model = published
+        self._round = None
+        if rnd.number >= self.config.rounds:
+            self.finished = True
+        if self._on_model is not None:
+            self._on_model(published)

@@ -1,0 +1,216 @@
+"""Rules that combine one round's deltas into a single pseudo-gradient Δ.
+
+* :class:`WeightedMean` — FedAvg's Σ w_k Δ_k / Σ w_k (McMahan et al. 2017), streaming in O(model) memory.
+* :class:`CoordinateMedian`, :class:`TrimmedMean` — coordinate-wise median and β-trimmed mean
+  (Yin et al. 2018, "Byzantine-Robust Distributed Learning: Towards Optimal Statistical Rates").
+* :class:`Krum` — Krum and Multi-Krum (Blanchard et al. 2017, "Machine Learning with Adversaries:
+  Byzantine Tolerant Gradient Descent").
+
+The robust rules are unweighted, as in their papers: the weights passed to ``add`` are validated but do
+not enter the result (a device cannot buy influence by over-reporting its example count).  They buffer
+every delta (a private copy), so memory grows with the number of updates.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from qflare.errors import ConfigError, ValidationError
+
+__all__ = ["CoordinateMedian", "Krum", "TrimmedMean", "WeightedMean"]
+
+_CHUNK_ELEMENTS = 1 << 24  # bound on the (n × columns) block the buffering rules sort at once
+
+
+def _check_input(delta: torch.Tensor, weight: float, dim: int) -> float:
+    if delta.dtype != torch.float32 or delta.dim() != 1 or delta.numel() != dim:
+        raise ValidationError(
+            f"expected a float32 vector of shape ({dim},), got {delta.dtype} of shape {tuple(delta.shape)}",
+            code="bad_shape",
+        )
+    w = float(weight)
+    if not (math.isfinite(w) and w > 0):
+        raise ValidationError(f"update weight must be positive and finite, got {weight}", code="bad_weight")
+    return w
+
+
+def _no_updates() -> ValidationError:
+    return ValidationError("no updates were added to this round", code="no_updates")
+
+
+class _MeanAccumulator:
+    """Σ w_k Δ_k in one float32 vector (``add_`` with ``alpha``: no temporaries), Σ w_k in a double."""
+
+    def __init__(self, dim: int) -> None:
+        self._dim = dim
+        self._sum = torch.zeros(dim, dtype=torch.float32)
+        self._total_weight = 0.0
+        self._count = 0
+
+    @property
+    def count(self) -> int:
+        return self._count
+
+    def add(self, delta: torch.Tensor, weight: float) -> None:
+        w = _check_input(delta, weight, self._dim)
+        self._sum.add_(delta, alpha=w)
+        self._total_weight += w
+        self._count += 1
+
+    def result(self) -> torch.Tensor:
+        if self._count == 0:
+            raise _no_updates()
+        return self._sum / self._total_weight
+
+
+@dataclass(frozen=True)
+class WeightedMean:
+    """Σ w_k Δ_k / Σ w_k; with example-count weights and a unit server step this is FedAvg exactly."""
+
+    streaming: ClassVar[bool] = True
+    needs_individual_updates: ClassVar[bool] = False
+
+    def start(self, dim: int) -> _MeanAccumulator:
+        return _MeanAccumulator(dim)
+
+
+class _BufferAccumulator:
+    """Keeps a private copy of every delta; ``result`` applies ``reduce`` to the (n, dim) stack."""
+
+    def __init__(self, dim: int, reduce: Callable[[list[torch.Tensor]], torch.Tensor]) -> None:
+        self._dim = dim
+        self._reduce = reduce
+        self._deltas: list[torch.Tensor] = []
+
+    @property
+    def count(self) -> int:
+        return len(self._deltas)
+
+    def add(self, delta: torch.Tensor, weight: float) -> None:
+        _check_input(delta, weight, self._dim)
+        self._deltas.append(delta.detach().clone())
+
+    def result(self) -> torch.Tensor:
+        if not self._deltas:
+            raise _no_updates()
+        return self._reduce(self._deltas)
+
+
+def _by_column_blocks(deltas: list[torch.Tensor], reduce_block: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """Apply ``reduce_block`` ((n, c) -> (c,)) over column blocks, bounding the temporary memory."""
+    dim = deltas[0].numel()
+    out = torch.empty(dim, dtype=torch.float32)
+    step = max(1, _CHUNK_ELEMENTS // len(deltas))
+    for start in range(0, dim, step):
+        stop = min(dim, start + step)
+        out[start:stop] = reduce_block(torch.stack([d[start:stop] for d in deltas]))
+    return out
+
+
+def _median_block(block: torch.Tensor) -> torch.Tensor:
+    n = block.shape[0]
+    ordered = block.sort(dim=0).values
+    if n % 2:
+        return ordered[n // 2]
+    return (ordered[n // 2 - 1] + ordered[n // 2]) * 0.5
+
+
+@dataclass(frozen=True)
+class CoordinateMedian:
+    """Coordinate-wise median (Yin et al. 2018); for an even count, the mean of the two middle values."""
+
+    streaming: ClassVar[bool] = False
+    needs_individual_updates: ClassVar[bool] = True
+
+    def start(self, dim: int) -> _BufferAccumulator:
+        return _BufferAccumulator(dim, lambda deltas: _by_column_blocks(deltas, _median_block))
+
+
+@dataclass(frozen=True)
+class TrimmedMean:
+    """Coordinate-wise β-trimmed mean (Yin et al. 2018).
+
+    For each coordinate, drop the ⌊βn⌋ largest and ⌊βn⌋ smallest values and average the rest;
+    ``0 <= beta < 0.5`` so at least one value always remains.
+    """
+
+    beta: float = 0.1
+    streaming: ClassVar[bool] = False
+    needs_individual_updates: ClassVar[bool] = True
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.beta < 0.5:
+            raise ConfigError(f"TrimmedMean.beta must be in [0, 0.5), got {self.beta}")
+
+    def _reduce(self, deltas: list[torch.Tensor]) -> torch.Tensor:
+        n = len(deltas)
+        k = math.floor(self.beta * n)
+        return _by_column_blocks(deltas, lambda block: block.sort(dim=0).values[k : n - k].mean(dim=0))
+
+    def start(self, dim: int) -> _BufferAccumulator:
+        return _BufferAccumulator(dim, self._reduce)
+
+
+class _KrumAccumulator(_BufferAccumulator):
+    def __init__(self, dim: int, krum: Krum) -> None:
+        super().__init__(dim, self._select_and_average)
+        self._krum = krum
+        self.selected: tuple[int, ...] = ()
+        self.scores: tuple[float, ...] = ()
+
+    def _select_and_average(self, deltas: list[torch.Tensor]) -> torch.Tensor:
+        f, m, n = self._krum.f, self._krum.m, len(deltas)
+        if n <= 2 * f + 2:
+            raise ValidationError(
+                f"Krum with f={f} needs more than 2f+2={2 * f + 2} updates, got {n}", code="too_few_updates"
+            )
+        if m > n - f:
+            raise ValidationError(f"Multi-Krum with m={m}, f={f} needs at least m+f={m + f} updates, got {n}",
+                                  code="too_few_updates")  # fmt: skip
+        # Pairwise squared distances from the Gram matrix, accumulated in float64 over column blocks.
+        gram = torch.zeros(n, n, dtype=torch.float64)
+        step = max(1, _CHUNK_ELEMENTS // n)
+        for start in range(0, self._dim, step):
+            block = torch.stack([d[start : start + step] for d in deltas]).double()
+            gram.addmm_(block, block.T)
+        sq = gram.diagonal()
+        dist = (sq[:, None] + sq[None, :] - 2 * gram).clamp_(min=0)
+        dist.fill_diagonal_(math.inf)
+        neighbours = n - f - 2
+        scores = dist.sort(dim=1).values[:, :neighbours].sum(dim=1)
+        order = torch.sort(scores, stable=True).indices[:m]
+        self.selected = tuple(int(i) for i in order)
+        self.scores = tuple(float(s) for s in scores)
+        if m == 1:
+            return deltas[self.selected[0]].clone()
+        return torch.stack([deltas[i] for i in self.selected]).mean(dim=0)
+
+
+@dataclass(frozen=True)
+class Krum:
+    """Krum (``m == 1``) and Multi-Krum (``m > 1``), Blanchard et al. 2017.
+
+    Each update is scored by the sum of squared distances to its n − f − 2 nearest other updates; Krum
+    returns the best-scored update, Multi-Krum the mean of the ``m`` best.  Tolerates ``f`` Byzantine
+    updates and needs n > 2f + 2 (checked when the round finishes; code ``too_few_updates``).  After
+    ``result()``, the accumulator's ``selected`` holds the chosen indices in the order updates were added.
+    """
+
+    f: int = 1
+    m: int = 1
+    streaming: ClassVar[bool] = False
+    needs_individual_updates: ClassVar[bool] = True
+
+    def __post_init__(self) -> None:
+        if isinstance(self.f, bool) or not isinstance(self.f, int) or self.f < 0:
+            raise ConfigError(f"Krum.f must be a non-negative integer, got {self.f!r}")
+        if isinstance(self.m, bool) or not isinstance(self.m, int) or self.m < 1:
+            raise ConfigError(f"Krum.m must be a positive integer, got {self.m!r}")
+
+    def start(self, dim: int) -> _KrumAccumulator:
+        return _KrumAccumulator(dim, self)

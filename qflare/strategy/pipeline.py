@@ -1,0 +1,302 @@
+"""An aggregation strategy as a pipeline of small parts, the named presets and the registry.
+
+A round runs: per update — shape check, configured checks, weighting, transforms, accumulate; at the
+end — combine, noise, server optimiser.  Presets:
+
+====================  =====================================================================
+``fedavg``            weighted mean + x + Δ (McMahan et al. 2017)
+``fedavgm``           weighted mean + server momentum (Hsu et al. 2019)
+``fedadam``           weighted mean + server Adam (Reddi et al. 2021)
+``fedyogi``           weighted mean + server Yogi (Reddi et al. 2021)
+``fedadagrad``        weighted mean + server Adagrad (Reddi et al. 2021)
+``fedmedian``         coordinate-wise median (Yin et al. 2018)
+``fedtrimmedmean``    coordinate-wise β-trimmed mean (Yin et al. 2018)
+``krum``              Krum / Multi-Krum (Blanchard et al. 2017)
+====================  =====================================================================
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from qflare.errors import ConfigError, RoundError, ValidationError
+from qflare.strategy.base import (
+    Accumulator,
+    ClientUpdate,
+    Combine,
+    Noise,
+    ServerOptimizer,
+    Transform,
+    UpdateCheck,
+    Weighting,
+)
+from qflare.strategy.checks import FiniteCheck, ShapeCheck
+from qflare.strategy.combine import CoordinateMedian, Krum, TrimmedMean, WeightedMean
+from qflare.strategy.server_opt import ServerAdagrad, ServerAdam, ServerMomentum, ServerSGD, ServerYogi
+from qflare.strategy.weighting import ByExamples, Uniform
+
+__all__ = [
+    "STRATEGIES",
+    "Pipeline",
+    "RoundAggregation",
+    "build_strategy",
+    "fedadagrad",
+    "fedadam",
+    "fedavg",
+    "fedavgm",
+    "fedmedian",
+    "fedtrimmedmean",
+    "fedyogi",
+    "krum",
+]
+
+_SHAPE = ShapeCheck()
+
+
+@dataclass(frozen=True, eq=False)
+class Pipeline:
+    """The parts of one aggregation strategy, validated together at construction.
+
+    ``secure_aggregation=True`` declares that the server will only ever see sums of masked updates
+    (Bonawitz et al. 2017, "Practical Secure Aggregation for Privacy-Preserving Machine Learning"), so
+    nothing that must read an individual update's values may be configured: no value-inspecting checks,
+    no per-update transforms, no combine that needs individual updates.  Structural checks (shape,
+    example count) stay allowed.
+    """
+
+    checks: tuple[UpdateCheck, ...] = (ShapeCheck(), FiniteCheck())
+    weighting: Weighting = field(default_factory=ByExamples)
+    transforms: tuple[Transform, ...] = ()
+    combine: Combine = field(default_factory=WeightedMean)
+    noise: Noise | None = None
+    server_opt: ServerOptimizer = field(default_factory=ServerSGD)
+    secure_aggregation: bool = False
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "checks", tuple(self.checks))
+        object.__setattr__(self, "transforms", tuple(self.transforms))
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise :class:`ConfigError` explaining why these parts cannot work together."""
+        kinds: list[tuple[str, object, type]] = [
+            *(("check", c, UpdateCheck) for c in self.checks),
+            ("weighting", self.weighting, Weighting),
+            *(("transform", t, Transform) for t in self.transforms),
+            ("combine", self.combine, Combine),
+            ("server optimizer", self.server_opt, ServerOptimizer),
+        ]
+        if self.noise is not None:
+            kinds.append(("noise", self.noise, Noise))
+        for role, part, protocol in kinds:
+            if not isinstance(part, protocol):
+                raise ConfigError(f"{part!r} cannot serve as the {role}: it does not implement {protocol.__name__}")
+        if not self.secure_aggregation:
+            return
+        inspecting = [c for c in self.checks if c.inspects_values]
+        if inspecting:
+            raise ConfigError(
+                f"per-update inspection cannot follow secure aggregation: {inspecting!r} read individual "
+                "update values, which secure aggregation hides from the server; run them on the device"
+            )
+        if self.transforms:
+            raise ConfigError(
+                f"per-update transforms {list(self.transforms)!r} cannot follow secure aggregation: the server "
+                "never sees an individual update; apply them on the device before masking"
+            )
+        if self.combine.needs_individual_updates:
+            raise ConfigError(
+                f"{self.combine!r} needs individual updates, but secure aggregation only reveals their sum; "
+                "use WeightedMean"
+            )
+
+    def begin(self, global_flat: torch.Tensor) -> RoundAggregation:
+        """Open a round on top of ``global_flat`` (copied: the caller may keep using its tensor)."""
+        if not isinstance(global_flat, torch.Tensor) or global_flat.dtype != torch.float32 or global_flat.dim() != 1:
+            raise ValidationError("the global model must be a 1-D float32 tensor", code="bad_shape")
+        return RoundAggregation(self, global_flat.detach().clone())
+
+
+@dataclass(frozen=True)
+class PreparedUpdate:
+    """A checked, weighted, transformed update that :meth:`RoundAggregation.commit` folds in."""
+
+    device_id: str
+    delta: torch.Tensor
+    weight: float
+    num_examples: int
+
+
+class RoundAggregation:
+    """One round in progress.  Refused updates raise and leave the round exactly as it was."""
+
+    def __init__(self, pipeline: Pipeline, global_flat: torch.Tensor) -> None:
+        self._pipeline = pipeline
+        self._global = global_flat
+        self._dim = global_flat.numel()
+        self._acc: Accumulator = pipeline.combine.start(self._dim)
+        self._devices: set[str] = set()
+        self._total_examples = 0
+        self._finished = False
+
+    @property
+    def dim(self) -> int:
+        return self._dim
+
+    @property
+    def count(self) -> int:
+        return self._acc.count
+
+    @property
+    def total_examples(self) -> int:
+        return self._total_examples
+
+    @property
+    def device_ids(self) -> frozenset[str]:
+        return frozenset(self._devices)
+
+    @property
+    def accumulator(self) -> Accumulator:
+        """The combine's accumulator (e.g. Krum's ``selected`` after :meth:`finish`)."""
+        return self._acc
+
+    def check(self, update: ClientUpdate) -> PreparedUpdate:
+        """Run every per-update check and transform without changing the round.
+
+        Raises like :meth:`add`; pass the result to :meth:`commit` to fold it in (this lets a caller
+        persist an update between validation and aggregation without validating twice).
+        """
+        if self._finished:
+            raise RoundError("this round is already finished", code="round_closed")
+        if update.device_id in self._devices:
+            raise ValidationError(
+                f"device {update.device_id} already contributed to this round", code="duplicate_update"
+            )
+        n = update.num_examples
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise ValidationError(
+                f"update from {update.device_id}: num_examples must be a non-negative integer, got {n!r}",
+                code="bad_example_count",
+            )
+        _SHAPE.check(update, self._dim)
+        for check in self._pipeline.checks:
+            check.check(update, self._dim)
+        weight = float(self._pipeline.weighting.weight(update))
+        if not (math.isfinite(weight) and weight > 0):
+            raise ValidationError(f"update from {update.device_id}: weight {weight} is not positive", code="bad_weight")
+        delta = update.delta.detach()
+        for transform in self._pipeline.transforms:
+            delta = transform.apply(delta)
+            if delta.dtype != torch.float32 or delta.shape != (self._dim,):
+                raise ValidationError(f"{transform!r} changed the delta's shape or dtype", code="bad_shape")
+        return PreparedUpdate(update.device_id, delta, weight, n)
+
+    def commit(self, prepared: PreparedUpdate) -> None:
+        """Fold in an update returned by :meth:`check` on this round."""
+        if self._finished:
+            raise RoundError("this round is already finished", code="round_closed")
+        if prepared.device_id in self._devices:
+            raise ValidationError(f"device {prepared.device_id} already contributed to this round", code="duplicate_update")
+        self._acc.add(prepared.delta, prepared.weight)
+        self._devices.add(prepared.device_id)
+        self._total_examples += prepared.num_examples
+
+    def add(self, update: ClientUpdate) -> None:
+        """Check and fold in one update; a refused update raises and leaves the round unchanged."""
+        self.commit(self.check(update))
+
+    def finish(self) -> torch.Tensor:
+        """Combine, add noise, take the server step; return the new global vector (round closes)."""
+        if self._finished:
+            raise RoundError("this round is already finished", code="round_closed")
+        combined = self._acc.result()
+        if self._pipeline.noise is not None:
+            combined = self._pipeline.noise.apply(combined, self._acc.count)
+        new_global = self._pipeline.server_opt.step(self._global, combined)
+        self._finished = True
+        return new_global
+
+
+# ---------------------------------------------------------------------- presets
+def _pipeline(defaults: dict[str, Any], overrides: dict[str, Any]) -> Pipeline:
+    unknown = set(overrides) - set(Pipeline.__dataclass_fields__)
+    if unknown:
+        valid = sorted(Pipeline.__dataclass_fields__)
+        raise ConfigError(f"unknown pipeline option(s) {sorted(unknown)}; valid: {valid}")
+    merged = {**defaults, **overrides}
+    if "checks" not in overrides and merged.get("secure_aggregation"):
+        merged["checks"] = (ShapeCheck(),)  # value checks belong on the device under secure aggregation
+    return Pipeline(**merged)
+
+
+def fedavg(**overrides: Any) -> Pipeline:
+    """FedAvg (McMahan et al. 2017): example-weighted mean, unit server step."""
+    return _pipeline({"server_opt": ServerSGD(1.0)}, overrides)
+
+
+def fedavgm(server_lr: float = 1.0, momentum: float = 0.9, **overrides: Any) -> Pipeline:
+    """FedAvgM (Hsu et al. 2019): weighted mean then server momentum."""
+    return _pipeline({"server_opt": ServerMomentum(server_lr, momentum)}, overrides)
+
+
+def fedadam(
+    server_lr: float = 1e-2, beta1: float = 0.9, beta2: float = 0.99, tau: float = 1e-3, **overrides: Any
+) -> Pipeline:
+    """FedAdam (Reddi et al. 2021)."""
+    return _pipeline({"server_opt": ServerAdam(server_lr, beta1, beta2, tau)}, overrides)
+
+
+def fedyogi(
+    server_lr: float = 1e-2, beta1: float = 0.9, beta2: float = 0.99, tau: float = 1e-3, **overrides: Any
+) -> Pipeline:
+    """FedYogi (Reddi et al. 2021)."""
+    return _pipeline({"server_opt": ServerYogi(server_lr, beta1, beta2, tau)}, overrides)
+
+
+def fedadagrad(server_lr: float = 1e-2, beta1: float = 0.9, tau: float = 1e-3, **overrides: Any) -> Pipeline:
+    """FedAdagrad (Reddi et al. 2021)."""
+    return _pipeline({"server_opt": ServerAdagrad(server_lr, beta1, tau)}, overrides)
+
+
+def fedmedian(**overrides: Any) -> Pipeline:
+    """Coordinate-wise median (Yin et al. 2018), unweighted."""
+    return _pipeline({"weighting": Uniform(), "combine": CoordinateMedian()}, overrides)
+
+
+def fedtrimmedmean(beta: float = 0.1, **overrides: Any) -> Pipeline:
+    """Coordinate-wise β-trimmed mean (Yin et al. 2018), unweighted."""
+    return _pipeline({"weighting": Uniform(), "combine": TrimmedMean(beta)}, overrides)
+
+
+def krum(f: int = 1, m: int = 1, **overrides: Any) -> Pipeline:
+    """Krum (m = 1) or Multi-Krum (m > 1) tolerating f Byzantine devices (Blanchard et al. 2017)."""
+    return _pipeline({"weighting": Uniform(), "combine": Krum(f, m)}, overrides)
+
+
+_REGISTRY: dict[str, Callable[..., Pipeline]] = {
+    "fedavg": fedavg,
+    "fedavgm": fedavgm,
+    "fedadam": fedadam,
+    "fedyogi": fedyogi,
+    "fedadagrad": fedadagrad,
+    "fedmedian": fedmedian,
+    "fedtrimmedmean": fedtrimmedmean,
+    "krum": krum,
+}
+STRATEGIES: tuple[str, ...] = tuple(_REGISTRY)
+
+
+def build_strategy(name: str, **kwargs: Any) -> Pipeline:
+    """Build the named preset; unknown names and bad options raise :class:`ConfigError`."""
+    factory = _REGISTRY.get(name.strip().lower()) if isinstance(name, str) else None
+    if factory is None:
+        raise ConfigError(f"unknown strategy {name!r}; valid strategies: {', '.join(STRATEGIES)}")
+    try:
+        return factory(**kwargs)
+    except TypeError as exc:
+        raise ConfigError(f"bad options for strategy {name!r}: {exc}") from None

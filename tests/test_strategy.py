@@ -1,0 +1,322 @@
+"""Tests for qflare.strategy.  Expected numbers are literals worked out by hand / plain-float arithmetic."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from qflare.errors import ConfigError, QflareError, ValidationError
+from qflare.strategy import (
+    STRATEGIES,
+    ClientUpdate,
+    ClipNorm,
+    CoordinateMedian,
+    ExampleCountCheck,
+    FiniteCheck,
+    GaussianNoise,
+    Krum,
+    NormBound,
+    Pipeline,
+    ServerAdagrad,
+    ServerAdam,
+    ServerMomentum,
+    ServerSGD,
+    ServerYogi,
+    ShapeCheck,
+    TrimmedMean,
+    WeightedMean,
+    build_strategy,
+    fedavg,
+    fedavgm,
+    fedmedian,
+    fedtrimmedmean,
+    krum,
+)
+from qflare.strategy.bench import copy_bandwidth, fedavg_bandwidth
+
+
+def t(*values: float) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.float32)
+
+
+def upd(device: str, *values: float, n: int = 1) -> ClientUpdate:
+    return ClientUpdate(device, t(*values), n)
+
+
+def close(actual: torch.Tensor, expected: list[float]) -> None:
+    torch.testing.assert_close(actual, torch.tensor(expected, dtype=torch.float32), rtol=1e-5, atol=1e-6)
+
+
+def run_round(pipeline: Pipeline, global_flat: torch.Tensor, *updates: ClientUpdate) -> torch.Tensor:
+    agg = pipeline.begin(global_flat)
+    for u in updates:
+        agg.add(u)
+    return agg.finish()
+
+
+# ---------------------------------------------------------------------- FedAvg family
+def test_fedavg_weighted_by_examples() -> None:
+    # (1*[1,0] + 2*[0,3] + 3*[2,-1]) / 6 = [7/6, 1/2]
+    agg = fedavg().begin(t(10.0, 20.0))
+    agg.add(upd("a", 1.0, 0.0, n=1))
+    agg.add(upd("b", 0.0, 3.0, n=2))
+    agg.add(upd("c", 2.0, -1.0, n=3))
+    assert agg.count == 3 and agg.total_examples == 6
+    close(agg.finish(), [11.166667, 20.5])
+
+
+def test_fedavg_does_not_mutate_global() -> None:
+    g = t(1.0, 2.0)
+    out = run_round(fedavg(), g, upd("a", 1.0, 1.0))
+    assert torch.equal(g, t(1.0, 2.0)) and torch.equal(out, t(2.0, 3.0))
+
+
+def test_fedavgm_two_rounds() -> None:
+    # lr 0.5, beta 0.9: v1 = [0.2, 0.4], x1 = [1.1, -0.8]; v2 = 0.9 v1 + [-0.1, 0.2] = [0.08, 0.56], x2 = [1.14, -0.52]
+    p = fedavgm(server_lr=0.5, momentum=0.9)
+    x1 = run_round(p, t(1.0, -1.0), upd("a", 0.2, 0.4))
+    close(x1, [1.1, -0.8])
+    x2 = run_round(p, x1, upd("a", -0.1, 0.2))
+    close(x2, [1.14, -0.52])
+
+
+ADAPTIVE_KW = {"lr": 0.1, "beta1": 0.9, "tau": 0.01}
+
+
+@pytest.mark.parametrize(
+    ("opt", "x1", "x2", "v2"),
+    [
+        (
+            ServerAdam(beta2=0.99, **ADAPTIVE_KW),
+            [0.081993574, 0.93815385], [0.10375407, 0.88543874], [0.00347301, 0.00049501],
+        ),  # fmt: skip
+        (ServerYogi(beta2=0.99, **ADAPTIVE_KW), [0.08198039, 0.9381966], [0.10366898, 0.88562737], [0.0035, 0.000499]),
+        (ServerAdagrad(**ADAPTIVE_KW), [0.0098020, 0.99048751], [0.012330739, 0.98241147], [0.3401, 0.0402]),
+    ],
+    ids=["adam", "yogi", "adagrad"],
+)
+def test_adaptive_two_rounds(opt: ServerAdam, x1: list[float], x2: list[float], v2: list[float]) -> None:
+    # x0 = [0, 1], v0 = tau^2 = 1e-4, Δ1 = [0.5, -0.2], Δ2 = [-0.3, 0.01] (Yogi: coordinate 2 has v > Δ² in round 2)
+    p = Pipeline(server_opt=opt)
+    got1 = run_round(p, t(0.0, 1.0), upd("a", 0.5, -0.2))
+    close(got1, x1)
+    got2 = run_round(p, got1, upd("a", -0.3, 0.01))
+    close(got2, x2)
+    close(opt.v, v2)  # type: ignore[arg-type]
+    close(opt.m, [0.015, -0.017])  # type: ignore[arg-type]  # 0.9*0.1*Δ1 + 0.1*Δ2
+
+
+def test_adaptive_state_round_trips() -> None:
+    a, b = ServerAdam(lr=0.1), ServerAdam(lr=0.1)
+    x = a.step(t(0.0, 1.0), t(0.5, -0.2))
+    b.load_state_dict(a.state_dict())
+    assert torch.equal(a.step(x, t(-0.3, 0.01)), b.step(x, t(-0.3, 0.01)))
+    with pytest.raises(ValidationError):
+        b.step(t(0.0, 1.0, 2.0), t(0.0, 0.0, 0.0))  # state has 2 values, model now 3
+    m = ServerMomentum()
+    m.step(t(0.0), t(1.0))
+    m2 = ServerMomentum()
+    m2.load_state_dict(m.state_dict())
+    assert torch.equal(m2.velocity, t(1.0))  # type: ignore[arg-type]
+
+
+def test_server_sgd_scales_step() -> None:
+    close(ServerSGD(0.5).step(t(1.0, 1.0), t(2.0, -4.0)), [2.0, -1.0])
+    with pytest.raises(ConfigError):
+        ServerSGD(0.0)
+    with pytest.raises(ConfigError):
+        ServerAdam(beta2=1.0)
+
+
+# ---------------------------------------------------------------------- robust combines
+def test_coordinate_median_even_and_odd() -> None:
+    rows = [(1.0, 5.0, -1.0), (2.0, 6.0, 100.0), (3.0, -7.0, 0.0), (1000.0, 8.0, 1.0)]
+    zero = torch.zeros(3)
+    weighted = [upd(str(i), *r, n=1000 * i + 1) for i, r in enumerate(rows)]  # weights must not matter
+    close(run_round(fedmedian(), zero, *weighted), [2.5, 5.5, 0.5])
+    rows.append((-5.0, 0.0, 2.0))
+    close(run_round(fedmedian(), zero, *(upd(str(i), *r) for i, r in enumerate(rows))), [2.0, 5.0, 1.0])
+
+
+def test_trimmed_mean_drops_extremes() -> None:
+    rows = [(1.0, 10.0), (2.0, 20.0), (3.0, 30.0), (4.0, -1000.0), (100.0, 40.0)]
+    updates = [upd(str(i), *r) for i, r in enumerate(rows)]
+    close(run_round(fedtrimmedmean(beta=0.2), torch.zeros(2), *updates), [3.0, 20.0])
+    with pytest.raises(ConfigError):
+        TrimmedMean(0.5)
+
+
+def test_column_blocks_cover_every_coordinate(monkeypatch: pytest.MonkeyPatch) -> None:
+    import qflare.strategy.combine as combine
+
+    monkeypatch.setattr(combine, "_CHUNK_ELEMENTS", 7)  # force many small blocks, including a ragged last one
+    torch.manual_seed(1)
+    data = torch.randn(5, 23)
+    acc = CoordinateMedian().start(23)
+    for row in data:
+        acc.add(row, 1.0)
+    assert torch.equal(acc.result(), data.median(dim=0).values)
+
+
+KRUM_ROWS = [(100.0, -100.0, 50.0), (1.1, 1.0, 1.0), (1.0, 1.0, 1.0), (0.85, 1.0, 1.0), (1.0, 1.2, 1.0)]
+
+
+def test_krum_rejects_outlier_and_picks_most_central() -> None:
+    # scores (2 nearest, squared): outlier huge, [1,1,1] 0.0325, [1.1,1,1] 0.06, [0.85,..] 0.085, [1,1.2,1] 0.09
+    p = krum(f=1)
+    agg = p.begin(torch.zeros(3))
+    for i, r in enumerate(KRUM_ROWS):
+        agg.add(upd(str(i), *r))
+    assert torch.equal(agg.finish(), t(1.0, 1.0, 1.0))
+    assert agg.accumulator.selected == (2,)  # type: ignore[attr-defined]
+    assert agg.accumulator.scores[0] > 1000  # type: ignore[attr-defined]
+
+
+def test_multi_krum_averages_best_m() -> None:
+    out = run_round(krum(f=1, m=2), torch.zeros(3), *(upd(str(i), *r) for i, r in enumerate(KRUM_ROWS)))
+    close(out, [1.05, 1.0, 1.0])
+
+
+def test_krum_needs_more_than_2f_plus_2() -> None:
+    agg = krum(f=1).begin(torch.zeros(3))
+    for i, r in enumerate(KRUM_ROWS[1:]):
+        agg.add(upd(str(i), *r))
+    with pytest.raises(ValidationError) as info:
+        agg.finish()
+    assert info.value.code == "too_few_updates"
+
+
+@pytest.mark.parametrize("combine", [WeightedMean(), CoordinateMedian(), TrimmedMean(0.1), Krum(1)])
+def test_empty_accumulator_refused(combine: WeightedMean) -> None:
+    with pytest.raises(ValidationError) as info:
+        combine.start(4).result()
+    assert info.value.code == "no_updates"
+
+
+def test_streaming_weighted_mean_matches_reference() -> None:
+    gen = torch.Generator().manual_seed(3)
+    deltas = torch.randn(40, 5000, generator=gen)
+    weights = torch.randint(1, 500, (40,), generator=gen).double()
+    acc = WeightedMean().start(5000)
+    for d, w in zip(deltas, weights):
+        acc.add(d, float(w))
+    reference = (deltas.double() * weights[:, None]).sum(0) / weights.sum()
+    assert (acc.result().double() - reference).abs().max() < 1e-6
+    assert WeightedMean.streaming and not WeightedMean.needs_individual_updates
+    assert not Krum.streaming and Krum.needs_individual_updates
+
+
+# ---------------------------------------------------------------------- checks
+def test_refused_updates_leave_round_unchanged() -> None:
+    p = fedavg(checks=(ShapeCheck(), FiniteCheck(), NormBound(10.0), ExampleCountCheck(1000)))
+    agg = p.begin(torch.zeros(3))
+    agg.add(upd("good", 1.0, 2.0, 3.0, n=4))
+    bad = {
+        "non_finite": [
+            upd("nan", float("nan"), 0.0, 0.0),
+            upd("inf", 0.0, float("inf"), 0.0),
+            upd("ninf", 0.0, 0.0, -float("inf")),
+        ],
+        "bad_shape": [
+            upd("short", 1.0, 2.0),
+            ClientUpdate("f64", torch.zeros(3, dtype=torch.float64), 1),
+            ClientUpdate("2d", torch.zeros(1, 3), 1),
+            ClientUpdate("list", [0.0, 0.0, 0.0], 1),  # type: ignore[arg-type]
+        ],
+        "norm_exceeded": [upd("big", 10.0, 0.1, 0.0)],
+        "bad_example_count": [upd("zero", 0.0, 0.0, 0.0, n=0), upd("many", 0.0, 0.0, 0.0, n=1001)],
+        "duplicate_update": [upd("good", 0.0, 0.0, 0.0)],
+    }
+    for code, updates in bad.items():
+        for u in updates:
+            with pytest.raises(ValidationError) as info:
+                agg.add(u)
+            assert info.value.code == code, (u.device_id, info.value.code)
+    assert agg.count == 1 and agg.total_examples == 4 and agg.device_ids == {"good"}
+    assert torch.equal(agg.finish(), t(1.0, 2.0, 3.0))
+    with pytest.raises(QflareError):
+        agg.finish()
+
+
+def test_structure_checked_even_without_configured_checks() -> None:
+    agg = fedmedian(checks=()).begin(torch.zeros(3))
+    with pytest.raises(ValidationError):
+        agg.add(upd("a", 1.0))
+    with pytest.raises(ValidationError) as info:
+        agg.add(ClientUpdate("b", torch.zeros(3), None))  # type: ignore[arg-type]
+    assert info.value.code == "bad_example_count"
+    assert agg.count == 0 and agg.total_examples == 0
+
+
+def test_clip_norm_transform() -> None:
+    assert torch.equal(ClipNorm(10.0).apply(t(3.0, 4.0)), t(3.0, 4.0))
+    close(ClipNorm(1.0).apply(t(3.0, 4.0)), [0.6, 0.8])
+    out = run_round(fedavg(transforms=(ClipNorm(1.0),)), torch.zeros(2), upd("a", 3.0, 4.0), upd("b", 0.0, 0.5))
+    close(out, [0.3, 0.65])
+
+
+# ---------------------------------------------------------------------- noise
+def test_gaussian_noise_deterministic_by_seed() -> None:
+    d = torch.zeros(10_000)
+    a, b, c = GaussianNoise(0.5, seed=7), GaussianNoise(0.5, seed=7), GaussianNoise(0.5, seed=8)
+    first = a.apply(d, 1)
+    assert torch.equal(first, b.apply(d, 1))
+    assert not torch.equal(first, c.apply(d, 1))
+    assert not torch.equal(first, a.apply(d, 1))  # the sequence advances round to round
+    assert 0.0045 < float(GaussianNoise(0.5, 1).apply(torch.zeros(100_000), 100).std()) < 0.0055  # σ / n
+    assert 0.49 < float(GaussianNoise(0.5, 1, divide_by_count=False).apply(torch.zeros(100_000), 100).std()) < 0.51
+
+
+def test_gaussian_noise_state_restores_sequence() -> None:
+    d = torch.zeros(100)
+    a = GaussianNoise(1.0, seed=3)
+    a.apply(d, 1)
+    saved = a.state_dict()
+    expected = a.apply(d, 1)
+    restored = GaussianNoise(1.0, seed=99)
+    restored.load_state_dict(saved)
+    assert torch.equal(restored.apply(d, 1), expected)
+
+
+def test_noise_in_pipeline_reproducible() -> None:
+    outs = [
+        run_round(fedavg(noise=GaussianNoise(1.0, seed=5)), torch.zeros(50), upd("a", *[1.0] * 50)) for _ in range(2)
+    ]
+    assert torch.equal(outs[0], outs[1]) and not torch.equal(outs[0], torch.ones(50))
+
+
+# ---------------------------------------------------------------------- configuration
+def test_incompatible_pipelines_refused() -> None:
+    with pytest.raises(ConfigError, match="per-update inspection cannot follow secure aggregation"):
+        Pipeline(checks=(ShapeCheck(), NormBound(1.0)), secure_aggregation=True)
+    with pytest.raises(ConfigError, match="needs individual updates"):
+        Pipeline(checks=(), combine=Krum(1), secure_aggregation=True)
+    with pytest.raises(ConfigError, match="secure aggregation"):
+        fedmedian(secure_aggregation=True)
+    with pytest.raises(ConfigError, match="transforms"):
+        fedavg(secure_aggregation=True, transforms=(ClipNorm(1.0),))
+    with pytest.raises(ConfigError):
+        Pipeline(combine="mean")  # type: ignore[arg-type]
+    sa = fedavg(secure_aggregation=True, checks=(ShapeCheck(), ExampleCountCheck(10)))
+    assert sa.secure_aggregation
+    assert fedavg(secure_aggregation=True).checks == (ShapeCheck(),)
+
+
+def test_registry() -> None:
+    expected = ("fedavg", "fedavgm", "fedadam", "fedyogi", "fedadagrad", "fedmedian", "fedtrimmedmean", "krum")
+    assert STRATEGIES == expected
+    for name in STRATEGIES:
+        assert isinstance(build_strategy(name), Pipeline)
+    assert build_strategy("fedadam", server_lr=0.5).server_opt.lr == 0.5  # type: ignore[attr-defined]
+    with pytest.raises(ConfigError, match="fedavg, fedavgm"):
+        build_strategy("fedprox")
+    with pytest.raises(ConfigError):
+        build_strategy("fedavg", bogus=1)
+    with pytest.raises(ConfigError):
+        build_strategy("krum", f=-1)
+
+
+def test_bench_helpers_report_positive_bandwidth() -> None:
+    fed = fedavg_bandwidth(n_updates=3, dim=1000, repeats=1)
+    assert fed["gb_per_s"] > 0 and fed["bytes"] == 12_000
+    assert copy_bandwidth(nbytes=1 << 20, repeats=1)["gb_per_s"] > 0
