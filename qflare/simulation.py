@@ -18,6 +18,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -32,7 +33,7 @@ from .crypto import DEFAULT_SUITE, SigningKey, Suite, require_primitives
 from .data import ArrayDataset, load_dataset, partition
 from .models import create_model
 from .protocol import Coordinator, CoordinatorConfig, Device, PublishedModel, RoundConfig
-from .storage import Database, Store
+from .server.storage import Database, Store
 from .strategy import build_strategy
 from .training import LocalTrainer, TrainConfig, evaluate
 from .transport import InProcessTransport
@@ -172,7 +173,9 @@ def run_simulation(
     pool = _Workers(workers, make_model, cfg.train, layout)
     x_test, y_test = test.normalized(), test.labels
 
-    db = Database("sqlite://")
+    # The coordinator's database: SQLite in a scratch folder (RAM-backed where /dev/shm exists).
+    scratch = tempfile.TemporaryDirectory(prefix="qflare-sim-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
+    db = Database(f"sqlite:///{scratch.name}/coordinator.db")
     db.upgrade()
     store = Store(db)
     published: list[PublishedModel] = []
@@ -210,7 +213,7 @@ def run_simulation(
     def eval_chunk(flat: torch.Tensor, lo: int, hi: int) -> tuple[float, int]:
         m = pool.eval_model()
         layout.load_into(m, flat)
-        loss, acc = evaluate(m, x_test[lo:hi], y_test[lo:hi], batch_size=hi - lo)
+        loss, acc = evaluate(m, x_test[lo:hi], y_test[lo:hi], channels_last=cfg.train.channels_last)
         return loss * (hi - lo), round(acc * (hi - lo))
 
     def submit_eval(flat: torch.Tensor) -> list[Future]:
@@ -219,35 +222,32 @@ def run_simulation(
         return [pool.pool.submit(eval_chunk, flat, lo, hi) for lo, hi in zip(bounds, bounds[1:]) if hi > lo]
 
     records: list[RoundRecord] = []
-    pending_eval: tuple[RoundRecord, list[Future]] | None = None
+    # (record, model to evaluate, its evaluation futures): evaluation of round r's model is queued
+    # behind round r+1's training, so it fills the pool's idle tail instead of blocking the next round.
+    pending: tuple[RoundRecord, torch.Tensor, list[Future]] | None = None
 
     def finish_eval() -> None:
-        nonlocal pending_eval
-        if pending_eval is None:
+        nonlocal pending
+        if pending is None:
             return
-        rec, futs = pending_eval
-        pending_eval = None
-        parts_ = [f.result() for f in futs]
+        rec, flat, futs = pending
+        pending = None
+        results = [f.result() for f in (futs or submit_eval(flat))]
         n = len(y_test)
-        rec.loss = sum(p[0] for p in parts_) / n
-        rec.accuracy = sum(p[1] for p in parts_) / n
+        rec.loss = sum(p[0] for p in results) / n
+        rec.accuracy = sum(p[1] for p in results) / n
         records.append(rec)
         if on_round is not None:
             on_round(rec)
 
     try:
-        while True:
+        while (rnd := coordinator.rounds.open_next()) is not None:
             t_round = time.perf_counter()
-            rnd = coordinator.rounds.open_next()
-            if rnd is None:
-                break
             chosen = [index[d] for d in rnd.selected]
             # Largest devices first: the shortest tail on the pool.  Submission stays in selection order.
-            order = sorted(chosen, key=lambda i: -len(parts[i]))
-            futures = {i: pool.pool.submit(train_device, i) for i in order}
-            if pending_eval is not None:
-                prev_rec, _ = pending_eval
-                pending_eval = (prev_rec, submit_eval(published[-2].flat)) if not pending_eval[1] else pending_eval
+            futures = {i: pool.pool.submit(train_device, i) for i in sorted(chosen, key=lambda i: -len(parts[i]))}
+            if pending is not None:
+                pending = (pending[0], pending[1], submit_eval(pending[1]))
             losses, examples = 0.0, 0
             for i in chosen:
                 sealed, result = futures[i].result()
@@ -256,14 +256,14 @@ def run_simulation(
                 examples += result.num_examples
             finish_eval()
             model_now = published[-1]
-            rec = RoundRecord(rnd.number, float("nan"), float("nan"), time.perf_counter() - t_round, losses / examples, len(chosen), examples, model_now.sha256)
-            pending_eval = (rec, [])
-        if pending_eval is not None and not pending_eval[1]:
-            pending_eval = (pending_eval[0], submit_eval(published[-1].flat))
+            rec = RoundRecord(rnd.number, float("nan"), float("nan"), time.perf_counter() - t_round,
+                              losses / examples, len(chosen), examples, model_now.sha256)  # fmt: skip
+            pending = (rec, model_now.flat, [])
         finish_eval()
     finally:
         pool.pool.shutdown(wait=True, cancel_futures=True)
         db.dispose()
+        scratch.cleanup()
     return SimulationResult(_config_dict(cfg), records, time.perf_counter() - t0, startup)
 
 

@@ -42,7 +42,7 @@ from ..errors import (
     ValidationError,
     WrongRoundError,
 )
-from ..storage import BlobStore, Store
+from ..server.storage import BlobStore, Store
 from ..strategy import ClientUpdate, Pipeline
 from ..wire import ParamLayout, decode_blob, sha256_hex
 from .messages import Frame, Receipt, Route, TaskInfo, decode_json, pack_signed, unpack_signed

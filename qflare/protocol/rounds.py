@@ -1,7 +1,7 @@
 """The round state machine: selection, acceptance of updates, quorum, deadline, aggregation, publication.
 
-State lives in the :class:`~qflare.storage.Store` (rounds, updates, model versions), the tensors in
-memory (the running aggregate) and, when a :class:`~qflare.storage.BlobStore` is given, update and
+State lives in the :class:`~qflare.server.storage.Store` (rounds, updates, model versions), the tensors in
+memory (the running aggregate) and, when a :class:`~qflare.server.storage.BlobStore` is given, update and
 model blobs on disk — which is what lets a restarted coordinator rebuild the open round exactly: every
 acknowledged update is re-read from its blob and folded in again, none twice.
 
@@ -24,7 +24,7 @@ import torch
 from ..crypto import Field, MsgType, SignedEnvelope, SigningKey, Suite
 from ..crypto.envelope import u64
 from ..errors import ConfigError, RoundError, ValidationError
-from ..storage import BlobStore, Store
+from ..server.storage import BlobStore, Store
 from ..strategy import ClientUpdate, Pipeline, RoundAggregation
 from ..wire import ParamLayout, decode_blob, encode_model, sha256_hex
 

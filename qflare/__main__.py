@@ -1,0 +1,3 @@
+from qflare.cli import app
+
+app()

@@ -1,0 +1,93 @@
+"""The `fmnist-dir05` workload: QFLARE's simulation against the bare PyTorch reference, in one run.
+
+Both run as child processes of this runner (so each one's peak RSS covers its own process tree) on the
+same machine, one after the other, on the same seeds.  See ../shared BENCHMARKS.md for the workload.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from ..errors import ConfigError, QflareError
+from ..strategy.bench import copy_bandwidth, fedavg_bandwidth
+from .procs import Measured, run_measured
+
+__all__ = ["bare_reference_path", "run_fmnist_dir05", "rounds_to"]
+
+WORKLOAD = ["--dataset", "fashion-mnist", "--devices", "100", "--per-round", "10", "--partition", "dirichlet",
+            "--alpha", "0.5", "--seed", "0", "--epochs", "1", "--lr", "0.05", "--batch-size", "32",
+            "--model", "fedavg-cnn", "--strategy", "fedavg"]  # fmt: skip
+
+
+def bare_reference_path() -> Path:
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "fmnist_dir05_bare.py"
+    if not path.is_file():
+        raise ConfigError(f"bare reference not found at {path}: run from a source checkout (pip install -e .)")
+    return path
+
+
+def rounds_to(history: list[dict[str, Any]], target: float) -> int | None:
+    return next((r["round"] for r in history if r["accuracy"] >= target), None)
+
+
+def _last_json(m: Measured, what: str) -> dict[str, Any]:
+    if m.returncode != 0:
+        raise QflareError(f"{what} failed with exit code {m.returncode}:\n{m.stderr[-3000:]}")
+    for line in reversed(m.stdout.splitlines()):
+        if line.startswith("{"):
+            return json.loads(line)
+    raise QflareError(f"{what} printed no JSON result:\n{m.stdout[-2000:]}")
+
+
+def _summary(m: Measured, res: dict[str, Any]) -> dict[str, Any]:
+    hist = res["rounds"]
+    later = [r["seconds"] for r in hist[1:]] or [hist[0]["seconds"]]
+    return {
+        "wall_s": round(m.wall_s, 2),
+        "startup_s": round(res["startup_s"], 2),
+        "mean_round_s": round(sum(later) / len(later), 3),
+        "final_accuracy": hist[-1]["accuracy"],
+        "rounds_to_80": rounds_to(hist, 0.80),
+        "rounds_to_85": rounds_to(hist, 0.85),
+        "peak_rss_mb": round(m.peak_rss_mb, 1),
+        "accuracy": [round(r["accuracy"], 4) for r in hist],
+    }
+
+
+def run_fmnist_dir05(rounds: int = 30, *, workers: int = 0, data_root: str | None = None, bandwidth: bool = True) -> dict[str, Any]:
+    bare_cmd = [sys.executable, str(bare_reference_path()), "--rounds", str(rounds), "--json"]
+    if data_root:
+        bare_cmd += ["--data", data_root]
+    with tempfile.TemporaryDirectory() as tmp:
+        q_cmd = [sys.executable, "-m", "qflare", "simulate", *WORKLOAD, "--rounds", str(rounds), "--workers", str(workers), "--json", "--out", tmp]
+        if data_root:
+            q_cmd += ["--data-root", data_root]
+        q = run_measured(q_cmd)
+        qres = _last_json(q, "qflare simulate")
+    b = run_measured(bare_cmd)
+    bres = _last_json(b, "bare reference")
+    qs, bs = _summary(q, qres), _summary(b, bres)
+    out: dict[str, Any] = {
+        "workload": "fmnist-dir05",
+        "rounds": rounds,
+        "qflare_wall_s": qs["wall_s"],
+        "bare_wall_s": bs["wall_s"],
+        "ratio": round(qs["wall_s"] / bs["wall_s"], 3),
+        "qflare_final_accuracy": qs["final_accuracy"],
+        "bare_final_accuracy": bs["final_accuracy"],
+        "qflare_peak_rss_mb": qs["peak_rss_mb"],
+        "bare_peak_rss_mb": bs["peak_rss_mb"],
+        "qflare": qs,
+        "bare": bs,
+    }
+    if bandwidth:
+        fed = fedavg_bandwidth(n_updates=100)
+        cp = copy_bandwidth()
+        out["fedavg_gbps"] = round(fed["gb_per_s"], 2)
+        out["copy_gbps"] = round(cp["gb_per_s"], 2)
+        out["fedavg_vs_copy"] = round(fed["gb_per_s"] / cp["gb_per_s"], 3)
+    return out

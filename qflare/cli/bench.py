@@ -1,0 +1,59 @@
+"""``qflare bench``: the benchmarks, printing figures (and ratios against references run alongside)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import typer
+from rich.table import Table
+
+from .common import console, friendly_errors
+
+app = typer.Typer(help="Benchmarks: figures and ratios, measured in this run.", no_args_is_help=True)
+
+
+def _show(result: dict[str, Any], title: str) -> None:
+    table = Table(title=title)
+    table.add_column("figure")
+    table.add_column("value", justify="right")
+    for k, v in result.items():
+        if not isinstance(v, (dict, list)):
+            table.add_row(k, str(v))
+    console.print(table)
+
+
+@app.command("fmnist-dir05")
+def fmnist_dir05(
+    rounds: int = typer.Option(30, min=1, help="Rounds for both runs."),
+    workers: int = typer.Option(0, min=0, help="QFLARE training threads (0 = one per core)."),
+    data_root: str | None = typer.Option(None, help="Fashion-MNIST folder (default: search the usual places)."),
+    json_: bool = typer.Option(False, "--json", help="Print one JSON object."),
+) -> None:
+    """QFLARE simulate vs a bare PyTorch loop on fmnist-dir05 (both in this invocation) + FedAvg bandwidth."""
+    from ..bench.fmnist import run_fmnist_dir05
+
+    with friendly_errors():
+        result = run_fmnist_dir05(rounds, workers=workers, data_root=data_root)
+    if json_:
+        print(json.dumps(result))
+    else:
+        _show(result, f"fmnist-dir05, {rounds} rounds")
+        console.print({"qflare": result["qflare"]["accuracy"], "bare": result["bare"]["accuracy"]})
+
+
+@app.command("crypto")
+def crypto(
+    repeats: int = typer.Option(30, min=3, help="Repetitions of each operation."),
+    json_: bool = typer.Option(False, "--json", help="Print one JSON object."),
+) -> None:
+    """Handshake, seal+sign and open+verify of a 6.65 MB update, for the default and high suites,
+    against one device's local training epoch on fmnist-dir05 measured in the same run."""
+    from ..bench.crypto import run_crypto_bench
+
+    with friendly_errors():
+        result = run_crypto_bench(repeats)
+    if json_:
+        print(json.dumps(result))
+    else:
+        _show(result, "crypto")

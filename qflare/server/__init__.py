@@ -1,0 +1,1 @@
+"""QFLARE coordinator server."""

@@ -1,0 +1,39 @@
+"""Persistent storage for the QFLARE coordinator.
+
+* :class:`Database` - SQLAlchemy engine for SQLite (embedded default) or PostgreSQL, plus Alembic
+  migrations run in code (:meth:`Database.upgrade`).
+* :class:`Store` - the transactional operations the coordinator needs.
+* :class:`BlobStore` - content-addressed, hash-verified files for models and updates.
+"""
+
+from qflare.server.storage.blobs import BlobNotFoundError, BlobStore
+from qflare.server.storage.db import DATABASE_URL_ENV, Database
+from qflare.server.storage.records import (
+    DeviceRow,
+    LedgerRow,
+    ModelRow,
+    RoundRow,
+    SecurityEventRow,
+    SessionRow,
+    TokenRow,
+    UpdateRow,
+)
+from qflare.server.storage.repository import Store, hash_token, key_id
+
+__all__ = [
+    "DATABASE_URL_ENV",
+    "BlobNotFoundError",
+    "BlobStore",
+    "Database",
+    "DeviceRow",
+    "LedgerRow",
+    "ModelRow",
+    "RoundRow",
+    "SecurityEventRow",
+    "SessionRow",
+    "Store",
+    "TokenRow",
+    "UpdateRow",
+    "hash_token",
+    "key_id",
+]

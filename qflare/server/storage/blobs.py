@@ -1,0 +1,205 @@
+"""Content-addressed blob store on disk (model weights, client updates).
+
+A blob lives at ``root/ab/cdef...`` where ``abcdef...`` is the SHA-256 hex of its bytes.  Writes
+stream into a temporary file in ``root`` (same file system) while hashing, are fsynced, then
+atomically renamed into place, so a reader sees either nothing or the complete blob, and concurrent
+puts of the same content are harmless.  Reads re-hash and refuse corrupted content.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import tempfile
+import time
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import BinaryIO
+
+from qflare.errors import OversizeError, ValidationError
+
+__all__ = ["BlobStore", "BlobNotFoundError", "DEFAULT_CHUNK_SIZE"]
+
+DEFAULT_CHUNK_SIZE = 1 << 20
+_DIGEST_RE = re.compile(r"[0-9a-f]{64}")
+_TEMP_PREFIX = ".tmp-"
+_TEMP_SUFFIX = ".part"
+
+
+class BlobNotFoundError(ValidationError):
+    """No blob with that digest is stored."""
+
+    code = "blob_missing"
+    http_status = 404
+
+
+def _digest(value: str) -> str:
+    if not isinstance(value, str):
+        raise ValidationError("a blob digest must be a string", code="bad_digest")
+    lowered = value.lower()
+    if not _DIGEST_RE.fullmatch(lowered):
+        raise ValidationError("a blob digest is 64 hex characters (SHA-256)", code="bad_digest")
+    return lowered
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class BlobStore:
+    """Content-addressed files under ``root`` (created if missing)."""
+
+    def __init__(self, root: Path | str) -> None:
+        self.root = Path(root).expanduser().resolve()
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def __repr__(self) -> str:
+        return f"BlobStore({str(self.root)!r})"
+
+    def path_for(self, sha256: str) -> Path:
+        digest = _digest(sha256)
+        return self.root / digest[:2] / digest[2:]
+
+    # -- writing ------------------------------------------------------------------------------
+
+    def put_stream(
+        self,
+        chunks: Iterable[bytes],
+        expected_sha256: str | None = None,
+        max_bytes: int | None = None,
+    ) -> tuple[str, int]:
+        """Store the concatenated ``chunks``; return ``(sha256_hex, size)``.
+
+        More than ``max_bytes`` raises OversizeError as soon as it is exceeded; a digest other than
+        ``expected_sha256`` raises ValidationError("hash_mismatch").  On any failure, including an
+        exception from ``chunks`` itself, the temporary file is removed and nothing is stored.
+        """
+        expected = None if expected_sha256 is None else _digest(expected_sha256)
+        if max_bytes is not None and max_bytes < 0:
+            raise ValueError("max_bytes must be >= 0")
+        fd, tmp_name = tempfile.mkstemp(prefix=_TEMP_PREFIX, suffix=_TEMP_SUFFIX, dir=self.root)
+        tmp = Path(tmp_name)
+        try:
+            hasher = hashlib.sha256()
+            size = 0
+            with os.fdopen(fd, "wb") as out:
+                for chunk in chunks:
+                    if not isinstance(chunk, bytes | bytearray | memoryview):
+                        raise TypeError(f"chunks must be bytes, got {type(chunk).__name__}")
+                    size += len(chunk)
+                    if max_bytes is not None and size > max_bytes:
+                        raise OversizeError(f"blob exceeds {max_bytes} bytes")
+                    hasher.update(chunk)
+                    out.write(chunk)
+                out.flush()
+                os.fsync(out.fileno())
+            digest = hasher.hexdigest()
+            if expected is not None and digest != expected:
+                raise ValidationError(
+                    f"content hashes to {digest}, expected {expected}", code="hash_mismatch"
+                )
+            dest = self.root / digest[:2] / digest[2:]
+            shard_is_new = not dest.parent.exists()
+            dest.parent.mkdir(exist_ok=True)
+            os.chmod(tmp, 0o444)
+            # Always replace: identical content is a no-op for readers (they keep their open
+            # file), and a previously corrupted copy is healed.
+            os.replace(tmp, dest)
+            _fsync_dir(dest.parent)
+            if shard_is_new:
+                _fsync_dir(self.root)
+            return digest, size
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+
+    def put(
+        self, data: bytes, expected_sha256: str | None = None, max_bytes: int | None = None
+    ) -> tuple[str, int]:
+        return self.put_stream([data], expected_sha256=expected_sha256, max_bytes=max_bytes)
+
+    # -- reading ------------------------------------------------------------------------------
+
+    def _open(self, sha256: str) -> tuple[str, BinaryIO]:
+        digest = _digest(sha256)
+        try:
+            return digest, (self.root / digest[:2] / digest[2:]).open("rb")
+        except FileNotFoundError:
+            raise BlobNotFoundError(f"no blob {digest}") from None
+
+    def open_stream(self, sha256: str, chunk_size: int = DEFAULT_CHUNK_SIZE) -> Iterator[bytes]:
+        """Yield the blob in chunks, verifying its hash.
+
+        The file is opened now (a missing blob raises BlobNotFoundError immediately).  Chunks are
+        read one ahead and the final chunk is only yielded after the whole content has hashed
+        correctly, so a consumer of a corrupted blob gets ValidationError("blob_corrupt") before
+        it has received the complete content.
+        """
+        if chunk_size <= 0:
+            raise ValueError("chunk_size must be positive")
+        digest, handle = self._open(sha256)
+        return self._verified_chunks(digest, handle, chunk_size)
+
+    @staticmethod
+    def _verified_chunks(digest: str, handle: BinaryIO, chunk_size: int) -> Iterator[bytes]:
+        with handle:
+            hasher = hashlib.sha256()
+            pending = handle.read(chunk_size)
+            hasher.update(pending)
+            while True:
+                nxt = handle.read(chunk_size)
+                if not nxt:
+                    break
+                hasher.update(nxt)
+                yield pending
+                pending = nxt
+            if hasher.hexdigest() != digest:
+                raise ValidationError(f"blob {digest} is corrupt", code="blob_corrupt")
+            if pending:
+                yield pending
+
+    def get(self, sha256: str) -> bytes:
+        """The whole blob, hash-verified."""
+        digest, handle = self._open(sha256)
+        with handle:
+            data = handle.read()
+        if hashlib.sha256(data).hexdigest() != digest:
+            raise ValidationError(f"blob {digest} is corrupt", code="blob_corrupt")
+        return data
+
+    def exists(self, sha256: str) -> bool:
+        return self.path_for(sha256).is_file()
+
+    def size(self, sha256: str) -> int:
+        try:
+            return self.path_for(sha256).stat().st_size
+        except FileNotFoundError:
+            raise BlobNotFoundError(f"no blob {_digest(sha256)}") from None
+
+    def delete(self, sha256: str) -> bool:
+        """Remove a blob; ``True`` if it existed."""
+        path = self.path_for(sha256)
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            return False
+        _fsync_dir(path.parent)
+        return True
+
+    def remove_stale_temp_files(self, older_than_s: float = 3600.0) -> int:
+        """Delete temp files left by a crash mid-put (older than ``older_than_s``); return count."""
+        cutoff = time.time() - older_than_s
+        removed = 0
+        for tmp in self.root.glob(f"{_TEMP_PREFIX}*{_TEMP_SUFFIX}"):
+            try:
+                if tmp.stat().st_mtime < cutoff:
+                    tmp.unlink()
+                    removed += 1
+            except FileNotFoundError:
+                continue
+        return removed

@@ -1,0 +1,278 @@
+"""Store operations for enrollment tokens, devices and sessions."""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+from datetime import datetime, timedelta
+from typing import Any, cast
+
+from sqlalchemy import CursorResult, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from qflare.errors import (
+    ReplayError,
+    RevokedError,
+    SessionExpiredError,
+    TokenError,
+    UnknownDeviceError,
+    ValidationError,
+)
+from qflare.server.storage import tables as t
+from qflare.server.storage._base import StoreBase, check_nonempty, finite_int, require_aware
+from qflare.server.storage.records import DeviceRow, SessionRow, TokenRow
+
+__all__ = ["IdentityOps", "hash_token", "key_id"]
+
+_MAX_TOKENS_PER_CALL = 10_000
+
+
+def hash_token(token: str) -> str:
+    """SHA-256 hex of an enrollment token: the only form in which tokens are stored."""
+    return hashlib.sha256(token.encode("utf-8")).hexdigest()
+
+
+def key_id(public_key: bytes) -> str:
+    """A device's id: SHA-256 hex of its ML-DSA public key."""
+    return hashlib.sha256(public_key).hexdigest()
+
+
+class IdentityOps(StoreBase):
+    # -- enrollment tokens --------------------------------------------------------------------
+
+    def create_tokens(
+        self, count: int, ttl: timedelta, label: str = "", *, now: datetime | None = None
+    ) -> list[str]:
+        """Mint ``count`` single-use tokens valid for ``ttl``; return the plaintexts (shown once)."""
+        finite_int(count, "count", 1)
+        if count > _MAX_TOKENS_PER_CALL:
+            raise ValidationError(f"at most {_MAX_TOKENS_PER_CALL} tokens per call")
+        if not isinstance(ttl, timedelta) or ttl <= timedelta(0):
+            raise ValidationError("ttl must be a positive timedelta")
+        if not isinstance(label, str) or len(label) > 200 or "\x00" in label:
+            raise ValidationError("label must be a string of at most 200 characters")
+        created = self._now(now)
+        tokens = [secrets.token_urlsafe(32) for _ in range(count)]
+        with self._write() as s:
+            s.add_all(
+                t.EnrollmentToken(
+                    token_hash=hash_token(tok),
+                    created_at=created,
+                    expires_at=created + ttl,
+                    used_at=None,
+                    used_by_device=None,
+                    label=label,
+                )
+                for tok in tokens
+            )
+        return tokens
+
+    def get_token(self, token: str) -> TokenRow | None:
+        with self._read() as s:
+            row = s.get(t.EnrollmentToken, hash_token(token))
+            return None if row is None else TokenRow.of(row)
+
+    def consume_token(self, token: str, device_id: str, now: datetime | None = None) -> None:
+        """Atomically mark ``token`` used by ``device_id``; exactly one concurrent caller wins."""
+        at = self._now(now)
+        with self._write() as s:
+            self._consume_token(s, token, device_id, at)
+
+    def _consume_token(self, s: Session, token: str, device_id: str, at: datetime) -> None:
+        token_hash = hash_token(token)
+        stmt = (
+            update(t.EnrollmentToken)
+            .where(
+                t.EnrollmentToken.token_hash == token_hash,
+                t.EnrollmentToken.used_at.is_(None),
+                t.EnrollmentToken.expires_at > at,
+            )
+            .values(used_at=at, used_by_device=device_id)
+            .execution_options(synchronize_session=False)
+        )
+        if cast(CursorResult[Any], s.execute(stmt)).rowcount == 1:
+            return
+        row = s.get(t.EnrollmentToken, token_hash)
+        if row is None:
+            raise TokenError("unknown enrollment token", code="token_unknown")
+        if row.used_at is not None:
+            raise TokenError("enrollment token already used", code="token_used")
+        raise TokenError("enrollment token expired", code="token_expired")
+
+    # -- devices ------------------------------------------------------------------------------
+
+    def add_device(
+        self,
+        device_id: str,
+        sig_alg: str,
+        sig_public_key: bytes,
+        enrollment_record: bytes,
+        *,
+        enrolled_at: datetime | None = None,
+    ) -> DeviceRow:
+        """Register an active device.  ``device_id`` must be ``key_id(sig_public_key)``."""
+        at = self._now(enrolled_at, "enrolled_at")
+        try:
+            with self._write() as s:
+                return self._insert_device(s, device_id, sig_alg, sig_public_key, enrollment_record, at)
+        except IntegrityError as exc:  # lost a race with a concurrent enrollment of the same key
+            raise ReplayError(f"device {device_id} already enrolled", code="device_exists") from exc
+
+    def enroll_device(
+        self,
+        token: str,
+        device_id: str,
+        sig_alg: str,
+        sig_public_key: bytes,
+        enrollment_record: bytes,
+        *,
+        now: datetime | None = None,
+    ) -> DeviceRow:
+        """Consume ``token`` and add the device in ONE transaction: both happen or neither."""
+        at = self._now(now)
+        try:
+            with self._write() as s:
+                self._consume_token(s, token, device_id, at)
+                return self._insert_device(s, device_id, sig_alg, sig_public_key, enrollment_record, at)
+        except IntegrityError as exc:
+            raise ReplayError(f"device {device_id} already enrolled", code="device_exists") from exc
+
+    def _insert_device(
+        self, s: Session, device_id: str, sig_alg: str, key: bytes, record: bytes, at: datetime
+    ) -> DeviceRow:
+        check_nonempty(sig_alg, "sig_alg", 32)
+        if not isinstance(key, bytes | bytearray) or not key:
+            raise ValidationError("sig_public_key must be non-empty bytes")
+        if not isinstance(record, bytes | bytearray):
+            raise ValidationError("enrollment_record must be bytes")
+        if device_id != key_id(bytes(key)):
+            raise ValidationError(
+                "device_id is not the SHA-256 of the public key", code="device_id_mismatch"
+            )
+        if s.get(t.Device, device_id) is not None:
+            raise ReplayError(f"device {device_id} already enrolled", code="device_exists")
+        row = t.Device(
+            device_id=device_id,
+            sig_alg=sig_alg,
+            sig_public_key=bytes(key),
+            status="active",
+            enrolled_at=at,
+            revoked_at=None,
+            revoked_reason=None,
+            enrollment_record=bytes(record),
+        )
+        s.add(row)
+        s.flush()
+        return DeviceRow.of(row)
+
+    def get_device(self, device_id: str) -> DeviceRow | None:
+        with self._read() as s:
+            row = s.get(t.Device, device_id)
+            return None if row is None else DeviceRow.of(row)
+
+    def active_device(self, device_id: str) -> DeviceRow:
+        """The device, or UnknownDeviceError / RevokedError."""
+        device = self.get_device(device_id)
+        if device is None:
+            raise UnknownDeviceError(f"unknown device {device_id}")
+        if not device.active:
+            raise RevokedError(f"device {device_id} is revoked")
+        return device
+
+    def revoke_device(self, device_id: str, reason: str, *, now: datetime | None = None) -> DeviceRow:
+        """Revoke a device and close its open sessions.  Revoking twice keeps the first record."""
+        check_nonempty(reason, "reason", 2000)
+        at = self._now(now)
+        with self._write() as s:
+            row = s.get(t.Device, device_id, with_for_update=True)
+            if row is None:
+                raise UnknownDeviceError(f"unknown device {device_id}")
+            if row.status != "revoked":
+                row.status, row.revoked_at, row.revoked_reason = "revoked", at, reason
+                s.execute(
+                    update(t.Session)
+                    .where(t.Session.device_id == device_id, t.Session.closed_at.is_(None))
+                    .values(closed_at=at)
+                    .execution_options(synchronize_session=False)
+                )
+                s.flush()
+            return DeviceRow.of(row)
+
+    def list_devices(self, status: str | None = None) -> list[DeviceRow]:
+        with self._read() as s:
+            stmt = select(t.Device).order_by(t.Device.enrolled_at, t.Device.device_id)
+            if status is not None:
+                stmt = stmt.where(t.Device.status == status)
+            return [DeviceRow.of(r) for r in s.scalars(stmt)]
+
+    # -- sessions -----------------------------------------------------------------------------
+
+    def add_session(
+        self,
+        session_id: str,
+        device_id: str,
+        expires_at: datetime,
+        *,
+        created_at: datetime | None = None,
+    ) -> SessionRow:
+        """Record a session for an active device (the session key itself is never stored)."""
+        check_nonempty(session_id, "session_id", 128)
+        created = self._now(created_at, "created_at")
+        expires = require_aware(expires_at, "expires_at")
+        if expires <= created:
+            raise ValidationError("session expires_at must be after created_at")
+        try:
+            with self._write() as s:
+                device = s.get(t.Device, device_id, with_for_update={"read": True})
+                if device is None:
+                    raise UnknownDeviceError(f"unknown device {device_id}")
+                if device.status != "active":
+                    raise RevokedError(f"device {device_id} is revoked")
+                if s.get(t.Session, session_id) is not None:
+                    raise ReplayError(f"session {session_id} exists", code="session_exists")
+                row = t.Session(
+                    session_id=session_id,
+                    device_id=device_id,
+                    created_at=created,
+                    expires_at=expires,
+                    closed_at=None,
+                )
+                s.add(row)
+                s.flush()
+                return SessionRow.of(row)
+        except IntegrityError as exc:
+            raise ReplayError(f"session {session_id} exists", code="session_exists") from exc
+
+    def get_session(self, session_id: str) -> SessionRow | None:
+        with self._read() as s:
+            row = s.get(t.Session, session_id)
+            return None if row is None else SessionRow.of(row)
+
+    def active_session(self, session_id: str, now: datetime | None = None) -> SessionRow:
+        """A live session of an active device, else SessionExpiredError / RevokedError."""
+        at = self._now(now)
+        with self._read() as s:
+            row = s.get(t.Session, session_id)
+            if row is None:
+                raise SessionExpiredError("unknown session", code="unknown_session")
+            device = s.get(t.Device, row.device_id)
+            if device is None or device.status != "active":
+                raise RevokedError(f"device {row.device_id} is revoked")
+            if row.closed_at is not None:
+                raise SessionExpiredError("session closed", code="session_closed")
+            if at >= row.expires_at:
+                raise SessionExpiredError("session expired")
+            return SessionRow.of(row)
+
+    def close_session(self, session_id: str, *, now: datetime | None = None) -> bool:
+        """Close a session; ``True`` if this call closed it, ``False`` if already closed/unknown."""
+        at = self._now(now)
+        with self._write() as s:
+            stmt = (
+                update(t.Session)
+                .where(t.Session.session_id == session_id, t.Session.closed_at.is_(None))
+                .values(closed_at=at)
+                .execution_options(synchronize_session=False)
+            )
+            return cast(CursorResult[Any], s.execute(stmt)).rowcount == 1

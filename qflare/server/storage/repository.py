@@ -1,0 +1,27 @@
+"""The coordinator's storage API: one :class:`Store` over one :class:`Database`.
+
+Every public method runs in exactly one transaction and either commits completely or leaves no
+trace, raising a typed error from :mod:`qflare.errors`.  Results are immutable snapshots
+(:mod:`qflare.server.storage.records`).  Times are timezone-aware UTC; operations that stamp a time
+take an optional explicit value and otherwise ask the store's clock.
+"""
+
+from __future__ import annotations
+
+from qflare.server.storage._base import Clock, utc_now
+from qflare.server.storage.audit import AuditOps
+from qflare.server.storage.db import Database
+from qflare.server.storage.identity import IdentityOps, hash_token, key_id
+from qflare.server.storage.training import ROUND_TRANSITIONS, TrainingOps
+
+__all__ = ["Store", "Clock", "utc_now", "hash_token", "key_id", "ROUND_TRANSITIONS"]
+
+
+class Store(IdentityOps, TrainingOps, AuditOps):
+    """Tokens, devices, sessions, rounds, updates, model versions, security events, ledger."""
+
+    def __init__(self, db: Database, *, clock: Clock = utc_now) -> None:
+        super().__init__(db, clock=clock)
+
+    def __repr__(self) -> str:
+        return f"Store({self.db!r})"

@@ -1,0 +1,357 @@
+"""Store operations for rounds, submitted updates and model versions."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any, Final, cast
+
+from sqlalchemy import CursorResult, func, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from qflare.errors import (
+    PolicyError,
+    ReplayError,
+    RevokedError,
+    RoundError,
+    StaleModelError,
+    UnknownDeviceError,
+    ValidationError,
+    WrongRoundError,
+)
+from qflare.server.storage import tables as t
+from qflare.server.storage._base import (
+    StoreBase,
+    check_json,
+    check_nonempty,
+    finite_int,
+    require_aware,
+)
+from qflare.server.storage.records import ModelRow, RoundRow, UpdateRow
+
+__all__ = ["TrainingOps", "ROUND_TRANSITIONS", "ROUND_FIELDS"]
+
+#: Legal ``set_round_state`` moves; "closed" and "failed" are terminal.
+ROUND_TRANSITIONS: Final[dict[str, frozenset[str]]] = {
+    "open": frozenset({"aggregating", "failed"}),
+    "aggregating": frozenset({"closed", "failed"}),
+}
+#: Columns ``set_round_state`` may change alongside the state.
+ROUND_FIELDS: Final[frozenset[str]] = frozenset({"deadline", "closed_at", "result_model_hash"})
+
+
+class TrainingOps(StoreBase):
+    # -- rounds -------------------------------------------------------------------------------
+
+    def open_round(
+        self,
+        round_number: int,
+        base_model_hash: str,
+        selected: Sequence[str],
+        min_participants: int,
+        quorum: int,
+        deadline: datetime,
+        *,
+        now: datetime | None = None,
+    ) -> RoundRow:
+        """Open a new round.  Numbers strictly increase and only one round is open/aggregating."""
+        finite_int(round_number, "round_number", 0)
+        check_nonempty(base_model_hash, "base_model_hash", 128)
+        finite_int(min_participants, "min_participants", 1)
+        finite_int(quorum, "quorum", 1)
+        chosen = list(selected)
+        if any(not isinstance(d, str) or not d for d in chosen) or len(set(chosen)) != len(chosen):
+            raise ValidationError("selected must be distinct, non-empty device ids")
+        opened = self._now(now)
+        due = require_aware(deadline, "deadline")
+        if due <= opened:
+            raise ValidationError("round deadline must be in the future")
+        try:
+            with self._write() as s:
+                self._lock_table(s, "rounds")
+                last = s.scalars(select(t.Round).order_by(t.Round.round_number.desc()).limit(1)).first()
+                if last is not None:
+                    if last.round_number == round_number:
+                        raise RoundError(f"round {round_number} exists", code="round_exists")
+                    if round_number < last.round_number:
+                        raise RoundError(
+                            f"round {round_number} is not after round {last.round_number}",
+                            code="round_number_not_increasing",
+                        )
+                    if last.state in ROUND_TRANSITIONS:
+                        raise RoundError(
+                            f"round {last.round_number} is still {last.state}",
+                            code="round_in_progress",
+                        )
+                row = t.Round(
+                    round_number=round_number,
+                    state="open",
+                    base_model_hash=base_model_hash,
+                    selected_devices=chosen,
+                    min_participants=min_participants,
+                    quorum=quorum,
+                    deadline=due,
+                    opened_at=opened,
+                    closed_at=None,
+                    result_model_hash=None,
+                )
+                s.add(row)
+                s.flush()
+                return RoundRow.of(row)
+        except IntegrityError as exc:
+            raise RoundError(f"round {round_number} exists", code="round_exists") from exc
+
+    def get_round(self, round_number: int) -> RoundRow | None:
+        with self._read() as s:
+            row = s.get(t.Round, round_number)
+            return None if row is None else RoundRow.of(row)
+
+    def current_round(self) -> RoundRow | None:
+        """The highest-numbered round, whatever its state; ``None`` before the first round."""
+        with self._read() as s:
+            row = s.scalars(select(t.Round).order_by(t.Round.round_number.desc()).limit(1)).first()
+            return None if row is None else RoundRow.of(row)
+
+    def list_rounds(self, limit: int | None = None) -> list[RoundRow]:
+        """Rounds in ascending order; with ``limit``, the newest ``limit`` of them."""
+        with self._read() as s:
+            stmt = select(t.Round).order_by(t.Round.round_number.desc())
+            if limit is not None:
+                stmt = stmt.limit(finite_int(limit, "limit", 0))
+            return [RoundRow.of(r) for r in reversed(list(s.scalars(stmt)))]
+
+    def set_round_state(
+        self,
+        round_number: int,
+        from_state: str,
+        to_state: str,
+        *,
+        now: datetime | None = None,
+        **fields: Any,
+    ) -> RoundRow:
+        """Compare-and-set the round's state; refuses unless it is currently ``from_state``.
+
+        ``fields`` may set ``deadline``, ``closed_at`` and ``result_model_hash``.  Entering a
+        terminal state stamps ``closed_at`` (default: now); "closed" requires a result model hash.
+        """
+        if to_state not in ROUND_TRANSITIONS.get(from_state, frozenset()):
+            raise RoundError(f"illegal transition {from_state} -> {to_state}", code="bad_transition")
+        unknown = set(fields) - ROUND_FIELDS
+        if unknown:
+            raise ValidationError(f"set_round_state cannot set {sorted(unknown)}")
+        values = self._round_values(fields)
+        if to_state not in ROUND_TRANSITIONS:
+            values.setdefault("closed_at", self._now(now))
+        with self._write() as s:
+            return self._cas_round(s, round_number, from_state, to_state, values)
+
+    def _round_values(self, fields: dict[str, Any]) -> dict[str, Any]:
+        values: dict[str, Any] = {}
+        for name in ("deadline", "closed_at"):
+            if name in fields:
+                values[name] = require_aware(fields[name], name)
+        if "result_model_hash" in fields:
+            values["result_model_hash"] = check_nonempty(
+                fields["result_model_hash"], "result_model_hash", 128
+            )
+        return values
+
+    def _cas_round(
+        self, s: Session, round_number: int, from_state: str, to_state: str, values: dict[str, Any]
+    ) -> RoundRow:
+        stmt = (
+            update(t.Round)
+            .where(t.Round.round_number == round_number, t.Round.state == from_state)
+            .values(state=to_state, **values)
+            .execution_options(synchronize_session=False)
+        )
+        changed = cast(CursorResult[Any], s.execute(stmt)).rowcount == 1
+        row = s.get(t.Round, round_number, populate_existing=True)
+        if row is None:
+            raise WrongRoundError(f"unknown round {round_number}")
+        if not changed:
+            raise RoundError(
+                f"round {round_number} is {row.state}, not {from_state}",
+                code="round_state_conflict",
+            )
+        if to_state == "closed" and row.result_model_hash is None:
+            raise ValidationError("closing a round needs result_model_hash")
+        return RoundRow.of(row)
+
+    # -- updates ------------------------------------------------------------------------------
+
+    def record_update(
+        self,
+        round_number: int,
+        device_id: str,
+        update_hash: str,
+        base_model_hash: str,
+        num_examples: int,
+        signature: bytes,
+        metrics: dict[str, Any],
+        *,
+        now: datetime | None = None,
+    ) -> tuple[UpdateRow, bool]:
+        """Store a device's update for an open round, idempotently.
+
+        Resubmitting the same ``update_hash`` returns ``(existing, False)``; a different hash for
+        the same (round, device) raises ReplayError("duplicate_submission").
+        """
+        check_nonempty(update_hash, "update_hash", 128)
+        check_nonempty(base_model_hash, "base_model_hash", 128)
+        finite_int(num_examples, "num_examples", 0)
+        if not isinstance(signature, bytes | bytearray) or not signature:
+            raise ValidationError("signature must be non-empty bytes")
+        clean = check_json(metrics, "metrics")
+        args = (round_number, device_id, update_hash, base_model_hash, num_examples,
+                bytes(signature), clean, self._now(now))  # fmt: skip
+        try:
+            with self._write() as s:
+                return self._record_update(s, *args)
+        except IntegrityError:
+            # A concurrent insert for the same (round, device) committed first; running again
+            # finds it and answers idempotently (or with duplicate_submission).
+            with self._write() as s:
+                return self._record_update(s, *args)
+
+    def _record_update(
+        self, s: Session, round_number: int, device_id: str, update_hash: str, base_hash: str,
+        num_examples: int, signature: bytes, metrics: dict[str, Any], at: datetime,
+    ) -> tuple[UpdateRow, bool]:  # fmt: skip
+        # FOR SHARE: a concurrent open -> aggregating CAS waits until this insert commits, so the
+        # aggregator never misses an update accepted while the round was open.
+        rnd = s.get(t.Round, round_number, with_for_update={"read": True})
+        if rnd is None:
+            raise WrongRoundError(f"unknown round {round_number}")
+        existing = s.scalars(
+            select(t.Update).where(
+                t.Update.round_number == round_number, t.Update.device_id == device_id
+            )
+        ).first()
+        if existing is not None:
+            if existing.update_hash == update_hash:
+                return UpdateRow.of(existing), False
+            raise ReplayError(
+                f"device {device_id} already submitted a different update for round {round_number}",
+                code="duplicate_submission",
+            )
+        if rnd.state != "open":
+            raise RoundError(f"round {round_number} is {rnd.state}", code="round_not_open")
+        if at > rnd.deadline:
+            raise RoundError(f"round {round_number} deadline has passed", code="deadline_passed")
+        device = s.get(t.Device, device_id)
+        if device is None:
+            raise UnknownDeviceError(f"unknown device {device_id}")
+        if device.status != "active":
+            raise RevokedError(f"device {device_id} is revoked")
+        if rnd.selected_devices and device_id not in rnd.selected_devices:
+            raise PolicyError(f"device {device_id} not selected for round {round_number}",
+                              code="not_selected")  # fmt: skip
+        if base_hash != rnd.base_model_hash:
+            raise StaleModelError(f"update trained on {base_hash}, round uses {rnd.base_model_hash}")
+        row = t.Update(
+            round_number=round_number, device_id=device_id, update_hash=update_hash,
+            base_model_hash=base_hash, num_examples=num_examples, signature=signature,
+            metrics=metrics, received_at=at,
+        )  # fmt: skip
+        s.add(row)
+        s.flush()
+        return UpdateRow.of(row), True
+
+    def updates_for_round(self, round_number: int) -> list[UpdateRow]:
+        with self._read() as s:
+            stmt = select(t.Update).where(t.Update.round_number == round_number).order_by(t.Update.id)
+            return [UpdateRow.of(r) for r in s.scalars(stmt)]
+
+    def count_updates(self, round_number: int) -> int:
+        with self._read() as s:
+            stmt = select(func.count()).select_from(t.Update)
+            return int(s.scalar(stmt.where(t.Update.round_number == round_number)) or 0)
+
+    # -- model versions -----------------------------------------------------------------------
+
+    def add_model_version(
+        self,
+        version: int,
+        round_number: int | None,
+        model_hash: str,
+        parent_hash: str | None,
+        signature: bytes,
+        metrics: dict[str, Any],
+        *,
+        created_at: datetime | None = None,
+    ) -> ModelRow:
+        """Append to the model lineage: ``version`` = latest + 1, ``parent_hash`` = latest's hash."""
+        at = self._now(created_at, "created_at")
+        with self._write() as s:
+            return self._insert_model(
+                s, version, round_number, model_hash, parent_hash, signature, metrics, at
+            )
+
+    def publish_model(
+        self,
+        round_number: int,
+        version: int,
+        model_hash: str,
+        signature: bytes,
+        metrics: dict[str, Any],
+        *,
+        now: datetime | None = None,
+    ) -> tuple[RoundRow, ModelRow]:
+        """In ONE transaction: close an aggregating round with its result and add the version.
+
+        The new version's parent is the round's base model, which must be the latest model.
+        """
+        at = self._now(now)
+        check_nonempty(model_hash, "model_hash", 128)
+        with self._write() as s:
+            rnd = s.get(t.Round, round_number)
+            if rnd is None:
+                raise WrongRoundError(f"unknown round {round_number}")
+            model = self._insert_model(
+                s, version, round_number, model_hash, rnd.base_model_hash, signature, metrics, at
+            )
+            values = {"result_model_hash": model_hash, "closed_at": at}
+            return self._cas_round(s, round_number, "aggregating", "closed", values), model
+
+    def _insert_model(
+        self, s: Session, version: int, round_number: int | None, model_hash: str,
+        parent_hash: str | None, signature: bytes, metrics: dict[str, Any], at: datetime,
+    ) -> ModelRow:  # fmt: skip
+        finite_int(version, "version", 0)
+        check_nonempty(model_hash, "model_hash", 128)
+        if not isinstance(signature, bytes | bytearray) or not signature:
+            raise ValidationError("signature must be non-empty bytes")
+        clean = check_json(metrics, "metrics")
+        self._lock_table(s, "model_versions")
+        if round_number is not None and s.get(t.Round, round_number) is None:
+            raise WrongRoundError(f"unknown round {round_number}")
+        if s.get(t.ModelVersion, version) is not None:
+            raise ReplayError(f"model version {version} exists", code="model_version_exists")
+        latest = s.scalars(
+            select(t.ModelVersion).order_by(t.ModelVersion.version.desc()).limit(1)
+        ).first()
+        if latest is not None:
+            if version != latest.version + 1:
+                raise StaleModelError(f"next model version is {latest.version + 1}, not {version}")
+            if parent_hash != latest.model_hash:
+                raise StaleModelError(f"parent {parent_hash} is not the latest {latest.model_hash}")
+        row = t.ModelVersion(
+            version=version, round_number=round_number, model_hash=model_hash,
+            parent_hash=parent_hash, signature=bytes(signature), metrics=clean, created_at=at,
+        )  # fmt: skip
+        s.add(row)
+        s.flush()
+        return ModelRow.of(row)
+
+    def latest_model(self) -> ModelRow | None:
+        with self._read() as s:
+            stmt = select(t.ModelVersion).order_by(t.ModelVersion.version.desc()).limit(1)
+            row = s.scalars(stmt).first()
+            return None if row is None else ModelRow.of(row)
+
+    def get_model(self, version: int) -> ModelRow | None:
+        with self._read() as s:
+            row = s.get(t.ModelVersion, version)
+            return None if row is None else ModelRow.of(row)
