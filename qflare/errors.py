@@ -155,3 +155,29 @@ class CryptoUnavailableError(QflareError):
     """A required primitive is missing from the linked OpenSSL: start-up must fail."""
 
     code = "crypto_unavailable"
+
+
+def _all_subclasses(cls: type[QflareError]) -> list[type[QflareError]]:
+    out = [cls]
+    for sub in cls.__subclasses__():
+        out.extend(_all_subclasses(sub))
+    return out
+
+
+def error_from_code(code: str, message: str, status: int | None = None) -> QflareError:
+    """Rebuild a typed error from its stable code (e.g. from an HTTP error body).
+
+    The class whose default code matches is used; an unknown code becomes the class that the HTTP
+    status maps to (falling back to :class:`ProtocolError`), carrying the code it came with.
+    """
+    by_code = {c.code: c for c in _all_subclasses(QflareError)}
+    cls = by_code.get(code)
+    if cls is None:
+        by_status: dict[int, type[QflareError]] = {}
+        for c in _all_subclasses(ProtocolError):
+            by_status.setdefault(c.http_status, c)
+        cls = by_status.get(status or 0, ProtocolError)
+    return cls(message, code=code)
+
+
+__all__.append("error_from_code")

@@ -27,10 +27,12 @@ from qflare.crypto.envelope import (
 from qflare.crypto.handshake import ClientHandshake, DeviceResolver, ServerHandshake, handshake_in_process
 from qflare.crypto.identity import SigningKey, VerifyKey
 from qflare.crypto.kem import EphemeralKem, Role, SessionKeys, SharedSecrets, derive_session_keys, encapsulate
-from qflare.crypto.payloads import open_global_model, open_update, seal_global_model, seal_update, sign_update_ack
+from qflare.crypto.payloads import pack_signed, unpack_signed, open_global_model, open_update, seal_global_model, seal_update, sign_update_ack
 from qflare.crypto.suite import DEFAULT_POLICY, DEFAULT_SUITE, HIGH_SUITE, Policy, Suite, require_primitives
 
 __all__ = [
+    "pack_signed",
+    "unpack_signed",
     "Suite",
     "Policy",
     "DEFAULT_SUITE",

@@ -25,6 +25,8 @@ from qflare.crypto.identity import SigningKey, VerifyKey
 from qflare.crypto.suite import sha256
 
 __all__ = [
+    "pack_signed",
+    "unpack_signed",
     "UPDATE_STATUS_ACCEPTED",
     "UPDATE_STATUS_REJECTED",
     "seal_update",
@@ -39,11 +41,11 @@ UPDATE_STATUS_ACCEPTED = 0x00
 UPDATE_STATUS_REJECTED = 0x01
 
 
-def _pack(envelope: bytes, payload: bytes) -> bytes:
+def pack_signed(envelope: bytes, payload: bytes) -> bytes:
     return b"".join((_LEN.pack(len(envelope)), envelope, payload))
 
 
-def _unpack(plaintext: bytes, max_envelope: int) -> tuple[bytes, memoryview]:
+def unpack_signed(plaintext: bytes, max_envelope: int = DEFAULT_MAX_ENVELOPE) -> tuple[bytes, memoryview]:
     if len(plaintext) < _LEN.size:
         raise MalformedError("signed payload shorter than its length prefix", code="truncated")
     (n,) = _LEN.unpack_from(plaintext, 0)
@@ -95,7 +97,7 @@ def seal_update(
     if metadata is not None:
         fields[Field.METADATA] = metadata
     env = SignedEnvelope.sign(channel.suite, MsgType.UPDATE, fields, device_key)
-    return channel.seal(MsgType.UPDATE, round, _pack(env.to_bytes(), payload))
+    return channel.seal(MsgType.UPDATE, round, pack_signed(env.to_bytes(), payload))
 
 
 def open_update(
@@ -111,7 +113,7 @@ def open_update(
 
     The envelope can be stored as a provenance record and re-verified later with the device key.
     """
-    env_bytes, payload = _unpack(channel.open(MsgType.UPDATE, round, frame), max_envelope)
+    env_bytes, payload = unpack_signed(channel.open(MsgType.UPDATE, round, frame), max_envelope)
     env = _open_envelope(channel, env_bytes, device_key, MsgType.UPDATE, max_envelope)
     if env.get_key_id(Field.DEVICE_KEY_ID) != device_key.key_id:
         raise AuthError("update names another device", code="device_mismatch")
@@ -142,7 +144,7 @@ def seal_global_model(
         },
         server_key,
     )
-    return channel.seal(MsgType.GLOBAL_MODEL, round, _pack(env.to_bytes(), payload))
+    return channel.seal(MsgType.GLOBAL_MODEL, round, pack_signed(env.to_bytes(), payload))
 
 
 def open_global_model(
@@ -154,7 +156,7 @@ def open_global_model(
     max_envelope: int = DEFAULT_MAX_ENVELOPE,
 ) -> tuple[SignedEnvelope, bytes]:
     """Device: open, verify the coordinator signature, check round/size/hash; return (envelope, model)."""
-    env_bytes, payload = _unpack(channel.open(MsgType.GLOBAL_MODEL, round, frame), max_envelope)
+    env_bytes, payload = unpack_signed(channel.open(MsgType.GLOBAL_MODEL, round, frame), max_envelope)
     env = _open_envelope(channel, env_bytes, server_key, MsgType.GLOBAL_MODEL, max_envelope)
     if env.get_int(Field.ROUND) != round:
         raise WrongRoundError(f"model signed for round {env.get_int(Field.ROUND)}, expected {round}")

@@ -17,6 +17,8 @@ from datetime import UTC, datetime, timedelta
 import torch
 
 from ..crypto import (
+    pack_signed,
+    unpack_signed,
     DEFAULT_POLICY,
     DEFAULT_SUITE,
     Channel,
@@ -45,7 +47,7 @@ from ..errors import (
 from ..server.storage import BlobStore, Store
 from ..strategy import ClientUpdate, Pipeline
 from ..wire import ParamLayout, decode_blob, sha256_hex
-from .messages import Frame, Receipt, Route, TaskInfo, decode_json, pack_signed, unpack_signed
+from .messages import Frame, Receipt, Route, TaskInfo, decode_json
 from .rounds import PublishedModel, RoundConfig, RoundManager
 
 __all__ = ["Coordinator", "CoordinatorConfig"]

@@ -19,6 +19,8 @@ from typing import Protocol
 import torch
 
 from ..crypto import (
+    pack_signed,
+    unpack_signed,
     DEFAULT_POLICY,
     DEFAULT_SUITE,
     Channel,
@@ -35,7 +37,7 @@ from ..crypto.envelope import u64
 from ..errors import AuthError, SessionExpiredError, StaleModelError, ValidationError
 from ..training import TrainResult
 from ..wire import ParamLayout, decode_blob, encode_update, sha256_hex
-from .messages import Frame, Receipt, Route, TaskInfo, encode_json, pack_signed, unpack_signed
+from .messages import Frame, Receipt, Route, TaskInfo, encode_json
 
 __all__ = ["Transport", "Device", "GlobalModel", "SealedUpdate"]
 

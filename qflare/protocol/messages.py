@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import enum
 import json
-import struct
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -24,8 +23,6 @@ __all__ = [
     "Frame",
     "TaskInfo",
     "Receipt",
-    "pack_signed",
-    "unpack_signed",
     "encode_json",
     "decode_json",
 ]
@@ -126,21 +123,3 @@ def _strict(cls: Any, obj: dict[str, Any]) -> Any:
             raise MalformedError(f"{cls.__name__}.{name}: expected {base.__name__}")
         kwargs[name] = value
     return cls(**kwargs)
-
-
-_LEN = struct.Struct(">I")
-
-
-def pack_signed(envelope: bytes, blob: bytes = b"") -> bytes:
-    """``u32 len(envelope) || envelope || blob`` — a signed header followed by the tensor blob it names."""
-    return _LEN.pack(len(envelope)) + envelope + blob
-
-
-def unpack_signed(data: bytes, max_envelope: int = 65536) -> tuple[bytes, memoryview]:
-    view = memoryview(data)
-    if len(view) < _LEN.size:
-        raise MalformedError("signed payload truncated before its header length", code="truncated")
-    (n,) = _LEN.unpack_from(view, 0)
-    if n > max_envelope or _LEN.size + n > len(view):
-        raise MalformedError(f"signed payload header length {n} is out of range", code="truncated")
-    return bytes(view[_LEN.size : _LEN.size + n]), view[_LEN.size + n :]

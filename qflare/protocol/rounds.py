@@ -41,6 +41,8 @@ class RoundConfig:
     """Updates needed to aggregate at the deadline (default: all selected = quorum)."""
     round_timeout_s: float = 600.0
     seed: int = 0
+    min_devices: int = 1
+    """A server opens a round only once this many devices are enrolled (capped at per_round)."""
 
     def __post_init__(self) -> None:
         if self.rounds < 1 or self.per_round < 1:
@@ -140,7 +142,7 @@ class RoundManager:
 
     def _recover_round(self) -> None:
         row = self._store.current_round()
-        if row is None or row.state != "open":
+        if row is None or row.state not in ("open", "aggregating"):
             last = self._store.list_rounds(limit=1)
             self.finished = bool(last) and last[0].round_number >= self.config.rounds and last[0].state == "closed"
             return
@@ -163,6 +165,8 @@ class RoundManager:
             accepted,
         )
         self._rng = np.random.default_rng([self.config.seed + 1, row.round_number])
+        if row.state == "aggregating":  # crashed between quorum and publication: finish the job
+            self._close(self._round, already_aggregating=True)
 
     # ------------------------------------------------------------------ rounds
     @property
@@ -217,6 +221,29 @@ class RoundManager:
                 self._close(rnd)
             return len(rnd.accepted), False
 
+    def step(self) -> _OpenRound | None:
+        """What a server calls periodically: handle the deadline, open the next round when none is."""
+        with self._lock:
+            self.tick()
+            if self._round is None and not self.finished:
+                active = self._store.list_devices(status="active")
+                if len(active) >= min(self.config.per_round, self.config.min_devices):
+                    self.open_next()
+            return self._round
+
+    def status(self) -> dict[str, object]:
+        rnd = self._round
+        return {
+            "round": rnd.number if rnd else None,
+            "state": "open" if rnd else ("finished" if self.finished else "waiting"),
+            "selected": len(rnd.selected) if rnd else 0,
+            "accepted": len(rnd.accepted) if rnd else 0,
+            "deadline": rnd.deadline if rnd else None,
+            "model_version": self.model.version,
+            "model_sha256": self.model.sha256,
+            "rounds_total": self.config.rounds,
+        }
+
     def tick(self) -> None:
         """Deadline handling: aggregate with what arrived, or fail the round and move on."""
         with self._lock:
@@ -229,8 +256,9 @@ class RoundManager:
                 self._store.set_round_state(rnd.number, "open", "failed")
                 self._round = None
 
-    def _close(self, rnd: _OpenRound) -> None:
-        self._store.set_round_state(rnd.number, "open", "aggregating")
+    def _close(self, rnd: _OpenRound, *, already_aggregating: bool = False) -> None:
+        if not already_aggregating:
+            self._store.set_round_state(rnd.number, "open", "aggregating")
         new_flat = rnd.aggregation.finish()
         published = self._publish(rnd.number, new_flat)
         metrics = {"updates": len(rnd.accepted), "examples": rnd.aggregation.total_examples}
