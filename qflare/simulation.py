@@ -27,15 +27,16 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from .crypto import DEFAULT_SUITE, SigningKey, Suite, require_primitives
-from .data import ArrayDataset, load_dataset, partition
+from .data import load_dataset, partition
 from .models import create_model
 from .protocol import Coordinator, CoordinatorConfig, Device, PublishedModel, RoundConfig
 from .server.storage import Database, Store
-from .strategy import build_strategy
-from .training import LocalTrainer, TrainConfig, evaluate
+from .strategy import ClientUpdate, RoundAggregation, build_strategy
+from .training import LocalTrainer, TrainConfig, TrainResult, evaluate
 from .transport import InProcessTransport
 from .wire import ParamLayout
 
@@ -62,6 +63,10 @@ class SimulationConfig:
     default intra-op threads (what a bare PyTorch loop does)."""
     eval_chunks: int = 10
     suite: Suite = DEFAULT_SUITE
+    protocol: bool = True
+    """False skips the device/coordinator protocol (no crypto, no database): training results are
+    aggregated directly.  Only for measuring what the protocol costs; the devices, partitions, seeds,
+    selection and aggregation are the same."""
 
 
 @dataclass
@@ -147,6 +152,93 @@ class _Workers:
         return m
 
 
+class _SecureFederation:
+    """The real thing: a Coordinator and N enrolled Devices with PQ sessions, over the in-process transport."""
+
+    def __init__(self, cfg: SimulationConfig, layout: ParamLayout, initial: torch.Tensor) -> None:
+        # The coordinator's database: SQLite in a scratch folder (RAM-backed where /dev/shm exists).
+        self._scratch = tempfile.TemporaryDirectory(prefix="qflare-sim-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
+        self._db = Database(f"sqlite:///{self._scratch.name}/coordinator.db")
+        self._db.upgrade()
+        self.published: list[PublishedModel] = []
+        self.coordinator = Coordinator(
+            layout=layout,
+            initial_flat=initial,
+            strategy=build_strategy(cfg.strategy, **cfg.strategy_args),
+            identity=SigningKey.generate(cfg.suite.sig),
+            store=Store(self._db),
+            rounds=RoundConfig(rounds=cfg.rounds, per_round=cfg.per_round, seed=cfg.seed),
+            config=CoordinatorConfig(suite=cfg.suite),
+            on_model=self.published.append,
+        )
+        transport = InProcessTransport(self.coordinator)
+        self.devices: list[Device] = []
+        for token in self.coordinator.create_tokens(cfg.devices, ttl_s=600, label="simulation"):
+            dev = Device(transport=transport, identity=SigningKey.generate(cfg.suite.sig),
+                         server_key=self.coordinator.public_key, layout=layout, suite=cfg.suite)  # fmt: skip
+            dev.enroll(token)
+            dev.connect()
+            self.devices.append(dev)
+        self._index = {d.device_id: i for i, d in enumerate(self.devices)}
+
+    def open_round(self) -> tuple[int, list[int]] | None:
+        rnd = self.coordinator.rounds.open_next()
+        return None if rnd is None else (rnd.number, [self._index[d] for d in rnd.selected])
+
+    def work(self, i: int, train: Callable[[torch.Tensor, int], TrainResult]) -> tuple[Any, TrainResult]:
+        dev = self.devices[i]
+        task = dev.task()
+        gm = dev.fetch_model(task)
+        result = train(gm.flat, task.round)
+        return dev.prepare_update(task, gm, result), result
+
+    def submit(self, i: int, sealed: Any) -> None:
+        self.devices[i].submit(sealed)
+
+    def model(self) -> tuple[torch.Tensor, str]:
+        m = self.coordinator.rounds.model
+        return m.flat, m.sha256
+
+    def close(self) -> None:
+        self._db.dispose()
+        self._scratch.cleanup()
+
+
+class _DirectFederation:
+    """Same selection and aggregation without the protocol — only to measure what the protocol costs."""
+
+    def __init__(self, cfg: SimulationConfig, layout: ParamLayout, initial: torch.Tensor) -> None:
+        self._cfg, self._layout = cfg, layout
+        self._strategy = build_strategy(cfg.strategy, **cfg.strategy_args)
+        self._rng = np.random.default_rng(cfg.seed + 1)  # RoundManager's selection stream
+        self._flat, self._number = initial, 0
+        self._agg: RoundAggregation | None = None
+
+    def open_round(self) -> tuple[int, list[int]] | None:
+        if self._number >= self._cfg.rounds:
+            return None
+        self._number += 1
+        k = min(self._cfg.per_round, self._cfg.devices)
+        self._agg = self._strategy.begin(self._flat)
+        return self._number, [int(i) for i in self._rng.choice(self._cfg.devices, k, replace=False)]
+
+    def work(self, i: int, train: Callable[[torch.Tensor, int], TrainResult]) -> tuple[Any, TrainResult]:
+        result = train(self._flat, self._number)
+        return ClientUpdate(str(i), result.delta, result.num_examples), result
+
+    def submit(self, i: int, update: Any) -> None:
+        assert self._agg is not None
+        self._agg.add(update)
+        if self._agg.count == min(self._cfg.per_round, self._cfg.devices):
+            self._flat, self._agg = self._agg.finish(), None
+
+    def model(self) -> tuple[torch.Tensor, str]:
+        return self._flat, ""
+
+    def close(self) -> None:
+        return None
+
+
 def run_simulation(
     cfg: SimulationConfig,
     *,
@@ -157,9 +249,8 @@ def run_simulation(
     require_primitives(cfg.suite)
     train = load_dataset(cfg.dataset, "train", root=cfg.data_root)
     test = load_dataset(cfg.dataset, "test", root=cfg.data_root)
-    parts = partition(
-        cfg.partition, train.labels.numpy(), cfg.devices, seed=cfg.seed, alpha=cfg.alpha, shards_per_device=cfg.shards_per_device
-    )
+    parts = partition(cfg.partition, train.labels.numpy(), cfg.devices, seed=cfg.seed, alpha=cfg.alpha,
+                      shards_per_device=cfg.shards_per_device)  # fmt: skip
     workers = cfg.workers or (os.cpu_count() or 1)
     if workers > 1:
         torch.set_num_threads(1)
@@ -172,43 +263,19 @@ def run_simulation(
     layout = ParamLayout.from_module(model)
     pool = _Workers(workers, make_model, cfg.train, layout)
     x_test, y_test = test.normalized(), test.labels
-
-    # The coordinator's database: SQLite in a scratch folder (RAM-backed where /dev/shm exists).
-    scratch = tempfile.TemporaryDirectory(prefix="qflare-sim-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
-    db = Database(f"sqlite:///{scratch.name}/coordinator.db")
-    db.upgrade()
-    store = Store(db)
-    published: list[PublishedModel] = []
-    coordinator = Coordinator(
-        layout=layout,
-        initial_flat=layout.module_to_flat(model),
-        strategy=build_strategy(cfg.strategy, **cfg.strategy_args),
-        identity=SigningKey.generate(cfg.suite.sig),
-        store=store,
-        rounds=RoundConfig(rounds=cfg.rounds, per_round=cfg.per_round, seed=cfg.seed),
-        config=CoordinatorConfig(suite=cfg.suite),
-        on_model=published.append,
-    )
-    transport = InProcessTransport(coordinator)
-    tokens = coordinator.create_tokens(cfg.devices, ttl_s=600, label="simulation")
-    devices: list[Device] = []
-    for token in tokens:
-        dev = Device(transport=transport, identity=SigningKey.generate(cfg.suite.sig), server_key=coordinator.public_key, layout=layout, suite=cfg.suite)
-        dev.enroll(token)
-        dev.connect()
-        devices.append(dev)
-    index = {d.device_id: i for i, d in enumerate(devices)}
+    backend = _SecureFederation if cfg.protocol else _DirectFederation
+    fed = backend(cfg, layout, layout.module_to_flat(model))
     startup = time.perf_counter() - t0
     if on_start is not None:
-        on_start(len(devices))
+        on_start(cfg.devices)
 
-    def train_device(i: int) -> Any:
-        dev = devices[i]
-        task = dev.task()
-        gm = dev.fetch_model(task)
+    def train_device(i: int) -> tuple[Any, TrainResult]:
         idx = torch.from_numpy(parts[i])
-        result = pool.trainer().train(gm.flat, train.normalized(idx), train.labels[idx], seed=client_seed(cfg.seed, task.round, i))
-        return dev.prepare_update(task, gm, result), result
+
+        def fit(flat: torch.Tensor, rnd: int) -> TrainResult:
+            return pool.trainer().train(flat, train.normalized(idx), train.labels[idx], seed=client_seed(cfg.seed, rnd, i))
+
+        return fed.work(i, fit)
 
     def eval_chunk(flat: torch.Tensor, lo: int, hi: int) -> tuple[float, int]:
         m = pool.eval_model()
@@ -233,17 +300,16 @@ def run_simulation(
         rec, flat, futs = pending
         pending = None
         results = [f.result() for f in (futs or submit_eval(flat))]
-        n = len(y_test)
-        rec.loss = sum(p[0] for p in results) / n
-        rec.accuracy = sum(p[1] for p in results) / n
+        rec.loss = sum(p[0] for p in results) / len(y_test)
+        rec.accuracy = sum(p[1] for p in results) / len(y_test)
         records.append(rec)
         if on_round is not None:
             on_round(rec)
 
     try:
-        while (rnd := coordinator.rounds.open_next()) is not None:
+        while (opened := fed.open_round()) is not None:
             t_round = time.perf_counter()
-            chosen = [index[d] for d in rnd.selected]
+            number, chosen = opened
             # Largest devices first: the shortest tail on the pool.  Submission stays in selection order.
             futures = {i: pool.pool.submit(train_device, i) for i in sorted(chosen, key=lambda i: -len(parts[i]))}
             if pending is not None:
@@ -251,19 +317,18 @@ def run_simulation(
             losses, examples = 0.0, 0
             for i in chosen:
                 sealed, result = futures[i].result()
-                devices[i].submit(sealed)
+                fed.submit(i, sealed)
                 losses += result.mean_loss * result.num_examples
                 examples += result.num_examples
             finish_eval()
-            model_now = published[-1]
-            rec = RoundRecord(rnd.number, float("nan"), float("nan"), time.perf_counter() - t_round,
-                              losses / examples, len(chosen), examples, model_now.sha256)  # fmt: skip
-            pending = (rec, model_now.flat, [])
+            flat, digest = fed.model()
+            rec = RoundRecord(number, float("nan"), float("nan"), time.perf_counter() - t_round,
+                              losses / examples, len(chosen), examples, digest)  # fmt: skip
+            pending = (rec, flat, [])
         finish_eval()
     finally:
         pool.pool.shutdown(wait=True, cancel_futures=True)
-        db.dispose()
-        scratch.cleanup()
+        fed.close()
     return SimulationResult(_config_dict(cfg), records, time.perf_counter() - t0, startup)
 
 

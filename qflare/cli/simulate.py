@@ -43,6 +43,7 @@ def simulate(
     device: str = typer.Option("cpu", help="Torch device for training: cpu, cuda, cuda:N or auto."),
     workers: int = typer.Option(0, min=0, help="Training threads (0 = one per core; 1 = sequential with torch's default threads)."),
     suite: str = typer.Option("default", help="Crypto suite: default (ML-DSA-65 + ML-KEM-768 + X25519) or high (ML-DSA-87 + ML-KEM-1024 + X25519)."),
+    protocol: bool = typer.Option(True, help="Run the secure protocol (PQ sessions, signatures, database). --no-protocol aggregates training results directly: only to measure the protocol's cost."),
     out: Path | None = typer.Option(None, help="Write history.json, history.csv and history.png here."),
     json_: bool = typer.Option(False, "--json", help="Print the history as one JSON object at the end instead of a table."),
 ) -> None:
@@ -57,7 +58,7 @@ def simulate(
             shards_per_device=shards_per_device, seed=seed, strategy=strategy, strategy_args=strategy_args,
             train=TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, momentum=momentum,
                               weight_decay=weight_decay, prox_mu=prox_mu, max_grad_norm=max_grad_norm, device=device),
-            workers=workers, suite=SUITES[suite],
+            workers=workers, suite=SUITES[suite], protocol=protocol,
         )  # fmt: skip
         table = Table(title=f"qflare simulate · {dataset} · {devices} devices · {per_round}/round · {strategy}")
         for col in ("round", "accuracy", "loss", "train loss", "examples", "seconds"):
