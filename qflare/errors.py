@@ -30,6 +30,9 @@ __all__ = [
     "WrongRoundError",
     "StaleModelError",
     "PolicyError",
+    "RateLimitedError",
+    "AdminAuthError",
+    "NotFoundError",
     "CryptoUnavailableError",
 ]
 
@@ -149,6 +152,34 @@ class StaleModelError(RoundError):
 class PolicyError(ProtocolError):
     code = "policy_violation"
     http_status = 403
+
+
+class RateLimitedError(ProtocolError):
+    """Too many requests from one address or session; ``retry_after_s`` says when to try again."""
+
+    code = "rate_limited"
+    http_status = 429
+
+    def __init__(self, message: str, *, retry_after_s: float = 1.0, code: str | None = None) -> None:
+        super().__init__(message, code=code)
+        self.retry_after_s = retry_after_s
+
+
+class AdminAuthError(AuthError):
+    """Missing (401) or wrong (403, ``forbidden=True``) administrator credentials."""
+
+    code = "admin_required"
+
+    def __init__(self, message: str, *, forbidden: bool = False, code: str | None = None) -> None:
+        super().__init__(message, code=code)
+        self.http_status = 403 if forbidden else 401
+
+
+class NotFoundError(ProtocolError):
+    """The named resource (device, route) does not exist."""
+
+    code = "not_found"
+    http_status = 404
 
 
 class CryptoUnavailableError(QflareError):

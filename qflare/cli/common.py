@@ -8,6 +8,7 @@ from typing import TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from ..errors import QflareError
 
@@ -22,7 +23,7 @@ def friendly_errors() -> Iterator[None]:
     try:
         yield
     except QflareError as exc:
-        err_console.print(f"[bold red]error[/] [{exc.code}] {exc}")
+        err_console.print(f"[bold red]error[/] {escape(f'[{exc.code}]')} {escape(str(exc))}")
         raise typer.Exit(2) from None
 
 

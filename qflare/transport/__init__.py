@@ -1,5 +1,14 @@
 """Transports carry a device's request bytes to a coordinator: in-process here, HTTP in ``http``."""
 
+from .http import CircuitBreaker, CircuitOpenError, HttpTransport, RetryPolicy, ServerUnavailableError, TransportError
 from .inprocess import InProcessTransport
 
-__all__ = ["InProcessTransport"]
+__all__ = [
+    "InProcessTransport",
+    "HttpTransport",
+    "RetryPolicy",
+    "CircuitBreaker",
+    "TransportError",
+    "ServerUnavailableError",
+    "CircuitOpenError",
+]

@@ -264,10 +264,13 @@ class TrainingOps(StoreBase):
             stmt = select(t.Update).where(t.Update.round_number == round_number).order_by(t.Update.id)
             return [UpdateRow.of(r) for r in s.scalars(stmt)]
 
-    def count_updates(self, round_number: int) -> int:
+    def count_updates(self, round_number: int | None = None) -> int:
+        """Updates recorded for ``round_number``, or in all rounds when it is ``None``."""
         with self._read() as s:
             stmt = select(func.count()).select_from(t.Update)
-            return int(s.scalar(stmt.where(t.Update.round_number == round_number)) or 0)
+            if round_number is not None:
+                stmt = stmt.where(t.Update.round_number == round_number)
+            return int(s.scalar(stmt) or 0)
 
     # -- model versions -----------------------------------------------------------------------
 
@@ -355,3 +358,19 @@ class TrainingOps(StoreBase):
         with self._read() as s:
             row = s.get(t.ModelVersion, version)
             return None if row is None else ModelRow.of(row)
+
+    def list_models(self) -> list[ModelRow]:
+        """Every model version, in ascending order."""
+        with self._read() as s:
+            return [ModelRow.of(r) for r in s.scalars(select(t.ModelVersion).order_by(t.ModelVersion.version))]
+
+    def record_model_evaluation(self, version: int, evaluation: dict[str, Any]) -> ModelRow:
+        """Store an evaluation of a model version under ``metrics["eval"]`` (replacing an earlier one)."""
+        clean = check_json(evaluation, "evaluation")
+        with self._write() as s:
+            row = s.get(t.ModelVersion, version, with_for_update=True)
+            if row is None:
+                raise StaleModelError(f"unknown model version {version}", code="unknown_model")
+            row.metrics = {**dict(row.metrics), "eval": clean}
+            s.flush()
+            return ModelRow.of(row)

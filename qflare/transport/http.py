@@ -1,0 +1,308 @@
+"""The HTTP transport: a device's protocol requests over HTTP(S) to ``qflare server`` (API v1).
+
+Each :class:`~qflare.protocol.messages.Route` is ``POST /v1/<route>`` with an ``application/octet-stream``
+body; requests inside a session carry ``X-Qflare-Session``.  One :class:`httpx.Client` (keep-alive) is
+used for every request.
+
+Failures fall in two classes:
+
+* *transient* - connection errors, timeouts, HTTP 502/503/504 and 429 - are retried with exponential
+  backoff and jitter (a 429's ``Retry-After`` is honoured).  When the attempts run out the caller gets
+  :class:`ServerUnavailableError` (or the 429's own typed error).
+* *refusals* - any other 4xx/5xx with the server's JSON ``{"code", "message"}`` body - are never retried:
+  they are rebuilt as the typed error of that code with :func:`~qflare.errors.error_from_code`, so a
+  :class:`~qflare.protocol.Device` sees exactly the exceptions it sees in process.
+
+A :class:`CircuitBreaker` stops hammering a server that keeps failing: after ``failure_threshold``
+consecutive transient failures it opens for ``reset_after_s`` (every call fails fast with
+:class:`CircuitOpenError`), then lets one probe through (half-open); the probe's outcome closes or
+re-opens it.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import json
+import math
+import ssl
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import tenacity
+
+from ..errors import QflareError, error_from_code
+from ..protocol.messages import Route
+
+__all__ = [
+    "HttpTransport",
+    "RetryPolicy",
+    "CircuitBreaker",
+    "TransportError",
+    "ServerUnavailableError",
+    "CircuitOpenError",
+    "SESSION_HEADER",
+]
+
+SESSION_HEADER = "X-Qflare-Session"
+_RETRY_STATUSES = frozenset({429, 502, 503, 504})
+
+
+class TransportError(QflareError):
+    """The request did not get an answer from the coordinator (nothing was refused)."""
+
+    code = "transport_error"
+    http_status = 503
+
+
+class ServerUnavailableError(TransportError):
+    """Connection errors, timeouts or 5xx gateway answers outlasted the retry policy."""
+
+    code = "server_unavailable"
+
+
+class CircuitOpenError(TransportError):
+    """The circuit breaker is open: calls fail fast until ``retry_in_s`` has passed."""
+
+    code = "circuit_open"
+
+    def __init__(self, message: str, *, retry_in_s: float) -> None:
+        super().__init__(message)
+        self.retry_in_s = retry_in_s
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How transient failures are retried: ``attempts`` tries in all, waits ``initial_s * 2**k`` (capped
+    at ``max_wait_s``) plus up to ``jitter_s`` of random jitter; a ``Retry-After`` is obeyed up to
+    ``max_retry_after_s``."""
+
+    attempts: int = 5
+    initial_s: float = 0.25
+    max_wait_s: float = 5.0
+    jitter_s: float = 0.25
+    max_retry_after_s: float = 30.0
+
+    def __post_init__(self) -> None:
+        if self.attempts < 1:
+            raise ValueError("attempts must be >= 1")
+        if min(self.initial_s, self.max_wait_s, self.jitter_s, self.max_retry_after_s) < 0:
+            raise ValueError("retry waits must be >= 0")
+
+
+class CircuitBreaker:
+    """Closed -> (``failure_threshold`` consecutive failures) -> open -> (``reset_after_s``) -> half-open,
+    where one probe call decides: success closes the circuit, failure opens it again."""
+
+    def __init__(self, failure_threshold: int = 8, reset_after_s: float = 5.0, *, clock: Callable[[], float] = time.monotonic) -> None:
+        if failure_threshold < 1 or reset_after_s < 0:
+            raise ValueError("failure_threshold must be >= 1 and reset_after_s >= 0")
+        self.failure_threshold, self.reset_after_s, self._clock = failure_threshold, reset_after_s, clock
+        self._failures = 0
+        self._opened_at: float | None = None
+        self._probing = False
+        self._lock = threading.Lock()
+
+    @property
+    def state(self) -> str:
+        """``"closed"``, ``"open"`` or ``"half_open"``."""
+        with self._lock:
+            if self._opened_at is None:
+                return "closed"
+            return "half_open" if self._clock() - self._opened_at >= self.reset_after_s else "open"
+
+    @property
+    def consecutive_failures(self) -> int:
+        return self._failures
+
+    def before_call(self) -> None:
+        """Raise :class:`CircuitOpenError` unless a call may go out now."""
+        with self._lock:
+            if self._opened_at is None:
+                return
+            waited = self._clock() - self._opened_at
+            if waited >= self.reset_after_s and not self._probing:
+                self._probing = True  # this call is the half-open probe
+                return
+            retry_in = max(self.reset_after_s - waited, 0.0)
+            raise CircuitOpenError(
+                f"circuit open after {self._failures} consecutive failures to reach the coordinator; "
+                f"next attempt in {retry_in:.1f} s",
+                retry_in_s=retry_in if retry_in > 0 else self.reset_after_s,
+            )
+
+    def record_success(self) -> None:
+        with self._lock:
+            self._failures, self._opened_at, self._probing = 0, None, False
+
+    def record_failure(self) -> None:
+        with self._lock:
+            self._failures += 1
+            if self._probing or self._failures >= self.failure_threshold:
+                self._opened_at = self._clock()
+            self._probing = False
+
+
+class _Transient(Exception):
+    """One failed attempt that may be retried (internal)."""
+
+    def __init__(self, message: str, *, retry_after: float | None = None, response: httpx.Response | None = None):
+        super().__init__(message)
+        self.retry_after, self.response = retry_after, response
+
+
+def parse_retry_after(value: str | None, *, now: Callable[[], float] = time.time) -> float | None:
+    """Seconds from a ``Retry-After`` header (delta-seconds or HTTP date); None when absent or invalid."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError, IndexError):
+            return None
+        seconds = when.timestamp() - now()
+    return max(seconds, 0.0) if math.isfinite(seconds) else None
+
+
+def _error_from_response(resp: httpx.Response) -> QflareError:
+    """The typed error of an HTTP error answer (``{"code", "message"}``; FastAPI's ``{"detail"}`` too)."""
+    code, message = f"http_{resp.status_code}", resp.reason_phrase or "error"
+    try:
+        body = resp.json()
+    except (json.JSONDecodeError, UnicodeDecodeError, ValueError):
+        body = None
+    if isinstance(body, dict):
+        if isinstance(body.get("code"), str) and body["code"]:
+            code = body["code"]
+        detail = body.get("message", body.get("detail"))
+        if detail is not None:
+            message = detail if isinstance(detail, str) else json.dumps(detail)[:500]
+    elif resp.content:
+        message = resp.text[:500]
+    return error_from_code(code, message, resp.status_code)
+
+
+def _ssl_verify(verify: bool | str | ssl.SSLContext) -> bool | ssl.SSLContext:
+    if isinstance(verify, str):
+        return ssl.create_default_context(cafile=verify)  # a CA bundle to trust
+    return verify
+
+
+class HttpTransport:
+    """Carries protocol requests to ``base_url`` (see the module docstring)."""
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        timeout: float = 30.0,
+        verify: bool | str | ssl.SSLContext = True,
+        retry: RetryPolicy | None = None,
+        breaker: CircuitBreaker | None = None,
+        client: httpx.Client | None = None,
+        sleep: Callable[[float], None] = time.sleep,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.retry = retry or RetryPolicy()
+        self.breaker = breaker or CircuitBreaker()
+        self._sleep = sleep
+        self._owns_client = client is None
+        self._client = client or httpx.Client(
+            base_url=self.base_url,
+            timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0)),
+            verify=_ssl_verify(verify),
+            headers={"user-agent": "qflare-device/1", **(headers or {})},
+            limits=httpx.Limits(max_connections=4, max_keepalive_connections=2),
+        )
+
+    # ------------------------------------------------------------------ Transport protocol
+    def request(self, route: Route, body: bytes, session_id: str | None = None) -> bytes:
+        headers = {"content-type": "application/octet-stream"}
+        if session_id is not None:
+            headers[SESSION_HEADER] = session_id
+        return self.send("POST", "/v1/" + Route(route).value, content=bytes(body), headers=headers).content
+
+    # ------------------------------------------------------------------ JSON endpoints
+    def get_json(self, path: str, *, headers: Mapping[str, str] | None = None) -> Any:
+        """GET ``path`` (e.g. ``/v1/identity``) and decode its JSON body."""
+        return self._json(self.send("GET", path, headers=dict(headers or {})), path)
+
+    def post_json(self, path: str, payload: Any, *, headers: Mapping[str, str] | None = None) -> Any:
+        """POST a JSON body to ``path`` and decode the JSON answer (admin API)."""
+        return self._json(self.send("POST", path, json=payload, headers=dict(headers or {})), path)
+
+    @staticmethod
+    def _json(resp: httpx.Response, path: str) -> Any:
+        try:
+            return resp.json()
+        except (json.JSONDecodeError, UnicodeDecodeError, ValueError):
+            raise ServerUnavailableError(f"{path}: the answer is not JSON ({resp.headers.get('content-type')})") from None
+
+    # ------------------------------------------------------------------ core
+    def send(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        """One request with retries and the circuit breaker; a refusal raises its typed error."""
+        policy = self.retry
+        backoff = tenacity.wait_exponential_jitter(multiplier=policy.initial_s, max=policy.max_wait_s, jitter=policy.jitter_s)
+
+        def wait(state: tenacity.RetryCallState) -> float:
+            exc = state.outcome.exception() if state.outcome is not None else None
+            if isinstance(exc, _Transient) and exc.retry_after is not None:
+                return min(exc.retry_after, policy.max_retry_after_s)
+            return float(backoff(state))
+
+        retrying = tenacity.Retrying(
+            stop=tenacity.stop_after_attempt(policy.attempts),
+            wait=wait,
+            retry=tenacity.retry_if_exception_type(_Transient),
+            sleep=self._sleep,
+            reraise=True,
+        )
+        try:
+            return retrying(self._attempt, method, path, kwargs)
+        except _Transient as exc:
+            if exc.response is not None and exc.response.status_code == 429:
+                raise _error_from_response(exc.response) from None
+            raise ServerUnavailableError(f"{method} {path}: gave up after {policy.attempts} attempt(s): {exc}") from None
+
+    def _attempt(self, method: str, path: str, kwargs: dict[str, Any]) -> httpx.Response:
+        self.breaker.before_call()
+        try:
+            resp = self._client.request(method, path, **kwargs)
+        except httpx.TransportError as exc:  # connect/read/write errors and timeouts
+            self.breaker.record_failure()
+            raise _Transient(f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__) from exc
+        except httpx.HTTPError as exc:  # not transient (e.g. an undecodable body): fail, do not retry
+            self.breaker.record_failure()
+            raise TransportError(f"{method} {path}: {type(exc).__name__}: {exc}") from exc
+        if resp.status_code in _RETRY_STATUSES:
+            if resp.status_code == 429:
+                self.breaker.record_success()  # the server is up, only busy
+            else:
+                self.breaker.record_failure()
+            retry_after = parse_retry_after(resp.headers.get("retry-after"))
+            raise _Transient(f"HTTP {resp.status_code} {_error_from_response(resp).code}", retry_after=retry_after, response=resp)
+        self.breaker.record_success()
+        if resp.status_code >= 400:
+            raise _error_from_response(resp)
+        return resp
+
+    # ------------------------------------------------------------------ lifecycle
+    def close(self) -> None:
+        if self._owns_client:
+            self._client.close()
+
+    def __enter__(self) -> HttpTransport:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"HttpTransport({self.base_url!r}, breaker={self.breaker.state})"

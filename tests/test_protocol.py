@@ -1,0 +1,271 @@
+"""The device <-> coordinator protocol, attacked message by message.
+
+Every refusal must carry its specific reason code, change no federated state, and be recorded as a
+security event.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from qflare.crypto import SigningKey
+from qflare.errors import QflareError
+from qflare.protocol import Route, SealedUpdate
+
+from protocol_fixtures import Federation
+
+
+@pytest.fixture
+def fed(tmp_path):
+    return Federation(tmp_path)
+
+
+def refused(fed: Federation, code: str, fn, *args, **kwargs):
+    before = fed.counts()
+    with pytest.raises(QflareError) as info:
+        fn(*args, **kwargs)
+    assert info.value.code == code, f"expected {code}, got {info.value.code}: {info.value}"
+    assert fed.counts() == before, "a refused message changed state"
+    return info.value
+
+
+def test_round_trip_two_rounds(fed):
+    start = fed.coordinator.rounds.model.flat.clone()
+    for rnd in (1, 2):
+        opened = fed.coordinator.rounds.open_next()
+        assert opened.number == rnd
+        for dev in fed.unselected():
+            task = dev.task()
+            assert task.state == "open" and not task.selected
+        for k, dev in enumerate(fed.selected()):
+            receipt = dev.submit(fed.prepare(dev, seed=k))
+            assert receipt.round == rnd and not receipt.duplicate and receipt.accepted == k + 1
+        assert fed.coordinator.rounds.model.version == rnd
+    assert not torch.equal(start, fed.coordinator.rounds.model.flat)
+    assert fed.events() == []
+
+
+def test_fedavg_of_submitted_updates(fed):
+    fed.coordinator.rounds.open_next()
+    base = fed.coordinator.rounds.model.flat.clone()
+    a, b = fed.selected()
+    a.submit(fed.prepare(a, seed=1, n=1))
+    b.submit(fed.prepare(b, seed=2, n=3))
+    expected = base + (fed.result(1).delta * 1 + fed.result(2).delta * 3) / 4
+    assert torch.allclose(fed.coordinator.rounds.model.flat, expected, atol=1e-6)
+
+
+def test_replayed_frame_refused(fed):
+    fed.coordinator.rounds.open_next()
+    dev = fed.selected()[0]
+    dev.submit(fed.prepare(dev))
+    route, frame, sid = fed.transport.sent[-1]
+    assert route is Route.UPDATE
+    refused(fed, "replay", fed.coordinator.handle, route, frame, session_id=sid)
+    assert "replay" in fed.events()
+
+
+def test_retried_update_is_idempotent(fed):
+    fed.coordinator.rounds.open_next()
+    dev = fed.selected()[0]
+    sealed = fed.prepare(dev)
+    dev.submit(sealed)
+    before = fed.counts()
+    again = dev.submit(sealed)  # a client retry: new frame, same signed update
+    assert again.duplicate and again.accepted == 1
+    assert fed.counts() == before
+
+
+def test_second_different_update_refused(fed):
+    fed.coordinator.rounds.open_next()
+    dev = fed.selected()[0]
+    dev.submit(fed.prepare(dev, seed=1))
+    refused(fed, "duplicate_submission", dev.submit, fed.prepare(dev, seed=2))
+
+
+def test_unselected_device_refused(fed):
+    fed.coordinator.rounds.open_next()
+    dev = fed.unselected()[0]
+    task = dev.task()
+    model = dev.fetch_model(task)
+    sealed = dev.prepare_update(task, model, fed.result())
+    refused(fed, "not_selected", dev.submit, sealed)
+
+
+def test_update_for_an_old_round_refused(fed):
+    fed.coordinator.rounds.open_next()
+    a, b = fed.selected()
+    stale = fed.prepare(a)
+    a.submit(stale)
+    b.submit(fed.prepare(b))
+    fed.coordinator.rounds.open_next()  # round 2
+    # Round 1's update re-sent in round 2: bound to round 1 in the frame AAD and the signature.
+    err = refused(fed, "wrong_round", a.submit, stale)
+    assert "wrong_round" in fed.events()
+    assert err.http_status in (401, 409)
+
+
+def test_stale_base_model_refused(fed):
+    fed.coordinator.rounds.open_next()
+    dev = fed.selected()[0]
+    task = dev.task()
+    model = dev.fetch_model(task)
+    wrong = dataclasses.replace(model, sha256="00" * 32)
+    refused(fed, "stale_model", dev.submit, dev.prepare_update(task, wrong, fed.result()))
+
+
+def test_tampered_update_blob_refused(fed):
+    fed.coordinator.rounds.open_next()
+    dev = fed.selected()[0]
+    sealed = fed.prepare(dev)
+    payload = bytearray(sealed.payload)
+    payload[-100] ^= 0x01  # inside the tensor data, after the signed header
+    refused(fed, "hash_mismatch", dev.submit, SealedUpdate(sealed.round, bytes(payload), sealed.update_hash))
+
+
+def test_tampered_signed_header_refused(fed):
+    fed.coordinator.rounds.open_next()
+    dev = fed.selected()[0]
+    sealed = fed.prepare(dev)
+    payload = bytearray(sealed.payload)
+    payload[60] ^= 0x01  # inside the signed UPDATE envelope
+    with pytest.raises(QflareError) as info:
+        dev.submit(SealedUpdate(sealed.round, bytes(payload), sealed.update_hash))
+    assert info.value.code in ("bad_signature", "malformed", "device_mismatch", "wrong_round", "stale_model")
+    assert fed.store.count_updates(1) == 0
+
+
+def test_update_signed_by_another_device_refused(fed):
+    fed.coordinator.rounds.open_next()
+    a, b = fed.selected()
+    refused(fed, "device_mismatch", b.submit, fed.prepare(a))
+
+
+def test_forged_signature_refused(fed):
+    """An update claiming a's key id but signed by another key is refused (bad_signature)."""
+    fed.coordinator.rounds.open_next()
+    a = fed.selected()[0]
+    task = a.task()
+    model = a.fetch_model(task)
+    genuine = a.prepare_update(task, model, fed.result())
+    forger = fed.new_device()
+    forged = forger.prepare_update(task, model, fed.result())
+    # Splice: a's signed header fields with the forger's signature bytes.
+    from qflare.crypto import SignedEnvelope, unpack_signed, pack_signed
+
+    head, blob = unpack_signed(genuine.payload)
+    env = SignedEnvelope.parse(head)
+    fhead, _ = unpack_signed(forged.payload)
+    fenv = SignedEnvelope.parse(fhead)
+    spliced = env.body + len(fenv.signature).to_bytes(4, "big") + fenv.signature
+    refused(fed, "bad_signature", a.submit, SealedUpdate(genuine.round, pack_signed(spliced, bytes(blob)), genuine.update_hash))
+
+
+def test_non_finite_update_refused(fed):
+    fed.coordinator.rounds.open_next()
+    dev = fed.selected()[0]
+    task = dev.task()
+    model = dev.fetch_model(task)
+    bad = fed.result()
+    bad.delta[3] = float("nan")
+    refused(fed, "non_finite", dev.submit, dev.prepare_update(task, model, bad))
+    assert "non_finite" in fed.events()
+
+
+def test_oversized_update_refused(fed, tmp_path):
+    fed.coordinator.config = dataclasses.replace(fed.coordinator.config, max_update_bytes=1000)
+    fed.coordinator.rounds.open_next()
+    dev = fed.selected()[0]
+    refused(fed, "oversized", dev.submit, fed.prepare(dev))
+
+
+def test_revoked_device_refused_on_next_message(fed):
+    fed.coordinator.rounds.open_next()
+    dev = fed.selected()[0]
+    fed.coordinator.revoke(dev.device_id, "lost device")
+    with pytest.raises(QflareError) as info:
+        dev.task()
+    assert info.value.code in ("revoked", "unknown_session")
+    with pytest.raises(QflareError) as info:
+        dev.connect()
+    assert info.value.code == "revoked"
+    assert "revoked" in fed.events()
+
+
+def test_revocation_takes_effect_on_live_session(fed):
+    fed.coordinator.rounds.open_next()
+    dev = fed.selected()[0]
+    fed.store.revoke_device(dev.device_id, "revoked out of band")  # session still in memory
+    refused(fed, "revoked", dev.task)
+
+
+def test_token_single_use_and_expiry(fed):
+    token = fed.coordinator.create_tokens(1, ttl_s=60)[0]
+    fed.new_device().enroll(token)
+    refused(fed, "token_used", fed.new_device().enroll, token)
+    expired = fed.coordinator.create_tokens(1, ttl_s=0.001)[0]
+    import time
+
+    time.sleep(0.01)
+    refused(fed, "token_expired", fed.new_device().enroll, expired)
+    refused(fed, "token_unknown", fed.new_device().enroll, "not-a-token")
+
+
+def test_unenrolled_device_cannot_handshake(fed):
+    refused(fed, "unknown_device", fed.new_device().connect)
+    assert "unknown_device" in fed.events()
+
+
+def test_device_refuses_impostor_coordinator(fed, tmp_path):
+    other = Federation(tmp_path / "other", n=1)
+    token = other.coordinator.create_tokens(1)[0]
+    # A device that pinned the real coordinator, talking to another one.
+    dev = fed.new_device()
+    dev.transport = other.transport
+    with pytest.raises(QflareError) as info:
+        dev.enroll(token)
+    assert info.value.code in ("bad_signature", "server_key_mismatch")
+    with pytest.raises(QflareError) as info:
+        dev.connect()
+    assert info.value.code in ("unknown_device", "server_key_mismatch")
+
+
+def test_other_devices_session_refused(fed):
+    fed.coordinator.rounds.open_next()
+    a, b = fed.selected()
+    frame = a._channel.seal(0x30, 0, b"")  # a's frame presented under b's session id
+    refused(fed, "bad_mac", fed.coordinator.handle, Route.TASK, frame, session_id=b._session_id)
+
+
+def test_tampered_model_refused_by_device(fed):
+    fed.coordinator.rounds.open_next()
+    dev = fed.selected()[0]
+    task = dev.task()
+
+    def flip(route, body):
+        if route is Route.MODEL:
+            b = bytearray(body)
+            b[-50] ^= 1
+            return bytes(b)
+        return body
+
+    fed.transport.tamper_response = flip
+    with pytest.raises(QflareError) as info:
+        dev.fetch_model(task)
+    assert info.value.code == "bad_mac"
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(route=st.sampled_from(list(Route)), body=st.binary(max_size=300), sid=st.one_of(st.none(), st.text(max_size=70)))
+def test_random_bytes_only_raise_typed_errors(fed, route, body, sid):
+    if fed.coordinator.rounds.current is None:
+        fed.coordinator.rounds.open_next()
+    before = fed.counts()
+    with pytest.raises(QflareError):
+        fed.coordinator.handle(route, body, session_id=sid)
+    assert fed.counts() == before
