@@ -16,7 +16,7 @@ from ..errors import ConfigError, QflareError
 from ..strategy.bench import copy_bandwidth, fedavg_bandwidth
 from .procs import Measured, run_measured
 
-__all__ = ["bare_reference_path", "run_fmnist_dir05", "rounds_to"]
+__all__ = ["bare_reference_path", "run_fmnist_dir05", "run_protocol_overhead", "rounds_to"]
 
 WORKLOAD = ["--dataset", "fashion-mnist", "--devices", "100", "--per-round", "10", "--partition", "dirichlet",
             "--alpha", "0.5", "--seed", "0", "--epochs", "1", "--lr", "0.05", "--batch-size", "32",
@@ -58,16 +58,41 @@ def _summary(m: Measured, res: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _simulate(rounds: int, workers: int, data_root: str | None, extra: list[str]) -> tuple[Measured, dict[str, Any]]:
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [sys.executable, "-m", "qflare", "simulate", *WORKLOAD, "--rounds", str(rounds), "--workers", str(workers),
+               "--json", "--out", tmp, *extra]  # fmt: skip
+        if data_root:
+            cmd += ["--data-root", data_root]
+        m = run_measured(cmd)
+        return m, _last_json(m, "qflare simulate " + " ".join(extra))
+
+
+def run_protocol_overhead(rounds: int = 30, *, workers: int = 0, data_root: str | None = None) -> dict[str, Any]:
+    """fmnist-dir05 with the secure protocol on and off (``--no-protocol``), one after the other."""
+    on_m, on = _simulate(rounds, workers, data_root, [])
+    off_m, off = _simulate(rounds, workers, data_root, ["--no-protocol"])
+    on_s, off_s = _summary(on_m, on), _summary(off_m, off)
+    return {
+        "workload": "fmnist-dir05",
+        "rounds": rounds,
+        "secure_wall_s": on_s["wall_s"],
+        "insecure_wall_s": off_s["wall_s"],
+        "overhead_pct": round(100 * (on_s["wall_s"] / off_s["wall_s"] - 1), 2),
+        "secure_mean_round_s": on_s["mean_round_s"],
+        "insecure_mean_round_s": off_s["mean_round_s"],
+        "secure_startup_s": on_s["startup_s"],
+        "insecure_startup_s": off_s["startup_s"],
+        "same_accuracy_curve": on_s["accuracy"] == off_s["accuracy"],
+        "secure_final_accuracy": on_s["final_accuracy"],
+    }
+
+
 def run_fmnist_dir05(rounds: int = 30, *, workers: int = 0, data_root: str | None = None, bandwidth: bool = True) -> dict[str, Any]:
     bare_cmd = [sys.executable, str(bare_reference_path()), "--rounds", str(rounds), "--json"]
     if data_root:
         bare_cmd += ["--data", data_root]
-    with tempfile.TemporaryDirectory() as tmp:
-        q_cmd = [sys.executable, "-m", "qflare", "simulate", *WORKLOAD, "--rounds", str(rounds), "--workers", str(workers), "--json", "--out", tmp]
-        if data_root:
-            q_cmd += ["--data-root", data_root]
-        q = run_measured(q_cmd)
-        qres = _last_json(q, "qflare simulate")
+    q, qres = _simulate(rounds, workers, data_root, [])
     b = run_measured(bare_cmd)
     bres = _last_json(b, "bare reference")
     qs, bs = _summary(q, qres), _summary(b, bres)

@@ -57,3 +57,21 @@ def crypto(
         print(json.dumps(result))
     else:
         _show(result, "crypto")
+
+
+@app.command("protocol-overhead")
+def protocol_overhead(
+    rounds: int = typer.Option(30, min=1, help="Rounds for both runs."),
+    workers: int = typer.Option(0, min=0, help="Training threads (0 = one per core)."),
+    data_root: str | None = typer.Option(None, help="Fashion-MNIST folder (default: search the usual places)."),
+    json_: bool = typer.Option(False, "--json", help="Print one JSON object."),
+) -> None:
+    """fmnist-dir05 with the secure protocol (PQ sessions, signatures, database) on and off, in one run."""
+    from ..bench.fmnist import run_protocol_overhead
+
+    with friendly_errors():
+        result = run_protocol_overhead(rounds, workers=workers, data_root=data_root)
+    if json_:
+        print(json.dumps(result))
+    else:
+        _show(result, f"protocol overhead on fmnist-dir05, {rounds} rounds")
