@@ -61,3 +61,12 @@ def test_missing_dataset_is_a_clear_error(tmp_path):
     result = runner.invoke(app, ["simulate", "--dataset", "mnist", "--data-root", str(tmp_path), "--rounds", "1"])
     assert result.exit_code == 2
     assert "dataset_missing" in result.output or "dataset_missing" in (result.stderr or "")
+
+
+def test_data_stats_cli(tmp_path):
+    png = tmp_path / "heat.png"
+    result = runner.invoke(app, ["data", "stats", "--dataset", "digits", "--devices", "6", "--partition", "shards",
+                                 "--rows", "0", "--heatmap", str(png)])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert png.stat().st_size > 1000
+    assert "1438" in result.output  # every training example of digits is on some device
