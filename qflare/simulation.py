@@ -33,7 +33,7 @@ import torch
 from .crypto import DEFAULT_SUITE, SigningKey, Suite, require_primitives
 from .data import load_dataset, partition
 from .models import create_model
-from .protocol import Coordinator, CoordinatorConfig, Device, PublishedModel, RoundConfig
+from .protocol import Coordinator, CoordinatorConfig, Device, RoundConfig
 from .server.storage import Database, Store
 from .strategy import ClientUpdate, RoundAggregation, build_strategy
 from .training import LocalTrainer, TrainConfig, TrainResult, evaluate
@@ -160,7 +160,6 @@ class _SecureFederation:
         self._scratch = tempfile.TemporaryDirectory(prefix="qflare-sim-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
         self._db = Database(f"sqlite:///{self._scratch.name}/coordinator.db")
         self._db.upgrade()
-        self.published: list[PublishedModel] = []
         self.coordinator = Coordinator(
             layout=layout,
             initial_flat=initial,
@@ -169,7 +168,6 @@ class _SecureFederation:
             store=Store(self._db),
             rounds=RoundConfig(rounds=cfg.rounds, per_round=cfg.per_round, seed=cfg.seed),
             config=CoordinatorConfig(suite=cfg.suite),
-            on_model=self.published.append,
         )
         transport = InProcessTransport(self.coordinator)
         self.devices: list[Device] = []
