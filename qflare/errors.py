@@ -199,7 +199,8 @@ def error_from_code(code: str, message: str, status: int | None = None) -> Qflar
     """Rebuild a typed error from its stable code (e.g. from an HTTP error body).
 
     The class whose default code matches is used; an unknown code becomes the class that the HTTP
-    status maps to (falling back to :class:`ProtocolError`), carrying the code it came with.
+    status maps to (falling back to :class:`ProtocolError`), carrying the code it came with.  When
+    ``status`` is given the error carries it as ``http_status`` (e.g. ``admin_required`` is 401 or 403).
     """
     by_code = {c.code: c for c in _all_subclasses(QflareError)}
     cls = by_code.get(code)
@@ -208,7 +209,10 @@ def error_from_code(code: str, message: str, status: int | None = None) -> Qflar
         for c in _all_subclasses(ProtocolError):
             by_status.setdefault(c.http_status, c)
         cls = by_status.get(status or 0, ProtocolError)
-    return cls(message, code=code)
+    err = cls(message, code=code)
+    if status is not None:
+        err.http_status = status
+    return err
 
 
 __all__.append("error_from_code")

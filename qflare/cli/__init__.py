@@ -5,6 +5,8 @@ from __future__ import annotations
 import typer
 
 from . import bench, data, simulate
+from . import client as client_cli, demo as demo_cli
+from . import server as server_cli
 
 app = typer.Typer(
     name="qflare",
@@ -16,5 +18,8 @@ app = typer.Typer(
 simulate.register(app)
 app.add_typer(data.app, name="data")
 app.add_typer(bench.app, name="bench")
+client_cli.register(app)
+demo_cli.register(app)
+server_cli.register(app)
 
 __all__ = ["app"]

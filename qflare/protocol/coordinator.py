@@ -153,7 +153,7 @@ class Coordinator:
             raise MalformedError(f"unknown route {route!r}") from None
         except QflareError as exc:
             if isinstance(exc, (ProtocolError, ValidationError)):
-                self._event(exc.code, f"{route}: {exc}", device_id, session_id, remote)
+                self._event(exc.code, f"{getattr(route, 'value', route)}: {exc}", device_id, session_id, remote)
             raise
 
     def _event(self, code: str, detail: str, device_id: str | None, session_id: str | None, remote: str | None) -> None:
@@ -291,11 +291,10 @@ class Coordinator:
         if env.get_int(Field.PAYLOAD_SIZE) != len(blob):
             raise MalformedError("update blob length differs from its signed size", code="truncated")
         digest = env.get(Field.UPDATE_HASH).hex()
-        blob_bytes = bytes(blob)
-        flat = decode_blob(blob_bytes, self.layout, kind="update", expected_sha256=digest).flat
+        flat = decode_blob(blob, self.layout, kind="update", expected_sha256=digest).flat
         metrics = _metrics(env)
         update = ClientUpdate(sess.device_id, flat, env.get_int(Field.NUM_EXAMPLES), metrics)
-        accepted, duplicate = self.rounds.accept(update, digest, base, env.signature, blob_bytes)
+        accepted, duplicate = self.rounds.accept(update, digest, base, env.signature, blob)
         ack = SignedEnvelope.sign(
             self.config.suite,
             MsgType.UPDATE_ACK,

@@ -196,7 +196,9 @@ class RoundManager:
             )
             return self._round
 
-    def accept(self, update: ClientUpdate, update_hash: str, base_hash: str, signature: bytes, blob: bytes) -> tuple[int, bool]:
+    def accept(
+        self, update: ClientUpdate, update_hash: str, base_hash: str, signature: bytes, blob: bytes | memoryview
+    ) -> tuple[int, bool]:
         """Record and fold in one verified update; (accepted count, duplicate?).  Idempotent per device."""
         with self._lock:
             rnd = self._round

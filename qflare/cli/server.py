@@ -1,0 +1,126 @@
+"""``qflare server`` (the coordinator over HTTP) and ``qflare token create`` (enrollment tokens)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+from datetime import timedelta
+from pathlib import Path
+
+import typer
+
+from ..config import default_data_dir
+from ..crypto import DEFAULT_SUITE, HIGH_SUITE
+from ..errors import ConfigError
+from .common import console, err_console, friendly_errors
+
+__all__ = ["register", "parse_duration", "token_app"]
+
+_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+_DURATION = re.compile(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([smhd]?)\s*")
+SUITES = {"default": DEFAULT_SUITE, "high": HIGH_SUITE}
+
+token_app = typer.Typer(help="Enrollment tokens (one-time, stored only as hashes).", no_args_is_help=True)
+
+
+def parse_duration(text: str) -> float:
+    """Seconds in ``30s``, ``30m``, ``1h``, ``2d`` or a bare number of seconds; ConfigError otherwise."""
+    match = _DURATION.fullmatch(text or "")
+    if match is None:
+        raise ConfigError(f"cannot parse duration {text!r}: use e.g. 90s, 30m, 1h or 2d", code="bad_duration")
+    seconds = float(match.group(1)) * _UNITS[match.group(2) or "s"]
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise ConfigError(f"duration {text!r} must be positive", code="bad_duration")
+    return seconds
+
+
+def _passphrase(env_var: str | None) -> bytes | None:
+    if env_var is None:
+        return None
+    value = os.environ.get(env_var)
+    if not value:
+        raise ConfigError(f"--key-passphrase-env names {env_var}, which is not set or empty", code="passphrase_required")
+    return value.encode("utf-8")
+
+
+def server(
+    host: str = typer.Option("127.0.0.1", help="Address to listen on."),
+    port: int = typer.Option(8443, min=0, max=65535, help="TCP port."),
+    data_dir: Path = typer.Option(default_data_dir(), help="Server state: database, blobs, keys, admin token."),
+    dataset: str = typer.Option("fashion-mnist", help="Data set whose shape the model takes and whose test split evaluates it."),
+    data_root: Path | None = typer.Option(None, help="Folder holding the data set files."),
+    model: str = typer.Option("fedavg-cnn", help="Registered model."),
+    rounds: int = typer.Option(30, min=1, help="Federated rounds to run."),
+    per_round: int = typer.Option(10, min=1, help="Devices selected each round."),
+    min_devices: int = typer.Option(1, min=1, help="Active devices needed before the first round opens."),
+    min_participants: int | None = typer.Option(None, min=1, help="Updates needed at the deadline (default: every selected device)."),
+    strategy: str = typer.Option("fedavg", help="Aggregation strategy."),
+    seed: int = typer.Option(0, help="Seed of the initial model and of device selection."),
+    round_timeout: float = typer.Option(600.0, min=1.0, help="Seconds before a round's deadline."),
+    suite: str = typer.Option("default", help="Crypto suite: default (ML-DSA-65, ML-KEM-768) or high (ML-DSA-87, ML-KEM-1024)."),
+    tls_cert: Path | None = typer.Option(None, help="TLS certificate (PEM) - defence in depth; the PQ protection is in the application layer."),
+    tls_key: Path | None = typer.Option(None, help="TLS private key (PEM)."),
+    key_passphrase_env: str | None = typer.Option(None, help="Environment variable holding the passphrase of coordinator.key."),
+    no_eval: bool = typer.Option(False, "--no-eval", help="Do not evaluate published models on the test split."),
+    max_uploads: int = typer.Option(8, min=1, help="Update uploads read and processed at once."),
+    rate: float = typer.Option(50.0, min=0.001, help="Requests per second allowed per client address (burst 4x)."),
+    session_rate: float = typer.Option(10.0, min=0.001, help="Requests per second allowed per session (burst 4x)."),
+    log_level: str = typer.Option("info", help="uvicorn and qflare log level."),
+) -> None:
+    """Run the coordinator: HTTP API v1 over the post-quantum protocol, rounds, evaluation, metrics."""
+    from ..server import HttpLimits, ServerConfig, ServerRuntime, serve, tls_report
+
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    with friendly_errors():
+        if suite not in SUITES:
+            raise ConfigError(f"suite must be one of {', '.join(SUITES)}")
+        limits = HttpLimits(max_concurrent_uploads=max_uploads, ip_rate=rate, ip_burst=max(1.0, 4 * rate),
+                            session_rate=session_rate, session_burst=max(1.0, 4 * session_rate))  # fmt: skip
+        config = ServerConfig(
+            data_dir=data_dir, dataset=dataset, data_root=str(data_root) if data_root else None, model=model,
+            rounds=rounds, per_round=per_round, min_devices=min_devices, min_participants=min_participants,
+            strategy=strategy, seed=seed, round_timeout_s=round_timeout, evaluate=not no_eval,
+            key_passphrase=_passphrase(key_passphrase_env), suite=SUITES[suite], http=limits,
+        )  # fmt: skip
+        runtime = ServerRuntime(config)
+        console.print(f"qflare server · data dir {runtime.data_dir} · database {runtime.db.url}")
+        console.print(f"coordinator key id {runtime.identity.key_id}{' (new key)' if runtime.identity_created else ''}")
+        if runtime.admin.created:
+            console.print(f"admin token (shown once, also in {runtime.admin.path}): {runtime.admin.value}", soft_wrap=True)
+        if tls_cert is not None:
+            report = tls_report()
+            group = report.pq_group or "none (see docs/operations.md: TLS)"
+            console.print(f"TLS via {report.openssl}; post-quantum TLS group: {group}")
+        else:
+            err_console.print("[yellow]no TLS[/]: device traffic is protected by the post-quantum channel only")
+        serve(runtime, host=host, port=port, tls_cert=tls_cert, tls_key=tls_key, log_level=log_level.lower())
+
+
+@token_app.command("create")
+def token_create(
+    data_dir: Path = typer.Option(default_data_dir(), help="The server's data directory (its database)."),
+    expires: str = typer.Option("1h", help="Validity: 30m, 1h, 2d, or seconds."),
+    count: int = typer.Option(1, min=1, max=10_000, help="How many tokens."),
+    label: str = typer.Option("", help="Free text stored with the tokens."),
+    json_: bool = typer.Option(False, "--json", help="Print a JSON list instead of one token per line."),
+) -> None:
+    """Mint one-time enrollment tokens in the server's database and print them (only hashes are stored)."""
+    from ..server.storage import Database, Store
+
+    with friendly_errors():
+        ttl = parse_duration(expires)
+        db = Database.from_env(data_dir)
+        try:
+            db.upgrade()
+            tokens = Store(db).create_tokens(count, timedelta(seconds=ttl), label)
+        finally:
+            db.dispose()
+    print(json.dumps(tokens) if json_ else "\n".join(tokens))
+
+
+def register(app: typer.Typer) -> None:
+    app.command("server")(server)
+    app.add_typer(token_app, name="token")

@@ -1,0 +1,115 @@
+"""Administrator routes (``/v1/admin/...``): mint enrollment tokens, revoke devices, read the audit trail.
+
+Every route needs ``Authorization: Bearer <admin token>`` (compared in constant time); a missing token
+is 401, a wrong one 403, both with code ``admin_required`` and both recorded as security events.  The
+credentials are checked before the request body is read.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Query, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ValidationError as PydanticValidationError
+from starlette.concurrency import run_in_threadpool
+
+from ..errors import AdminAuthError, NotFoundError, ValidationError
+from .gate import RequestGate
+from .runtime import ServerRuntime
+from .storage import DeviceRow, SecurityEventRow
+
+__all__ = ["admin_router", "TokenRequest", "RevokeRequest"]
+
+_bearer = HTTPBearer(auto_error=False, description="The admin token (QFLARE_ADMIN_TOKEN or DATA_DIR/admin.token)")
+_MAX_TTL_S = 365 * 24 * 3600.0
+
+
+class TokenRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    count: int = Field(1, ge=1, le=10_000, description="How many one-time tokens")
+    ttl_s: float = Field(3600.0, gt=0, le=_MAX_TTL_S, allow_inf_nan=False, description="Validity in seconds")
+    label: str = Field("", max_length=200, description="Free text stored with the tokens")
+
+
+class RevokeRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    reason: str = Field(min_length=1, max_length=2000)
+
+
+def _json_body(model: type[BaseModel]) -> dict[str, Any]:
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": model.model_json_schema()}}}}
+
+
+def _parse(model: type[BaseModel], body: bytes) -> Any:
+    try:
+        return model.model_validate_json(body)
+    except PydanticValidationError as exc:
+        parts = [f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}" for e in exc.errors()[:5]]
+        raise ValidationError("; ".join(parts), code="validation_error") from None
+
+
+def _iso(at: datetime | None) -> str | None:
+    return at.isoformat() if at is not None else None
+
+
+def _device(d: DeviceRow) -> dict[str, Any]:
+    return {"device_id": d.device_id, "sig_alg": d.sig_alg, "status": d.status, "enrolled_at": _iso(d.enrolled_at),
+            "revoked_at": _iso(d.revoked_at), "revoked_reason": d.revoked_reason}  # fmt: skip
+
+
+def _event(e: SecurityEventRow) -> dict[str, Any]:
+    return {"id": e.id, "at": _iso(e.at), "reason": e.reason, "detail": e.detail, "device_id": e.device_id,
+            "session_id": e.session_id, "remote_addr": e.remote_addr}  # fmt: skip
+
+
+def admin_router(runtime: ServerRuntime, gate: RequestGate) -> APIRouter:
+    store, coordinator, small = runtime.store, runtime.coordinator, runtime.config.http.small_body_bytes
+
+    async def require_admin(
+        request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
+    ) -> None:
+        await gate.admit(request)
+        header = f"{credentials.scheme} {credentials.credentials}" if credentials is not None else None
+        try:
+            runtime.admin.check(header)
+        except AdminAuthError as exc:
+            raise await gate.refuse(exc, request) from None
+
+    router = APIRouter(prefix="/v1/admin", tags=["admin"], dependencies=[Depends(require_admin)])
+
+    @router.post("/tokens", summary="Mint one-time enrollment tokens", openapi_extra=_json_body(TokenRequest))
+    async def create_tokens(request: Request) -> dict[str, Any]:
+        req: TokenRequest = _parse(TokenRequest, await gate.body(request, small))
+        tokens = await run_in_threadpool(coordinator.create_tokens, req.count, req.ttl_s, req.label)
+        expires = datetime.now(UTC) + timedelta(seconds=req.ttl_s)
+        return {"tokens": tokens, "expires_at": expires.isoformat(), "label": req.label}
+
+    @router.post("/devices/{device_id}/revoke", summary="Revoke a device (its sessions end at once)",
+                 openapi_extra=_json_body(RevokeRequest))  # fmt: skip
+    async def revoke(device_id: str, request: Request) -> dict[str, Any]:
+        req: RevokeRequest = _parse(RevokeRequest, await gate.body(request, small))
+
+        def work() -> DeviceRow:
+            if store.get_device(device_id) is None:
+                raise NotFoundError(f"no device {device_id[:80]!r} is enrolled", code="unknown_device")
+            coordinator.revoke(device_id, req.reason)
+            row = store.get_device(device_id)
+            assert row is not None
+            return row
+
+        return _device(await run_in_threadpool(work))
+
+    @router.get("/devices", summary="Enrolled devices")
+    async def devices() -> dict[str, Any]:
+        rows = await run_in_threadpool(store.list_devices)
+        return {"devices": [_device(d) for d in rows]}
+
+    @router.get("/events", summary="Security events, newest first")
+    async def events(limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> dict[str, Any]:
+        rows = await run_in_threadpool(store.security_events, limit)
+        return {"events": [_event(e) for e in rows]}
+
+    return router

@@ -1,0 +1,212 @@
+"""The HTTP API v1 of the coordinator: a thin FastAPI adapter over :meth:`Coordinator.handle`.
+
+Protocol routes take and return ``application/octet-stream`` bodies; the adapter checks limits, calls
+the coordinator in a worker thread (it is synchronous and CPU-bound), and maps a refusal
+(:class:`~qflare.errors.QflareError`) to ``{"code", "message"}`` with the error's HTTP status.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from contextlib import asynccontextmanager
+from typing import Annotated, Any
+
+import anyio
+from fastapi import FastAPI, Header, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from sqlalchemy.exc import SQLAlchemyError
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ..errors import QflareError, RateLimitedError
+from ..protocol import Route
+from .admin import admin_router
+from .gate import SESSION_HEADER, RequestGate, remote_of
+from .metrics import CONTENT_TYPE, ServerMetrics
+from .runtime import ServerRuntime
+
+__all__ = ["create_app", "API_VERSION"]
+
+API_VERSION = "1"
+_log = logging.getLogger("qflare.server")
+_BINARY = {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}
+_ERROR = {
+    "description": "Refused: {code, message}",
+    "content": {"application/json": {"schema": {
+        "type": "object", "required": ["code", "message"],
+        "properties": {"code": {"type": "string"}, "message": {"type": "string"}},
+    }}},
+}  # fmt: skip
+_PROTOCOL_DOC: dict[str, Any] = {
+    "requestBody": {"required": True, "content": _BINARY},
+}
+_PROTOCOL_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {"description": "Protocol reply bytes", "content": _BINARY},
+    **{s: _ERROR for s in (400, 401, 403, 409, 413, 422, 429)},
+}
+_HTTP_CODES = {404: "not_found", 405: "method_not_allowed"}
+SessionHeader = Annotated[str | None, Header(alias=SESSION_HEADER, description="Session id (hex) from the handshake")]
+
+ASGIApp = Callable[[MutableMapping[str, Any], Callable[[], Awaitable[Any]], Callable[[Any], Awaitable[None]]], Awaitable[None]]
+
+
+def error_response(metrics: ServerMetrics, status: int, code: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    metrics.refusals.labels(code).inc()
+    return JSONResponse({"code": code, "message": message}, status_code=status, headers=headers)
+
+
+class _RequestMetrics:
+    """Counts every HTTP response by route template (not raw path: bounded label values) and status."""
+
+    def __init__(self, app: ASGIApp, metrics: ServerMetrics, known_paths: Callable[[], set[str]]) -> None:
+        self.app, self.metrics, self._known_paths = app, metrics, known_paths
+        self._known: set[str] | None = None
+
+    def _label(self, scope: MutableMapping[str, Any]) -> str:
+        route = getattr(scope.get("route"), "path", None)
+        if route is not None:
+            return str(route)
+        if self._known is None:
+            self._known = self._known_paths()
+        path = scope.get("path", "")
+        return path if path in self._known else "unmatched"  # plain (non-API) routes like /openapi.json
+
+    async def __call__(self, scope: MutableMapping[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        status = 500
+
+        async def send_wrapper(message: MutableMapping[str, Any]) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = int(message["status"])
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            self.metrics.requests.labels(self._label(scope), scope.get("method", ""), str(status)).inc()
+
+
+def create_app(runtime: ServerRuntime) -> FastAPI:
+    """The ASGI app serving ``runtime`` (its lifespan starts and stops the runtime's threads)."""
+    metrics, coordinator = runtime.metrics, runtime.coordinator
+    limits = runtime.config.http
+    gate = RequestGate(limits, runtime.store, metrics)
+    small, update_limit = limits.small_body_bytes, limits.update_body_bytes(runtime.config.max_update_bytes)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        runtime.start()
+        try:
+            yield
+        finally:
+            await run_in_threadpool(runtime.stop)
+
+    app = FastAPI(title="QFLARE coordinator", version=API_VERSION, lifespan=lifespan, docs_url=None, redoc_url=None,
+                  description="Federated learning coordinator with post-quantum security. Protocol bodies are "
+                  "application/octet-stream; errors are {code, message}.")  # fmt: skip
+    app.state.runtime, app.state.gate = runtime, gate
+    app.add_middleware(_RequestMetrics, metrics=metrics, known_paths=lambda: {str(getattr(r, "path", "")) for r in app.routes})
+
+    @app.exception_handler(QflareError)
+    async def _qflare_error(_: Request, exc: QflareError) -> JSONResponse:
+        headers = None
+        if isinstance(exc, RateLimitedError):
+            headers = {"Retry-After": str(max(1, int(exc.retry_after_s + 0.999)))}
+        return error_response(metrics, exc.http_status, exc.code, exc.message, headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+        parts = [f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('msg', '')}" for e in exc.errors()[:5]]
+        return error_response(metrics, 422, "validation_error", "; ".join(parts) or "invalid request")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = _HTTP_CODES.get(exc.status_code, "http_error")
+        return error_response(metrics, exc.status_code, code, str(exc.detail), dict(exc.headers or {}))
+
+    @app.exception_handler(SQLAlchemyError)
+    async def _database_error(request: Request, exc: SQLAlchemyError) -> JSONResponse:
+        _log.error("database error serving %s %s: %s", request.method, request.url.path, str(exc).splitlines()[0])
+        return error_response(metrics, 503, "database_unavailable", "the database is unavailable; retry later",
+                              {"Retry-After": "5"})  # fmt: skip
+
+    @app.exception_handler(Exception)
+    async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
+        _log.exception("unhandled error serving %s %s", request.method, request.url.path, exc_info=exc)
+        return error_response(metrics, 500, "internal_error", "internal server error")
+
+    async def call(route: Route, request: Request, body: bytes, session_id: str | None, media_type: str) -> Response:
+        reply = await run_in_threadpool(coordinator.handle, route, body, session_id=session_id, remote=remote_of(request))
+        return Response(content=reply, media_type=media_type)
+
+    def protocol_route(route: Route, summary: str, media_type: str = "application/octet-stream") -> None:
+        async def serve(request: Request, session_id: str | None) -> Response:
+            await gate.admit(request, session_id)
+            body = await gate.body(request, small, session_id)
+            return await call(route, request, body, session_id, media_type)
+
+        endpoint: Callable[..., Awaitable[Response]]
+        if route in (Route.TASK, Route.MODEL):
+
+            async def endpoint(request: Request, x_qflare_session: SessionHeader = None) -> Response:
+                return await serve(request, x_qflare_session)
+
+        else:
+
+            async def endpoint(request: Request) -> Response:
+                return await serve(request, None)
+
+        endpoint.__name__ = "protocol_" + route.value.replace("/", "_")
+        app.post(f"/v1/{route.value}", summary=summary, openapi_extra=_PROTOCOL_DOC, responses=_PROTOCOL_RESPONSES,
+                 response_class=Response, tags=["protocol"])(endpoint)  # fmt: skip
+
+    protocol_route(Route.ENROLL, "Enroll a device: ENROLL_REQUEST -> ENROLL_RECORD")
+    protocol_route(Route.HELLO, "Handshake step 1: CLIENT_HELLO -> SERVER_HELLO")
+    protocol_route(Route.FINISH, "Handshake step 2: SHA-256(server hello) || CLIENT_FINISH -> session id (hex)", "text/plain")
+    protocol_route(Route.TASK, "Sealed task request -> sealed task")
+    protocol_route(Route.MODEL, "Sealed model request -> sealed signed global model")
+
+    @app.post("/v1/update", summary="Sealed signed update -> sealed signed receipt", openapi_extra=_PROTOCOL_DOC,
+              responses=_PROTOCOL_RESPONSES, response_class=Response, tags=["protocol"])  # fmt: skip
+    async def protocol_update(request: Request, x_qflare_session: SessionHeader = None) -> Response:
+        await gate.admit(request, x_qflare_session)
+        async with gate.upload_slot():  # the slot is taken BEFORE the body is read: bounded memory
+            body = await gate.body(request, update_limit, x_qflare_session)
+            metrics.upload_bytes.observe(len(body))
+            return await call(Route.UPDATE, request, body, x_qflare_session, "application/octet-stream")
+
+    @app.get("/v1/identity", tags=["public"], summary="The coordinator's signing key (devices pin key_id)")
+    async def identity(request: Request) -> dict[str, str]:
+        await gate.admit(request)
+        return runtime.identity_info()
+
+    @app.get("/v1/status", tags=["public"], summary="Round state, evaluated history, device count")
+    async def status(request: Request) -> dict[str, Any]:
+        await gate.admit(request)
+        return await run_in_threadpool(runtime.status)
+
+    @app.get("/healthz", tags=["operations"], summary="The process is up")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz", tags=["operations"], summary="Database reachable and coordinator loaded (503 otherwise)",
+             responses={503: {"description": "not ready"}})  # fmt: skip
+    async def readyz() -> JSONResponse:
+        try:
+            with anyio.fail_after(5.0):
+                result = await anyio.to_thread.run_sync(runtime.readiness, abandon_on_cancel=True)
+        except TimeoutError:
+            result = {"ready": False, "database": False, "coordinator": True, "error": "database check timed out"}
+        return JSONResponse(result, status_code=200 if result["ready"] else 503)
+
+    @app.get("/metrics", tags=["operations"], summary="Prometheus metrics", response_class=Response)
+    async def prometheus() -> Response:
+        return Response(await run_in_threadpool(metrics.render), media_type=CONTENT_TYPE)
+
+    app.include_router(admin_router(runtime, gate))
+    return app

@@ -1,0 +1,108 @@
+"""Prometheus metrics of one coordinator server (its own registry, so several can live in one process).
+
+Counters and histograms are updated where things happen (HTTP layer, round publication, evaluation);
+figures that live in the database or the round state machine (updates accepted, active devices, the
+current round) are read when ``/metrics`` is scraped, so they are never out of step with the truth.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+from sqlalchemy.exc import SQLAlchemyError
+
+__all__ = ["ServerMetrics", "LiveFigures", "CONTENT_TYPE"]
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+_log = logging.getLogger("qflare.server")
+
+
+@dataclass(frozen=True)
+class LiveFigures:
+    """What the scrape-time collector reads: each callable may raise SQLAlchemyError when the DB is down."""
+
+    round_status: Callable[[], dict[str, object]]
+    updates_accepted: Callable[[], int]
+    active_devices: Callable[[], int]
+
+
+class _LiveCollector(Collector):
+    def __init__(self, figures: LiveFigures) -> None:
+        self._figures = figures
+
+    def collect(self) -> Iterator[Metric]:
+        status = self._figures.round_status()
+        rnd = status.get("round")
+        yield GaugeMetricFamily("qflare_current_round", "Number of the open round (0 when none is open).",
+                                value=float(rnd) if isinstance(rnd, int) else 0.0)  # fmt: skip
+        accepted = status.get("accepted", 0)
+        yield GaugeMetricFamily("qflare_round_updates", "Updates accepted in the open round.",
+                                value=float(accepted) if isinstance(accepted, int) else 0.0)  # fmt: skip
+        version = status.get("model_version", 0)
+        yield GaugeMetricFamily("qflare_model_version", "Version of the current global model.",
+                                value=float(version) if isinstance(version, int) else 0.0)  # fmt: skip
+        up = GaugeMetricFamily("qflare_database_up", "1 when the last scrape could read the database.")
+        try:
+            updates, devices = self._figures.updates_accepted(), self._figures.active_devices()
+        except SQLAlchemyError as exc:
+            _log.warning("metrics: database unreadable: %s", str(exc).splitlines()[0])
+            up.add_metric([], 0.0)
+            yield up
+            return
+        up.add_metric([], 1.0)
+        yield up
+        yield CounterMetricFamily("qflare_updates_accepted", "Updates accepted and recorded, all rounds.", value=updates)
+        yield GaugeMetricFamily("qflare_devices_active", "Enrolled devices that are not revoked.", value=devices)
+
+
+class ServerMetrics:
+    """The server's metrics; :meth:`render` is the ``/metrics`` body."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        reg = self.registry
+        self.requests = Counter("qflare_http_requests", "HTTP requests by route template, method and status.",
+                                ["route", "method", "status"], registry=reg)  # fmt: skip
+        self.refusals = Counter("qflare_refusals", "Refused requests by reason code.", ["reason"], registry=reg)
+        self.upload_bytes = Histogram(
+            "qflare_upload_bytes", "Size of update bodies read.",
+            buckets=(1e4, 1e5, 1e6, 2e6, 4e6, 8e6, 16e6, 32e6, 64e6), registry=reg,
+        )  # fmt: skip
+        self.uploads_in_flight = Gauge("qflare_uploads_in_flight", "Update bodies being read or processed.", registry=reg)
+        self.uploads_waiting = Gauge("qflare_uploads_waiting", "Uploads waiting for an upload slot.", registry=reg)
+        self.round_duration = Histogram(
+            "qflare_round_duration_seconds", "Time from opening a round to publishing its model.",
+            buckets=(1, 5, 10, 30, 60, 120, 300, 600, 1200, 3600), registry=reg,
+        )  # fmt: skip
+        self.rounds_published = Counter("qflare_rounds_published", "Rounds aggregated into a new model.", registry=reg)
+        self.eval_accuracy = Gauge("qflare_eval_accuracy", "Test accuracy of the newest evaluated model.", registry=reg)
+        self.eval_loss = Gauge("qflare_eval_loss", "Test loss of the newest evaluated model.", registry=reg)
+        self.eval_round = Gauge("qflare_eval_round", "Round of the newest evaluated model.", registry=reg)
+        self._live: _LiveCollector | None = None
+        self._eval_newest = -1
+        self._lock = threading.Lock()
+
+    def attach(self, figures: LiveFigures) -> None:
+        """Register the scrape-time figures (once)."""
+        if self._live is None:
+            self._live = _LiveCollector(figures)
+            self.registry.register(self._live)
+
+    def record_evaluation(self, round_number: int, accuracy: float, loss: float) -> None:
+        with self._lock:  # the newest round wins if evaluations finish out of order
+            if round_number < self._eval_newest:
+                return
+            self._eval_newest = round_number
+            self.eval_round.set(round_number)
+            self.eval_accuracy.set(accuracy)
+            self.eval_loss.set(loss)
+
+    def render(self) -> bytes:
+        """Prometheus text exposition (reads the database: call it off the event loop)."""
+        return generate_latest(self.registry)

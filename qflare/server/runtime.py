@@ -1,0 +1,239 @@
+"""The coordinator server's runtime: storage, identity, model, coordinator, round loop and evaluator.
+
+:class:`ServerRuntime` builds everything ``qflare server`` needs from one data directory and owns its
+background work; the FastAPI app (:mod:`qflare.server.app`) only translates HTTP to
+:meth:`~qflare.protocol.Coordinator.handle` calls on ``runtime.coordinator``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from sqlalchemy import text
+from sqlalchemy.exc import SQLAlchemyError
+
+from ..crypto import DEFAULT_SUITE, Suite, require_primitives
+from ..data import load_dataset
+from ..errors import ConfigError
+from ..models import create_model
+from ..protocol import Coordinator, CoordinatorConfig, PublishedModel, RoundConfig
+from ..strategy import build_strategy
+from ..wire import ParamLayout
+from .credentials import AdminToken, load_or_create_admin_token, load_or_create_identity
+from .evaluation import Evaluator
+from .limits import HttpLimits
+from .metrics import LiveFigures, ServerMetrics
+from .storage import BlobStore, Database, Store
+
+__all__ = ["ServerConfig", "ServerRuntime"]
+
+_log = logging.getLogger("qflare.server")
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Everything ``qflare server`` is configured with (its CLI options map one to one)."""
+
+    data_dir: Path
+    dataset: str = "fashion-mnist"
+    data_root: str | None = None
+    model: str = "fedavg-cnn"
+    rounds: int = 30
+    per_round: int = 10
+    min_devices: int = 1
+    min_participants: int | None = None
+    strategy: str = "fedavg"
+    strategy_args: Mapping[str, Any] = field(default_factory=dict)
+    seed: int = 0
+    round_timeout_s: float = 600.0
+    evaluate: bool = True
+    key_passphrase: bytes | None = None
+    suite: Suite = DEFAULT_SUITE
+    session_lifetime_s: int = 3600
+    max_update_bytes: int = 64 * 1024 * 1024
+    http: HttpLimits = field(default_factory=HttpLimits)
+    round_loop: bool = True
+    """Run the background loop that opens rounds and enforces deadlines (tests may step by hand)."""
+    step_interval_s: float = 0.2
+
+    def __post_init__(self) -> None:
+        if self.step_interval_s <= 0:
+            raise ConfigError("step_interval_s must be > 0")
+        if self.min_devices < 1:
+            raise ConfigError("min_devices must be >= 1")
+
+
+class ServerRuntime:
+    """One coordinator server's state and background threads (see the module docstring)."""
+
+    def __init__(self, config: ServerConfig, *, environ: Mapping[str, str] | None = None) -> None:
+        self.config = config
+        require_primitives(config.suite)
+        self.data_dir = Path(config.data_dir).expanduser().resolve()
+        self.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.db = Database.from_env(self.data_dir, environ)
+        try:
+            self.db.upgrade()
+            self.store = Store(self.db)
+            self.blobs = BlobStore(self.data_dir / "blobs")
+            self.blobs.remove_stale_temp_files()
+            self.identity, self.identity_created = load_or_create_identity(
+                self.data_dir, config.key_passphrase, config.suite.sig
+            )
+            self.admin: AdminToken = load_or_create_admin_token(self.data_dir, environ)
+            self.metrics = ServerMetrics()
+            self._build_coordinator()
+        except BaseException:
+            self.db.dispose()
+            raise
+        self.metrics.attach(
+            LiveFigures(self.coordinator.rounds.status, self.store.count_updates, self._active_devices)
+        )
+        self._stop = threading.Event()
+        self._loop: threading.Thread | None = None
+        self._last_round: int | None = None
+        self._last_error = ""
+        self.started = False
+
+    def _build_coordinator(self) -> None:
+        cfg = self.config
+        test = load_dataset(cfg.dataset, "test", root=cfg.data_root)
+        shape, classes = test.input_shape, test.num_classes
+
+        def make_model() -> torch.nn.Module:
+            return create_model(cfg.model, shape, classes)
+
+        torch.manual_seed(cfg.seed)
+        model = make_model()
+        self.layout = ParamLayout.from_module(model)
+        self.evaluator: Evaluator | None = None
+        if cfg.evaluate:
+            self.evaluator = Evaluator(make_model=make_model, layout=self.layout, test=test, store=self.store,
+                                       on_result=self.metrics.record_evaluation)  # fmt: skip
+        self.coordinator = Coordinator(
+            layout=self.layout,
+            initial_flat=self.layout.module_to_flat(model),
+            strategy=build_strategy(cfg.strategy, **dict(cfg.strategy_args)),
+            identity=self.identity,
+            store=self.store,
+            rounds=RoundConfig(
+                rounds=cfg.rounds, per_round=cfg.per_round, min_participants=cfg.min_participants,
+                round_timeout_s=cfg.round_timeout_s, seed=cfg.seed, min_devices=cfg.min_devices,
+            ),  # fmt: skip
+            config=CoordinatorConfig(
+                suite=cfg.suite, session_lifetime_s=cfg.session_lifetime_s, max_update_bytes=cfg.max_update_bytes
+            ),
+            blobs=self.blobs,
+            on_model=self._on_model,
+        )
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self) -> None:
+        """Start the evaluator and the round loop (idempotent)."""
+        if self.started:
+            return
+        self.started = True
+        if self.evaluator is not None:
+            pending = self.evaluator.submit_unevaluated(self.blobs)
+            if pending:
+                _log.info("evaluating %d model(s) published before the last stop", pending)
+            self.evaluator.start()
+        if self.config.round_loop:
+            self._stop.clear()
+            self._loop = threading.Thread(target=self._run_loop, name="qflare-rounds", daemon=True)
+            self._loop.start()
+
+    def stop(self) -> None:
+        """Stop the background threads and close the database (idempotent)."""
+        self._stop.set()
+        if self._loop is not None:
+            self._loop.join(10.0)
+            self._loop = None
+        if self.evaluator is not None:
+            self.evaluator.stop()
+        self.started = False
+        self.db.dispose()
+
+    def _run_loop(self) -> None:
+        while not self._stop.wait(self.config.step_interval_s):
+            self.step()
+
+    def step(self) -> None:
+        """One tick of the round loop: deadlines, and the next round once enough devices are enrolled."""
+        try:
+            rnd = self.coordinator.rounds.step()
+        except Exception as exc:  # the loop must outlive a database outage; log each new failure once
+            message = f"{type(exc).__name__}: {exc}"
+            if message != self._last_error:
+                _log.error("round loop: %s", message)
+                self._last_error = message
+            return
+        self._last_error = ""
+        if rnd is not None and rnd.number != self._last_round:
+            self._last_round = rnd.number
+            _log.info("round %d open: %d device(s) selected, model v%d, deadline in %.0f s",
+                      rnd.number, len(rnd.selected), rnd.base.version, rnd.deadline - time.time())  # fmt: skip
+
+    def _on_model(self, model: PublishedModel) -> None:
+        """Called by the round state machine (inside its lock) for each published model."""
+        row = self.store.get_round(model.version)
+        if row is not None and row.closed_at is not None:
+            self.metrics.round_duration.observe((row.closed_at - row.opened_at).total_seconds())
+        self.metrics.rounds_published.inc()
+        _log.info("round %d closed: model v%d %s", model.version, model.version, model.sha256[:16])
+        if self.evaluator is not None:
+            self.evaluator.submit(model.version, model.version, model.flat)
+
+    # ------------------------------------------------------------------ read-only views
+    def _active_devices(self) -> int:
+        return len(self.store.list_devices(status="active"))
+
+    def readiness(self) -> dict[str, Any]:
+        """``{"ready": bool, "database": bool, "coordinator": bool[, "error": str]}``."""
+        out: dict[str, Any] = {"coordinator": getattr(self, "coordinator", None) is not None, "database": False}
+        try:
+            with self.db.connect(write=False) as conn:
+                conn.execute(text("SELECT 1"))
+            out["database"] = True
+        except SQLAlchemyError as exc:
+            out["error"] = str(exc).splitlines()[0][:300]
+        out["ready"] = out["coordinator"] and out["database"]
+        return out
+
+    def history(self) -> list[dict[str, Any]]:
+        """Every evaluated round model, oldest first."""
+        closed = {r.round_number: r.closed_at for r in self.store.list_rounds()}
+        out: list[dict[str, Any]] = []
+        for m in self.store.list_models():
+            ev = m.metrics.get("eval")
+            if m.round_number is None or not isinstance(ev, dict):
+                continue
+            at = closed.get(m.round_number)
+            out.append({
+                "round": m.round_number, "model_version": m.version, "model_sha256": m.model_hash,
+                "accuracy": ev.get("accuracy"), "loss": ev.get("loss"),
+                "updates": m.metrics.get("updates"), "examples": m.metrics.get("examples"),
+                "closed_at": at.isoformat() if at is not None else None,
+            })  # fmt: skip
+        return out
+
+    def status(self) -> dict[str, Any]:
+        out: dict[str, Any] = dict(self.coordinator.rounds.status())
+        out["history"] = self.history()
+        out["devices"] = self._active_devices()
+        return out
+
+    def identity_info(self) -> dict[str, str]:
+        pub = self.identity.public
+        return {"alg": pub.alg, "public_key": pub.raw.hex(), "key_id": pub.key_id, "suite": self.config.suite.name}
+
+    def __repr__(self) -> str:
+        return f"ServerRuntime({str(self.data_dir)!r}, db={self.db.url!r}, pid={os.getpid()})"
