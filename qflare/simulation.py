@@ -25,7 +25,7 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -40,7 +40,15 @@ from .training import LocalTrainer, TrainConfig, TrainResult, evaluate
 from .transport import InProcessTransport
 from .wire import ParamLayout
 
-__all__ = ["SimulationConfig", "RoundRecord", "SimulationResult", "run_simulation", "client_seed"]
+__all__ = [
+    "Federation",
+    "FederationFactory",
+    "SimulationConfig",
+    "RoundRecord",
+    "SimulationResult",
+    "run_simulation",
+    "client_seed",
+]
 
 
 @dataclass(frozen=True)
@@ -152,6 +160,28 @@ class _Workers:
         return m
 
 
+class Federation(Protocol):
+    """What the simulation driver needs from a federation backend (one object per run)."""
+
+    def open_round(self) -> tuple[int, list[int]] | None:
+        """Open the next round: (round number, selected device indices), or None when finished."""
+
+    def work(self, i: int, train: Callable[[torch.Tensor, int], TrainResult]) -> tuple[Any, TrainResult]:
+        """Device ``i``'s part of the round, run on a worker thread: get the model, ``train(flat, round)``,
+        and return what :meth:`submit` sends, with the training result."""
+
+    def submit(self, i: int, prepared: Any) -> None:
+        """Send device ``i``'s prepared update (called in selection order on the driver thread)."""
+
+    def model(self) -> tuple[torch.Tensor, str]:
+        """The current global model (flat vector, content hash) after the round's last submission."""
+
+    def close(self) -> None: ...
+
+
+FederationFactory = Callable[["SimulationConfig", ParamLayout, torch.Tensor], Federation]
+
+
 class _SecureFederation:
     """The real thing: a Coordinator and N enrolled Devices with PQ sessions, over the in-process transport."""
 
@@ -242,7 +272,9 @@ def run_simulation(
     *,
     on_round: Callable[[RoundRecord], None] | None = None,
     on_start: Callable[[int], None] | None = None,
+    federation: FederationFactory | None = None,
 ) -> SimulationResult:
+    """Run ``cfg``; ``federation`` replaces the in-process backends (e.g. devices talking to a server)."""
     t0 = time.perf_counter()
     require_primitives(cfg.suite)
     train = load_dataset(cfg.dataset, "train", root=cfg.data_root)
@@ -261,7 +293,7 @@ def run_simulation(
     layout = ParamLayout.from_module(model)
     pool = _Workers(workers, make_model, cfg.train, layout)
     x_test, y_test = test.normalized(), test.labels
-    backend = _SecureFederation if cfg.protocol else _DirectFederation
+    backend: FederationFactory = federation or (_SecureFederation if cfg.protocol else _DirectFederation)
     fed = backend(cfg, layout, layout.module_to_flat(model))
     startup = time.perf_counter() - t0
     if on_start is not None:
