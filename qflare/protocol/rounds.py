@@ -199,21 +199,23 @@ class RoundManager:
     def accept(
         self, update: ClientUpdate, update_hash: str, base_hash: str, signature: bytes, blob: bytes | memoryview
     ) -> tuple[int, bool]:
-        """Record and fold in one verified update; (accepted count, duplicate?).  Idempotent per device."""
+        """Record and fold in one verified update; (accepted count, duplicate?).  Idempotent per device.
+
+        The expensive, per-update work (checks, writing the blob) runs outside the round lock so that
+        concurrent uploads overlap; recording and folding in are done under it, after re-checking that
+        the round and the device's slot are still as they were.
+        """
+        rnd = self._admit(update, update_hash)
+        if rnd is None:
+            return len(self._round.accepted) if self._round else 0, True
+        prepared = rnd.aggregation.check(update)
+        if self._blobs is not None:
+            self._blobs.put(blob, expected_sha256=update_hash)
         with self._lock:
-            rnd = self._round
-            if rnd is None:
-                raise RoundError("no round is open", code="wrong_round")
-            if update.device_id not in rnd.selected:
-                raise RoundError(f"device was not selected for round {rnd.number}", code="not_selected")
-            previous = rnd.accepted.get(update.device_id)
-            if previous is not None:
-                if previous == update_hash:
-                    return len(rnd.accepted), True
-                raise ValidationError("a different update was already accepted for this round", code="duplicate_submission")
-            prepared = rnd.aggregation.check(update)
-            if self._blobs is not None:
-                self._blobs.put(blob, expected_sha256=update_hash)
+            if self._round is not rnd:
+                raise RoundError(f"round {rnd.number} closed while the update was checked", code="wrong_round")
+            if self._admit(update, update_hash) is None:
+                return len(rnd.accepted), True  # the same update won a race with its own retry
             self._store.record_update(
                 rnd.number, update.device_id, update_hash, base_hash, update.num_examples, signature, update.metrics
             )
@@ -222,6 +224,21 @@ class RoundManager:
             if len(rnd.accepted) >= rnd.quorum:
                 self._close(rnd)
             return len(rnd.accepted), False
+
+    def _admit(self, update: ClientUpdate, update_hash: str) -> _OpenRound | None:
+        """The open round if this update may be accepted; None if it already was (a retry)."""
+        with self._lock:
+            rnd = self._round
+            if rnd is None:
+                raise RoundError("no round is open", code="wrong_round")
+            if update.device_id not in rnd.selected:
+                raise RoundError(f"device was not selected for round {rnd.number}", code="not_selected")
+            previous = rnd.accepted.get(update.device_id)
+            if previous is None:
+                return rnd
+            if previous == update_hash:
+                return None
+            raise ValidationError("a different update was already accepted for this round", code="duplicate_submission")
 
     def step(self) -> _OpenRound | None:
         """What a server calls periodically: handle the deadline, open the next round when none is."""
