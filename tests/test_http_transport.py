@@ -7,7 +7,7 @@ from collections.abc import Callable
 import httpx
 import pytest
 
-from qflare.errors import ReplayError, StaleModelError, TokenError, error_from_code
+from qflare.errors import RateLimitedError, ReplayError, StaleModelError, TokenError, error_from_code
 from qflare.protocol.messages import Route
 from qflare.transport import (
     CircuitBreaker,
@@ -144,11 +144,11 @@ def test_429_honours_retry_after() -> None:
 
 
 def test_429_exhausted_raises_typed_rate_limit() -> None:
-    t, sleeps = make(lambda req: httpx.Response(429, headers={"Retry-After": "1"}, json={"code": "rate_limited", "message": "slow"}), attempts=2)
-    with pytest.raises(Exception) as info:
+    t, sleeps = make(lambda req: httpx.Response(429, headers={"Retry-After": "1.5"}, json={"code": "rate_limited", "message": "slow"}), attempts=2)
+    with pytest.raises(RateLimitedError) as info:
         t.request(Route.TASK, b"x", "s")
-    assert info.value.code == "rate_limited"  # type: ignore[attr-defined]
-    assert sleeps == [1.0]
+    assert info.value.code == "rate_limited" and info.value.retry_after_s == 1.5
+    assert sleeps == [1.5]
 
 
 def test_retry_after_is_capped() -> None:

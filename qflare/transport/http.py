@@ -34,7 +34,7 @@ from typing import Any
 import httpx
 import tenacity
 
-from ..errors import QflareError, error_from_code
+from ..errors import QflareError, RateLimitedError, error_from_code
 from ..protocol.messages import Route
 
 __all__ = [
@@ -45,6 +45,7 @@ __all__ = [
     "ServerUnavailableError",
     "CircuitOpenError",
     "SESSION_HEADER",
+    "parse_retry_after",
 ]
 
 SESSION_HEADER = "X-Qflare-Session"
@@ -268,7 +269,10 @@ class HttpTransport:
             return retrying(self._attempt, method, path, kwargs)
         except _Transient as exc:
             if exc.response is not None and exc.response.status_code == 429:
-                raise _error_from_response(exc.response) from None
+                error = _error_from_response(exc.response)
+                if isinstance(error, RateLimitedError) and exc.retry_after is not None:
+                    error.retry_after_s = exc.retry_after
+                raise error from None
             raise ServerUnavailableError(f"{method} {path}: gave up after {policy.attempts} attempt(s): {exc}") from None
 
     def _attempt(self, method: str, path: str, kwargs: dict[str, Any]) -> httpx.Response:

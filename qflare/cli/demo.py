@@ -1,0 +1,85 @@
+"""``qflare demo``: coordinator + N device processes on this machine, federated training over HTTP."""
+
+from __future__ import annotations
+
+import signal
+import time
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from ..data import DATASETS
+from ..demo import DemoConfig, run_demo
+from ..models import model_names
+from .common import console, friendly_errors
+
+__all__ = ["register", "demo"]
+
+
+def _on_sigterm(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt
+
+
+def demo(
+    devices: int = typer.Option(10, min=1, help="Device processes to start (each enrolls with its own token)."),
+    per_round: int = typer.Option(5, min=1, help="Devices selected each round."),
+    rounds: int = typer.Option(5, min=1, help="Federated rounds."),
+    port: int | None = typer.Option(None, help="Coordinator port (default: a free one)."),
+    data_dir: Path | None = typer.Option(None, help="Coordinator database, keys, device states and logs (default: a new temp dir)."),
+    dataset: str = typer.Option("fashion-mnist", help=f"Data set: {', '.join(DATASETS)}."),
+    model: str = typer.Option("fedavg-cnn", help=f"Model: {', '.join(model_names())}."),
+    seed: int = typer.Option(0, help="Seed of partition, selection, initialisation and shuffles."),
+    alpha: float = typer.Option(0.5, help="Dirichlet concentration of the non-IID split."),
+    epochs: int = typer.Option(1, min=1, help="Local epochs per round."),
+    data_root: Path | None = typer.Option(None, help="Folder holding the data set files."),
+) -> None:
+    """Start a coordinator and N devices here and train federated over HTTP, every security feature on."""
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    cfg = DemoConfig(devices=devices, per_round=per_round, rounds=rounds, port=port, data_dir=data_dir, dataset=dataset,
+                     model=model, seed=seed, alpha=alpha, epochs=epochs, data_root=str(data_root) if data_root else None)  # fmt: skip
+    console.print(f"[bold]qflare demo[/] · {dataset} · {model} · {devices} devices · {per_round}/round · {rounds} rounds · "
+                  "ML-DSA-65 + ML-KEM-768/X25519 + AES-256-GCM")  # fmt: skip
+    # auto_refresh=False: no display thread, so the children can be forked safely.
+    progress = Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        TextColumn("{task.fields[detail]}"), console=console, auto_refresh=False, transient=True,
+    )  # fmt: skip
+    shown: set[int] = set()
+    t0 = time.perf_counter()
+    with progress:
+        task = progress.add_task("starting", total=rounds, detail="")
+
+        def on_message(msg: str) -> None:
+            progress.console.print(f"[dim]{time.perf_counter() - t0:6.1f}s[/] {msg}")
+            progress.refresh()
+
+        def on_status(status: dict[str, Any]) -> None:
+            for h in status.get("history") or []:
+                r = int(h.get("round", 0))
+                if r >= 1 and r not in shown:
+                    shown.add(r)
+                    progress.console.print(f"[dim]{time.perf_counter() - t0:6.1f}s[/] round {r:3d}  accuracy "
+                                           f"[bold]{float(h['accuracy']):.4f}[/]  loss {float(h['loss']):.4f}")  # fmt: skip
+            state, rnd = status.get("state"), status.get("round")
+            detail = f"{status.get('devices', '?')} devices enrolled"
+            if state == "open":
+                detail = f"round {rnd}: {status.get('accepted', 0)}/{status.get('selected', '?')} updates"
+            progress.update(task, description=f"training ({state})", completed=len(shown), detail=detail)
+            progress.refresh()
+
+        try:
+            with friendly_errors():
+                result = run_demo(cfg, on_message=on_message, on_status=on_status)
+        except KeyboardInterrupt:
+            progress.stop()
+            console.print("[yellow]interrupted[/]: every coordinator and device process has been stopped")
+            raise typer.Exit(130) from None
+    console.print(f"final accuracy [bold green]{result.final_accuracy:.4f}[/] after {rounds} rounds in {result.wall_s:.1f} s")
+    console.print(f"data, database and logs: {result.data_dir}")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("demo")(demo)

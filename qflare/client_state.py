@@ -1,0 +1,173 @@
+"""What a device keeps on disk between starts, and how it pins the coordinator's key.
+
+A state directory (mode 0700) holds:
+
+* ``key.pem`` - the device's ML-DSA signing key (PKCS#8, 0600, optionally passphrase-encrypted);
+* ``enrollment.record`` - the coordinator-signed enrollment record (so a restart never needs a token);
+* ``server.keyid`` - the pinned coordinator key id (SHA-256 of its public key, hex);
+* ``receipts.jsonl`` - one line per update the coordinator acknowledged (an audit trail).
+
+Pinning is never trust-on-first-use: the operator gives the key id out of band (``--server-key-id`` or
+the server's ``coordinator.keyid``/``coordinator.pub`` file), and the key served at ``/v1/identity``
+is accepted only when its SHA-256 equals that id.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from .crypto import DEFAULT_SUITE, HIGH_SUITE, SigningKey, Suite, VerifyKey
+from .crypto.identity import key_id_of
+from .errors import AuthError, ConfigError, MalformedError
+from .protocol.messages import Receipt
+
+__all__ = ["DeviceState", "pin_server_key", "read_pin_file", "normalize_key_id", "SUITES_BY_NAME"]
+
+SUITES_BY_NAME: dict[str, Suite] = {s.name: s for s in (DEFAULT_SUITE, HIGH_SUITE)}
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+
+
+def normalize_key_id(value: str) -> str:
+    """A key id as 64 lowercase hex digits (spaces, colons and a ``sha256:`` prefix are tolerated)."""
+    text = value.strip().lower().removeprefix("sha256:").replace(":", "").replace(" ", "")
+    if not _HEX64.match(text):
+        raise ConfigError(f"a coordinator key id is 64 hex digits (SHA-256), got {value.strip()[:80]!r}", code="bad_key_id")
+    return text
+
+
+def read_pin_file(path: str | os.PathLike[str]) -> str:
+    """The key id in ``path``: a ``coordinator.keyid`` (64 hex) or a ``coordinator.pub`` (public key hex)."""
+    try:
+        text = Path(path).read_text(encoding="ascii").strip().lower()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read coordinator key file {path}: {exc}", code="bad_key_file") from None
+    if _HEX64.match(text):
+        return text
+    try:
+        raw = bytes.fromhex(text)
+    except ValueError:
+        raise ConfigError(f"{path} holds neither a key id nor a public key in hex", code="bad_key_file") from None
+    return key_id_of(raw)
+
+
+def pin_server_key(identity: Mapping[str, Any], pinned_key_id: str) -> tuple[VerifyKey, Suite]:
+    """Check the ``/v1/identity`` document against the pinned id; the coordinator's key and suite.
+
+    The public key itself is hashed: the document's own ``key_id`` claim is not trusted."""
+    pinned = normalize_key_id(pinned_key_id)
+    alg, public_hex = identity.get("alg"), identity.get("public_key")
+    if not isinstance(alg, str) or not isinstance(public_hex, str):
+        raise MalformedError("coordinator identity lacks 'alg' or 'public_key'", code="malformed")
+    try:
+        raw = bytes.fromhex(public_hex)
+    except ValueError:
+        raise MalformedError("coordinator public key is not hex", code="malformed") from None
+    actual = key_id_of(raw)
+    if actual != pinned:
+        raise AuthError(
+            f"coordinator key {actual[:16]}... does not match the pinned key id {pinned[:16]}...: refusing to "
+            "talk to it (wrong server, or its key changed; check --server-key-id)",
+            code="server_key_mismatch",
+        )
+    key = VerifyKey.from_bytes(alg, raw)
+    suite_name = identity.get("suite")
+    if suite_name is None:
+        suite = next((s for s in SUITES_BY_NAME.values() if s.sig == key.alg), DEFAULT_SUITE)
+    elif isinstance(suite_name, str) and suite_name in SUITES_BY_NAME:
+        suite = SUITES_BY_NAME[suite_name]
+    else:
+        raise ConfigError(f"coordinator uses suite {suite_name!r}, which this client does not know", code="unknown_suite")
+    if suite.sig != key.alg:
+        raise ConfigError(f"coordinator key is {key.alg} but its suite signs with {suite.sig}", code="unknown_suite")
+    return key, suite
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    """Atomically replace ``path`` with ``data``, mode 0600."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_NOFOLLOW", 0), 0o600)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+
+
+class DeviceState:
+    """A device's state directory (see the module docstring)."""
+
+    KEY, RECORD, PIN, RECEIPTS = "key.pem", "enrollment.record", "server.keyid", "receipts.jsonl"
+
+    def __init__(self, directory: str | os.PathLike[str], *, passphrase: bytes | None = None) -> None:
+        self.dir = Path(directory)
+        self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._passphrase = passphrase
+
+    @property
+    def key_path(self) -> Path:
+        return self.dir / self.KEY
+
+    @property
+    def receipts_path(self) -> Path:
+        return self.dir / self.RECEIPTS
+
+    def pin(self, key_id: str | None) -> str:
+        """The pinned coordinator key id: ``key_id`` (stored on first use), else the stored one.
+
+        A state directory stays with the coordinator it was first pinned to."""
+        path = self.dir / self.PIN
+        stored = normalize_key_id(path.read_text()) if path.exists() else None
+        given = normalize_key_id(key_id) if key_id else None
+        if given and stored and given != stored:
+            raise AuthError(
+                f"state dir {self.dir} is pinned to coordinator {stored[:16]}..., not {given[:16]}...: "
+                "use a fresh --state-dir for another coordinator",
+                code="server_key_mismatch",
+            )
+        pinned = given or stored
+        if pinned is None:
+            raise ConfigError("no coordinator key pinned: pass --server-key-id or --server-key-file", code="no_server_key")
+        if stored is None:
+            _write_private(path, (pinned + "\n").encode())
+        return pinned
+
+    def signing_key(self, alg: str) -> tuple[SigningKey, bool]:
+        """The device key (generated and saved 0600 on first start); (key, created?)."""
+        if self.key_path.exists():
+            key = SigningKey.load(self.key_path, self._passphrase)
+            if key.alg != alg:
+                raise ConfigError(f"device key in {self.key_path} is {key.alg}; the coordinator's suite needs {alg}",
+                                  code="key_alg_mismatch")  # fmt: skip
+            return key, False
+        key = SigningKey.generate(alg)
+        key.save(self.key_path, self._passphrase)
+        return key, True
+
+    def load_record(self) -> bytes | None:
+        path = self.dir / self.RECORD
+        return path.read_bytes() if path.exists() else None
+
+    def save_record(self, record: bytes) -> None:
+        _write_private(self.dir / self.RECORD, record)
+
+    def append_receipt(self, device_id: str, receipt: Receipt) -> None:
+        line = {"device_id": device_id, "round": receipt.round, "update_hash": receipt.update_hash,
+                "accepted": receipt.accepted, "duplicate": receipt.duplicate, "at": time.time()}  # fmt: skip
+        fd = os.open(self.receipts_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        try:
+            os.write(fd, (json.dumps(line, sort_keys=True) + "\n").encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def receipts(self) -> list[dict[str, Any]]:
+        if not self.receipts_path.exists():
+            return []
+        return [json.loads(line) for line in self.receipts_path.read_text().splitlines() if line.strip()]
