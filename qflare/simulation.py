@@ -32,6 +32,7 @@ import torch
 
 from .crypto import DEFAULT_SUITE, SigningKey, Suite, require_primitives
 from .data import load_dataset, partition
+from .memory import release_free_memory, tune_heap
 from .models import create_model
 from .protocol import Coordinator, CoordinatorConfig, Device, RoundConfig
 from .server.storage import Database, Store
@@ -276,6 +277,7 @@ def run_simulation(
 ) -> SimulationResult:
     """Run ``cfg``; ``federation`` replaces the in-process backends (e.g. devices talking to a server)."""
     t0 = time.perf_counter()
+    tune_heap()
     require_primitives(cfg.suite)
     train = load_dataset(cfg.dataset, "train", root=cfg.data_root)
     test = load_dataset(cfg.dataset, "test", root=cfg.data_root)
@@ -305,7 +307,9 @@ def run_simulation(
         def fit(flat: torch.Tensor, rnd: int) -> TrainResult:
             return pool.trainer().train(flat, train.normalized(idx), train.labels[idx], seed=client_seed(cfg.seed, rnd, i))
 
-        return fed.work(i, fit)
+        prepared, result = fed.work(i, fit)
+        result.delta = torch.empty(0)  # the prepared update carries it; don't hold two copies until submission
+        return prepared, result
 
     def eval_chunk(flat: torch.Tensor, lo: int, hi: int) -> tuple[float, int]:
         m = pool.eval_model()
@@ -351,6 +355,7 @@ def run_simulation(
                 losses += result.mean_loss * result.num_examples
                 examples += result.num_examples
             finish_eval()
+            release_free_memory()
             flat, digest = fed.model()
             rec = RoundRecord(number, float("nan"), float("nan"), time.perf_counter() - t_round,
                               losses / examples, len(chosen), examples, digest)  # fmt: skip

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import sys
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -58,13 +59,17 @@ def _summary(m: Measured, res: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _simulate(rounds: int, workers: int, data_root: str | None, extra: list[str]) -> tuple[Measured, dict[str, Any]]:
+def _simulate(
+    rounds: int, workers: int, data_root: str | None, extra: list[str], *,
+    workload: Sequence[str] = WORKLOAD, env: dict[str, str] | None = None,
+) -> tuple[Measured, dict[str, Any]]:  # fmt: skip
+    """``qflare simulate`` on ``workload`` as a measured subprocess; its wall time, peak RSS and JSON result."""
     with tempfile.TemporaryDirectory() as tmp:
-        cmd = [sys.executable, "-m", "qflare", "simulate", *WORKLOAD, "--rounds", str(rounds), "--workers", str(workers),
+        cmd = [sys.executable, "-m", "qflare", "simulate", *workload, "--rounds", str(rounds), "--workers", str(workers),
                "--json", "--out", tmp, *extra]  # fmt: skip
         if data_root:
             cmd += ["--data-root", data_root]
-        m = run_measured(cmd)
+        m = run_measured(cmd, env=env)
         return m, _last_json(m, "qflare simulate " + " ".join(extra))
 
 

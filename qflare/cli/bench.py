@@ -75,3 +75,48 @@ def protocol_overhead(
         print(json.dumps(result))
     else:
         _show(result, f"protocol overhead on fmnist-dir05, {rounds} rounds")
+
+
+@app.command("ingest")
+def ingest(
+    devices: int = typer.Option(100, min=1, max=1000, help="Devices uploading at once (one connection each)."),
+    max_uploads: int = typer.Option(8, min=1, help="The server's --max-uploads (update bodies processed at once)."),
+    data_root: str | None = typer.Option(None, help="Fashion-MNIST folder (default: search the usual places)."),
+    json_: bool = typer.Option(False, "--json", help="Print one JSON object."),
+) -> None:
+    """N devices upload a sealed 6.65 MB FedAvg-CNN update to one `qflare server` at once: throughput,
+    latency, server RSS, and the server's database checked against the receipts (lost / duplicated)."""
+    from ..bench.ingest import run_ingest_bench
+
+    with friendly_errors():
+        result = run_ingest_bench(devices, max_uploads=max_uploads, data_root=data_root)
+    if json_:
+        print(json.dumps(result))
+    else:
+        _show(result, f"ingest: {devices} concurrent uploads, {max_uploads} upload slots")
+        console.print({"targets": result["targets"], "meets_targets": result["meets_targets"]})
+
+
+@app.command("network")
+def network(
+    rounds: int = typer.Option(30, min=1, help="Rounds for both runs."),
+    dataset: str = typer.Option("fashion-mnist", help="Data set (fmnist-dir05 uses fashion-mnist)."),
+    model: str = typer.Option("fedavg-cnn", help="Model (fmnist-dir05 uses fedavg-cnn)."),
+    devices: int = typer.Option(100, min=1, help="Devices in the federation."),
+    per_round: int = typer.Option(10, min=1, help="Devices selected each round."),
+    workers: int = typer.Option(0, min=0, help="Training threads of the driver (0 = one per core)."),
+    data_root: str | None = typer.Option(None, help="Data set folder (default: search the usual places)."),
+    json_: bool = typer.Option(False, "--json", help="Print one JSON object."),
+) -> None:
+    """fmnist-dir05 as `qflare server` + devices over HTTP vs the in-process simulation, in one run:
+    per-round overhead of the network path, accuracy curves, peak RSS of each process tree."""
+    from ..bench.network import run_network_bench
+
+    with friendly_errors():
+        result = run_network_bench(rounds, dataset=dataset, model=model, devices=devices, per_round=per_round,
+                                   workers=workers, data_root=data_root)  # fmt: skip
+    if json_:
+        print(json.dumps(result))
+    else:
+        _show(result, f"network vs in-process, {result['workload']}, {rounds} rounds")
+        console.print({"inprocess": result["inprocess"]["accuracy"], "network": result["network"]["accuracy"]})

@@ -1,0 +1,162 @@
+"""``qflare bench network``: fmnist-dir05 over HTTP (server + devices) against the in-process simulation.
+
+Both runs are child processes of this runner, one after the other, on the same seeds, so each one's
+wall time and peak RSS cover its own process tree:
+
+* in-process: ``qflare simulate`` (coordinator and 100 devices in one process);
+* network: ``python -m qflare.bench.network`` - a driver that starts a coordinator server
+  (:mod:`~qflare.bench.server_proc`, ``--no-eval``, same seed, model and strategy) as its own child and
+  runs the same simulation driver with :class:`~qflare.bench.remote.RemoteFederation`: 100 real devices
+  over HTTP, rounds opened and aggregated by the server.  The driver evaluates each global model
+  locally, as the in-process run does.
+
+A round's time in the network run adds the wait for the server to open it (its round loop ticks every
+0.2 s) to the driver's own round time (train, submit, fetch the new model); the in-process run opens a
+round in a function call.  Per-round overhead compares the means over rounds 2..R.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from ..config import MALLOC_ENV
+from ..simulation import SimulationConfig, run_simulation
+from ..training import TrainConfig
+from ..wire import ParamLayout
+from .fmnist import WORKLOAD, _last_json, _simulate, rounds_to
+from .procs import Measured, run_measured
+from .remote import RemoteFederation
+from .server_proc import ServerProcess, ServerSpec
+
+__all__ = ["run_network_bench", "drive", "workload_args"]
+
+TARGET_OVERHEAD_PCT = 10.0
+
+
+def workload_args(dataset: str, model: str, devices: int, per_round: int) -> list[str]:
+    """fmnist-dir05's ``qflare simulate`` options with the data set, model and federation size replaced."""
+    args = list(WORKLOAD)
+    for flag, value in (("--dataset", dataset), ("--model", model), ("--devices", str(devices)), ("--per-round", str(per_round))):
+        args[args.index(flag) + 1] = value
+    return args
+
+
+def _config(args: argparse.Namespace) -> SimulationConfig:
+    """The SimulationConfig ``qflare simulate`` builds from :func:`workload_args` (same defaults)."""
+    opts = dict(zip(WORKLOAD[::2], WORKLOAD[1::2]))
+    return SimulationConfig(
+        dataset=args.dataset, data_root=args.data_root, model=args.model, devices=args.devices, per_round=args.per_round,
+        rounds=args.rounds, partition=opts["--partition"], alpha=float(opts["--alpha"]), seed=int(opts["--seed"]),
+        strategy=opts["--strategy"], workers=args.workers,
+        train=TrainConfig(epochs=int(opts["--epochs"]), batch_size=int(opts["--batch-size"]), lr=float(opts["--lr"])),
+    )  # fmt: skip
+
+
+def drive(cfg: SimulationConfig, *, max_uploads: int = 8) -> dict[str, Any]:
+    """The network run, in this process: a server child plus ``run_simulation`` over HTTP."""
+    if cfg.strategy_args:
+        raise ValueError("the network benchmark runs strategies without arguments (the server CLI takes none)")
+    spec = ServerSpec(dataset=cfg.dataset, model=cfg.model, rounds=cfg.rounds, per_round=cfg.per_round,
+                      min_devices=cfg.devices, seed=cfg.seed, strategy=cfg.strategy, max_uploads=max_uploads,
+                      data_root=cfg.data_root, gate=True)  # fmt: skip
+    feds: list[RemoteFederation] = []
+    with ServerProcess(spec) as server:
+        t0 = time.perf_counter()
+
+        def factory(c: SimulationConfig, layout: ParamLayout, initial: torch.Tensor) -> RemoteFederation:
+            server.wait_ready()  # the server started while this process loaded its data
+            feds.append(RemoteFederation(c, layout, initial, url=server.url, admin_token=server.admin_token,
+                                         key_id=server.key_id()))  # fmt: skip
+            return feds[-1]
+
+        result = run_simulation(cfg, federation=factory)
+        final = server.status()
+        wall = time.perf_counter() - t0
+        exit_code = server.stop()
+    out = result.to_json()
+    out["network"] = {**feds[0].stats.to_json(), "server_exit": exit_code, "server_state": final.get("state"),
+                      "server_model_version": final.get("model_version"), "driver_wall_s": wall}  # fmt: skip
+    return out
+
+
+def _summary(m: Measured, res: dict[str, Any], open_wait: Sequence[float] | None = None) -> dict[str, Any]:
+    hist = res["rounds"]
+    per_round = [r["seconds"] + (open_wait[k] if open_wait else 0.0) for k, r in enumerate(hist)]
+    later = per_round[1:] or per_round
+    return {
+        "wall_s": round(m.wall_s, 2),
+        "startup_s": round(res["startup_s"], 2),
+        "mean_round_s": round(sum(later) / len(later), 3),
+        "final_accuracy": hist[-1]["accuracy"],
+        "rounds_to_80": rounds_to(hist, 0.80),
+        "peak_rss_mb": round(m.peak_rss_mb, 1),
+        "accuracy": [round(r["accuracy"], 4) for r in hist],
+    }
+
+
+def run_network_bench(
+    rounds: int = 30, *, dataset: str = "fashion-mnist", model: str = "fedavg-cnn", devices: int = 100,
+    per_round: int = 10, workers: int = 0, data_root: str | None = None,
+) -> dict[str, Any]:  # fmt: skip
+    """Both runs (see the module docstring) and their comparison."""
+    env = dict(MALLOC_ENV)
+    in_m, in_res = _simulate(rounds, workers, data_root, [], workload=workload_args(dataset, model, devices, per_round), env=env)
+    cmd = [sys.executable, "-m", "qflare.bench.network", "--rounds", str(rounds), "--dataset", dataset, "--model", model,
+           "--devices", str(devices), "--per-round", str(per_round), "--workers", str(workers)]  # fmt: skip
+    if data_root:
+        cmd += ["--data-root", data_root]
+    net_m = run_measured(cmd, env=env)
+    net_res = _last_json(net_m, "network benchmark driver")
+    extra = net_res["network"]
+    ins, net = _summary(in_m, in_res), _summary(net_m, net_res, extra["open_wait_s"])
+    waits = extra["open_wait_s"][1:] or extra["open_wait_s"]
+    return {
+        "workload": "fmnist-dir05" if (dataset, model) == ("fashion-mnist", "fedavg-cnn") else f"{dataset}/{model}",
+        "rounds": rounds,
+        "devices": devices,
+        "per_round": per_round,
+        "inprocess_wall_s": ins["wall_s"],
+        "network_wall_s": net["wall_s"],
+        "inprocess_startup_s": ins["startup_s"],
+        "network_startup_s": net["startup_s"],
+        "inprocess_mean_round_s": ins["mean_round_s"],
+        "network_mean_round_s": net["mean_round_s"],
+        "round_overhead_pct": round(100 * (net["mean_round_s"] / ins["mean_round_s"] - 1), 2),
+        "target_round_overhead_pct": f"< {TARGET_OVERHEAD_PCT:g}",
+        "network_mean_open_wait_s": round(sum(waits) / len(waits), 3),
+        "inprocess_final_accuracy": ins["final_accuracy"],
+        "network_final_accuracy": net["final_accuracy"],
+        "same_accuracy_curve": ins["accuracy"] == net["accuracy"],
+        "selection_mismatches": extra["selection_mismatches"],
+        "inprocess_peak_rss_mb": ins["peak_rss_mb"],
+        "network_peak_rss_mb": net["peak_rss_mb"],
+        "network_enroll_s": round(extra["enroll_s"], 2),
+        "server_final_state": extra["server_state"],
+        "inprocess": ins,
+        "network": net,
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m qflare.bench.network", description="The network run of `qflare bench network`.")
+    ap.add_argument("--rounds", type=int, default=30)
+    ap.add_argument("--dataset", default="fashion-mnist")
+    ap.add_argument("--model", default="fedavg-cnn")
+    ap.add_argument("--devices", type=int, default=100)
+    ap.add_argument("--per-round", type=int, default=10)
+    ap.add_argument("--workers", type=int, default=0)
+    ap.add_argument("--data-root", default=None)
+    ap.add_argument("--max-uploads", type=int, default=8)
+    args = ap.parse_args(argv)
+    print(json.dumps(drive(_config(args), max_uploads=args.max_uploads)))
+
+
+if __name__ == "__main__":
+    main()
