@@ -65,7 +65,7 @@ def drive(cfg: SimulationConfig, *, max_uploads: int = 8) -> dict[str, Any]:
         raise ValueError("the network benchmark runs strategies without arguments (the server CLI takes none)")
     spec = ServerSpec(dataset=cfg.dataset, model=cfg.model, rounds=cfg.rounds, per_round=cfg.per_round,
                       min_devices=cfg.devices, seed=cfg.seed, strategy=cfg.strategy, max_uploads=max_uploads,
-                      data_root=cfg.data_root, gate=True)  # fmt: skip
+                      data_root=cfg.data_root)  # fmt: skip
     feds: list[RemoteFederation] = []
     with ServerProcess(spec) as server:
         t0 = time.perf_counter()

@@ -4,18 +4,12 @@
 blobs, keys) and an admin token it chose (``QFLARE_ADMIN_TOKEN``).  A benchmark reads the coordinator's
 key id from ``DATA_DIR/coordinator.keyid`` - the out-of-band pin an operator hands to devices - and
 checks ``GET /v1/identity`` against it before any device talks to the server.
-
-With ``ServerSpec.gate`` the same server runtime is launched through this module (``python -m
-qflare.bench.server_proc SPEC_JSON PORT DATA_DIR``) with its round loop held until ``min_devices``
-devices are enrolled.  ``qflare server --min-devices`` caps the wait at ``--per-round``, so a federation
-of 100 devices with 10 a round would open round 1 as soon as 10 had enrolled and select only among
-those; the gate makes the server sample all of them, as the in-process simulation does.
+``--min-devices`` holds the first round until the whole federation has enrolled, so the server samples
+from all of it, as the in-process simulation does.
 """
 
 from __future__ import annotations
 
-import json
-import logging
 import os
 import secrets
 import signal
@@ -23,9 +17,8 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
@@ -56,8 +49,6 @@ class ServerSpec:
     round_timeout_s: float = 3600.0
     max_uploads: int = 8
     data_root: str | None = None
-    gate: bool = False
-    """Hold the round loop until ``min_devices`` devices are enrolled (see the module docstring)."""
 
     def cli_args(self) -> list[str]:
         args = ["--dataset", self.dataset, "--model", self.model, "--rounds", str(self.rounds),
@@ -109,11 +100,8 @@ class ServerProcess:
     def start(self) -> None:
         env = {k: v for k, v in os.environ.items() if k != "QFLARE_DATABASE_URL"}
         env.update(MALLOC_ENV, QFLARE_ADMIN_TOKEN=self.admin_token, PYTHONUNBUFFERED="1")
-        if self.spec.gate:
-            argv = [sys.executable, "-m", "qflare.bench.server_proc", json.dumps(asdict(self.spec)), str(self.port), str(self.data_dir)]
-        else:
-            argv = [sys.executable, "-m", "qflare", "server", "--host", "127.0.0.1", "--port", str(self.port),
-                    "--data-dir", str(self.data_dir), *self.spec.cli_args()]  # fmt: skip
+        argv = [sys.executable, "-m", "qflare", "server", "--host", "127.0.0.1", "--port", str(self.port),
+                "--data-dir", str(self.data_dir), *self.spec.cli_args()]  # fmt: skip
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env)
 
@@ -168,41 +156,3 @@ class ServerProcess:
         finally:
             self.api.close()
             self._tmp.cleanup()
-
-
-def _serve_gated(spec: ServerSpec, port: int, data_dir: Path) -> None:
-    """The ``qflare server`` runtime with its round loop started once ``spec.min_devices`` are enrolled."""
-    from ..server import HttpLimits, ServerConfig, ServerRuntime, serve
-
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    limits = HttpLimits(max_concurrent_uploads=spec.max_uploads, ip_rate=_UNLIMITED_RATE, ip_burst=_UNLIMITED_RATE,
-                        session_rate=_UNLIMITED_RATE, session_burst=_UNLIMITED_RATE)  # fmt: skip
-    config = ServerConfig(
-        data_dir=data_dir, dataset=spec.dataset, data_root=spec.data_root, model=spec.model, rounds=spec.rounds,
-        per_round=spec.per_round, min_devices=spec.min_devices, strategy=spec.strategy, seed=spec.seed,
-        round_timeout_s=spec.round_timeout_s, evaluate=False, http=limits, round_loop=False,
-    )  # fmt: skip
-    runtime = ServerRuntime(config)
-    stop = threading.Event()
-
-    def loop() -> None:
-        while not stop.wait(config.step_interval_s):
-            try:
-                if len(runtime.store.list_devices(status="active")) >= spec.min_devices:
-                    break
-            except Exception as exc:  # a database hiccup: ask again on the next tick
-                logging.getLogger("qflare.server").warning("round gate: %s", exc)
-        while not stop.wait(config.step_interval_s):
-            runtime.step()
-
-    thread = threading.Thread(target=loop, name="qflare-bench-rounds", daemon=True)
-    thread.start()
-    try:
-        serve(runtime, host="127.0.0.1", port=port, log_level="warning")
-    finally:
-        stop.set()
-        thread.join(10.0)
-
-
-if __name__ == "__main__":
-    _serve_gated(ServerSpec(**json.loads(sys.argv[1])), int(sys.argv[2]), Path(sys.argv[3]))

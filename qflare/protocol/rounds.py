@@ -42,7 +42,7 @@ class RoundConfig:
     round_timeout_s: float = 600.0
     seed: int = 0
     min_devices: int = 1
-    """A server opens a round only once this many devices are enrolled (capped at per_round)."""
+    """A server opens a round only once this many devices are enrolled and active."""
 
     def __post_init__(self) -> None:
         if self.rounds < 1 or self.per_round < 1:
@@ -246,7 +246,7 @@ class RoundManager:
             self.tick()
             if self._round is None and not self.finished:
                 active = self._store.list_devices(status="active")
-                if len(active) >= min(self.config.per_round, self.config.min_devices):
+                if len(active) >= self.config.min_devices:
                     self.open_next()
             return self._round
 
