@@ -6,11 +6,9 @@ throw-away database, dropped afterwards); the PostgreSQL params skip if no serve
 
 from __future__ import annotations
 
-import os
 
 import threading
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 
@@ -30,39 +28,20 @@ from qflare.errors import (
 )
 from qflare.server.storage import Database, Store, hash_token, key_id
 from qflare.server.storage import tables as t
-from qflare.server.storage.testing import postgres_admin_url, postgres_unreachable, scratch_database
+from storage_fixtures import BACKENDS, scratch
 
-BACKENDS = ["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)]
 T0 = datetime(2030, 1, 1, 12, 0, tzinfo=UTC)
-
-
-@pytest.fixture(scope="session")
-def postgres_available() -> None:
-    err = postgres_unreachable()
-    if err is not None:
-        message = f"PostgreSQL not reachable at {postgres_admin_url(masked=True)}: {err}"
-        if os.environ.get("CI"):  # CI must test PostgreSQL, never skip it
-            pytest.fail(message)
-        pytest.skip(message)
-
-
-@contextmanager
-def _scratch(request: pytest.FixtureRequest, tmp_path: Path, migrate: bool) -> Iterator[Database]:
-    if request.param == "postgresql":
-        request.getfixturevalue("postgres_available")
-    with scratch_database(request.param, tmp_path, migrate=migrate) as database:
-        yield database
 
 
 @pytest.fixture(params=BACKENDS)
 def empty_db(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Database]:
-    with _scratch(request, tmp_path, migrate=False) as database:
+    with scratch(request.param, tmp_path, migrate=False) as database:
         yield database
 
 
 @pytest.fixture(params=BACKENDS)
 def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
-    with _scratch(request, tmp_path, migrate=True) as database:
+    with scratch(request.param, tmp_path) as database:
         yield Store(database, clock=lambda: T0)
 
 

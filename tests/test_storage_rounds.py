@@ -5,8 +5,6 @@ Runs on SQLite and on a throw-away PostgreSQL database (skipped if none is reach
 
 from __future__ import annotations
 
-import os
-
 import threading
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
@@ -24,28 +22,15 @@ from qflare.errors import (
     WrongRoundError,
 )
 from qflare.server.storage import Store, key_id
-from qflare.server.storage.testing import postgres_admin_url, postgres_unreachable, scratch_database
+from storage_fixtures import BACKENDS, scratch
 
-BACKENDS = ["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)]
 T0 = datetime(2030, 1, 1, 12, 0, tzinfo=UTC)
 DEADLINE = T0 + timedelta(minutes=10)
 
 
-@pytest.fixture(scope="session")
-def postgres_available() -> None:
-    err = postgres_unreachable()
-    if err is not None:
-        message = f"PostgreSQL not reachable at {postgres_admin_url(masked=True)}: {err}"
-        if os.environ.get("CI"):  # CI must test PostgreSQL, never skip it
-            pytest.fail(message)
-        pytest.skip(message)
-
-
 @pytest.fixture(params=BACKENDS)
 def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
-    if request.param == "postgresql":
-        request.getfixturevalue("postgres_available")
-    with scratch_database(request.param, tmp_path) as database:
+    with scratch(request.param, tmp_path) as database:
         yield Store(database, clock=lambda: T0)
 
 
