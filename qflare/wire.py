@@ -253,18 +253,37 @@ def _cpu_contiguous(flat: torch.Tensor) -> torch.Tensor:
     return flat.detach().to("cpu").contiguous()
 
 
+def _canonical(blob: bytes) -> bytes:
+    """The same blob with its ``__metadata__`` keys sorted.
+
+    safetensors writes the metadata map in an order that changes from process to process (a Rust
+    ``HashMap``), so equal parameters would get a different SHA-256 in every process.  Sorting the keys
+    (same length: the header is re-padded with spaces, as safetensors pads it) makes the bytes, and so the
+    content hash, a function of the content alone.  One copy of the blob.
+    """
+    (n,) = struct.unpack_from("<Q", blob, 0)
+    header = json.loads(blob[8 : 8 + n])
+    if not header.get("__metadata__"):
+        return blob
+    header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    if len(text) > n:
+        raise ValidationError(f"canonical safetensors header is {len(text)} bytes, longer than the {n} written")
+    return b"".join((blob[:8], text.ljust(n, b" "), memoryview(blob)[8 + n :]))
+
+
 def encode_model(layout: ParamLayout, flat: torch.Tensor, metadata: Mapping[str, str] | None = None) -> bytes:
     """Safetensors bytes with one tensor per parameter (readable by any safetensors tool)."""
     layout.check_flat(flat)
     md = _full_metadata(layout, KIND_MODEL, metadata or {})
-    return safetensors.torch.save(layout.unflatten(_cpu_contiguous(flat)), metadata=md)
+    return _canonical(safetensors.torch.save(layout.unflatten(_cpu_contiguous(flat)), metadata=md))
 
 
 def encode_update(layout: ParamLayout, flat: torch.Tensor, metadata: Mapping[str, str] | None = None) -> bytes:
     """Safetensors bytes with the single 1-D tensor ``"delta"`` (fast path for updates)."""
     layout.check_flat(flat)
     md = _full_metadata(layout, KIND_UPDATE, metadata or {})
-    return safetensors.torch.save({UPDATE_TENSOR: _cpu_contiguous(flat)}, metadata=md)
+    return _canonical(safetensors.torch.save({UPDATE_TENSOR: _cpu_contiguous(flat)}, metadata=md))
 
 
 def _malformed(reason: str) -> ValidationError:

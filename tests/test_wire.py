@@ -268,3 +268,17 @@ def test_random_large_bytes_refused(layout: ParamLayout) -> None:
     for _ in range(20):
         with pytest.raises(ValidationError):
             decode_blob(os.urandom(4096), layout)
+
+
+def test_equal_content_has_equal_bytes_across_processes():
+    """safetensors orders its metadata map differently in every process; the blob must not."""
+    import subprocess
+    import sys
+
+    code = (
+        "import torch; from qflare.wire import *; from qflare.models import create_model;"
+        "torch.manual_seed(0); m=create_model('mlp',(1,8,8),10); l=ParamLayout.from_module(m); f=l.module_to_flat(m);"
+        "print(sha256_hex(encode_model(l,f,{'version':'3','b':'x','a':'y'})), sha256_hex(encode_update(l,f,{'round':'1','z':'q'})))"
+    )
+    outs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout for _ in range(4)}
+    assert len(outs) == 1, outs
