@@ -161,6 +161,9 @@ class _Workers:
         return m
 
 
+_NO_DEADLINE_S = 365 * 24 * 3600.0
+
+
 class Federation(Protocol):
     """What the simulation driver needs from a federation backend (one object per run)."""
 
@@ -197,7 +200,8 @@ class _SecureFederation:
             strategy=build_strategy(cfg.strategy, **cfg.strategy_args),
             identity=SigningKey.generate(cfg.suite.sig),
             store=Store(self._db),
-            rounds=RoundConfig(rounds=cfg.rounds, per_round=cfg.per_round, seed=cfg.seed),
+            # No deadline in a simulation: every selected device answers (a round may take long).
+            rounds=RoundConfig(rounds=cfg.rounds, per_round=cfg.per_round, seed=cfg.seed, round_timeout_s=_NO_DEADLINE_S),
             config=CoordinatorConfig(suite=cfg.suite),
         )
         transport = InProcessTransport(self.coordinator)

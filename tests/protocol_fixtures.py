@@ -34,7 +34,7 @@ class RecordingTransport:
 
 
 class Federation:
-    def __init__(self, tmp: Path, n: int = 3, per_round: int = 2, rounds: int = 3) -> None:
+    def __init__(self, tmp: Path, n: int = 3, per_round: int = 2, rounds: int = 3, strategy=None, round_timeout_s: float = 600.0) -> None:
         self.db = Database(f"sqlite:///{tmp}/coordinator.db")
         self.db.upgrade()
         self.store = Store(self.db)
@@ -45,10 +45,10 @@ class Federation:
         self.coordinator = Coordinator(
             layout=self.layout,
             initial_flat=self.layout.module_to_flat(model),
-            strategy=fedavg(),
+            strategy=strategy or fedavg(),
             identity=self.identity,
             store=self.store,
-            rounds=RoundConfig(rounds=rounds, per_round=per_round, seed=0),
+            rounds=RoundConfig(rounds=rounds, per_round=per_round, seed=0, round_timeout_s=round_timeout_s),
         )
         self.transport = RecordingTransport(InProcessTransport(self.coordinator))
         self.devices = [self.new_device() for _ in range(n)]

@@ -269,3 +269,51 @@ def test_random_bytes_only_raise_typed_errors(fed, route, body, sid):
     with pytest.raises(QflareError):
         fed.coordinator.handle(route, body, session_id=sid)
     assert fed.counts() == before
+
+
+def test_failed_aggregation_fails_the_round_and_acknowledges_the_update(tmp_path):
+    """Krum(f=1) cannot aggregate 3 updates (needs n > 2f + 2): the round fails, it is not left stuck,
+    the update that completed it is acknowledged (it was recorded), and the next round opens."""
+    from qflare.strategy import krum
+
+    fed = Federation(tmp_path, n=3, per_round=3, strategy=krum(f=1))
+    fed.coordinator.rounds.open_next()
+    receipts = [dev.submit(fed.prepare(dev, seed=k)) for k, dev in enumerate(fed.selected())]
+    assert [r.accepted for r in receipts] == [1, 2, 3]
+    assert fed.store.get_round(1).state == "failed"
+    assert fed.store.count_updates(1) == 3
+    assert fed.coordinator.rounds.model.version == 0  # nothing published
+    assert fed.coordinator.rounds.open_next().number == 2
+
+
+def test_update_for_another_round_is_refused_by_the_round_manager(tmp_path):
+    """An update verified against round 1 but arriving after round 1 failed and round 2 opened on the
+    same model is refused, not folded into round 2 (check-then-act race between decode and accept)."""
+    import time
+
+    from qflare.errors import WrongRoundError
+    from qflare.strategy import ClientUpdate
+
+    fed = Federation(tmp_path, n=2, per_round=2, round_timeout_s=0.3)
+    rm = fed.coordinator.rounds
+    rm.open_next()
+    time.sleep(0.35)
+    rm.tick()  # round 1 fails at its deadline with no updates
+    assert fed.store.get_round(1).state == "failed"
+    rnd2 = rm.open_next()
+    dev = fed.devices[0].device_id
+    update = ClientUpdate(dev, fed.result().delta, 5)
+    with pytest.raises(WrongRoundError):
+        rm.accept(update, "ab" * 32, rnd2.base.sha256, b"sig", b"", round_number=1)
+    assert fed.store.count_updates(2) == 0 and rm.current.accepted == {}
+
+
+def test_one_live_session_per_device(fed):
+    dev = fed.devices[0]
+    old = dev._session_id
+    dev.connect()
+    assert dev._session_id != old
+    with pytest.raises(QflareError) as info:
+        fed.coordinator.handle(Route.TASK, b"\x00" * 40, session_id=old)
+    assert info.value.code == "unknown_session"
+    assert dev.task().state in ("waiting", "open")

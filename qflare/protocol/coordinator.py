@@ -39,6 +39,7 @@ from ..errors import (
     ProtocolError,
     QflareError,
     RevokedError,
+    SessionExpiredError,
     StaleModelError,
     UnknownDeviceError,
     ValidationError,
@@ -53,6 +54,7 @@ from .rounds import PublishedModel, RoundConfig, RoundManager
 __all__ = ["Coordinator", "CoordinatorConfig"]
 
 _PENDING_LIMIT = 10_000
+_MAX_EXAMPLES = 2**31 - 1  # the database column's range
 
 
 @dataclass(frozen=True)
@@ -133,6 +135,10 @@ class Coordinator:
         device_id: str | None = None
         try:
             route = Route(route)
+        except ValueError:
+            self._event("malformed", f"unknown route {route!r}", None, session_id, remote)
+            raise MalformedError(f"unknown route {route!r}") from None
+        try:
             if route is Route.ENROLL:
                 return self._enroll(body)
             if route is Route.HELLO:
@@ -148,9 +154,6 @@ class Coordinator:
                 if route is Route.MODEL:
                     return self._model(sess, body)
                 return self._update(sess, body)
-        except ValueError:
-            self._event("malformed", f"unknown route {route!r}", device_id, session_id, remote)
-            raise MalformedError(f"unknown route {route!r}") from None
         except QflareError as exc:
             if isinstance(exc, (ProtocolError, ValidationError)):
                 self._event(exc.code, f"{getattr(route, 'value', route)}: {exc}", device_id, session_id, remote)
@@ -228,6 +231,8 @@ class Coordinator:
         expires = datetime.fromtimestamp(self._clock() + self.config.session_lifetime_s, UTC)
         self.store.add_session(sid, key.key_id, expires, created_at=datetime.fromtimestamp(self._clock(), UTC))
         with self._lock:
+            for old_sid in [s for s, v in self._sessions.items() if v.device_id == key.key_id]:
+                del self._sessions[old_sid]  # one live session per device: a new handshake replaces it
             self._sessions[sid] = _Session(key.key_id, key, channel, threading.Lock())
         return sid.encode()
 
@@ -235,6 +240,10 @@ class Coordinator:
         sess = self._sessions.get(session_id or "")
         if sess is None:
             raise AuthError("unknown or closed session: run the handshake again", code="unknown_session")
+        if sess.channel.expired():
+            with self._lock:
+                self._sessions.pop(session_id or "", None)
+            raise SessionExpiredError("session expired: run the handshake again", code="session_expired")
         return sess
 
     def _check_active(self, sess: _Session) -> None:
@@ -293,8 +302,11 @@ class Coordinator:
         digest = env.get(Field.UPDATE_HASH).hex()
         flat = decode_blob(blob, self.layout, kind="update", expected_sha256=digest).flat
         metrics = _metrics(env)
-        update = ClientUpdate(sess.device_id, flat, env.get_int(Field.NUM_EXAMPLES), metrics)
-        accepted, duplicate = self.rounds.accept(update, digest, base, env.signature, blob)
+        examples = env.get_int(Field.NUM_EXAMPLES)
+        if not 1 <= examples <= _MAX_EXAMPLES:
+            raise ValidationError(f"example count {examples} is outside 1..{_MAX_EXAMPLES}", code="bad_example_count")
+        update = ClientUpdate(sess.device_id, flat, examples, metrics)
+        accepted, duplicate = self.rounds.accept(update, digest, base, env.signature, blob, round_number=rnd.number)
         ack = SignedEnvelope.sign(
             self.config.suite,
             MsgType.UPDATE_ACK,

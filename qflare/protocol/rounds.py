@@ -12,6 +12,7 @@ acknowledged update is re-read from its blob and folded in again, none twice.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable
@@ -23,12 +24,14 @@ import torch
 
 from ..crypto import Field, MsgType, SignedEnvelope, SigningKey, Suite
 from ..crypto.envelope import u64
-from ..errors import ConfigError, RoundError, ValidationError
+from ..errors import ConfigError, QflareError, RoundError, StaleModelError, ValidationError, WrongRoundError
 from ..server.storage import BlobStore, Store
 from ..strategy import ClientUpdate, Pipeline, RoundAggregation
 from ..wire import ParamLayout, decode_blob, encode_model, sha256_hex
 
 __all__ = ["RoundConfig", "PublishedModel", "RoundManager"]
+
+_log = logging.getLogger("qflare.rounds")
 
 
 @dataclass(frozen=True)
@@ -167,6 +170,8 @@ class RoundManager:
         self._rng = np.random.default_rng([self.config.seed + 1, row.round_number])
         if row.state == "aggregating":  # crashed between quorum and publication: finish the job
             self._close(self._round, already_aggregating=True)
+        elif len(accepted) >= row.quorum:  # crashed after the last update, before aggregating
+            self._close(self._round)
 
     # ------------------------------------------------------------------ rounds
     @property
@@ -197,47 +202,61 @@ class RoundManager:
             return self._round
 
     def accept(
-        self, update: ClientUpdate, update_hash: str, base_hash: str, signature: bytes, blob: bytes | memoryview
+        self,
+        update: ClientUpdate,
+        update_hash: str,
+        base_hash: str,
+        signature: bytes,
+        blob: bytes | memoryview,
+        *,
+        round_number: int,
     ) -> tuple[int, bool]:
-        """Record and fold in one verified update; (accepted count, duplicate?).  Idempotent per device.
+        """Record and fold in one verified update signed for ``round_number``; (accepted count, duplicate?).
 
-        The expensive, per-update work (checks, writing the blob) runs outside the round lock so that
-        concurrent uploads overlap; recording and folding in are done under it, after re-checking that
-        the round and the device's slot are still as they were.
+        Idempotent per (round, device).  The expensive per-update work (checks, writing the blob) runs
+        outside the round lock so that concurrent uploads overlap; recording and folding in are done under
+        it, after re-checking that the round and the device's slot are still as they were.  Once an update
+        is recorded it is acknowledged, whatever happens to the aggregation that it completes.
         """
-        rnd = self._admit(update, update_hash)
+        rnd, count = self._admit(update, update_hash, round_number, base_hash)
         if rnd is None:
-            return len(self._round.accepted) if self._round else 0, True
+            return count, True
         prepared = rnd.aggregation.check(update)
         if self._blobs is not None:
             self._blobs.put(blob, expected_sha256=update_hash)
         with self._lock:
-            if self._round is not rnd:
-                raise RoundError(f"round {rnd.number} closed while the update was checked", code="wrong_round")
-            if self._admit(update, update_hash) is None:
-                return len(rnd.accepted), True  # the same update won a race with its own retry
+            again, count = self._admit(update, update_hash, round_number, base_hash)
+            if again is None:
+                return count, True  # the same update won a race with its own retry
             self._store.record_update(
                 rnd.number, update.device_id, update_hash, base_hash, update.num_examples, signature, update.metrics
             )
             rnd.aggregation.commit(prepared)
             rnd.accepted[update.device_id] = update_hash
-            if len(rnd.accepted) >= rnd.quorum:
+            count = len(rnd.accepted)
+            if count >= rnd.quorum:
                 self._close(rnd)
-            return len(rnd.accepted), False
+            return count, False
 
-    def _admit(self, update: ClientUpdate, update_hash: str) -> _OpenRound | None:
-        """The open round if this update may be accepted; None if it already was (a retry)."""
+    def _admit(
+        self, update: ClientUpdate, update_hash: str, round_number: int, base_hash: str
+    ) -> tuple[_OpenRound | None, int]:
+        """(the open round, count) if this update may be accepted; (None, count) if it already was."""
         with self._lock:
             rnd = self._round
-            if rnd is None:
-                raise RoundError("no round is open", code="wrong_round")
+            if rnd is None or rnd.number != round_number:
+                raise WrongRoundError(f"update is for round {round_number}, which is not the open round")
+            if base_hash != rnd.base.sha256:
+                raise StaleModelError("update was trained on another base model", code="stale_model")
+            if self._clock() >= rnd.deadline:
+                raise RoundError(f"round {rnd.number} is past its deadline", code="deadline_passed")
             if update.device_id not in rnd.selected:
                 raise RoundError(f"device was not selected for round {rnd.number}", code="not_selected")
             previous = rnd.accepted.get(update.device_id)
             if previous is None:
-                return rnd
+                return rnd, len(rnd.accepted)
             if previous == update_hash:
-                return None
+                return None, len(rnd.accepted)
             raise ValidationError("a different update was already accepted for this round", code="duplicate_submission")
 
     def step(self) -> _OpenRound | None:
@@ -276,10 +295,18 @@ class RoundManager:
                 self._round = None
 
     def _close(self, rnd: _OpenRound, *, already_aggregating: bool = False) -> None:
+        """Aggregate, sign and publish; a round whose aggregation fails is marked failed (never stuck)."""
+        state = "aggregating" if already_aggregating else "open"
+        try:
+            new_flat = rnd.aggregation.finish()
+            published = self._publish(rnd.number, new_flat)
+        except QflareError as exc:
+            _log.error("round %d failed to aggregate [%s]: %s", rnd.number, exc.code, exc)
+            self._store.set_round_state(rnd.number, state, "failed")
+            self._round = None
+            return
         if not already_aggregating:
             self._store.set_round_state(rnd.number, "open", "aggregating")
-        new_flat = rnd.aggregation.finish()
-        published = self._publish(rnd.number, new_flat)
         metrics = {"updates": len(rnd.accepted), "examples": rnd.aggregation.total_examples}
         self._store.publish_model(rnd.number, rnd.number, published.sha256, published.envelope, metrics)
         self.model = published
