@@ -247,10 +247,10 @@ class Coordinator:
         return sess
 
     def _check_active(self, sess: _Session) -> None:
-        row = self.store.get_device(sess.device_id)
-        if row is None:
+        status = self.store.device_status(sess.device_id)
+        if status is None:
             raise UnknownDeviceError("device is no longer enrolled", code="unknown_device")
-        if row.status != "active":
+        if status != "active":
             raise RevokedError("device has been revoked", code="revoked")
 
     # ------------------------------------------------------------------ round endpoints

@@ -171,6 +171,12 @@ class IdentityOps(StoreBase):
             row = s.get(t.Device, device_id)
             return None if row is None else DeviceRow.of(row)
 
+    def device_status(self, device_id: str) -> str | None:
+        """Just the device's status ("active"/"revoked"), None if unknown: the per-message check, one
+        indexed Core query instead of an ORM load."""
+        with self.db.connect(write=False) as conn:
+            return conn.execute(select(t.Device.status).where(t.Device.device_id == device_id)).scalar_one_or_none()
+
     def active_device(self, device_id: str) -> DeviceRow:
         """The device, or UnknownDeviceError / RevokedError."""
         device = self.get_device(device_id)
