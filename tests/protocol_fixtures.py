@@ -34,7 +34,7 @@ class RecordingTransport:
 
 
 class Federation:
-    def __init__(self, tmp: Path, n: int = 3, per_round: int = 2, rounds: int = 3, strategy=None, round_timeout_s: float = 600.0) -> None:
+    def __init__(self, tmp: Path, n: int = 3, per_round: int = 2, rounds: int = 3, strategy=None, round_timeout_s: float = 600.0, blobs=None) -> None:
         self.db = Database(f"sqlite:///{tmp}/coordinator.db")
         self.db.upgrade()
         self.store = Store(self.db)
@@ -49,6 +49,7 @@ class Federation:
             identity=self.identity,
             store=self.store,
             rounds=RoundConfig(rounds=rounds, per_round=per_round, seed=0, round_timeout_s=round_timeout_s),
+            blobs=blobs,
         )
         self.transport = RecordingTransport(InProcessTransport(self.coordinator))
         self.devices = [self.new_device() for _ in range(n)]

@@ -317,3 +317,25 @@ def test_one_live_session_per_device(fed):
         fed.coordinator.handle(Route.TASK, b"\x00" * 40, session_id=old)
     assert info.value.code == "unknown_session"
     assert dev.task().state in ("waiting", "open")
+
+
+def test_restart_restores_the_server_optimiser_state(tmp_path):
+    """FedAvgM's velocity (and FedAdam's moments) survive a coordinator restart on the same data."""
+    from qflare.protocol import Coordinator, RoundConfig
+    from qflare.server.storage import BlobStore
+    from qflare.strategy import fedavgm
+
+    blobs = BlobStore(tmp_path / "blobs")
+    fed = Federation(tmp_path, n=2, per_round=2, strategy=fedavgm(), blobs=blobs)
+    fed.coordinator.rounds.open_next()
+    for k, dev in enumerate(fed.selected()):
+        dev.submit(fed.prepare(dev, seed=k))
+    velocity = fed.coordinator.rounds.strategy.server_opt.velocity
+    assert velocity is not None and velocity.abs().sum() > 0
+    restarted = Coordinator(
+        layout=fed.layout, initial_flat=torch.zeros(fed.layout.numel), strategy=fedavgm(), identity=fed.identity,
+        store=fed.store, rounds=RoundConfig(rounds=3, per_round=2, seed=0), blobs=blobs,
+    )  # fmt: skip
+    assert restarted.rounds.model.version == 1
+    assert torch.equal(restarted.rounds.model.flat, fed.coordinator.rounds.model.flat)
+    assert torch.equal(restarted.rounds.strategy.server_opt.velocity, velocity)

@@ -27,6 +27,7 @@ from ..crypto.envelope import u64
 from ..errors import ConfigError, QflareError, RoundError, StaleModelError, ValidationError, WrongRoundError
 from ..server.storage import BlobStore, Store
 from ..strategy import ClientUpdate, Pipeline, RoundAggregation
+from ..strategy.state import encode_pipeline_state, load_pipeline_state
 from ..wire import ParamLayout, decode_blob, encode_model, sha256_hex
 
 __all__ = ["RoundConfig", "PublishedModel", "RoundManager"]
@@ -141,6 +142,9 @@ class RoundManager:
         flat = decode_blob(blob, self.layout, kind="model", expected_sha256=digest).flat
         row = self._store.get_model(version)
         assert row is not None
+        state = row.metrics.get("server_state")
+        if isinstance(state, str):
+            load_pipeline_state(self.strategy, self._blobs.get(state))
         return PublishedModel(version, flat, blob, digest, bytes(row.signature))
 
     def _recover_round(self) -> None:
@@ -307,7 +311,10 @@ class RoundManager:
             return
         if not already_aggregating:
             self._store.set_round_state(rnd.number, "open", "aggregating")
-        metrics = {"updates": len(rnd.accepted), "examples": rnd.aggregation.total_examples}
+        metrics: dict[str, object] = {"updates": len(rnd.accepted), "examples": rnd.aggregation.total_examples}
+        state = encode_pipeline_state(self.strategy) if self._blobs is not None else None
+        if state is not None and self._blobs is not None:  # optimiser moments / noise state: a restart continues them
+            metrics["server_state"] = self._blobs.put(state)[0]
         self._store.publish_model(rnd.number, rnd.number, published.sha256, published.envelope, metrics)
         self.model = published
         self._round = None
