@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, IO
 
+from .config import MALLOC_ENV
 from .errors import QflareError
 from .transport import HttpTransport, RetryPolicy, TransportError
 
@@ -35,8 +36,7 @@ __all__ = ["DemoConfig", "DemoResult", "DemoError", "ChildProcesses", "run_demo"
 CHILD_ENV: dict[str, str] = {
     # glibc: keep freed tensor memory in the process instead of returning it page by page (N processes
     # on a small machine spend much less time in mmap/munmap and page faults this way).
-    "MALLOC_MMAP_THRESHOLD_": "33554432",
-    "MALLOC_TRIM_THRESHOLD_": "4294967296",
+    **MALLOC_ENV,
     "OMP_NUM_THREADS": "1",
     "MKL_NUM_THREADS": "1",
     "PYTHONUNBUFFERED": "1",
