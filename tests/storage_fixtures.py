@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -30,3 +31,23 @@ def scratch(backend: str, tmp_path: Path, *, migrate: bool = True) -> Iterator[D
         pytest.fail(_PG_DOWN + " (CI must test PostgreSQL)")
     with scratch_database(backend, tmp_path, migrate=migrate) as database:
         yield database
+
+
+def race(n: int, fn: Callable[[int], object]) -> list[object]:
+    """Run ``fn(i)`` in ``n`` threads released together; return each result or the exception it raised."""
+    barrier = threading.Barrier(n)
+    results: list[object] = [None] * n
+
+    def worker(i: int) -> None:
+        barrier.wait()
+        try:
+            results[i] = fn(i)
+        except Exception as exc:  # noqa: BLE001 - the test inspects it
+            results[i] = exc
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(n)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(60)
+    return results

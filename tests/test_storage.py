@@ -7,8 +7,7 @@ throw-away database, dropped afterwards); the PostgreSQL params skip if no serve
 from __future__ import annotations
 
 
-import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 
@@ -28,7 +27,7 @@ from qflare.errors import (
 )
 from qflare.server.storage import Database, Store, hash_token, key_id
 from qflare.server.storage import tables as t
-from storage_fixtures import BACKENDS, scratch
+from storage_fixtures import BACKENDS, race, scratch
 
 T0 = datetime(2030, 1, 1, 12, 0, tzinfo=UTC)
 
@@ -49,26 +48,6 @@ def _device(store: Store, seed: bytes = b"a") -> str:
     key = seed * 32
     store.add_device(key_id(key), "ML-DSA-65", key, b"record")
     return key_id(key)
-
-
-def _race(n: int, fn: Callable[[], object]) -> list[object]:
-    """Run ``fn()`` in ``n`` threads released together; return each result or exception."""
-    barrier = threading.Barrier(n)
-    results: list[object] = [None] * n
-
-    def worker(i: int) -> None:
-        barrier.wait()
-        try:
-            results[i] = fn()
-        except Exception as exc:  # noqa: BLE001 - the test inspects it
-            results[i] = exc
-
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(n)]
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join(60)
-    return results
 
 
 # -- Database & migrations ---------------------------------------------------------------------
@@ -186,7 +165,7 @@ def test_concurrent_token_consumption_has_exactly_one_winner(store: Store) -> No
     (tok,) = store.create_tokens(1, timedelta(hours=1))
     n = 8
     ids = iter(range(n))
-    results = _race(n, lambda: store.consume_token(tok, f"dev-{next(ids)}"))
+    results = race(n, lambda i: store.consume_token(tok, f"dev-{next(ids)}"))
     winners = [r for r in results if r is None]
     losers = [r for r in results if isinstance(r, TokenError) and r.code == "token_used"]
     assert len(winners) == 1 and len(losers) == n - 1, results

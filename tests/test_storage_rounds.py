@@ -5,8 +5,7 @@ Runs on SQLite and on a throw-away PostgreSQL database (skipped if none is reach
 
 from __future__ import annotations
 
-import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -22,7 +21,7 @@ from qflare.errors import (
     WrongRoundError,
 )
 from qflare.server.storage import Store, key_id
-from storage_fixtures import BACKENDS, scratch
+from storage_fixtures import BACKENDS, race, scratch
 
 T0 = datetime(2030, 1, 1, 12, 0, tzinfo=UTC)
 DEADLINE = T0 + timedelta(minutes=10)
@@ -41,25 +40,6 @@ def _devices(store: Store, n: int) -> list[str]:
         store.add_device(key_id(key), "ML-DSA-65", key, b"rec")
         ids.append(key_id(key))
     return ids
-
-
-def _race(n: int, fn: Callable[[int], object]) -> list[object]:
-    barrier = threading.Barrier(n)
-    results: list[object] = [None] * n
-
-    def worker(i: int) -> None:
-        barrier.wait()
-        try:
-            results[i] = fn(i)
-        except Exception as exc:  # noqa: BLE001 - inspected by the test
-            results[i] = exc
-
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(n)]
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join(60)
-    return results
 
 
 def _submit(store: Store, dev: str, h: str = "u1", rnd: int = 1, base: str = "m0") -> tuple[object, bool]:
@@ -119,7 +99,7 @@ def test_round_compare_and_set(store: Store) -> None:
 
 def test_round_cas_race_has_one_winner(store: Store) -> None:
     store.open_round(1, "m0", [], 1, 1, DEADLINE)
-    results = _race(6, lambda i: store.set_round_state(1, "open", "aggregating"))
+    results = race(6, lambda i: store.set_round_state(1, "open", "aggregating"))
     wins = [r for r in results if not isinstance(r, Exception)]
     conflicts = [r for r in results if isinstance(r, RoundError) and r.code == "round_state_conflict"]
     assert len(wins) == 1 and len(conflicts) == 5, results
@@ -175,7 +155,7 @@ def test_record_update_refusals_leave_nothing(store: Store) -> None:
 def test_concurrent_identical_submissions_store_one(store: Store) -> None:
     (a,) = _devices(store, 1)
     store.open_round(1, "m0", [a], 1, 1, DEADLINE)
-    results = _race(6, lambda i: _submit(store, a))
+    results = race(6, lambda i: _submit(store, a))
     assert all(isinstance(r, tuple) for r in results), results
     assert sorted(r[1] for r in results) == [False] * 5 + [True]  # type: ignore[index]
     assert len({r[0].id for r in results}) == 1  # type: ignore[index]
@@ -237,7 +217,7 @@ def test_ledger_chain(store: Store) -> None:
 
 def test_concurrent_ledger_appends_do_not_fork(store: Store) -> None:
     store.append_ledger("genesis", {}, "h0", "0" * 64, b"s")
-    results = _race(6, lambda i: store.append_ledger("x", {"i": i}, f"h-{i}", "h0", b"s"))
+    results = race(6, lambda i: store.append_ledger("x", {"i": i}, f"h-{i}", "h0", b"s"))
     ok = [r for r in results if not isinstance(r, Exception)]
     conflicts = [r for r in results if isinstance(r, ReplayError) and r.code == "ledger_conflict"]
     assert len(ok) == 1 and len(conflicts) == 5, results

@@ -43,6 +43,7 @@ from qflare.strategy.weighting import ByExamples, Uniform
 __all__ = [
     "STRATEGIES",
     "Pipeline",
+    "PreparedUpdate",
     "RoundAggregation",
     "build_strategy",
     "fedadagrad",
