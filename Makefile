@@ -8,7 +8,7 @@ FMNIST_CACHE := $(HOME)/.cache/qflare/datasets/fashion-mnist
 DEMO_ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: demo test install data bench clean
+.PHONY: demo test install data bench check clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,12 @@ demo: data
 
 test: data
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The gates CI runs before the tests: formatting, lint and types over the package.
+check: install
+	$(BIN)/ruff format --check qflare
+	$(BIN)/ruff check qflare
+	$(BIN)/mypy
 
 bench: data
 	$(BIN)/qflare bench fmnist-dir05

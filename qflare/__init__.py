@@ -5,16 +5,19 @@ The public surface, pinned by ``tests/test_public_api.py``::
     from qflare import Device, Coordinator, InProcessTransport, HttpTransport, run_simulation, ...
 
 Subpackages hold the detail: :mod:`qflare.crypto`, :mod:`qflare.data`, :mod:`qflare.strategy`,
-:mod:`qflare.protocol`, :mod:`qflare.server`.
+:mod:`qflare.protocol`, :mod:`qflare.storage`,
+:mod:`qflare.device`, :mod:`qflare.server`.
 """
 
-from .client import DeviceClient
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from .crypto import DEFAULT_POLICY, DEFAULT_SUITE, HIGH_SUITE, Policy, SigningKey, Suite, VerifyKey
 from .data import ArrayDataset, load_dataset, partition
+from .device import DeviceClient
 from .errors import QflareError
 from .models import create_model, register_model
 from .protocol import Coordinator, CoordinatorConfig, Device, RoundConfig
-from .simulation import SimulationConfig, SimulationResult, run_simulation
 from .strategy import ClientUpdate, Pipeline, build_strategy
 from .training import LocalTrainer, TrainConfig, TrainResult, evaluate
 from .transport import HttpTransport, InProcessTransport
@@ -22,16 +25,31 @@ from .wire import ParamLayout, decode_blob, encode_model, encode_update
 
 __version__ = "0.1.0"
 
+# The simulation pulls in the coordinator's SQL storage (SQLAlchemy); a device process that imports
+# ``qflare`` must not pay for it, so these three names load on first use (PEP 562).
+_LAZY = {"SimulationConfig": "simulation", "SimulationResult": "simulation", "run_simulation": "simulation"}
+
+if TYPE_CHECKING:
+    from .simulation import SimulationConfig, SimulationResult, run_simulation
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{module}", __name__), name)
+
+
 __all__ = [
+    "DEFAULT_POLICY",
+    "DEFAULT_SUITE",
+    "HIGH_SUITE",
     "ArrayDataset",
     "ClientUpdate",
     "Coordinator",
     "CoordinatorConfig",
-    "DEFAULT_POLICY",
-    "DEFAULT_SUITE",
     "Device",
     "DeviceClient",
-    "HIGH_SUITE",
     "HttpTransport",
     "InProcessTransport",
     "LocalTrainer",

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-__all__ = ["default_data_dir", "MALLOC_ENV"]
+__all__ = ["MALLOC_ENV", "default_data_dir"]
 
 # glibc's default malloc thresholds make every round's large temporary tensors go back to the kernel
 # and fault in again (see BENCHMARKS.md: ~0.8 s a round on fmnist-dir05).  QFLARE sets these for the

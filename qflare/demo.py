@@ -25,13 +25,13 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, IO
+from typing import IO, Any
 
 from .config import MALLOC_ENV
 from .errors import QflareError
 from .transport import HttpTransport, RetryPolicy, TransportError
 
-__all__ = ["DemoConfig", "DemoResult", "DemoError", "ChildProcesses", "run_demo", "free_port", "CHILD_ENV"]
+__all__ = ["CHILD_ENV", "ChildProcesses", "DemoConfig", "DemoError", "DemoResult", "free_port", "run_demo"]
 
 CHILD_ENV: dict[str, str] = {
     # glibc: keep freed tensor memory in the process instead of returning it page by page (N processes
@@ -122,9 +122,14 @@ class ChildProcesses:
         fh = open(log_path, "ab")  # noqa: SIM115 - closed in stop()
         self._files.append(fh)
         proc = subprocess.Popen(
-            list(argv), stdin=subprocess.DEVNULL, stdout=fh, stderr=subprocess.STDOUT, env=dict(env),
-            start_new_session=True, preexec_fn=self._preexec,
-        )  # fmt: skip
+            list(argv),
+            stdin=subprocess.DEVNULL,
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            env=dict(env),
+            start_new_session=True,
+            preexec_fn=self._preexec,
+        )
         self.procs[name], self.logs[name] = proc, log_path
         return proc
 
@@ -184,18 +189,72 @@ def _wait_ready(url: str, server: subprocess.Popen[bytes], children: ChildProces
 
 
 def _server_argv(cfg: DemoConfig, port: int, data_dir: Path) -> list[str]:
-    argv = [cfg.python, "-m", "qflare", "server", "--host", "127.0.0.1", "--port", str(port), "--data-dir", str(data_dir),
-            "--dataset", cfg.dataset, "--model", cfg.model, "--rounds", str(cfg.rounds), "--per-round", str(cfg.per_round),
-            "--min-devices", str(cfg.devices), "--seed", str(cfg.seed), "--round-timeout", f"{cfg.round_timeout_s:g}"]  # fmt: skip
+    argv = [
+        cfg.python,
+        "-m",
+        "qflare",
+        "server",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--data-dir",
+        str(data_dir),
+        "--dataset",
+        cfg.dataset,
+        "--model",
+        cfg.model,
+        "--rounds",
+        str(cfg.rounds),
+        "--per-round",
+        str(cfg.per_round),
+        "--min-devices",
+        str(cfg.devices),
+        "--seed",
+        str(cfg.seed),
+        "--round-timeout",
+        f"{cfg.round_timeout_s:g}",
+    ]
     return argv + (["--data-root", cfg.data_root] if cfg.data_root else [])
 
 
 def _client_argv(cfg: DemoConfig, url: str, data_dir: Path, index: int) -> list[str]:
-    argv = [cfg.python, "-m", "qflare", "client", "--server", url, "--server-key-file", str(data_dir / "coordinator.keyid"),
-            "--state-dir", str(data_dir / "devices" / f"device-{index}"), "--dataset", cfg.dataset, "--model", cfg.model,
-            "--partition", cfg.partition, "--alpha", str(cfg.alpha), "--devices", str(cfg.devices), "--index", str(index),
-            "--seed", str(cfg.seed), "--epochs", str(cfg.epochs), "--batch-size", str(cfg.batch_size), "--lr", str(cfg.lr),
-            "--threads", "1", "--poll-interval", str(cfg.poll_interval_s)]  # fmt: skip
+    argv = [
+        cfg.python,
+        "-m",
+        "qflare",
+        "client",
+        "--server",
+        url,
+        "--server-key-file",
+        str(data_dir / "coordinator.keyid"),
+        "--state-dir",
+        str(data_dir / "devices" / f"device-{index}"),
+        "--dataset",
+        cfg.dataset,
+        "--model",
+        cfg.model,
+        "--partition",
+        cfg.partition,
+        "--alpha",
+        str(cfg.alpha),
+        "--devices",
+        str(cfg.devices),
+        "--index",
+        str(index),
+        "--seed",
+        str(cfg.seed),
+        "--epochs",
+        str(cfg.epochs),
+        "--batch-size",
+        str(cfg.batch_size),
+        "--lr",
+        str(cfg.lr),
+        "--threads",
+        "1",
+        "--poll-interval",
+        str(cfg.poll_interval_s),
+    ]
     return argv + (["--data-root", cfg.data_root] if cfg.data_root else [])
 
 
@@ -216,20 +275,32 @@ def run_demo(
     env = {**os.environ, **CHILD_ENV}
     children = ChildProcesses()
     try:
-        server = children.start("server", _server_argv(cfg, port, data_dir), logs / "server.log", {**env, "QFLARE_ADMIN_TOKEN": admin})
+        server = children.start(
+            "server", _server_argv(cfg, port, data_dir), logs / "server.log", {**env, "QFLARE_ADMIN_TOKEN": admin}
+        )
         on_message(f"coordinator starting at {url} (data {data_dir}, log {logs / 'server.log'})")
         _wait_ready(url, server, children, cfg.startup_timeout_s)
         keyid = (data_dir / "coordinator.keyid").read_text().strip()
-        on_message(f"coordinator ready; ML-DSA key id {keyid[:16]}... (pinned by every device); metrics at {url}/metrics")
+        on_message(
+            f"coordinator ready; ML-DSA key id {keyid[:16]}... (pinned by every device); metrics at {url}/metrics"
+        )
         with HttpTransport(url, timeout=30.0) as api:
-            minted = api.post_json("/v1/admin/tokens", {"count": cfg.devices, "ttl_s": 3600, "label": "demo"},
-                                   headers={"Authorization": f"Bearer {admin}"})  # fmt: skip
+            minted = api.post_json(
+                "/v1/admin/tokens",
+                {"count": cfg.devices, "ttl_s": 3600, "label": "demo"},
+                headers={"Authorization": f"Bearer {admin}"},
+            )
             tokens = minted["tokens"]
             if len(tokens) != cfg.devices:
                 raise DemoError(f"asked for {cfg.devices} enrollment tokens, got {len(tokens)}")
             names = [f"device-{i}" for i in range(cfg.devices)]
             for i, (name, token) in enumerate(zip(names, tokens, strict=True)):
-                children.start(name, _client_argv(cfg, url, data_dir, i), logs / f"{name}.log", {**env, "QFLARE_ENROLL_TOKEN": token})
+                children.start(
+                    name,
+                    _client_argv(cfg, url, data_dir, i),
+                    logs / f"{name}.log",
+                    {**env, "QFLARE_ENROLL_TOKEN": token},
+                )
             on_message(f"{cfg.devices} device processes started; their logs: {logs}/device-*.log")
             history = _follow(cfg, api, children, names, on_status, t0)
         on_message("federation finished; waiting for the devices to exit")
@@ -245,9 +316,13 @@ def run_demo(
 
 
 def _follow(
-    cfg: DemoConfig, api: HttpTransport, children: ChildProcesses, names: list[str],
-    on_status: Callable[[dict[str, Any]], None], t0: float,
-) -> list[dict[str, Any]]:  # fmt: skip
+    cfg: DemoConfig,
+    api: HttpTransport,
+    children: ChildProcesses,
+    names: list[str],
+    on_status: Callable[[dict[str, Any]], None],
+    t0: float,
+) -> list[dict[str, Any]]:
     """Poll /v1/status until the last round's model is evaluated; fail fast when a process dies."""
     finished_at: float | None = None
     while True:

@@ -14,7 +14,7 @@ import ctypes
 import ctypes.util
 from typing import Any
 
-__all__ = ["tune_heap", "release_free_memory"]
+__all__ = ["release_free_memory", "tune_heap"]
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
@@ -35,7 +35,9 @@ def tune_heap(mmap_threshold: int = 32 * 1024 * 1024, trim_threshold: int = 4 * 
     """Fix glibc's mmap and trim thresholds for this process; True when applied."""
     if _LIBC is None:
         return False
-    return bool(_LIBC.mallopt(_M_MMAP_THRESHOLD, mmap_threshold)) and bool(_LIBC.mallopt(_M_TRIM_THRESHOLD, trim_threshold))
+    return bool(_LIBC.mallopt(_M_MMAP_THRESHOLD, mmap_threshold)) and bool(
+        _LIBC.mallopt(_M_TRIM_THRESHOLD, trim_threshold)
+    )
 
 
 def release_free_memory() -> None:

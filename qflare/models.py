@@ -16,14 +16,14 @@ from torch import nn
 from .errors import ConfigError
 
 __all__ = [
+    "MLP",
+    "CifarCNN",
+    "FedAvgCNN",
     "ModelInfo",
-    "register_model",
+    "count_parameters",
     "create_model",
     "model_names",
-    "count_parameters",
-    "FedAvgCNN",
-    "CifarCNN",
-    "MLP",
+    "register_model",
 ]
 
 

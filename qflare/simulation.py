@@ -16,6 +16,7 @@ one seed and worker count.
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 import os
 import tempfile
@@ -35,20 +36,19 @@ from .data import load_dataset, partition
 from .memory import release_free_memory, tune_heap
 from .models import create_model
 from .protocol import Coordinator, CoordinatorConfig, Device, RoundConfig
-from .server.storage import Database, Store
+from .storage import Database, Store
 from .strategy import ClientUpdate, RoundAggregation, build_strategy
-from .training import LocalTrainer, TrainConfig, TrainResult, evaluate
+from .training import LocalTrainer, TrainConfig, TrainResult, client_seed, evaluate
 from .transport import InProcessTransport
 from .wire import ParamLayout
 
 __all__ = [
     "Federation",
     "FederationFactory",
-    "SimulationConfig",
     "RoundRecord",
+    "SimulationConfig",
     "SimulationResult",
     "run_simulation",
-    "client_seed",
 ]
 
 
@@ -98,7 +98,12 @@ class SimulationResult:
     startup_s: float
 
     def to_json(self) -> dict[str, Any]:
-        return {"config": self.config, "rounds": [asdict(r) for r in self.rounds], "wall_s": self.wall_s, "startup_s": self.startup_s}
+        return {
+            "config": self.config,
+            "rounds": [asdict(r) for r in self.rounds],
+            "wall_s": self.wall_s,
+            "startup_s": self.startup_s,
+        }
 
     def write(self, out: Path) -> list[Path]:
         """history.json, history.csv and history.png (accuracy and loss per round) under ``out``."""
@@ -132,11 +137,6 @@ def _plot(rounds: list[RoundRecord], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
-
-
-def client_seed(seed: int, rnd: int, device: int) -> int:
-    """The seed of device ``device``'s shuffles in round ``rnd`` (shared with the bare reference)."""
-    return ((seed * 1_000_003 + rnd) * 1_000_003 + device) % (2**63)
 
 
 class _Workers:
@@ -191,7 +191,9 @@ class _SecureFederation:
 
     def __init__(self, cfg: SimulationConfig, layout: ParamLayout, initial: torch.Tensor) -> None:
         # The coordinator's database: SQLite in a scratch folder (RAM-backed where /dev/shm exists).
-        self._scratch = tempfile.TemporaryDirectory(prefix="qflare-sim-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
+        self._scratch = tempfile.TemporaryDirectory(
+            prefix="qflare-sim-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None
+        )
         self._db = Database(f"sqlite:///{self._scratch.name}/coordinator.db")
         self._db.upgrade()
         self.coordinator = Coordinator(
@@ -201,14 +203,21 @@ class _SecureFederation:
             identity=SigningKey.generate(cfg.suite.sig),
             store=Store(self._db),
             # No deadline in a simulation: every selected device answers (a round may take long).
-            rounds=RoundConfig(rounds=cfg.rounds, per_round=cfg.per_round, seed=cfg.seed, round_timeout_s=_NO_DEADLINE_S),
+            rounds=RoundConfig(
+                rounds=cfg.rounds, per_round=cfg.per_round, seed=cfg.seed, round_timeout_s=_NO_DEADLINE_S
+            ),
             config=CoordinatorConfig(suite=cfg.suite),
         )
         transport = InProcessTransport(self.coordinator)
         self.devices: list[Device] = []
         for token in self.coordinator.create_tokens(cfg.devices, ttl_s=600, label="simulation"):
-            dev = Device(transport=transport, identity=SigningKey.generate(cfg.suite.sig),
-                         server_key=self.coordinator.public_key, layout=layout, suite=cfg.suite)  # fmt: skip
+            dev = Device(
+                transport=transport,
+                identity=SigningKey.generate(cfg.suite.sig),
+                server_key=self.coordinator.public_key,
+                layout=layout,
+                suite=cfg.suite,
+            )
             dev.enroll(token)
             dev.connect()
             self.devices.append(dev)
@@ -285,8 +294,14 @@ def run_simulation(
     require_primitives(cfg.suite)
     train = load_dataset(cfg.dataset, "train", root=cfg.data_root)
     test = load_dataset(cfg.dataset, "test", root=cfg.data_root)
-    parts = partition(cfg.partition, train.labels.numpy(), cfg.devices, seed=cfg.seed, alpha=cfg.alpha,
-                      shards_per_device=cfg.shards_per_device)  # fmt: skip
+    parts = partition(
+        cfg.partition,
+        train.labels.numpy(),
+        cfg.devices,
+        seed=cfg.seed,
+        alpha=cfg.alpha,
+        shards_per_device=cfg.shards_per_device,
+    )
     workers = cfg.workers or (os.cpu_count() or 1)
     if workers > 1:
         torch.set_num_threads(1)
@@ -309,7 +324,9 @@ def run_simulation(
         idx = torch.from_numpy(parts[i])
 
         def fit(flat: torch.Tensor, rnd: int) -> TrainResult:
-            return pool.trainer().train(flat, train.normalized(idx), train.labels[idx], seed=client_seed(cfg.seed, rnd, i))
+            return pool.trainer().train(
+                flat, train.normalized(idx), train.labels[idx], seed=client_seed(cfg.seed, rnd, i)
+            )
 
         prepared, result = fed.work(i, fit)
         result.delta = torch.empty(0)  # the prepared update carries it; don't hold two copies until submission
@@ -324,7 +341,7 @@ def run_simulation(
     def submit_eval(flat: torch.Tensor) -> list[Future]:
         n = len(y_test)
         bounds = [n * k // cfg.eval_chunks for k in range(cfg.eval_chunks + 1)]
-        return [pool.pool.submit(eval_chunk, flat, lo, hi) for lo, hi in zip(bounds, bounds[1:]) if hi > lo]
+        return [pool.pool.submit(eval_chunk, flat, lo, hi) for lo, hi in itertools.pairwise(bounds) if hi > lo]
 
     records: list[RoundRecord] = []
     # (record, model to evaluate, its evaluation futures): evaluation of round r's model is queued
@@ -361,8 +378,16 @@ def run_simulation(
             finish_eval()
             release_free_memory()
             flat, digest = fed.model()
-            rec = RoundRecord(number, float("nan"), float("nan"), time.perf_counter() - t_round,
-                              losses / examples, len(chosen), examples, digest)  # fmt: skip
+            rec = RoundRecord(
+                number,
+                float("nan"),
+                float("nan"),
+                time.perf_counter() - t_round,
+                losses / examples,
+                len(chosen),
+                examples,
+                digest,
+            )
             pending = (rec, flat, [])
         finish_eval()
     finally:

@@ -17,7 +17,14 @@ from torch import nn
 from .errors import ConfigError, NonFiniteError
 from .wire import ParamLayout
 
-__all__ = ["TrainConfig", "TrainResult", "LocalTrainer", "evaluate", "resolve_device"]
+__all__ = [
+    "LocalTrainer",
+    "TrainConfig",
+    "TrainResult",
+    "client_seed",
+    "evaluate",
+    "resolve_device",
+]
 
 
 @dataclass(frozen=True)
@@ -36,7 +43,7 @@ class TrainConfig:
     device: str = "cpu"
     channels_last: bool = True
     """Keep 4-D activations and conv weights in NHWC order: on CPU, oneDNN's convolutions run ~1.4x
-    faster this way for the FedAvg CNN at batch 32 (``benchmarks/`` figures).  Values are unchanged up
+    faster this way for the FedAvg CNN at batch 32 (``qflare/bench/eval_layout.py``).  Values are unchanged up
     to float rounding; the flat parameter vector is always in logical (NCHW) order."""
 
     def __post_init__(self) -> None:
@@ -84,7 +91,7 @@ class LocalTrainer:
         self.device = resolve_device(config.device)
         self.model = model.to(self.device)
         if config.channels_last:
-            self.model = self.model.to(memory_format=torch.channels_last)
+            self.model = self.model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # real API; missing from the stubs
         self.layout = layout or ParamLayout.from_module(self.model)
         self._loss = nn.CrossEntropyLoss()
 
@@ -157,10 +164,10 @@ def evaluate(
 
     Small batches in NHWC order are the fast path on CPU (the activations of a batch stay in cache):
     for the FedAvg CNN on 10k images, batch 128 channels-last took 1.4 s on one core against 3.0 s for
-    batch 1000 NCHW (``python benchmarks/eval_layout.py``)."""
+    batch 1000 NCHW (``python qflare/bench/eval_layout.py``)."""
     model.eval()
     if channels_last and inputs.dim() == 4:
-        model.to(memory_format=torch.channels_last)
+        model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # real API; missing from the stubs
         inputs = inputs.contiguous(memory_format=torch.channels_last)
     dev = next(model.parameters()).device
     loss_sum = 0.0
@@ -173,3 +180,8 @@ def evaluate(
         loss_sum += float(nn.functional.cross_entropy(out, y, reduction="sum"))
         correct += int((out.argmax(1) == y).sum())
     return loss_sum / n, correct / n
+
+
+def client_seed(seed: int, rnd: int, device: int) -> int:
+    """The seed of device ``device``'s shuffles in round ``rnd`` (shared with the bare reference)."""
+    return ((seed * 1_000_003 + rnd) * 1_000_003 + device) % (2**63)

@@ -101,7 +101,7 @@ class ParamLayout:
             raise ValidationError("ParamLayout: names, shapes and dtypes must have the same length")
         if len(set(names)) != len(names):
             raise ValidationError("ParamLayout: parameter names must be unique")
-        for name, shape, dtype in zip(names, shapes, dtypes):
+        for name, shape, dtype in zip(names, shapes, dtypes, strict=False):
             if dtype != torch.float32:
                 raise ValidationError(f"parameter {name}: dtype {_dtype_str(dtype)} is not supported, only float32")
             if any(d < 0 for d in shape):
@@ -112,7 +112,7 @@ class ParamLayout:
             offsets.append(total)
             total += size
         canonical = json.dumps(
-            [[n, list(s), _dtype_str(d)] for n, s, d in zip(names, shapes, dtypes)],
+            [[n, list(s), _dtype_str(d)] for n, s, d in zip(names, shapes, dtypes, strict=False)],
             separators=(",", ":"),
             ensure_ascii=True,
         )
@@ -153,9 +153,9 @@ class ParamLayout:
         return cls.from_state(module.state_dict())
 
     # ------------------------------------------------------------------ checks
-    def _state_diffs(self, state: Mapping[str, torch.Tensor]) -> list[str]:
+    def _state_diffs(self, state: Mapping[str, object]) -> list[str]:
         diffs: list[str] = []
-        for name, shape in zip(self.names, self.shapes):
+        for name, shape in zip(self.names, self.shapes, strict=False):
             tensor = state.get(name)
             if tensor is None:
                 diffs.append(f"parameter {name}: missing")
@@ -204,8 +204,8 @@ class ParamLayout:
         self.check_flat(flat)
         if not self.names:
             return {}
-        pieces = torch.split(flat, self.sizes)
-        return {name: piece.view(shape) for name, piece, shape in zip(self.names, pieces, self.shapes)}
+        pieces = torch.split(flat, list(self.sizes))
+        return {name: piece.view(shape) for name, piece, shape in zip(self.names, pieces, self.shapes, strict=False)}
 
     def load_into(self, module: torch.nn.Module, flat: torch.Tensor) -> None:
         """Copy ``flat`` into ``module``'s float32 parameters and buffers in place (integer buffers untouched)."""
@@ -391,7 +391,7 @@ def decode_blob(
         else ""
     )
     if blob_kind == KIND_MODEL:
-        wanted = dict(zip(layout.names, layout.shapes))
+        wanted = dict(zip(layout.names, layout.shapes, strict=False))
         diffs = [f"parameter {n}: missing" for n in layout.names if n not in entries]
         diffs += [f"unexpected parameter {n}" for n in entries if n not in wanted]
         for name, shape in wanted.items():
@@ -401,7 +401,9 @@ def decode_blob(
             raise ArchitectureMismatchError(_join_diffs(diffs + ([arch_diff] if arch_diff else [])))
         if arch_diff:
             raise ArchitectureMismatchError(arch_diff)
-        placements = [(entries[n], off, size) for n, off, size in zip(layout.names, layout.offsets, layout.sizes)]
+        placements = [
+            (entries[n], off, size) for n, off, size in zip(layout.names, layout.offsets, layout.sizes, strict=False)
+        ]
     else:
         if arch_diff:
             raise ArchitectureMismatchError(arch_diff)

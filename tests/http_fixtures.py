@@ -15,7 +15,7 @@ from typing import Any
 
 from qflare.demo import CHILD_ENV, ChildProcesses, free_port
 from qflare.errors import QflareError
-from qflare.server.storage import Database, Store
+from qflare.storage import Database, Store
 from qflare.transport import HttpTransport, RetryPolicy
 
 __all__ = ["Federation"]
@@ -24,8 +24,18 @@ __all__ = ["Federation"]
 class Federation:
     """One server data dir + port, and device state dirs under ``root`` (small digits/MLP by default)."""
 
-    def __init__(self, root: Path, *, devices: int = 3, rounds: int = 2, per_round: int = 3, seed: int = 0,
-                 dataset: str = "digits", model: str = "mlp", partition: str = "iid") -> None:  # fmt: skip
+    def __init__(
+        self,
+        root: Path,
+        *,
+        devices: int = 3,
+        rounds: int = 2,
+        per_round: int = 3,
+        seed: int = 0,
+        dataset: str = "digits",
+        model: str = "mlp",
+        partition: str = "iid",
+    ) -> None:
         self.root, self.data_dir = root, root / "server"
         self.devices, self.rounds, self.per_round, self.seed = devices, rounds, per_round, seed
         self.dataset, self.model, self.partition = dataset, model, partition
@@ -40,10 +50,32 @@ class Federation:
 
     # ------------------------------------------------------------------ processes
     def start_server(self, name: str = "server") -> subprocess.Popen[bytes]:
-        argv = [sys.executable, "-m", "qflare", "server", "--host", "127.0.0.1", "--port", str(self.port),
-                "--data-dir", str(self.data_dir), "--dataset", self.dataset, "--model", self.model,
-                "--rounds", str(self.rounds), "--per-round", str(self.per_round), "--min-devices", str(self.devices),
-                "--seed", str(self.seed), "--round-timeout", "120"]  # fmt: skip
+        argv = [
+            sys.executable,
+            "-m",
+            "qflare",
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--data-dir",
+            str(self.data_dir),
+            "--dataset",
+            self.dataset,
+            "--model",
+            self.model,
+            "--rounds",
+            str(self.rounds),
+            "--per-round",
+            str(self.per_round),
+            "--min-devices",
+            str(self.devices),
+            "--seed",
+            str(self.seed),
+            "--round-timeout",
+            "120",
+        ]
         return self.children.start(name, argv, self.root / "logs" / f"{name}.log", self.env)
 
     def wait_ready(self, name: str = "server", timeout_s: float = 60.0) -> None:
@@ -63,20 +95,61 @@ class Federation:
         return self.root / f"device-{index}"
 
     def start_device(self, index: int, token: str | None, *, poll_interval: float = 0.2) -> subprocess.Popen[bytes]:
-        argv = [sys.executable, "-m", "qflare", "client", "--server", self.url,
-                "--server-key-file", str(self.data_dir / "coordinator.keyid"), "--state-dir", str(self.state_dir(index)),
-                "--dataset", self.dataset, "--model", self.model, "--partition", self.partition,
-                "--devices", str(self.devices), "--index", str(index), "--seed", str(self.seed), "--threads", "1",
-                "--poll-interval", str(poll_interval), "--give-up-after", "60"]  # fmt: skip
+        argv = [
+            sys.executable,
+            "-m",
+            "qflare",
+            "client",
+            "--server",
+            self.url,
+            "--server-key-file",
+            str(self.data_dir / "coordinator.keyid"),
+            "--state-dir",
+            str(self.state_dir(index)),
+            "--dataset",
+            self.dataset,
+            "--model",
+            self.model,
+            "--partition",
+            self.partition,
+            "--devices",
+            str(self.devices),
+            "--index",
+            str(index),
+            "--seed",
+            str(self.seed),
+            "--threads",
+            "1",
+            "--poll-interval",
+            str(poll_interval),
+            "--give-up-after",
+            "60",
+        ]
         env = {**self.env, "QFLARE_ENROLL_TOKEN": token} if token else self.env
         return self.children.start(f"device-{index}", argv, self.root / "logs" / f"device-{index}.log", env)
 
     # ------------------------------------------------------------------ admin and views
     def tokens_via_cli(self, count: int) -> list[str]:
         out = subprocess.run(
-            [sys.executable, "-m", "qflare", "token", "create", "--data-dir", str(self.data_dir), "--expires", "1h",
-             "--count", str(count), "--json"], env=self.env, capture_output=True, text=True, timeout=60,
-        )  # fmt: skip
+            [
+                sys.executable,
+                "-m",
+                "qflare",
+                "token",
+                "create",
+                "--data-dir",
+                str(self.data_dir),
+                "--expires",
+                "1h",
+                "--count",
+                str(count),
+                "--json",
+            ],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert out.returncode == 0, out.stderr
         doc = json.loads(out.stdout)
         tokens = doc["tokens"] if isinstance(doc, dict) else doc
@@ -84,14 +157,19 @@ class Federation:
         return list(tokens)
 
     def tokens_via_api(self, count: int) -> list[str]:
-        doc = self.api.post_json("/v1/admin/tokens", {"count": count, "ttl_s": 3600, "label": "test"},
-                                 headers={"Authorization": f"Bearer {self.admin}"})  # fmt: skip
+        doc = self.api.post_json(
+            "/v1/admin/tokens",
+            {"count": count, "ttl_s": 3600, "label": "test"},
+            headers={"Authorization": f"Bearer {self.admin}"},
+        )
         return list(doc["tokens"])
 
     def status(self) -> dict[str, Any]:
         return dict(self.api.get_json("/v1/status"))
 
-    def wait_status(self, pred: Callable[[dict[str, Any]], bool], timeout_s: float, poll_s: float = 0.1) -> dict[str, Any]:
+    def wait_status(
+        self, pred: Callable[[dict[str, Any]], bool], timeout_s: float, poll_s: float = 0.1
+    ) -> dict[str, Any]:
         deadline = time.monotonic() + timeout_s
         status: dict[str, Any] = {}
         while time.monotonic() < deadline:

@@ -10,7 +10,7 @@ import torch
 from qflare.crypto import SigningKey
 from qflare.models import create_model
 from qflare.protocol import Coordinator, Device, RoundConfig, Route
-from qflare.server.storage import Database, Store
+from qflare.storage import Database, Store
 from qflare.strategy import fedavg
 from qflare.training import TrainResult
 from qflare.transport import InProcessTransport
@@ -34,7 +34,16 @@ class RecordingTransport:
 
 
 class Federation:
-    def __init__(self, tmp: Path, n: int = 3, per_round: int = 2, rounds: int = 3, strategy=None, round_timeout_s: float = 600.0, blobs=None) -> None:
+    def __init__(
+        self,
+        tmp: Path,
+        n: int = 3,
+        per_round: int = 2,
+        rounds: int = 3,
+        strategy=None,
+        round_timeout_s: float = 600.0,
+        blobs=None,
+    ) -> None:
         self.db = Database(f"sqlite:///{tmp}/coordinator.db")
         self.db.upgrade()
         self.store = Store(self.db)

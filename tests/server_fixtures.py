@@ -26,8 +26,16 @@ GENEROUS = HttpLimits(ip_rate=10_000.0, ip_burst=10_000.0, session_rate=10_000.0
 
 def make_runtime(data_dir: Path, **overrides: Any) -> ServerRuntime:
     """A runtime on ``data_dir``: digits + MLP, 3 devices a round, no background round loop by default."""
-    opts: dict[str, Any] = dict(dataset="digits", model="mlp", rounds=2, per_round=3, min_devices=3,
-                                round_loop=False, http=GENEROUS, round_timeout_s=120.0)  # fmt: skip
+    opts: dict[str, Any] = dict(
+        dataset="digits",
+        model="mlp",
+        rounds=2,
+        per_round=3,
+        min_devices=3,
+        round_loop=False,
+        http=GENEROUS,
+        round_timeout_s=120.0,
+    )
     opts.update(overrides)
     return ServerRuntime(ServerConfig(data_dir=data_dir, **opts), environ={})
 
@@ -55,7 +63,9 @@ def new_device(client: TestClient, identity: SigningKey | None = None) -> Device
     key = VerifyKey.from_bytes(info["alg"], bytes.fromhex(info["public_key"]))
     assert key.key_id == info["key_id"]
     layout = ParamLayout.from_module(create_model("mlp", (1, 8, 8), 10))
-    return Device(transport=AppTransport(client), identity=identity or SigningKey.generate(), server_key=key, layout=layout)
+    return Device(
+        transport=AppTransport(client), identity=identity or SigningKey.generate(), server_key=key, layout=layout
+    )
 
 
 _TRAIN = None

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from qflare.server.storage import Database
-from qflare.server.storage.testing import postgres_admin_url, postgres_unreachable, scratch_database
+from qflare.storage import Database
+from qflare.storage.testing import postgres_admin_url, postgres_unreachable, scratch_database
 
 PG_ERROR = postgres_unreachable()
 _PG_DOWN = f"PostgreSQL not reachable at {postgres_admin_url(masked=True)}: {PG_ERROR}"
@@ -19,7 +19,10 @@ BACKENDS = [
     "sqlite",
     pytest.param(
         "postgresql",
-        marks=[pytest.mark.postgres, pytest.mark.skipif(PG_ERROR is not None and not os.environ.get("CI"), reason=_PG_DOWN)],
+        marks=[
+            pytest.mark.postgres,
+            pytest.mark.skipif(PG_ERROR is not None and not os.environ.get("CI"), reason=_PG_DOWN),
+        ],
     ),
 ]
 
@@ -42,7 +45,7 @@ def race(n: int, fn: Callable[[int], object]) -> list[object]:
         barrier.wait()
         try:
             results[i] = fn(i)
-        except Exception as exc:  # noqa: BLE001 - the test inspects it
+        except Exception as exc:
             results[i] = exc
 
     threads = [threading.Thread(target=worker, args=(i,)) for i in range(n)]

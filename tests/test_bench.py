@@ -14,7 +14,9 @@ needs_fmnist = pytest.mark.skipif(not FMNIST.exists(), reason="Fashion-MNIST not
 
 
 def _json(*args: str) -> dict:
-    out = subprocess.run([sys.executable, "-m", "qflare", "bench", *args, "--json"], capture_output=True, text=True, timeout=600)
+    out = subprocess.run(
+        [sys.executable, "-m", "qflare", "bench", *args, "--json"], capture_output=True, text=True, timeout=600
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -23,8 +25,16 @@ def _json(*args: str) -> dict:
 @needs_fmnist
 def test_fmnist_dir05_contract():
     res = _json("fmnist-dir05", "--rounds", "1")
-    for key in ("qflare_wall_s", "bare_wall_s", "ratio", "qflare_final_accuracy", "bare_final_accuracy",
-                "qflare_peak_rss_mb", "fedavg_gbps", "copy_gbps"):  # fmt: skip
+    for key in (
+        "qflare_wall_s",
+        "bare_wall_s",
+        "ratio",
+        "qflare_final_accuracy",
+        "bare_final_accuracy",
+        "qflare_peak_rss_mb",
+        "fedavg_gbps",
+        "copy_gbps",
+    ):
         assert isinstance(res[key], (int, float)) and res[key] > 0, key
     assert abs(res["ratio"] - res["qflare_wall_s"] / res["bare_wall_s"]) < 0.01
     assert 0.1 < res["qflare_final_accuracy"] <= 1 and 0.1 < res["bare_final_accuracy"] <= 1

@@ -13,8 +13,8 @@ import pytest
 from qflare.bench.ingest import check_database
 from qflare.crypto import SigningKey
 from qflare.protocol import Receipt
-from qflare.server.storage import BlobStore, Store
-from qflare.server.storage.testing import scratch_database
+from qflare.storage import BlobStore, Store
+from qflare.storage.testing import scratch_database
 
 FMNIST = Path("/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz")
 
@@ -71,12 +71,27 @@ def test_check_counts_a_receipt_that_counted_an_update_twice(tmp_path: Path) -> 
 @pytest.mark.slow
 @pytest.mark.skipif(not FMNIST.exists(), reason="Fashion-MNIST not installed (make data installs it)")
 def test_ingest_contract() -> None:
-    out = subprocess.run([sys.executable, "-m", "qflare", "bench", "ingest", "--devices", "10", "--json"],
-                         capture_output=True, text=True, timeout=300)  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, "-m", "qflare", "bench", "ingest", "--devices", "10", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     res = json.loads(out.stdout.strip().splitlines()[-1])
-    for key in ("accepted", "lost", "duplicated", "mb_per_s", "updates_per_s", "p50_ms", "p99_ms",
-                "server_peak_rss_mb", "server_rss_before_mb", "max_uploads", "devices"):  # fmt: skip
+    for key in (
+        "accepted",
+        "lost",
+        "duplicated",
+        "mb_per_s",
+        "updates_per_s",
+        "p50_ms",
+        "p99_ms",
+        "server_peak_rss_mb",
+        "server_rss_before_mb",
+        "max_uploads",
+        "devices",
+    ):
         assert key in res, key
     assert res["devices"] == 10 and res["accepted"] == 10 and res["failed"] == 0
     assert res["lost"] == 0 and res["duplicated"] == 0

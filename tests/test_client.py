@@ -9,13 +9,20 @@ from pathlib import Path
 import pytest
 import torch
 
-from qflare.client import DeviceClient, Workload, load_workload
-from qflare.client_state import DeviceState, normalize_key_id, pin_server_key, read_pin_file
 from qflare.crypto import DEFAULT_SUITE, HIGH_SUITE, SigningKey, VerifyKey
+from qflare.device import (
+    DeviceClient,
+    DeviceState,
+    Workload,
+    load_workload,
+    normalize_key_id,
+    pin_server_key,
+    read_pin_file,
+)
 from qflare.errors import AuthError, ConfigError, RevokedError, TokenError
 from qflare.models import create_model
 from qflare.protocol import Coordinator, RoundConfig, Route
-from qflare.server.storage import Database, Store
+from qflare.storage import Database, Store
 from qflare.strategy import build_strategy
 from qflare.training import TrainConfig
 from qflare.transport import InProcessTransport, ServerUnavailableError
@@ -24,8 +31,12 @@ from qflare.wire import ParamLayout
 
 @pytest.fixture(scope="module")
 def workloads() -> list[Workload]:
-    return [load_workload(dataset="digits", model="mlp", index=i, devices=4, scheme="iid", seed=3,
-                          train=TrainConfig(batch_size=64)) for i in range(2)]  # fmt: skip
+    return [
+        load_workload(
+            dataset="digits", model="mlp", index=i, devices=4, scheme="iid", seed=3, train=TrainConfig(batch_size=64)
+        )
+        for i in range(2)
+    ]
 
 
 @pytest.fixture
@@ -36,9 +47,13 @@ def coordinator(tmp_path: Path) -> Iterator[Coordinator]:
     db = Database(f"sqlite:///{tmp_path}/coordinator.db")
     db.upgrade()
     coord = Coordinator(
-        layout=layout, initial_flat=layout.module_to_flat(net), strategy=build_strategy("fedavg"),
-        identity=SigningKey.generate("ML-DSA-65"), store=Store(db), rounds=RoundConfig(rounds=2, per_round=2, seed=1),
-    )  # fmt: skip
+        layout=layout,
+        initial_flat=layout.module_to_flat(net),
+        strategy=build_strategy("fedavg"),
+        identity=SigningKey.generate("ML-DSA-65"),
+        store=Store(db),
+        rounds=RoundConfig(rounds=2, per_round=2, seed=1),
+    )
     yield coord
     db.dispose()
 
@@ -60,15 +75,23 @@ def stepper(coord: Coordinator, limit: int = 200) -> Callable[[float], None]:
     return sleep
 
 
-def make_client(coord: Coordinator, state_dir: Path, workload: Workload, transport: object | None = None) -> DeviceClient:
+def make_client(
+    coord: Coordinator, state_dir: Path, workload: Workload, transport: object | None = None
+) -> DeviceClient:
     state = DeviceState(state_dir)
     server_key, suite = pin_server_key(identity_doc(coord.public_key), state.pin(coord.public_key.key_id))
-    return DeviceClient(transport=transport or InProcessTransport(coord), state=state, server_key=server_key,
-                        workload=workload, suite=suite, sleep=stepper(coord))  # fmt: skip
+    return DeviceClient(
+        transport=transport or InProcessTransport(coord),
+        state=state,
+        server_key=server_key,
+        workload=workload,
+        suite=suite,
+        sleep=stepper(coord),
+    )
 
 
 def test_state_persists_key_and_enrollment(tmp_path: Path, coordinator: Coordinator, workloads: list[Workload]) -> None:
-    token, = coordinator.create_tokens(1)
+    (token,) = coordinator.create_tokens(1)
     first = make_client(coordinator, tmp_path / "dev", workloads[0])
     assert first.ensure_enrolled(token) is True
     key_file = tmp_path / "dev" / "key.pem"
@@ -87,7 +110,9 @@ def test_state_persists_key_and_enrollment(tmp_path: Path, coordinator: Coordina
         make_client(coordinator, tmp_path / "other", workloads[0]).ensure_enrolled(token)
 
 
-def test_unenrolled_without_token_is_refused(tmp_path: Path, coordinator: Coordinator, workloads: list[Workload]) -> None:
+def test_unenrolled_without_token_is_refused(
+    tmp_path: Path, coordinator: Coordinator, workloads: list[Workload]
+) -> None:
     with pytest.raises(ConfigError) as info:
         make_client(coordinator, tmp_path / "dev", workloads[0]).ensure_enrolled(None)
     assert info.value.code == "not_enrolled"
@@ -127,13 +152,16 @@ def test_state_dir_stays_pinned(tmp_path: Path, coordinator: Coordinator) -> Non
     assert info.value.code == "server_key_mismatch"
 
 
-def test_enrollment_record_from_another_coordinator_is_refused(tmp_path: Path, coordinator: Coordinator,
-                                                               workloads: list[Workload]) -> None:  # fmt: skip
-    token, = coordinator.create_tokens(1)
+def test_enrollment_record_from_another_coordinator_is_refused(
+    tmp_path: Path, coordinator: Coordinator, workloads: list[Workload]
+) -> None:
+    (token,) = coordinator.create_tokens(1)
     make_client(coordinator, tmp_path / "dev", workloads[0]).ensure_enrolled(token)
     impostor = SigningKey.generate("ML-DSA-65").public
     state = DeviceState(tmp_path / "dev")
-    client = DeviceClient(transport=InProcessTransport(coordinator), state=state, server_key=impostor, workload=workloads[0])
+    client = DeviceClient(
+        transport=InProcessTransport(coordinator), state=state, server_key=impostor, workload=workloads[0]
+    )
     with pytest.raises(AuthError) as info:
         client.ensure_enrolled(None)
     assert info.value.code == "enrollment_mismatch"
@@ -185,8 +213,9 @@ class LoseFirstAck:
         return reply
 
 
-def test_lost_acknowledgement_is_resent_and_counted_once(tmp_path: Path, coordinator: Coordinator,
-                                                         workloads: list[Workload]) -> None:  # fmt: skip
+def test_lost_acknowledgement_is_resent_and_counted_once(
+    tmp_path: Path, coordinator: Coordinator, workloads: list[Workload]
+) -> None:
     tokens = coordinator.create_tokens(2)
     flaky = LoseFirstAck(InProcessTransport(coordinator))
     a = make_client(coordinator, tmp_path / "a", workloads[0], transport=flaky)
@@ -202,7 +231,7 @@ def test_lost_acknowledgement_is_resent_and_counted_once(tmp_path: Path, coordin
 
 
 def test_revoked_device_stops(tmp_path: Path, coordinator: Coordinator, workloads: list[Workload]) -> None:
-    token, = coordinator.create_tokens(1)
+    (token,) = coordinator.create_tokens(1)
     c = make_client(coordinator, tmp_path / "dev", workloads[0])
     c.ensure_enrolled(token)
     coordinator.revoke(c.device_id, "test")
@@ -212,7 +241,7 @@ def test_revoked_device_stops(tmp_path: Path, coordinator: Coordinator, workload
 
 def test_workload_matches_simulation_partition() -> None:
     from qflare.data import load_dataset, partition
-    from qflare.simulation import client_seed
+    from qflare.training import client_seed
 
     w = load_workload(dataset="digits", model="mlp", index=2, devices=5, scheme="dirichlet", alpha=0.5, seed=7)
     data = load_dataset("digits", "train")

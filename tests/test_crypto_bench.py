@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from qflare.crypto.bench import bench_crypto, summarize_ms
+from qflare.bench.crypto_ops import bench_crypto, summarize_ms
 from qflare.crypto.suite import DEFAULT_SUITE, HIGH_SUITE
 
 

@@ -76,7 +76,9 @@ def test_encode_fields_checks() -> None:
         with pytest.raises(ConfigError):
             encode_fields(MsgType.UPDATE, bad, DEFAULT_SUITE)
     with pytest.raises(ConfigError):
-        SignedEnvelope.sign(DEFAULT_SUITE, MsgType.CLIENT_HELLO, sample_fields(MsgType.CLIENT_HELLO, DEFAULT_SUITE), KEYS[DEFAULT_SUITE])
+        SignedEnvelope.sign(
+            DEFAULT_SUITE, MsgType.CLIENT_HELLO, sample_fields(MsgType.CLIENT_HELLO, DEFAULT_SUITE), KEYS[DEFAULT_SUITE]
+        )
     with pytest.raises(ConfigError):
         SignedEnvelope.unsigned(DEFAULT_SUITE, MsgType.UPDATE, fields)
     with pytest.raises(ConfigError) as exc:
@@ -117,11 +119,24 @@ def test_unknown_duplicate_and_misordered_tags() -> None:
     cases = {
         "unknown": _header(MsgType.CLIENT_FINISH) + _tlv(0x7F, kid) + _tlv(Field.TRANSCRIPT_HASH, th) + sig,
         "foreign": _header(MsgType.CLIENT_FINISH) + _tlv(Field.ROUND, kid) + _tlv(Field.TRANSCRIPT_HASH, th) + sig,
-        "duplicate": _header(MsgType.CLIENT_FINISH) + _tlv(Field.DEVICE_KEY_ID, kid) + _tlv(Field.DEVICE_KEY_ID, kid) + sig,
-        "order": _header(MsgType.CLIENT_FINISH) + _tlv(Field.TRANSCRIPT_HASH, th) + _tlv(Field.DEVICE_KEY_ID, kid) + sig,
-        "length": _header(MsgType.CLIENT_FINISH) + _tlv(Field.DEVICE_KEY_ID, kid + b"\x00") + _tlv(Field.TRANSCRIPT_HASH, th) + sig,
+        "duplicate": _header(MsgType.CLIENT_FINISH)
+        + _tlv(Field.DEVICE_KEY_ID, kid)
+        + _tlv(Field.DEVICE_KEY_ID, kid)
+        + sig,
+        "order": _header(MsgType.CLIENT_FINISH)
+        + _tlv(Field.TRANSCRIPT_HASH, th)
+        + _tlv(Field.DEVICE_KEY_ID, kid)
+        + sig,
+        "length": _header(MsgType.CLIENT_FINISH)
+        + _tlv(Field.DEVICE_KEY_ID, kid + b"\x00")
+        + _tlv(Field.TRANSCRIPT_HASH, th)
+        + sig,
         "huge_length": _header(MsgType.CLIENT_FINISH) + struct.pack(">BI", Field.DEVICE_KEY_ID, 0xFFFFFFFF) + kid,
-        "sig_length": _header(MsgType.CLIENT_FINISH) + _tlv(Field.DEVICE_KEY_ID, kid) + _tlv(Field.TRANSCRIPT_HASH, th) + struct.pack(">I", 3308) + b"\x00" * 3308,
+        "sig_length": _header(MsgType.CLIENT_FINISH)
+        + _tlv(Field.DEVICE_KEY_ID, kid)
+        + _tlv(Field.TRANSCRIPT_HASH, th)
+        + struct.pack(">I", 3308)
+        + b"\x00" * 3308,
         "magic": b"QFX\x01" + good[4:],
         "version": b"QFL\x02" + good[4:],
         "suite": b"QFL\x01" + bytes.fromhex("0109010101") + good[9:],
@@ -198,7 +213,9 @@ def test_expected_type_and_oversize() -> None:
 def test_signature_does_not_transfer_between_types() -> None:
     # Same field layout, different type byte: the per-type context (and header) keep them apart.
     key = KEYS[DEFAULT_SUITE]
-    fin = SignedEnvelope.sign(DEFAULT_SUITE, MsgType.CLIENT_FINISH, sample_fields(MsgType.CLIENT_FINISH, DEFAULT_SUITE), key)
+    fin = SignedEnvelope.sign(
+        DEFAULT_SUITE, MsgType.CLIENT_FINISH, sample_fields(MsgType.CLIENT_FINISH, DEFAULT_SUITE), key
+    )
     with pytest.raises(BadSignatureError):
         key.public.verify(fin.signature, fin.body, context_for(MsgType.UPDATE))
 
@@ -241,7 +258,11 @@ def test_optional_metadata_field() -> None:
     with pytest.raises(MalformedError):
         SignedEnvelope.parse(dup + with_meta.to_bytes()[len(with_meta.body) :])
     with pytest.raises(ConfigError):  # only UPDATE takes it
-        encode_fields(MsgType.GLOBAL_MODEL, {**sample_fields(MsgType.GLOBAL_MODEL, DEFAULT_SUITE), Field.METADATA: b"x"}, DEFAULT_SUITE)
+        encode_fields(
+            MsgType.GLOBAL_MODEL,
+            {**sample_fields(MsgType.GLOBAL_MODEL, DEFAULT_SUITE), Field.METADATA: b"x"},
+            DEFAULT_SUITE,
+        )
     for bad_len in (0, 4097):
         with pytest.raises(ConfigError):
             encode_fields(MsgType.UPDATE, {**bare, Field.METADATA: b"x" * bad_len}, DEFAULT_SUITE)

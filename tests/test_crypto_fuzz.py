@@ -83,7 +83,9 @@ def test_envelope_parser(data: bytes) -> None:
 
 
 @FUZZ
-@given(st.sampled_from(list(MsgType) + [0, 0x99]), st.binary(max_size=300), st.sampled_from([DEFAULT_SUITE, HIGH_SUITE]))
+@given(
+    st.sampled_from(list(MsgType) + [0, 0x99]), st.binary(max_size=300), st.sampled_from([DEFAULT_SUITE, HIGH_SUITE])
+)
 def test_decode_fields(mt: int, data: bytes, suite: Suite) -> None:
     only_qflare_errors(lambda: decode_fields(mt, data, suite))  # type: ignore[arg-type]
 

@@ -24,6 +24,7 @@ from qflare.errors import (
     UnknownDeviceError,
 )
 
+
 def field_offset(raw: bytes, tag: Field) -> int:
     """Offset of the first value byte of ``tag`` in an envelope (walks the TLVs)."""
     pos = HEADER_LEN

@@ -76,7 +76,15 @@ def test_update_checks(session) -> None:  # type: ignore[no-untyped-def]
         open_update(s, SigningKey.generate().public, 2, seal_update(c, device, 2, BASE, 1, b"u"))
 
 
-def _raw_update(c: Channel, device: SigningKey, frame_round: int, env_round: int, payload: bytes, size: int | None = None, digest: bytes | None = None) -> bytes:
+def _raw_update(
+    c: Channel,
+    device: SigningKey,
+    frame_round: int,
+    env_round: int,
+    payload: bytes,
+    size: int | None = None,
+    digest: bytes | None = None,
+) -> bytes:
     env = SignedEnvelope.sign(
         c.suite,
         MsgType.UPDATE,

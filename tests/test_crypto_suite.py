@@ -22,8 +22,8 @@ from qflare.errors import ConfigError, CryptoUnavailableError, MalformedError, P
 
 
 def test_default_and_high_suites() -> None:
-    assert DEFAULT_SUITE == Suite(sig="ML-DSA-65", kem="ML-KEM-768", x25519=True, aead="AES-256-GCM")
-    assert HIGH_SUITE == Suite(sig="ML-DSA-87", kem="ML-KEM-1024", x25519=True)
+    assert Suite(sig="ML-DSA-65", kem="ML-KEM-768", x25519=True, aead="AES-256-GCM") == DEFAULT_SUITE
+    assert Suite(sig="ML-DSA-87", kem="ML-KEM-1024", x25519=True) == HIGH_SUITE
     assert DEFAULT_SUITE.to_bytes() == bytes.fromhex("0102010101")
     assert HIGH_SUITE.to_bytes() == bytes.fromhex("0103020101")
     assert DEFAULT_SUITE.name == "v1:ML-DSA-65+ML-KEM-768+X25519+AES-256-GCM"
@@ -37,7 +37,19 @@ def test_suite_wire_round_trip(sig: str, kem: str, hybrid: bool) -> None:
 
 @pytest.mark.parametrize(
     "raw",
-    ["", "01020101", "010201010100", "0202010101", "0100010101", "0104010101", "0102000101", "0102030101", "0102010201", "0102010100", "0102010102"],
+    [
+        "",
+        "01020101",
+        "010201010100",
+        "0202010101",
+        "0100010101",
+        "0104010101",
+        "0102000101",
+        "0102030101",
+        "0102010201",
+        "0102010100",
+        "0102010102",
+    ],
 )
 def test_suite_from_bytes_refuses_unknown_or_non_canonical(raw: str) -> None:
     with pytest.raises(MalformedError) as exc:
@@ -45,7 +57,9 @@ def test_suite_from_bytes_refuses_unknown_or_non_canonical(raw: str) -> None:
     assert exc.value.code == "malformed"
 
 
-@pytest.mark.parametrize("kwargs", [{"sig": "ML-DSA-99"}, {"kem": "ML-KEM-512"}, {"aead": "ChaCha20"}, {"version": 2}, {"x25519": 1}])
+@pytest.mark.parametrize(
+    "kwargs", [{"sig": "ML-DSA-99"}, {"kem": "ML-KEM-512"}, {"aead": "ChaCha20"}, {"version": 2}, {"x25519": 1}]
+)
 def test_suite_constructor_refuses_unknown(kwargs: dict[str, object]) -> None:
     with pytest.raises(ConfigError) as exc:
         Suite(**kwargs)  # type: ignore[arg-type]

@@ -27,8 +27,8 @@ from qflare.data import (
     load_dataset,
     parse_idx,
     read_idx,
+    sources,
 )
-from qflare.data import sources
 from qflare.data.download import default_cache_dir, extract_tar
 from qflare.errors import DataError, DatasetMissingError
 
@@ -135,8 +135,7 @@ def test_read_idx_raw_and_gz(tmp_path: Path, gz: bool) -> None:
         (lambda b: b[:2], "truncated"),
     ],
 )
-def test_read_idx_rejects_bad_files_naming_them(tmp_path: Path, mutate: Callable[[bytes], bytes],
-                                                 needle: str) -> None:
+def test_read_idx_rejects_bad_files_naming_them(tmp_path: Path, mutate: Callable[[bytes], bytes], needle: str) -> None:
     path = tmp_path / "broken-images-idx3-ubyte"
     path.write_bytes(mutate(idx_bytes(np.zeros((3, 4, 4), dtype=np.uint8), 0x08)))
     with pytest.raises(DataError, match=needle) as info:
@@ -152,8 +151,7 @@ def test_read_idx_rejects_corrupt_gzip(tmp_path: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------- search order
-def test_explicit_root_loads_raw_idx_and_ignores_other_places(tmp_path: Path,
-                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+def test_explicit_root_loads_raw_idx_and_ignores_other_places(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     images = write_mnist_like(tmp_path / "mine", 7, gz=False)
     write_mnist_like(tmp_path / "env" / "mnist", 3, gz=True)
     monkeypatch.setenv("QFLARE_DATA_DIR", str(tmp_path / "env"))
@@ -339,11 +337,14 @@ def test_fetch_downloads_and_verifies(tmp_path: Path) -> None:
 
 def test_fetch_skips_wrong_hash_mirror_and_follows_redirects(tmp_path: Path) -> None:
     log: list[str] = []
-    client = client_for({
-        "https://a.test/x/f.bin": lambda: httpx.Response(200, content=BAD),
-        "https://b.test/y/f.bin": lambda: httpx.Response(302, headers={"location": "https://c.test/f.bin"}),
-        "https://c.test/f.bin": lambda: httpx.Response(200, content=GOOD),
-    }, log)
+    client = client_for(
+        {
+            "https://a.test/x/f.bin": lambda: httpx.Response(200, content=BAD),
+            "https://b.test/y/f.bin": lambda: httpx.Response(302, headers={"location": "https://c.test/f.bin"}),
+            "https://c.test/f.bin": lambda: httpx.Response(200, content=GOOD),
+        },
+        log,
+    )
     path = fetch(mirror_file(), tmp_path, client=client)
     assert path.read_bytes() == GOOD and len(log) == 3
     assert leftovers(tmp_path) == ["f.bin"]
@@ -416,12 +417,15 @@ def test_load_dataset_download_end_to_end(tmp_path: Path, monkeypatch: pytest.Mo
     src = tmp_path / "server"
     write_mnist_like(src, 5, gz=True)
     write_mnist_like(src, 2, gz=True, split="test")
-    files = tuple(MirrorFile(p.name, hashlib.sha256(p.read_bytes()).hexdigest(), ("https://m.test/",))
-                  for p in sorted(src.iterdir()))
+    files = tuple(
+        MirrorFile(p.name, hashlib.sha256(p.read_bytes()).hexdigest(), ("https://m.test/",))
+        for p in sorted(src.iterdir())
+    )
     monkeypatch.setitem(KNOWN_FILES, "mnist", files)
     log: list[str] = []
-    routes = {f"https://m.test/{f.name}": (lambda p=src / f.name: httpx.Response(200, content=p.read_bytes()))
-              for f in files}
+    routes = {
+        f"https://m.test/{f.name}": (lambda p=src / f.name: httpx.Response(200, content=p.read_bytes())) for f in files
+    }
     client = client_for(routes, log)
     monkeypatch.setattr(sources, "download_dataset", lambda name, dest: download_dataset(name, dest, client=client))
     root = tmp_path / "root"

@@ -20,26 +20,40 @@ SMALL = ["--devices", "3", "--per-round", "2", "--rounds", "2", "--dataset", "di
 
 
 def _env() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if k not in ("QFLARE_DATABASE_URL", "QFLARE_ADMIN_TOKEN")} | {"COLUMNS": "200"}
+    return {k: v for k, v in os.environ.items() if k not in ("QFLARE_DATABASE_URL", "QFLARE_ADMIN_TOKEN")} | {
+        "COLUMNS": "200"
+    }
 
 
 def test_small_demo_runs_to_the_end(tmp_path: Path) -> None:
-    out = subprocess.run([sys.executable, "-m", "qflare", "demo", *SMALL, "--data-dir", str(tmp_path)],
-                         capture_output=True, text=True, timeout=150, env=_env())  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, "-m", "qflare", "demo", *SMALL, "--data-dir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=150,
+        env=_env(),
+    )
     assert out.returncode == 0, out.stdout + out.stderr
     assert "final accuracy" in out.stdout and "round   2  accuracy" in out.stdout
     assert "/metrics" in out.stdout
     logs = sorted(p.name for p in (tmp_path / "logs").iterdir())
     assert logs == ["device-0.log", "device-1.log", "device-2.log", "server.log"]
-    assert "acknowledged" in (tmp_path / "logs" / "device-0.log").read_text() + (tmp_path / "logs" / "device-1.log").read_text()
+    assert (
+        "acknowledged"
+        in (tmp_path / "logs" / "device-0.log").read_text() + (tmp_path / "logs" / "device-1.log").read_text()
+    )
     for i in range(3):
         state = tmp_path / "devices" / f"device-{i}"
         assert (state / "key.pem").stat().st_mode & 0o077 == 0 and (state / "enrollment.record").exists()
 
 
 def test_ctrl_c_stops_every_child(tmp_path: Path) -> None:
-    demo = subprocess.Popen([sys.executable, "-m", "qflare", "demo", *SMALL, "--rounds", "50", "--data-dir", str(tmp_path)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=_env())  # fmt: skip
+    demo = subprocess.Popen(
+        [sys.executable, "-m", "qflare", "demo", *SMALL, "--rounds", "50", "--data-dir", str(tmp_path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env=_env(),
+    )
     try:
         deadline = time.monotonic() + 90
         children: list[psutil.Process] = []
@@ -63,9 +77,16 @@ def test_ctrl_c_stops_every_child(tmp_path: Path) -> None:
 
 def test_child_processes_kill_what_ignores_sigterm(tmp_path: Path) -> None:
     children = ChildProcesses()
-    stubborn = children.start("stubborn", [sys.executable, "-c",
-                              "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('up', flush=True); time.sleep(60)"],
-                              tmp_path / "stubborn.log", os.environ)  # fmt: skip
+    stubborn = children.start(
+        "stubborn",
+        [
+            sys.executable,
+            "-c",
+            "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('up', flush=True); time.sleep(60)",
+        ],
+        tmp_path / "stubborn.log",
+        os.environ,
+    )
     deadline = time.monotonic() + 10
     while "up" not in (tmp_path / "stubborn.log").read_text():
         assert time.monotonic() < deadline

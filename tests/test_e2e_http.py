@@ -6,7 +6,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
 from http_fixtures import Federation
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]

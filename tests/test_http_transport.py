@@ -134,8 +134,11 @@ def test_429_honours_retry_after() -> None:
     def handler(req: httpx.Request) -> httpx.Response:
         calls["n"] += 1
         if calls["n"] < 3:
-            return httpx.Response(429, headers={"Retry-After": "0.3" if calls["n"] == 1 else "2"},
-                                  json={"code": "rate_limited", "message": "slow down"})  # fmt: skip
+            return httpx.Response(
+                429,
+                headers={"Retry-After": "0.3" if calls["n"] == 1 else "2"},
+                json={"code": "rate_limited", "message": "slow down"},
+            )
         return httpx.Response(200, content=b"ok")
 
     t, sleeps = make(handler)
@@ -144,7 +147,12 @@ def test_429_honours_retry_after() -> None:
 
 
 def test_429_exhausted_raises_typed_rate_limit() -> None:
-    t, sleeps = make(lambda req: httpx.Response(429, headers={"Retry-After": "1.5"}, json={"code": "rate_limited", "message": "slow"}), attempts=2)
+    t, sleeps = make(
+        lambda req: httpx.Response(
+            429, headers={"Retry-After": "1.5"}, json={"code": "rate_limited", "message": "slow"}
+        ),
+        attempts=2,
+    )
     with pytest.raises(RateLimitedError) as info:
         t.request(Route.TASK, b"x", "s")
     assert info.value.code == "rate_limited" and info.value.retry_after_s == 1.5
@@ -208,7 +216,9 @@ def test_circuit_breaker_opens_then_half_opens() -> None:
 def test_refusal_resets_breaker() -> None:
     clock = Clock()
     breaker = CircuitBreaker(failure_threshold=2, reset_after_s=5.0, clock=clock)
-    answers = iter([httpx.ConnectError("x"), refusal(409, "wrong_round", "no"), httpx.ConnectError("x"), httpx.Response(200)])
+    answers = iter(
+        [httpx.ConnectError("x"), refusal(409, "wrong_round", "no"), httpx.ConnectError("x"), httpx.Response(200)]
+    )
 
     def handler(req: httpx.Request) -> httpx.Response:
         a = next(answers)

@@ -75,8 +75,9 @@ def test_iid_invariants(problem: tuple[np.ndarray, int, int]) -> None:
 
 @FAST
 @given(problems(), st.floats(0.05, 50.0), st.integers(1, 5))
-def test_dirichlet_matches_reference_byte_for_byte(problem: tuple[np.ndarray, int, int], alpha: float,
-                                                   min_size: int) -> None:
+def test_dirichlet_matches_reference_byte_for_byte(
+    problem: tuple[np.ndarray, int, int], alpha: float, min_size: int
+) -> None:
     labels, n_devices, seed = problem
     try:
         expected = reference_dirichlet(labels, n_devices, alpha, seed, min_size=min_size, max_tries=20)
@@ -172,10 +173,10 @@ def test_quantity_skew_alpha_controls_sizes_not_labels() -> None:
 def test_partition_accepts_torch_labels_and_aliases() -> None:
     t = torch.from_numpy(LABELS_1K)
     assert same(partition("iid", t, 7, seed=5), iid(LABELS_1K, 7, 5))
-    assert same(partition("quantity_skew", LABELS_1K, 4, seed=2, alpha=2.0),
-                quantity_skew(LABELS_1K, 4, 2.0, 2))
-    assert same(partition("dirichlet", LABELS_1K, 5, seed=9, alpha=0.3),
-                reference_dirichlet(LABELS_1K, 5, 0.3, 9, min_size=10))
+    assert same(partition("quantity_skew", LABELS_1K, 4, seed=2, alpha=2.0), quantity_skew(LABELS_1K, 4, 2.0, 2))
+    assert same(
+        partition("dirichlet", LABELS_1K, 5, seed=9, alpha=0.3), reference_dirichlet(LABELS_1K, 5, 0.3, 9, min_size=10)
+    )
 
 
 # ----------------------------------------------------------------------------------------- errors
@@ -206,16 +207,19 @@ def test_invalid_arguments_raise_data_error(call, needle: str) -> None:  # type:
 
 
 # ------------------------------------------------------------------------------------ real data
-@pytest.mark.skipif(not FASHION_DIR.is_dir(),
-                    reason="Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
+@pytest.mark.skipif(
+    not FASHION_DIR.is_dir(), reason="Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)"
+)
 def test_fashion_mnist_dirichlet_100_devices() -> None:
     from qflare.data import read_idx
 
     labels = read_idx(FASHION_DIR / "train-labels-idx1-ubyte.gz").astype(np.int64)
     parts = dirichlet(labels, 100, alpha=0.5, seed=0)
     sizes = np.array([len(p) for p in parts])
-    print(f"fashion-mnist dirichlet(0.5) x100: min={sizes.min()} median={np.median(sizes)} "
-          f"max={sizes.max()} sizes={sizes.tolist()}")
+    print(
+        f"fashion-mnist dirichlet(0.5) x100: min={sizes.min()} median={np.median(sizes)} "
+        f"max={sizes.max()} sizes={sizes.tolist()}"
+    )
     assert sizes.min() >= 10 and sizes.sum() == 60000
     check_partition(parts, 60000, 100, 10)
     stats = summary(label_counts(parts, labels, 10))

@@ -12,12 +12,10 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from protocol_fixtures import Federation
 
-from qflare.crypto import SigningKey
 from qflare.errors import QflareError
 from qflare.protocol import Route, SealedUpdate
-
-from protocol_fixtures import Federation
 
 
 @pytest.fixture
@@ -156,14 +154,19 @@ def test_forged_signature_refused(fed):
     forger = fed.new_device()
     forged = forger.prepare_update(task, model, fed.result())
     # Splice: a's signed header fields with the forger's signature bytes.
-    from qflare.crypto import SignedEnvelope, unpack_signed, pack_signed
+    from qflare.crypto import SignedEnvelope, pack_signed, unpack_signed
 
     head, blob = unpack_signed(genuine.payload)
     env = SignedEnvelope.parse(head)
     fhead, _ = unpack_signed(forged.payload)
     fenv = SignedEnvelope.parse(fhead)
     spliced = env.body + len(fenv.signature).to_bytes(4, "big") + fenv.signature
-    refused(fed, "bad_signature", a.submit, SealedUpdate(genuine.round, pack_signed(spliced, bytes(blob)), genuine.update_hash))
+    refused(
+        fed,
+        "bad_signature",
+        a.submit,
+        SealedUpdate(genuine.round, pack_signed(spliced, bytes(blob)), genuine.update_hash),
+    )
 
 
 def test_non_finite_update_refused(fed):
@@ -322,7 +325,7 @@ def test_one_live_session_per_device(fed):
 def test_restart_restores_the_server_optimiser_state(tmp_path):
     """FedAvgM's velocity (and FedAdam's moments) survive a coordinator restart on the same data."""
     from qflare.protocol import Coordinator, RoundConfig
-    from qflare.server.storage import BlobStore
+    from qflare.storage import BlobStore
     from qflare.strategy import fedavgm
 
     blobs = BlobStore(tmp_path / "blobs")
@@ -333,9 +336,14 @@ def test_restart_restores_the_server_optimiser_state(tmp_path):
     velocity = fed.coordinator.rounds.strategy.server_opt.velocity
     assert velocity is not None and velocity.abs().sum() > 0
     restarted = Coordinator(
-        layout=fed.layout, initial_flat=torch.zeros(fed.layout.numel), strategy=fedavgm(), identity=fed.identity,
-        store=fed.store, rounds=RoundConfig(rounds=3, per_round=2, seed=0), blobs=blobs,
-    )  # fmt: skip
+        layout=fed.layout,
+        initial_flat=torch.zeros(fed.layout.numel),
+        strategy=fedavgm(),
+        identity=fed.identity,
+        store=fed.store,
+        rounds=RoundConfig(rounds=3, per_round=2, seed=0),
+        blobs=blobs,
+    )
     assert restarted.rounds.model.version == 1
     assert torch.equal(restarted.rounds.model.flat, fed.coordinator.rounds.model.flat)
     assert torch.equal(restarted.rounds.strategy.server_opt.velocity, velocity)

@@ -5,12 +5,42 @@ from __future__ import annotations
 import qflare
 
 EXPECTED = {
-    "ArrayDataset", "ClientUpdate", "Coordinator", "CoordinatorConfig", "DEFAULT_POLICY", "DEFAULT_SUITE", "Device",
-    "DeviceClient", "HIGH_SUITE", "HttpTransport", "InProcessTransport", "LocalTrainer", "ParamLayout", "Pipeline",
-    "Policy", "QflareError", "RoundConfig", "SigningKey", "SimulationConfig", "SimulationResult", "Suite",
-    "TrainConfig", "TrainResult", "VerifyKey", "__version__", "build_strategy", "create_model", "decode_blob",
-    "encode_model", "encode_update", "evaluate", "load_dataset", "partition", "register_model", "run_simulation",
-}  # fmt: skip
+    "ArrayDataset",
+    "ClientUpdate",
+    "Coordinator",
+    "CoordinatorConfig",
+    "DEFAULT_POLICY",
+    "DEFAULT_SUITE",
+    "Device",
+    "DeviceClient",
+    "HIGH_SUITE",
+    "HttpTransport",
+    "InProcessTransport",
+    "LocalTrainer",
+    "ParamLayout",
+    "Pipeline",
+    "Policy",
+    "QflareError",
+    "RoundConfig",
+    "SigningKey",
+    "SimulationConfig",
+    "SimulationResult",
+    "Suite",
+    "TrainConfig",
+    "TrainResult",
+    "VerifyKey",
+    "__version__",
+    "build_strategy",
+    "create_model",
+    "decode_blob",
+    "encode_model",
+    "encode_update",
+    "evaluate",
+    "load_dataset",
+    "partition",
+    "register_model",
+    "run_simulation",
+}
 
 
 def test_public_api_is_pinned():

@@ -8,11 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 from fastapi.testclient import TestClient
+from server_fixtures import admin, counts, make_runtime, new_device, train_and_submit, wait_for
 
 from qflare.server import create_app
-from qflare.server.storage import Database
-
-from server_fixtures import admin, counts, make_runtime, new_device, train_and_submit, wait_for
+from qflare.storage import Database
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
@@ -20,7 +19,9 @@ pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 def test_three_devices_two_rounds_over_http(tmp_path: Path) -> None:
     runtime = make_runtime(tmp_path, round_loop=True, step_interval_s=0.05)
     with TestClient(create_app(runtime)) as client:
-        minted = client.post("/v1/admin/tokens", json={"count": 3, "ttl_s": 600, "label": "e2e"}, headers=admin(runtime))
+        minted = client.post(
+            "/v1/admin/tokens", json={"count": 3, "ttl_s": 600, "label": "e2e"}, headers=admin(runtime)
+        )
         assert minted.status_code == 200
         tokens = minted.json()["tokens"]
         assert len(tokens) == 3 and len(set(tokens)) == 3
@@ -31,8 +32,12 @@ def test_three_devices_two_rounds_over_http(tmp_path: Path) -> None:
         initial = runtime.coordinator.rounds.model.flat.clone()
         for expected_round in (1, 2):
             # the background loop opens the round once the 3 devices are enrolled / the last round closed
-            wait_for(lambda: client.get("/v1/status").json()["state"] == "open"
-                     and client.get("/v1/status").json()["round"] == expected_round)  # fmt: skip
+            wait_for(
+                lambda: (
+                    client.get("/v1/status").json()["state"] == "open"
+                    and client.get("/v1/status").json()["round"] == expected_round
+                )
+            )
             for i, dev in enumerate(devices):
                 assert train_and_submit(dev, i, 3) == expected_round
         assert runtime.evaluator is not None and runtime.evaluator.wait_idle(60)
@@ -54,7 +59,7 @@ def test_three_devices_two_rounds_over_http(tmp_path: Path) -> None:
         assert 'qflare_http_requests_total{method="POST",route="/v1/update",status="200"} 6.0' in metrics
         assert "qflare_round_duration_seconds_count 2.0" in metrics
         assert "qflare_eval_round 2.0" in metrics
-        assert 'qflare_upload_bytes_count 6.0' in metrics
+        assert "qflare_upload_bytes_count 6.0" in metrics
 
 
 def test_identity_matches_pinned_files(tmp_path: Path) -> None:
@@ -117,7 +122,9 @@ def test_admin_device_listing_and_revocation(tmp_path: Path) -> None:
         dev.enroll(runtime.coordinator.create_tokens(1)[0])
         listed = client.get("/v1/admin/devices", headers=admin(runtime)).json()["devices"]
         assert [d["device_id"] for d in listed] == [dev.device_id] and listed[0]["status"] == "active"
-        revoked = client.post(f"/v1/admin/devices/{dev.device_id}/revoke", json={"reason": "lost"}, headers=admin(runtime))
+        revoked = client.post(
+            f"/v1/admin/devices/{dev.device_id}/revoke", json={"reason": "lost"}, headers=admin(runtime)
+        )
         assert revoked.status_code == 200
         assert revoked.json()["status"] == "revoked" and revoked.json()["revoked_reason"] == "lost"
         unknown = client.post("/v1/admin/devices/" + "0" * 64 + "/revoke", json={"reason": "x"}, headers=admin(runtime))

@@ -9,12 +9,11 @@ from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
+from server_fixtures import admin, counts, make_runtime, new_device
 
 from qflare.errors import QflareError, error_from_code
 from qflare.protocol import Device, Frame
 from qflare.server import ServerRuntime, create_app
-
-from server_fixtures import admin, counts, make_runtime, new_device
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
@@ -66,7 +65,9 @@ def test_revoked_device_is_refused_on_its_next_message(world: World) -> None:
     w = world
     victim = w.devices[0]
     assert victim.task().selected
-    resp = w.client.post(f"/v1/admin/devices/{victim.device_id}/revoke", json={"reason": "key leaked"}, headers=admin(w.runtime))
+    resp = w.client.post(
+        f"/v1/admin/devices/{victim.device_id}/revoke", json={"reason": "key leaked"}, headers=admin(w.runtime)
+    )
     assert resp.status_code == 200
     _refused(w, victim.task, 403, "revoked")
     _refused(w, victim.connect, 403, "revoked")
@@ -105,13 +106,19 @@ def test_missing_or_made_up_session(world: World) -> None:
 
 def test_admin_routes_need_the_admin_token(world: World) -> None:
     w = world
-    routes = [("POST", "/v1/admin/tokens", {"count": 1}), ("GET", "/v1/admin/devices", None),
-              ("GET", "/v1/admin/events", None),
-              ("POST", f"/v1/admin/devices/{w.devices[0].device_id}/revoke", {"reason": "x"})]  # fmt: skip
+    routes = [
+        ("POST", "/v1/admin/tokens", {"count": 1}),
+        ("GET", "/v1/admin/devices", None),
+        ("GET", "/v1/admin/events", None),
+        ("POST", f"/v1/admin/devices/{w.devices[0].device_id}/revoke", {"reason": "x"}),
+    ]
     for method, path, body in routes:
-        for headers, status in (({}, 401), ({"Authorization": "Bearer wrong-token"}, 403),
-                                ({"Authorization": f"Basic {w.runtime.admin.value}"}, 401),
-                                ({"Authorization": f"Bearer {w.runtime.admin.value}x"}, 403)):  # fmt: skip
+        for headers, status in (
+            ({}, 401),
+            ({"Authorization": "Bearer wrong-token"}, 403),
+            ({"Authorization": f"Basic {w.runtime.admin.value}"}, 401),
+            ({"Authorization": f"Bearer {w.runtime.admin.value}x"}, 403),
+        ):
 
             def call() -> None:
                 resp = w.client.request(method, path, json=body, headers=headers)

@@ -24,7 +24,7 @@ from typer.testing import CliRunner
 
 from qflare.cli import app
 from qflare.server.launch import PQ_GROUPS, prefer_pq_groups, tls_report
-from qflare.server.storage import Database, Store, hash_token
+from qflare.storage import Database, Store, hash_token
 
 ENV = {k: v for k, v in os.environ.items() if k not in ("QFLARE_DATABASE_URL", "QFLARE_ADMIN_TOKEN")}
 
@@ -40,15 +40,21 @@ def _self_signed(tmp: Path) -> tuple[Path, Path]:
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "qflare test")])
     now = dt.datetime.now(dt.UTC)
     cert = (
-        x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-        .serial_number(x509.random_serial_number()).not_valid_before(now - dt.timedelta(minutes=1))
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=1))
         .not_valid_after(now + dt.timedelta(days=1))
         .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
         .sign(key, hashes.SHA256())
-    )  # fmt: skip
+    )
     cert_path, key_path = tmp / "cert.pem", tmp / "key.pem"
     cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    key_path.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
     return cert_path, key_path
 
 
@@ -56,8 +62,28 @@ def _self_signed(tmp: Path) -> tuple[Path, Path]:
 def test_server_process_over_tls_and_sigterm(tmp_path: Path) -> None:
     cert, key = _self_signed(tmp_path)
     data, port = tmp_path / "data", _free_port()
-    argv = [sys.executable, "-m", "qflare", "server", "--port", str(port), "--data-dir", str(data), "--dataset", "digits",
-            "--model", "mlp", "--rounds", "1", "--per-round", "1", "--tls-cert", str(cert), "--tls-key", str(key)]  # fmt: skip
+    argv = [
+        sys.executable,
+        "-m",
+        "qflare",
+        "server",
+        "--port",
+        str(port),
+        "--data-dir",
+        str(data),
+        "--dataset",
+        "digits",
+        "--model",
+        "mlp",
+        "--rounds",
+        "1",
+        "--per-round",
+        "1",
+        "--tls-cert",
+        str(cert),
+        "--tls-key",
+        str(key),
+    ]
     proc = subprocess.Popen(argv, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     verify = ssl.create_default_context(cafile=str(cert))
     try:
@@ -96,8 +122,23 @@ def test_server_process_over_tls_and_sigterm(tmp_path: Path) -> None:
 
 def test_token_create_stores_only_hashes(tmp_path: Path) -> None:
     runner = CliRunner()
-    result = runner.invoke(app, ["token", "create", "--data-dir", str(tmp_path), "--expires", "30m", "--count", "3",
-                                 "--label", "batch-7", "--json"], env={"QFLARE_DATABASE_URL": ""})  # fmt: skip
+    result = runner.invoke(
+        app,
+        [
+            "token",
+            "create",
+            "--data-dir",
+            str(tmp_path),
+            "--expires",
+            "30m",
+            "--count",
+            "3",
+            "--label",
+            "batch-7",
+            "--json",
+        ],
+        env={"QFLARE_DATABASE_URL": ""},
+    )
     assert result.exit_code == 0, result.output
     tokens = json.loads(result.stdout)
     assert len(tokens) == 3 and len(set(tokens)) == 3
@@ -112,9 +153,13 @@ def test_token_create_stores_only_hashes(tmp_path: Path) -> None:
         db.dispose()
     raw = b"".join(p.read_bytes() for p in tmp_path.glob("qflare.db*"))
     assert not any(t.encode() in raw for t in tokens)
-    plain = runner.invoke(app, ["token", "create", "--data-dir", str(tmp_path), "--count", "2"], env={"QFLARE_DATABASE_URL": ""})
+    plain = runner.invoke(
+        app, ["token", "create", "--data-dir", str(tmp_path), "--count", "2"], env={"QFLARE_DATABASE_URL": ""}
+    )
     assert plain.exit_code == 0 and len(plain.stdout.split()) == 2
-    bad = runner.invoke(app, ["token", "create", "--data-dir", str(tmp_path), "--expires", "soon"], env={"QFLARE_DATABASE_URL": ""})
+    bad = runner.invoke(
+        app, ["token", "create", "--data-dir", str(tmp_path), "--expires", "soon"], env={"QFLARE_DATABASE_URL": ""}
+    )
     assert bad.exit_code == 2 and "bad_duration" in bad.output
 
 

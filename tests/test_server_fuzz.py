@@ -16,13 +16,12 @@ from fastapi import FastAPI
 from hypothesis import HealthCheck, given, settings
 from schemathesis import GenerationMode
 from schemathesis.core.result import Ok
+from server_fixtures import admin, counts, make_runtime
 
 from qflare.crypto import SigningKey
 from qflare.protocol import Device
 from qflare.server import ServerRuntime, create_app
 from qflare.transport import InProcessTransport
-
-from server_fixtures import admin, counts, make_runtime
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 FUZZ = settings(max_examples=30, deadline=None, suppress_health_check=list(HealthCheck), database=None)
@@ -38,8 +37,12 @@ class Fuzzed:
 @pytest.fixture(scope="module")
 def fuzzed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fuzzed]:
     runtime = make_runtime(tmp_path_factory.mktemp("fuzz"), per_round=1, min_devices=1, evaluate=False)
-    device = Device(transport=InProcessTransport(runtime.coordinator), identity=SigningKey.generate(),
-                    server_key=runtime.identity.public, layout=runtime.layout)  # fmt: skip
+    device = Device(
+        transport=InProcessTransport(runtime.coordinator),
+        identity=SigningKey.generate(),
+        server_key=runtime.identity.public,
+        layout=runtime.layout,
+    )
     device.enroll(runtime.coordinator.create_tokens(1)[0])
     device.connect()
     runtime.step()
@@ -49,12 +52,22 @@ def fuzzed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fuzzed]:
 
 
 OPERATIONS = [
-    ("POST", "/v1/enroll"), ("POST", "/v1/handshake/hello"), ("POST", "/v1/handshake/finish"),
-    ("POST", "/v1/task"), ("POST", "/v1/model"), ("POST", "/v1/update"),
-    ("GET", "/v1/identity"), ("GET", "/v1/status"), ("GET", "/healthz"), ("GET", "/readyz"), ("GET", "/metrics"),
-    ("POST", "/v1/admin/tokens"), ("POST", "/v1/admin/devices/{device_id}/revoke"),
-    ("GET", "/v1/admin/devices"), ("GET", "/v1/admin/events"),
-]  # fmt: skip
+    ("POST", "/v1/enroll"),
+    ("POST", "/v1/handshake/hello"),
+    ("POST", "/v1/handshake/finish"),
+    ("POST", "/v1/task"),
+    ("POST", "/v1/model"),
+    ("POST", "/v1/update"),
+    ("GET", "/v1/identity"),
+    ("GET", "/v1/status"),
+    ("GET", "/healthz"),
+    ("GET", "/readyz"),
+    ("GET", "/metrics"),
+    ("POST", "/v1/admin/tokens"),
+    ("POST", "/v1/admin/devices/{device_id}/revoke"),
+    ("GET", "/v1/admin/devices"),
+    ("GET", "/v1/admin/events"),
+]
 
 
 @pytest.fixture(scope="module")
@@ -88,13 +101,21 @@ def _fuzz(fuzzed: Fuzzed, operation: Any, mode: GenerationMode, headers: dict[st
 
 # Operations whose inputs have constraints, so that schema-violating (negative) requests exist; the others
 # take any bytes / any header value, which positive generation already covers.
-CONSTRAINED = [("POST", "/v1/admin/tokens"), ("POST", "/v1/admin/devices/{device_id}/revoke"), ("GET", "/v1/admin/events")]
-CASES = [(m, p, GenerationMode.POSITIVE) for m, p in OPERATIONS] + [(m, p, GenerationMode.NEGATIVE) for m, p in CONSTRAINED]
+CONSTRAINED = [
+    ("POST", "/v1/admin/tokens"),
+    ("POST", "/v1/admin/devices/{device_id}/revoke"),
+    ("GET", "/v1/admin/events"),
+]
+CASES = [(m, p, GenerationMode.POSITIVE) for m, p in OPERATIONS] + [
+    (m, p, GenerationMode.NEGATIVE) for m, p in CONSTRAINED
+]
 IDS = [f"{m} {p} {g.value}" for m, p, g in CASES]
 
 
 @pytest.mark.parametrize(("method", "path", "mode"), CASES, ids=IDS)
-def test_route_anonymous(method: str, path: str, mode: GenerationMode, fuzzed: Fuzzed, operations: dict[tuple[str, str], Any]) -> None:
+def test_route_anonymous(
+    method: str, path: str, mode: GenerationMode, fuzzed: Fuzzed, operations: dict[tuple[str, str], Any]
+) -> None:
     _fuzz(fuzzed, operations[(method, path)], mode, None)
 
 
@@ -102,7 +123,9 @@ ADMIN_CASES = [c for c in CASES if c[1].startswith("/v1/admin/")]
 
 
 @pytest.mark.parametrize(("method", "path", "mode"), ADMIN_CASES, ids=[f"{m} {p} {g.value}" for m, p, g in ADMIN_CASES])
-def test_admin_route_authenticated(method: str, path: str, mode: GenerationMode, fuzzed: Fuzzed, operations: dict[tuple[str, str], Any]) -> None:
+def test_admin_route_authenticated(
+    method: str, path: str, mode: GenerationMode, fuzzed: Fuzzed, operations: dict[tuple[str, str], Any]
+) -> None:
     _fuzz(fuzzed, operations[(method, path)], mode, admin(fuzzed.runtime))
 
 

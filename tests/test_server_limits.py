@@ -11,14 +11,13 @@ from typing import Any
 import anyio
 import httpx
 import pytest
+from server_fixtures import counts, make_runtime
 
 from qflare.cli.server import parse_duration
 from qflare.errors import ConfigError
 from qflare.protocol import Route
 from qflare.server import HttpLimits, ServerRuntime, create_app
 from qflare.server.limits import RateLimiter
-
-from server_fixtures import counts, make_runtime
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 CHUNK = 64 * 1024
@@ -53,7 +52,11 @@ def test_oversized_bodies_are_refused_unread(tmp_path: Path) -> None:
         out = []
         async with _client(runtime) as client:
             declared = CountingBody(50 * 1024 * 1024)  # Content-Length says 50 MB: refused before reading
-            r = await client.post("/v1/update", content=declared, headers={"Content-Length": str(declared.total), "X-Qflare-Session": "ab"})
+            r = await client.post(
+                "/v1/update",
+                content=declared,
+                headers={"Content-Length": str(declared.total), "X-Qflare-Session": "ab"},
+            )
             out.append((r, declared))
             chunked = CountingBody(50 * 1024 * 1024)  # no length: counted while streaming, abandoned at the limit
             out.append((await client.post("/v1/update", content=chunked, headers={"X-Qflare-Session": "ab"}), chunked))
@@ -85,7 +88,9 @@ def test_rate_limit_per_address_and_per_session(tmp_path: Path) -> None:
         async with client_at("203.0.113.7") as client:
             by_ip = [await client.get("/v1/identity") for _ in range(6)]
         async with client_at("198.51.100.9") as other:  # its own address bucket; one session id: the session bucket
-            by_session = [await other.post("/v1/task", content=b"", headers={"X-Qflare-Session": "cd" * 32}) for _ in range(3)]
+            by_session = [
+                await other.post("/v1/task", content=b"", headers={"X-Qflare-Session": "cd" * 32}) for _ in range(3)
+            ]
         return by_ip, by_session
 
     by_ip, by_session = anyio.run(main)
@@ -102,8 +107,10 @@ def test_rate_limit_per_address_and_per_session(tmp_path: Path) -> None:
 
 
 def test_upload_slot_is_taken_before_the_body_is_read(tmp_path: Path) -> None:
-    runtime = make_runtime(tmp_path, http=HttpLimits(max_concurrent_uploads=2, ip_rate=1e4, ip_burst=1e4,
-                                                     session_rate=1e4, session_burst=1e4))  # fmt: skip
+    runtime = make_runtime(
+        tmp_path,
+        http=HttpLimits(max_concurrent_uploads=2, ip_rate=1e4, ip_burst=1e4, session_rate=1e4, session_burst=1e4),
+    )
     release = threading.Event()
     inside = 0
     most_inside = 0
@@ -125,7 +132,10 @@ def test_upload_slot_is_taken_before_the_body_is_read(tmp_path: Path) -> None:
 
     async def main() -> list[httpx.Response]:
         async with _client(runtime) as client:
-            tasks = [asyncio.ensure_future(client.post("/v1/update", content=b, headers={"X-Qflare-Session": "ab"})) for b in bodies]
+            tasks = [
+                asyncio.ensure_future(client.post("/v1/update", content=b, headers={"X-Qflare-Session": "ab"}))
+                for b in bodies
+            ]
             for _ in range(200):  # wait until two uploads are inside the coordinator
                 await asyncio.sleep(0.01)
                 if inside == 2:
@@ -161,7 +171,10 @@ def test_rate_limiter_refills_and_evicts() -> None:
     assert len(limiter) == 3  # "a" (least recently used) was evicted
 
 
-@pytest.mark.parametrize(("text", "seconds"), [("30m", 1800.0), ("1h", 3600.0), ("2d", 172800.0), ("90s", 90.0), ("45", 45.0), ("1.5h", 5400.0)])
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [("30m", 1800.0), ("1h", 3600.0), ("2d", 172800.0), ("90s", 90.0), ("45", 45.0), ("1.5h", 5400.0)],
+)
 def test_parse_duration(text: str, seconds: float) -> None:
     assert parse_duration(text) == seconds
 

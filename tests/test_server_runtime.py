@@ -8,12 +8,11 @@ from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
+from server_fixtures import counts, make_runtime, new_device, train_and_submit
 
 from qflare.errors import AdminAuthError, AuthError, ConfigError
 from qflare.server import create_app
 from qflare.server.credentials import load_or_create_admin_token, load_or_create_identity
-
-from server_fixtures import counts, make_runtime, new_device, train_and_submit
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
@@ -109,8 +108,14 @@ def test_admin_token_from_environment_and_its_check(tmp_path: Path) -> None:
     assert token.source == "env" and not (tmp_path / "admin.token").exists()
     token.check("Bearer s3cret-admin-token-value")
     token.check("bearer   s3cret-admin-token-value ")
-    for header, status in ((None, 401), ("", 401), ("Basic s3cret-admin-token-value", 401), ("Bearer", 401),
-                           ("Bearer s3cret-admin-token-valuX", 403), ("Bearer s3cret", 403)):  # fmt: skip
+    for header, status in (
+        (None, 401),
+        ("", 401),
+        ("Basic s3cret-admin-token-value", 401),
+        ("Bearer", 401),
+        ("Bearer s3cret-admin-token-valuX", 403),
+        ("Bearer s3cret", 403),
+    ):
         with pytest.raises(AdminAuthError) as info:
             token.check(header)
         assert info.value.http_status == status and info.value.code == "admin_required"

@@ -11,8 +11,27 @@ from qflare.simulation import SimulationConfig, run_simulation
 from qflare.training import TrainConfig
 
 runner = CliRunner()
-ARGS = ["simulate", "--dataset", "digits", "--model", "mlp", "--devices", "8", "--per-round", "4", "--rounds", "4",
-        "--partition", "dirichlet", "--alpha", "1.0", "--lr", "0.1", "--seed", "3"]  # fmt: skip
+ARGS = [
+    "simulate",
+    "--dataset",
+    "digits",
+    "--model",
+    "mlp",
+    "--devices",
+    "8",
+    "--per-round",
+    "4",
+    "--rounds",
+    "4",
+    "--partition",
+    "dirichlet",
+    "--alpha",
+    "1.0",
+    "--lr",
+    "0.1",
+    "--seed",
+    "3",
+]
 
 
 def test_simulate_cli_writes_history(tmp_path):
@@ -32,7 +51,9 @@ def test_simulate_cli_writes_history(tmp_path):
 
 
 def _cfg(**kw):
-    base = dict(dataset="digits", model="mlp", devices=8, per_round=4, rounds=3, alpha=1.0, seed=3, train=TrainConfig(lr=0.1))
+    base = dict(
+        dataset="digits", model="mlp", devices=8, per_round=4, rounds=3, alpha=1.0, seed=3, train=TrainConfig(lr=0.1)
+    )
     base.update(kw)
     return SimulationConfig(**base)
 
@@ -65,8 +86,23 @@ def test_missing_dataset_is_a_clear_error(tmp_path):
 
 def test_data_stats_cli(tmp_path):
     png = tmp_path / "heat.png"
-    result = runner.invoke(app, ["data", "stats", "--dataset", "digits", "--devices", "6", "--partition", "shards",
-                                 "--rows", "0", "--heatmap", str(png)])  # fmt: skip
+    result = runner.invoke(
+        app,
+        [
+            "data",
+            "stats",
+            "--dataset",
+            "digits",
+            "--devices",
+            "6",
+            "--partition",
+            "shards",
+            "--rows",
+            "0",
+            "--heatmap",
+            str(png),
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert png.stat().st_size > 1000
     assert "1438" in result.output  # every training example of digits is on some device

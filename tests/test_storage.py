@@ -6,7 +6,6 @@ throw-away database, dropped afterwards); the PostgreSQL params skip if no serve
 
 from __future__ import annotations
 
-
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
@@ -15,6 +14,7 @@ import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import Column, Integer, MetaData, inspect, select, text
+from storage_fixtures import BACKENDS, race, scratch
 
 from qflare.errors import (
     ConfigError,
@@ -25,9 +25,8 @@ from qflare.errors import (
     UnknownDeviceError,
     ValidationError,
 )
-from qflare.server.storage import Database, Store, hash_token, key_id
-from qflare.server.storage import tables as t
-from storage_fixtures import BACKENDS, race, scratch
+from qflare.storage import Database, Store, hash_token, key_id
+from qflare.storage import tables as t
 
 T0 = datetime(2030, 1, 1, 12, 0, tzinfo=UTC)
 
@@ -99,9 +98,7 @@ def test_sqlite_connection_settings(tmp_path: Path) -> None:
             assert conn.exec_driver_sql("PRAGMA busy_timeout").scalar() == 30_000
         db.upgrade()
         with pytest.raises(Exception, match="FOREIGN KEY"), db.connect() as conn:
-            conn.execute(
-                text("INSERT INTO sessions VALUES ('s', 'nope', :a, :a, NULL)"), {"a": "2030-01-01"}
-            )
+            conn.execute(text("INSERT INTO sessions VALUES ('s', 'nope', :a, :a, NULL)"), {"a": "2030-01-01"})
     finally:
         db.dispose()
 
@@ -264,9 +261,7 @@ def test_security_event_survives_rolled_back_caller(store: Store) -> None:
 
 
 def test_security_event_accepts_hostile_input(store: Store) -> None:
-    row = store.record_security_event(
-        "r" * 500, "detail\x00" * 2000, device_id="\x00" + "d" * 1000, session_id="s\x00"
-    )
+    row = store.record_security_event("r" * 500, "detail\x00" * 2000, device_id="\x00" + "d" * 1000, session_id="s\x00")
     assert len(row.reason) == 64 and len(row.detail) == 4000 and len(row.device_id or "") == 128
     assert "\x00" not in (row.device_id or "") + row.detail + (row.session_id or "")
     assert store.security_events(5, device_id=row.device_id)[0].id == row.id

@@ -10,6 +10,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from storage_fixtures import BACKENDS, race, scratch
 
 from qflare.errors import (
     PolicyError,
@@ -20,8 +21,7 @@ from qflare.errors import (
     ValidationError,
     WrongRoundError,
 )
-from qflare.server.storage import Store, key_id
-from storage_fixtures import BACKENDS, race, scratch
+from qflare.storage import Store, key_id
 
 T0 = datetime(2030, 1, 1, 12, 0, tzinfo=UTC)
 DEADLINE = T0 + timedelta(minutes=10)
@@ -194,8 +194,11 @@ def test_publish_model_closes_round_atomically(store: Store) -> None:
     assert store.get_round(1).state == "aggregating"  # type: ignore[union-attr]
     rnd, model = store.publish_model(1, 1, "m1", b"sig", {"acc": 0.5})
     assert (rnd.state, rnd.result_model_hash, model.parent_hash, model.round_number) == (
-        "closed", "m1", "m0", 1,
-    )  # fmt: skip
+        "closed",
+        "m1",
+        "m0",
+        1,
+    )
 
 
 # -- ledger ------------------------------------------------------------------------------------

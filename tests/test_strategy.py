@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from qflare.bench.aggregation import copy_bandwidth, fedavg_bandwidth
 from qflare.errors import ConfigError, QflareError, ValidationError
 from qflare.strategy import (
     STRATEGIES,
@@ -32,7 +33,6 @@ from qflare.strategy import (
     fedtrimmedmean,
     krum,
 )
-from qflare.strategy.bench import copy_bandwidth, fedavg_bandwidth
 
 
 def t(*values: float) -> torch.Tensor:
@@ -88,8 +88,10 @@ ADAPTIVE_KW = {"lr": 0.1, "beta1": 0.9, "tau": 0.01}
     [
         (
             ServerAdam(beta2=0.99, **ADAPTIVE_KW),
-            [0.081993574, 0.93815385], [0.10375407, 0.88543874], [0.00347301, 0.00049501],
-        ),  # fmt: skip
+            [0.081993574, 0.93815385],
+            [0.10375407, 0.88543874],
+            [0.00347301, 0.00049501],
+        ),
         (ServerYogi(beta2=0.99, **ADAPTIVE_KW), [0.08198039, 0.9381966], [0.10366898, 0.88562737], [0.0035, 0.000499]),
         (ServerAdagrad(**ADAPTIVE_KW), [0.0098020, 0.99048751], [0.012330739, 0.98241147], [0.3401, 0.0402]),
     ],
@@ -304,7 +306,7 @@ def test_incompatible_pipelines_refused() -> None:
 
 def test_registry() -> None:
     expected = ("fedavg", "fedavgm", "fedadam", "fedyogi", "fedadagrad", "fedmedian", "fedtrimmedmean", "krum")
-    assert STRATEGIES == expected
+    assert expected == STRATEGIES
     for name in STRATEGIES:
         assert isinstance(build_strategy(name), Pipeline)
     assert build_strategy("fedadam", server_lr=0.5).server_opt.lr == 0.5  # type: ignore[attr-defined]

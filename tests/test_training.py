@@ -17,7 +17,11 @@ def test_fedavg_cnn_has_the_papers_parameter_count():
 
 
 def test_user_registered_model_is_usable():
-    register_model("tiny-linear", lambda shape, k: torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(shape[0] * shape[1] * shape[2], k)), replace=True)
+    register_model(
+        "tiny-linear",
+        lambda shape, k: torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(shape[0] * shape[1] * shape[2], k)),
+        replace=True,
+    )
     m = create_model("tiny-linear", (1, 8, 8), 10)
     assert count_parameters(m) == 64 * 10 + 10
     with pytest.raises(ConfigError):
@@ -29,10 +33,13 @@ def digits():
     return load_dataset("digits", "train"), load_dataset("digits", "test")
 
 
-@pytest.mark.parametrize("model_name,cfg", [
-    ("mlp", TrainConfig(epochs=3, lr=0.1)),
-    ("mlp", TrainConfig(epochs=3, lr=0.05, momentum=0.9, weight_decay=1e-4, prox_mu=0.01, max_grad_norm=5.0)),
-])
+@pytest.mark.parametrize(
+    "model_name,cfg",
+    [
+        ("mlp", TrainConfig(epochs=3, lr=0.1)),
+        ("mlp", TrainConfig(epochs=3, lr=0.05, momentum=0.9, weight_decay=1e-4, prox_mu=0.01, max_grad_norm=5.0)),
+    ],
+)
 def test_training_lowers_loss(digits, model_name, cfg):
     train, test = digits
     torch.manual_seed(0)
@@ -70,7 +77,9 @@ def test_nan_in_data_is_refused(digits):
     x = train.normalized()[:64].clone()
     x[5, 0, 0, 0] = float("nan")
     with pytest.raises(NonFiniteError) as info:
-        LocalTrainer(model, TrainConfig()).train(ParamLayout.from_module(model).module_to_flat(model), x, train.labels[:64], seed=0)
+        LocalTrainer(model, TrainConfig()).train(
+            ParamLayout.from_module(model).module_to_flat(model), x, train.labels[:64], seed=0
+        )
     assert info.value.code == "non_finite"
 
 
@@ -88,7 +97,10 @@ def test_invalid_config_refused():
         with pytest.raises(ConfigError):
             TrainConfig(**kwargs)
     with pytest.raises(ConfigError):
-        LocalTrainer(create_model("mlp", (1, 8, 8), 10), TrainConfig(device="cuda" if not torch.cuda.is_available() else "cuda:99"))
+        LocalTrainer(
+            create_model("mlp", (1, 8, 8), 10),
+            TrainConfig(device="cuda" if not torch.cuda.is_available() else "cuda:99"),
+        )
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
@@ -96,5 +108,7 @@ def test_cuda_training_matches_cpu_shape(digits):
     train, _ = digits
     model = create_model("mlp", train.input_shape, train.num_classes)
     layout = ParamLayout.from_module(model)
-    res = LocalTrainer(model, TrainConfig(device="cuda"), layout).train(layout.module_to_flat(model).cuda(), train.normalized(), train.labels, seed=0)
+    res = LocalTrainer(model, TrainConfig(device="cuda"), layout).train(
+        layout.module_to_flat(model).cuda(), train.normalized(), train.labels, seed=0
+    )
     assert res.delta.device.type == "cpu" and torch.isfinite(res.delta).all()

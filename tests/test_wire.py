@@ -54,9 +54,15 @@ def test_layout_from_module_skips_integer_buffers(net: Net, layout: ParamLayout)
     assert "bn.num_batches_tracked" in net.state_dict()
     assert "bn.num_batches_tracked" not in layout.names
     assert layout.names == (
-        "conv1.weight", "conv1.bias", "bn.weight", "bn.bias", "bn.running_mean", "bn.running_var",
-        "fc.weight", "fc.bias",
-    )  # fmt: skip
+        "conv1.weight",
+        "conv1.bias",
+        "bn.weight",
+        "bn.bias",
+        "bn.running_mean",
+        "bn.running_var",
+        "fc.weight",
+        "fc.bias",
+    )
     assert layout.shapes[0] == (32, 1, 5, 5)
     assert layout.numel == sum(t.numel() for n, t in net.state_dict().items() if t.is_floating_point())
     assert layout.offsets[:3] == (0, 800, 832)
@@ -234,8 +240,11 @@ def test_truncated_bytes_refused(layout: ParamLayout) -> None:
 
 
 def test_overlapping_offsets_refused(layout: ParamLayout) -> None:
-    header = {"__metadata__": _md(layout, "update"), "delta": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]},
-              "x": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}  # fmt: skip
+    header = {
+        "__metadata__": _md(layout, "update"),
+        "delta": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]},
+        "x": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]},
+    }
     raw = json.dumps(header).encode()
     with pytest.raises(ValidationError) as info:
         decode_blob(struct.pack("<Q", len(raw)) + raw + b"\0" * 4, layout)
@@ -280,5 +289,8 @@ def test_equal_content_has_equal_bytes_across_processes():
         "torch.manual_seed(0); m=create_model('mlp',(1,8,8),10); l=ParamLayout.from_module(m); f=l.module_to_flat(m);"
         "print(sha256_hex(encode_model(l,f,{'version':'3','b':'x','a':'y'})), sha256_hex(encode_update(l,f,{'round':'1','z':'q'})))"
     )
-    outs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout for _ in range(4)}
+    outs = {
+        subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+        for _ in range(4)
+    }
     assert len(outs) == 1, outs

@@ -1,6 +1,6 @@
 """`qflare bench crypto`: the protocol's cryptography against one device's local training.
 
-Crypto figures come from :func:`qflare.crypto.bench.bench_crypto` (handshake; seal+sign and open+verify
+Crypto figures come from :func:`qflare.bench.crypto_ops.bench_crypto` (handshake; seal+sign and open+verify
 of one 6,653,480-byte update — the FedAvg CNN's 1,663,370 float32 values — for the default and the high
 suite).  The reference is one device's epoch of local training on `fmnist-dir05` (the same partition,
 model and optimiser as the workload; one torch thread, as each simulation worker uses), measured in the
@@ -17,11 +17,11 @@ import numpy as np
 import torch
 
 from ..crypto import DEFAULT_SUITE, HIGH_SUITE
-from ..crypto.bench import bench_crypto
 from ..data import load_dataset, partition
 from ..models import create_model
 from ..training import LocalTrainer, TrainConfig
 from ..wire import ParamLayout
+from .crypto_ops import bench_crypto
 
 __all__ = ["local_training_ms", "run_crypto_bench"]
 
@@ -50,14 +50,23 @@ def local_training_ms(devices: int = 10, data_root: str | None = None) -> dict[s
             sizes.append(len(idx))
     finally:
         torch.set_num_threads(threads)
-    return {"median": statistics.median(times), "min": min(times), "max": max(times), "median_examples": float(statistics.median(sizes))}
+    return {
+        "median": statistics.median(times),
+        "min": min(times),
+        "max": max(times),
+        "median_examples": float(statistics.median(sizes)),
+    }
 
 
 def run_crypto_bench(repeats: int = 30, data_root: str | None = None) -> dict[str, Any]:
     default = bench_crypto(DEFAULT_SUITE, repeats=repeats)
     high = bench_crypto(HIGH_SUITE, repeats=repeats)
     train = local_training_ms(data_root=data_root)
-    out: dict[str, Any] = {"suite": default["suite"], "high_suite": high["suite"], "payload_bytes": default["payload_bytes"]}
+    out: dict[str, Any] = {
+        "suite": default["suite"],
+        "high_suite": high["suite"],
+        "payload_bytes": default["payload_bytes"],
+    }
     for prefix, res in (("", default), ("high_", high)):
         for key, name in (("handshake_ms", "handshake"), ("seal_sign_ms", "seal"), ("open_verify_ms", "open")):
             out[f"{prefix}{name}_ms_median"] = round(res[key]["median"], 3)

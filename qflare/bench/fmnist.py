@@ -13,22 +13,41 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ..errors import ConfigError, QflareError
-from ..strategy.bench import copy_bandwidth, fedavg_bandwidth
+from ..errors import QflareError
+from .aggregation import copy_bandwidth, fedavg_bandwidth
 from .procs import Measured, run_measured
 
-__all__ = ["bare_reference_path", "run_fmnist_dir05", "run_protocol_overhead", "rounds_to"]
+__all__ = ["bare_reference_path", "rounds_to", "run_fmnist_dir05", "run_protocol_overhead"]
 
-WORKLOAD = ["--dataset", "fashion-mnist", "--devices", "100", "--per-round", "10", "--partition", "dirichlet",
-            "--alpha", "0.5", "--seed", "0", "--epochs", "1", "--lr", "0.05", "--batch-size", "32",
-            "--model", "fedavg-cnn", "--strategy", "fedavg"]  # fmt: skip
+WORKLOAD = [
+    "--dataset",
+    "fashion-mnist",
+    "--devices",
+    "100",
+    "--per-round",
+    "10",
+    "--partition",
+    "dirichlet",
+    "--alpha",
+    "0.5",
+    "--seed",
+    "0",
+    "--epochs",
+    "1",
+    "--lr",
+    "0.05",
+    "--batch-size",
+    "32",
+    "--model",
+    "fedavg-cnn",
+    "--strategy",
+    "fedavg",
+]
 
 
 def bare_reference_path() -> Path:
-    path = Path(__file__).resolve().parents[2] / "benchmarks" / "fmnist_dir05_bare.py"
-    if not path.is_file():
-        raise ConfigError(f"bare reference not found at {path}: run from a source checkout (pip install -e .)")
-    return path
+    """The bare loop runs as a script by path, so it imports nothing of QFLARE (a fair reference)."""
+    return Path(__file__).resolve().parent / "bare_reference.py"
 
 
 def rounds_to(history: list[dict[str, Any]], target: float) -> int | None:
@@ -60,13 +79,31 @@ def _summary(m: Measured, res: dict[str, Any]) -> dict[str, Any]:
 
 
 def _simulate(
-    rounds: int, workers: int, data_root: str | None, extra: list[str], *,
-    workload: Sequence[str] = WORKLOAD, env: dict[str, str] | None = None,
-) -> tuple[Measured, dict[str, Any]]:  # fmt: skip
+    rounds: int,
+    workers: int,
+    data_root: str | None,
+    extra: list[str],
+    *,
+    workload: Sequence[str] = WORKLOAD,
+    env: dict[str, str] | None = None,
+) -> tuple[Measured, dict[str, Any]]:
     """``qflare simulate`` on ``workload`` as a measured subprocess; its wall time, peak RSS and JSON result."""
     with tempfile.TemporaryDirectory() as tmp:
-        cmd = [sys.executable, "-m", "qflare", "simulate", *workload, "--rounds", str(rounds), "--workers", str(workers),
-               "--json", "--out", tmp, *extra]  # fmt: skip
+        cmd = [
+            sys.executable,
+            "-m",
+            "qflare",
+            "simulate",
+            *workload,
+            "--rounds",
+            str(rounds),
+            "--workers",
+            str(workers),
+            "--json",
+            "--out",
+            tmp,
+            *extra,
+        ]
         if data_root:
             cmd += ["--data-root", data_root]
         m = run_measured(cmd, env=env)
@@ -93,7 +130,9 @@ def run_protocol_overhead(rounds: int = 30, *, workers: int = 0, data_root: str 
     }
 
 
-def run_fmnist_dir05(rounds: int = 30, *, workers: int = 0, data_root: str | None = None, bandwidth: bool = True) -> dict[str, Any]:
+def run_fmnist_dir05(
+    rounds: int = 30, *, workers: int = 0, data_root: str | None = None, bandwidth: bool = True
+) -> dict[str, Any]:
     bare_cmd = [sys.executable, str(bare_reference_path()), "--rounds", str(rounds), "--json"]
     if data_root:
         bare_cmd += ["--data", data_root]

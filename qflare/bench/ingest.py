@@ -18,6 +18,7 @@ counts rows beyond one per (round, device), receipts that newly acknowledged an 
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections import Counter
@@ -36,7 +37,7 @@ from ..errors import QflareError
 from ..models import create_model
 from ..protocol import Device, Receipt
 from ..protocol.device import SealedUpdate
-from ..server.storage import BlobStore, Database, Store
+from ..storage import BlobStore, Database, Store
 from ..training import TrainResult
 from ..transport import HttpTransport, RetryPolicy
 from ..wire import ParamLayout
@@ -44,7 +45,7 @@ from .procs import PeakRss
 from .remote import admin_tokens, enroll_devices
 from .server_proc import ServerProcess, ServerSpec, pin_server_key
 
-__all__ = ["run_ingest_bench", "check_database", "IngestCheck", "TARGETS"]
+__all__ = ["TARGETS", "IngestCheck", "check_database", "run_ingest_bench"]
 
 TARGETS: dict[str, str] = {"lost": "0", "duplicated": "0", "mb_per_s": ">= 150", "server_peak_rss_mb": "< 1024"}
 
@@ -77,7 +78,9 @@ def _prepare(devices: list[Device], layout: ParamLayout) -> list[SealedUpdate]:
     return sealed
 
 
-def _upload(devices: list[Device], sealed: list[SealedUpdate]) -> tuple[float, list[Receipt | None], list[float], list[str]]:
+def _upload(
+    devices: list[Device], sealed: list[SealedUpdate]
+) -> tuple[float, list[Receipt | None], list[float], list[str]]:
     """All devices submit at once; (wall time, receipts, latencies in s, errors)."""
     n = len(devices)
     start = threading.Barrier(n + 1)
@@ -106,10 +109,8 @@ def _upload(devices: list[Device], sealed: list[SealedUpdate]) -> tuple[float, l
 def _sample_in_flight(url: str, stop: threading.Event, out: list[float]) -> None:
     with httpx.Client(base_url=url, timeout=10.0) as probe:
         while not stop.wait(0.05):
-            try:
+            with contextlib.suppress(httpx.HTTPError):
                 out[0] = max(out[0], _gauge(probe.get("/metrics").text, "qflare_uploads_in_flight"))
-            except httpx.HTTPError:
-                pass
 
 
 def check_database(database_url: str, blobs: BlobStore, receipts: Sequence[tuple[str, Receipt]]) -> IngestCheck:
@@ -136,8 +137,15 @@ def check_database(database_url: str, blobs: BlobStore, receipts: Sequence[tuple
 
 def run_ingest_bench(devices: int = 100, *, max_uploads: int = 8, data_root: str | None = None) -> dict[str, Any]:
     """Run the benchmark (see the module docstring) and return its figures."""
-    spec = ServerSpec(dataset="fashion-mnist", model="fedavg-cnn", rounds=1, per_round=devices, min_devices=devices,
-                      max_uploads=max_uploads, data_root=data_root)  # fmt: skip
+    spec = ServerSpec(
+        dataset="fashion-mnist",
+        model="fedavg-cnn",
+        rounds=1,
+        per_round=devices,
+        min_devices=devices,
+        max_uploads=max_uploads,
+        data_root=data_root,
+    )
     test = load_dataset(spec.dataset, "test", root=data_root)
     torch.manual_seed(0)
     layout = ParamLayout.from_module(create_model(spec.model, test.input_shape, test.num_classes))
@@ -147,11 +155,15 @@ def run_ingest_bench(devices: int = 100, *, max_uploads: int = 8, data_root: str
         transports = [HttpTransport(server.url, timeout=600.0, retry=retry) for _ in range(devices)]
         try:
             key = pin_server_key(server.api, server.key_id())
-            devs = enroll_devices(transports, admin_tokens(server.api, server.admin_token, devices), key, layout, DEFAULT_SUITE)
+            devs = enroll_devices(
+                transports, admin_tokens(server.api, server.admin_token, devices), key, layout, DEFAULT_SUITE
+            )
             deadline = time.monotonic() + 60.0
             while server.status()["state"] != "open":
                 if time.monotonic() > deadline:
-                    raise QflareError(f"the server opened no round with {devices} devices enrolled:\n{server.log_tail()}")
+                    raise QflareError(
+                        f"the server opened no round with {devices} devices enrolled:\n{server.log_tail()}"
+                    )
                 time.sleep(0.05)
             sealed = _prepare(devs, layout)
             with PeakRss(server.pid, interval=0.05) as idle:
@@ -198,6 +210,7 @@ def run_ingest_bench(devices: int = 100, *, max_uploads: int = 8, data_root: str
         "server_exit": exit_code,
         "targets": TARGETS,
     }
-    out["meets_targets"] = (out["lost"] == 0 and out["duplicated"] == 0 and out["mb_per_s"] >= 150
-                            and out["server_peak_rss_mb"] < 1024)  # fmt: skip
+    out["meets_targets"] = (
+        out["lost"] == 0 and out["duplicated"] == 0 and out["mb_per_s"] >= 150 and out["server_peak_rss_mb"] < 1024
+    )
     return out

@@ -35,7 +35,7 @@ from .procs import Measured, run_measured
 from .remote import RemoteFederation
 from .server_proc import ServerProcess, ServerSpec
 
-__all__ = ["run_network_bench", "drive", "workload_args"]
+__all__ = ["drive", "run_network_bench", "workload_args"]
 
 TARGET_OVERHEAD_PCT = 10.0
 
@@ -43,37 +43,61 @@ TARGET_OVERHEAD_PCT = 10.0
 def workload_args(dataset: str, model: str, devices: int, per_round: int) -> list[str]:
     """fmnist-dir05's ``qflare simulate`` options with the data set, model and federation size replaced."""
     args = list(WORKLOAD)
-    for flag, value in (("--dataset", dataset), ("--model", model), ("--devices", str(devices)), ("--per-round", str(per_round))):
+    for flag, value in (
+        ("--dataset", dataset),
+        ("--model", model),
+        ("--devices", str(devices)),
+        ("--per-round", str(per_round)),
+    ):
         args[args.index(flag) + 1] = value
     return args
 
 
 def _config(args: argparse.Namespace) -> SimulationConfig:
     """The SimulationConfig ``qflare simulate`` builds from :func:`workload_args` (same defaults)."""
-    opts = dict(zip(WORKLOAD[::2], WORKLOAD[1::2]))
+    opts = dict(zip(WORKLOAD[::2], WORKLOAD[1::2], strict=False))
     return SimulationConfig(
-        dataset=args.dataset, data_root=args.data_root, model=args.model, devices=args.devices, per_round=args.per_round,
-        rounds=args.rounds, partition=opts["--partition"], alpha=float(opts["--alpha"]), seed=int(opts["--seed"]),
-        strategy=opts["--strategy"], workers=args.workers,
+        dataset=args.dataset,
+        data_root=args.data_root,
+        model=args.model,
+        devices=args.devices,
+        per_round=args.per_round,
+        rounds=args.rounds,
+        partition=opts["--partition"],
+        alpha=float(opts["--alpha"]),
+        seed=int(opts["--seed"]),
+        strategy=opts["--strategy"],
+        workers=args.workers,
         train=TrainConfig(epochs=int(opts["--epochs"]), batch_size=int(opts["--batch-size"]), lr=float(opts["--lr"])),
-    )  # fmt: skip
+    )
 
 
 def drive(cfg: SimulationConfig, *, max_uploads: int = 8) -> dict[str, Any]:
     """The network run, in this process: a server child plus ``run_simulation`` over HTTP."""
     if cfg.strategy_args:
         raise ValueError("the network benchmark runs strategies without arguments (the server CLI takes none)")
-    spec = ServerSpec(dataset=cfg.dataset, model=cfg.model, rounds=cfg.rounds, per_round=cfg.per_round,
-                      min_devices=cfg.devices, seed=cfg.seed, strategy=cfg.strategy, max_uploads=max_uploads,
-                      data_root=cfg.data_root)  # fmt: skip
+    spec = ServerSpec(
+        dataset=cfg.dataset,
+        model=cfg.model,
+        rounds=cfg.rounds,
+        per_round=cfg.per_round,
+        min_devices=cfg.devices,
+        seed=cfg.seed,
+        strategy=cfg.strategy,
+        max_uploads=max_uploads,
+        data_root=cfg.data_root,
+    )
     feds: list[RemoteFederation] = []
     with ServerProcess(spec) as server:
         t0 = time.perf_counter()
 
         def factory(c: SimulationConfig, layout: ParamLayout, initial: torch.Tensor) -> RemoteFederation:
             server.wait_ready()  # the server started while this process loaded its data
-            feds.append(RemoteFederation(c, layout, initial, url=server.url, admin_token=server.admin_token,
-                                         key_id=server.key_id()))  # fmt: skip
+            feds.append(
+                RemoteFederation(
+                    c, layout, initial, url=server.url, admin_token=server.admin_token, key_id=server.key_id()
+                )
+            )
             return feds[-1]
 
         result = run_simulation(cfg, federation=factory)
@@ -81,8 +105,13 @@ def drive(cfg: SimulationConfig, *, max_uploads: int = 8) -> dict[str, Any]:
         wall = time.perf_counter() - t0
         exit_code = server.stop()
     out = result.to_json()
-    out["network"] = {**feds[0].stats.to_json(), "server_exit": exit_code, "server_state": final.get("state"),
-                      "server_model_version": final.get("model_version"), "driver_wall_s": wall}  # fmt: skip
+    out["network"] = {
+        **feds[0].stats.to_json(),
+        "server_exit": exit_code,
+        "server_state": final.get("state"),
+        "server_model_version": final.get("model_version"),
+        "driver_wall_s": wall,
+    }
     return out
 
 
@@ -102,14 +131,37 @@ def _summary(m: Measured, res: dict[str, Any], open_wait: Sequence[float] | None
 
 
 def run_network_bench(
-    rounds: int = 30, *, dataset: str = "fashion-mnist", model: str = "fedavg-cnn", devices: int = 100,
-    per_round: int = 10, workers: int = 0, data_root: str | None = None,
-) -> dict[str, Any]:  # fmt: skip
+    rounds: int = 30,
+    *,
+    dataset: str = "fashion-mnist",
+    model: str = "fedavg-cnn",
+    devices: int = 100,
+    per_round: int = 10,
+    workers: int = 0,
+    data_root: str | None = None,
+) -> dict[str, Any]:
     """Both runs (see the module docstring) and their comparison."""
     env = dict(MALLOC_ENV)
-    in_m, in_res = _simulate(rounds, workers, data_root, [], workload=workload_args(dataset, model, devices, per_round), env=env)
-    cmd = [sys.executable, "-m", "qflare.bench.network", "--rounds", str(rounds), "--dataset", dataset, "--model", model,
-           "--devices", str(devices), "--per-round", str(per_round), "--workers", str(workers)]  # fmt: skip
+    in_m, in_res = _simulate(
+        rounds, workers, data_root, [], workload=workload_args(dataset, model, devices, per_round), env=env
+    )
+    cmd = [
+        sys.executable,
+        "-m",
+        "qflare.bench.network",
+        "--rounds",
+        str(rounds),
+        "--dataset",
+        dataset,
+        "--model",
+        model,
+        "--devices",
+        str(devices),
+        "--per-round",
+        str(per_round),
+        "--workers",
+        str(workers),
+    ]
     if data_root:
         cmd += ["--data-root", data_root]
     net_m = run_measured(cmd, env=env)
@@ -145,7 +197,9 @@ def run_network_bench(
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m qflare.bench.network", description="The network run of `qflare bench network`.")
+    ap = argparse.ArgumentParser(
+        prog="python -m qflare.bench.network", description="The network run of `qflare bench network`."
+    )
     ap.add_argument("--rounds", type=int, default=30)
     ap.add_argument("--dataset", default="fashion-mnist")
     ap.add_argument("--model", default="fedavg-cnn")

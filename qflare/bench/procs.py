@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import threading
@@ -11,7 +12,7 @@ from dataclasses import dataclass
 
 import psutil
 
-__all__ = ["PeakRss", "run_measured", "Measured"]
+__all__ = ["Measured", "PeakRss", "run_measured"]
 
 
 class PeakRss:
@@ -31,10 +32,8 @@ class PeakRss:
             return 0
         total = 0
         for p in procs:
-            try:
+            with contextlib.suppress(psutil.Error):
                 total += p.memory_info().rss
-            except psutil.Error:
-                pass
         return total
 
     def _run(self) -> None:

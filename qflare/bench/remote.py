@@ -36,7 +36,7 @@ from ..transport import HttpTransport, RetryPolicy
 from ..wire import ParamLayout
 from .server_proc import pin_server_key
 
-__all__ = ["RemoteFederation", "RemoteStats", "enroll_devices", "admin_tokens"]
+__all__ = ["RemoteFederation", "RemoteStats", "admin_tokens", "enroll_devices"]
 
 if TYPE_CHECKING:
     from ..simulation import SimulationConfig
@@ -44,8 +44,11 @@ if TYPE_CHECKING:
 
 def admin_tokens(api: HttpTransport, admin_token: str, count: int, label: str = "bench") -> list[str]:
     """``count`` one-time enrollment tokens from ``POST /v1/admin/tokens``."""
-    body = api.post_json("/v1/admin/tokens", {"count": count, "ttl_s": 3600.0, "label": label},
-                         headers={"Authorization": f"Bearer {admin_token}"})  # fmt: skip
+    body = api.post_json(
+        "/v1/admin/tokens",
+        {"count": count, "ttl_s": 3600.0, "label": label},
+        headers={"Authorization": f"Bearer {admin_token}"},
+    )
     tokens = list(body["tokens"])
     if len(tokens) != count:
         raise QflareError(f"asked the admin API for {count} tokens, got {len(tokens)}")
@@ -58,7 +61,13 @@ def enroll_devices(
     """One Device per transport, enrolled with its token and connected, one after the other (in order)."""
     devices: list[Device] = []
     for transport, token in zip(transports, tokens, strict=True):
-        dev = Device(transport=transport, identity=SigningKey.generate(suite.sig), server_key=server_key, layout=layout, suite=suite)
+        dev = Device(
+            transport=transport,
+            identity=SigningKey.generate(suite.sig),
+            server_key=server_key,
+            layout=layout,
+            suite=suite,
+        )
         dev.enroll(token)
         dev.connect()
         devices.append(dev)
@@ -99,19 +108,25 @@ class RemoteFederation:
         retry = RetryPolicy(attempts=5, initial_s=0.1, max_wait_s=2.0)
         self._api = HttpTransport(url, timeout=60.0, retry=retry)
         self._client = httpx.Client(
-            base_url=url.rstrip("/"), timeout=httpx.Timeout(300.0, connect=10.0), headers={"user-agent": "qflare-device/1"},
+            base_url=url.rstrip("/"),
+            timeout=httpx.Timeout(300.0, connect=10.0),
+            headers={"user-agent": "qflare-device/1"},
             limits=httpx.Limits(max_connections=pool_connections, max_keepalive_connections=pool_connections),
-        )  # fmt: skip
+        )
         self._pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix="qflare-remote")
         self.stats = RemoteStats()
         try:
             key = pin_server_key(self._api, key_id)
             t0 = time.perf_counter()
             transports = [HttpTransport(url, client=self._client, retry=retry) for _ in range(cfg.devices)]
-            self.devices = enroll_devices(transports, admin_tokens(self._api, admin_token, cfg.devices), key, layout, cfg.suite)
+            self.devices = enroll_devices(
+                transports, admin_tokens(self._api, admin_token, cfg.devices), key, layout, cfg.suite
+            )
             self.stats.enroll_s = time.perf_counter() - t0
             task = self.devices[0].task()
-            if task.model_version == 0 and not torch.equal(self.devices[0].fetch_model(task).flat, initial.to(torch.float32)):
+            if task.model_version == 0 and not torch.equal(
+                self.devices[0].fetch_model(task).flat, initial.to(torch.float32)
+            ):
                 raise ConfigError("the server's initial model is not this run's (another model or seed?)")
         except BaseException:
             self.close()
@@ -138,7 +153,7 @@ class RemoteFederation:
         guess: list[int] = []
         for _ in range(number - self._number):  # failed rounds drew a selection too
             guess = [int(i) for i in self._rng.choice(self._cfg.devices, k, replace=False)]
-        tasks = dict(zip(guess, self._pool.map(lambda i: self.devices[i].task(), guess)))
+        tasks = dict(zip(guess, self._pool.map(lambda i: self.devices[i].task(), guess), strict=False))
         if st["selected"] == k and all(t.selected and t.round == number for t in tasks.values()):
             chosen = guess
         else:
@@ -177,4 +192,3 @@ class RemoteFederation:
         self._pool.shutdown(wait=True)
         self._client.close()
         self._api.close()
-

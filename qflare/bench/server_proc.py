@@ -26,10 +26,10 @@ from ..config import MALLOC_ENV
 from ..crypto import VerifyKey
 from ..errors import AuthError, QflareError
 from ..server.credentials import KEYID_FILE
-from ..server.storage.db import SQLITE_FILENAME
+from ..storage.db import SQLITE_FILENAME
 from ..transport import HttpTransport, RetryPolicy
 
-__all__ = ["ServerSpec", "ServerProcess", "pin_server_key", "free_port"]
+__all__ = ["ServerProcess", "ServerSpec", "free_port", "pin_server_key"]
 
 _UNLIMITED_RATE = 1_000_000.0
 """Every benchmark client shares 127.0.0.1, so the per-address rate limit would throttle the whole fleet."""
@@ -51,11 +51,33 @@ class ServerSpec:
     data_root: str | None = None
 
     def cli_args(self) -> list[str]:
-        args = ["--dataset", self.dataset, "--model", self.model, "--rounds", str(self.rounds),
-                "--per-round", str(self.per_round), "--min-devices", str(self.min_devices), "--seed", str(self.seed),
-                "--strategy", self.strategy, "--round-timeout", str(self.round_timeout_s), "--no-eval",
-                "--max-uploads", str(self.max_uploads), "--rate", str(_UNLIMITED_RATE),
-                "--session-rate", str(_UNLIMITED_RATE), "--log-level", "warning"]  # fmt: skip
+        args = [
+            "--dataset",
+            self.dataset,
+            "--model",
+            self.model,
+            "--rounds",
+            str(self.rounds),
+            "--per-round",
+            str(self.per_round),
+            "--min-devices",
+            str(self.min_devices),
+            "--seed",
+            str(self.seed),
+            "--strategy",
+            self.strategy,
+            "--round-timeout",
+            str(self.round_timeout_s),
+            "--no-eval",
+            "--max-uploads",
+            str(self.max_uploads),
+            "--rate",
+            str(_UNLIMITED_RATE),
+            "--session-rate",
+            str(_UNLIMITED_RATE),
+            "--log-level",
+            "warning",
+        ]
         return args + (["--data-root", self.data_root] if self.data_root else [])
 
 
@@ -70,7 +92,9 @@ def pin_server_key(api: HttpTransport, key_id: str) -> VerifyKey:
     info = api.get_json("/v1/identity")
     key = VerifyKey.from_bytes(info["alg"], bytes.fromhex(info["public_key"]))
     if key.key_id != key_id or info.get("key_id") != key_id:
-        raise AuthError(f"server key {key.key_id[:16]}... is not the pinned {key_id[:16]}...", code="server_key_mismatch")
+        raise AuthError(
+            f"server key {key.key_id[:16]}... is not the pinned {key_id[:16]}...", code="server_key_mismatch"
+        )
     return key
 
 
@@ -100,8 +124,19 @@ class ServerProcess:
     def start(self) -> None:
         env = {k: v for k, v in os.environ.items() if k != "QFLARE_DATABASE_URL"}
         env.update(MALLOC_ENV, QFLARE_ADMIN_TOKEN=self.admin_token, PYTHONUNBUFFERED="1")
-        argv = [sys.executable, "-m", "qflare", "server", "--host", "127.0.0.1", "--port", str(self.port),
-                "--data-dir", str(self.data_dir), *self.spec.cli_args()]  # fmt: skip
+        argv = [
+            sys.executable,
+            "-m",
+            "qflare",
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--data-dir",
+            str(self.data_dir),
+            *self.spec.cli_args(),
+        ]
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env)
 
@@ -150,7 +185,9 @@ class ServerProcess:
         self.start()
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         try:
             self.stop()
         finally:

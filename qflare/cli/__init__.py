@@ -5,7 +5,8 @@ from __future__ import annotations
 import typer
 
 from . import bench, data, simulate
-from . import client as client_cli, demo as demo_cli
+from . import client as client_cli
+from . import demo as demo_cli
 from . import server as server_cli
 
 app = typer.Typer(

@@ -113,8 +113,15 @@ def network(
     from ..bench.network import run_network_bench
 
     with friendly_errors():
-        result = run_network_bench(rounds, dataset=dataset, model=model, devices=devices, per_round=per_round,
-                                   workers=workers, data_root=data_root)  # fmt: skip
+        result = run_network_bench(
+            rounds,
+            dataset=dataset,
+            model=model,
+            devices=devices,
+            per_round=per_round,
+            workers=workers,
+            data_root=data_root,
+        )
     if json_:
         print(json.dumps(result))
     else:

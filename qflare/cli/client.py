@@ -15,16 +15,15 @@ from types import FrameType
 import torch
 import typer
 
-from ..client import DeviceClient, default_state_dir, load_workload
-from ..client_state import DeviceState, pin_server_key, read_pin_file
 from ..crypto import Suite, VerifyKey
 from ..data import DATASETS, PARTITIONERS
+from ..device import DeviceClient, DeviceState, default_state_dir, load_workload, pin_server_key, read_pin_file
 from ..models import model_names
 from ..training import TrainConfig
 from ..transport import HttpTransport, TransportError
 from .common import friendly_errors
 
-__all__ = ["register", "client"]
+__all__ = ["client", "register"]
 
 PASSPHRASE_ENV = "QFLARE_KEY_PASSPHRASE"
 TOKEN_ENV = "QFLARE_ENROLL_TOKEN"
@@ -49,10 +48,18 @@ def _fetch_identity(transport: HttpTransport, pinned: str, wait_s: float) -> tup
 
 def client(
     server: str = typer.Option(..., help="Coordinator base URL, e.g. https://fl.example.org:8443."),
-    server_key_id: str | None = typer.Option(None, help="Pinned coordinator key id (SHA-256 of its ML-DSA public key, hex)."),
-    server_key_file: Path | None = typer.Option(None, help="File with the pinned key id (coordinator.keyid) or public key (coordinator.pub)."),
-    token: str | None = typer.Option(None, envvar=TOKEN_ENV, help=f"One-time enrollment token (first start only; or ${TOKEN_ENV})."),
-    state_dir: Path | None = typer.Option(None, help="Device state (key, enrollment, pin, receipts); default ~/.local/state/qflare/device-<index>."),
+    server_key_id: str | None = typer.Option(
+        None, help="Pinned coordinator key id (SHA-256 of its ML-DSA public key, hex)."
+    ),
+    server_key_file: Path | None = typer.Option(
+        None, help="File with the pinned key id (coordinator.keyid) or public key (coordinator.pub)."
+    ),
+    token: str | None = typer.Option(
+        None, envvar=TOKEN_ENV, help=f"One-time enrollment token (first start only; or ${TOKEN_ENV})."
+    ),
+    state_dir: Path | None = typer.Option(
+        None, help="Device state (key, enrollment, pin, receipts); default ~/.local/state/qflare/device-<index>."
+    ),
     dataset: str = typer.Option("fashion-mnist", help=f"Local data set: {', '.join(DATASETS)}."),
     data_root: Path | None = typer.Option(None, help="Folder holding the data set files."),
     model: str = typer.Option("fedavg-cnn", help=f"Model (must match the server's): {', '.join(model_names())}."),
@@ -77,8 +84,9 @@ def client(
     json_: bool = typer.Option(False, "--json", help="Print the run summary as JSON on stdout."),
 ) -> None:
     """Run one federated device: enroll (first start), then train whenever the coordinator selects it."""
-    logging.basicConfig(level=log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")  # fmt: skip
+    logging.basicConfig(
+        level=log_level.upper(), stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     if logging.getLogger().level > logging.DEBUG:
         logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request is noise at INFO
     signal.signal(signal.SIGTERM, _on_sigterm)
@@ -93,14 +101,28 @@ def client(
                 server_key, suite = _fetch_identity(transport, pinned, give_up_after)
                 train = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, momentum=momentum, device=device)
                 workload = load_workload(
-                    dataset=dataset, model=model, index=index, devices=devices, scheme=partition, alpha=alpha,
-                    shards_per_device=shards_per_device, seed=seed, train=train,
+                    dataset=dataset,
+                    model=model,
+                    index=index,
+                    devices=devices,
+                    scheme=partition,
+                    alpha=alpha,
+                    shards_per_device=shards_per_device,
+                    seed=seed,
+                    train=train,
                     data_root=str(data_root) if data_root else None,
-                )  # fmt: skip
-                dc = DeviceClient(transport=transport, state=state, server_key=server_key, workload=workload, suite=suite)
+                )
+                dc = DeviceClient(
+                    transport=transport, state=state, server_key=server_key, workload=workload, suite=suite
+                )
                 logging.getLogger("qflare.client").info(
                     "device %s... partition %d/%d (%d examples), coordinator %s... at %s",
-                    dc.device_id[:16], index, devices, len(workload.targets), pinned[:16], server,
+                    dc.device_id[:16],
+                    index,
+                    devices,
+                    len(workload.targets),
+                    pinned[:16],
+                    server,
                 )
                 dc.ensure_enrolled(token)
                 summary = dc.run(max_rounds=max_rounds, poll_interval=poll_interval, give_up_after_s=give_up_after)
@@ -113,9 +135,12 @@ def client(
         print(json.dumps(out))
     else:
         logging.getLogger("qflare.client").info(
-            "done (%s): trained rounds %s, %d receipts, %d sessions", summary.reason,
-            summary.rounds_trained, len(summary.receipts), summary.sessions,
-        )  # fmt: skip
+            "done (%s): trained rounds %s, %d receipts, %d sessions",
+            summary.reason,
+            summary.rounds_trained,
+            len(summary.receipts),
+            summary.sessions,
+        )
 
 
 def register(app: typer.Typer) -> None:

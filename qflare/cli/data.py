@@ -6,7 +6,18 @@ from pathlib import Path
 
 import typer
 
-from ..data import DATASETS, PARTITIONERS, default_cache_dir, download_dataset, label_counts, label_table, load_dataset, partition, save_heatmap, summary
+from ..data import (
+    DATASETS,
+    PARTITIONERS,
+    default_cache_dir,
+    download_dataset,
+    label_counts,
+    label_table,
+    load_dataset,
+    partition,
+    save_heatmap,
+    summary,
+)
 from .common import console, friendly_errors
 
 app = typer.Typer(help="Data sets and federated partitions.", no_args_is_help=True)
@@ -20,16 +31,24 @@ def stats(
     alpha: float = typer.Option(0.5, help="Dirichlet concentration (label skew; quantity skew for 'quantity')."),
     shards_per_device: int = typer.Option(2, help="Shards per device for the 'shards' partitioner."),
     seed: int = typer.Option(0, help="Partition seed: the same seed gives the same partition."),
-    data_root: Path | None = typer.Option(None, help="Folder holding the data set files (default: search the usual places)."),
+    data_root: Path | None = typer.Option(
+        None, help="Folder holding the data set files (default: search the usual places)."
+    ),
     rows: int | None = typer.Option(20, help="Devices shown in the table (all with --rows 0)."),
     heatmap: Path | None = typer.Option(None, help="Also save a devices x classes heatmap PNG here."),
 ) -> None:
     """Print a per-device label table for a partition (and optionally save a heatmap)."""
     with friendly_errors():
         ds = load_dataset(dataset, "train", root=data_root)
-        parts = partition(partition_, ds.labels.numpy(), devices, seed=seed, alpha=alpha, shards_per_device=shards_per_device)
+        parts = partition(
+            partition_, ds.labels.numpy(), devices, seed=seed, alpha=alpha, shards_per_device=shards_per_device
+        )
         counts = label_counts(parts, ds.labels.numpy(), ds.num_classes)
-        console.print(label_table(counts, max_rows=rows or None, title=f"{dataset} · {partition_} · {devices} devices · seed {seed}"))
+        console.print(
+            label_table(
+                counts, max_rows=rows or None, title=f"{dataset} · {partition_} · {devices} devices · seed {seed}"
+            )
+        )
         console.print(summary(counts))
         if heatmap is not None:
             console.print(f"heatmap written to {save_heatmap(counts, heatmap)}")

@@ -16,7 +16,7 @@ from ..demo import DemoConfig, run_demo
 from ..models import model_names
 from .common import console, friendly_errors
 
-__all__ = ["register", "demo"]
+__all__ = ["demo", "register"]
 
 
 def _on_sigterm(signum: int, frame: FrameType | None) -> None:
@@ -28,7 +28,9 @@ def demo(
     per_round: int = typer.Option(5, min=1, help="Devices selected each round."),
     rounds: int = typer.Option(5, min=1, help="Federated rounds."),
     port: int | None = typer.Option(None, help="Coordinator port (default: a free one)."),
-    data_dir: Path | None = typer.Option(None, help="Coordinator database, keys, device states and logs (default: a new temp dir)."),
+    data_dir: Path | None = typer.Option(
+        None, help="Coordinator database, keys, device states and logs (default: a new temp dir)."
+    ),
     dataset: str = typer.Option("fashion-mnist", help=f"Data set: {', '.join(DATASETS)}."),
     model: str = typer.Option("fedavg-cnn", help=f"Model: {', '.join(model_names())}."),
     seed: int = typer.Option(0, help="Seed of partition, selection, initialisation and shuffles."),
@@ -38,15 +40,34 @@ def demo(
 ) -> None:
     """Start a coordinator and N devices here and train federated over HTTP, every security feature on."""
     signal.signal(signal.SIGTERM, _on_sigterm)
-    cfg = DemoConfig(devices=devices, per_round=per_round, rounds=rounds, port=port, data_dir=data_dir, dataset=dataset,
-                     model=model, seed=seed, alpha=alpha, epochs=epochs, data_root=str(data_root) if data_root else None)  # fmt: skip
-    console.print(f"[bold]qflare demo[/] · {dataset} · {model} · {devices} devices · {per_round}/round · {rounds} rounds · "
-                  "ML-DSA-65 + ML-KEM-768/X25519 + AES-256-GCM")  # fmt: skip
+    cfg = DemoConfig(
+        devices=devices,
+        per_round=per_round,
+        rounds=rounds,
+        port=port,
+        data_dir=data_dir,
+        dataset=dataset,
+        model=model,
+        seed=seed,
+        alpha=alpha,
+        epochs=epochs,
+        data_root=str(data_root) if data_root else None,
+    )
+    console.print(
+        f"[bold]qflare demo[/] · {dataset} · {model} · {devices} devices · {per_round}/round · {rounds} rounds · "
+        "ML-DSA-65 + ML-KEM-768/X25519 + AES-256-GCM"
+    )
     # auto_refresh=False: no display thread, so the children can be forked safely.
     progress = Progress(
-        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-        TextColumn("{task.fields[detail]}"), console=console, auto_refresh=False, transient=True,
-    )  # fmt: skip
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("{task.fields[detail]}"),
+        console=console,
+        auto_refresh=False,
+        transient=True,
+    )
     shown: set[int] = set()
     t0 = time.perf_counter()
     with progress:
@@ -61,8 +82,10 @@ def demo(
                 r = int(h.get("round", 0))
                 if r >= 1 and r not in shown:
                     shown.add(r)
-                    progress.console.print(f"[dim]{time.perf_counter() - t0:6.1f}s[/] round {r:3d}  accuracy "
-                                           f"[bold]{float(h['accuracy']):.4f}[/]  loss {float(h['loss']):.4f}")  # fmt: skip
+                    progress.console.print(
+                        f"[dim]{time.perf_counter() - t0:6.1f}s[/] round {r:3d}  accuracy "
+                        f"[bold]{float(h['accuracy']):.4f}[/]  loss {float(h['loss']):.4f}"
+                    )
             state, rnd = status.get("state"), status.get("round")
             detail = f"{status.get('devices', '?')} devices enrolled"
             if state == "open":
@@ -77,7 +100,9 @@ def demo(
             progress.stop()
             console.print("[yellow]interrupted[/]: every coordinator and device process has been stopped")
             raise typer.Exit(130) from None
-    console.print(f"final accuracy [bold green]{result.final_accuracy:.4f}[/] after {rounds} rounds in {result.wall_s:.1f} s")
+    console.print(
+        f"final accuracy [bold green]{result.final_accuracy:.4f}[/] after {rounds} rounds in {result.wall_s:.1f} s"
+    )
     console.print(f"data, database and logs: {result.data_dir}")
 
 

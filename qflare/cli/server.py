@@ -17,7 +17,7 @@ from ..crypto import DEFAULT_SUITE, HIGH_SUITE
 from ..errors import ConfigError
 from .common import console, err_console, friendly_errors
 
-__all__ = ["register", "parse_duration", "token_app"]
+__all__ = ["parse_duration", "register", "token_app"]
 
 _UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 _DURATION = re.compile(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([smhd]?)\s*")
@@ -42,7 +42,9 @@ def _passphrase(env_var: str | None) -> bytes | None:
         return None
     value = os.environ.get(env_var)
     if not value:
-        raise ConfigError(f"--key-passphrase-env names {env_var}, which is not set or empty", code="passphrase_required")
+        raise ConfigError(
+            f"--key-passphrase-env names {env_var}, which is not set or empty", code="passphrase_required"
+        )
     return value.encode("utf-8")
 
 
@@ -50,20 +52,30 @@ def server(
     host: str = typer.Option("127.0.0.1", help="Address to listen on."),
     port: int = typer.Option(8443, min=0, max=65535, help="TCP port."),
     data_dir: Path = typer.Option(default_data_dir(), help="Server state: database, blobs, keys, admin token."),
-    dataset: str = typer.Option("fashion-mnist", help="Data set whose shape the model takes and whose test split evaluates it."),
+    dataset: str = typer.Option(
+        "fashion-mnist", help="Data set whose shape the model takes and whose test split evaluates it."
+    ),
     data_root: Path | None = typer.Option(None, help="Folder holding the data set files."),
     model: str = typer.Option("fedavg-cnn", help="Registered model."),
     rounds: int = typer.Option(30, min=1, help="Federated rounds to run."),
     per_round: int = typer.Option(10, min=1, help="Devices selected each round."),
     min_devices: int = typer.Option(1, min=1, help="Active devices needed before the first round opens."),
-    min_participants: int | None = typer.Option(None, min=1, help="Updates needed at the deadline (default: every selected device)."),
+    min_participants: int | None = typer.Option(
+        None, min=1, help="Updates needed at the deadline (default: every selected device)."
+    ),
     strategy: str = typer.Option("fedavg", help="Aggregation strategy."),
     seed: int = typer.Option(0, help="Seed of the initial model and of device selection."),
     round_timeout: float = typer.Option(600.0, min=1.0, help="Seconds before a round's deadline."),
-    suite: str = typer.Option("default", help="Crypto suite: default (ML-DSA-65, ML-KEM-768) or high (ML-DSA-87, ML-KEM-1024)."),
-    tls_cert: Path | None = typer.Option(None, help="TLS certificate (PEM) - defence in depth; the PQ protection is in the application layer."),
+    suite: str = typer.Option(
+        "default", help="Crypto suite: default (ML-DSA-65, ML-KEM-768) or high (ML-DSA-87, ML-KEM-1024)."
+    ),
+    tls_cert: Path | None = typer.Option(
+        None, help="TLS certificate (PEM) - defence in depth; the PQ protection is in the application layer."
+    ),
     tls_key: Path | None = typer.Option(None, help="TLS private key (PEM)."),
-    key_passphrase_env: str | None = typer.Option(None, help="Environment variable holding the passphrase of coordinator.key."),
+    key_passphrase_env: str | None = typer.Option(
+        None, help="Environment variable holding the passphrase of coordinator.key."
+    ),
     no_eval: bool = typer.Option(False, "--no-eval", help="Do not evaluate published models on the test split."),
     max_uploads: int = typer.Option(8, min=1, help="Update uploads read and processed at once."),
     rate: float = typer.Option(50.0, min=0.001, help="Requests per second allowed per client address (burst 4x)."),
@@ -77,19 +89,37 @@ def server(
     with friendly_errors():
         if suite not in SUITES:
             raise ConfigError(f"suite must be one of {', '.join(SUITES)}")
-        limits = HttpLimits(max_concurrent_uploads=max_uploads, ip_rate=rate, ip_burst=max(1.0, 4 * rate),
-                            session_rate=session_rate, session_burst=max(1.0, 4 * session_rate))  # fmt: skip
+        limits = HttpLimits(
+            max_concurrent_uploads=max_uploads,
+            ip_rate=rate,
+            ip_burst=max(1.0, 4 * rate),
+            session_rate=session_rate,
+            session_burst=max(1.0, 4 * session_rate),
+        )
         config = ServerConfig(
-            data_dir=data_dir, dataset=dataset, data_root=str(data_root) if data_root else None, model=model,
-            rounds=rounds, per_round=per_round, min_devices=min_devices, min_participants=min_participants,
-            strategy=strategy, seed=seed, round_timeout_s=round_timeout, evaluate=not no_eval,
-            key_passphrase=_passphrase(key_passphrase_env), suite=SUITES[suite], http=limits,
-        )  # fmt: skip
+            data_dir=data_dir,
+            dataset=dataset,
+            data_root=str(data_root) if data_root else None,
+            model=model,
+            rounds=rounds,
+            per_round=per_round,
+            min_devices=min_devices,
+            min_participants=min_participants,
+            strategy=strategy,
+            seed=seed,
+            round_timeout_s=round_timeout,
+            evaluate=not no_eval,
+            key_passphrase=_passphrase(key_passphrase_env),
+            suite=SUITES[suite],
+            http=limits,
+        )
         runtime = ServerRuntime(config)
         console.print(f"qflare server · data dir {runtime.data_dir} · database {runtime.db.url}")
         console.print(f"coordinator key id {runtime.identity.key_id}{' (new key)' if runtime.identity_created else ''}")
         if runtime.admin.created:
-            console.print(f"admin token (shown once, also in {runtime.admin.path}): {runtime.admin.value}", soft_wrap=True)
+            console.print(
+                f"admin token (shown once, also in {runtime.admin.path}): {runtime.admin.value}", soft_wrap=True
+            )
         if tls_cert is not None:
             report = tls_report()
             group = report.pq_group or "none (see docs/operations.md: TLS)"
@@ -108,7 +138,7 @@ def token_create(
     json_: bool = typer.Option(False, "--json", help="Print a JSON list instead of one token per line."),
 ) -> None:
     """Mint one-time enrollment tokens in the server's database and print them (only hashes are stored)."""
-    from ..server.storage import Database, Store
+    from ..storage import Database, Store
 
     with friendly_errors():
         ttl = parse_duration(expires)

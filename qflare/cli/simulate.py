@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -12,17 +13,21 @@ from rich.table import Table
 from ..crypto import DEFAULT_SUITE, HIGH_SUITE
 from ..data import DATASETS, PARTITIONERS
 from ..models import model_names
-from ..simulation import RoundRecord, SimulationConfig, run_simulation
 from ..strategy import STRATEGIES
 from ..training import TrainConfig
 from .common import console, friendly_errors
+
+if TYPE_CHECKING:
+    from ..simulation import RoundRecord
 
 SUITES = {"default": DEFAULT_SUITE, "high": HIGH_SUITE}
 
 
 def simulate(
     dataset: str = typer.Option("fashion-mnist", help=f"Data set: {', '.join(DATASETS)}."),
-    data_root: Path | None = typer.Option(None, help="Folder holding the data set files (default: search the usual places)."),
+    data_root: Path | None = typer.Option(
+        None, help="Folder holding the data set files (default: search the usual places)."
+    ),
     model: str = typer.Option("fedavg-cnn", help=f"Registered model: {', '.join(model_names())}."),
     devices: int = typer.Option(100, min=1, help="Devices in the federation (each enrolls and opens a PQ session)."),
     per_round: int = typer.Option(10, min=1, help="Devices sampled (without replacement) each round."),
@@ -30,7 +35,9 @@ def simulate(
     partition: str = typer.Option("dirichlet", help=f"Partitioner: {', '.join(PARTITIONERS)}."),
     alpha: float = typer.Option(0.5, help="Dirichlet concentration (smaller: more label skew)."),
     shards_per_device: int = typer.Option(2, help="Shards per device for --partition shards."),
-    seed: int = typer.Option(0, help="Seed of partition, sampling, initialisation and shuffles: same seed, same numbers."),
+    seed: int = typer.Option(
+        0, help="Seed of partition, sampling, initialisation and shuffles: same seed, same numbers."
+    ),
     strategy: str = typer.Option("fedavg", help=f"Aggregation strategy: {', '.join(STRATEGIES)}."),
     server_lr: float | None = typer.Option(None, help="Server learning rate (fedavgm/fedadam/fedyogi/fedadagrad)."),
     epochs: int = typer.Option(1, min=1, help="Local epochs per round."),
@@ -41,32 +48,70 @@ def simulate(
     prox_mu: float = typer.Option(0.0, help="FedProx proximal term mu (0 = off)."),
     max_grad_norm: float | None = typer.Option(None, help="Clip each local gradient to this L2 norm."),
     device: str = typer.Option("cpu", help="Torch device for training: cpu, cuda, cuda:N or auto."),
-    workers: int = typer.Option(0, min=0, help="Training threads (0 = one per core; 1 = sequential with torch's default threads)."),
-    suite: str = typer.Option("default", help="Crypto suite: default (ML-DSA-65 + ML-KEM-768 + X25519) or high (ML-DSA-87 + ML-KEM-1024 + X25519)."),
-    protocol: bool = typer.Option(True, help="Run the secure protocol (PQ sessions, signatures, database). --no-protocol aggregates training results directly: only to measure the protocol's cost."),
+    workers: int = typer.Option(
+        0, min=0, help="Training threads (0 = one per core; 1 = sequential with torch's default threads)."
+    ),
+    suite: str = typer.Option(
+        "default",
+        help="Crypto suite: default (ML-DSA-65 + ML-KEM-768 + X25519) or high (ML-DSA-87 + ML-KEM-1024 + X25519).",
+    ),
+    protocol: bool = typer.Option(
+        True,
+        help="Run the secure protocol (PQ sessions, signatures, database). --no-protocol aggregates training results directly: only to measure the protocol's cost.",
+    ),
     out: Path | None = typer.Option(None, help="Write history.json, history.csv and history.png here."),
-    json_: bool = typer.Option(False, "--json", help="Print the history as one JSON object at the end instead of a table."),
+    json_: bool = typer.Option(
+        False, "--json", help="Print the history as one JSON object at the end instead of a table."
+    ),
 ) -> None:
     """Run federated training of N devices in this process, through the real secure protocol."""
     with friendly_errors():
         if suite not in SUITES:
             raise typer.BadParameter(f"suite must be one of {', '.join(SUITES)}")
         strategy_args = {"server_lr": server_lr} if server_lr is not None else {}
+        # imported here: the simulation loads the coordinator's storage, which `qflare client` never needs
+        from ..simulation import SimulationConfig, run_simulation
+
         cfg = SimulationConfig(
-            dataset=dataset, data_root=str(data_root) if data_root else None, model=model, devices=devices,
-            per_round=per_round, rounds=rounds, partition=partition, alpha=alpha,
-            shards_per_device=shards_per_device, seed=seed, strategy=strategy, strategy_args=strategy_args,
-            train=TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, momentum=momentum,
-                              weight_decay=weight_decay, prox_mu=prox_mu, max_grad_norm=max_grad_norm, device=device),
-            workers=workers, suite=SUITES[suite], protocol=protocol,
-        )  # fmt: skip
+            dataset=dataset,
+            data_root=str(data_root) if data_root else None,
+            model=model,
+            devices=devices,
+            per_round=per_round,
+            rounds=rounds,
+            partition=partition,
+            alpha=alpha,
+            shards_per_device=shards_per_device,
+            seed=seed,
+            strategy=strategy,
+            strategy_args=strategy_args,
+            train=TrainConfig(
+                epochs=epochs,
+                batch_size=batch_size,
+                lr=lr,
+                momentum=momentum,
+                weight_decay=weight_decay,
+                prox_mu=prox_mu,
+                max_grad_norm=max_grad_norm,
+                device=device,
+            ),
+            workers=workers,
+            suite=SUITES[suite],
+            protocol=protocol,
+        )
         table = Table(title=f"qflare simulate · {dataset} · {devices} devices · {per_round}/round · {strategy}")
         for col in ("round", "accuracy", "loss", "train loss", "examples", "seconds"):
             table.add_column(col, justify="right")
         progress = Progress(
-            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-            TextColumn("{task.fields[last]}"), console=console, disable=json_, transient=True,
-        )  # fmt: skip
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TextColumn("{task.fields[last]}"),
+            console=console,
+            disable=json_,
+            transient=True,
+        )
         with progress:
             task = progress.add_task("enrolling devices", total=rounds, last="")
 
@@ -74,17 +119,28 @@ def simulate(
                 progress.update(task, description=f"training ({n} devices enrolled)")
 
             def on_round(r: RoundRecord) -> None:
-                table.add_row(str(r.round), f"{r.accuracy:.4f}", f"{r.loss:.4f}", f"{r.train_loss:.4f}", str(r.examples), f"{r.seconds:.2f}")
+                table.add_row(
+                    str(r.round),
+                    f"{r.accuracy:.4f}",
+                    f"{r.loss:.4f}",
+                    f"{r.train_loss:.4f}",
+                    str(r.examples),
+                    f"{r.seconds:.2f}",
+                )
                 progress.update(task, advance=1, last=f"round {r.round}: accuracy {r.accuracy:.4f}")
                 if not json_:
-                    progress.console.print(f"round {r.round:3d}  accuracy {r.accuracy:.4f}  loss {r.loss:.4f}  {r.seconds:.2f}s")
+                    progress.console.print(
+                        f"round {r.round:3d}  accuracy {r.accuracy:.4f}  loss {r.loss:.4f}  {r.seconds:.2f}s"
+                    )
 
             result = run_simulation(cfg, on_round=on_round, on_start=on_start)
         if json_:
             print(json.dumps(result.to_json()))
         else:
             console.print(table)
-            console.print(f"wall {result.wall_s:.1f} s (start-up {result.startup_s:.1f} s); final accuracy {result.rounds[-1].accuracy:.4f}")
+            console.print(
+                f"wall {result.wall_s:.1f} s (start-up {result.startup_s:.1f} s); final accuracy {result.rounds[-1].accuracy:.4f}"
+            )
         if out is not None:
             paths = result.write(out)
             if not json_:

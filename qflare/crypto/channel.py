@@ -27,6 +27,8 @@ from collections.abc import Callable
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from qflare.crypto.kem import hkdf_sha256
+from qflare.crypto.suite import DEFAULT_SUITE, Suite
 from qflare.errors import (
     AuthError,
     ConfigError,
@@ -35,18 +37,16 @@ from qflare.errors import (
     ReplayError,
     SessionExpiredError,
 )
-from qflare.crypto.kem import hkdf_sha256
-from qflare.crypto.suite import DEFAULT_SUITE, Suite
 
 __all__ = [
-    "Channel",
-    "FRAME_VERSION",
-    "FRAME_HEADER_LEN",
-    "TAG_LEN",
-    "MAX_COUNTER",
     "DEFAULT_MAX_PLAINTEXT",
     "FRAME_AAD_LABEL",
+    "FRAME_HEADER_LEN",
+    "FRAME_VERSION",
+    "MAX_COUNTER",
     "REKEY_LABEL",
+    "TAG_LEN",
+    "Channel",
     "frame_aad",
     "frame_nonce",
     "unsafe_seal_frame",

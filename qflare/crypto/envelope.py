@@ -26,29 +26,29 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
-from qflare.errors import BadSignatureError, ConfigError, MalformedError, OversizeError
 from qflare.crypto.identity import SigningKey, VerifyKey
 from qflare.crypto.kem import kem_ciphertext_len, kem_public_len
 from qflare.crypto.suite import SUITE_WIRE_LEN, Suite
+from qflare.errors import BadSignatureError, ConfigError, MalformedError, OversizeError
 
 __all__ = [
-    "MAGIC",
-    "WIRE_VERSION",
-    "HEADER_LEN",
     "DEFAULT_MAX_ENVELOPE",
-    "MsgType",
+    "FIELD_SPECS",
+    "HEADER_LEN",
+    "MAGIC",
+    "OPTIONAL_FIELDS",
+    "SCHEMAS",
+    "UNSIGNED_TYPES",
+    "WIRE_VERSION",
     "Field",
     "FieldSpec",
-    "FIELD_SPECS",
-    "SCHEMAS",
-    "OPTIONAL_FIELDS",
-    "UNSIGNED_TYPES",
+    "MsgType",
+    "SignedEnvelope",
     "context_for",
-    "encode_fields",
     "decode_fields",
+    "encode_fields",
     "u32",
     "u64",
-    "SignedEnvelope",
 ]
 
 MAGIC = b"QFL"
@@ -154,7 +154,13 @@ SCHEMAS: Mapping[MsgType, tuple[Field, ...]] = MappingProxyType(
         MsgType.CLIENT_FINISH: (F.DEVICE_KEY_ID, F.TRANSCRIPT_HASH),
         MsgType.GLOBAL_MODEL: (F.ROUND, F.MODEL_HASH, F.PAYLOAD_SIZE, F.TIMESTAMP),
         MsgType.UPDATE: (
-            F.DEVICE_KEY_ID, F.ROUND, F.BASE_MODEL_HASH, F.UPDATE_HASH, F.NUM_EXAMPLES, F.PAYLOAD_SIZE, F.METADATA
+            F.DEVICE_KEY_ID,
+            F.ROUND,
+            F.BASE_MODEL_HASH,
+            F.UPDATE_HASH,
+            F.NUM_EXAMPLES,
+            F.PAYLOAD_SIZE,
+            F.METADATA,
         ),
         MsgType.UPDATE_ACK: (F.DEVICE_KEY_ID, F.ROUND, F.UPDATE_HASH, F.STATUS, F.TIMESTAMP),
     }
@@ -265,9 +271,7 @@ class SignedEnvelope:
         return MAGIC + bytes([WIRE_VERSION]) + suite.to_bytes() + bytes([msg_type])
 
     @classmethod
-    def sign(
-        cls, suite: Suite, msg_type: MsgType, fields: Mapping[Field, bytes], key: SigningKey
-    ) -> SignedEnvelope:
+    def sign(cls, suite: Suite, msg_type: MsgType, fields: Mapping[Field, bytes], key: SigningKey) -> SignedEnvelope:
         """Encode and sign with ``key`` (whose algorithm must be the suite's)."""
         mt = MsgType(msg_type)
         if mt in UNSIGNED_TYPES:
@@ -311,9 +315,7 @@ class SignedEnvelope:
         except ValueError:
             raise MalformedError(f"unknown message type 0x{raw[HEADER_LEN - 1]:02x}", code="malformed") from None
         if expected_type is not None and mt is not MsgType(expected_type):
-            raise MalformedError(
-                f"expected {MsgType(expected_type).name}, got {mt.name}", code="unexpected_message"
-            )
+            raise MalformedError(f"expected {MsgType(expected_type).name}, got {mt.name}", code="unexpected_message")
         fields, pos = _decode(mt, suite, buf, HEADER_LEN)
         body = raw[:pos]
         sig = b""

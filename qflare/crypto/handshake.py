@@ -24,29 +24,29 @@ import os
 import time
 from collections.abc import Callable
 
+from qflare.crypto.channel import DEFAULT_MAX_PLAINTEXT, Channel
+from qflare.crypto.envelope import DEFAULT_MAX_ENVELOPE, Field, MsgType, SignedEnvelope, u32
+from qflare.crypto.identity import SigningKey, VerifyKey
+from qflare.crypto.kem import EphemeralKem, Role, SessionKeys, derive_session_keys, encapsulate
+from qflare.crypto.suite import DEFAULT_POLICY, DEFAULT_SUITE, Policy, Suite, sha256
 from qflare.errors import (
     AuthError,
+    BadSignatureError,
     ConfigError,
     MalformedError,
     PolicyError,
     ProtocolError,
     SessionExpiredError,
     UnknownDeviceError,
-    BadSignatureError,
 )
-from qflare.crypto.channel import DEFAULT_MAX_PLAINTEXT, Channel
-from qflare.crypto.envelope import DEFAULT_MAX_ENVELOPE, Field, MsgType, SignedEnvelope, u32
-from qflare.crypto.identity import SigningKey, VerifyKey
-from qflare.crypto.kem import EphemeralKem, Role, SessionKeys, derive_session_keys, encapsulate
-from qflare.crypto.suite import DEFAULT_POLICY, DEFAULT_SUITE, Policy, Suite, sha256
 
 __all__ = [
-    "ClientHandshake",
-    "ServerHandshake",
-    "DeviceResolver",
-    "handshake_in_process",
-    "DEFAULT_SESSION_LIFETIME_S",
     "DEFAULT_HANDSHAKE_TIMEOUT_S",
+    "DEFAULT_SESSION_LIFETIME_S",
+    "ClientHandshake",
+    "DeviceResolver",
+    "ServerHandshake",
+    "handshake_in_process",
 ]
 
 DEFAULT_SESSION_LIFETIME_S = 3600
@@ -298,9 +298,7 @@ class ServerHandshake(_Machine):
         return self.channel
 
 
-def _channel(
-    keys: SessionKeys, suite: Suite, lifetime: int, max_plaintext: int, clock: Callable[[], float]
-) -> Channel:
+def _channel(keys: SessionKeys, suite: Suite, lifetime: int, max_plaintext: int, clock: Callable[[], float]) -> Channel:
     return Channel(
         keys.session_id,
         keys.send_key,

@@ -16,6 +16,7 @@ from typing import Any
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 
+from qflare.crypto.suite import SIG_ALGORITHMS, SigAlgorithm, load_mldsa, sha256
 from qflare.errors import (
     AuthError,
     BadSignatureError,
@@ -23,9 +24,8 @@ from qflare.errors import (
     CryptoUnavailableError,
     MalformedError,
 )
-from qflare.crypto.suite import SIG_ALGORITHMS, SigAlgorithm, load_mldsa, sha256
 
-__all__ = ["SigningKey", "VerifyKey", "MAX_CONTEXT_LEN", "key_id_of"]
+__all__ = ["MAX_CONTEXT_LEN", "SigningKey", "VerifyKey", "key_id_of"]
 
 MAX_CONTEXT_LEN = 255
 SEED_LEN = 32
@@ -75,7 +75,7 @@ def key_id_of(raw_public: bytes) -> str:
 class VerifyKey:
     """An ML-DSA public key."""
 
-    __slots__ = ("_alg", "_key", "_raw", "_key_id")
+    __slots__ = ("_alg", "_key", "_key_id", "_raw")
 
     def __init__(self, alg: str, key: Any) -> None:
         self._alg = _alg(alg).name

@@ -27,23 +27,23 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import x25519
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF, HKDFExpand
 
-from qflare.errors import ConfigError, CryptoUnavailableError, MalformedError
 from qflare.crypto.suite import Suite, load_mlkem
+from qflare.errors import ConfigError, CryptoUnavailableError, MalformedError
 
 __all__ = [
-    "Role",
-    "SharedSecrets",
-    "SessionKeys",
-    "EphemeralKem",
-    "encapsulate",
-    "derive_session_keys",
-    "kem_public_len",
-    "kem_ciphertext_len",
-    "hkdf_sha256",
     "HYBRID_LABEL",
     "LABEL_C2S",
     "LABEL_S2C",
     "LABEL_SESSION_ID",
+    "EphemeralKem",
+    "Role",
+    "SessionKeys",
+    "SharedSecrets",
+    "derive_session_keys",
+    "encapsulate",
+    "hkdf_sha256",
+    "kem_ciphertext_len",
+    "kem_public_len",
 ]
 
 X25519_LEN = 32
@@ -54,7 +54,7 @@ LABEL_S2C = b"qflare/v1/key/s2c"
 LABEL_SESSION_ID = b"qflare/v1/session-id"
 
 
-class Role(str, enum.Enum):
+class Role(enum.StrEnum):
     CLIENT = "client"  # the device (initiator)
     SERVER = "server"  # the coordinator (responder)
 
@@ -122,7 +122,7 @@ class SessionKeys:
 class EphemeralKem:
     """The initiator's ephemeral key pair(s) for one handshake."""
 
-    __slots__ = ("_suite", "_mlkem", "_x25519", "_public")
+    __slots__ = ("_mlkem", "_public", "_suite", "_x25519")
 
     def __init__(self, suite: Suite, mlkem_key: Any, x25519_key: x25519.X25519PrivateKey | None) -> None:
         if suite.x25519 != (x25519_key is not None):

@@ -18,22 +18,22 @@ from __future__ import annotations
 import struct
 import time
 
-from qflare.errors import AuthError, MalformedError, PolicyError, StaleModelError, WrongRoundError
 from qflare.crypto.channel import Channel
 from qflare.crypto.envelope import DEFAULT_MAX_ENVELOPE, Field, MsgType, SignedEnvelope, u64
 from qflare.crypto.identity import SigningKey, VerifyKey
 from qflare.crypto.suite import sha256
+from qflare.errors import AuthError, MalformedError, PolicyError, StaleModelError, WrongRoundError
 
 __all__ = [
-    "pack_signed",
-    "unpack_signed",
     "UPDATE_STATUS_ACCEPTED",
     "UPDATE_STATUS_REJECTED",
-    "seal_update",
-    "open_update",
-    "seal_global_model",
     "open_global_model",
+    "open_update",
+    "pack_signed",
+    "seal_global_model",
+    "seal_update",
     "sign_update_ack",
+    "unpack_signed",
 ]
 
 _LEN = struct.Struct(">I")

@@ -19,21 +19,21 @@ from cryptography.hazmat.primitives import hashes
 from qflare.errors import ConfigError, CryptoUnavailableError, MalformedError, PolicyError
 
 __all__ = [
-    "SigAlgorithm",
-    "KemAlgorithm",
-    "SIG_ALGORITHMS",
-    "KEM_ALGORITHMS",
     "AEAD_ALGORITHMS",
-    "SUITE_VERSION",
-    "SUITE_WIRE_LEN",
-    "Suite",
-    "Policy",
+    "DEFAULT_POLICY",
     "DEFAULT_SUITE",
     "HIGH_SUITE",
-    "DEFAULT_POLICY",
-    "require_primitives",
+    "KEM_ALGORITHMS",
+    "SIG_ALGORITHMS",
+    "SUITE_VERSION",
+    "SUITE_WIRE_LEN",
+    "KemAlgorithm",
+    "Policy",
+    "SigAlgorithm",
+    "Suite",
     "load_mldsa",
     "load_mlkem",
+    "require_primitives",
     "sha256",
 ]
 
@@ -269,11 +269,7 @@ def require_primitives(suite: Suite | None = None) -> None:
     """
     from cryptography.exceptions import UnsupportedAlgorithm
 
-    suites = (
-        [suite]
-        if suite is not None
-        else [Suite(sig=s, kem=k) for s in SIG_ALGORITHMS for k in KEM_ALGORITHMS]
-    )
+    suites = [suite] if suite is not None else [Suite(sig=s, kem=k) for s in SIG_ALGORITHMS for k in KEM_ALGORITHMS]
     for s in suites:
         with _checked_lock:
             if s in _checked:

@@ -20,13 +20,13 @@ import httpx
 from qflare.errors import DataError
 
 __all__ = [
-    "MirrorFile",
     "KNOWN_FILES",
-    "fetch",
+    "MirrorFile",
+    "default_cache_dir",
     "download_dataset",
     "extract_tar",
+    "fetch",
     "file_sha256",
-    "default_cache_dir",
 ]
 
 _CHUNK = 1 << 20
@@ -69,42 +69,69 @@ _MNIST_MIRRORS = (
 KNOWN_FILES: dict[str, tuple[MirrorFile, ...]] = {
     # SHA-256 and sizes verified against the Debian package copies (dataset-fashion-mnist).
     "fashion-mnist": (
-        MirrorFile("train-images-idx3-ubyte.gz",
-                   "b0564c3eedabfbf835052cff8503ea422014ce006caf5b757f851416ee8300c7", _FASHION_MIRRORS,
-                   size=26421856),
-        MirrorFile("train-labels-idx1-ubyte.gz",
-                   "0ae29f65d86684f32d1b9c85147786c547b9c6aebcaf235f0400a0cce308b056", _FASHION_MIRRORS,
-                   size=29491),
-        MirrorFile("t10k-images-idx3-ubyte.gz",
-                   "cc1d090a38ace84dfa1aa66e3ada7c336ef481a96936906477e6dd344da56eaa", _FASHION_MIRRORS,
-                   size=4422079),
-        MirrorFile("t10k-labels-idx1-ubyte.gz",
-                   "8d3605d196f4be44669e46906da9733c8131fef761fdbfec72c424d5222f1a05", _FASHION_MIRRORS,
-                   size=5125),
+        MirrorFile(
+            "train-images-idx3-ubyte.gz",
+            "b0564c3eedabfbf835052cff8503ea422014ce006caf5b757f851416ee8300c7",
+            _FASHION_MIRRORS,
+            size=26421856,
+        ),
+        MirrorFile(
+            "train-labels-idx1-ubyte.gz",
+            "0ae29f65d86684f32d1b9c85147786c547b9c6aebcaf235f0400a0cce308b056",
+            _FASHION_MIRRORS,
+            size=29491,
+        ),
+        MirrorFile(
+            "t10k-images-idx3-ubyte.gz",
+            "cc1d090a38ace84dfa1aa66e3ada7c336ef481a96936906477e6dd344da56eaa",
+            _FASHION_MIRRORS,
+            size=4422079,
+        ),
+        MirrorFile(
+            "t10k-labels-idx1-ubyte.gz",
+            "8d3605d196f4be44669e46906da9733c8131fef761fdbfec72c424d5222f1a05",
+            _FASHION_MIRRORS,
+            size=5125,
+        ),
     ),
     # MNIST: UNVERIFIED on this machine (no copy, no internet).  The SHA-256s and sizes are the ones
     # published by TensorFlow Datasets / Keras and repeated across many independent projects.
     "mnist": (
-        MirrorFile("train-images-idx3-ubyte.gz",
-                   "440fcabf73cc546fa21475e81ea370265605f56be210a4024d2ca8f203523609", _MNIST_MIRRORS,
-                   size=9912422),
-        MirrorFile("train-labels-idx1-ubyte.gz",
-                   "3552534a0a558bbed6aed32b30c495cca23d567ec52cac8be1a0730e8010255c", _MNIST_MIRRORS,
-                   size=28881),
-        MirrorFile("t10k-images-idx3-ubyte.gz",
-                   "8d422c7b0a1c1c79245a5bcf07fe86e33eeafee792b84584aec276f5a2dbc4e6", _MNIST_MIRRORS,
-                   size=1648877),
-        MirrorFile("t10k-labels-idx1-ubyte.gz",
-                   "f7ae60f92e00ec6debd23a6088c31dbd2371eca3ffa0defaefb259924204aec6", _MNIST_MIRRORS,
-                   size=4542),
+        MirrorFile(
+            "train-images-idx3-ubyte.gz",
+            "440fcabf73cc546fa21475e81ea370265605f56be210a4024d2ca8f203523609",
+            _MNIST_MIRRORS,
+            size=9912422,
+        ),
+        MirrorFile(
+            "train-labels-idx1-ubyte.gz",
+            "3552534a0a558bbed6aed32b30c495cca23d567ec52cac8be1a0730e8010255c",
+            _MNIST_MIRRORS,
+            size=28881,
+        ),
+        MirrorFile(
+            "t10k-images-idx3-ubyte.gz",
+            "8d422c7b0a1c1c79245a5bcf07fe86e33eeafee792b84584aec276f5a2dbc4e6",
+            _MNIST_MIRRORS,
+            size=1648877,
+        ),
+        MirrorFile(
+            "t10k-labels-idx1-ubyte.gz",
+            "f7ae60f92e00ec6debd23a6088c31dbd2371eca3ffa0defaefb259924204aec6",
+            _MNIST_MIRRORS,
+            size=4542,
+        ),
     ),
     # CIFAR-10: the publisher gives only the MD5 (c58f...), which is checked too.  The SHA-256 is the one
     # Keras and torchvision use for the same archive; UNVERIFIED on this machine (no copy, no internet).
     "cifar10": (
-        MirrorFile("cifar-10-python.tar.gz",
-                   "6d958be074577803d12ecdefd02955f39262c83c16fe9348329d7fe0b5c001ce",
-                   ("https://www.cs.toronto.edu/~kriz/",),
-                   md5="c58f30108f718f92721af3b95e74349a", size=170498071),
+        MirrorFile(
+            "cifar-10-python.tar.gz",
+            "6d958be074577803d12ecdefd02955f39262c83c16fe9348329d7fe0b5c001ce",
+            ("https://www.cs.toronto.edu/~kriz/",),
+            md5="c58f30108f718f92721af3b95e74349a",
+            size=170498071,
+        ),
     ),
 }
 

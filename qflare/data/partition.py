@@ -20,7 +20,7 @@ from numpy.typing import ArrayLike
 
 from qflare.errors import DataError
 
-__all__ = ["PARTITIONERS", "partition", "iid", "dirichlet", "shards", "quantity_skew"]
+__all__ = ["PARTITIONERS", "dirichlet", "iid", "partition", "quantity_skew", "shards"]
 
 PARTITIONERS: tuple[str, ...] = ("iid", "dirichlet", "shards", "quantity")
 
@@ -40,8 +40,9 @@ def _check(labels: Labels, n_devices: int, min_size: int = 1) -> np.ndarray:
     if min_size < 1:
         raise DataError(f"min_size must be >= 1 (no device may be empty), got {min_size}")
     if min_size * n_devices > len(arr):
-        raise DataError(f"min_size={min_size} x {n_devices} devices needs {min_size * n_devices} examples, "
-                        f"only {len(arr)} exist")
+        raise DataError(
+            f"min_size={min_size} x {n_devices} devices needs {min_size * n_devices} examples, only {len(arr)} exist"
+        )
     return arr
 
 
@@ -54,8 +55,7 @@ def _finish(parts: list[np.ndarray], min_size: int, scheme: str) -> list[np.ndar
     out = [np.sort(np.asarray(p, dtype=np.int64)) for p in parts]
     smallest = min(len(p) for p in out)
     if smallest < min_size:
-        raise DataError(f"{scheme}: smallest device gets {smallest} examples < min_size={min_size}; "
-                        f"use fewer devices")
+        raise DataError(f"{scheme}: smallest device gets {smallest} examples < min_size={min_size}; use fewer devices")
     return out
 
 
@@ -66,8 +66,9 @@ def iid(labels: Labels, n_devices: int, seed: int, *, min_size: int = 1) -> list
     return _finish(np.array_split(perm, n_devices), min_size, "iid")
 
 
-def dirichlet(labels: Labels, n_devices: int, alpha: float, seed: int, min_size: int = 10,
-              max_tries: int = 1000) -> list[np.ndarray]:
+def dirichlet(
+    labels: Labels, n_devices: int, alpha: float, seed: int, min_size: int = 10, max_tries: int = 1000
+) -> list[np.ndarray]:
     """Label skew: each class is split across devices in proportions drawn from Dirichlet(alpha).
 
     Whole draws are repeated until every device holds at least ``min_size`` examples.  The RNG call
@@ -93,13 +94,16 @@ def dirichlet(labels: Labels, n_devices: int, alpha: float, seed: int, min_size:
         sizes = [sum(len(c) for c in device) for device in chunks]
         if min(sizes) >= min_size:
             return [np.sort(np.concatenate(device).astype(np.int64, copy=False)) for device in chunks]
-    raise DataError(f"dirichlet: no draw in {max_tries} tries gave every device >= {min_size} examples "
-                    f"(alpha={alpha}, {n_devices} devices, {len(arr)} examples); min_size is unreachable "
-                    f"in practice: use a larger alpha, fewer devices or a smaller min_size")
+    raise DataError(
+        f"dirichlet: no draw in {max_tries} tries gave every device >= {min_size} examples "
+        f"(alpha={alpha}, {n_devices} devices, {len(arr)} examples); min_size is unreachable "
+        f"in practice: use a larger alpha, fewer devices or a smaller min_size"
+    )
 
 
-def shards(labels: Labels, n_devices: int, shards_per_device: int = 2, seed: int = 0, *,
-           min_size: int = 1) -> list[np.ndarray]:
+def shards(
+    labels: Labels, n_devices: int, shards_per_device: int = 2, seed: int = 0, *, min_size: int = 1
+) -> list[np.ndarray]:
     """Pathological non-IID split of McMahan et al. (2017).
 
     Examples are sorted by label (stable, so ties keep index order), cut into
@@ -107,14 +111,19 @@ def shards(labels: Labels, n_devices: int, shards_per_device: int = 2, seed: int
     goes one extra example to the first shards, so every example lands somewhere), and each device gets
     ``shards_per_device`` shards chosen by a random permutation.
     """
-    if isinstance(shards_per_device, bool) or not isinstance(shards_per_device, (int, np.integer)) \
-            or shards_per_device < 1:
+    if (
+        isinstance(shards_per_device, bool)
+        or not isinstance(shards_per_device, (int, np.integer))
+        or shards_per_device < 1
+    ):
         raise DataError(f"shards_per_device must be a positive integer, got {shards_per_device!r}")
     arr = _check(labels, n_devices, min_size)
     n_shards = n_devices * shards_per_device
     if n_shards > len(arr):
-        raise DataError(f"{n_devices} devices x {shards_per_device} shards = {n_shards} shards, "
-                        f"but only {len(arr)} examples: shards would be empty")
+        raise DataError(
+            f"{n_devices} devices x {shards_per_device} shards = {n_shards} shards, "
+            f"but only {len(arr)} examples: shards would be empty"
+        )
     order = np.argsort(arr, kind="stable")
     pieces = np.array_split(order, n_shards)
     assignment = np.random.default_rng(seed).permutation(n_shards).reshape(n_devices, shards_per_device)
@@ -122,8 +131,9 @@ def shards(labels: Labels, n_devices: int, shards_per_device: int = 2, seed: int
     return _finish(parts, min_size, "shards")
 
 
-def quantity_skew(labels: Labels, n_devices: int, alpha: float, seed: int, min_size: int = 1,
-                  max_tries: int = 1000) -> list[np.ndarray]:
+def quantity_skew(
+    labels: Labels, n_devices: int, alpha: float, seed: int, min_size: int = 1, max_tries: int = 1000
+) -> list[np.ndarray]:
     """Quantity skew: device sizes ~ Dirichlet(alpha) over devices, contents IID.
 
     One random permutation of all examples is cut at ``int(cumsum(p) * N)``; ``p`` is redrawn until every
@@ -141,12 +151,22 @@ def quantity_skew(labels: Labels, n_devices: int, alpha: float, seed: int, min_s
         cuts = (np.cumsum(p) * len(arr)).astype(int)[:-1]
         if np.diff(np.concatenate(([0], cuts, [len(arr)]))).min() >= min_size:
             return _finish(np.split(perm, cuts), min_size, "quantity")
-    raise DataError(f"quantity: no draw in {max_tries} tries gave every device >= {min_size} examples "
-                    f"(alpha={alpha}, {n_devices} devices); use a larger alpha or fewer devices")
+    raise DataError(
+        f"quantity: no draw in {max_tries} tries gave every device >= {min_size} examples "
+        f"(alpha={alpha}, {n_devices} devices); use a larger alpha or fewer devices"
+    )
 
 
-def partition(scheme: str, labels: Labels, n_devices: int, *, seed: int, alpha: float = 0.5,
-              shards_per_device: int = 2, min_size: int | None = None) -> list[np.ndarray]:
+def partition(
+    scheme: str,
+    labels: Labels,
+    n_devices: int,
+    *,
+    seed: int,
+    alpha: float = 0.5,
+    shards_per_device: int = 2,
+    min_size: int | None = None,
+) -> list[np.ndarray]:
     """Dispatch by name to one of :data:`PARTITIONERS`.
 
     ``min_size=None`` means the partitioner's default (10 for ``dirichlet``, 1 otherwise); ``alpha`` is

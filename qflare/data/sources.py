@@ -27,7 +27,7 @@ import torch
 from qflare.data.download import default_cache_dir, download_dataset
 from qflare.errors import DataError, DatasetMissingError
 
-__all__ = ["ArrayDataset", "DATASETS", "SPLITS", "load_dataset", "parse_idx", "read_idx"]
+__all__ = ["DATASETS", "SPLITS", "ArrayDataset", "load_dataset", "parse_idx", "read_idx"]
 
 DATASETS: tuple[str, ...] = ("mnist", "fashion-mnist", "cifar10", "digits", "synthetic")
 SPLITS: tuple[str, ...] = ("train", "test")
@@ -63,7 +63,9 @@ class ArrayDataset:
         if self.images.dtype not in (torch.uint8, torch.float32):
             raise DataError(f"{self.name}: images must be uint8 or float32, got {self.images.dtype}")
         if self.labels.dim() != 1 or self.labels.dtype != torch.int64:
-            raise DataError(f"{self.name}: labels must be int64 [N], got {self.labels.dtype} {tuple(self.labels.shape)}")
+            raise DataError(
+                f"{self.name}: labels must be int64 [N], got {self.labels.dtype} {tuple(self.labels.shape)}"
+            )
         if self.labels.shape[0] != self.images.shape[0]:
             raise DataError(f"{self.name}: {self.images.shape[0]} images but {self.labels.shape[0]} labels")
         channels = self.images.shape[1]
@@ -166,8 +168,9 @@ def _load_mnist_like(name: str, paths: tuple[Path, ...]) -> ArrayDataset:
     if len(labels) and labels.max() > 9:
         raise DataError(f"{paths[1]}: label {int(labels.max())} outside 0..9")
     mean, std = _NORM[name]
-    return ArrayDataset(name, torch.from_numpy(images).unsqueeze(1),
-                        torch.from_numpy(labels.astype(np.int64)), 10, mean, std)
+    return ArrayDataset(
+        name, torch.from_numpy(images).unsqueeze(1), torch.from_numpy(labels.astype(np.int64)), 10, mean, std
+    )
 
 
 # ---------------------------------------------------------------------------------------- CIFAR-10
@@ -230,8 +233,9 @@ def _load_cifar10(paths: tuple[Path, ...]) -> ArrayDataset:
     images = np.concatenate([p[0] for p in parts]) if len(parts) > 1 else parts[0][0]
     labels = np.concatenate([p[1] for p in parts])
     mean, std = _NORM["cifar10"]
-    return ArrayDataset("cifar10", torch.from_numpy(np.ascontiguousarray(images)),
-                        torch.from_numpy(labels), 10, mean, std)
+    return ArrayDataset(
+        "cifar10", torch.from_numpy(np.ascontiguousarray(images)), torch.from_numpy(labels), 10, mean, std
+    )
 
 
 # ------------------------------------------------------------------------------- digits / synthetic
@@ -243,7 +247,7 @@ def _digits_split(labels: np.ndarray) -> np.ndarray:
     test = np.zeros(len(labels), dtype=bool)
     for c in np.unique(labels):
         idx = rng.permutation(np.flatnonzero(labels == c))
-        test[idx[: int(round(0.2 * len(idx)))]] = True
+        test[idx[: round(0.2 * len(idx))]] = True
     return test
 
 
@@ -252,16 +256,19 @@ def _load_digits(split: str) -> ArrayDataset:
     try:
         from sklearn.datasets import load_digits
     except ImportError as exc:
-        raise DatasetMissingError("the 'digits' dataset ships with scikit-learn, which is not installed: "
-                                  "pip install scikit-learn (or qflare[dev])") from exc
+        raise DatasetMissingError(
+            "the 'digits' dataset ships with scikit-learn, which is not installed: "
+            "pip install scikit-learn (or qflare[dev])"
+        ) from exc
     bunch = load_digits()
     images = np.rint(np.asarray(bunch.data, dtype=np.float64) * 255.0 / 16.0).astype(np.uint8)
     labels = np.asarray(bunch.target, dtype=np.int64)
     test = _digits_split(labels)
     keep = test if split == "test" else ~test
     mean, std = _NORM["digits"]
-    return ArrayDataset("digits", torch.from_numpy(images[keep].reshape(-1, 1, 8, 8)),
-                        torch.from_numpy(labels[keep]), 10, mean, std)
+    return ArrayDataset(
+        "digits", torch.from_numpy(images[keep].reshape(-1, 1, 8, 8)), torch.from_numpy(labels[keep]), 10, mean, std
+    )
 
 
 def _load_synthetic(split: str) -> ArrayDataset:
@@ -328,8 +335,9 @@ def _missing_message(name: str, split: str, searched: list[Path]) -> str:
     return "\n".join(lines)
 
 
-def load_dataset(name: str, split: str = "train", root: str | Path | None = None,
-                 download: bool = False) -> ArrayDataset:
+def load_dataset(
+    name: str, split: str = "train", root: str | Path | None = None, download: bool = False
+) -> ArrayDataset:
     """Load one split of a dataset into memory.
 
     Search order for file-backed sets: ``root`` (itself or ``root/<name>``; when given, nothing else is

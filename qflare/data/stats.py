@@ -43,8 +43,13 @@ def label_counts(parts: Sequence[ArrayLike], labels: ArrayLike, num_classes: int
     return out
 
 
-def label_table(counts: ArrayLike, max_rows: int | None = None, *,
-                class_names: Sequence[str] | None = None, title: str | None = None) -> Table:
+def label_table(
+    counts: ArrayLike,
+    max_rows: int | None = None,
+    *,
+    class_names: Sequence[str] | None = None,
+    title: str | None = None,
+) -> Table:
     """A rich table: one row per device (device, total, one column per class).
 
     With ``max_rows`` and more devices than that, the first ``max_rows`` devices are shown, then one

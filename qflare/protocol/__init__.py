@@ -1,22 +1,33 @@
-"""The protocol between devices and the coordinator: messages, device, coordinator, rounds."""
+"""The protocol between devices and the coordinator: messages, device, coordinator, rounds, and the
+store interface the coordinator needs (implemented by :mod:`qflare.storage`)."""
 
 from .coordinator import Coordinator, CoordinatorConfig
 from .device import Device, GlobalModel, SealedUpdate, Transport
 from .messages import Frame, Receipt, Route, TaskInfo
+from .records import DeviceRow, ModelRow, RoundRow, SecurityEventRow, SessionRow, UpdateRow
 from .rounds import PublishedModel, RoundConfig, RoundManager
+from .store import BlobSink, CoordinatorStore
 
 __all__ = [
+    "BlobSink",
     "Coordinator",
     "CoordinatorConfig",
+    "CoordinatorStore",
     "Device",
+    "DeviceRow",
     "Frame",
     "GlobalModel",
+    "ModelRow",
     "PublishedModel",
     "Receipt",
     "RoundConfig",
     "RoundManager",
+    "RoundRow",
     "Route",
     "SealedUpdate",
+    "SecurityEventRow",
+    "SessionRow",
     "TaskInfo",
     "Transport",
+    "UpdateRow",
 ]

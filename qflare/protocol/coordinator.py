@@ -17,8 +17,6 @@ from datetime import UTC, datetime, timedelta
 import torch
 
 from ..crypto import (
-    pack_signed,
-    unpack_signed,
     DEFAULT_POLICY,
     DEFAULT_SUITE,
     Channel,
@@ -30,6 +28,8 @@ from ..crypto import (
     SigningKey,
     Suite,
     VerifyKey,
+    pack_signed,
+    unpack_signed,
 )
 from ..crypto.envelope import u64
 from ..errors import (
@@ -45,11 +45,11 @@ from ..errors import (
     ValidationError,
     WrongRoundError,
 )
-from ..server.storage import BlobStore, Store
 from ..strategy import ClientUpdate, Pipeline
-from ..wire import ParamLayout, decode_blob, sha256_hex
+from ..wire import ParamLayout, decode_blob
 from .messages import Frame, Receipt, Route, TaskInfo, decode_json
 from .rounds import PublishedModel, RoundConfig, RoundManager
+from .store import BlobSink, CoordinatorStore
 
 __all__ = ["Coordinator", "CoordinatorConfig"]
 
@@ -84,10 +84,10 @@ class Coordinator:
         initial_flat: torch.Tensor,
         strategy: Pipeline,
         identity: SigningKey,
-        store: Store,
+        store: CoordinatorStore,
         rounds: RoundConfig,
         config: CoordinatorConfig | None = None,
-        blobs: BlobStore | None = None,
+        blobs: BlobSink | None = None,
         clock: Callable[[], float] = time.time,
         on_model: Callable[[PublishedModel], None] | None = None,
     ) -> None:
@@ -130,7 +130,9 @@ class Coordinator:
                 del self._sessions[sid]
 
     # ------------------------------------------------------------------ dispatch
-    def handle(self, route: Route | str, body: bytes, *, session_id: str | None = None, remote: str | None = None) -> bytes:
+    def handle(
+        self, route: Route | str, body: bytes, *, session_id: str | None = None, remote: str | None = None
+    ) -> bytes:
         """Serve one request.  Refusals raise a QflareError after being recorded as security events."""
         device_id: str | None = None
         try:
@@ -160,7 +162,9 @@ class Coordinator:
             raise
 
     def _event(self, code: str, detail: str, device_id: str | None, session_id: str | None, remote: str | None) -> None:
-        self.store.record_security_event(code, detail[:2000], device_id=device_id, session_id=session_id, remote_addr=remote)
+        self.store.record_security_event(
+            code, detail[:2000], device_id=device_id, session_id=session_id, remote_addr=remote
+        )
 
     # ------------------------------------------------------------------ enrollment
     def _enroll(self, body: bytes) -> bytes:

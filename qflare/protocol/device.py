@@ -19,8 +19,6 @@ from typing import Protocol
 import torch
 
 from ..crypto import (
-    pack_signed,
-    unpack_signed,
     DEFAULT_POLICY,
     DEFAULT_SUITE,
     Channel,
@@ -32,6 +30,8 @@ from ..crypto import (
     SigningKey,
     Suite,
     VerifyKey,
+    pack_signed,
+    unpack_signed,
 )
 from ..crypto.envelope import u64
 from ..errors import AuthError, SessionExpiredError, StaleModelError, ValidationError
@@ -39,7 +39,7 @@ from ..training import TrainResult
 from ..wire import ParamLayout, decode_blob, encode_update, sha256_hex
 from .messages import Frame, Receipt, Route, TaskInfo, encode_json
 
-__all__ = ["Transport", "Device", "GlobalModel", "SealedUpdate"]
+__all__ = ["Device", "GlobalModel", "SealedUpdate", "Transport"]
 
 
 class Transport(Protocol):
@@ -147,9 +147,13 @@ class Device:
     def fetch_model(self, task: TaskInfo) -> GlobalModel:
         """Download the global model named by ``task``; verify the coordinator's signature and hash."""
         payload = self._call(
-            Route.MODEL, Frame.MODEL_REQUEST, Frame.MODEL, 0, task.model_version,
+            Route.MODEL,
+            Frame.MODEL_REQUEST,
+            Frame.MODEL,
+            0,
+            task.model_version,
             encode_json({"version": task.model_version}),
-        )  # fmt: skip
+        )
         head, blob = unpack_signed(payload)
         env = SignedEnvelope.open(head, self.server_key, expected_type=MsgType.GLOBAL_MODEL)
         digest = env.get(Field.MODEL_HASH).hex()

@@ -19,16 +19,16 @@ from typing import Any
 from ..errors import MalformedError
 
 __all__ = [
-    "Route",
     "Frame",
-    "TaskInfo",
     "Receipt",
-    "encode_json",
+    "Route",
+    "TaskInfo",
     "decode_json",
+    "encode_json",
 ]
 
 
-class Route(str, enum.Enum):
+class Route(enum.StrEnum):
     """The coordinator's endpoints (the HTTP layer serves each under ``/v1/<value>``)."""
 
     ENROLL = "enroll"

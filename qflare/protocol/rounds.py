@@ -1,7 +1,7 @@
 """The round state machine: selection, acceptance of updates, quorum, deadline, aggregation, publication.
 
-State lives in the :class:`~qflare.server.storage.Store` (rounds, updates, model versions), the tensors in
-memory (the running aggregate) and, when a :class:`~qflare.server.storage.BlobStore` is given, update and
+State lives in the :class:`~qflare.protocol.store.CoordinatorStore` (rounds, updates, model versions), the tensors in
+memory (the running aggregate) and, when a :class:`~qflare.protocol.store.BlobSink` is given, update and
 model blobs on disk — which is what lets a restarted coordinator rebuild the open round exactly: every
 acknowledged update is re-read from its blob and folded in again, none twice.
 
@@ -25,12 +25,12 @@ import torch
 from ..crypto import Field, MsgType, SignedEnvelope, SigningKey, Suite
 from ..crypto.envelope import u64
 from ..errors import ConfigError, QflareError, RoundError, StaleModelError, ValidationError, WrongRoundError
-from ..server.storage import BlobStore, Store
 from ..strategy import ClientUpdate, Pipeline, RoundAggregation
 from ..strategy.state import encode_pipeline_state, load_pipeline_state
 from ..wire import ParamLayout, decode_blob, encode_model, sha256_hex
+from .store import BlobSink, CoordinatorStore
 
-__all__ = ["RoundConfig", "PublishedModel", "RoundManager"]
+__all__ = ["PublishedModel", "RoundConfig", "RoundManager"]
 
 _log = logging.getLogger("qflare.rounds")
 
@@ -96,8 +96,8 @@ class RoundManager:
         config: RoundConfig,
         identity: SigningKey,
         suite: Suite,
-        store: Store,
-        blobs: BlobStore | None = None,
+        store: CoordinatorStore,
+        blobs: BlobSink | None = None,
         clock: Callable[[], float] = time.time,
         on_model: Callable[[PublishedModel], None] | None = None,
     ) -> None:
@@ -312,9 +312,11 @@ class RoundManager:
         if not already_aggregating:
             self._store.set_round_state(rnd.number, "open", "aggregating")
         metrics: dict[str, object] = {"updates": len(rnd.accepted), "examples": rnd.aggregation.total_examples}
-        state = encode_pipeline_state(self.strategy) if self._blobs is not None else None
-        if state is not None and self._blobs is not None:  # optimiser moments / noise state: a restart continues them
-            metrics["server_state"] = self._blobs.put(state)[0]
+        pipeline_state = encode_pipeline_state(self.strategy) if self._blobs is not None else None
+        if (
+            pipeline_state is not None and self._blobs is not None
+        ):  # optimiser moments / noise: a restart continues them
+            metrics["server_state"] = self._blobs.put(pipeline_state)[0]
         self._store.publish_model(rnd.number, rnd.number, published.sha256, published.envelope, metrics)
         self.model = published
         self._round = None

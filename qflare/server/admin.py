@@ -17,11 +17,11 @@ from pydantic import ValidationError as PydanticValidationError
 from starlette.concurrency import run_in_threadpool
 
 from ..errors import AdminAuthError, NotFoundError, ValidationError
+from ..storage import DeviceRow, SecurityEventRow
 from .gate import RequestGate
 from .runtime import ServerRuntime
-from .storage import DeviceRow, SecurityEventRow
 
-__all__ = ["admin_router", "TokenRequest", "RevokeRequest"]
+__all__ = ["RevokeRequest", "TokenRequest", "admin_router"]
 
 _bearer = HTTPBearer(auto_error=False, description="The admin token (QFLARE_ADMIN_TOKEN or DATA_DIR/admin.token)")
 _MAX_TTL_S = 365 * 24 * 3600.0
@@ -56,13 +56,26 @@ def _iso(at: datetime | None) -> str | None:
 
 
 def _device(d: DeviceRow) -> dict[str, Any]:
-    return {"device_id": d.device_id, "sig_alg": d.sig_alg, "status": d.status, "enrolled_at": _iso(d.enrolled_at),
-            "revoked_at": _iso(d.revoked_at), "revoked_reason": d.revoked_reason}  # fmt: skip
+    return {
+        "device_id": d.device_id,
+        "sig_alg": d.sig_alg,
+        "status": d.status,
+        "enrolled_at": _iso(d.enrolled_at),
+        "revoked_at": _iso(d.revoked_at),
+        "revoked_reason": d.revoked_reason,
+    }
 
 
 def _event(e: SecurityEventRow) -> dict[str, Any]:
-    return {"id": e.id, "at": _iso(e.at), "reason": e.reason, "detail": e.detail, "device_id": e.device_id,
-            "session_id": e.session_id, "remote_addr": e.remote_addr}  # fmt: skip
+    return {
+        "id": e.id,
+        "at": _iso(e.at),
+        "reason": e.reason,
+        "detail": e.detail,
+        "device_id": e.device_id,
+        "session_id": e.session_id,
+        "remote_addr": e.remote_addr,
+    }
 
 
 def admin_router(runtime: ServerRuntime, gate: RequestGate) -> APIRouter:
@@ -87,8 +100,11 @@ def admin_router(runtime: ServerRuntime, gate: RequestGate) -> APIRouter:
         expires = datetime.now(UTC) + timedelta(seconds=req.ttl_s)
         return {"tokens": tokens, "expires_at": expires.isoformat(), "label": req.label}
 
-    @router.post("/devices/{device_id}/revoke", summary="Revoke a device (its sessions end at once)",
-                 openapi_extra=_json_body(RevokeRequest))  # fmt: skip
+    @router.post(
+        "/devices/{device_id}/revoke",
+        summary="Revoke a device (its sessions end at once)",
+        openapi_extra=_json_body(RevokeRequest),
+    )
     async def revoke(device_id: str, request: Request) -> dict[str, Any]:
         req: RevokeRequest = _parse(RevokeRequest, await gate.body(request, small))
 

@@ -27,18 +27,23 @@ from .gate import SESSION_HEADER, RequestGate, remote_of
 from .metrics import CONTENT_TYPE, ServerMetrics
 from .runtime import ServerRuntime
 
-__all__ = ["create_app", "API_VERSION"]
+__all__ = ["API_VERSION", "create_app"]
 
 API_VERSION = "1"
 _log = logging.getLogger("qflare.server")
 _BINARY = {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}
 _ERROR = {
     "description": "Refused: {code, message}",
-    "content": {"application/json": {"schema": {
-        "type": "object", "required": ["code", "message"],
-        "properties": {"code": {"type": "string"}, "message": {"type": "string"}},
-    }}},
-}  # fmt: skip
+    "content": {
+        "application/json": {
+            "schema": {
+                "type": "object",
+                "required": ["code", "message"],
+                "properties": {"code": {"type": "string"}, "message": {"type": "string"}},
+            }
+        }
+    },
+}
 _PROTOCOL_DOC: dict[str, Any] = {
     "requestBody": {"required": True, "content": _BINARY},
 }
@@ -49,10 +54,14 @@ _PROTOCOL_RESPONSES: dict[int | str, dict[str, Any]] = {
 _HTTP_CODES = {404: "not_found", 405: "method_not_allowed"}
 SessionHeader = Annotated[str | None, Header(alias=SESSION_HEADER, description="Session id (hex) from the handshake")]
 
-ASGIApp = Callable[[MutableMapping[str, Any], Callable[[], Awaitable[Any]], Callable[[Any], Awaitable[None]]], Awaitable[None]]
+ASGIApp = Callable[
+    [MutableMapping[str, Any], Callable[[], Awaitable[Any]], Callable[[Any], Awaitable[None]]], Awaitable[None]
+]
 
 
-def error_response(metrics: ServerMetrics, status: int, code: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+def error_response(
+    metrics: ServerMetrics, status: int, code: str, message: str, headers: dict[str, str] | None = None
+) -> JSONResponse:
     metrics.refusals.labels(code).inc()
     return JSONResponse({"code": code, "message": message}, status_code=status, headers=headers)
 
@@ -106,11 +115,19 @@ def create_app(runtime: ServerRuntime) -> FastAPI:
         finally:
             await run_in_threadpool(runtime.stop)
 
-    app = FastAPI(title="QFLARE coordinator", version=API_VERSION, lifespan=lifespan, docs_url=None, redoc_url=None,
-                  description="Federated learning coordinator with post-quantum security. Protocol bodies are "
-                  "application/octet-stream; errors are {code, message}.")  # fmt: skip
+    app = FastAPI(
+        title="QFLARE coordinator",
+        version=API_VERSION,
+        lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
+        description="Federated learning coordinator with post-quantum security. Protocol bodies are "
+        "application/octet-stream; errors are {code, message}.",
+    )
     app.state.runtime, app.state.gate = runtime, gate
-    app.add_middleware(_RequestMetrics, metrics=metrics, known_paths=lambda: {str(getattr(r, "path", "")) for r in app.routes})
+    app.add_middleware(
+        _RequestMetrics, metrics=metrics, known_paths=lambda: {str(getattr(r, "path", "")) for r in app.routes}
+    )
 
     @app.exception_handler(QflareError)
     async def _qflare_error(_: Request, exc: QflareError) -> JSONResponse:
@@ -132,8 +149,9 @@ def create_app(runtime: ServerRuntime) -> FastAPI:
     @app.exception_handler(SQLAlchemyError)
     async def _database_error(request: Request, exc: SQLAlchemyError) -> JSONResponse:
         _log.error("database error serving %s %s: %s", request.method, request.url.path, str(exc).splitlines()[0])
-        return error_response(metrics, 503, "database_unavailable", "the database is unavailable; retry later",
-                              {"Retry-After": "5"})  # fmt: skip
+        return error_response(
+            metrics, 503, "database_unavailable", "the database is unavailable; retry later", {"Retry-After": "5"}
+        )
 
     @app.exception_handler(Exception)
     async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
@@ -141,7 +159,9 @@ def create_app(runtime: ServerRuntime) -> FastAPI:
         return error_response(metrics, 500, "internal_error", "internal server error")
 
     async def call(route: Route, request: Request, body: bytes, session_id: str | None, media_type: str) -> Response:
-        reply = await run_in_threadpool(coordinator.handle, route, body, session_id=session_id, remote=remote_of(request))
+        reply = await run_in_threadpool(
+            coordinator.handle, route, body, session_id=session_id, remote=remote_of(request)
+        )
         return Response(content=reply, media_type=media_type)
 
     def protocol_route(route: Route, summary: str, media_type: str = "application/octet-stream") -> None:
@@ -162,17 +182,31 @@ def create_app(runtime: ServerRuntime) -> FastAPI:
                 return await serve(request, None)
 
         endpoint.__name__ = "protocol_" + route.value.replace("/", "_")
-        app.post(f"/v1/{route.value}", summary=summary, openapi_extra=_PROTOCOL_DOC, responses=_PROTOCOL_RESPONSES,
-                 response_class=Response, tags=["protocol"])(endpoint)  # fmt: skip
+        app.post(
+            f"/v1/{route.value}",
+            summary=summary,
+            openapi_extra=_PROTOCOL_DOC,
+            responses=_PROTOCOL_RESPONSES,
+            response_class=Response,
+            tags=["protocol"],
+        )(endpoint)
 
     protocol_route(Route.ENROLL, "Enroll a device: ENROLL_REQUEST -> ENROLL_RECORD")
     protocol_route(Route.HELLO, "Handshake step 1: CLIENT_HELLO -> SERVER_HELLO")
-    protocol_route(Route.FINISH, "Handshake step 2: SHA-256(server hello) || CLIENT_FINISH -> session id (hex)", "text/plain")
+    protocol_route(
+        Route.FINISH, "Handshake step 2: SHA-256(server hello) || CLIENT_FINISH -> session id (hex)", "text/plain"
+    )
     protocol_route(Route.TASK, "Sealed task request -> sealed task")
     protocol_route(Route.MODEL, "Sealed model request -> sealed signed global model")
 
-    @app.post("/v1/update", summary="Sealed signed update -> sealed signed receipt", openapi_extra=_PROTOCOL_DOC,
-              responses=_PROTOCOL_RESPONSES, response_class=Response, tags=["protocol"])  # fmt: skip
+    @app.post(
+        "/v1/update",
+        summary="Sealed signed update -> sealed signed receipt",
+        openapi_extra=_PROTOCOL_DOC,
+        responses=_PROTOCOL_RESPONSES,
+        response_class=Response,
+        tags=["protocol"],
+    )
     async def protocol_update(request: Request, x_qflare_session: SessionHeader = None) -> Response:
         await gate.admit(request, x_qflare_session)
         async with gate.upload_slot():  # the slot is taken BEFORE the body is read: bounded memory
@@ -194,8 +228,12 @@ def create_app(runtime: ServerRuntime) -> FastAPI:
     async def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
-    @app.get("/readyz", tags=["operations"], summary="Database reachable and coordinator loaded (503 otherwise)",
-             responses={503: {"description": "not ready"}})  # fmt: skip
+    @app.get(
+        "/readyz",
+        tags=["operations"],
+        summary="Database reachable and coordinator loaded (503 otherwise)",
+        responses={503: {"description": "not ready"}},
+    )
     async def readyz() -> JSONResponse:
         try:
             with anyio.fail_after(5.0):

@@ -23,17 +23,22 @@ from ..errors import AdminAuthError, ConfigError
 
 __all__ = [
     "ADMIN_TOKEN_ENV",
-    "AdminToken",
-    "load_or_create_identity",
-    "load_or_create_admin_token",
+    "ADMIN_TOKEN_FILE",
+    "KEYID_FILE",
     "KEY_FILE",
     "PUB_FILE",
-    "KEYID_FILE",
-    "ADMIN_TOKEN_FILE",
+    "AdminToken",
+    "load_or_create_admin_token",
+    "load_or_create_identity",
 ]
 
 ADMIN_TOKEN_ENV = "QFLARE_ADMIN_TOKEN"
-KEY_FILE, PUB_FILE, KEYID_FILE, ADMIN_TOKEN_FILE = "coordinator.key", "coordinator.pub", "coordinator.keyid", "admin.token"
+KEY_FILE, PUB_FILE, KEYID_FILE, ADMIN_TOKEN_FILE = (
+    "coordinator.key",
+    "coordinator.pub",
+    "coordinator.keyid",
+    "admin.token",
+)
 _MIN_ADMIN_TOKEN = 16
 
 

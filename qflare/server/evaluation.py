@@ -19,7 +19,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from ..data import ArrayDataset
 from ..errors import QflareError
-from ..server.storage import BlobStore, Store
+from ..storage import BlobStore, Store
 from ..training import evaluate
 from ..wire import ParamLayout, decode_blob
 
@@ -129,5 +129,12 @@ class Evaluator:
         )
         if self._on_result is not None:
             self._on_result(round_number, accuracy, loss)
-        _log.info("round %d: model v%d test accuracy %.4f loss %.4f (%d examples, %.2f s)",
-                  round_number, version, accuracy, loss, self.examples, seconds)  # fmt: skip
+        _log.info(
+            "round %d: model v%d test accuracy %.4f loss %.4f (%d examples, %.2f s)",
+            round_number,
+            version,
+            accuracy,
+            loss,
+            self.examples,
+            seconds,
+        )

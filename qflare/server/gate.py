@@ -16,11 +16,11 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 
 from ..errors import QflareError, RateLimitedError
+from ..storage import Store
 from .limits import HttpLimits, RateDecision, RateLimiter, read_body
 from .metrics import ServerMetrics
-from .storage import Store
 
-__all__ = ["RequestGate", "SESSION_HEADER", "remote_of"]
+__all__ = ["SESSION_HEADER", "RequestGate", "remote_of"]
 
 SESSION_HEADER = "X-Qflare-Session"
 _MAX_KEY = 128
@@ -37,7 +37,9 @@ class RequestGate:
     def __init__(self, limits: HttpLimits, store: Store, metrics: ServerMetrics) -> None:
         self.limits, self._store, self._metrics = limits, store, metrics
         self.by_address = RateLimiter(limits.ip_rate, limits.ip_burst, report_interval_s=limits.event_interval_s)
-        self.by_session = RateLimiter(limits.session_rate, limits.session_burst, report_interval_s=limits.event_interval_s)
+        self.by_session = RateLimiter(
+            limits.session_rate, limits.session_burst, report_interval_s=limits.event_interval_s
+        )
         self._uploads: asyncio.Semaphore | None = None
         self._uploads_loop: asyncio.AbstractEventLoop | None = None
 

@@ -12,9 +12,9 @@ import signal
 import ssl
 import threading
 from collections.abc import Callable
-from types import FrameType
 from dataclasses import dataclass
 from pathlib import Path
+from types import FrameType
 
 import uvicorn
 
@@ -22,7 +22,7 @@ from ..errors import ConfigError
 from .app import create_app
 from .runtime import ServerRuntime
 
-__all__ = ["serve", "prefer_pq_groups", "tls_report", "TlsReport", "PQ_GROUPS"]
+__all__ = ["PQ_GROUPS", "TlsReport", "prefer_pq_groups", "serve", "tls_report"]
 
 PQ_GROUPS = ("X25519MLKEM768", "X25519", "secp256r1", "secp384r1")
 """Key-exchange groups in order of preference (hybrid post-quantum first)."""

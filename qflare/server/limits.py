@@ -151,5 +151,7 @@ async def read_body(request: Request, limit: int) -> bytes:
             if chunk:
                 chunks.append(chunk)
     except ClientDisconnect:
-        raise MalformedError("the client disconnected before sending the whole body", code="client_disconnected") from None
+        raise MalformedError(
+            "the client disconnected before sending the whole body", code="client_disconnected"
+        ) from None
     return chunks[0] if len(chunks) == 1 else b"".join(chunks)

@@ -17,7 +17,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 from sqlalchemy.exc import SQLAlchemyError
 
-__all__ = ["ServerMetrics", "LiveFigures", "CONTENT_TYPE"]
+__all__ = ["CONTENT_TYPE", "LiveFigures", "ServerMetrics"]
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 _log = logging.getLogger("qflare.server")
@@ -39,14 +39,23 @@ class _LiveCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         status = self._figures.round_status()
         rnd = status.get("round")
-        yield GaugeMetricFamily("qflare_current_round", "Number of the open round (0 when none is open).",
-                                value=float(rnd) if isinstance(rnd, int) else 0.0)  # fmt: skip
+        yield GaugeMetricFamily(
+            "qflare_current_round",
+            "Number of the open round (0 when none is open).",
+            value=float(rnd) if isinstance(rnd, int) else 0.0,
+        )
         accepted = status.get("accepted", 0)
-        yield GaugeMetricFamily("qflare_round_updates", "Updates accepted in the open round.",
-                                value=float(accepted) if isinstance(accepted, int) else 0.0)  # fmt: skip
+        yield GaugeMetricFamily(
+            "qflare_round_updates",
+            "Updates accepted in the open round.",
+            value=float(accepted) if isinstance(accepted, int) else 0.0,
+        )
         version = status.get("model_version", 0)
-        yield GaugeMetricFamily("qflare_model_version", "Version of the current global model.",
-                                value=float(version) if isinstance(version, int) else 0.0)  # fmt: skip
+        yield GaugeMetricFamily(
+            "qflare_model_version",
+            "Version of the current global model.",
+            value=float(version) if isinstance(version, int) else 0.0,
+        )
         up = GaugeMetricFamily("qflare_database_up", "1 when the last scrape could read the database.")
         try:
             updates, devices = self._figures.updates_accepted(), self._figures.active_devices()
@@ -57,7 +66,9 @@ class _LiveCollector(Collector):
             return
         up.add_metric([], 1.0)
         yield up
-        yield CounterMetricFamily("qflare_updates_accepted", "Updates accepted and recorded, all rounds.", value=updates)
+        yield CounterMetricFamily(
+            "qflare_updates_accepted", "Updates accepted and recorded, all rounds.", value=updates
+        )
         yield GaugeMetricFamily("qflare_devices_active", "Enrolled devices that are not revoked.", value=devices)
 
 
@@ -67,19 +78,29 @@ class ServerMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         reg = self.registry
-        self.requests = Counter("qflare_http_requests", "HTTP requests by route template, method and status.",
-                                ["route", "method", "status"], registry=reg)  # fmt: skip
+        self.requests = Counter(
+            "qflare_http_requests",
+            "HTTP requests by route template, method and status.",
+            ["route", "method", "status"],
+            registry=reg,
+        )
         self.refusals = Counter("qflare_refusals", "Refused requests by reason code.", ["reason"], registry=reg)
         self.upload_bytes = Histogram(
-            "qflare_upload_bytes", "Size of update bodies read.",
-            buckets=(1e4, 1e5, 1e6, 2e6, 4e6, 8e6, 16e6, 32e6, 64e6), registry=reg,
-        )  # fmt: skip
-        self.uploads_in_flight = Gauge("qflare_uploads_in_flight", "Update bodies being read or processed.", registry=reg)
+            "qflare_upload_bytes",
+            "Size of update bodies read.",
+            buckets=(1e4, 1e5, 1e6, 2e6, 4e6, 8e6, 16e6, 32e6, 64e6),
+            registry=reg,
+        )
+        self.uploads_in_flight = Gauge(
+            "qflare_uploads_in_flight", "Update bodies being read or processed.", registry=reg
+        )
         self.uploads_waiting = Gauge("qflare_uploads_waiting", "Uploads waiting for an upload slot.", registry=reg)
         self.round_duration = Histogram(
-            "qflare_round_duration_seconds", "Time from opening a round to publishing its model.",
-            buckets=(1, 5, 10, 30, 60, 120, 300, 600, 1200, 3600), registry=reg,
-        )  # fmt: skip
+            "qflare_round_duration_seconds",
+            "Time from opening a round to publishing its model.",
+            buckets=(1, 5, 10, 30, 60, 120, 300, 600, 1200, 3600),
+            registry=reg,
+        )
         self.rounds_published = Counter("qflare_rounds_published", "Rounds aggregated into a new model.", registry=reg)
         self.eval_accuracy = Gauge("qflare_eval_accuracy", "Test accuracy of the newest evaluated model.", registry=reg)
         self.eval_loss = Gauge("qflare_eval_loss", "Test loss of the newest evaluated model.", registry=reg)

@@ -25,13 +25,13 @@ from ..data import load_dataset
 from ..errors import ConfigError
 from ..models import create_model
 from ..protocol import Coordinator, CoordinatorConfig, PublishedModel, RoundConfig
+from ..storage import BlobStore, Database, Store
 from ..strategy import build_strategy
 from ..wire import ParamLayout
 from .credentials import AdminToken, load_or_create_admin_token, load_or_create_identity
 from .evaluation import Evaluator
 from .limits import HttpLimits
 from .metrics import LiveFigures, ServerMetrics
-from .storage import BlobStore, Database, Store
 
 __all__ = ["ServerConfig", "ServerRuntime"]
 
@@ -94,9 +94,7 @@ class ServerRuntime:
         except BaseException:
             self.db.dispose()
             raise
-        self.metrics.attach(
-            LiveFigures(self.coordinator.rounds.status, self.store.count_updates, self._active_devices)
-        )
+        self.metrics.attach(LiveFigures(self.coordinator.rounds.status, self.store.count_updates, self._active_devices))
         self._stop = threading.Event()
         self._loop: threading.Thread | None = None
         self._last_round: int | None = None
@@ -116,8 +114,13 @@ class ServerRuntime:
         self.layout = ParamLayout.from_module(model)
         self.evaluator: Evaluator | None = None
         if cfg.evaluate:
-            self.evaluator = Evaluator(make_model=make_model, layout=self.layout, test=test, store=self.store,
-                                       on_result=self.metrics.record_evaluation)  # fmt: skip
+            self.evaluator = Evaluator(
+                make_model=make_model,
+                layout=self.layout,
+                test=test,
+                store=self.store,
+                on_result=self.metrics.record_evaluation,
+            )
         self.coordinator = Coordinator(
             layout=self.layout,
             initial_flat=self.layout.module_to_flat(model),
@@ -125,9 +128,13 @@ class ServerRuntime:
             identity=self.identity,
             store=self.store,
             rounds=RoundConfig(
-                rounds=cfg.rounds, per_round=cfg.per_round, min_participants=cfg.min_participants,
-                round_timeout_s=cfg.round_timeout_s, seed=cfg.seed, min_devices=cfg.min_devices,
-            ),  # fmt: skip
+                rounds=cfg.rounds,
+                per_round=cfg.per_round,
+                min_participants=cfg.min_participants,
+                round_timeout_s=cfg.round_timeout_s,
+                seed=cfg.seed,
+                min_devices=cfg.min_devices,
+            ),
             config=CoordinatorConfig(
                 suite=cfg.suite, session_lifetime_s=cfg.session_lifetime_s, max_update_bytes=cfg.max_update_bytes
             ),
@@ -179,8 +186,13 @@ class ServerRuntime:
         self._last_error = ""
         if rnd is not None and rnd.number != self._last_round:
             self._last_round = rnd.number
-            _log.info("round %d open: %d device(s) selected, model v%d, deadline in %.0f s",
-                      rnd.number, len(rnd.selected), rnd.base.version, rnd.deadline - time.time())  # fmt: skip
+            _log.info(
+                "round %d open: %d device(s) selected, model v%d, deadline in %.0f s",
+                rnd.number,
+                len(rnd.selected),
+                rnd.base.version,
+                rnd.deadline - time.time(),
+            )
 
     def _on_model(self, model: PublishedModel) -> None:
         """Called by the round state machine (inside its lock) for each published model."""
@@ -217,12 +229,18 @@ class ServerRuntime:
             if m.round_number is None or not isinstance(ev, dict):
                 continue
             at = closed.get(m.round_number)
-            out.append({
-                "round": m.round_number, "model_version": m.version, "model_sha256": m.model_hash,
-                "accuracy": ev.get("accuracy"), "loss": ev.get("loss"),
-                "updates": m.metrics.get("updates"), "examples": m.metrics.get("examples"),
-                "closed_at": at.isoformat() if at is not None else None,
-            })  # fmt: skip
+            out.append(
+                {
+                    "round": m.round_number,
+                    "model_version": m.version,
+                    "model_sha256": m.model_hash,
+                    "accuracy": ev.get("accuracy"),
+                    "loss": ev.get("loss"),
+                    "updates": m.metrics.get("updates"),
+                    "examples": m.metrics.get("examples"),
+                    "closed_at": at.isoformat() if at is not None else None,
+                }
+            )
         return out
 
     def status(self) -> dict[str, Any]:

@@ -170,8 +170,9 @@ class _KrumAccumulator(_BufferAccumulator):
                 f"Krum with f={f} needs more than 2f+2={2 * f + 2} updates, got {n}", code="too_few_updates"
             )
         if m > n - f:
-            raise ValidationError(f"Multi-Krum with m={m}, f={f} needs at least m+f={m + f} updates, got {n}",
-                                  code="too_few_updates")  # fmt: skip
+            raise ValidationError(
+                f"Multi-Krum with m={m}, f={f} needs at least m+f={m + f} updates, got {n}", code="too_few_updates"
+            )
         # Pairwise squared distances from the Gram matrix, accumulated in float64 over column blocks.
         gram = torch.zeros(n, n, dtype=torch.float64)
         step = max(1, _CHUNK_ELEMENTS // n)

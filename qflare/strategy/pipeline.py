@@ -202,7 +202,9 @@ class RoundAggregation:
         if self._finished:
             raise RoundError("this round is already finished", code="round_closed")
         if prepared.device_id in self._devices:
-            raise ValidationError(f"device {prepared.device_id} already contributed to this round", code="duplicate_update")
+            raise ValidationError(
+                f"device {prepared.device_id} already contributed to this round", code="duplicate_update"
+            )
         self._acc.add(prepared.delta, prepared.weight)
         self._devices.add(prepared.device_id)
         self._total_examples += prepared.num_examples

@@ -163,7 +163,7 @@ class _AdaptiveOptimizer(ABC):
         self.m, self.v, self.rounds = m, v, rounds
 
     def __repr__(self) -> str:
-        extra = f", beta2={getattr(self, 'beta2')}" if hasattr(self, "beta2") else ""
+        extra = f", beta2={self.beta2}" if hasattr(self, "beta2") else ""
         return f"{type(self).__name__}(lr={self.lr}, beta1={self.beta1}{extra}, tau={self.tau})"
 
 
@@ -185,9 +185,13 @@ class ServerYogi(_AdaptiveOptimizer):
     _name = "ServerYogi"
 
     def __init__(
-        self, lr: float = 1e-2, beta1: float = 0.9, beta2: float = 0.99, tau: float = 1e-3,
+        self,
+        lr: float = 1e-2,
+        beta1: float = 0.9,
+        beta2: float = 0.99,
+        tau: float = 1e-3,
         initial_v: float | None = None,
-    ) -> None:  # fmt: skip
+    ) -> None:
         super().__init__(lr, beta1, tau, initial_v)
         self.beta2 = _unit_interval("ServerYogi.beta2", beta2)
 
@@ -201,12 +205,15 @@ class ServerAdam(_AdaptiveOptimizer):
     _name = "ServerAdam"
 
     def __init__(
-        self, lr: float = 1e-2, beta1: float = 0.9, beta2: float = 0.99, tau: float = 1e-3,
+        self,
+        lr: float = 1e-2,
+        beta1: float = 0.9,
+        beta2: float = 0.99,
+        tau: float = 1e-3,
         initial_v: float | None = None,
-    ) -> None:  # fmt: skip
+    ) -> None:
         super().__init__(lr, beta1, tau, initial_v)
         self.beta2 = _unit_interval("ServerAdam.beta2", beta2)
 
     def _update_v(self, v: torch.Tensor, delta_sq: torch.Tensor) -> None:
         v.mul_(self.beta2).add_(delta_sq, alpha=1.0 - self.beta2)
-

@@ -54,8 +54,8 @@ def load_pipeline_state(pipeline: Pipeline, data: bytes) -> None:
         prefix = part + "."
         for name, tensor in tensors.items():
             if name.startswith(prefix):
-                state[name[len(prefix):]] = tensor
+                state[name[len(prefix) :]] = tensor
         for name, text in with_meta.items():
             if name.startswith(prefix):
-                state[name[len(prefix):]] = json.loads(text)
+                state[name[len(prefix) :]] = json.loads(text)
         obj.load_state_dict(state)

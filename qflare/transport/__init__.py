@@ -4,11 +4,11 @@ from .http import CircuitBreaker, CircuitOpenError, HttpTransport, RetryPolicy, 
 from .inprocess import InProcessTransport
 
 __all__ = [
-    "InProcessTransport",
-    "HttpTransport",
-    "RetryPolicy",
     "CircuitBreaker",
-    "TransportError",
-    "ServerUnavailableError",
     "CircuitOpenError",
+    "HttpTransport",
+    "InProcessTransport",
+    "RetryPolicy",
+    "ServerUnavailableError",
+    "TransportError",
 ]

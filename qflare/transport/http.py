@@ -38,13 +38,13 @@ from ..errors import QflareError, RateLimitedError, error_from_code
 from ..protocol.messages import Route
 
 __all__ = [
+    "SESSION_HEADER",
+    "CircuitBreaker",
+    "CircuitOpenError",
     "HttpTransport",
     "RetryPolicy",
-    "CircuitBreaker",
-    "TransportError",
     "ServerUnavailableError",
-    "CircuitOpenError",
-    "SESSION_HEADER",
+    "TransportError",
     "parse_retry_after",
 ]
 
@@ -98,7 +98,9 @@ class CircuitBreaker:
     """Closed -> (``failure_threshold`` consecutive failures) -> open -> (``reset_after_s``) -> half-open,
     where one probe call decides: success closes the circuit, failure opens it again."""
 
-    def __init__(self, failure_threshold: int = 8, reset_after_s: float = 5.0, *, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self, failure_threshold: int = 8, reset_after_s: float = 5.0, *, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         if failure_threshold < 1 or reset_after_s < 0:
             raise ValueError("failure_threshold must be >= 1 and reset_after_s >= 0")
         self.failure_threshold, self.reset_after_s, self._clock = failure_threshold, reset_after_s, clock
@@ -244,13 +246,17 @@ class HttpTransport:
         try:
             return resp.json()
         except (json.JSONDecodeError, UnicodeDecodeError, ValueError):
-            raise ServerUnavailableError(f"{path}: the answer is not JSON ({resp.headers.get('content-type')})") from None
+            raise ServerUnavailableError(
+                f"{path}: the answer is not JSON ({resp.headers.get('content-type')})"
+            ) from None
 
     # ------------------------------------------------------------------ core
     def send(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         """One request with retries and the circuit breaker; a refusal raises its typed error."""
         policy = self.retry
-        backoff = tenacity.wait_exponential_jitter(multiplier=policy.initial_s, max=policy.max_wait_s, jitter=policy.jitter_s)
+        backoff = tenacity.wait_exponential_jitter(
+            multiplier=policy.initial_s, max=policy.max_wait_s, jitter=policy.jitter_s
+        )
 
         def wait(state: tenacity.RetryCallState) -> float:
             exc = state.outcome.exception() if state.outcome is not None else None
@@ -273,7 +279,9 @@ class HttpTransport:
                 if isinstance(error, RateLimitedError) and exc.retry_after is not None:
                     error.retry_after_s = exc.retry_after
                 raise error from None
-            raise ServerUnavailableError(f"{method} {path}: gave up after {policy.attempts} attempt(s): {exc}") from None
+            raise ServerUnavailableError(
+                f"{method} {path}: gave up after {policy.attempts} attempt(s): {exc}"
+            ) from None
 
     def _attempt(self, method: str, path: str, kwargs: dict[str, Any]) -> httpx.Response:
         self.breaker.before_call()
@@ -291,7 +299,9 @@ class HttpTransport:
             else:
                 self.breaker.record_failure()
             retry_after = parse_retry_after(resp.headers.get("retry-after"))
-            raise _Transient(f"HTTP {resp.status_code} {_error_from_response(resp).code}", retry_after=retry_after, response=resp)
+            raise _Transient(
+                f"HTTP {resp.status_code} {_error_from_response(resp).code}", retry_after=retry_after, response=resp
+            )
         self.breaker.record_success()
         if resp.status_code >= 400:
             raise _error_from_response(resp)

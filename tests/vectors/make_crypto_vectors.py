@@ -111,11 +111,31 @@ def channel() -> dict[str, Any]:
     sid, k1, k2 = seed("channel/sid"), seed("channel/c2s"), seed("channel/s2c")
     ch = Channel(sid, k1, k2)
     frames = []
-    for mt, rnd, pt in ((MsgType.UPDATE, 0, b""), (MsgType.UPDATE, 7, b"hello, coordinator"), (MsgType.GLOBAL_MODEL, 2**40, bytes(range(64)))):
+    for mt, rnd, pt in (
+        (MsgType.UPDATE, 0, b""),
+        (MsgType.UPDATE, 7, b"hello, coordinator"),
+        (MsgType.GLOBAL_MODEL, 2**40, bytes(range(64))),
+    ):
         counter = ch.send_counter
-        frames.append({"msg_type": int(mt), "round": rnd, "counter": counter, "plaintext": h(pt), "frame": h(ch.seal(mt, rnd, pt))})
+        frames.append(
+            {
+                "msg_type": int(mt),
+                "round": rnd,
+                "counter": counter,
+                "plaintext": h(pt),
+                "frame": h(ch.seal(mt, rnd, pt)),
+            }
+        )
     far = unsafe_seal_frame(k1, sid, MsgType.UPDATE, 1, 2**63 - 1, b"last counter")
-    frames.append({"msg_type": int(MsgType.UPDATE), "round": 1, "counter": 2**63 - 1, "plaintext": h(b"last counter"), "frame": h(far)})
+    frames.append(
+        {
+            "msg_type": int(MsgType.UPDATE),
+            "round": 1,
+            "counter": 2**63 - 1,
+            "plaintext": h(b"last counter"),
+            "frame": h(far),
+        }
+    )
     ch.rekey()
     send_after, recv_after = ch.unsafe_keys()
     counter = ch.send_counter
@@ -128,7 +148,13 @@ def channel() -> dict[str, Any]:
         "rekey": {
             "send_key": h(send_after),
             "recv_key": h(recv_after),
-            "frame": {"msg_type": int(MsgType.UPDATE), "round": 3, "counter": counter, "plaintext": h(b"after rekey"), "frame": h(after)},
+            "frame": {
+                "msg_type": int(MsgType.UPDATE),
+                "round": 3,
+                "counter": counter,
+                "plaintext": h(b"after rekey"),
+                "frame": h(after),
+            },
         },
     }
 
@@ -152,9 +178,29 @@ def envelopes() -> list[dict[str, Any]]:
         cases: list[tuple[MsgType, dict[Field, bytes]]] = [
             (MsgType.UPDATE, _update_fields(key)),
             (MsgType.UPDATE, {**_update_fields(key), Field.METADATA: b'{"loss":0.25,"steps":40}'}),
-            (MsgType.GLOBAL_MODEL, {Field.ROUND: u64(12), Field.MODEL_HASH: sha256(b"model"), Field.PAYLOAD_SIZE: u64(1234), Field.TIMESTAMP: u64(1_700_000_000)}),
-            (MsgType.ENROLL_REQUEST, {Field.DEVICE_ID: b"device-0001", Field.SIGNING_PUBLIC: key.public.raw, Field.ENROLL_TOKEN: b"one-time-token", Field.CLIENT_NONCE: seed("nonce"), Field.TIMESTAMP: u64(1_700_000_000)}),
-            (MsgType.CLIENT_FINISH, {Field.DEVICE_KEY_ID: bytes.fromhex(key.key_id), Field.TRANSCRIPT_HASH: seed("th")}),
+            (
+                MsgType.GLOBAL_MODEL,
+                {
+                    Field.ROUND: u64(12),
+                    Field.MODEL_HASH: sha256(b"model"),
+                    Field.PAYLOAD_SIZE: u64(1234),
+                    Field.TIMESTAMP: u64(1_700_000_000),
+                },
+            ),
+            (
+                MsgType.ENROLL_REQUEST,
+                {
+                    Field.DEVICE_ID: b"device-0001",
+                    Field.SIGNING_PUBLIC: key.public.raw,
+                    Field.ENROLL_TOKEN: b"one-time-token",
+                    Field.CLIENT_NONCE: seed("nonce"),
+                    Field.TIMESTAMP: u64(1_700_000_000),
+                },
+            ),
+            (
+                MsgType.CLIENT_FINISH,
+                {Field.DEVICE_KEY_ID: bytes.fromhex(key.key_id), Field.TRANSCRIPT_HASH: seed("th")},
+            ),
         ]
         for mt, fields in cases:
             env = SignedEnvelope.sign(suite, mt, fields, key)
@@ -181,7 +227,11 @@ def handshake(suite: Suite) -> dict[str, Any]:
     ch = SignedEnvelope.unsigned(
         suite,
         MsgType.CLIENT_HELLO,
-        {Field.DEVICE_KEY_ID: bytes.fromhex(device.key_id), Field.CLIENT_NONCE: seed("hs/nonce"), Field.KEM_PUBLIC: kem.public_bytes()},
+        {
+            Field.DEVICE_KEY_ID: bytes.fromhex(device.key_id),
+            Field.CLIENT_NONCE: seed("hs/nonce"),
+            Field.KEM_PUBLIC: kem.public_bytes(),
+        },
     ).to_bytes()
     srv = ServerHandshake(server, {device.key_id: device.public}.get, lifetime_s=900)
     sh = srv.respond(ch)
@@ -189,7 +239,10 @@ def handshake(suite: Suite) -> dict[str, Any]:
     th = sha256(ch, sh)
     keys = derive_session_keys(kem.decapsulate(sh_env.get(Field.KEM_CIPHERTEXT)), th, Role.CLIENT)
     cf = SignedEnvelope.sign(
-        suite, MsgType.CLIENT_FINISH, {Field.DEVICE_KEY_ID: bytes.fromhex(device.key_id), Field.TRANSCRIPT_HASH: th}, device
+        suite,
+        MsgType.CLIENT_FINISH,
+        {Field.DEVICE_KEY_ID: bytes.fromhex(device.key_id), Field.TRANSCRIPT_HASH: th},
+        device,
     ).to_bytes()
     server_channel = srv.finish(cf)
     assert server_channel.session_id == keys.session_id
@@ -216,7 +269,10 @@ def build() -> dict[str, Any]:
         "version": 1,
         "notes": __doc__.strip().splitlines()[0] if __doc__ else "",
         "sha256_abc": h(sha256(b"abc")),
-        "suites": [{"name": s.name, "bytes": h(s.to_bytes())} for s in (DEFAULT_SUITE, HIGH_SUITE, Suite(sig="ML-DSA-44", kem="ML-KEM-768", x25519=False))],
+        "suites": [
+            {"name": s.name, "bytes": h(s.to_bytes())}
+            for s in (DEFAULT_SUITE, HIGH_SUITE, Suite(sig="ML-DSA-44", kem="ML-KEM-768", x25519=False))
+        ],
         "identities": identities(),
         "kem": kems(),
         "key_schedule": key_schedules(),
@@ -227,14 +283,30 @@ def build() -> dict[str, Any]:
 
 
 # Values that are random at generation time (hedged signatures, KEM ciphertexts, server nonce).
-RECORDED = {"signature", "ciphertext", "shared_mlkem", "shared_x25519", "envelope", "server_hello", "client_finish",
-            "transcript_hash", "c2s", "s2c", "session_id"}
+RECORDED = {
+    "signature",
+    "ciphertext",
+    "shared_mlkem",
+    "shared_x25519",
+    "envelope",
+    "server_hello",
+    "client_finish",
+    "transcript_hash",
+    "c2s",
+    "s2c",
+    "session_id",
+}
 
 
 def _strip(obj: Any, path: str = "") -> Any:
     """Drop recorded (non-reproducible) values so two builds can be compared."""
     if isinstance(obj, dict):
-        skip_ks = path.endswith("kem") or path.endswith("handshakes") or path.endswith("identities") or path.endswith("envelopes")
+        skip_ks = (
+            path.endswith("kem")
+            or path.endswith("handshakes")
+            or path.endswith("identities")
+            or path.endswith("envelopes")
+        )
         return {k: _strip(v, path + "/" + k) for k, v in obj.items() if not (skip_ks and k in RECORDED)}
     if isinstance(obj, list):
         return [_strip(v, path) for v in obj]

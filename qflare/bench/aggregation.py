@@ -1,6 +1,6 @@
 """Throughput of streaming FedAvg aggregation against this machine's memory-copy bandwidth.
 
-Run as ``python -m qflare.strategy.bench [--threads N]``.
+Run as ``python -m qflare.bench.aggregation [--threads N]``.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ def fedavg_bandwidth(n_updates: int = 100, dim: int = 1_663_370, repeats: int = 
     for _ in range(repeats):
         start = time.perf_counter()
         acc = combine.start(dim)
-        for row, weight in zip(deltas, weights):
+        for row, weight in zip(deltas, weights, strict=False):
             acc.add(row, weight)
         acc.result()
         times.append(time.perf_counter() - start)
@@ -62,8 +62,12 @@ def copy_bandwidth(nbytes: int = 256 * 1024 * 1024, repeats: int = 5) -> dict[st
         times.append(time.perf_counter() - start)
     seconds = statistics.median(times)
     copied = (nbytes // 4) * 4
-    return {"bytes": float(copied), "seconds": seconds, "gb_per_s": copied / seconds / 1e9,
-            "threads": float(torch.get_num_threads())}  # fmt: skip
+    return {
+        "bytes": float(copied),
+        "seconds": seconds,
+        "gb_per_s": copied / seconds / 1e9,
+        "threads": float(torch.get_num_threads()),
+    }
 
 
 def main() -> None:

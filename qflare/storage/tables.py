@@ -30,19 +30,19 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
 
 __all__ = [
-    "NAMING_CONVENTION",
     "DEVICE_STATUSES",
+    "NAMING_CONVENTION",
     "ROUND_STATES",
-    "UTCDateTime",
     "Base",
     "Device",
     "EnrollmentToken",
-    "Session",
-    "Round",
-    "Update",
-    "ModelVersion",
-    "SecurityEvent",
     "LedgerEntry",
+    "ModelVersion",
+    "Round",
+    "SecurityEvent",
+    "Session",
+    "UTCDateTime",
+    "Update",
 ]
 
 NAMING_CONVENTION: dict[str, str] = {

@@ -12,9 +12,9 @@ from sqlalchemy import text
 from sqlalchemy.orm import Session
 
 from qflare.errors import ValidationError
-from qflare.server.storage.db import Database
+from qflare.storage.db import Database
 
-__all__ = ["Clock", "StoreBase", "utc_now", "require_aware", "check_json", "check_nonempty", "finite_int"]
+__all__ = ["Clock", "StoreBase", "check_json", "check_nonempty", "finite_int", "require_aware", "utc_now"]
 
 Clock = Callable[[], datetime]
 

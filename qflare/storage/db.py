@@ -29,7 +29,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from qflare.errors import ConfigError
 
-__all__ = ["Database", "DATABASE_URL_ENV", "MIGRATIONS_DIR", "SQLITE_FILENAME"]
+__all__ = ["DATABASE_URL_ENV", "MIGRATIONS_DIR", "SQLITE_FILENAME", "Database"]
 
 DATABASE_URL_ENV = "QFLARE_DATABASE_URL"
 SQLITE_FILENAME = "qflare.db"
@@ -103,9 +103,7 @@ class Database:
     # -- construction -------------------------------------------------------------------------
 
     @classmethod
-    def from_env(
-        cls, data_dir: Path | str, environ: Mapping[str, str] | None = None, **kwargs: Any
-    ) -> Database:
+    def from_env(cls, data_dir: Path | str, environ: Mapping[str, str] | None = None, **kwargs: Any) -> Database:
         """``$QFLARE_DATABASE_URL`` if set, else SQLite at ``data_dir/qflare.db``."""
         env = os.environ if environ is None else environ
         url = env.get(DATABASE_URL_ENV, "").strip()

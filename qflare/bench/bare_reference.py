@@ -5,7 +5,7 @@ another, FedAvg weighted by example counts, the global model evaluated on the fu
 round.  It follows the exact same seeds as `qflare simulate` (partition, client sampling, per-client
 shuffles, model initialisation), so the two runs should reach near-identical accuracy curves.
 
-    python benchmarks/fmnist_dir05_bare.py --rounds 30 [--data DIR] [--json]
+    python qflare/bench/bare_reference.py --rounds 30 [--data DIR] [--json]
 
 Prints one line per round and, with --json, a final JSON object on the last line.
 """
@@ -20,9 +20,9 @@ from pathlib import Path
 
 T0 = time.perf_counter()
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
+import numpy as np
+import torch
+from torch import nn
 
 MEAN, STD = 0.2860, 0.3530
 
@@ -104,7 +104,7 @@ def main() -> None:
             for s in range(0, len(idx), 32):
                 b = order[s : s + 32]
                 opt.zero_grad()
-                nn.functional.cross_entropy(local(x[b]), y[b]).backward()
+                nn.functional.cross_entropy(local(x[b]), y[b]).backward()  # type: ignore[no-untyped-call]
                 opt.step()
             for k, v in local.state_dict().items():
                 acc_state[k] += v * len(idx)
@@ -123,7 +123,11 @@ def main() -> None:
         print(f"round {rnd:3d}  accuracy {acc:.4f}  loss {loss / len(y_test):.4f}  {sec:.2f}s", flush=True)
     wall = time.perf_counter() - T0
     if args.json:
-        print(json.dumps({"wall_s": wall, "startup_s": startup, "rounds": history, "torch_threads": torch.get_num_threads()}))
+        print(
+            json.dumps(
+                {"wall_s": wall, "startup_s": startup, "rounds": history, "torch_threads": torch.get_num_threads()}
+            )
+        )
 
 
 if __name__ == "__main__":

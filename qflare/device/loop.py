@@ -1,7 +1,7 @@
 """A long-running federated device: enroll once, then train whenever the coordinator selects it.
 
 :class:`DeviceClient` wraps a :class:`~qflare.protocol.Device` (which does the cryptography) with what a
-real device process needs: a persistent :class:`~qflare.client_state.DeviceState`, a work loop that
+real device process needs: a persistent :class:`~qflare.device.state.DeviceState`, a work loop that
 polls for tasks, trains on local data and submits, and recovery from a coordinator that restarts or
 drops connections (re-handshake, resend of an update whose acknowledgement was lost - the coordinator
 acknowledges a repeat as ``duplicate``, so a resend never counts twice).
@@ -21,72 +21,38 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
+from ..crypto import DEFAULT_SUITE, Field, MsgType, SignedEnvelope, Suite, VerifyKey
+from ..errors import (
+    AuthError,
+    ConfigError,
+    NonFiniteError,
+    ProtocolError,
+    QflareError,
+    RateLimitedError,
+    ValidationError,
+)
+from ..protocol import Device, Receipt, SealedUpdate, TaskInfo, Transport
+from ..transport.http import CircuitOpenError, TransportError
+from .state import DeviceState
+from .workload import Workload
 
-from .client_state import DeviceState
-from .crypto import DEFAULT_SUITE, Field, MsgType, SignedEnvelope, Suite, VerifyKey
-from .data import load_dataset, partition
-from .errors import AuthError, ConfigError, NonFiniteError, ProtocolError, QflareError, RateLimitedError, ValidationError
-from .models import create_model
-from .protocol import Device, Receipt, SealedUpdate, TaskInfo, Transport
-from .simulation import client_seed
-from .training import LocalTrainer, TrainConfig, TrainResult
-from .transport.http import CircuitOpenError, TransportError
-from .wire import ParamLayout
-
-__all__ = ["Workload", "load_workload", "DeviceClient", "RunSummary", "FATAL_CODES", "default_state_dir"]
+__all__ = ["FATAL_CODES", "DeviceClient", "RunSummary", "default_state_dir"]
 
 log = logging.getLogger("qflare.client")
 
-FATAL_CODES = frozenset({
-    "revoked", "unknown_device", "server_key_mismatch", "enrollment_mismatch", "device_mismatch",
-    "policy_violation", "architecture_mismatch", "key_alg_mismatch",
-})  # fmt: skip
+FATAL_CODES = frozenset(
+    {
+        "revoked",
+        "unknown_device",
+        "server_key_mismatch",
+        "enrollment_mismatch",
+        "device_mismatch",
+        "policy_violation",
+        "architecture_mismatch",
+        "key_alg_mismatch",
+    }
+)
 """Refusals that retrying cannot fix: the loop stops and raises them."""
-
-
-@dataclass
-class Workload:
-    """One device's local training: a trainer and its partition of the data (normalised inputs)."""
-
-    trainer: LocalTrainer
-    inputs: torch.Tensor
-    targets: torch.Tensor
-    index: int
-    seed: int
-
-    @property
-    def layout(self) -> ParamLayout:
-        return self.trainer.layout
-
-    def train(self, global_flat: torch.Tensor, rnd: int) -> TrainResult:
-        """Train with the shuffle seed the simulation gives device ``index`` in round ``rnd``."""
-        return self.trainer.train(global_flat, self.inputs, self.targets, seed=client_seed(self.seed, rnd, self.index))
-
-
-def load_workload(
-    *,
-    dataset: str,
-    model: str,
-    index: int,
-    devices: int,
-    scheme: str = "dirichlet",
-    alpha: float = 0.5,
-    shards_per_device: int = 2,
-    seed: int = 0,
-    train: TrainConfig | None = None,
-    data_root: str | None = None,
-) -> Workload:
-    """Partition ``index`` of ``devices`` exactly as ``qflare simulate`` draws it for the same seed."""
-    if not 0 <= index < devices:
-        raise ConfigError(f"--index must be in 0..{devices - 1}, got {index}", code="bad_index")
-    data = load_dataset(dataset, "train", root=data_root)
-    parts = partition(scheme, data.labels.numpy(), devices, seed=seed, alpha=alpha, shards_per_device=shards_per_device)
-    idx = torch.from_numpy(parts[index])
-    torch.manual_seed(seed)
-    net = create_model(model, data.input_shape, data.num_classes)
-    trainer = LocalTrainer(net, train or TrainConfig(), ParamLayout.from_module(net))
-    return Workload(trainer, data.normalized(idx), data.labels[idx].clone(), index, seed)
 
 
 @dataclass
@@ -121,7 +87,12 @@ class DeviceClient:
         if created:
             log.info("generated device key %s... in %s", identity.key_id[:16], state.key_path)
         self.device = Device(
-            transport=transport, identity=identity, server_key=server_key, layout=workload.layout, suite=suite, clock=clock
+            transport=transport,
+            identity=identity,
+            server_key=server_key,
+            layout=workload.layout,
+            suite=suite,
+            clock=clock,
         )
         self._pending: tuple[SealedUpdate, str] | None = None  # (update, base model hash)
         self._skipped: set[int] = set()
@@ -141,8 +112,9 @@ class DeviceClient:
             log.info("device %s... already enrolled (record in %s)", self.device_id[:16], self.state.dir)
             return False
         if not token:
-            raise ConfigError("this device is not enrolled yet: give a one-time enrollment token (--token)",
-                              code="not_enrolled")  # fmt: skip
+            raise ConfigError(
+                "this device is not enrolled yet: give a one-time enrollment token (--token)", code="not_enrolled"
+            )
         record = self.device.enroll(token)
         self.state.save_record(record)
         log.info("device %s... enrolled with coordinator %s...", self.device_id[:16], self.server_key.key_id[:16])
@@ -152,10 +124,14 @@ class DeviceClient:
         try:
             env = SignedEnvelope.open(record, self.server_key, expected_type=MsgType.ENROLL_RECORD)
         except QflareError as exc:
-            raise AuthError(f"enrollment record in {self.state.dir} was not issued by the pinned coordinator ({exc})",
-                            code="enrollment_mismatch") from None  # fmt: skip
+            raise AuthError(
+                f"enrollment record in {self.state.dir} was not issued by the pinned coordinator ({exc})",
+                code="enrollment_mismatch",
+            ) from None
         if env.get(Field.DEVICE_KEY_ID) != self.device.identity.key_id_bytes:
-            raise AuthError(f"enrollment record in {self.state.dir} is for another device key", code="enrollment_mismatch")
+            raise AuthError(
+                f"enrollment record in {self.state.dir} is for another device key", code="enrollment_mismatch"
+            )
 
     # ------------------------------------------------------------------ work loop
     def run(
@@ -247,16 +223,30 @@ class DeviceClient:
                 return None  # acknowledged earlier
             model = self.device.fetch_model(task)
             result = self.workload.train(model.flat, task.round)
-            log.info("round %d: trained on %d examples in %.2f s (loss %.4f)",
-                     task.round, result.num_examples, result.duration_s, result.mean_loss)  # fmt: skip
+            log.info(
+                "round %d: trained on %d examples in %.2f s (loss %.4f)",
+                task.round,
+                result.num_examples,
+                result.duration_s,
+                result.mean_loss,
+            )
             pending = self._pending = (self.device.prepare_update(task, model, result), model.sha256)
         else:
-            log.info("round %d: resending update %s... whose acknowledgement was lost", task.round, pending[0].update_hash[:12])
+            log.info(
+                "round %d: resending update %s... whose acknowledgement was lost",
+                task.round,
+                pending[0].update_hash[:12],
+            )
         receipt = self.device.submit(pending[0])
         self._pending = None
         self.state.append_receipt(self.device_id, receipt)
-        log.info("round %d: update %s... acknowledged (%d accepted%s)", receipt.round, receipt.update_hash[:12],
-                 receipt.accepted, ", duplicate" if receipt.duplicate else "")  # fmt: skip
+        log.info(
+            "round %d: update %s... acknowledged (%d accepted%s)",
+            receipt.round,
+            receipt.update_hash[:12],
+            receipt.accepted,
+            ", duplicate" if receipt.duplicate else "",
+        )
         return receipt
 
 
@@ -264,4 +254,3 @@ def default_state_dir(index: int) -> Path:
     """``~/.local/state/qflare/device-<index>`` (``$XDG_STATE_HOME`` respected)."""
     base = Path(os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state")
     return base / "qflare" / f"device-{index}"
-

@@ -1,6 +1,6 @@
 """Micro-benchmarks of the crypto layer: handshake, seal+sign of an update, open+verify.
 
-``python -m qflare.crypto.bench`` prints the figures for DEFAULT_SUITE and HIGH_SUITE as JSON.
+``python -m qflare.bench.crypto_ops`` prints the figures for DEFAULT_SUITE and HIGH_SUITE as JSON.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import os
 import statistics
 import time
 from collections.abc import Callable
+from typing import Any
 
 from qflare.crypto.handshake import ClientHandshake, ServerHandshake, handshake_in_process
 from qflare.crypto.identity import SigningKey, VerifyKey
@@ -33,7 +34,7 @@ def _timed(fn: Callable[[], object]) -> float:
     return time.perf_counter() - start
 
 
-def bench_crypto(suite: Suite = DEFAULT_SUITE, payload_bytes: int = 6_653_480, repeats: int = 30) -> dict[str, object]:
+def bench_crypto(suite: Suite = DEFAULT_SUITE, payload_bytes: int = 6_653_480, repeats: int = 30) -> dict[str, Any]:
     """Time the full in-process handshake, ``seal_update`` (SHA-256 + ML-DSA sign + AES-GCM seal) and
     ``open_update`` (AES-GCM open + ML-DSA verify + SHA-256 check) for ``suite``."""
     if repeats < 1 or payload_bytes < 0:

@@ -1,7 +1,7 @@
 """Initial schema: devices, enrollment tokens, sessions, rounds, updates, model versions,
 security events and the provenance ledger.
 
-Written by hand to mirror ``qflare/server/storage/tables.py``; the storage tests compare the two with
+Written by hand to mirror ``qflare/storage/tables.py``; the storage tests compare the two with
 Alembic's autogenerate and fail on any drift.
 
 Revision ID: 0001
@@ -61,9 +61,7 @@ def upgrade() -> None:
         _ts("created_at"),
         _ts("expires_at"),
         _ts("closed_at", nullable=True),
-        sa.ForeignKeyConstraint(
-            ["device_id"], ["devices.device_id"], name=op.f("fk_sessions_device_id_devices")
-        ),
+        sa.ForeignKeyConstraint(["device_id"], ["devices.device_id"], name=op.f("fk_sessions_device_id_devices")),
         sa.PrimaryKeyConstraint("session_id", name=op.f("pk_sessions")),
     )
     op.create_index(op.f("ix_sessions_device_id"), "sessions", ["device_id"], unique=False)
@@ -79,9 +77,7 @@ def upgrade() -> None:
         _ts("opened_at"),
         _ts("closed_at", nullable=True),
         _hash("result_model_hash", nullable=True),
-        sa.CheckConstraint(
-            "state IN ('open', 'aggregating', 'closed', 'failed')", name=op.f("ck_rounds_state")
-        ),
+        sa.CheckConstraint("state IN ('open', 'aggregating', 'closed', 'failed')", name=op.f("ck_rounds_state")),
         sa.CheckConstraint("min_participants >= 1", name=op.f("ck_rounds_min_participants")),
         sa.CheckConstraint("quorum >= 1", name=op.f("ck_rounds_quorum")),
         sa.PrimaryKeyConstraint("round_number", name=op.f("pk_rounds")),
@@ -99,16 +95,10 @@ def upgrade() -> None:
         sa.Column("metrics", sa.JSON(), nullable=False),
         _ts("received_at"),
         sa.CheckConstraint("num_examples >= 0", name=op.f("ck_updates_num_examples")),
-        sa.ForeignKeyConstraint(
-            ["device_id"], ["devices.device_id"], name=op.f("fk_updates_device_id_devices")
-        ),
-        sa.ForeignKeyConstraint(
-            ["round_number"], ["rounds.round_number"], name=op.f("fk_updates_round_number_rounds")
-        ),
+        sa.ForeignKeyConstraint(["device_id"], ["devices.device_id"], name=op.f("fk_updates_device_id_devices")),
+        sa.ForeignKeyConstraint(["round_number"], ["rounds.round_number"], name=op.f("fk_updates_round_number_rounds")),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_updates")),
-        sa.UniqueConstraint(
-            "round_number", "device_id", name=op.f("uq_updates_round_number_device_id")
-        ),
+        sa.UniqueConstraint("round_number", "device_id", name=op.f("uq_updates_round_number_device_id")),
     )
     op.create_index(op.f("ix_updates_device_id"), "updates", ["device_id"], unique=False)
     op.create_table(
@@ -127,9 +117,7 @@ def upgrade() -> None:
         ),
         sa.PrimaryKeyConstraint("version", name=op.f("pk_model_versions")),
     )
-    op.create_index(
-        op.f("ix_model_versions_model_hash"), "model_versions", ["model_hash"], unique=False
-    )
+    op.create_index(op.f("ix_model_versions_model_hash"), "model_versions", ["model_hash"], unique=False)
     op.create_table(
         "security_events",
         sa.Column("id", sa.Integer(), autoincrement=True, nullable=False),

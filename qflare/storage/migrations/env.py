@@ -1,6 +1,6 @@
 """Alembic environment for QFLARE's storage schema.
 
-:meth:`qflare.server.storage.db.Database.upgrade` builds the Alembic ``Config`` in code and hands
+:meth:`qflare.storage.db.Database.upgrade` builds the Alembic ``Config`` in code and hands
 over an open connection through ``config.attributes["connection"]``; the migration then runs inside
 that connection's transaction.  For the plain ``alembic`` CLI (or ``--sql`` offline mode) set
 ``sqlalchemy.url`` in the config instead.
@@ -11,7 +11,7 @@ from __future__ import annotations
 from alembic import context
 from sqlalchemy import Connection, create_engine, pool
 
-from qflare.server.storage.tables import Base
+from qflare.storage.tables import Base
 
 config = context.config
 target_metadata = Base.metadata

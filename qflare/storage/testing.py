@@ -20,15 +20,15 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.pool import NullPool
 
-from qflare.server.storage.db import Database
+from qflare.storage.db import Database
 
 __all__ = [
     "ADMIN_URL_ENV",
     "DEFAULT_POSTGRES_ADMIN_URL",
     "postgres_admin_url",
     "postgres_unreachable",
-    "temporary_postgres_database",
     "scratch_database",
+    "temporary_postgres_database",
 ]
 
 ADMIN_URL_ENV = "QFLARE_TEST_POSTGRES_URL"
@@ -43,8 +43,7 @@ def postgres_admin_url(*, masked: bool = False) -> str:
 
 def postgres_unreachable(admin_url: str | None = None) -> str | None:
     """``None`` if we can connect to ``admin_url``, else the error text (for a skip message)."""
-    engine = create_engine(admin_url or postgres_admin_url(), poolclass=NullPool,
-                           connect_args={"connect_timeout": 3})  # fmt: skip
+    engine = create_engine(admin_url or postgres_admin_url(), poolclass=NullPool, connect_args={"connect_timeout": 3})
     try:
         with engine.connect() as conn:
             conn.execute(text("SELECT 1"))
@@ -56,16 +55,16 @@ def postgres_unreachable(admin_url: str | None = None) -> str | None:
 
 
 @contextmanager
-def temporary_postgres_database(
-    admin_url: str | None = None, prefix: str = "qflare_test_"
-) -> Iterator[str]:
+def temporary_postgres_database(admin_url: str | None = None, prefix: str = "qflare_test_") -> Iterator[str]:
     """Create a uniquely named empty database, yield its URL, drop it (forcibly) afterwards."""
     admin_url = admin_url or postgres_admin_url()
     name = f"{prefix}{secrets.token_hex(6)}"
     admin = create_engine(
-        admin_url, isolation_level="AUTOCOMMIT", poolclass=NullPool,
+        admin_url,
+        isolation_level="AUTOCOMMIT",
+        poolclass=NullPool,
         connect_args={"connect_timeout": 3},
-    )  # fmt: skip
+    )
     try:
         with admin.connect() as conn:
             conn.execute(text(f'CREATE DATABASE "{name}"'))

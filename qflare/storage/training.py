@@ -20,17 +20,17 @@ from qflare.errors import (
     ValidationError,
     WrongRoundError,
 )
-from qflare.server.storage import tables as t
-from qflare.server.storage._base import (
+from qflare.storage import tables as t
+from qflare.storage._base import (
     StoreBase,
     check_json,
     check_nonempty,
     finite_int,
     require_aware,
 )
-from qflare.server.storage.records import ModelRow, RoundRow, UpdateRow
+from qflare.storage.records import ModelRow, RoundRow, UpdateRow, snapshot
 
-__all__ = ["TrainingOps", "ROUND_TRANSITIONS", "ROUND_FIELDS"]
+__all__ = ["ROUND_FIELDS", "ROUND_TRANSITIONS", "TrainingOps"]
 
 #: Legal ``set_round_state`` moves; "closed" and "failed" are terminal.
 ROUND_TRANSITIONS: Final[dict[str, frozenset[str]]] = {
@@ -98,20 +98,20 @@ class TrainingOps(StoreBase):
                 )
                 s.add(row)
                 s.flush()
-                return RoundRow.of(row)
+                return snapshot(RoundRow, row)
         except IntegrityError as exc:
             raise RoundError(f"round {round_number} exists", code="round_exists") from exc
 
     def get_round(self, round_number: int) -> RoundRow | None:
         with self._read() as s:
             row = s.get(t.Round, round_number)
-            return None if row is None else RoundRow.of(row)
+            return None if row is None else snapshot(RoundRow, row)
 
     def current_round(self) -> RoundRow | None:
         """The highest-numbered round, whatever its state; ``None`` before the first round."""
         with self._read() as s:
             row = s.scalars(select(t.Round).order_by(t.Round.round_number.desc()).limit(1)).first()
-            return None if row is None else RoundRow.of(row)
+            return None if row is None else snapshot(RoundRow, row)
 
     def list_rounds(self, limit: int | None = None) -> list[RoundRow]:
         """Rounds in ascending order; with ``limit``, the newest ``limit`` of them."""
@@ -119,7 +119,7 @@ class TrainingOps(StoreBase):
             stmt = select(t.Round).order_by(t.Round.round_number.desc())
             if limit is not None:
                 stmt = stmt.limit(finite_int(limit, "limit", 0))
-            return [RoundRow.of(r) for r in reversed(list(s.scalars(stmt)))]
+            return [snapshot(RoundRow, r) for r in reversed(list(s.scalars(stmt)))]
 
     def set_round_state(
         self,
@@ -152,9 +152,7 @@ class TrainingOps(StoreBase):
             if name in fields:
                 values[name] = require_aware(fields[name], name)
         if "result_model_hash" in fields:
-            values["result_model_hash"] = check_nonempty(
-                fields["result_model_hash"], "result_model_hash", 128
-            )
+            values["result_model_hash"] = check_nonempty(fields["result_model_hash"], "result_model_hash", 128)
         return values
 
     def _cas_round(
@@ -177,7 +175,7 @@ class TrainingOps(StoreBase):
             )
         if to_state == "closed" and row.result_model_hash is None:
             raise ValidationError("closing a round needs result_model_hash")
-        return RoundRow.of(row)
+        return snapshot(RoundRow, row)
 
     # -- updates ------------------------------------------------------------------------------
 
@@ -204,8 +202,16 @@ class TrainingOps(StoreBase):
         if not isinstance(signature, bytes | bytearray) or not signature:
             raise ValidationError("signature must be non-empty bytes")
         clean = check_json(metrics, "metrics")
-        args = (round_number, device_id, update_hash, base_model_hash, num_examples,
-                bytes(signature), clean, self._now(now))  # fmt: skip
+        args = (
+            round_number,
+            device_id,
+            update_hash,
+            base_model_hash,
+            num_examples,
+            bytes(signature),
+            clean,
+            self._now(now),
+        )
         try:
             with self._write() as s:
                 return self._record_update(s, *args)
@@ -216,22 +222,28 @@ class TrainingOps(StoreBase):
                 return self._record_update(s, *args)
 
     def _record_update(
-        self, s: Session, round_number: int, device_id: str, update_hash: str, base_hash: str,
-        num_examples: int, signature: bytes, metrics: dict[str, Any], at: datetime,
-    ) -> tuple[UpdateRow, bool]:  # fmt: skip
+        self,
+        s: Session,
+        round_number: int,
+        device_id: str,
+        update_hash: str,
+        base_hash: str,
+        num_examples: int,
+        signature: bytes,
+        metrics: dict[str, Any],
+        at: datetime,
+    ) -> tuple[UpdateRow, bool]:
         # FOR SHARE: a concurrent open -> aggregating CAS waits until this insert commits, so the
         # aggregator never misses an update accepted while the round was open.
         rnd = s.get(t.Round, round_number, with_for_update={"read": True})
         if rnd is None:
             raise WrongRoundError(f"unknown round {round_number}")
         existing = s.scalars(
-            select(t.Update).where(
-                t.Update.round_number == round_number, t.Update.device_id == device_id
-            )
+            select(t.Update).where(t.Update.round_number == round_number, t.Update.device_id == device_id)
         ).first()
         if existing is not None:
             if existing.update_hash == update_hash:
-                return UpdateRow.of(existing), False
+                return snapshot(UpdateRow, existing), False
             raise ReplayError(
                 f"device {device_id} already submitted a different update for round {round_number}",
                 code="duplicate_submission",
@@ -246,23 +258,27 @@ class TrainingOps(StoreBase):
         if device.status != "active":
             raise RevokedError(f"device {device_id} is revoked")
         if rnd.selected_devices and device_id not in rnd.selected_devices:
-            raise PolicyError(f"device {device_id} not selected for round {round_number}",
-                              code="not_selected")  # fmt: skip
+            raise PolicyError(f"device {device_id} not selected for round {round_number}", code="not_selected")
         if base_hash != rnd.base_model_hash:
             raise StaleModelError(f"update trained on {base_hash}, round uses {rnd.base_model_hash}")
         row = t.Update(
-            round_number=round_number, device_id=device_id, update_hash=update_hash,
-            base_model_hash=base_hash, num_examples=num_examples, signature=signature,
-            metrics=metrics, received_at=at,
-        )  # fmt: skip
+            round_number=round_number,
+            device_id=device_id,
+            update_hash=update_hash,
+            base_model_hash=base_hash,
+            num_examples=num_examples,
+            signature=signature,
+            metrics=metrics,
+            received_at=at,
+        )
         s.add(row)
         s.flush()
-        return UpdateRow.of(row), True
+        return snapshot(UpdateRow, row), True
 
     def updates_for_round(self, round_number: int) -> list[UpdateRow]:
         with self._read() as s:
             stmt = select(t.Update).where(t.Update.round_number == round_number).order_by(t.Update.id)
-            return [UpdateRow.of(r) for r in s.scalars(stmt)]
+            return [snapshot(UpdateRow, r) for r in s.scalars(stmt)]
 
     def count_updates(self, round_number: int | None = None) -> int:
         """Updates recorded for ``round_number``, or in all rounds when it is ``None``."""
@@ -288,9 +304,7 @@ class TrainingOps(StoreBase):
         """Append to the model lineage: ``version`` = latest + 1, ``parent_hash`` = latest's hash."""
         at = self._now(created_at, "created_at")
         with self._write() as s:
-            return self._insert_model(
-                s, version, round_number, model_hash, parent_hash, signature, metrics, at
-            )
+            return self._insert_model(s, version, round_number, model_hash, parent_hash, signature, metrics, at)
 
     def publish_model(
         self,
@@ -319,9 +333,16 @@ class TrainingOps(StoreBase):
             return self._cas_round(s, round_number, "aggregating", "closed", values), model
 
     def _insert_model(
-        self, s: Session, version: int, round_number: int | None, model_hash: str,
-        parent_hash: str | None, signature: bytes, metrics: dict[str, Any], at: datetime,
-    ) -> ModelRow:  # fmt: skip
+        self,
+        s: Session,
+        version: int,
+        round_number: int | None,
+        model_hash: str,
+        parent_hash: str | None,
+        signature: bytes,
+        metrics: dict[str, Any],
+        at: datetime,
+    ) -> ModelRow:
         finite_int(version, "version", 0)
         check_nonempty(model_hash, "model_hash", 128)
         if not isinstance(signature, bytes | bytearray) or not signature:
@@ -332,37 +353,40 @@ class TrainingOps(StoreBase):
             raise WrongRoundError(f"unknown round {round_number}")
         if s.get(t.ModelVersion, version) is not None:
             raise ReplayError(f"model version {version} exists", code="model_version_exists")
-        latest = s.scalars(
-            select(t.ModelVersion).order_by(t.ModelVersion.version.desc()).limit(1)
-        ).first()
+        latest = s.scalars(select(t.ModelVersion).order_by(t.ModelVersion.version.desc()).limit(1)).first()
         if latest is not None:
             if version != latest.version + 1:
                 raise StaleModelError(f"next model version is {latest.version + 1}, not {version}")
             if parent_hash != latest.model_hash:
                 raise StaleModelError(f"parent {parent_hash} is not the latest {latest.model_hash}")
         row = t.ModelVersion(
-            version=version, round_number=round_number, model_hash=model_hash,
-            parent_hash=parent_hash, signature=bytes(signature), metrics=clean, created_at=at,
-        )  # fmt: skip
+            version=version,
+            round_number=round_number,
+            model_hash=model_hash,
+            parent_hash=parent_hash,
+            signature=bytes(signature),
+            metrics=clean,
+            created_at=at,
+        )
         s.add(row)
         s.flush()
-        return ModelRow.of(row)
+        return snapshot(ModelRow, row)
 
     def latest_model(self) -> ModelRow | None:
         with self._read() as s:
             stmt = select(t.ModelVersion).order_by(t.ModelVersion.version.desc()).limit(1)
             row = s.scalars(stmt).first()
-            return None if row is None else ModelRow.of(row)
+            return None if row is None else snapshot(ModelRow, row)
 
     def get_model(self, version: int) -> ModelRow | None:
         with self._read() as s:
             row = s.get(t.ModelVersion, version)
-            return None if row is None else ModelRow.of(row)
+            return None if row is None else snapshot(ModelRow, row)
 
     def list_models(self) -> list[ModelRow]:
         """Every model version, in ascending order."""
         with self._read() as s:
-            return [ModelRow.of(r) for r in s.scalars(select(t.ModelVersion).order_by(t.ModelVersion.version))]
+            return [snapshot(ModelRow, r) for r in s.scalars(select(t.ModelVersion).order_by(t.ModelVersion.version))]
 
     def record_model_evaluation(self, version: int, evaluation: dict[str, Any]) -> ModelRow:
         """Store an evaluation of a model version under ``metrics["eval"]`` (replacing an earlier one)."""
@@ -373,4 +397,4 @@ class TrainingOps(StoreBase):
                 raise StaleModelError(f"unknown model version {version}", code="unknown_model")
             row.metrics = {**dict(row.metrics), "eval": clean}
             s.flush()
-            return ModelRow.of(row)
+            return snapshot(ModelRow, row)

@@ -9,11 +9,11 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
 from qflare.errors import ReplayError, ValidationError
-from qflare.server.storage import tables as t
-from qflare.server.storage._base import StoreBase, check_json, check_nonempty, finite_int
-from qflare.server.storage.records import LedgerRow, SecurityEventRow
+from qflare.storage import tables as t
+from qflare.storage._base import StoreBase, check_json, check_nonempty, finite_int
+from qflare.storage.records import LedgerRow, SecurityEventRow, snapshot
 
-__all__ = ["AuditOps", "MAX_EVENT_DETAIL"]
+__all__ = ["MAX_EVENT_DETAIL", "AuditOps"]
 
 MAX_EVENT_DETAIL = 4000
 
@@ -56,18 +56,16 @@ class AuditOps(StoreBase):
         with self._write() as s:
             s.add(event)
             s.flush()
-            return SecurityEventRow.of(event)
+            return snapshot(SecurityEventRow, event)
 
-    def security_events(
-        self, limit: int = 100, *, device_id: str | None = None
-    ) -> list[SecurityEventRow]:
+    def security_events(self, limit: int = 100, *, device_id: str | None = None) -> list[SecurityEventRow]:
         """The newest ``limit`` events, newest first (optionally for one device)."""
         finite_int(limit, "limit", 0)
         with self._read() as s:
             stmt = select(t.SecurityEvent).order_by(t.SecurityEvent.id.desc()).limit(limit)
             if device_id is not None:
                 stmt = stmt.where(t.SecurityEvent.device_id == device_id)
-            return [SecurityEventRow.of(r) for r in s.scalars(stmt)]
+            return [snapshot(SecurityEventRow, r) for r in s.scalars(stmt)]
 
     # -- provenance ledger --------------------------------------------------------------------
 
@@ -97,13 +95,9 @@ class AuditOps(StoreBase):
         try:
             with self._write() as s:
                 self._lock_table(s, "ledger_entries")
-                last = s.scalars(
-                    select(t.LedgerEntry).order_by(t.LedgerEntry.seq.desc()).limit(1)
-                ).first()
+                last = s.scalars(select(t.LedgerEntry).order_by(t.LedgerEntry.seq.desc()).limit(1)).first()
                 if last is not None and prev_hash != last.entry_hash:
-                    raise ReplayError(
-                        f"prev_hash does not match ledger head {last.seq}", code="ledger_conflict"
-                    )
+                    raise ReplayError(f"prev_hash does not match ledger head {last.seq}", code="ledger_conflict")
                 row = t.LedgerEntry(
                     seq=1 if last is None else last.seq + 1,
                     prev_hash=prev_hash,
@@ -115,7 +109,7 @@ class AuditOps(StoreBase):
                 )
                 s.add(row)
                 s.flush()
-                return LedgerRow.of(row)
+                return snapshot(LedgerRow, row)
         except IntegrityError as exc:
             raise ReplayError("ledger entry hash already present", code="ledger_conflict") from exc
 
@@ -125,9 +119,9 @@ class AuditOps(StoreBase):
             stmt = select(t.LedgerEntry).order_by(t.LedgerEntry.seq.desc())
             if limit is not None:
                 stmt = stmt.limit(finite_int(limit, "limit", 0))
-            return [LedgerRow.of(r) for r in reversed(list(s.scalars(stmt)))]
+            return [snapshot(LedgerRow, r) for r in reversed(list(s.scalars(stmt)))]
 
     def last_ledger_entry(self) -> LedgerRow | None:
         with self._read() as s:
             row = s.scalars(select(t.LedgerEntry).order_by(t.LedgerEntry.seq.desc()).limit(1)).first()
-            return None if row is None else LedgerRow.of(row)
+            return None if row is None else snapshot(LedgerRow, row)

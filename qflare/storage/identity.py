@@ -19,9 +19,9 @@ from qflare.errors import (
     UnknownDeviceError,
     ValidationError,
 )
-from qflare.server.storage import tables as t
-from qflare.server.storage._base import StoreBase, check_nonempty, finite_int, require_aware
-from qflare.server.storage.records import DeviceRow, SessionRow, TokenRow
+from qflare.storage import tables as t
+from qflare.storage._base import StoreBase, check_nonempty, finite_int, require_aware
+from qflare.storage.records import DeviceRow, SessionRow, TokenRow, snapshot
 
 __all__ = ["IdentityOps", "hash_token", "key_id"]
 
@@ -41,9 +41,7 @@ def key_id(public_key: bytes) -> str:
 class IdentityOps(StoreBase):
     # -- enrollment tokens --------------------------------------------------------------------
 
-    def create_tokens(
-        self, count: int, ttl: timedelta, label: str = "", *, now: datetime | None = None
-    ) -> list[str]:
+    def create_tokens(self, count: int, ttl: timedelta, label: str = "", *, now: datetime | None = None) -> list[str]:
         """Mint ``count`` single-use tokens valid for ``ttl``; return the plaintexts (shown once)."""
         finite_int(count, "count", 1)
         if count > _MAX_TOKENS_PER_CALL:
@@ -71,7 +69,7 @@ class IdentityOps(StoreBase):
     def get_token(self, token: str) -> TokenRow | None:
         with self._read() as s:
             row = s.get(t.EnrollmentToken, hash_token(token))
-            return None if row is None else TokenRow.of(row)
+            return None if row is None else snapshot(TokenRow, row)
 
     def consume_token(self, token: str, device_id: str, now: datetime | None = None) -> None:
         """Atomically mark ``token`` used by ``device_id``; exactly one concurrent caller wins."""
@@ -147,9 +145,7 @@ class IdentityOps(StoreBase):
         if not isinstance(record, bytes | bytearray):
             raise ValidationError("enrollment_record must be bytes")
         if device_id != key_id(bytes(key)):
-            raise ValidationError(
-                "device_id is not the SHA-256 of the public key", code="device_id_mismatch"
-            )
+            raise ValidationError("device_id is not the SHA-256 of the public key", code="device_id_mismatch")
         if s.get(t.Device, device_id) is not None:
             raise ReplayError(f"device {device_id} already enrolled", code="device_exists")
         row = t.Device(
@@ -164,12 +160,12 @@ class IdentityOps(StoreBase):
         )
         s.add(row)
         s.flush()
-        return DeviceRow.of(row)
+        return snapshot(DeviceRow, row)
 
     def get_device(self, device_id: str) -> DeviceRow | None:
         with self._read() as s:
             row = s.get(t.Device, device_id)
-            return None if row is None else DeviceRow.of(row)
+            return None if row is None else snapshot(DeviceRow, row)
 
     def device_status(self, device_id: str) -> str | None:
         """Just the device's status ("active"/"revoked"), None if unknown: the per-message check, one
@@ -203,14 +199,14 @@ class IdentityOps(StoreBase):
                     .execution_options(synchronize_session=False)
                 )
                 s.flush()
-            return DeviceRow.of(row)
+            return snapshot(DeviceRow, row)
 
     def list_devices(self, status: str | None = None) -> list[DeviceRow]:
         with self._read() as s:
             stmt = select(t.Device).order_by(t.Device.enrolled_at, t.Device.device_id)
             if status is not None:
                 stmt = stmt.where(t.Device.status == status)
-            return [DeviceRow.of(r) for r in s.scalars(stmt)]
+            return [snapshot(DeviceRow, r) for r in s.scalars(stmt)]
 
     # -- sessions -----------------------------------------------------------------------------
 
@@ -246,14 +242,14 @@ class IdentityOps(StoreBase):
                 )
                 s.add(row)
                 s.flush()
-                return SessionRow.of(row)
+                return snapshot(SessionRow, row)
         except IntegrityError as exc:
             raise ReplayError(f"session {session_id} exists", code="session_exists") from exc
 
     def get_session(self, session_id: str) -> SessionRow | None:
         with self._read() as s:
             row = s.get(t.Session, session_id)
-            return None if row is None else SessionRow.of(row)
+            return None if row is None else snapshot(SessionRow, row)
 
     def active_session(self, session_id: str, now: datetime | None = None) -> SessionRow:
         """A live session of an active device, else SessionExpiredError / RevokedError."""
@@ -269,7 +265,7 @@ class IdentityOps(StoreBase):
                 raise SessionExpiredError("session closed", code="session_closed")
             if at >= row.expires_at:
                 raise SessionExpiredError("session expired")
-            return SessionRow.of(row)
+            return snapshot(SessionRow, row)
 
     def close_session(self, session_id: str, *, now: datetime | None = None) -> bool:
         """Close a session; ``True`` if this call closed it, ``False`` if already closed/unknown."""

@@ -22,12 +22,12 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from .crypto import DEFAULT_SUITE, HIGH_SUITE, SigningKey, Suite, VerifyKey
-from .crypto.identity import key_id_of
-from .errors import AuthError, ConfigError, MalformedError
-from .protocol.messages import Receipt
+from ..crypto import DEFAULT_SUITE, HIGH_SUITE, SigningKey, Suite, VerifyKey
+from ..crypto.identity import key_id_of
+from ..errors import AuthError, ConfigError, MalformedError
+from ..protocol.messages import Receipt
 
-__all__ = ["DeviceState", "pin_server_key", "read_pin_file", "normalize_key_id", "SUITES_BY_NAME"]
+__all__ = ["SUITES_BY_NAME", "DeviceState", "normalize_key_id", "pin_server_key", "read_pin_file"]
 
 SUITES_BY_NAME: dict[str, Suite] = {s.name: s for s in (DEFAULT_SUITE, HIGH_SUITE)}
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
@@ -37,7 +37,9 @@ def normalize_key_id(value: str) -> str:
     """A key id as 64 lowercase hex digits (spaces, colons and a ``sha256:`` prefix are tolerated)."""
     text = value.strip().lower().removeprefix("sha256:").replace(":", "").replace(" ", "")
     if not _HEX64.match(text):
-        raise ConfigError(f"a coordinator key id is 64 hex digits (SHA-256), got {value.strip()[:80]!r}", code="bad_key_id")
+        raise ConfigError(
+            f"a coordinator key id is 64 hex digits (SHA-256), got {value.strip()[:80]!r}", code="bad_key_id"
+        )
     return text
 
 
@@ -82,7 +84,9 @@ def pin_server_key(identity: Mapping[str, Any], pinned_key_id: str) -> tuple[Ver
     elif isinstance(suite_name, str) and suite_name in SUITES_BY_NAME:
         suite = SUITES_BY_NAME[suite_name]
     else:
-        raise ConfigError(f"coordinator uses suite {suite_name!r}, which this client does not know", code="unknown_suite")
+        raise ConfigError(
+            f"coordinator uses suite {suite_name!r}, which this client does not know", code="unknown_suite"
+        )
     if suite.sig != key.alg:
         raise ConfigError(f"coordinator key is {key.alg} but its suite signs with {suite.sig}", code="unknown_suite")
     return key, suite
@@ -133,7 +137,9 @@ class DeviceState:
             )
         pinned = given or stored
         if pinned is None:
-            raise ConfigError("no coordinator key pinned: pass --server-key-id or --server-key-file", code="no_server_key")
+            raise ConfigError(
+                "no coordinator key pinned: pass --server-key-id or --server-key-file", code="no_server_key"
+            )
         if stored is None:
             _write_private(path, (pinned + "\n").encode())
         return pinned
@@ -143,8 +149,10 @@ class DeviceState:
         if self.key_path.exists():
             key = SigningKey.load(self.key_path, self._passphrase)
             if key.alg != alg:
-                raise ConfigError(f"device key in {self.key_path} is {key.alg}; the coordinator's suite needs {alg}",
-                                  code="key_alg_mismatch")  # fmt: skip
+                raise ConfigError(
+                    f"device key in {self.key_path} is {key.alg}; the coordinator's suite needs {alg}",
+                    code="key_alg_mismatch",
+                )
             return key, False
         key = SigningKey.generate(alg)
         key.save(self.key_path, self._passphrase)
@@ -158,8 +166,14 @@ class DeviceState:
         _write_private(self.dir / self.RECORD, record)
 
     def append_receipt(self, device_id: str, receipt: Receipt) -> None:
-        line = {"device_id": device_id, "round": receipt.round, "update_hash": receipt.update_hash,
-                "accepted": receipt.accepted, "duplicate": receipt.duplicate, "at": time.time()}  # fmt: skip
+        line = {
+            "device_id": device_id,
+            "round": receipt.round,
+            "update_hash": receipt.update_hash,
+            "accepted": receipt.accepted,
+            "duplicate": receipt.duplicate,
+            "at": time.time(),
+        }
         fd = os.open(self.receipts_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         try:
             os.write(fd, (json.dumps(line, sort_keys=True) + "\n").encode())

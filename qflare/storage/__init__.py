@@ -6,9 +6,9 @@
 * :class:`BlobStore` - content-addressed, hash-verified files for models and updates.
 """
 
-from qflare.server.storage.blobs import BlobNotFoundError, BlobStore
-from qflare.server.storage.db import DATABASE_URL_ENV, Database
-from qflare.server.storage.records import (
+from qflare.storage.blobs import BlobNotFoundError, BlobStore
+from qflare.storage.db import DATABASE_URL_ENV, Database
+from qflare.storage.records import (
     DeviceRow,
     LedgerRow,
     ModelRow,
@@ -18,7 +18,7 @@ from qflare.server.storage.records import (
     TokenRow,
     UpdateRow,
 )
-from qflare.server.storage.repository import Store, hash_token, key_id
+from qflare.storage.repository import Store, hash_token, key_id
 
 __all__ = [
     "DATABASE_URL_ENV",

@@ -2,19 +2,19 @@
 
 Every public method runs in exactly one transaction and either commits completely or leaves no
 trace, raising a typed error from :mod:`qflare.errors`.  Results are immutable snapshots
-(:mod:`qflare.server.storage.records`).  Times are timezone-aware UTC; operations that stamp a time
+(:mod:`qflare.storage.records`).  Times are timezone-aware UTC; operations that stamp a time
 take an optional explicit value and otherwise ask the store's clock.
 """
 
 from __future__ import annotations
 
-from qflare.server.storage._base import Clock, utc_now
-from qflare.server.storage.audit import AuditOps
-from qflare.server.storage.db import Database
-from qflare.server.storage.identity import IdentityOps, hash_token, key_id
-from qflare.server.storage.training import ROUND_TRANSITIONS, TrainingOps
+from qflare.storage._base import Clock, utc_now
+from qflare.storage.audit import AuditOps
+from qflare.storage.db import Database
+from qflare.storage.identity import IdentityOps, hash_token, key_id
+from qflare.storage.training import ROUND_TRANSITIONS, TrainingOps
 
-__all__ = ["Store", "Clock", "utc_now", "hash_token", "key_id", "ROUND_TRANSITIONS"]
+__all__ = ["ROUND_TRANSITIONS", "Clock", "Store", "hash_token", "key_id", "utc_now"]
 
 
 class Store(IdentityOps, TrainingOps, AuditOps):

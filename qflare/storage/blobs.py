@@ -19,7 +19,7 @@ from typing import BinaryIO
 
 from qflare.errors import OversizeError, ValidationError
 
-__all__ = ["BlobStore", "BlobNotFoundError", "DEFAULT_CHUNK_SIZE"]
+__all__ = ["DEFAULT_CHUNK_SIZE", "BlobNotFoundError", "BlobStore"]
 
 DEFAULT_CHUNK_SIZE = 1 << 20
 _DIGEST_RE = re.compile(r"[0-9a-f]{64}")
@@ -69,7 +69,7 @@ class BlobStore:
 
     def put_stream(
         self,
-        chunks: Iterable[bytes],
+        chunks: Iterable[bytes | memoryview],
         expected_sha256: str | None = None,
         max_bytes: int | None = None,
     ) -> tuple[str, int]:
@@ -100,9 +100,7 @@ class BlobStore:
                 os.fsync(out.fileno())
             digest = hasher.hexdigest()
             if expected is not None and digest != expected:
-                raise ValidationError(
-                    f"content hashes to {digest}, expected {expected}", code="hash_mismatch"
-                )
+                raise ValidationError(f"content hashes to {digest}, expected {expected}", code="hash_mismatch")
             dest = self.root / digest[:2] / digest[2:]
             shard_is_new = not dest.parent.exists()
             dest.parent.mkdir(exist_ok=True)
@@ -119,7 +117,7 @@ class BlobStore:
             raise
 
     def put(
-        self, data: bytes, expected_sha256: str | None = None, max_bytes: int | None = None
+        self, data: bytes | memoryview, expected_sha256: str | None = None, max_bytes: int | None = None
     ) -> tuple[str, int]:
         return self.put_stream([data], expected_sha256=expected_sha256, max_bytes=max_bytes)
 

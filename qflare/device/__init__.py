@@ -1,0 +1,23 @@
+"""The long-running device process: its work loop, its on-disk state and pinning, and its workload.
+
+This package mirrors :mod:`qflare.server` on the device side.  It imports neither SQLAlchemy, nor
+FastAPI, nor the simulation (a test pins that): a device needs the protocol, the crypto, the model
+and its data, nothing of the coordinator.
+"""
+
+from .loop import FATAL_CODES, DeviceClient, RunSummary, default_state_dir
+from .state import DeviceState, normalize_key_id, pin_server_key, read_pin_file
+from .workload import Workload, load_workload
+
+__all__ = [
+    "FATAL_CODES",
+    "DeviceClient",
+    "DeviceState",
+    "RunSummary",
+    "Workload",
+    "default_state_dir",
+    "load_workload",
+    "normalize_key_id",
+    "pin_server_key",
+    "read_pin_file",
+]

@@ -1,0 +1,120 @@
+"""Immutable snapshots of stored rows: the values the store interface (:mod:`.store`) returns.
+
+The store never hands out live ORM objects: a snapshot cannot lazy-load, cannot be flushed back by
+accident, and is safe to share between threads.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+__all__ = [
+    "DeviceRow",
+    "LedgerRow",
+    "ModelRow",
+    "RoundRow",
+    "SecurityEventRow",
+    "SessionRow",
+    "TokenRow",
+    "UpdateRow",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceRow:
+    device_id: str
+    sig_alg: str
+    sig_public_key: bytes
+    status: str
+    enrolled_at: datetime
+    revoked_at: datetime | None
+    revoked_reason: str | None
+    enrollment_record: bytes
+
+    @property
+    def active(self) -> bool:
+        return self.status == "active"
+
+
+@dataclass(frozen=True, slots=True)
+class TokenRow:
+    token_hash: str
+    created_at: datetime
+    expires_at: datetime
+    used_at: datetime | None
+    used_by_device: str | None
+    label: str
+
+
+@dataclass(frozen=True, slots=True)
+class SessionRow:
+    session_id: str
+    device_id: str
+    created_at: datetime
+    expires_at: datetime
+    closed_at: datetime | None
+
+    def is_live(self, now: datetime) -> bool:
+        return self.closed_at is None and now < self.expires_at
+
+
+@dataclass(frozen=True, slots=True)
+class RoundRow:
+    round_number: int
+    state: str
+    base_model_hash: str
+    selected_devices: tuple[str, ...]
+    min_participants: int
+    quorum: int
+    deadline: datetime
+    opened_at: datetime
+    closed_at: datetime | None
+    result_model_hash: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class UpdateRow:
+    id: int
+    round_number: int
+    device_id: str
+    update_hash: str
+    base_model_hash: str
+    num_examples: int
+    signature: bytes
+    metrics: dict[str, Any]
+    received_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class ModelRow:
+    version: int
+    round_number: int | None
+    model_hash: str
+    parent_hash: str | None
+    signature: bytes
+    metrics: dict[str, Any]
+    created_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class SecurityEventRow:
+    id: int
+    at: datetime
+    device_id: str | None
+    session_id: str | None
+    reason: str
+    detail: str
+    remote_addr: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class LedgerRow:
+    seq: int
+    prev_hash: str
+    entry_hash: str
+    kind: str
+    payload: dict[str, Any]
+    signature: bytes
+    created_at: datetime

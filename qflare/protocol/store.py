@@ -1,0 +1,107 @@
+"""The storage the protocol needs, as an interface (the shape of Flower's ``LinkState``).
+
+:class:`~qflare.protocol.Coordinator` and :class:`~qflare.protocol.RoundManager` depend on these two
+protocols only; :class:`qflare.storage.Store` (SQLAlchemy, SQLite or PostgreSQL) and
+:class:`qflare.storage.BlobStore` (content-addressed files) implement them.  Each method is one
+transaction: it either happens completely or raises and changes nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime, timedelta
+from typing import Any, Protocol
+
+from .records import DeviceRow, ModelRow, RoundRow, SecurityEventRow, SessionRow, UpdateRow
+
+__all__ = ["BlobSink", "CoordinatorStore"]
+
+
+class CoordinatorStore(Protocol):
+    """Devices, tokens, sessions, rounds, updates, model versions and security events."""
+
+    # -- identity ---------------------------------------------------------------------------
+    def create_tokens(self, count: int, ttl: timedelta, label: str = "") -> list[str]: ...
+
+    def enroll_device(
+        self, token: str, device_id: str, sig_alg: str, sig_public_key: bytes, enrollment_record: bytes
+    ) -> DeviceRow: ...
+
+    def get_device(self, device_id: str) -> DeviceRow | None: ...
+
+    def device_status(self, device_id: str) -> str | None: ...
+
+    def list_devices(self, status: str | None = None) -> list[DeviceRow]: ...
+
+    def revoke_device(self, device_id: str, reason: str) -> DeviceRow: ...
+
+    def add_session(
+        self, session_id: str, device_id: str, expires_at: datetime, *, created_at: datetime | None = None
+    ) -> SessionRow: ...
+
+    # -- rounds and updates -----------------------------------------------------------------
+    def open_round(
+        self,
+        round_number: int,
+        base_model_hash: str,
+        selected: Sequence[str],
+        min_participants: int,
+        quorum: int,
+        deadline: datetime,
+    ) -> RoundRow: ...
+
+    def current_round(self) -> RoundRow | None: ...
+
+    def list_rounds(self, limit: int | None = None) -> list[RoundRow]: ...
+
+    def set_round_state(self, round_number: int, from_state: str, to_state: str, **fields: Any) -> RoundRow: ...
+
+    def record_update(
+        self,
+        round_number: int,
+        device_id: str,
+        update_hash: str,
+        base_model_hash: str,
+        num_examples: int,
+        signature: bytes,
+        metrics: dict[str, Any],
+    ) -> tuple[UpdateRow, bool]: ...
+
+    def updates_for_round(self, round_number: int) -> list[UpdateRow]: ...
+
+    # -- model versions ---------------------------------------------------------------------
+    def add_model_version(
+        self,
+        version: int,
+        round_number: int | None,
+        model_hash: str,
+        parent_hash: str | None,
+        signature: bytes,
+        metrics: dict[str, Any],
+    ) -> ModelRow: ...
+
+    def publish_model(
+        self, round_number: int, version: int, model_hash: str, signature: bytes, metrics: dict[str, Any]
+    ) -> tuple[RoundRow, ModelRow]: ...
+
+    def latest_model(self) -> ModelRow | None: ...
+
+    def get_model(self, version: int) -> ModelRow | None: ...
+
+    # -- audit ------------------------------------------------------------------------------
+    def record_security_event(
+        self,
+        reason: str,
+        detail: str,
+        device_id: str | None = None,
+        session_id: str | None = None,
+        remote_addr: str | None = None,
+    ) -> SecurityEventRow: ...
+
+
+class BlobSink(Protocol):
+    """Content-addressed bytes: ``put`` returns (SHA-256 hex, size); ``get`` verifies the hash on read."""
+
+    def put(self, data: bytes | memoryview, expected_sha256: str | None = None) -> tuple[str, int]: ...
+
+    def get(self, sha256: str) -> bytes: ...
