@@ -33,7 +33,12 @@ def _valid_messages() -> dict[str, bytes]:
     env = SignedEnvelope.sign(
         DEFAULT_SUITE,
         MsgType.GLOBAL_MODEL,
-        {Field.ROUND: u64(1), Field.MODEL_HASH: sha256(b"m"), Field.PAYLOAD_SIZE: u64(1), Field.TIMESTAMP: u64(0)},
+        {
+            Field.MODEL_VERSION: u64(1),
+            Field.MODEL_HASH: sha256(b"m"),
+            Field.PAYLOAD_SIZE: u64(1),
+            Field.TIMESTAMP: u64(0),
+        },
         SERVER,
     ).to_bytes()
     frame = Channel(b"\x01" * 32, b"\x02" * 32, b"\x03" * 32).seal(MsgType.UPDATE, 1, b"frame payload")

@@ -92,6 +92,7 @@ class Field(enum.IntEnum):
     TIMESTAMP = 0x13
     STATUS = 0x14
     METADATA = 0x15  # optional, UTF-8 JSON of numeric training metrics (UPDATE only)
+    MODEL_VERSION = 0x16  # u64, the global model's version (GLOBAL_MODEL); versions and rounds are distinct
 
 
 @dataclass(frozen=True)
@@ -141,6 +142,7 @@ FIELD_SPECS: Mapping[Field, FieldSpec] = MappingProxyType(
         Field.TIMESTAMP: FieldSpec(size=8),
         Field.STATUS: FieldSpec(size=1),
         Field.METADATA: FieldSpec(min_len=1, max_len=4096),
+        Field.MODEL_VERSION: FieldSpec(size=8),
     }
 )
 
@@ -152,7 +154,7 @@ SCHEMAS: Mapping[MsgType, tuple[Field, ...]] = MappingProxyType(
         MsgType.CLIENT_HELLO: (F.DEVICE_KEY_ID, F.CLIENT_NONCE, F.KEM_PUBLIC),
         MsgType.SERVER_HELLO: (F.HELLO_HASH, F.SERVER_KEY_ID, F.SERVER_NONCE, F.KEM_CIPHERTEXT, F.LIFETIME),
         MsgType.CLIENT_FINISH: (F.DEVICE_KEY_ID, F.TRANSCRIPT_HASH),
-        MsgType.GLOBAL_MODEL: (F.ROUND, F.MODEL_HASH, F.PAYLOAD_SIZE, F.TIMESTAMP),
+        MsgType.GLOBAL_MODEL: (F.MODEL_VERSION, F.MODEL_HASH, F.PAYLOAD_SIZE, F.TIMESTAMP),
         MsgType.UPDATE: (
             F.DEVICE_KEY_ID,
             F.ROUND,

@@ -137,7 +137,7 @@ def seal_global_model(
         channel.suite,
         MsgType.GLOBAL_MODEL,
         {
-            Field.ROUND: u64(round),
+            Field.MODEL_VERSION: u64(round),
             Field.MODEL_HASH: sha256(payload),
             Field.PAYLOAD_SIZE: u64(len(payload)),
             Field.TIMESTAMP: u64(int(time.time()) if timestamp is None else timestamp),
@@ -158,8 +158,8 @@ def open_global_model(
     """Device: open, verify the coordinator signature, check round/size/hash; return (envelope, model)."""
     env_bytes, payload = unpack_signed(channel.open(MsgType.GLOBAL_MODEL, round, frame), max_envelope)
     env = _open_envelope(channel, env_bytes, server_key, MsgType.GLOBAL_MODEL, max_envelope)
-    if env.get_int(Field.ROUND) != round:
-        raise WrongRoundError(f"model signed for round {env.get_int(Field.ROUND)}, expected {round}")
+    if env.get_int(Field.MODEL_VERSION) != round:
+        raise WrongRoundError(f"model signed as version {env.get_int(Field.MODEL_VERSION)}, expected {round}")
     return env, _check_payload(env, payload, Field.MODEL_HASH)
 
 

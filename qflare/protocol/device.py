@@ -157,7 +157,7 @@ class Device:
         head, blob = unpack_signed(payload)
         env = SignedEnvelope.open(head, self.server_key, expected_type=MsgType.GLOBAL_MODEL)
         digest = env.get(Field.MODEL_HASH).hex()
-        if env.get_int(Field.ROUND) != task.model_version or digest != task.model_hash:
+        if env.get_int(Field.MODEL_VERSION) != task.model_version or digest != task.model_hash:
             raise StaleModelError("coordinator sent a model other than the task's", code="stale_model")
         if env.get_int(Field.PAYLOAD_SIZE) != len(blob):
             raise ValidationError("model blob length differs from its signed size", code="hash_mismatch")

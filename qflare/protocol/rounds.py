@@ -124,7 +124,7 @@ class RoundManager:
             self._suite,
             MsgType.GLOBAL_MODEL,
             {
-                Field.ROUND: u64(version),
+                Field.MODEL_VERSION: u64(version),
                 Field.MODEL_HASH: bytes.fromhex(digest),
                 Field.PAYLOAD_SIZE: u64(len(blob)),
                 Field.TIMESTAMP: u64(int(self._clock())),

@@ -181,7 +181,7 @@ def envelopes() -> list[dict[str, Any]]:
             (
                 MsgType.GLOBAL_MODEL,
                 {
-                    Field.ROUND: u64(12),
+                    Field.MODEL_VERSION: u64(12),
                     Field.MODEL_HASH: sha256(b"model"),
                     Field.PAYLOAD_SIZE: u64(1234),
                     Field.TIMESTAMP: u64(1_700_000_000),
