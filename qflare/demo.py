@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from .config import MALLOC_ENV
-from .errors import QflareError
+from .errors import DemoError, QflareError
 from .transport import HttpTransport, RetryPolicy, TransportError
 
 __all__ = ["CHILD_ENV", "ChildProcesses", "DemoConfig", "DemoError", "DemoResult", "free_port", "run_demo"]
@@ -41,10 +41,6 @@ CHILD_ENV: dict[str, str] = {
     "MKL_NUM_THREADS": "1",
     "PYTHONUNBUFFERED": "1",
 }
-
-
-class DemoError(QflareError):
-    code = "demo_failed"
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,15 @@ from collections.abc import Callable
 import httpx
 import pytest
 
-from qflare.errors import RateLimitedError, ReplayError, StaleModelError, TokenError, error_from_code
+from qflare.errors import (
+    ErrorCode,
+    PolicyError,
+    RateLimitedError,
+    ReplayError,
+    StaleModelError,
+    TokenError,
+    error_from_code,
+)
 from qflare.protocol.messages import Route
 from qflare.transport import (
     CircuitBreaker,
@@ -120,12 +128,13 @@ def test_refusal_is_not_retried_and_is_typed(status: int, code: str, cls: type) 
     assert type(info.value) is type(error_from_code(code, "", status))
 
 
-def test_unknown_code_keeps_code_and_maps_status() -> None:
+def test_unknown_code_is_typed_by_status_and_kept_in_the_message() -> None:
     t, _ = make(lambda req: refusal(403, "ip_blocked", "go away"))
-    with pytest.raises(Exception) as info:
+    with pytest.raises(PolicyError) as info:
         t.request(Route.HELLO, b"x")
-    assert info.value.code == "ip_blocked"  # type: ignore[attr-defined]
-    assert info.value.http_status == 403  # type: ignore[attr-defined]
+    assert info.value.code is ErrorCode.UNKNOWN_REMOTE_CODE
+    assert info.value.http_status == 403
+    assert "go away" in info.value.message and "'ip_blocked'" in info.value.message
 
 
 def test_429_honours_retry_after() -> None:

@@ -29,7 +29,7 @@ from types import MappingProxyType
 from qflare.crypto.identity import SigningKey, VerifyKey
 from qflare.crypto.kem import kem_ciphertext_len, kem_public_len
 from qflare.crypto.suite import SUITE_WIRE_LEN, Suite
-from qflare.errors import BadSignatureError, ConfigError, MalformedError, OversizeError
+from qflare.errors import BadSignatureError, ConfigError, ErrorCode, MalformedError, OversizeError
 
 __all__ = [
     "DEFAULT_MAX_ENVELOPE",
@@ -339,12 +339,14 @@ class SignedEnvelope:
         return cls(suite, mt, MappingProxyType(fields), body, sig, raw)
 
     def verify(self, key: VerifyKey) -> SignedEnvelope:
-        """Check the signature with ``key``; BadSignatureError (``bad_signature``/``key_alg_mismatch``)."""
+        """Check the signature with ``key``; BadSignatureError (``bad_signature``) unless it verifies, which
+        includes a key of another algorithm than the envelope's suite signs with."""
         if self.msg_type in UNSIGNED_TYPES:
             raise ConfigError(f"{self.msg_type.name} carries no signature", code="bad_field")
         if key.alg != self.suite.sig:
             raise BadSignatureError(
-                f"envelope is signed with {self.suite.sig} but the key is {key.alg}", code="key_alg_mismatch"
+                f"envelope is signed with {self.suite.sig}, which a {key.alg} key cannot verify",
+                code=ErrorCode.BAD_SIGNATURE,
             )
         key.verify(self.signature, self.body, context_for(self.msg_type))
         return self

@@ -31,7 +31,6 @@ from qflare.crypto.kem import EphemeralKem, Role, SessionKeys, derive_session_ke
 from qflare.crypto.suite import DEFAULT_POLICY, DEFAULT_SUITE, Policy, Suite, sha256
 from qflare.errors import (
     AuthError,
-    BadSignatureError,
     ConfigError,
     MalformedError,
     PolicyError,
@@ -147,7 +146,7 @@ class ClientHandshake(_Machine):
                 f"server answered with suite {env.suite.name}, we offered {self._suite.name}", code="suite_mismatch"
             )
         if env.get_key_id(Field.SERVER_KEY_ID) != self._server_key.key_id:
-            raise BadSignatureError(
+            raise AuthError(
                 "server hello names a coordinator key other than the pinned one", code="server_key_mismatch"
             )
         env.verify(self._server_key)

@@ -5,12 +5,11 @@ FastAPI, nor the simulation (a test pins that): a device needs the protocol, the
 and its data, nothing of the coordinator.
 """
 
-from .loop import FATAL_CODES, DeviceClient, RunSummary, default_state_dir
+from .loop import DeviceClient, RunSummary, default_state_dir
 from .state import DeviceState, normalize_key_id, pin_server_key, read_pin_file
 from .workload import Workload, load_workload
 
 __all__ = [
-    "FATAL_CODES",
     "DeviceClient",
     "DeviceState",
     "RunSummary",

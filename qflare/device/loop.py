@@ -22,37 +22,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..crypto import DEFAULT_SUITE, Field, MsgType, SignedEnvelope, Suite, VerifyKey
-from ..errors import (
-    AuthError,
-    ConfigError,
-    NonFiniteError,
-    ProtocolError,
-    QflareError,
-    RateLimitedError,
-    ValidationError,
-)
+from ..errors import AuthError, CircuitOpenError, ConfigError, ErrorCode, QflareError, RateLimitedError, Retry
 from ..protocol import Device, Receipt, SealedUpdate, TaskInfo, Transport
-from ..transport.http import CircuitOpenError, TransportError
 from .state import DeviceState
 from .workload import Workload
 
-__all__ = ["FATAL_CODES", "DeviceClient", "RunSummary", "default_state_dir"]
+__all__ = ["DeviceClient", "RunSummary", "default_state_dir"]
 
 log = logging.getLogger("qflare.client")
-
-FATAL_CODES = frozenset(
-    {
-        "revoked",
-        "unknown_device",
-        "server_key_mismatch",
-        "enrollment_mismatch",
-        "device_mismatch",
-        "policy_violation",
-        "architecture_mismatch",
-        "key_alg_mismatch",
-    }
-)
-"""Refusals that retrying cannot fix: the loop stops and raises them."""
 
 
 @dataclass
@@ -113,7 +90,8 @@ class DeviceClient:
             return False
         if not token:
             raise ConfigError(
-                "this device is not enrolled yet: give a one-time enrollment token (--token)", code="not_enrolled"
+                "this device is not enrolled yet: give a one-time enrollment token (--token)",
+                code=ErrorCode.NOT_ENROLLED,
             )
         record = self.device.enroll(token)
         self.state.save_record(record)
@@ -126,11 +104,11 @@ class DeviceClient:
         except QflareError as exc:
             raise AuthError(
                 f"enrollment record in {self.state.dir} was not issued by the pinned coordinator ({exc})",
-                code="enrollment_mismatch",
+                code=ErrorCode.ENROLLMENT_MISMATCH,
             ) from None
         if env.get(Field.DEVICE_KEY_ID) != self.device.identity.key_id_bytes:
             raise AuthError(
-                f"enrollment record in {self.state.dir} is for another device key", code="enrollment_mismatch"
+                f"enrollment record in {self.state.dir} is for another device key", code=ErrorCode.ENROLLMENT_MISMATCH
             )
 
     # ------------------------------------------------------------------ work loop
@@ -145,9 +123,12 @@ class DeviceClient:
     ) -> RunSummary:
         """Serve rounds until the federation finishes (or ``max_rounds`` updates were acknowledged).
 
-        Transport failures (server down or restarting) are waited out for up to ``give_up_after_s``;
-        refusals are logged and retried after a re-handshake, up to ``max_refusals`` in a row, except
-        the :data:`FATAL_CODES`, which are raised at once."""
+        What an error leads to is its :attr:`~qflare.errors.QflareError.retry` meaning: ``TRANSIENT``
+        failures (server down or restarting, rate limits) are waited out, for up to ``give_up_after_s``
+        when the coordinator is unreachable; ``RENEW_SESSION`` and ``DROP_UPDATE`` refusals are logged
+        and retried after a re-handshake (the latter discarding the pending update), up to
+        ``max_refusals`` in a row; ``SKIP_ROUND`` discards the update and sits the round out; ``FATAL``
+        errors are raised at once."""
         summary = RunSummary(self.device_id, "stopped")
         connected, refusals, unreachable_since, failures = False, 0, None, 0
         while stop is None or not stop.is_set():
@@ -175,36 +156,42 @@ class DeviceClient:
                         return summary
                     continue
                 self._sleep(poll_interval * self._rng.uniform(0.5, 1.5))
-            except TransportError as exc:
-                connected = False
-                now = time.monotonic()
-                unreachable_since = unreachable_since or now
-                if now - unreachable_since > give_up_after_s:
-                    raise
-                failures += 1
-                wait = exc.retry_in_s if isinstance(exc, CircuitOpenError) else min(poll_interval * 2**failures, 10.0)
-                wait *= self._rng.uniform(0.8, 1.2)
-                log.warning("coordinator unreachable [%s] %s; retrying in %.1f s", exc.code, exc, wait)
-                self._sleep(wait)
-            except RateLimitedError as exc:  # the session is fine: wait as told, without a new handshake
-                wait = exc.retry_after_s * self._rng.uniform(1.0, 1.5)
-                log.warning("refused [%s] %s; waiting %.1f s", exc.code, exc, wait)
-                self._sleep(wait)
-            except NonFiniteError as exc:
-                log.error("round %d skipped: [%s] %s", summary.last_round, exc.code, exc)
-                self._skipped.add(summary.last_round)
-                self._pending = None
             except QflareError as exc:
-                log.warning("refused [%s] %s", exc.code, exc)
-                if exc.code in FATAL_CODES or not isinstance(exc, (ProtocolError, ValidationError)):
-                    raise  # a refusal retrying cannot fix, or a local error (configuration, data, training)
-                if exc.code in ("stale_model", "wrong_round", "not_selected", "duplicate_submission", "round_error"):
+                retry = exc.retry
+                if retry is Retry.TRANSIENT and isinstance(exc, RateLimitedError):
+                    # the session is fine: wait as told, without a new handshake
+                    wait = exc.retry_after_s * self._rng.uniform(1.0, 1.5)
+                    log.warning("refused [%s] %s; waiting %.1f s", exc.code, exc, wait)
+                    self._sleep(wait)
+                elif retry is Retry.TRANSIENT:
+                    connected = False
+                    now = time.monotonic()
+                    unreachable_since = unreachable_since or now
+                    if now - unreachable_since > give_up_after_s:
+                        raise
+                    failures += 1
+                    if isinstance(exc, CircuitOpenError):
+                        wait = exc.retry_in_s
+                    else:
+                        wait = min(poll_interval * 2**failures, 10.0)
+                    wait *= self._rng.uniform(0.8, 1.2)
+                    log.warning("coordinator unreachable [%s] %s; retrying in %.1f s", exc.code, exc, wait)
+                    self._sleep(wait)
+                elif retry is Retry.SKIP_ROUND:
+                    log.error("round %d skipped: [%s] %s", summary.last_round, exc.code, exc)
+                    self._skipped.add(summary.last_round)
                     self._pending = None
-                refusals += 1
-                if refusals >= max_refusals:
-                    raise
-                connected = False  # start over on a fresh session: channel state is then surely in step
-                self._sleep(poll_interval * self._rng.uniform(0.5, 1.5))
+                else:
+                    log.warning("refused [%s] %s", exc.code, exc)
+                    if retry is Retry.FATAL:
+                        raise  # a refusal retrying cannot fix, or a local error (configuration, data, training)
+                    if retry is Retry.DROP_UPDATE:
+                        self._pending = None
+                    refusals += 1
+                    if refusals >= max_refusals:
+                        raise
+                    connected = False  # start over on a fresh session: channel state is then surely in step
+                    self._sleep(poll_interval * self._rng.uniform(0.5, 1.5))
         return summary
 
     def _work(self, task: TaskInfo) -> Receipt | None:

@@ -20,7 +20,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..errors import QflareError, RateLimitedError
+from ..errors import ErrorCode, QflareError, RateLimitedError
 from ..protocol import Route
 from .admin import admin_router
 from .gate import SESSION_HEADER, RequestGate, remote_of
@@ -51,7 +51,7 @@ _PROTOCOL_RESPONSES: dict[int | str, dict[str, Any]] = {
     200: {"description": "Protocol reply bytes", "content": _BINARY},
     **{s: _ERROR for s in (400, 401, 403, 409, 413, 422, 429)},
 }
-_HTTP_CODES = {404: "not_found", 405: "method_not_allowed"}
+_HTTP_CODES = {404: ErrorCode.NOT_FOUND, 405: ErrorCode.METHOD_NOT_ALLOWED}
 SessionHeader = Annotated[str | None, Header(alias=SESSION_HEADER, description="Session id (hex) from the handshake")]
 
 ASGIApp = Callable[
@@ -60,7 +60,7 @@ ASGIApp = Callable[
 
 
 def error_response(
-    metrics: ServerMetrics, status: int, code: str, message: str, headers: dict[str, str] | None = None
+    metrics: ServerMetrics, status: int, code: ErrorCode, message: str, headers: dict[str, str] | None = None
 ) -> JSONResponse:
     metrics.refusals.labels(code).inc()
     return JSONResponse({"code": code, "message": message}, status_code=status, headers=headers)
@@ -139,24 +139,28 @@ def create_app(runtime: ServerRuntime) -> FastAPI:
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
         parts = [f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('msg', '')}" for e in exc.errors()[:5]]
-        return error_response(metrics, 422, "validation_error", "; ".join(parts) or "invalid request")
+        return error_response(metrics, 422, ErrorCode.VALIDATION_ERROR, "; ".join(parts) or "invalid request")
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        code = _HTTP_CODES.get(exc.status_code, "http_error")
+        code = _HTTP_CODES.get(exc.status_code, ErrorCode.HTTP_ERROR)
         return error_response(metrics, exc.status_code, code, str(exc.detail), dict(exc.headers or {}))
 
     @app.exception_handler(SQLAlchemyError)
     async def _database_error(request: Request, exc: SQLAlchemyError) -> JSONResponse:
         _log.error("database error serving %s %s: %s", request.method, request.url.path, str(exc).splitlines()[0])
         return error_response(
-            metrics, 503, "database_unavailable", "the database is unavailable; retry later", {"Retry-After": "5"}
+            metrics,
+            503,
+            ErrorCode.DATABASE_UNAVAILABLE,
+            "the database is unavailable; retry later",
+            {"Retry-After": "5"},
         )
 
     @app.exception_handler(Exception)
     async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
         _log.exception("unhandled error serving %s %s", request.method, request.url.path, exc_info=exc)
-        return error_response(metrics, 500, "internal_error", "internal server error")
+        return error_response(metrics, 500, ErrorCode.INTERNAL_ERROR, "internal server error")
 
     async def call(route: Route, request: Request, body: bytes, session_id: str | None, media_type: str) -> Response:
         reply = await run_in_threadpool(

@@ -17,7 +17,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
-from qflare.errors import OversizeError, ValidationError
+from qflare.errors import BlobNotFoundError, OversizeError, ValidationError
 
 __all__ = ["DEFAULT_CHUNK_SIZE", "BlobNotFoundError", "BlobStore"]
 
@@ -25,13 +25,6 @@ DEFAULT_CHUNK_SIZE = 1 << 20
 _DIGEST_RE = re.compile(r"[0-9a-f]{64}")
 _TEMP_PREFIX = ".tmp-"
 _TEMP_SUFFIX = ".part"
-
-
-class BlobNotFoundError(ValidationError):
-    """No blob with that digest is stored."""
-
-    code = "blob_missing"
-    http_status = 404
 
 
 def _digest(value: str) -> str:

@@ -1,6 +1,7 @@
 """Transports carry a device's request bytes to a coordinator: in-process here, HTTP in ``http``."""
 
-from .http import CircuitBreaker, CircuitOpenError, HttpTransport, RetryPolicy, ServerUnavailableError, TransportError
+from ..errors import CircuitOpenError, ServerUnavailableError, TransportError
+from .http import CircuitBreaker, HttpTransport, RetryPolicy
 from .inprocess import InProcessTransport
 
 __all__ = [

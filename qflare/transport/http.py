@@ -6,12 +6,16 @@ used for every request.
 
 Failures fall in two classes:
 
-* *transient* - connection errors, timeouts, HTTP 502/503/504 and 429 - are retried with exponential
-  backoff and jitter (a 429's ``Retry-After`` is honoured).  When the attempts run out the caller gets
-  :class:`ServerUnavailableError` (or the 429's own typed error).
+* *transient* - connection errors, timeouts, HTTP 502/503/504 (whoever answered them) and any answer
+  whose code has the retry meaning :attr:`~qflare.errors.Retry.TRANSIENT` (``rate_limited`` 429,
+  ``database_unavailable`` 503) - are retried with exponential backoff and jitter (a ``Retry-After`` is
+  honoured).  When the attempts run out the caller gets :class:`ServerUnavailableError` (or the 429's
+  own :class:`~qflare.errors.RateLimitedError`).
 * *refusals* - any other 4xx/5xx with the server's JSON ``{"code", "message"}`` body - are never retried:
   they are rebuilt as the typed error of that code with :func:`~qflare.errors.error_from_code`, so a
   :class:`~qflare.protocol.Device` sees exactly the exceptions it sees in process.
+
+The error classes (:class:`TransportError` and its subclasses) live in :mod:`qflare.errors`.
 
 A :class:`CircuitBreaker` stops hammering a server that keeps failing: after ``failure_threshold``
 consecutive transient failures it opens for ``reset_after_s`` (every call fails fast with
@@ -34,7 +38,16 @@ from typing import Any
 import httpx
 import tenacity
 
-from ..errors import QflareError, RateLimitedError, error_from_code
+from ..errors import (
+    CircuitOpenError,
+    ErrorCode,
+    QflareError,
+    RateLimitedError,
+    Retry,
+    ServerUnavailableError,
+    TransportError,
+    error_from_code,
+)
 from ..protocol.messages import Route
 
 __all__ = [
@@ -49,30 +62,8 @@ __all__ = [
 ]
 
 SESSION_HEADER = "X-Qflare-Session"
-_RETRY_STATUSES = frozenset({429, 502, 503, 504})
-
-
-class TransportError(QflareError):
-    """The request did not get an answer from the coordinator (nothing was refused)."""
-
-    code = "transport_error"
-    http_status = 503
-
-
-class ServerUnavailableError(TransportError):
-    """Connection errors, timeouts or 5xx gateway answers outlasted the retry policy."""
-
-    code = "server_unavailable"
-
-
-class CircuitOpenError(TransportError):
-    """The circuit breaker is open: calls fail fast until ``retry_in_s`` has passed."""
-
-    code = "circuit_open"
-
-    def __init__(self, message: str, *, retry_in_s: float) -> None:
-        super().__init__(message)
-        self.retry_in_s = retry_in_s
+_GATEWAY_STATUSES = frozenset({502, 503, 504})
+"""Retried whatever the body says: a proxy in front of the coordinator answers these too."""
 
 
 @dataclass(frozen=True)
@@ -175,7 +166,8 @@ def parse_retry_after(value: str | None, *, now: Callable[[], float] = time.time
 
 def _error_from_response(resp: httpx.Response) -> QflareError:
     """The typed error of an HTTP error answer (``{"code", "message"}``; FastAPI's ``{"detail"}`` too)."""
-    code, message = f"http_{resp.status_code}", resp.reason_phrase or "error"
+    code: str = ErrorCode.HTTP_ERROR
+    message = f"HTTP {resp.status_code} {resp.reason_phrase or 'error'}"
     try:
         body = resp.json()
     except (json.JSONDecodeError, UnicodeDecodeError, ValueError):
@@ -274,9 +266,9 @@ class HttpTransport:
         try:
             return retrying(self._attempt, method, path, kwargs)
         except _Transient as exc:
-            if exc.response is not None and exc.response.status_code == 429:
-                error = _error_from_response(exc.response)
-                if isinstance(error, RateLimitedError) and exc.retry_after is not None:
+            error = _error_from_response(exc.response) if exc.response is not None else None
+            if isinstance(error, RateLimitedError):
+                if exc.retry_after is not None:
                     error.retry_after_s = exc.retry_after
                 raise error from None
             raise ServerUnavailableError(
@@ -293,19 +285,19 @@ class HttpTransport:
         except httpx.HTTPError as exc:  # not transient (e.g. an undecodable body): fail, do not retry
             self.breaker.record_failure()
             raise TransportError(f"{method} {path}: {type(exc).__name__}: {exc}") from exc
-        if resp.status_code in _RETRY_STATUSES:
-            if resp.status_code == 429:
+        if resp.status_code < 400:
+            self.breaker.record_success()
+            return resp
+        error = _error_from_response(resp)
+        if resp.status_code in _GATEWAY_STATUSES or error.retry is Retry.TRANSIENT:
+            if isinstance(error, RateLimitedError):
                 self.breaker.record_success()  # the server is up, only busy
             else:
                 self.breaker.record_failure()
             retry_after = parse_retry_after(resp.headers.get("retry-after"))
-            raise _Transient(
-                f"HTTP {resp.status_code} {_error_from_response(resp).code}", retry_after=retry_after, response=resp
-            )
+            raise _Transient(f"HTTP {resp.status_code} {error.code}", retry_after=retry_after, response=resp)
         self.breaker.record_success()
-        if resp.status_code >= 400:
-            raise _error_from_response(resp)
-        return resp
+        raise error
 
     # ------------------------------------------------------------------ lifecycle
     def close(self) -> None:
