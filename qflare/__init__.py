@@ -6,19 +6,21 @@ The public surface, pinned by ``tests/test_public_api.py``::
 
 Subpackages hold the detail: :mod:`qflare.crypto`, :mod:`qflare.data`, :mod:`qflare.strategy`,
 :mod:`qflare.protocol`, :mod:`qflare.storage`,
-:mod:`qflare.device`, :mod:`qflare.server`.
+:mod:`qflare.device`, :mod:`qflare.server`.  Extending QFLARE (models, aggregation rules, data sets,
+client selection, plugins): ``docs/extending.md``.
 """
 
 import importlib
 from typing import TYPE_CHECKING, Any
 
 from .crypto import DEFAULT_POLICY, DEFAULT_SUITE, HIGH_SUITE, Policy, SigningKey, Suite, VerifyKey
-from .data import ArrayDataset, load_dataset, partition
+from .data import ArrayDataset, load_dataset, partition, register_dataset
 from .device import DeviceClient
 from .errors import QflareError
 from .models import create_model, register_model
-from .protocol import Coordinator, CoordinatorConfig, Device, RoundConfig
-from .strategy import ClientUpdate, Pipeline, build_strategy
+from .plugins import load_plugins
+from .protocol import ClientSelector, Coordinator, CoordinatorConfig, Device, RoundConfig, register_selector
+from .strategy import ClientUpdate, Pipeline, build_strategy, register_strategy
 from .training import LocalTrainer, TrainConfig, TrainResult, evaluate
 from .transport import HttpTransport, InProcessTransport
 from .wire import ParamLayout, decode_blob, encode_model, encode_update
@@ -45,6 +47,7 @@ __all__ = [
     "DEFAULT_SUITE",
     "HIGH_SUITE",
     "ArrayDataset",
+    "ClientSelector",
     "ClientUpdate",
     "Coordinator",
     "CoordinatorConfig",
@@ -73,7 +76,11 @@ __all__ = [
     "encode_update",
     "evaluate",
     "load_dataset",
+    "load_plugins",
     "partition",
+    "register_dataset",
     "register_model",
+    "register_selector",
+    "register_strategy",
     "run_simulation",
 ]

@@ -1,8 +1,9 @@
 """Model zoo and registry.
 
-Every model is a plain ``torch.nn.Module`` built by a factory. Users register their own factory with
-:func:`register_model` and refer to it by name everywhere a model name is accepted (CLI, simulation,
-server), exactly like the built-in ones.
+Every model is a plain ``torch.nn.Module`` built by a factory ``(input_shape, num_classes) -> Module``.
+Users register their own factory with :func:`register_model` (or ship it in a plugin, see
+:mod:`qflare.plugins`) and refer to it by name everywhere a model name is accepted (CLI, simulation,
+server), exactly like the built-in ones; :func:`create_model` also takes the factory itself.
 """
 
 from __future__ import annotations
@@ -14,17 +15,22 @@ import torch
 from torch import nn
 
 from .errors import ConfigError
+from .registry import Registry
 
 __all__ = [
     "MLP",
     "CifarCNN",
     "FedAvgCNN",
+    "ModelFactory",
     "ModelInfo",
     "count_parameters",
     "create_model",
     "model_names",
     "register_model",
 ]
+
+ModelFactory = Callable[[tuple[int, int, int], int], nn.Module]
+"""Builds a model for inputs of shape (C, H, W) and a number of classes."""
 
 
 class FedAvgCNN(nn.Module):
@@ -93,39 +99,46 @@ class ModelInfo:
     """A registered model: its factory takes (input_shape (C, H, W), num_classes)."""
 
     name: str
-    factory: Callable[[tuple[int, int, int], int], nn.Module]
+    factory: ModelFactory
     description: str = ""
 
 
-_REGISTRY: dict[str, ModelInfo] = {}
+_REGISTRY: Registry[ModelInfo] = Registry("model")
 
 
-def register_model(
-    name: str,
-    factory: Callable[[tuple[int, int, int], int], nn.Module],
-    description: str = "",
-    *,
-    replace: bool = False,
-) -> None:
-    """Register ``factory(input_shape, num_classes) -> nn.Module`` under ``name``."""
-    if not name or not name.replace("-", "").replace("_", "").isalnum():
-        raise ConfigError(f"model name {name!r} must be letters, digits, '-' or '_'")
-    if name in _REGISTRY and not replace:
-        raise ConfigError(f"model {name!r} is already registered (pass replace=True to override)")
-    _REGISTRY[name] = ModelInfo(name, factory, description)
+def register_model(name: str, factory: ModelFactory, description: str = "", *, replace: bool = False) -> None:
+    """Register ``factory(input_shape, num_classes) -> nn.Module`` under ``name`` (case-insensitive).
+
+    A name that is taken raises :class:`ConfigError` unless ``replace=True``.
+    """
+    if not callable(factory):
+        raise ConfigError(f"model {name!r}: the factory must be callable, got {type(factory).__name__}")
+    _REGISTRY.register(name, ModelInfo(name.lower(), factory, description), replace=replace)
 
 
 def model_names() -> tuple[str, ...]:
-    return tuple(sorted(_REGISTRY))
+    """Every registered model name, sorted (built-in and plugin ones alike)."""
+    return tuple(sorted(_REGISTRY.names()))
 
 
-def create_model(name: str, input_shape: tuple[int, int, int], num_classes: int) -> nn.Module:
-    """Build a registered model for inputs of shape (C, H, W) and ``num_classes`` outputs."""
-    try:
-        info = _REGISTRY[name]
-    except KeyError:
-        raise ConfigError(f"unknown model {name!r}; registered: {', '.join(model_names())}") from None
-    return info.factory(tuple(input_shape), int(num_classes))  # type: ignore[arg-type]
+def create_model(model: str | ModelFactory, input_shape: tuple[int, int, int], num_classes: int) -> nn.Module:
+    """Build a model for inputs of shape (C, H, W) and ``num_classes`` outputs.
+
+    ``model`` is a registered name or a factory ``(input_shape, num_classes) -> nn.Module``.
+    """
+    if isinstance(model, str):
+        factory, label = _REGISTRY.get(model).factory, model
+    elif callable(model):
+        factory, label = model, getattr(model, "__name__", repr(model))
+    else:
+        raise ConfigError(f"a model is a registered name or a factory, got {type(model).__name__}")
+    shape = tuple(int(d) for d in input_shape)
+    if len(shape) != 3:
+        raise ConfigError(f"model {label!r}: input_shape must be (C, H, W), got {tuple(input_shape)}")
+    built = factory((shape[0], shape[1], shape[2]), int(num_classes))
+    if not isinstance(built, nn.Module):
+        raise ConfigError(f"model {label!r}: the factory returned a {type(built).__name__}, not a torch.nn.Module")
+    return built
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -9,7 +9,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +49,7 @@ class Federation:
         self.api = HttpTransport(self.url, timeout=10.0, retry=RetryPolicy(attempts=3, initial_s=0.1, max_wait_s=0.5))
 
     # ------------------------------------------------------------------ processes
-    def start_server(self, name: str = "server") -> subprocess.Popen[bytes]:
+    def start_server(self, name: str = "server", extra: Sequence[str] = ()) -> subprocess.Popen[bytes]:
         argv = [
             sys.executable,
             "-m",
@@ -75,6 +75,7 @@ class Federation:
             str(self.seed),
             "--round-timeout",
             "120",
+            *extra,
         ]
         return self.children.start(name, argv, self.root / "logs" / f"{name}.log", self.env)
 

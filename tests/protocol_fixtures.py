@@ -43,6 +43,7 @@ class Federation:
         strategy=None,
         round_timeout_s: float = 600.0,
         blobs=None,
+        selector="random",
     ) -> None:
         self.db = Database(f"sqlite:///{tmp}/coordinator.db")
         self.db.upgrade()
@@ -57,7 +58,9 @@ class Federation:
             strategy=strategy or fedavg(),
             identity=self.identity,
             store=self.store,
-            rounds=RoundConfig(rounds=rounds, per_round=per_round, seed=0, round_timeout_s=round_timeout_s),
+            rounds=RoundConfig(
+                rounds=rounds, per_round=per_round, seed=0, round_timeout_s=round_timeout_s, selector=selector
+            ),
             blobs=blobs,
         )
         self.transport = RecordingTransport(InProcessTransport(self.coordinator))

@@ -6,6 +6,7 @@ import qflare
 
 EXPECTED = {
     "ArrayDataset",
+    "ClientSelector",
     "ClientUpdate",
     "Coordinator",
     "CoordinatorConfig",
@@ -37,8 +38,12 @@ EXPECTED = {
     "encode_update",
     "evaluate",
     "load_dataset",
+    "load_plugins",
     "partition",
+    "register_dataset",
     "register_model",
+    "register_selector",
+    "register_strategy",
     "run_simulation",
 }
 

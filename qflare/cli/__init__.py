@@ -4,10 +4,16 @@ from __future__ import annotations
 
 import typer
 
+# isort: off
+from . import _plugins  # noqa: F401  (first: plugin names must exist before the options are defined)
+
+# isort: on
+from ..plugins import load_plugins
 from . import bench, data, simulate
 from . import client as client_cli
 from . import demo as demo_cli
 from . import server as server_cli
+from .common import friendly_errors
 
 app = typer.Typer(
     name="qflare",
@@ -16,6 +22,15 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+
+
+@app.callback()
+def _startup() -> None:
+    """Before any command: report a plugin (entry-point group qflare.plugins) that failed to load."""
+    with friendly_errors():
+        load_plugins()
+
+
 simulate.register(app)
 app.add_typer(data.app, name="data")
 app.add_typer(bench.app, name="bench")

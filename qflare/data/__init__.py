@@ -1,10 +1,19 @@
-"""Datasets, checksummed downloads, federated partitioners and per-device label statistics."""
+"""Datasets (a registry: :func:`register_dataset`), checksummed downloads, federated partitioners and per-device label statistics."""
 
 from __future__ import annotations
 
 from qflare.data.download import KNOWN_FILES, MirrorFile, default_cache_dir, download_dataset, fetch
 from qflare.data.partition import PARTITIONERS, dirichlet, iid, partition, quantity_skew, shards
-from qflare.data.sources import DATASETS, SPLITS, ArrayDataset, load_dataset, parse_idx, read_idx
+from qflare.data.sources import (
+    DATASETS,
+    SPLITS,
+    ArrayDataset,
+    DatasetLoader,
+    load_dataset,
+    parse_idx,
+    read_idx,
+    register_dataset,
+)
 from qflare.data.stats import label_counts, label_table, save_heatmap, summary
 
 __all__ = [
@@ -13,6 +22,7 @@ __all__ = [
     "PARTITIONERS",
     "SPLITS",
     "ArrayDataset",
+    "DatasetLoader",
     "MirrorFile",
     "default_cache_dir",
     "dirichlet",
@@ -26,6 +36,7 @@ __all__ = [
     "partition",
     "quantity_skew",
     "read_idx",
+    "register_dataset",
     "save_heatmap",
     "shards",
     "summary",

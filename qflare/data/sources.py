@@ -17,6 +17,7 @@ import os
 import pickle
 import struct
 import zlib
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,25 +26,21 @@ import numpy as np
 import torch
 
 from qflare.data.download import default_cache_dir, download_dataset
-from qflare.errors import DataError, DatasetMissingError
+from qflare.errors import ConfigError, DataError, DatasetMissingError
+from qflare.registry import RegisteredNames, Registry
 
-__all__ = ["DATASETS", "SPLITS", "ArrayDataset", "load_dataset", "parse_idx", "read_idx"]
+__all__ = [
+    "DATASETS",
+    "SPLITS",
+    "ArrayDataset",
+    "DatasetLoader",
+    "load_dataset",
+    "parse_idx",
+    "read_idx",
+    "register_dataset",
+]
 
-DATASETS: tuple[str, ...] = ("mnist", "fashion-mnist", "cifar10", "digits", "synthetic")
 SPLITS: tuple[str, ...] = ("train", "test")
-_ALIASES = {"fmnist": "fashion-mnist", "fashion_mnist": "fashion-mnist", "cifar-10": "cifar10"}
-_SYSTEM_DIRS = {
-    "fashion-mnist": Path("/usr/share/datasets/fashion-mnist"),
-    "mnist": Path("/usr/share/datasets/mnist"),
-}
-# Per-channel statistics in the 0..1 scale, from the respective training sets.
-_NORM = {
-    "mnist": ((0.1307,), (0.3081,)),
-    "fashion-mnist": ((0.2860,), (0.3530,)),
-    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
-    # Computed from the digits train split defined in _digits_split (tests recompute it).
-    "digits": ((0.30553290,), (0.37594736,)),
-}
 
 
 @dataclass(frozen=True, eq=False)
@@ -105,6 +102,7 @@ class ArrayDataset:
 
 
 # --------------------------------------------------------------------------------------------- IDX
+_Norm = tuple[tuple[float, ...], tuple[float, ...]]
 _IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 
 
@@ -159,7 +157,7 @@ def _idx_paths(directory: Path, split: str) -> tuple[Path, Path] | None:
     return found[0], found[1]
 
 
-def _load_mnist_like(name: str, paths: tuple[Path, ...]) -> ArrayDataset:
+def _load_mnist_like(name: str, norm: _Norm, paths: tuple[Path, ...]) -> ArrayDataset:
     images, labels = read_idx(paths[0]), read_idx(paths[1])
     if images.dtype != np.uint8 or images.ndim != 3 or images.shape[1:] != (28, 28):
         raise DataError(f"{paths[0]}: expected uint8 [N, 28, 28] images, got {images.dtype} {images.shape}")
@@ -167,13 +165,15 @@ def _load_mnist_like(name: str, paths: tuple[Path, ...]) -> ArrayDataset:
         raise DataError(f"{paths[1]}: expected {len(images)} uint8 labels, got {labels.dtype} {labels.shape}")
     if len(labels) and labels.max() > 9:
         raise DataError(f"{paths[1]}: label {int(labels.max())} outside 0..9")
-    mean, std = _NORM[name]
+    mean, std = norm
     return ArrayDataset(
         name, torch.from_numpy(images).unsqueeze(1), torch.from_numpy(labels.astype(np.int64)), 10, mean, std
     )
 
 
 # ---------------------------------------------------------------------------------------- CIFAR-10
+# Per-channel statistics in the 0..1 scale, from the training set.
+_CIFAR_NORM: _Norm = ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))
 _CIFAR_DIR = "cifar-10-batches-py"
 _CIFAR_FILES = {"train": tuple(f"data_batch_{i}" for i in range(1, 6)), "test": ("test_batch",)}
 _PICKLE_ALLOWED = {
@@ -232,13 +232,17 @@ def _load_cifar10(paths: tuple[Path, ...]) -> ArrayDataset:
     parts = [_cifar_batch(p) for p in paths]
     images = np.concatenate([p[0] for p in parts]) if len(parts) > 1 else parts[0][0]
     labels = np.concatenate([p[1] for p in parts])
-    mean, std = _NORM["cifar10"]
+    mean, std = _CIFAR_NORM
     return ArrayDataset(
         "cifar10", torch.from_numpy(np.ascontiguousarray(images)), torch.from_numpy(labels), 10, mean, std
     )
 
 
 # ------------------------------------------------------------------------------- digits / synthetic
+# Computed from the digits train split defined in _digits_split (tests recompute it).
+_DIGITS_NORM: _Norm = ((0.30553290,), (0.37594736,))
+
+
 def _digits_split(labels: np.ndarray) -> np.ndarray:
     """Boolean test mask: stratified 80/20, seed 0.  For each class in ascending order, a permutation from
     one ``default_rng(0)`` stream puts the first ``round(0.2 * n_class)`` examples in test (359 of 1797).
@@ -251,7 +255,7 @@ def _digits_split(labels: np.ndarray) -> np.ndarray:
     return test
 
 
-def _load_digits(split: str) -> ArrayDataset:
+def _load_digits(split: str, root: str | Path | None = None, download: bool = False) -> ArrayDataset:
     """scikit-learn's bundled 8x8 digits (values 0..16) as uint8 ``[N, 1, 8, 8]``, ``rint(x * 255 / 16)``."""
     try:
         from sklearn.datasets import load_digits
@@ -265,13 +269,13 @@ def _load_digits(split: str) -> ArrayDataset:
     labels = np.asarray(bunch.target, dtype=np.int64)
     test = _digits_split(labels)
     keep = test if split == "test" else ~test
-    mean, std = _NORM["digits"]
+    mean, std = _DIGITS_NORM
     return ArrayDataset(
         "digits", torch.from_numpy(images[keep].reshape(-1, 1, 8, 8)), torch.from_numpy(labels[keep]), 10, mean, std
     )
 
 
-def _load_synthetic(split: str) -> ArrayDataset:
+def _load_synthetic(split: str, root: str | Path | None = None, download: bool = False) -> ArrayDataset:
     """Smoke-test data only, not a benchmark: 10 Gaussian blobs in 64 dimensions, reshaped ``[N, 1, 8, 8]``.
 
     ``default_rng(0)`` draws class means ~ N(0, I) then, for train (2000, 200 per class) and test (500,
@@ -291,79 +295,144 @@ def _load_synthetic(split: str) -> ArrayDataset:
     return ArrayDataset("synthetic", torch.from_numpy(x), torch.from_numpy(y), 10, mean, std)
 
 
-# --------------------------------------------------------------------------------------- locating
-def _search_dirs(name: str, root: str | Path | None) -> list[Path]:
-    if root is not None:
-        return [Path(root), Path(root) / name]
-    dirs: list[Path] = []
-    env = os.environ.get("QFLARE_DATA_DIR")
-    if env:
-        dirs.append(Path(env) / name)
-    if name in _SYSTEM_DIRS:
-        dirs.append(_SYSTEM_DIRS[name])
-    dirs.append(default_cache_dir() / name)
-    return dirs
+# ------------------------------------------------------------------------------ file-backed sets
+@dataclass(frozen=True)
+class _FileBacked:
+    """A data set read from files: where to look, how to recognise and read a split, how to get it.
+
+    Search order: ``root`` (itself or ``root/<name>``; when given, nothing else is searched and downloads
+    go there), ``$QFLARE_DATA_DIR/<name>``, ``system_dir``, then ``$XDG_CACHE_HOME/qflare/datasets/<name>``.
+    """
+
+    name: str
+    locate: Callable[[Path, str], tuple[Path, ...] | None]
+    read: Callable[[tuple[Path, ...]], ArrayDataset]
+    layout: str
+    system_dir: Path | None = None
+    hint: str | None = None
+
+    def __call__(self, split: str, root: str | Path | None, download: bool) -> ArrayDataset:
+        searched = self._search_dirs(root)
+        for directory in searched:
+            paths = self.locate(directory, split)
+            if paths is not None:
+                return self.read(paths)
+        if not download:
+            raise DatasetMissingError(self._missing_message(split, searched))
+        dest = download_dataset(self.name, self._download_dir(root))
+        paths = self.locate(dest, split)
+        if paths is None:
+            raise DataError(f"downloaded {self.name} into {dest} but the expected files are not there")
+        return self.read(paths)
+
+    def _search_dirs(self, root: str | Path | None) -> list[Path]:
+        if root is not None:
+            return [Path(root), Path(root) / self.name]
+        dirs: list[Path] = []
+        env = os.environ.get("QFLARE_DATA_DIR")
+        if env:
+            dirs.append(Path(env) / self.name)
+        if self.system_dir is not None:
+            dirs.append(self.system_dir)
+        dirs.append(default_cache_dir() / self.name)
+        return dirs
+
+    def _download_dir(self, root: str | Path | None) -> Path:
+        if root is not None:
+            return Path(root)
+        env = os.environ.get("QFLARE_DATA_DIR")
+        return Path(env) / self.name if env else default_cache_dir() / self.name
+
+    def _missing_message(self, split: str, searched: list[Path]) -> str:
+        lines = [f"dataset {self.name!r} ({split} split) not found; looked in:"]
+        lines += [f"  {d}" for d in searched]
+        lines.append("To get it, do one of:")
+        if self.hint:
+            lines.append(f"  - {self.hint}")
+        lines += [
+            "  - download it: load_dataset(..., download=True) or pass --download on the command line "
+            "(checksums are verified)",
+            f"  - set QFLARE_DATA_DIR to a folder holding {self.name}/ with {self.layout} inside",
+        ]
+        return "\n".join(lines)
 
 
-def _download_dir(name: str, root: str | Path | None) -> Path:
-    if root is not None:
-        return Path(root)
-    env = os.environ.get("QFLARE_DATA_DIR")
-    return Path(env) / name if env else default_cache_dir() / name
+# ------------------------------------------------------------------------------------- registry
+DatasetLoader = Callable[[str, str | Path | None, bool], ArrayDataset]
+"""``loader(split, root, download) -> ArrayDataset``: one split ("train" or "test") of a data set.
+
+``root`` is the folder the caller named (or None: search the usual places); ``download`` allows fetching
+missing files.  A set that needs no files ignores both."""
+
+_REGISTRY: Registry[DatasetLoader] = Registry("dataset", unknown=lambda text: DataError(text))
+DATASETS: Sequence[str] = RegisteredNames(_REGISTRY)
+"""Every registered data set name, built-in ones first; follows later registrations (plugins)."""
 
 
-def _locate(name: str, directory: Path, split: str) -> tuple[Path, ...] | None:
-    return _cifar_paths(directory, split) if name == "cifar10" else _idx_paths(directory, split)
+def register_dataset(name: str, loader: DatasetLoader, *, aliases: Sequence[str] = (), replace: bool = False) -> None:
+    """Register ``loader(split, root, download) -> ArrayDataset`` under ``name`` (case-insensitive).
 
-
-def _load_files(name: str, paths: tuple[Path, ...]) -> ArrayDataset:
-    return _load_cifar10(paths) if name == "cifar10" else _load_mnist_like(name, paths)
-
-
-def _missing_message(name: str, split: str, searched: list[Path]) -> str:
-    lines = [f"dataset {name!r} ({split} split) not found; looked in:"]
-    lines += [f"  {d}" for d in searched]
-    lines.append("To get it, do one of:")
-    if name == "fashion-mnist":
-        lines.append("  - apt-get install dataset-fashion-mnist   (installs /usr/share/datasets/fashion-mnist)")
-    layout = f"{_CIFAR_DIR}/" if name == "cifar10" else "the four IDX files"
-    lines += [
-        "  - download it: load_dataset(..., download=True) or pass --download on the command line "
-        "(checksums are verified)",
-        f"  - set QFLARE_DATA_DIR to a folder holding {name}/ with {layout} inside",
-    ]
-    return "\n".join(lines)
+    A name or alias that is taken raises :class:`~qflare.errors.ConfigError` unless ``replace=True``.
+    """
+    if not callable(loader):
+        raise ConfigError(f"dataset {name!r}: the loader must be callable, got {type(loader).__name__}")
+    _REGISTRY.register(name, loader, aliases=aliases, replace=replace)
 
 
 def load_dataset(
-    name: str, split: str = "train", root: str | Path | None = None, download: bool = False
+    dataset: str | DatasetLoader, split: str = "train", root: str | Path | None = None, download: bool = False
 ) -> ArrayDataset:
-    """Load one split of a dataset into memory.
+    """Load one split of a data set into memory; ``dataset`` is a registered name or a loader.
 
-    Search order for file-backed sets: ``root`` (itself or ``root/<name>``; when given, nothing else is
+    File-backed built-in sets search ``root`` (itself or ``root/<name>``; when given, nothing else is
     searched and downloads go there), ``$QFLARE_DATA_DIR/<name>``, the Debian package folder
     (``/usr/share/datasets/<name>``, MNIST-likes only), then ``$XDG_CACHE_HOME/qflare/datasets/<name>``.
     With ``download=True`` a missing set is fetched (mirrors, checksums) into ``root``, else
     ``$QFLARE_DATA_DIR/<name>``, else the cache.  ``digits`` and ``synthetic`` need no files.
     """
-    key = _ALIASES.get(name.lower(), name.lower())
-    if key not in DATASETS:
-        raise DataError(f"unknown dataset {name!r}; choose from {', '.join(DATASETS)} (alias: fmnist)")
+    if isinstance(dataset, str):
+        loader, label = _REGISTRY.get(dataset), _REGISTRY.canonical(dataset)
+    elif callable(dataset):
+        loader, label = dataset, getattr(dataset, "__name__", repr(dataset))
+    else:
+        raise DataError(f"a dataset is a registered name or a loader, got {type(dataset).__name__}")
     if split not in SPLITS:
         raise DataError(f"unknown split {split!r}; choose 'train' or 'test'")
-    if key == "digits":
-        return _load_digits(split)
-    if key == "synthetic":
-        return _load_synthetic(split)
-    searched = _search_dirs(key, root)
-    for directory in searched:
-        paths = _locate(key, directory, split)
-        if paths is not None:
-            return _load_files(key, paths)
-    if not download:
-        raise DatasetMissingError(_missing_message(key, split, searched))
-    dest = download_dataset(key, _download_dir(key, root))
-    paths = _locate(key, dest, split)
-    if paths is None:
-        raise DataError(f"downloaded {key} into {dest} but the expected files are not there")
-    return _load_files(key, paths)
+    data = loader(split, root, download)
+    if not isinstance(data, ArrayDataset):
+        raise DataError(f"dataset {label!r}: the loader returned a {type(data).__name__}, not an ArrayDataset")
+    return data
+
+
+def _mnist_like(name: str, norm: _Norm) -> Callable[[tuple[Path, ...]], ArrayDataset]:
+    return lambda paths: _load_mnist_like(name, norm, paths)
+
+
+# The built-in sets, one registration each (per-channel mean/std in the 0..1 scale, from the train sets).
+register_dataset(
+    "mnist",
+    _FileBacked(
+        "mnist",
+        _idx_paths,
+        _mnist_like("mnist", ((0.1307,), (0.3081,))),
+        "the four IDX files",
+        Path("/usr/share/datasets/mnist"),
+    ),
+)
+register_dataset(
+    "fashion-mnist",
+    _FileBacked(
+        "fashion-mnist",
+        _idx_paths,
+        _mnist_like("fashion-mnist", ((0.2860,), (0.3530,))),
+        "the four IDX files",
+        Path("/usr/share/datasets/fashion-mnist"),
+        "apt-get install dataset-fashion-mnist   (installs /usr/share/datasets/fashion-mnist)",
+    ),
+    aliases=("fmnist", "fashion_mnist"),
+)
+register_dataset(
+    "cifar10", _FileBacked("cifar10", _cifar_paths, _load_cifar10, f"{_CIFAR_DIR}/"), aliases=("cifar-10",)
+)
+register_dataset("digits", _load_digits)
+register_dataset("synthetic", _load_synthetic)

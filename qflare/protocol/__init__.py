@@ -1,15 +1,26 @@
 """The protocol between devices and the coordinator: messages, device, coordinator, rounds, and the
-store interface the coordinator needs (implemented by :mod:`qflare.storage`)."""
+store interface the coordinator needs (implemented by :mod:`qflare.storage`), and client selection."""
 
 from .coordinator import Coordinator, CoordinatorConfig
 from .device import Device, GlobalModel, SealedUpdate, Transport
 from .messages import Frame, Receipt, Route, TaskInfo
 from .records import DeviceRow, ModelRow, RoundRow, SecurityEventRow, SessionRow, UpdateRow
 from .rounds import PublishedModel, RoundConfig, RoundManager
+from .selection import (
+    SELECTORS,
+    ClientSelector,
+    RandomSelector,
+    SelectorFactory,
+    build_selector,
+    check_selection,
+    register_selector,
+)
 from .store import BlobSink, CoordinatorStore
 
 __all__ = [
+    "SELECTORS",
     "BlobSink",
+    "ClientSelector",
     "Coordinator",
     "CoordinatorConfig",
     "CoordinatorStore",
@@ -19,6 +30,7 @@ __all__ = [
     "GlobalModel",
     "ModelRow",
     "PublishedModel",
+    "RandomSelector",
     "Receipt",
     "RoundConfig",
     "RoundManager",
@@ -26,8 +38,12 @@ __all__ = [
     "Route",
     "SealedUpdate",
     "SecurityEventRow",
+    "SelectorFactory",
     "SessionRow",
     "TaskInfo",
     "Transport",
     "UpdateRow",
+    "build_selector",
+    "check_selection",
+    "register_selector",
 ]

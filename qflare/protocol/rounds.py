@@ -19,7 +19,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-import numpy as np
 import torch
 
 from ..crypto import Field, MsgType, SignedEnvelope, SigningKey, Suite
@@ -28,6 +27,7 @@ from ..errors import ConfigError, QflareError, RoundError, StaleModelError, Vali
 from ..strategy import ClientUpdate, Pipeline, RoundAggregation
 from ..strategy.state import encode_pipeline_state, load_pipeline_state
 from ..wire import ParamLayout, decode_blob, encode_model, sha256_hex
+from .selection import ClientSelector, SelectorFactory, build_selector, check_selection
 from .store import BlobSink, CoordinatorStore
 
 __all__ = ["PublishedModel", "RoundConfig", "RoundManager"]
@@ -47,6 +47,9 @@ class RoundConfig:
     seed: int = 0
     min_devices: int = 1
     """A server opens a round only once this many devices are enrolled and active."""
+    selector: str | ClientSelector | SelectorFactory = "random"
+    """Who takes part in each round: a registered selector name (see
+    :func:`~qflare.protocol.selection.register_selector`), a selector, or a factory of one."""
 
     def __post_init__(self) -> None:
         if self.rounds < 1 or self.per_round < 1:
@@ -105,7 +108,7 @@ class RoundManager:
         self._identity, self._suite, self._store, self._blobs = identity, suite, store, blobs
         self._clock, self._on_model = clock, on_model
         self._lock = threading.RLock()
-        self._rng = np.random.default_rng(config.seed + 1)
+        self._selector = build_selector(config.selector)
         self._round: _OpenRound | None = None
         self.finished = False
         latest = store.latest_model()
@@ -171,7 +174,6 @@ class RoundManager:
             agg,
             accepted,
         )
-        self._rng = np.random.default_rng([self.config.seed + 1, row.round_number])
         if row.state == "aggregating":  # crashed between quorum and publication: finish the job
             self._close(self._round, already_aggregating=True)
         elif len(accepted) >= row.quorum:  # crashed after the last update, before aggregating
@@ -183,7 +185,9 @@ class RoundManager:
         return self._round
 
     def open_next(self) -> _OpenRound | None:
-        """Open the next round with a seeded sample of the active devices (None when finished)."""
+        """Open the next round with the devices the selector chooses among the active ones, in enrollment
+        order (None when finished).  A selection that is not ``per_round`` distinct active devices (or
+        all of them, when fewer are active) raises RoundError ``bad_selection`` and opens nothing."""
         with self._lock:
             if self._round is not None:
                 raise RoundError(f"round {self._round.number} is still open", code="round_open")
@@ -196,7 +200,9 @@ class RoundManager:
             if not active:
                 raise RoundError("no active devices to select", code="no_devices")
             k = min(self.config.per_round, len(active))
-            chosen = tuple(active[i] for i in self._rng.choice(len(active), k, replace=False))
+            chosen = check_selection(
+                self._selector.select(number, tuple(active), k, self.config.seed), active, k, number
+            )
             minimum = min(self.config.min_participants or k, k)
             deadline = self._clock() + self.config.round_timeout_s
             self._store.open_round(number, self.model.sha256, chosen, minimum, k, _utc(deadline))

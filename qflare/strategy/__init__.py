@@ -21,6 +21,7 @@ from qflare.strategy.pipeline import (
     Pipeline,
     PreparedUpdate,
     RoundAggregation,
+    StrategyFactory,
     build_strategy,
     fedadagrad,
     fedadam,
@@ -30,6 +31,7 @@ from qflare.strategy.pipeline import (
     fedtrimmedmean,
     fedyogi,
     krum,
+    register_strategy,
 )
 from qflare.strategy.server_opt import ServerAdagrad, ServerAdam, ServerMomentum, ServerSGD, ServerYogi
 from qflare.strategy.transforms import ClipNorm
@@ -59,6 +61,7 @@ __all__ = [
     "ServerSGD",
     "ServerYogi",
     "ShapeCheck",
+    "StrategyFactory",
     "Transform",
     "TrimmedMean",
     "Uniform",
@@ -74,4 +77,5 @@ __all__ = [
     "fedtrimmedmean",
     "fedyogi",
     "krum",
+    "register_strategy",
 ]

@@ -18,13 +18,14 @@ end — combine, noise, server optimiser.  Presets:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from qflare.errors import ConfigError, RoundError, ValidationError
+from qflare.registry import RegisteredNames, Registry
 from qflare.strategy.base import (
     Accumulator,
     ClientUpdate,
@@ -45,6 +46,7 @@ __all__ = [
     "Pipeline",
     "PreparedUpdate",
     "RoundAggregation",
+    "StrategyFactory",
     "build_strategy",
     "fedadagrad",
     "fedadam",
@@ -54,6 +56,7 @@ __all__ = [
     "fedtrimmedmean",
     "fedyogi",
     "krum",
+    "register_strategy",
 ]
 
 _SHAPE = ShapeCheck()
@@ -281,25 +284,50 @@ def krum(f: int = 1, m: int = 1, **overrides: Any) -> Pipeline:
     return _pipeline({"weighting": Uniform(), "combine": Krum(f, m)}, overrides)
 
 
-_REGISTRY: dict[str, Callable[..., Pipeline]] = {
-    "fedavg": fedavg,
-    "fedavgm": fedavgm,
-    "fedadam": fedadam,
-    "fedyogi": fedyogi,
-    "fedadagrad": fedadagrad,
-    "fedmedian": fedmedian,
-    "fedtrimmedmean": fedtrimmedmean,
-    "krum": krum,
-}
-STRATEGIES: tuple[str, ...] = tuple(_REGISTRY)
+StrategyFactory = Callable[..., Pipeline]
+"""Builds a :class:`Pipeline` from keyword options (``build_strategy``'s ``**kwargs``)."""
+
+_REGISTRY: Registry[StrategyFactory] = Registry("strategy")
+STRATEGIES: Sequence[str] = RegisteredNames(_REGISTRY)
+"""Every registered strategy name, built-in presets first; follows later registrations (plugins)."""
 
 
-def build_strategy(name: str, **kwargs: Any) -> Pipeline:
-    """Build the named preset; unknown names and bad options raise :class:`ConfigError`."""
-    factory = _REGISTRY.get(name.strip().lower()) if isinstance(name, str) else None
-    if factory is None:
-        raise ConfigError(f"unknown strategy {name!r}; valid strategies: {', '.join(STRATEGIES)}")
+def register_strategy(name: str, factory: StrategyFactory, *, replace: bool = False) -> None:
+    """Register ``factory(**options) -> Pipeline`` under ``name`` (case-insensitive).
+
+    A name that is taken raises :class:`ConfigError` unless ``replace=True``.
+    """
+    if not callable(factory):
+        raise ConfigError(f"strategy {name!r}: the factory must be callable, got {type(factory).__name__}")
+    _REGISTRY.register(name, factory, replace=replace)
+
+
+def build_strategy(strategy: str | StrategyFactory, **kwargs: Any) -> Pipeline:
+    """Build a pipeline from a registered name or a factory; unknown names and bad options raise
+    :class:`ConfigError`.  Every call builds fresh parts (server optimisers hold per-run state)."""
+    if isinstance(strategy, str):
+        factory, label = _REGISTRY.get(strategy), strategy
+    elif callable(strategy):
+        factory, label = strategy, getattr(strategy, "__name__", repr(strategy))
+    else:
+        raise ConfigError(f"a strategy is a registered name or a factory, got {type(strategy).__name__}")
     try:
-        return factory(**kwargs)
+        pipeline = factory(**kwargs)
     except TypeError as exc:
-        raise ConfigError(f"bad options for strategy {name!r}: {exc}") from None
+        raise ConfigError(f"bad options for strategy {label!r}: {exc}") from None
+    if not isinstance(pipeline, Pipeline):
+        raise ConfigError(f"strategy {label!r}: the factory returned a {type(pipeline).__name__}, not a Pipeline")
+    return pipeline
+
+
+for _name, _factory in (
+    ("fedavg", fedavg),
+    ("fedavgm", fedavgm),
+    ("fedadam", fedadam),
+    ("fedyogi", fedyogi),
+    ("fedadagrad", fedadagrad),
+    ("fedmedian", fedmedian),
+    ("fedtrimmedmean", fedtrimmedmean),
+    ("krum", krum),
+):
+    register_strategy(_name, _factory)
