@@ -37,6 +37,7 @@ __all__ = [
     "NonFiniteError",
     "NotFoundError",
     "OversizeError",
+    "PluginError",
     "PolicyError",
     "ProtocolError",
     "QflareError",
@@ -194,6 +195,9 @@ class ErrorCode(enum.StrEnum):
     BAD_DURATION = "bad_duration"
     BAD_INDEX = "bad_index"
     DEMO_FAILED = "demo_failed"
+    DUPLICATE_NAME = "duplicate_name"
+    BAD_SELECTION = "bad_selection"
+    PLUGIN_ERROR = "plugin_error"
 
 
 class Retry(enum.Enum):
@@ -419,6 +423,12 @@ class DemoError(QflareError):
     code = ErrorCode.DEMO_FAILED
 
 
+class PluginError(ConfigError):
+    """A plugin (entry point of group ``qflare.plugins``) could not be imported or failed to register."""
+
+    code = ErrorCode.PLUGIN_ERROR
+
+
 @dataclass(frozen=True)
 class CodeSpec:
     """What one :class:`ErrorCode` means."""
@@ -593,6 +603,12 @@ CODE_SPECS: Mapping[ErrorCode, CodeSpec] = MappingProxyType(
         _C.BAD_DURATION: _spec("a duration argument does not parse or is not positive", _F, ConfigError),
         _C.BAD_INDEX: _spec("a device index is out of range", _F, ConfigError),
         _C.DEMO_FAILED: _spec("the demo federation failed to start or finish", _F, DemoError),
+        # extension
+        _C.DUPLICATE_NAME: _spec("a model, strategy, data set or selector name is already registered", _F, ConfigError),
+        _C.BAD_SELECTION: _spec(
+            "a client selector returned something other than k distinct candidates", _R, RoundError
+        ),
+        _C.PLUGIN_ERROR: _spec("a plugin could not be imported or its registration failed", _F, PluginError),
     }
 )
 """The meaning, classes and retry meaning of every :class:`ErrorCode`."""

@@ -18,18 +18,12 @@ from collections.abc import Callable, Mapping
 from importlib.metadata import EntryPoint, entry_points
 from types import ModuleType
 
-from .errors import ConfigError
+from .errors import PluginError
 
 __all__ = ["ENTRY_POINT_GROUP", "PLUGINS_ENV", "PluginError", "load_plugins"]
 
 ENTRY_POINT_GROUP = "qflare.plugins"
 PLUGINS_ENV = "QFLARE_PLUGINS"
-
-
-class PluginError(ConfigError):
-    """A plugin could not be imported or its registration failed."""
-
-    code = "plugin_error"
 
 
 _loaded: set[tuple[str, str]] = set()
