@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from protocol_fixtures import Federation
 
 from qflare.errors import QflareError
-from qflare.protocol import Route, SealedUpdate
+from qflare.protocol import Route, SignedUpdate
 
 
 @pytest.fixture
@@ -42,7 +42,7 @@ def test_round_trip_two_rounds(fed):
             assert task.state == "open" and not task.selected
         for k, dev in enumerate(fed.selected()):
             receipt = dev.submit(fed.prepare(dev, seed=k))
-            assert receipt.round == rnd and not receipt.duplicate and receipt.accepted == k + 1
+            assert receipt.round == rnd and not receipt.duplicate and receipt.updates_in_round == k + 1
         assert fed.coordinator.rounds.model.version == rnd
     assert not torch.equal(start, fed.coordinator.rounds.model.flat)
     assert fed.events() == []
@@ -75,7 +75,7 @@ def test_retried_update_is_idempotent(fed):
     dev.submit(sealed)
     before = fed.counts()
     again = dev.submit(sealed)  # a client retry: new frame, same signed update
-    assert again.duplicate and again.accepted == 1
+    assert again.duplicate and again.updates_in_round == 1
     assert fed.counts() == before
 
 
@@ -123,7 +123,7 @@ def test_tampered_update_blob_refused(fed):
     sealed = fed.prepare(dev)
     payload = bytearray(sealed.payload)
     payload[-100] ^= 0x01  # inside the tensor data, after the signed header
-    refused(fed, "hash_mismatch", dev.submit, SealedUpdate(sealed.round, bytes(payload), sealed.update_hash))
+    refused(fed, "hash_mismatch", dev.submit, SignedUpdate(sealed.round, bytes(payload), sealed.update_hash))
 
 
 def test_tampered_signed_header_refused(fed):
@@ -133,7 +133,7 @@ def test_tampered_signed_header_refused(fed):
     payload = bytearray(sealed.payload)
     payload[60] ^= 0x01  # inside the signed UPDATE envelope
     with pytest.raises(QflareError) as info:
-        dev.submit(SealedUpdate(sealed.round, bytes(payload), sealed.update_hash))
+        dev.submit(SignedUpdate(sealed.round, bytes(payload), sealed.update_hash))
     assert info.value.code in ("bad_signature", "malformed", "device_mismatch", "wrong_round", "stale_model")
     assert fed.store.count_updates(1) == 0
 
@@ -165,7 +165,7 @@ def test_forged_signature_refused(fed):
         fed,
         "bad_signature",
         a.submit,
-        SealedUpdate(genuine.round, pack_signed(spliced, bytes(blob)), genuine.update_hash),
+        SignedUpdate(genuine.round, pack_signed(spliced, bytes(blob)), genuine.update_hash),
     )
 
 
@@ -282,7 +282,7 @@ def test_failed_aggregation_fails_the_round_and_acknowledges_the_update(tmp_path
     fed = Federation(tmp_path, n=3, per_round=3, strategy=krum(f=1))
     fed.coordinator.rounds.open_next()
     receipts = [dev.submit(fed.prepare(dev, seed=k)) for k, dev in enumerate(fed.selected())]
-    assert [r.accepted for r in receipts] == [1, 2, 3]
+    assert [r.updates_in_round for r in receipts] == [1, 2, 3]
     assert fed.store.get_round(1).state == "failed"
     assert fed.store.count_updates(1) == 3
     assert fed.coordinator.rounds.model.version == 0  # nothing published

@@ -31,7 +31,7 @@ from ..errors import (
     RateLimitedError,
     ValidationError,
 )
-from ..protocol import Device, Receipt, SealedUpdate, TaskInfo, Transport
+from ..protocol import Device, Receipt, SignedUpdate, TaskInfo, Transport
 from ..transport.http import CircuitOpenError, TransportError
 from .state import DeviceState
 from .workload import Workload
@@ -94,7 +94,7 @@ class DeviceClient:
             suite=suite,
             clock=clock,
         )
-        self._pending: tuple[SealedUpdate, str] | None = None  # (update, base model hash)
+        self._pending: tuple[SignedUpdate, str] | None = None  # (update, base model hash)
         self._skipped: set[int] = set()
         self._seen_round = 0
 
@@ -241,10 +241,10 @@ class DeviceClient:
         self._pending = None
         self.state.append_receipt(self.device_id, receipt)
         log.info(
-            "round %d: update %s... acknowledged (%d accepted%s)",
+            "round %d: update %s... acknowledged (%d in the round%s)",
             receipt.round,
             receipt.update_hash[:12],
-            receipt.accepted,
+            receipt.updates_in_round,
             ", duplicate" if receipt.duplicate else "",
         )
         return receipt
