@@ -300,9 +300,9 @@ class Coordinator:
         if not 1 <= examples <= _MAX_EXAMPLES:
             raise ValidationError(f"example count {examples} is outside 1..{_MAX_EXAMPLES}", code="bad_example_count")
         metrics = opened.metrics()
-        flat = decode_blob(opened.blob, self.layout, kind="update").flat
-        update = ClientUpdate(sess.device_id, flat, examples, metrics)
         digest = opened.update_hash
+        flat = decode_blob(opened.blob, self.layout, kind="update", verified_sha256=digest).flat
+        update = ClientUpdate(sess.device_id, flat, examples, metrics)
         count, duplicate = self.rounds.accept(
             update, digest, opened.base_model_hash, opened.signature, opened.blob, round_number=rnd.number
         )

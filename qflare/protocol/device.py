@@ -152,7 +152,7 @@ class Device:
             lambda ch: seal_model_request(ch, task.model_version),
             lambda ch, reply: open_global_model(ch, self.server_key, reply, task.model_version, task.model_hash),
         )
-        flat = decode_blob(blob, self.layout, kind="model").flat
+        flat = decode_blob(blob, self.layout, kind="model", verified_sha256=task.model_hash).flat
         return GlobalModel(task.model_version, task.model_hash, flat)
 
     def prepare_update(self, task: TaskInfo, model: GlobalModel, result: TrainResult) -> SignedUpdate:

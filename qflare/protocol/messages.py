@@ -90,7 +90,7 @@ def decode_json(data: bytes, max_len: int = 65536) -> dict[str, Any]:
         raise MalformedError(f"control message of {len(data)} bytes exceeds {max_len}")
     try:
         obj = json.loads(bytes(data).decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+    except (ValueError, RecursionError) as exc:  # bad UTF-8, bad JSON, an integer too long to convert
         raise MalformedError(f"control message is not valid JSON: {exc}") from None
     if not isinstance(obj, dict):
         raise MalformedError("control message must be a JSON object")
