@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from protocol_fixtures import Federation
 
 from qflare.errors import QflareError
-from qflare.protocol import Route, SignedUpdate
+from qflare.protocol import Device, Route, SignedUpdate
 
 
 @pytest.fixture
@@ -347,3 +347,70 @@ def test_restart_restores_the_server_optimiser_state(tmp_path):
     assert restarted.rounds.model.version == 1
     assert torch.equal(restarted.rounds.model.flat, fed.coordinator.rounds.model.flat)
     assert torch.equal(restarted.rounds.strategy.server_opt.velocity, velocity)
+
+
+def test_signed_payloads_must_carry_the_session_suite(fed):
+    """docs/protocol.md §1: a signed payload inside a session carries the session's suite, both ways."""
+    from qflare.crypto import DEFAULT_SUITE, Suite, sign_update
+    from qflare.wire import encode_update
+
+    other = Suite(sig="ML-DSA-65", kem="ML-KEM-1024", x25519=True, aead="AES-256-GCM")  # same signature alg
+    fed.coordinator.rounds.open_next()
+    dev = fed.selected()[0]
+    alt = Device(
+        transport=fed.transport,
+        identity=dev.identity,
+        server_key=fed.coordinator.public_key,
+        layout=fed.layout,
+        suite=other,
+    )
+    task = alt.task()  # the same enrolled key, in a session of another suite
+    # coordinator -> device: the model is signed (once per version) in the coordinator's suite
+    refused(fed, "suite_mismatch", alt.fetch_model, task)
+    # device -> coordinator: an update signed in a suite other than the session's
+    blob = encode_update(fed.layout, fed.result().delta)
+    signed = sign_update(dev.identity, DEFAULT_SUITE, task.round, task.model_hash, 5, blob)
+    refused(fed, "suite_mismatch", alt.submit, signed)
+    assert "suite_mismatch" in fed.events()
+    assert dev.submit(signed).updates_in_round == 1  # the same signed update, in a session of its suite
+
+
+def test_receipt_must_acknowledge_the_update_sent(fed):
+    """The device checks every signed field of the ack, and that the receipt JSON agrees with it."""
+    from qflare.crypto import Field, Frame, MsgType, SignedEnvelope, pack_signed
+    from qflare.crypto.envelope import u64
+    from qflare.protocol import Receipt
+
+    fed.coordinator.rounds.open_next()
+    dev = fed.selected()[0]
+    signed = fed.prepare(dev)
+    channel = fed.coordinator._sessions[dev._session_id].channel
+
+    def answer(status: int, duplicate: bool, **over: bytes) -> None:
+        fields = {
+            Field.DEVICE_KEY_ID: dev.identity.public.key_id_bytes,
+            Field.ROUND: u64(signed.round),
+            Field.UPDATE_HASH: bytes.fromhex(signed.update_hash),
+            Field.STATUS: bytes([status]),
+            Field.TIMESTAMP: u64(0),
+        } | {Field[k.upper()]: v for k, v in over.items()}
+        ack = SignedEnvelope.sign(channel.suite, MsgType.UPDATE_ACK, fields, fed.identity).to_bytes()
+        body = Receipt(signed.round, signed.update_hash, 1, duplicate).to_bytes()
+        plaintext = pack_signed(ack, body)
+        fed.transport.tamper_response = lambda r, out: (
+            channel.seal(Frame.RECEIPT, signed.round, plaintext) if r is Route.UPDATE else out
+        )
+
+    for status, duplicate, over in (
+        (0, True, {}),  # the JSON claims a duplicate, the signed status says accepted
+        (1, False, {}),
+        (0, False, {"update_hash": bytes(32)}),
+        (0, False, {"round": u64(signed.round + 1)}),
+        (0, False, {"device_key_id": fed.devices[-1].identity.public.key_id_bytes}),
+    ):
+        answer(status, duplicate, **over)
+        with pytest.raises(QflareError) as info:
+            dev.submit(signed)
+        assert info.value.code == "bad_receipt", (status, duplicate, over)
+    answer(1, True)
+    assert dev.submit(signed).duplicate
