@@ -356,8 +356,12 @@ def decode_blob(
     *,
     kind: str | None = None,
     expected_sha256: str | None = None,
+    verified_sha256: str | None = None,
 ) -> Blob:
     """Verify and decode a blob made by :func:`encode_model` or :func:`encode_update`.
+
+    ``verified_sha256`` is the blob's SHA-256 as the caller has already checked it (the protocol checks
+    it against a signed envelope): it becomes ``Blob.sha256`` and the blob is not hashed a second time.
 
     Checks, in order: the SHA-256 (if ``expected_sha256`` is given; code ``hash_mismatch``), the
     safetensors structure (code ``malformed_blob``), the format version, the kind (code
@@ -370,7 +374,7 @@ def decode_blob(
         view = memoryview(data).cast("B")
     except TypeError as exc:
         raise _malformed(f"not a contiguous bytes-like object ({exc})") from None
-    digest = sha256_hex(view)
+    digest = verified_sha256 if verified_sha256 is not None else sha256_hex(view)
     if expected_sha256 is not None and digest != expected_sha256.lower():
         raise ValidationError(f"blob SHA-256 {digest} does not match expected {expected_sha256}", code="hash_mismatch")
     raw_md, entries, data_start = _parse_header(view)

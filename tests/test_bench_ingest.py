@@ -62,9 +62,12 @@ def test_check_counts_a_missing_blob_as_lost(tmp_path: Path) -> None:
 def test_check_counts_a_receipt_that_counted_an_update_twice(tmp_path: Path) -> None:
     url, blobs, receipts = _round_with_updates(tmp_path, stored=3, acked=3)
     device_id, r = receipts[2]
-    receipts[2] = (device_id, Receipt(r.round, r.update_hash, accepted=2))  # the running count did not advance
+    receipts[2] = (device_id, Receipt(r.round, r.update_hash, updates_in_round=2))  # the running count did not advance
     assert check_database(url, blobs, receipts).duplicated == 1
-    receipts[2] = (device_id, Receipt(r.round, r.update_hash, accepted=2, duplicate=True))  # an idempotent retry
+    receipts[2] = (
+        device_id,
+        Receipt(r.round, r.update_hash, updates_in_round=2, duplicate=True),
+    )  # an idempotent retry
     assert check_database(url, blobs, receipts).duplicated == 0
 
 

@@ -12,7 +12,16 @@ from qflare.crypto.envelope import Field, MsgType, SignedEnvelope, decode_fields
 from qflare.crypto.handshake import ClientHandshake, ServerHandshake
 from qflare.crypto.identity import SigningKey, VerifyKey
 from qflare.crypto.kem import EphemeralKem, encapsulate
-from qflare.crypto.payloads import open_update, seal_update
+from qflare.crypto.payloads import (
+    Frame,
+    open_global_model,
+    open_receipt,
+    open_update,
+    seal_model,
+    seal_update,
+    sign_global_model,
+    sign_update,
+)
 from qflare.crypto.suite import DEFAULT_SUITE, HIGH_SUITE, Suite, sha256
 from qflare.errors import QflareError
 
@@ -29,7 +38,9 @@ def _valid_messages() -> dict[str, bytes]:
     sh = server.respond(ch)
     cf, c = client.finish(sh)
     s = server.finish(cf)
-    upd = seal_update(c, DEVICE, 1, sha256(b"base"), 10, b"update payload")
+    upd = seal_update(c, sign_update(DEVICE, c.suite, 1, sha256(b"base").hex(), 10, b"update payload"))
+    model_env, _ = sign_global_model(SERVER, s.suite, 1, b"model payload", 0)
+    model = seal_model(s, 1, model_env, b"model payload")
     env = SignedEnvelope.sign(
         DEFAULT_SUITE,
         MsgType.GLOBAL_MODEL,
@@ -41,8 +52,8 @@ def _valid_messages() -> dict[str, bytes]:
         },
         SERVER,
     ).to_bytes()
-    frame = Channel(b"\x01" * 32, b"\x02" * 32, b"\x03" * 32).seal(MsgType.UPDATE, 1, b"frame payload")
-    return {"ch": ch, "sh": sh, "cf": cf, "update": upd, "env": env, "frame": frame}
+    frame = Channel(b"\x01" * 32, b"\x02" * 32, b"\x03" * 32).seal(Frame.UPDATE, 1, b"frame payload")
+    return {"ch": ch, "sh": sh, "cf": cf, "update": upd, "model": model, "env": env, "frame": frame}
 
 
 VALID = _valid_messages()
@@ -106,7 +117,7 @@ def test_suite_parser(data: bytes) -> None:
 def test_channel_open(data: bytes, mt: int, rnd: int) -> None:
     receiver = Channel(b"\x01" * 32, b"\x03" * 32, b"\x02" * 32, max_plaintext=64)
     only_qflare_errors(lambda: receiver.open(mt, rnd, data))
-    only_qflare_errors(lambda: receiver.open(MsgType.UPDATE, 1, data))
+    only_qflare_errors(lambda: receiver.open(Frame.UPDATE, 1, data))
 
 
 @FUZZ
@@ -132,14 +143,27 @@ def test_server_finish_step(data: bytes) -> None:
     only_qflare_errors(lambda: server.finish(data))
 
 
+def _session() -> tuple[Channel, Channel]:
+    client = ClientHandshake(DEVICE, SERVER.public)
+    server = ServerHandshake(SERVER, DIRECTORY.get)
+    cf, c = client.finish(server.respond(client.start()))
+    return c, server.finish(cf)
+
+
 @FUZZ
 @given(st.one_of(st.binary(max_size=200), mutated("update")))
 def test_open_update(data: bytes) -> None:
-    client = ClientHandshake(DEVICE, SERVER.public)
-    server = ServerHandshake(SERVER, DIRECTORY.get)
-    cf, _ = client.finish(server.respond(client.start()))
-    s = server.finish(cf)
-    only_qflare_errors(lambda: open_update(s, DEVICE.public, 1, data))
+    _, s = _session()
+    only_qflare_errors(lambda: open_update(s, DEVICE.public, data, 1))
+
+
+@FUZZ
+@given(st.one_of(st.binary(max_size=200), mutated("model"), mutated("update")))
+def test_open_model_and_receipt(data: bytes) -> None:
+    c, _ = _session()
+    signed = sign_update(DEVICE, c.suite, 1, sha256(b"base").hex(), 10, b"update payload")
+    only_qflare_errors(lambda: open_global_model(c, SERVER.public, data, 1, sha256(b"model payload").hex()))
+    only_qflare_errors(lambda: open_receipt(c, SERVER.public, data, DEVICE.key_id, signed))
 
 
 @FUZZ

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from protocol_fixtures import Federation
 
 from qflare.errors import QflareError
-from qflare.protocol import Route, SealedUpdate
+from qflare.protocol import Device, Route, SignedUpdate
 
 
 @pytest.fixture
@@ -42,7 +42,7 @@ def test_round_trip_two_rounds(fed):
             assert task.state == "open" and not task.selected
         for k, dev in enumerate(fed.selected()):
             receipt = dev.submit(fed.prepare(dev, seed=k))
-            assert receipt.round == rnd and not receipt.duplicate and receipt.accepted == k + 1
+            assert receipt.round == rnd and not receipt.duplicate and receipt.updates_in_round == k + 1
         assert fed.coordinator.rounds.model.version == rnd
     assert not torch.equal(start, fed.coordinator.rounds.model.flat)
     assert fed.events() == []
@@ -75,7 +75,7 @@ def test_retried_update_is_idempotent(fed):
     dev.submit(sealed)
     before = fed.counts()
     again = dev.submit(sealed)  # a client retry: new frame, same signed update
-    assert again.duplicate and again.accepted == 1
+    assert again.duplicate and again.updates_in_round == 1
     assert fed.counts() == before
 
 
@@ -123,7 +123,7 @@ def test_tampered_update_blob_refused(fed):
     sealed = fed.prepare(dev)
     payload = bytearray(sealed.payload)
     payload[-100] ^= 0x01  # inside the tensor data, after the signed header
-    refused(fed, "hash_mismatch", dev.submit, SealedUpdate(sealed.round, bytes(payload), sealed.update_hash))
+    refused(fed, "hash_mismatch", dev.submit, SignedUpdate(sealed.round, bytes(payload), sealed.update_hash))
 
 
 def test_tampered_signed_header_refused(fed):
@@ -133,7 +133,7 @@ def test_tampered_signed_header_refused(fed):
     payload = bytearray(sealed.payload)
     payload[60] ^= 0x01  # inside the signed UPDATE envelope
     with pytest.raises(QflareError) as info:
-        dev.submit(SealedUpdate(sealed.round, bytes(payload), sealed.update_hash))
+        dev.submit(SignedUpdate(sealed.round, bytes(payload), sealed.update_hash))
     assert info.value.code in ("bad_signature", "malformed", "device_mismatch", "wrong_round", "stale_model")
     assert fed.store.count_updates(1) == 0
 
@@ -165,7 +165,7 @@ def test_forged_signature_refused(fed):
         fed,
         "bad_signature",
         a.submit,
-        SealedUpdate(genuine.round, pack_signed(spliced, bytes(blob)), genuine.update_hash),
+        SignedUpdate(genuine.round, pack_signed(spliced, bytes(blob)), genuine.update_hash),
     )
 
 
@@ -282,7 +282,7 @@ def test_failed_aggregation_fails_the_round_and_acknowledges_the_update(tmp_path
     fed = Federation(tmp_path, n=3, per_round=3, strategy=krum(f=1))
     fed.coordinator.rounds.open_next()
     receipts = [dev.submit(fed.prepare(dev, seed=k)) for k, dev in enumerate(fed.selected())]
-    assert [r.accepted for r in receipts] == [1, 2, 3]
+    assert [r.updates_in_round for r in receipts] == [1, 2, 3]
     assert fed.store.get_round(1).state == "failed"
     assert fed.store.count_updates(1) == 3
     assert fed.coordinator.rounds.model.version == 0  # nothing published
@@ -347,3 +347,70 @@ def test_restart_restores_the_server_optimiser_state(tmp_path):
     assert restarted.rounds.model.version == 1
     assert torch.equal(restarted.rounds.model.flat, fed.coordinator.rounds.model.flat)
     assert torch.equal(restarted.rounds.strategy.server_opt.velocity, velocity)
+
+
+def test_signed_payloads_must_carry_the_session_suite(fed):
+    """docs/protocol.md §1: a signed payload inside a session carries the session's suite, both ways."""
+    from qflare.crypto import DEFAULT_SUITE, Suite, sign_update
+    from qflare.wire import encode_update
+
+    other = Suite(sig="ML-DSA-65", kem="ML-KEM-1024", x25519=True, aead="AES-256-GCM")  # same signature alg
+    fed.coordinator.rounds.open_next()
+    dev = fed.selected()[0]
+    alt = Device(
+        transport=fed.transport,
+        identity=dev.identity,
+        server_key=fed.coordinator.public_key,
+        layout=fed.layout,
+        suite=other,
+    )
+    task = alt.task()  # the same enrolled key, in a session of another suite
+    # coordinator -> device: the model is signed (once per version) in the coordinator's suite
+    refused(fed, "suite_mismatch", alt.fetch_model, task)
+    # device -> coordinator: an update signed in a suite other than the session's
+    blob = encode_update(fed.layout, fed.result().delta)
+    signed = sign_update(dev.identity, DEFAULT_SUITE, task.round, task.model_hash, 5, blob)
+    refused(fed, "suite_mismatch", alt.submit, signed)
+    assert "suite_mismatch" in fed.events()
+    assert dev.submit(signed).updates_in_round == 1  # the same signed update, in a session of its suite
+
+
+def test_receipt_must_acknowledge_the_update_sent(fed):
+    """The device checks every signed field of the ack, and that the receipt JSON agrees with it."""
+    from qflare.crypto import Field, Frame, MsgType, SignedEnvelope, pack_signed
+    from qflare.crypto.envelope import u64
+    from qflare.protocol import Receipt
+
+    fed.coordinator.rounds.open_next()
+    dev = fed.selected()[0]
+    signed = fed.prepare(dev)
+    channel = fed.coordinator._sessions[dev._session_id].channel
+
+    def answer(status: int, duplicate: bool, **over: bytes) -> None:
+        fields = {
+            Field.DEVICE_KEY_ID: dev.identity.public.key_id_bytes,
+            Field.ROUND: u64(signed.round),
+            Field.UPDATE_HASH: bytes.fromhex(signed.update_hash),
+            Field.STATUS: bytes([status]),
+            Field.TIMESTAMP: u64(0),
+        } | {Field[k.upper()]: v for k, v in over.items()}
+        ack = SignedEnvelope.sign(channel.suite, MsgType.UPDATE_ACK, fields, fed.identity).to_bytes()
+        body = Receipt(signed.round, signed.update_hash, 1, duplicate).to_bytes()
+        plaintext = pack_signed(ack, body)
+        fed.transport.tamper_response = lambda r, out: (
+            channel.seal(Frame.RECEIPT, signed.round, plaintext) if r is Route.UPDATE else out
+        )
+
+    for status, duplicate, over in (
+        (0, True, {}),  # the JSON claims a duplicate, the signed status says accepted
+        (1, False, {}),
+        (0, False, {"update_hash": bytes(32)}),
+        (0, False, {"round": u64(signed.round + 1)}),
+        (0, False, {"device_key_id": fed.devices[-1].identity.public.key_id_bytes}),
+    ):
+        answer(status, duplicate, **over)
+        with pytest.raises(QflareError) as info:
+            dev.submit(signed)
+        assert info.value.code == "bad_receipt", (status, duplicate, over)
+    answer(1, True)
+    assert dev.submit(signed).duplicate

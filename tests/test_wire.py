@@ -158,6 +158,13 @@ def test_update_round_trip_bit_exact_and_owned(layout: ParamLayout) -> None:
     assert torch.equal(decode_blob(data, layout).flat, flat)
 
 
+def test_verified_sha256_is_not_recomputed(layout: ParamLayout) -> None:
+    data = encode_update(layout, torch.zeros(layout.numel))
+    assert decode_blob(data, layout).sha256 == sha256_hex(data)
+    # the caller's already-checked digest is taken as is (the protocol checks it against a signed hash)
+    assert decode_blob(data, layout, verified_sha256="ab" * 32).sha256 == "ab" * 32
+
+
 def test_reserved_or_non_str_metadata_refused(layout: ParamLayout) -> None:
     with pytest.raises(ValidationError, match="reserved"):
         encode_update(layout, torch.zeros(layout.numel), {"arch": "x"})

@@ -36,7 +36,7 @@ from ..data import load_dataset
 from ..errors import QflareError
 from ..models import create_model
 from ..protocol import Device, Receipt
-from ..protocol.device import SealedUpdate
+from ..protocol.device import SignedUpdate
 from ..storage import BlobStore, Database, Store
 from ..training import TrainResult
 from ..transport import HttpTransport, RetryPolicy
@@ -65,9 +65,9 @@ def _gauge(text: str, name: str) -> float:
     return 0.0
 
 
-def _prepare(devices: list[Device], layout: ParamLayout) -> list[SealedUpdate]:
+def _prepare(devices: list[Device], layout: ParamLayout) -> list[SignedUpdate]:
     """Each device fetches the round's model and signs an update (a seeded random delta)."""
-    sealed: list[SealedUpdate] = []
+    sealed: list[SignedUpdate] = []
     for i, dev in enumerate(devices):
         task = dev.task()
         if not (task.state == "open" and task.selected):
@@ -79,7 +79,7 @@ def _prepare(devices: list[Device], layout: ParamLayout) -> list[SealedUpdate]:
 
 
 def _upload(
-    devices: list[Device], sealed: list[SealedUpdate]
+    devices: list[Device], sealed: list[SignedUpdate]
 ) -> tuple[float, list[Receipt | None], list[float], list[str]]:
     """All devices submit at once; (wall time, receipts, latencies in s, errors)."""
     n = len(devices)
@@ -128,7 +128,7 @@ def check_database(database_url: str, blobs: BlobStore, receipts: Sequence[tuple
     stored = {(u.round_number, u.device_id): u.update_hash for u in rows}
     lost = sum(1 for key, h in acked.items() if stored.get(key) != h or not blobs.exists(h))
     extra_rows = len(rows) - len(stored)
-    fresh = [r.accepted for _, r in receipts if not r.duplicate]
+    fresh = [r.updates_in_round for _, r in receipts if not r.duplicate]
     counted_twice = len(fresh) - len(set(fresh))
     model_updates = sum(int(m.metrics.get("updates", 0)) for m in models if m is not None) if models else None
     over_counted = max(0, (model_updates or 0) - len(stored))

@@ -30,7 +30,7 @@ import torch
 from ..crypto import SigningKey, Suite, VerifyKey
 from ..errors import ConfigError, QflareError, RoundError
 from ..protocol import Device, TaskInfo
-from ..protocol.device import SealedUpdate, Transport
+from ..protocol.device import SignedUpdate, Transport
 from ..training import TrainResult
 from ..transport import HttpTransport, RetryPolicy
 from ..wire import ParamLayout
@@ -174,7 +174,7 @@ class RemoteFederation:
         return dev.prepare_update(task, gm, result), result
 
     def submit(self, i: int, prepared: Any) -> None:
-        assert isinstance(prepared, SealedUpdate)
+        assert isinstance(prepared, SignedUpdate)
         receipt = self.devices[i].submit(prepared)
         if receipt.update_hash != prepared.update_hash or receipt.round != prepared.round:
             raise RoundError(f"device {i}'s receipt acknowledges another update", code="bad_receipt")

@@ -1,51 +1,115 @@
-"""Signed payloads over a session: "seal this update / model for that session".
+"""The recipes of the round protocol: every frame a device and the coordinator exchange in a session.
 
-The payload (model or update bytes) is hashed with SHA-256; a small signed envelope (UPDATE or
-GLOBAL_MODEL) carries the hash, the round and the other metadata; envelope and payload travel in one
-channel frame whose plaintext is::
+:class:`~qflare.protocol.Device`, :class:`~qflare.protocol.Coordinator` and
+:class:`~qflare.protocol.RoundManager` build and check their round messages only through these
+functions, so each check (and the error code of each failure) lives here, once.
+
+Channel frame types (the round value bound into each frame's AES-GCM AAD in brackets)::
+
+    TASK_REQUEST 0x30 (0)        device -> coordinator, empty body
+    TASK         0x31 (0)        coordinator -> device, task JSON
+    MODEL_REQUEST 0x32 (0)       device -> coordinator, canonical JSON {"version": <int>}
+    MODEL        0x33 (version)  coordinator -> device, signed GLOBAL_MODEL envelope + model blob
+    UPDATE       0x34 (round)    device -> coordinator, signed UPDATE envelope + update blob
+    RECEIPT      0x35 (round)    coordinator -> device, signed UPDATE_ACK envelope + receipt JSON
+
+MODEL, UPDATE and RECEIPT frames carry a signed payload whose plaintext is::
 
     offset  size  field
     0       4     envelope length n (u32, big-endian)
-    4       n     signed envelope (see envelope.py)
+    4       n     signed envelope (see :mod:`qflare.crypto.envelope`)
     4+n     ...   payload
 
-The signature gives provenance that outlives the session (it can be stored and re-verified); the channel
-gives confidentiality, freshness and binding to the session, message type and round.
+The signature gives provenance that outlives the session (the envelope can be stored and re-verified);
+the channel gives confidentiality, freshness and binding to the session, frame type and round.  A
+signed envelope must carry the session's suite (``PolicyError`` ``suite_mismatch``); its signed size
+must equal the payload's length (``ValidationError`` ``payload_mismatch``) and its signed SHA-256 the
+payload's (``ValidationError`` ``hash_mismatch``).
 """
 
 from __future__ import annotations
 
+import enum
+import json
 import struct
-import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
 
 from qflare.crypto.channel import Channel
 from qflare.crypto.envelope import DEFAULT_MAX_ENVELOPE, Field, MsgType, SignedEnvelope, u64
 from qflare.crypto.identity import SigningKey, VerifyKey
-from qflare.crypto.suite import sha256
-from qflare.errors import AuthError, MalformedError, PolicyError, StaleModelError, WrongRoundError
+from qflare.crypto.suite import Suite, sha256
+from qflare.errors import (
+    AuthError,
+    ConfigError,
+    MalformedError,
+    PolicyError,
+    StaleModelError,
+    ValidationError,
+    WrongRoundError,
+)
 
 __all__ = [
-    "UPDATE_STATUS_ACCEPTED",
-    "UPDATE_STATUS_REJECTED",
+    "AckStatus",
+    "Frame",
+    "OpenedUpdate",
+    "SignedUpdate",
+    "canonical_json",
     "open_global_model",
+    "open_model_request",
+    "open_receipt",
+    "open_task",
+    "open_task_request",
     "open_update",
     "pack_signed",
-    "seal_global_model",
+    "seal_model",
+    "seal_model_request",
+    "seal_receipt",
+    "seal_task",
+    "seal_task_request",
     "seal_update",
+    "sign_global_model",
+    "sign_update",
     "sign_update_ack",
     "unpack_signed",
 ]
 
 _LEN = struct.Struct(">I")
-UPDATE_STATUS_ACCEPTED = 0x00
-UPDATE_STATUS_REJECTED = 0x01
+_MAX_METADATA = 4096
 
 
-def pack_signed(envelope: bytes, payload: bytes) -> bytes:
+class Frame(enum.IntEnum):
+    """Channel message types of the round protocol (bound into each frame's AAD together with the round)."""
+
+    TASK_REQUEST = 0x30
+    TASK = 0x31
+    MODEL_REQUEST = 0x32
+    MODEL = 0x33
+    UPDATE = 0x34
+    RECEIPT = 0x35
+
+
+class AckStatus(enum.IntEnum):
+    """The STATUS of a signed UPDATE_ACK.  A refused update gets an error, never an ack."""
+
+    ACCEPTED = 0x00  # recorded now, for the first time
+    DUPLICATE = 0x01  # an idempotent resend of an update that was already accepted
+
+
+def canonical_json(obj: Mapping[str, Any]) -> bytes:
+    """Compact, key-sorted JSON without NaN/Infinity: the one encoding of a control message."""
+    return json.dumps(obj, separators=(",", ":"), sort_keys=True, allow_nan=False).encode()
+
+
+# ---------------------------------------------------------------------------- signed-payload framing
+def pack_signed(envelope: bytes, payload: bytes | memoryview) -> bytes:
+    """``u32 len(envelope) || envelope || payload``."""
     return b"".join((_LEN.pack(len(envelope)), envelope, payload))
 
 
-def unpack_signed(plaintext: bytes, max_envelope: int = DEFAULT_MAX_ENVELOPE) -> tuple[bytes, memoryview]:
+def unpack_signed(plaintext: bytes | memoryview, max_envelope: int = DEFAULT_MAX_ENVELOPE) -> tuple[bytes, memoryview]:
+    """Split a signed payload into (envelope bytes, payload view); MalformedError if it does not frame."""
     if len(plaintext) < _LEN.size:
         raise MalformedError("signed payload shorter than its length prefix", code="truncated")
     (n,) = _LEN.unpack_from(plaintext, 0)
@@ -57,129 +121,291 @@ def unpack_signed(plaintext: bytes, max_envelope: int = DEFAULT_MAX_ENVELOPE) ->
     return bytes(view[_LEN.size : _LEN.size + n]), view[_LEN.size + n :]
 
 
-def _open_envelope(
-    channel: Channel, env_bytes: bytes, key: VerifyKey, msg_type: MsgType, max_envelope: int
-) -> SignedEnvelope:
+def _envelope(channel: Channel, env_bytes: bytes, msg_type: MsgType, max_envelope: int) -> SignedEnvelope:
     env = SignedEnvelope.parse(env_bytes, max_size=max_envelope, expected_type=msg_type)
     if env.suite != channel.suite:
-        raise PolicyError(f"envelope suite {env.suite.name} is not the session's", code="suite_mismatch")
-    return env.verify(key)
+        raise PolicyError(
+            f"{msg_type.name} envelope is in suite {env.suite.name}, the session's is {channel.suite.name}",
+            code="suite_mismatch",
+        )
+    return env
 
 
-def _check_payload(env: SignedEnvelope, payload: memoryview, hash_field: Field) -> bytes:
+def _check_payload(env: SignedEnvelope, payload: memoryview, hash_field: Field) -> None:
     if env.get_int(Field.PAYLOAD_SIZE) != len(payload):
-        raise AuthError("payload size differs from the signed size", code="payload_mismatch")
+        raise ValidationError(
+            f"payload is {len(payload)} bytes, its signed size is {env.get_int(Field.PAYLOAD_SIZE)}",
+            code="payload_mismatch",
+        )
     if sha256(payload) != env.get(hash_field):
-        raise AuthError("payload hash differs from the signed hash", code="payload_hash_mismatch")
-    return bytes(payload)
+        raise ValidationError("payload SHA-256 differs from the signed hash", code="hash_mismatch")
 
 
-def seal_update(
-    channel: Channel,
-    device_key: SigningKey,
-    round: int,
-    base_model_hash: bytes,
-    num_examples: int,
-    payload: bytes,
-    *,
-    metadata: bytes | None = None,
-) -> bytes:
-    """Hash the update, sign (device key id, round, base model hash, update hash, examples, size and the
-    optional metadata bytes), seal."""
-    fields = {
-        Field.DEVICE_KEY_ID: bytes.fromhex(device_key.key_id),
-        Field.ROUND: u64(round),
-        Field.BASE_MODEL_HASH: base_model_hash,
-        Field.UPDATE_HASH: sha256(payload),
-        Field.NUM_EXAMPLES: u64(num_examples),
-        Field.PAYLOAD_SIZE: u64(len(payload)),
-    }
-    if metadata is not None:
-        fields[Field.METADATA] = metadata
-    env = SignedEnvelope.sign(channel.suite, MsgType.UPDATE, fields, device_key)
-    return channel.seal(MsgType.UPDATE, round, pack_signed(env.to_bytes(), payload))
+def _digest(hex_digest: str) -> bytes:
+    try:
+        raw = bytes.fromhex(hex_digest)
+    except (TypeError, ValueError):
+        raw = b""
+    if len(raw) != 32:
+        raise ConfigError(f"{hex_digest!r} is not a hex SHA-256 digest", code="bad_argument")
+    return raw
 
 
-def open_update(
-    channel: Channel,
-    device_key: VerifyKey,
-    round: int,
-    frame: bytes,
-    *,
-    expected_base_model_hash: bytes | None = None,
-    max_envelope: int = DEFAULT_MAX_ENVELOPE,
-) -> tuple[SignedEnvelope, bytes]:
-    """Open, verify the device signature, check round/device/size/hash; return (envelope, payload).
+# ---------------------------------------------------------------------------- task
+def seal_task_request(channel: Channel) -> bytes:
+    """Device: ask for the current task (an empty TASK_REQUEST frame)."""
+    return channel.seal(Frame.TASK_REQUEST, 0, b"")
 
-    The envelope can be stored as a provenance record and re-verified later with the device key.
+
+def open_task_request(channel: Channel, frame: bytes) -> None:
+    """Coordinator: open a TASK_REQUEST (its body must be empty)."""
+    if channel.open(Frame.TASK_REQUEST, 0, frame):
+        raise MalformedError("a task request carries no body", code="malformed")
+
+
+def seal_task(channel: Channel, body: bytes) -> bytes:
+    """Coordinator: seal the task JSON."""
+    return channel.seal(Frame.TASK, 0, body)
+
+
+def open_task(channel: Channel, frame: bytes) -> bytes:
+    """Device: open the task JSON (parsing it is the protocol's)."""
+    return channel.open(Frame.TASK, 0, frame)
+
+
+# ---------------------------------------------------------------------------- global model
+def seal_model_request(channel: Channel, version: int) -> bytes:
+    """Device: ask for global model ``version``."""
+    return channel.seal(Frame.MODEL_REQUEST, 0, canonical_json({"version": version}))
+
+
+def open_model_request(channel: Channel, frame: bytes) -> int:
+    """Coordinator: the model version a MODEL_REQUEST asks for (exactly ``{"version": <int >= 0>}``)."""
+    body = channel.open(Frame.MODEL_REQUEST, 0, frame)
+    try:
+        obj = json.loads(body.decode("utf-8")) if len(body) <= 64 else None
+    except (ValueError, RecursionError):
+        obj = None
+    version = obj.get("version") if isinstance(obj, dict) and len(obj) == 1 else None
+    if not isinstance(version, int) or isinstance(version, bool) or version < 0:
+        raise MalformedError('a model request must be {"version": <int >= 0>}', code="malformed")
+    return version
+
+
+def sign_global_model(
+    identity: SigningKey, suite: Suite, version: int, blob: bytes, timestamp: int
+) -> tuple[bytes, str]:
+    """Coordinator: sign (version, SHA-256, size, unix time) of a model blob, once per version.
+
+    Returns the GLOBAL_MODEL envelope and the blob's hex SHA-256.
     """
-    env_bytes, payload = unpack_signed(channel.open(MsgType.UPDATE, round, frame), max_envelope)
-    env = _open_envelope(channel, env_bytes, device_key, MsgType.UPDATE, max_envelope)
-    if env.get_key_id(Field.DEVICE_KEY_ID) != device_key.key_id:
-        raise AuthError("update names another device", code="device_mismatch")
-    if env.get_int(Field.ROUND) != round:
-        raise WrongRoundError(f"update signed for round {env.get_int(Field.ROUND)}, expected {round}")
-    if expected_base_model_hash is not None and env.get(Field.BASE_MODEL_HASH) != expected_base_model_hash:
-        raise StaleModelError("update was trained on another base model")
-    return env, _check_payload(env, payload, Field.UPDATE_HASH)
-
-
-def seal_global_model(
-    channel: Channel,
-    server_key: SigningKey,
-    round: int,
-    payload: bytes,
-    *,
-    timestamp: int | None = None,
-) -> bytes:
-    """Coordinator: sign (round, model hash, size, unix time) and seal the global model for one session."""
+    digest = sha256(blob)
     env = SignedEnvelope.sign(
-        channel.suite,
+        suite,
         MsgType.GLOBAL_MODEL,
         {
-            Field.MODEL_VERSION: u64(round),
-            Field.MODEL_HASH: sha256(payload),
-            Field.PAYLOAD_SIZE: u64(len(payload)),
-            Field.TIMESTAMP: u64(int(time.time()) if timestamp is None else timestamp),
+            Field.MODEL_VERSION: u64(version),
+            Field.MODEL_HASH: digest,
+            Field.PAYLOAD_SIZE: u64(len(blob)),
+            Field.TIMESTAMP: u64(timestamp),
         },
-        server_key,
+        identity,
     )
-    return channel.seal(MsgType.GLOBAL_MODEL, round, pack_signed(env.to_bytes(), payload))
+    return env.to_bytes(), digest.hex()
+
+
+def seal_model(channel: Channel, version: int, envelope: bytes, blob: bytes) -> bytes:
+    """Coordinator: seal a stored (GLOBAL_MODEL envelope, blob) pair as the MODEL frame of ``version``."""
+    return channel.seal(Frame.MODEL, version, pack_signed(envelope, blob))
 
 
 def open_global_model(
     channel: Channel,
     server_key: VerifyKey,
-    round: int,
     frame: bytes,
+    version: int,
+    expected_hash: str,
     *,
     max_envelope: int = DEFAULT_MAX_ENVELOPE,
-) -> tuple[SignedEnvelope, bytes]:
-    """Device: open, verify the coordinator signature, check round/size/hash; return (envelope, model)."""
-    env_bytes, payload = unpack_signed(channel.open(MsgType.GLOBAL_MODEL, round, frame), max_envelope)
-    env = _open_envelope(channel, env_bytes, server_key, MsgType.GLOBAL_MODEL, max_envelope)
-    if env.get_int(Field.MODEL_VERSION) != round:
-        raise WrongRoundError(f"model signed as version {env.get_int(Field.MODEL_VERSION)}, expected {round}")
-    return env, _check_payload(env, payload, Field.MODEL_HASH)
+) -> tuple[SignedEnvelope, memoryview]:
+    """Device: open a MODEL frame, verify the coordinator's signature and check that it signs model
+    ``version`` with hex SHA-256 ``expected_hash`` (StaleModelError otherwise), then size and hash."""
+    env_bytes, blob = unpack_signed(channel.open(Frame.MODEL, version, frame), max_envelope)
+    env = _envelope(channel, env_bytes, MsgType.GLOBAL_MODEL, max_envelope).verify(server_key)
+    if env.get_int(Field.MODEL_VERSION) != version or env.get(Field.MODEL_HASH).hex() != expected_hash:
+        raise StaleModelError("coordinator sent a model other than the one asked for", code="stale_model")
+    _check_payload(env, blob, Field.MODEL_HASH)
+    return env, blob
 
 
-def sign_update_ack(
-    server_key: SigningKey,
-    update: SignedEnvelope,
-    status: int = UPDATE_STATUS_ACCEPTED,
+# ---------------------------------------------------------------------------- update
+@dataclass(frozen=True)
+class SignedUpdate:
+    """An update signed by the device, ready to be sealed (again, on a retry) in the session."""
+
+    round: int
+    payload: bytes  # pack_signed(UPDATE envelope, update blob)
+    update_hash: str  # hex SHA-256 of the update blob
+
+
+def sign_update(
+    identity: SigningKey,
+    suite: Suite,
+    round: int,
+    base_model_hash: str,
+    num_examples: int,
+    blob: bytes,
+    metrics: Mapping[str, float] | None = None,
+) -> SignedUpdate:
+    """Device: sign (device key id, round, base model hash, update hash, examples, size and the
+    metrics as canonical JSON) of an update blob."""
+    digest = sha256(blob)
+    fields = {
+        Field.DEVICE_KEY_ID: identity.public.key_id_bytes,
+        Field.ROUND: u64(round),
+        Field.BASE_MODEL_HASH: _digest(base_model_hash),
+        Field.UPDATE_HASH: digest,
+        Field.NUM_EXAMPLES: u64(num_examples),
+        Field.PAYLOAD_SIZE: u64(len(blob)),
+    }
+    if metrics:
+        fields[Field.METADATA] = canonical_json(dict(metrics))
+    env = SignedEnvelope.sign(suite, MsgType.UPDATE, fields, identity)
+    return SignedUpdate(round, pack_signed(env.to_bytes(), blob), digest.hex())
+
+
+def seal_update(channel: Channel, update: SignedUpdate) -> bytes:
+    """Device: seal a signed update as the UPDATE frame of its round."""
+    return channel.seal(Frame.UPDATE, update.round, update.payload)
+
+
+@dataclass(frozen=True)
+class OpenedUpdate:
+    """A verified update: its signed UPDATE envelope (a provenance record) and the blob it signs."""
+
+    envelope: SignedEnvelope
+    blob: memoryview
+
+    @property
+    def device_key_id(self) -> str:
+        return self.envelope.get_key_id(Field.DEVICE_KEY_ID)
+
+    @property
+    def round(self) -> int:
+        return self.envelope.get_int(Field.ROUND)
+
+    @property
+    def base_model_hash(self) -> str:
+        return self.envelope.get(Field.BASE_MODEL_HASH).hex()
+
+    @property
+    def update_hash(self) -> str:
+        return self.envelope.get(Field.UPDATE_HASH).hex()
+
+    @property
+    def num_examples(self) -> int:
+        return self.envelope.get_int(Field.NUM_EXAMPLES)
+
+    @property
+    def signature(self) -> bytes:
+        return self.envelope.signature
+
+    def metrics(self) -> dict[str, float]:
+        """The signed training metrics (METADATA: a JSON object of numbers; MalformedError otherwise)."""
+        raw = self.envelope.fields.get(Field.METADATA)
+        if not raw:
+            return {}
+        try:
+            obj = json.loads(raw.decode("utf-8")) if len(raw) <= _MAX_METADATA else None
+        except (ValueError, RecursionError) as exc:
+            raise MalformedError(f"update metadata is not valid JSON: {exc}", code="malformed") from None
+        if not isinstance(obj, dict):
+            raise MalformedError("update metadata must be a JSON object", code="malformed")
+        out: dict[str, float] = {}
+        for k, v in obj.items():
+            if not isinstance(v, (int, float)) or isinstance(v, bool):
+                raise MalformedError(f"update metadata {k!r} must be a number", code="malformed")
+            out[str(k)[:64]] = float(v)
+        return out
+
+
+def open_update(
+    channel: Channel,
+    device_key: VerifyKey,
+    frame: bytes,
+    round: int,
     *,
-    timestamp: int | None = None,
-) -> SignedEnvelope:
-    """Coordinator: a signed receipt for an update (device key id, round, update hash, status, unix time)."""
+    base_model_hash: str | None = None,
+    max_envelope: int = DEFAULT_MAX_ENVELOPE,
+) -> OpenedUpdate:
+    """Coordinator: open the UPDATE frame of ``round`` from the session of ``device_key``.
+
+    Checks, cheapest first: framing, envelope structure and suite, the device key id (before the
+    signature), the signature, the signed round (WrongRoundError), the base model when
+    ``base_model_hash`` is given (StaleModelError), then the size and the SHA-256 of the blob.
+    """
+    env_bytes, blob = unpack_signed(channel.open(Frame.UPDATE, round, frame), max_envelope)
+    env = _envelope(channel, env_bytes, MsgType.UPDATE, max_envelope)
+    if env.get_key_id(Field.DEVICE_KEY_ID) != device_key.key_id:
+        raise AuthError("update names another device", code="device_mismatch")
+    env.verify(device_key)
+    if env.get_int(Field.ROUND) != round:
+        raise WrongRoundError(f"update signed for round {env.get_int(Field.ROUND)}, expected {round}")
+    if base_model_hash is not None and env.get(Field.BASE_MODEL_HASH).hex() != base_model_hash:
+        raise StaleModelError("update was trained on another base model", code="stale_model")
+    _check_payload(env, blob, Field.UPDATE_HASH)
+    return OpenedUpdate(env, blob)
+
+
+# ---------------------------------------------------------------------------- receipt
+def sign_update_ack(
+    identity: SigningKey, suite: Suite, update: OpenedUpdate, status: AckStatus, timestamp: int
+) -> bytes:
+    """Coordinator: a signed UPDATE_ACK of a verified update (device key id, round, update hash,
+    status, unix time)."""
     return SignedEnvelope.sign(
-        update.suite,
+        suite,
         MsgType.UPDATE_ACK,
         {
-            Field.DEVICE_KEY_ID: update.get(Field.DEVICE_KEY_ID),
-            Field.ROUND: update.get(Field.ROUND),
-            Field.UPDATE_HASH: update.get(Field.UPDATE_HASH),
-            Field.STATUS: bytes([status]),
-            Field.TIMESTAMP: u64(int(time.time()) if timestamp is None else timestamp),
+            Field.DEVICE_KEY_ID: update.envelope.get(Field.DEVICE_KEY_ID),
+            Field.ROUND: update.envelope.get(Field.ROUND),
+            Field.UPDATE_HASH: update.envelope.get(Field.UPDATE_HASH),
+            Field.STATUS: bytes([AckStatus(status)]),
+            Field.TIMESTAMP: u64(timestamp),
         },
-        server_key,
-    )
+        identity,
+    ).to_bytes()
+
+
+def seal_receipt(channel: Channel, round: int, ack: bytes, body: bytes) -> bytes:
+    """Coordinator: seal an UPDATE_ACK envelope and the receipt JSON as the RECEIPT frame of ``round``."""
+    return channel.seal(Frame.RECEIPT, round, pack_signed(ack, body))
+
+
+def open_receipt(
+    channel: Channel,
+    server_key: VerifyKey,
+    frame: bytes,
+    device_key_id: str,
+    update: SignedUpdate,
+    *,
+    max_envelope: int = DEFAULT_MAX_ENVELOPE,
+) -> tuple[AckStatus, memoryview]:
+    """Device: open the RECEIPT frame answering ``update``; verify the coordinator's signature and that
+    the ack names this device, round and update hash (AuthError ``bad_receipt`` otherwise).
+
+    Returns the signed status and the receipt JSON that follows the envelope.
+    """
+    env_bytes, body = unpack_signed(channel.open(Frame.RECEIPT, update.round, frame), max_envelope)
+    env = _envelope(channel, env_bytes, MsgType.UPDATE_ACK, max_envelope).verify(server_key)
+    if (
+        env.get_key_id(Field.DEVICE_KEY_ID) != device_key_id
+        or env.get_int(Field.ROUND) != update.round
+        or env.get(Field.UPDATE_HASH).hex() != update.update_hash
+    ):
+        raise AuthError("receipt does not acknowledge this update", code="bad_receipt")
+    try:
+        status = AckStatus(env.get_int(Field.STATUS))
+    except ValueError:
+        raise MalformedError(f"unknown ack status 0x{env.get_int(Field.STATUS):02x}", code="malformed") from None
+    return status, body

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from ..crypto import DEFAULT_SUITE, Field, MsgType, SignedEnvelope, Suite, VerifyKey
 from ..errors import AuthError, CircuitOpenError, ConfigError, ErrorCode, QflareError, RateLimitedError, Retry
-from ..protocol import Device, Receipt, SealedUpdate, TaskInfo, Transport
+from ..protocol import Device, Receipt, SignedUpdate, TaskInfo, Transport
 from .state import DeviceState
 from .workload import Workload
 
@@ -71,7 +71,7 @@ class DeviceClient:
             suite=suite,
             clock=clock,
         )
-        self._pending: tuple[SealedUpdate, str] | None = None  # (update, base model hash)
+        self._pending: tuple[SignedUpdate, str] | None = None  # (update, base model hash)
         self._skipped: set[int] = set()
         self._seen_round = 0
 
@@ -228,10 +228,10 @@ class DeviceClient:
         self._pending = None
         self.state.append_receipt(self.device_id, receipt)
         log.info(
-            "round %d: update %s... acknowledged (%d accepted%s)",
+            "round %d: update %s... acknowledged (%d in the round%s)",
             receipt.round,
             receipt.update_hash[:12],
-            receipt.accepted,
+            receipt.updates_in_round,
             ", duplicate" if receipt.duplicate else "",
         )
         return receipt

@@ -170,7 +170,7 @@ class DeviceState:
             "device_id": device_id,
             "round": receipt.round,
             "update_hash": receipt.update_hash,
-            "accepted": receipt.accepted,
+            "updates_in_round": receipt.updates_in_round,
             "duplicate": receipt.duplicate,
             "at": time.time(),
         }

@@ -2,7 +2,7 @@
 store interface the coordinator needs (implemented by :mod:`qflare.storage`), and client selection."""
 
 from .coordinator import Coordinator, CoordinatorConfig
-from .device import Device, GlobalModel, SealedUpdate, Transport
+from .device import Device, GlobalModel, SignedUpdate, Transport
 from .messages import Frame, Receipt, Route, TaskInfo
 from .records import DeviceRow, ModelRow, RoundRow, SecurityEventRow, SessionRow, UpdateRow
 from .rounds import PublishedModel, RoundConfig, RoundManager
@@ -36,10 +36,10 @@ __all__ = [
     "RoundManager",
     "RoundRow",
     "Route",
-    "SealedUpdate",
     "SecurityEventRow",
     "SelectorFactory",
     "SessionRow",
+    "SignedUpdate",
     "TaskInfo",
     "Transport",
     "UpdateRow",

@@ -19,6 +19,7 @@ import torch
 from ..crypto import (
     DEFAULT_POLICY,
     DEFAULT_SUITE,
+    AckStatus,
     Channel,
     Field,
     MsgType,
@@ -28,8 +29,13 @@ from ..crypto import (
     SigningKey,
     Suite,
     VerifyKey,
-    pack_signed,
-    unpack_signed,
+    open_model_request,
+    open_task_request,
+    open_update,
+    seal_model,
+    seal_receipt,
+    seal_task,
+    sign_update_ack,
 )
 from ..crypto.envelope import u64
 from ..errors import (
@@ -47,7 +53,7 @@ from ..errors import (
 )
 from ..strategy import ClientUpdate, Pipeline
 from ..wire import ParamLayout, decode_blob
-from .messages import Frame, Receipt, Route, TaskInfo, decode_json
+from .messages import Receipt, Route, TaskInfo
 from .rounds import PublishedModel, RoundConfig, RoundManager
 from .store import BlobSink, CoordinatorStore
 
@@ -259,7 +265,7 @@ class Coordinator:
 
     # ------------------------------------------------------------------ round endpoints
     def _task(self, sess: _Session, body: bytes) -> bytes:
-        sess.channel.open(Frame.TASK_REQUEST, 0, body)
+        open_task_request(sess.channel, body)
         rm = self.rounds
         rnd = rm.current
         if rnd is None:
@@ -274,15 +280,14 @@ class Coordinator:
                 rnd.deadline,
                 sess.device_id in rnd.accepted,
             )
-        return sess.channel.seal(Frame.TASK, 0, info.to_bytes())
+        return seal_task(sess.channel, info.to_bytes())
 
     def _model(self, sess: _Session, body: bytes) -> bytes:
-        req = decode_json(sess.channel.open(Frame.MODEL_REQUEST, 0, body))
-        version = req.get("version")
+        version = open_model_request(sess.channel, body)
         model = self.rounds.model
         if version != model.version:
-            raise StaleModelError(f"model version {version!r} is not the current {model.version}", code="stale_model")
-        return sess.channel.seal(Frame.MODEL, model.version, pack_signed(model.envelope, model.blob))
+            raise StaleModelError(f"model version {version} is not the current {model.version}", code="stale_model")
+        return seal_model(sess.channel, model.version, model.envelope, model.blob)
 
     def _update(self, sess: _Session, body: bytes) -> bytes:
         if len(body) > self.config.max_update_bytes:
@@ -290,51 +295,18 @@ class Coordinator:
         rnd = self.rounds.current
         if rnd is None:
             raise WrongRoundError("no round is open", code="wrong_round")
-        payload = sess.channel.open(Frame.UPDATE, rnd.number, body)
-        head, blob = unpack_signed(payload)
-        env = SignedEnvelope.parse(head, expected_type=MsgType.UPDATE)
-        if env.get_key_id(Field.DEVICE_KEY_ID) != sess.device_id:
-            raise AuthError("update header names another device", code="device_mismatch")
-        env.verify(sess.key)
-        if env.get_int(Field.ROUND) != rnd.number:
-            raise WrongRoundError(f"update is for round {env.get_int(Field.ROUND)}, open is {rnd.number}")
-        base = env.get(Field.BASE_MODEL_HASH).hex()
-        if base != rnd.base.sha256:
-            raise StaleModelError("update was trained on another base model", code="stale_model")
-        if env.get_int(Field.PAYLOAD_SIZE) != len(blob):
-            raise MalformedError("update blob length differs from its signed size", code="truncated")
-        digest = env.get(Field.UPDATE_HASH).hex()
-        flat = decode_blob(blob, self.layout, kind="update", expected_sha256=digest).flat
-        metrics = _metrics(env)
-        examples = env.get_int(Field.NUM_EXAMPLES)
+        opened = open_update(sess.channel, sess.key, body, rnd.number, base_model_hash=rnd.base.sha256)
+        examples = opened.num_examples
         if not 1 <= examples <= _MAX_EXAMPLES:
             raise ValidationError(f"example count {examples} is outside 1..{_MAX_EXAMPLES}", code="bad_example_count")
+        metrics = opened.metrics()
+        digest = opened.update_hash
+        flat = decode_blob(opened.blob, self.layout, kind="update", verified_sha256=digest).flat
         update = ClientUpdate(sess.device_id, flat, examples, metrics)
-        accepted, duplicate = self.rounds.accept(update, digest, base, env.signature, blob, round_number=rnd.number)
-        ack = SignedEnvelope.sign(
-            self.config.suite,
-            MsgType.UPDATE_ACK,
-            {
-                Field.DEVICE_KEY_ID: bytes.fromhex(sess.device_id),
-                Field.ROUND: u64(rnd.number),
-                Field.UPDATE_HASH: bytes.fromhex(digest),
-                Field.STATUS: bytes([1 if duplicate else 0]),
-                Field.TIMESTAMP: u64(int(self._clock())),
-            },
-            self.identity,
-        ).to_bytes()
-        receipt = Receipt(rnd.number, digest, accepted, duplicate)
-        return sess.channel.seal(Frame.RECEIPT, rnd.number, pack_signed(ack, receipt.to_bytes()))
-
-
-def _metrics(env: SignedEnvelope) -> dict[str, float]:
-    raw = env.fields.get(Field.METADATA) if hasattr(Field, "METADATA") else None
-    if not raw:
-        return {}
-    obj = decode_json(raw, max_len=4096)
-    out: dict[str, float] = {}
-    for k, v in obj.items():
-        if not isinstance(v, (int, float)) or isinstance(v, bool):
-            raise MalformedError(f"update metadata {k!r} must be a number")
-        out[str(k)[:64]] = float(v)
-    return out
+        count, duplicate = self.rounds.accept(
+            update, digest, opened.base_model_hash, opened.signature, opened.blob, round_number=rnd.number
+        )
+        status = AckStatus.DUPLICATE if duplicate else AckStatus.ACCEPTED
+        ack = sign_update_ack(self.identity, sess.channel.suite, opened, status, int(self._clock()))
+        receipt = Receipt(rnd.number, digest, count, duplicate)
+        return seal_receipt(sess.channel, rnd.number, ack, receipt.to_bytes())

@@ -1,9 +1,11 @@
-"""The device side of the protocol: enroll, handshake, fetch and verify the global model, seal updates.
+"""The device side of the protocol: enroll, handshake, fetch and verify the global model, sign and send
+updates.
 
-A :class:`Device` knows nothing about how its bytes travel: it is given a
-:class:`~qflare.transport.Transport` (in-process for simulation, HTTP for deployment).  Training itself
-is done by a :class:`~qflare.training.LocalTrainer` handed in by the caller, so one trainer (one model
-instance) can serve many simulated devices.
+A :class:`Device` knows nothing about how its bytes travel: it is given a :class:`Transport`
+(:class:`~qflare.transport.InProcessTransport` for simulation, :class:`~qflare.transport.HttpTransport`
+for deployment).  Every round frame is built and checked by the recipes of :mod:`qflare.crypto.payloads`.
+Training itself is done by a :class:`~qflare.training.LocalTrainer` handed in by the caller, so one
+trainer (one model instance) can serve many simulated devices.
 """
 
 from __future__ import annotations
@@ -14,32 +16,41 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import torch
 
 from ..crypto import (
     DEFAULT_POLICY,
     DEFAULT_SUITE,
+    AckStatus,
     Channel,
     ClientHandshake,
     Field,
     MsgType,
     Policy,
     SignedEnvelope,
+    SignedUpdate,
     SigningKey,
     Suite,
     VerifyKey,
-    pack_signed,
-    unpack_signed,
+    open_global_model,
+    open_receipt,
+    open_task,
+    seal_model_request,
+    seal_task_request,
+    seal_update,
+    sign_update,
 )
 from ..crypto.envelope import u64
-from ..errors import AuthError, SessionExpiredError, StaleModelError, ValidationError
+from ..errors import AuthError, SessionExpiredError
 from ..training import TrainResult
-from ..wire import ParamLayout, decode_blob, encode_update, sha256_hex
-from .messages import Frame, Receipt, Route, TaskInfo, encode_json
+from ..wire import ParamLayout, decode_blob, encode_update
+from .messages import Receipt, Route, TaskInfo
 
-__all__ = ["Device", "GlobalModel", "SealedUpdate", "Transport"]
+__all__ = ["Device", "GlobalModel", "SignedUpdate", "Transport"]
+
+_T = TypeVar("_T")
 
 
 class Transport(Protocol):
@@ -53,15 +64,6 @@ class GlobalModel:
     version: int
     sha256: str
     flat: torch.Tensor
-
-
-@dataclass(frozen=True)
-class SealedUpdate:
-    """An update signed by the device, ready to be sealed in the channel and sent."""
-
-    round: int
-    payload: bytes  # pack_signed(UPDATE envelope, update blob)
-    update_hash: str
 
 
 class Device:
@@ -122,7 +124,7 @@ class Device:
         self._channel, self._session_id = channel, channel.session_id.hex()
         return self._session_id
 
-    def _call(self, route: Route, send_type: Frame, recv_type: Frame, rnd: int, recv_round: int, body: bytes) -> bytes:
+    def _call(self, route: Route, seal: Callable[[Channel], bytes], open_: Callable[[Channel, bytes], _T]) -> _T:
         """One sealed request/response on the session (re-handshakes once if the session expired)."""
         for attempt in (0, 1):
             if self._channel is None or self._channel.expired():
@@ -131,9 +133,8 @@ class Device:
             assert channel is not None
             try:
                 with self._lock:
-                    frame = channel.seal(send_type, rnd, body)
-                    reply = self.transport.request(route, frame, sid)
-                    return channel.open(recv_type, recv_round, reply)
+                    reply = self.transport.request(route, seal(channel), sid)
+                    return open_(channel, reply)
             except (SessionExpiredError, AuthError) as exc:
                 if attempt or exc.code not in ("session_expired", "unknown_session"):
                     raise
@@ -142,51 +143,36 @@ class Device:
 
     # ------------------------------------------------------------------ round steps
     def task(self) -> TaskInfo:
-        return TaskInfo.from_bytes(self._call(Route.TASK, Frame.TASK_REQUEST, Frame.TASK, 0, 0, b""))
+        return TaskInfo.from_bytes(self._call(Route.TASK, seal_task_request, open_task))
 
     def fetch_model(self, task: TaskInfo) -> GlobalModel:
         """Download the global model named by ``task``; verify the coordinator's signature and hash."""
-        payload = self._call(
+        _, blob = self._call(
             Route.MODEL,
-            Frame.MODEL_REQUEST,
-            Frame.MODEL,
-            0,
-            task.model_version,
-            encode_json({"version": task.model_version}),
+            lambda ch: seal_model_request(ch, task.model_version),
+            lambda ch, reply: open_global_model(ch, self.server_key, reply, task.model_version, task.model_hash),
         )
-        head, blob = unpack_signed(payload)
-        env = SignedEnvelope.open(head, self.server_key, expected_type=MsgType.GLOBAL_MODEL)
-        digest = env.get(Field.MODEL_HASH).hex()
-        if env.get_int(Field.MODEL_VERSION) != task.model_version or digest != task.model_hash:
-            raise StaleModelError("coordinator sent a model other than the task's", code="stale_model")
-        if env.get_int(Field.PAYLOAD_SIZE) != len(blob):
-            raise ValidationError("model blob length differs from its signed size", code="hash_mismatch")
-        flat = decode_blob(bytes(blob), self.layout, kind="model", expected_sha256=digest).flat
-        return GlobalModel(task.model_version, digest, flat)
+        flat = decode_blob(blob, self.layout, kind="model", verified_sha256=task.model_hash).flat
+        return GlobalModel(task.model_version, task.model_hash, flat)
 
-    def prepare_update(self, task: TaskInfo, model: GlobalModel, result: TrainResult) -> SealedUpdate:
-        """Serialise and sign an update (round, base hash, update hash, examples, metadata)."""
+    def prepare_update(self, task: TaskInfo, model: GlobalModel, result: TrainResult) -> SignedUpdate:
+        """Serialise and sign an update (round, base hash, update hash, examples, training metrics)."""
         blob = encode_update(self.layout, result.delta, {"round": str(task.round)})
-        digest = sha256_hex(blob)
-        meta = {"loss": result.mean_loss, "train_s": result.duration_s, "steps": float(result.steps)}
-        fields = {
-            Field.DEVICE_KEY_ID: self.identity.public.key_id_bytes,
-            Field.ROUND: u64(task.round),
-            Field.BASE_MODEL_HASH: bytes.fromhex(model.sha256),
-            Field.UPDATE_HASH: bytes.fromhex(digest),
-            Field.NUM_EXAMPLES: u64(result.num_examples),
-            Field.PAYLOAD_SIZE: u64(len(blob)),
-        }
-        if hasattr(Field, "METADATA"):
-            fields[Field.METADATA] = encode_json(meta)
-        env = SignedEnvelope.sign(self.suite, MsgType.UPDATE, fields, self.identity).to_bytes()
-        return SealedUpdate(task.round, pack_signed(env, blob), digest)
+        metrics = {"loss": result.mean_loss, "train_s": result.duration_s, "steps": float(result.steps)}
+        return sign_update(self.identity, self.suite, task.round, model.sha256, result.num_examples, blob, metrics)
 
-    def submit(self, update: SealedUpdate) -> Receipt:
-        """Send a prepared update; verify the coordinator's signed receipt."""
-        payload = self._call(Route.UPDATE, Frame.UPDATE, Frame.RECEIPT, update.round, update.round, update.payload)
-        head, body = unpack_signed(payload)
-        env = SignedEnvelope.open(head, self.server_key, expected_type=MsgType.UPDATE_ACK)
-        if env.get(Field.UPDATE_HASH).hex() != update.update_hash or env.get_int(Field.ROUND) != update.round:
-            raise AuthError("receipt does not acknowledge this update", code="bad_receipt")
-        return Receipt.from_bytes(bytes(body))
+    def submit(self, update: SignedUpdate) -> Receipt:
+        """Send a signed update; verify the coordinator's signed receipt."""
+        status, body = self._call(
+            Route.UPDATE,
+            lambda ch: seal_update(ch, update),
+            lambda ch, reply: open_receipt(ch, self.server_key, reply, self.identity.key_id, update),
+        )
+        receipt = Receipt.from_bytes(bytes(body))
+        if (
+            receipt.round != update.round
+            or receipt.update_hash != update.update_hash
+            or receipt.duplicate != (status is AckStatus.DUPLICATE)
+        ):
+            raise AuthError("receipt disagrees with the signed acknowledgement", code="bad_receipt")
+        return receipt

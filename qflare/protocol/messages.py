@@ -3,8 +3,9 @@
 Everything a device and a coordinator exchange is bytes, so the same objects run over the in-process
 transport and over HTTP.  Signed artefacts (enrollment, handshake, global model header, update header,
 receipt) are :class:`~qflare.crypto.SignedEnvelope` s; after the handshake, every request and response
-travels as an AES-256-GCM frame of the session :class:`~qflare.crypto.Channel`, whose message type and
-round are bound into the frame's associated data.  The small control messages inside frames are strict
+travels as an AES-256-GCM frame of the session :class:`~qflare.crypto.Channel`, whose :class:`Frame`
+type and round are bound into the frame's associated data (the frames are built and checked by the
+recipes of :mod:`qflare.crypto.payloads`, which also defines :class:`Frame`).  The small control messages inside frames are strict
 JSON objects (unknown or missing keys are refused); model and update tensors travel as safetensors blobs
 next to their signed header, never as JSON numbers.
 """
@@ -13,9 +14,11 @@ from __future__ import annotations
 
 import enum
 import json
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from ..crypto.payloads import Frame, canonical_json
 from ..errors import MalformedError
 
 __all__ = [
@@ -37,17 +40,6 @@ class Route(enum.StrEnum):
     TASK = "task"
     MODEL = "model"
     UPDATE = "update"
-
-
-class Frame(enum.IntEnum):
-    """Channel message types (bound into each frame's AAD together with the round)."""
-
-    TASK_REQUEST = 0x30
-    TASK = 0x31
-    MODEL_REQUEST = 0x32
-    MODEL = 0x33
-    UPDATE = 0x34
-    RECEIPT = 0x35
 
 
 @dataclass(frozen=True)
@@ -72,11 +64,12 @@ class TaskInfo:
 
 @dataclass(frozen=True)
 class Receipt:
-    """The coordinator's acknowledgement of an accepted update (``duplicate`` for an idempotent retry)."""
+    """The coordinator's acknowledgement of an accepted update (``duplicate`` for an idempotent retry),
+    sent after the signed UPDATE_ACK in the RECEIPT frame."""
 
     round: int
     update_hash: str
-    accepted: int
+    updates_in_round: int  # updates accepted in the round so far, this one included
     duplicate: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -88,8 +81,8 @@ class Receipt:
         return _strict(cls, decode_json(data))
 
 
-def encode_json(obj: dict[str, Any]) -> bytes:
-    return json.dumps(obj, separators=(",", ":"), sort_keys=True, allow_nan=False).encode()
+def encode_json(obj: Mapping[str, Any]) -> bytes:
+    return canonical_json(obj)
 
 
 def decode_json(data: bytes, max_len: int = 65536) -> dict[str, Any]:
@@ -97,7 +90,7 @@ def decode_json(data: bytes, max_len: int = 65536) -> dict[str, Any]:
         raise MalformedError(f"control message of {len(data)} bytes exceeds {max_len}")
     try:
         obj = json.loads(bytes(data).decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+    except (ValueError, RecursionError) as exc:  # bad UTF-8, bad JSON, an integer too long to convert
         raise MalformedError(f"control message is not valid JSON: {exc}") from None
     if not isinstance(obj, dict):
         raise MalformedError("control message must be a JSON object")

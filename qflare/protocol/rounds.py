@@ -21,12 +21,11 @@ from datetime import UTC, datetime
 
 import torch
 
-from ..crypto import Field, MsgType, SignedEnvelope, SigningKey, Suite
-from ..crypto.envelope import u64
+from ..crypto import SigningKey, Suite, sign_global_model
 from ..errors import ConfigError, QflareError, RoundError, StaleModelError, ValidationError, WrongRoundError
 from ..strategy import ClientUpdate, Pipeline, RoundAggregation
 from ..strategy.state import encode_pipeline_state, load_pipeline_state
-from ..wire import ParamLayout, decode_blob, encode_model, sha256_hex
+from ..wire import ParamLayout, decode_blob, encode_model
 from .selection import ClientSelector, SelectorFactory, build_selector, check_selection
 from .store import BlobSink, CoordinatorStore
 
@@ -122,18 +121,7 @@ class RoundManager:
     # ------------------------------------------------------------------ models
     def _publish(self, version: int, flat: torch.Tensor) -> PublishedModel:
         blob = encode_model(self.layout, flat, {"version": str(version)})
-        digest = sha256_hex(blob)
-        env = SignedEnvelope.sign(
-            self._suite,
-            MsgType.GLOBAL_MODEL,
-            {
-                Field.MODEL_VERSION: u64(version),
-                Field.MODEL_HASH: bytes.fromhex(digest),
-                Field.PAYLOAD_SIZE: u64(len(blob)),
-                Field.TIMESTAMP: u64(int(self._clock())),
-            },
-            self._identity,
-        ).to_bytes()
+        env, digest = sign_global_model(self._identity, self._suite, version, blob, int(self._clock()))
         if self._blobs is not None:
             self._blobs.put(blob)
         return PublishedModel(version, flat, blob, digest, env)
