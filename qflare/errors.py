@@ -100,7 +100,6 @@ class ErrorCode(enum.StrEnum):
     WRONG_MSG_TYPE = "wrong_msg_type"
     COUNTER_EXHAUSTED = "counter_exhausted"
     PAYLOAD_MISMATCH = "payload_mismatch"
-    PAYLOAD_HASH_MISMATCH = "payload_hash_mismatch"
     # algorithms, suites, keys
     CRYPTO_UNAVAILABLE = "crypto_unavailable"
     UNKNOWN_ALGORITHM = "unknown_algorithm"
@@ -501,8 +500,7 @@ CODE_SPECS: Mapping[ErrorCode, CodeSpec] = MappingProxyType(
         _C.REPLAY: _spec("a frame counter was not above the last accepted one", _R, ReplayError),
         _C.WRONG_MSG_TYPE: _spec("a sealed frame is bound to another message type", _R, AuthError),
         _C.COUNTER_EXHAUSTED: _spec("the session's send counter is used up", _R, SessionExpiredError),
-        _C.PAYLOAD_MISMATCH: _spec("a payload's size differs from its signed size", _R, AuthError),
-        _C.PAYLOAD_HASH_MISMATCH: _spec("a payload's hash differs from its signed hash", _R, AuthError),
+        _C.PAYLOAD_MISMATCH: _spec("a signed payload's length differs from its signed size", _R, ValidationError),
         # algorithms, suites, keys
         _C.CRYPTO_UNAVAILABLE: _spec("the linked OpenSSL lacks a required primitive", _F, CryptoUnavailableError),
         _C.UNKNOWN_ALGORITHM: _spec("an algorithm or suite version this build does not know", _F, ConfigError),

@@ -14,10 +14,22 @@ from qflare.crypto.envelope import HEADER_LEN, Field, MsgType, SignedEnvelope, c
 from qflare.crypto.handshake import ServerHandshake
 from qflare.crypto.identity import SigningKey
 from qflare.crypto.kem import EphemeralKem, Role, derive_session_keys
-from qflare.crypto.payloads import open_global_model, open_update, pack_signed, unpack_signed
+from qflare.crypto.payloads import (
+    AckStatus,
+    Frame,
+    SignedUpdate,
+    open_global_model,
+    open_model_request,
+    open_receipt,
+    open_task,
+    open_task_request,
+    open_update,
+    pack_signed,
+    unpack_signed,
+)
 from qflare.crypto.suite import DEFAULT_POLICY, DEFAULT_SUITE, Policy, Suite, sha256
 from qflare.device.state import pin_server_key, read_pin_file
-from qflare.protocol.messages import Frame, TaskInfo, encode_json
+from qflare.protocol.messages import TaskInfo, encode_json
 from qflare.storage.identity import hash_token
 
 VECTORS: dict[str, Any] = json.loads((Path(__file__).parent / "vectors" / "protocol_v1.json").read_text())
@@ -140,19 +152,56 @@ def test_channel_frames() -> None:
         assert frame[:18] == bytes([1, f["frame_type"]]) + f["round"].to_bytes(8, "big") + f["counter"].to_bytes(
             8, "big"
         )
-        receiver = coordinator if f["sender"] == "device" else device
-        assert receiver.open(f["frame_type"], f["round"], frame) == pt
         if f["name"] in ("MODEL", "UPDATE", "RECEIPT"):
             head, payload = unpack_signed(pt)
             mt = {"MODEL": MsgType.GLOBAL_MODEL, "UPDATE": MsgType.UPDATE, "RECEIPT": MsgType.UPDATE_ACK}[f["name"]]
             row = envs[mt.name]
             signer = SigningKey.from_seed(row["signer_alg"], x(row["signer_seed"])).public
             env = SignedEnvelope.open(head, signer, expected_type=mt)
+        _open_with_recipe(f["name"], coordinator if f["sender"] == "device" else device, frame, f["round"], pt, envs)
+        if f["name"] in ("MODEL", "UPDATE", "RECEIPT"):
             if mt is not MsgType.UPDATE_ACK:
                 assert env.get_int(Field.PAYLOAD_SIZE) == len(payload)
                 assert env.get(Field.MODEL_HASH if mt is MsgType.GLOBAL_MODEL else Field.UPDATE_HASH) == sha256(payload)
             else:
                 assert json.loads(bytes(payload))["update_hash"] == env.get(Field.UPDATE_HASH).hex()
+
+
+def _open_with_recipe(
+    name: str, receiver: Channel, frame: bytes, rnd: int, pt: bytes, envs: dict[str, dict[str, Any]]
+) -> None:
+    """Open one recorded frame with the payload recipe the receiving side uses (qflare.crypto.payloads)."""
+
+    def signer(msg_type: str) -> SigningKey:
+        row = envs[msg_type]
+        return SigningKey.from_seed(row["signer_alg"], x(row["signer_seed"]))
+
+    if name == "TASK_REQUEST":
+        open_task_request(receiver, frame)
+    elif name == "TASK":
+        assert open_task(receiver, frame) == pt
+    elif name == "MODEL_REQUEST":
+        assert open_model_request(receiver, frame) == json.loads(pt)["version"]
+    elif name == "MODEL":
+        model_hash = x(envs["GLOBAL_MODEL"]["fields"]["MODEL_HASH"]).hex()
+        env, blob = open_global_model(receiver, signer("GLOBAL_MODEL").public, frame, rnd, model_hash)
+        assert env.get_int(Field.MODEL_VERSION) == rnd and pack_signed(env.to_bytes(), blob) == pt
+    elif name == "UPDATE":
+        dev = signer("UPDATE")
+        opened = open_update(receiver, dev.public, frame, rnd)
+        assert (
+            opened.device_key_id == dev.key_id
+            and opened.metrics()
+            and pack_signed(opened.envelope.to_bytes(), opened.blob) == pt
+        )
+    else:
+        fields = envs["UPDATE_ACK"]["fields"]  # both recorded acks name the same device and update
+        dev_key_id, update_hash = fields["DEVICE_KEY_ID"], fields["UPDATE_HASH"]
+        status, body = open_receipt(
+            receiver, signer("UPDATE_ACK").public, frame, dev_key_id, SignedUpdate(rnd, b"", update_hash)
+        )
+        assert status is AckStatus.ACCEPTED and json.loads(bytes(body))["duplicate"] is False
+        assert bytes(unpack_signed(pt)[1]) == bytes(body)
 
 
 def test_signed_payload() -> None:
@@ -185,9 +234,19 @@ def _apply(vec: dict[str, Any]) -> None:
         )
         if fed == "Channel.open":
             ch.open(p["frame_type"], p["round"], data)
-            return
-        vk = SigningKey.from_seed(p["key_alg"], x(p["key_seed"])).public
-        {"open_update": open_update, "open_global_model": open_global_model}[fed](ch, vk, p["round"], data)
+        elif fed == "open_task_request":
+            open_task_request(ch, data)
+        elif fed == "open_model_request":
+            open_model_request(ch, data)
+        else:
+            vk = SigningKey.from_seed(p["key_alg"], x(p["key_seed"])).public
+            if fed == "open_update":
+                open_update(ch, vk, data, p["round"], base_model_hash=p.get("base_model_hash"))
+            elif fed == "open_global_model":
+                open_global_model(ch, vk, data, p["version"], p["expected_hash"])
+            else:
+                assert fed == "open_receipt", fed
+                open_receipt(ch, vk, data, p["device_key_id"], SignedUpdate(p["round"], b"", p["update_hash"]))
 
 
 @pytest.mark.parametrize("vec", VECTORS["negative"], ids=lambda v: v["description"])
@@ -201,3 +260,10 @@ def test_negative_coverage() -> None:
     codes = {v["error_code"] for v in VECTORS["negative"]}
     assert {"bad_signature", "unexpected_message", "malformed", "truncated", "oversized", "suite_mismatch"} <= codes
     assert {"bad_mac", "replay", "wrong_round", "wrong_msg_type", "payload_mismatch", "device_mismatch"} <= codes
+    assert {"hash_mismatch", "stale_model", "bad_receipt"} <= codes
+    assert "payload_hash_mismatch" not in codes
+    fed = {v["fed_to"] for v in VECTORS["negative"]}
+    assert {"open_update", "open_global_model", "open_receipt", "open_task_request", "open_model_request"} <= fed
+    for v in VECTORS["negative"]:  # frames fed to the recipes use the protocol's frame types
+        if v["fed_to"].startswith("open_") and "frame_type" in v["params"]:
+            assert v["params"]["frame_type"] in {int(f) for f in Frame}, v["description"]

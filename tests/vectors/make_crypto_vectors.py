@@ -108,6 +108,8 @@ def key_schedules() -> list[dict[str, Any]]:
 
 
 def channel() -> dict[str, Any]:
+    """Plain Channel frames: the type bytes (0x21, 0x20) are arbitrary here, not the protocol's frame
+    types (those are Frame 0x30..0x35, vectored in protocol_v1.json)."""
     sid, k1, k2 = seed("channel/sid"), seed("channel/c2s"), seed("channel/s2c")
     ch = Channel(sid, k1, k2)
     frames = []

@@ -32,10 +32,26 @@ from qflare.crypto.envelope import HEADER_LEN, Field, MsgType, SignedEnvelope, u
 from qflare.crypto.handshake import ServerHandshake  # noqa: E402
 from qflare.crypto.identity import SigningKey  # noqa: E402
 from qflare.crypto.kem import EphemeralKem, Role, derive_session_keys  # noqa: E402
-from qflare.crypto.payloads import open_global_model, open_update, pack_signed, seal_update, unpack_signed  # noqa: E402
+from qflare.crypto.payloads import (  # noqa: E402
+    Frame,
+    SignedUpdate,
+    open_global_model,
+    open_model_request,
+    open_receipt,
+    open_task_request,
+    open_update,
+    pack_signed,
+    seal_model,
+    seal_model_request,
+    seal_receipt,
+    seal_task,
+    seal_task_request,
+    seal_update,
+    unpack_signed,
+)
 from qflare.crypto.suite import DEFAULT_SUITE, HIGH_SUITE, Policy, Suite, sha256  # noqa: E402
 from qflare.errors import QflareError  # noqa: E402
-from qflare.protocol.messages import Frame, encode_json  # noqa: E402
+from qflare.protocol.messages import encode_json  # noqa: E402
 
 OUT = Path(__file__).with_name("protocol_v1.json")
 LOW_SUITE = Suite(sig="ML-DSA-44", kem="ML-KEM-768", x25519=False)  # the only non-hybrid suite vectored
@@ -278,17 +294,33 @@ def frames() -> dict[str, Any]:
     coord = Channel(SID, S2C, C2S)
     task = encode_json(canonical_json()[1]["value"])
     receipt = encode_json(canonical_json()[2]["value"])
-    steps: list[tuple[str, Channel, Frame, int, bytes]] = [
-        ("device", device, Frame.TASK_REQUEST, 0, b""),
-        ("coordinator", coord, Frame.TASK, 0, task),
-        ("device", device, Frame.MODEL_REQUEST, 0, encode_json({"version": 3})),
-        ("coordinator", coord, Frame.MODEL, 3, pack_signed(_signed("GLOBAL_MODEL"), b"model v3")),
-        ("device", device, Frame.UPDATE, 4, pack_signed(_signed("UPDATE with METADATA"), b"update")),
-        ("coordinator", coord, Frame.RECEIPT, 4, pack_signed(_signed("UPDATE_ACK accepted"), receipt)),
+    model_env, update_env, ack = (
+        _signed("GLOBAL_MODEL"),
+        _signed("UPDATE with METADATA"),
+        _signed("UPDATE_ACK accepted"),
+    )
+    update = SignedUpdate(4, pack_signed(update_env, b"update"), sha256(b"update").hex())
+    # (sender, frame type, round, plaintext, the recipe that seals it)
+    steps: list[tuple[str, Frame, int, bytes, Callable[[Channel], bytes]]] = [
+        ("device", Frame.TASK_REQUEST, 0, b"", seal_task_request),
+        ("coordinator", Frame.TASK, 0, task, lambda ch: seal_task(ch, task)),
+        ("device", Frame.MODEL_REQUEST, 0, encode_json({"version": 3}), lambda ch: seal_model_request(ch, 3)),
+        (
+            "coordinator",
+            Frame.MODEL,
+            3,
+            pack_signed(model_env, b"model v3"),
+            lambda ch: seal_model(ch, 3, model_env, b"model v3"),
+        ),
+        ("device", Frame.UPDATE, 4, update.payload, lambda ch: seal_update(ch, update)),
+        ("coordinator", Frame.RECEIPT, 4, pack_signed(ack, receipt), lambda ch: seal_receipt(ch, 4, ack, receipt)),
     ]
     rows = []
-    for sender, ch, ft, rnd, pt in steps:
+    for sender, ft, rnd, pt, seal in steps:
+        ch = device if sender == "device" else coord
         counter = ch.send_counter
+        frame = seal(ch)
+        assert frame[1] == ft and frame[2:10] == u64(rnd)  # the recipe uses this frame type and round
         rows.append(
             {
                 "name": ft.name,
@@ -298,7 +330,7 @@ def frames() -> dict[str, Any]:
                 "round": rnd,
                 "counter": counter,
                 "plaintext": h(pt),  # recorded where it holds a signed envelope
-                "frame": h(ch.seal(ft, rnd, pt)),
+                "frame": h(frame),
             }
         )
     return {"session_id": h(SID), "c2s": h(C2S), "s2c": h(S2C), "frames": rows}
@@ -330,19 +362,6 @@ def _body(suite: Suite, mt: MsgType, tlvs: list[tuple[int, bytes]]) -> bytes:
     return out
 
 
-def _update_frame_type() -> int:
-    """The channel frame type the reference's seal_update uses (open_update expects the same)."""
-    ch = Channel(seed("probe/sid"), seed("probe/a"), seed("probe/b"))
-    return seal_update(ch, key("device"), 1, bytes(32), 1, b"x")[1]
-
-
-def _global_model_frame_type() -> int:
-    from qflare.crypto.payloads import seal_global_model
-
-    ch = Channel(seed("probe/sid"), seed("probe/a"), seed("probe/b"))
-    return seal_global_model(ch, key("server"), 1, b"x", timestamp=T0)[1]
-
-
 def apply(vec: dict[str, Any]) -> None:
     """Feed one negative vector to the reference code (raises its QflareError)."""
     p = vec.get("params", {})
@@ -357,7 +376,7 @@ def apply(vec: dict[str, Any]) -> None:
         SignedEnvelope.open(data, vk, expected_type=MsgType[p["expected_type"]])
     elif fed == "unpack_signed":
         unpack_signed(data)
-    elif fed in ("Channel.open", "open_update", "open_global_model"):
+    else:
         ch = Channel(
             bytes.fromhex(p["session_id"]),
             bytes.fromhex(p["send_key"]),
@@ -366,11 +385,20 @@ def apply(vec: dict[str, Any]) -> None:
         )
         if fed == "Channel.open":
             ch.open(p["frame_type"], p["round"], data)
+        elif fed == "open_task_request":
+            open_task_request(ch, data)
+        elif fed == "open_model_request":
+            open_model_request(ch, data)
         else:
             vk = SigningKey.from_seed(p["key_alg"], bytes.fromhex(p["key_seed"])).public
-            (open_update if fed == "open_update" else open_global_model)(ch, vk, p["round"], data)
-    else:  # pragma: no cover
-        raise KeyError(fed)
+            if fed == "open_update":
+                open_update(ch, vk, data, p["round"], base_model_hash=p.get("base_model_hash"))
+            elif fed == "open_global_model":
+                open_global_model(ch, vk, data, p["version"], p["expected_hash"])
+            elif fed == "open_receipt":
+                open_receipt(ch, vk, data, p["device_key_id"], SignedUpdate(p["round"], b"", p["update_hash"]))
+            else:  # pragma: no cover
+                raise KeyError(fed)
 
 
 def negatives() -> list[dict[str, Any]]:
@@ -398,8 +426,7 @@ def negatives() -> list[dict[str, Any]]:
     bad_tag[-1] ^= 0x01
     round_rewritten = bytearray(good)
     round_rewritten[2:10] = u64(5)
-    uft = _update_frame_type()
-    gft = _global_model_frame_type()
+    uft, mft, rft = int(Frame.UPDATE), int(Frame.MODEL), int(Frame.RECEIPT)
 
     def upd_frame(fields: dict[Field, bytes], payload: bytes, *, signer: SigningKey = dev, s: Suite = suite) -> str:
         env = SignedEnvelope.sign(s, MsgType.UPDATE, fields, signer).to_bytes()
@@ -408,8 +435,35 @@ def negatives() -> list[dict[str, Any]]:
     upd_params = {**chan, "frame_type": uft, "round": 4, **dev_key}
     high_fields = {**upd_fields, Field.DEVICE_KEY_ID: high_dev.key_id_bytes}
     dev_recv = {"session_id": h(sid), "send_key": h(recv_key), "recv_key": h(send_key)}  # the device's view
-    model_frame = h(unsafe_seal_frame(send_key, sid, gft, 3, 0, pack_signed(model, b"model v3!")))
     srv_key = {"key_alg": srv.alg, "key_seed": h(srv.unsafe_seed_bytes())}
+
+    def model_frame(env: bytes, blob: bytes, version: int = 3) -> str:
+        return h(unsafe_seal_frame(send_key, sid, mft, version, 0, pack_signed(env, blob)))
+
+    model_hash = sha256(b"model v3").hex()
+    model_params = {**dev_recv, "frame_type": mft, "version": 3, "expected_hash": model_hash, **srv_key}
+    high_srv = key("server", HIGH_SUITE.sig)
+    high_model = SignedEnvelope.sign(
+        HIGH_SUITE, MsgType.GLOBAL_MODEL, SignedEnvelope.parse(model).fields, high_srv
+    ).to_bytes()
+    ack_fields = next(f for n, _, _, f in message_cases(suite) if n == "UPDATE_ACK accepted")
+
+    def receipt_frame(fields: dict[Field, bytes], *, signer: SigningKey = srv) -> str:
+        ack = SignedEnvelope.sign(suite, MsgType.UPDATE_ACK, fields, signer).to_bytes()
+        body = encode_json(canonical_json()[2]["value"])
+        return h(unsafe_seal_frame(send_key, sid, rft, 4, 0, pack_signed(ack, body)))
+
+    receipt_params = {
+        **dev_recv,
+        "frame_type": rft,
+        "round": 4,
+        "device_key_id": dev.key_id,
+        "update_hash": sha256(b"update").hex(),
+        **srv_key,
+    }
+
+    def request_frame(ft: Frame, body: bytes) -> str:
+        return h(unsafe_seal_frame(recv_key, sid, int(ft), 0, 0, body))
 
     rows: list[tuple[str, str, bytes | str, dict[str, Any]]] = [
         ("unknown suite byte (KEM id 0x03)", "Suite.from_bytes", bytes.fromhex("0102030101"), {}),
@@ -529,6 +583,12 @@ def negatives() -> list[dict[str, Any]]:
             upd_frame({**upd_fields, Field.PAYLOAD_SIZE: u64(7)}, b"update"),
             upd_params,
         ),
+        (
+            "payload size and hash mismatch (size is checked first)",
+            "open_update",
+            upd_frame({**upd_fields, Field.PAYLOAD_SIZE: u64(7)}, b"UPDATE"),
+            upd_params,
+        ),
         ("payload hash mismatch", "open_update", upd_frame(upd_fields, b"UPDATE"), upd_params),
         (
             "suite mismatch (HIGH_SUITE envelope in a DEFAULT_SUITE session)",
@@ -549,34 +609,107 @@ def negatives() -> list[dict[str, Any]]:
             upd_params,
         ),
         (
+            "update names and is signed by another device (device key id is checked before the signature)",
+            "open_update",
+            upd_frame({**upd_fields, Field.DEVICE_KEY_ID: srv.key_id_bytes}, b"update", signer=srv),
+            upd_params,
+        ),
+        (
             "bad signature and payload size mismatch (signature is checked first)",
             "open_update",
             h(unsafe_seal_frame(recv_key, sid, uft, 4, 0, pack_signed(bytes(flip_sig), b"update!"))),
             upd_params,
         ),
         (
+            "update trained on another base model (base_model_hash given)",
+            "open_update",
+            upd_frame(upd_fields, b"update"),
+            {**upd_params, "base_model_hash": sha256(b"model v2").hex()},
+        ),
+        (
             "payload size mismatch (global model)",
             "open_global_model",
-            model_frame,
-            {**dev_recv, "frame_type": gft, "round": 3, **srv_key},
+            model_frame(model, b"model v3!"),
+            model_params,
         ),
         (
             "payload hash mismatch (global model)",
             "open_global_model",
-            h(unsafe_seal_frame(send_key, sid, gft, 3, 0, pack_signed(model, b"model V3"))),
-            {**dev_recv, "frame_type": gft, "round": 3, **srv_key},
+            model_frame(model, b"model V3"),
+            model_params,
         ),
         (
-            "signed model version differs from the frame round",
+            "signed model version differs from the requested version (= frame round)",
             "open_global_model",
-            h(unsafe_seal_frame(send_key, sid, gft, 4, 0, pack_signed(model, b"model v3"))),
-            {**dev_recv, "frame_type": gft, "round": 4, **srv_key},
+            model_frame(model, b"model v3", 4),
+            {**model_params, "version": 4},
+        ),
+        (
+            "signed model hash differs from the task's model hash",
+            "open_global_model",
+            model_frame(model, b"model v3"),
+            {**model_params, "expected_hash": sha256(b"model v2").hex()},
+        ),
+        (
+            "suite mismatch, global model (suite is checked before the signature)",
+            "open_global_model",
+            model_frame(high_model, b"model v3"),
+            model_params,
         ),
         (
             "UPDATE envelope where GLOBAL_MODEL expected",
             "open_global_model",
-            h(unsafe_seal_frame(send_key, sid, gft, 3, 0, pack_signed(upd, b"update"))),
-            {**dev_recv, "frame_type": gft, "round": 3, **srv_key},
+            model_frame(upd, b"update"),
+            model_params,
+        ),
+        (
+            "receipt names another device",
+            "open_receipt",
+            receipt_frame({**ack_fields, Field.DEVICE_KEY_ID: srv.key_id_bytes}),
+            receipt_params,
+        ),
+        (
+            "receipt for another round",
+            "open_receipt",
+            receipt_frame({**ack_fields, Field.ROUND: u64(3)}),
+            receipt_params,
+        ),
+        (
+            "receipt for another update hash",
+            "open_receipt",
+            receipt_frame({**ack_fields, Field.UPDATE_HASH: sha256(b"other update")}),
+            receipt_params,
+        ),
+        (
+            "receipt with an unknown ack status 0x02",
+            "open_receipt",
+            receipt_frame({**ack_fields, Field.STATUS: b"\x02"}),
+            receipt_params,
+        ),
+        (
+            "receipt signed by the device key, not the coordinator's",
+            "open_receipt",
+            receipt_frame(ack_fields, signer=dev),
+            receipt_params,
+        ),
+        ("TASK_REQUEST with a body", "open_task_request", request_frame(Frame.TASK_REQUEST, b"{}"), chan),
+        (
+            "MODEL_REQUEST with an extra key",
+            "open_model_request",
+            request_frame(Frame.MODEL_REQUEST, encode_json({"version": 3, "x": 1})),
+            chan,
+        ),
+        (
+            "MODEL_REQUEST with a negative version",
+            "open_model_request",
+            request_frame(Frame.MODEL_REQUEST, encode_json({"version": -1})),
+            chan,
+        ),
+        (
+            "MODEL_REQUEST with a boolean version",
+            "open_model_request",
+            request_frame(Frame.MODEL_REQUEST, b'{"version":true}'),
+            chan,
         ),
     ]
     out = []
