@@ -16,6 +16,7 @@ from .crypto import DEFAULT_POLICY, DEFAULT_SUITE, HIGH_SUITE, Policy, SigningKe
 from .data import ArrayDataset, load_dataset, partition
 from .device import DeviceClient
 from .errors import QflareError
+from .federation import FederationSpec
 from .models import create_model, register_model
 from .protocol import Coordinator, CoordinatorConfig, Device, RoundConfig
 from .strategy import ClientUpdate, Pipeline, build_strategy
@@ -50,6 +51,7 @@ __all__ = [
     "CoordinatorConfig",
     "Device",
     "DeviceClient",
+    "FederationSpec",
     "HttpTransport",
     "InProcessTransport",
     "LocalTrainer",

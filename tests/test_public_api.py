@@ -13,6 +13,7 @@ EXPECTED = {
     "DEFAULT_SUITE",
     "Device",
     "DeviceClient",
+    "FederationSpec",
     "HIGH_SUITE",
     "HttpTransport",
     "InProcessTransport",

@@ -13,7 +13,6 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from ..data import DATASETS
-from ..demo import DEMO_FEDERATION, DemoConfig, run_demo
 from ..models import model_names
 from .common import console, friendly_errors
 
@@ -41,6 +40,9 @@ def demo(
 ) -> None:
     """Start a coordinator and N devices here and train federated over HTTP, every security feature on."""
     signal.signal(signal.SIGTERM, _on_sigterm)
+    # imported here: the demo launches the coordinator (qflare.server), which `qflare client` never loads
+    from ..demo import DEMO_FEDERATION, DemoConfig, run_demo
+
     with friendly_errors():
         spec = DEMO_FEDERATION.replace(
             devices=devices,
