@@ -17,6 +17,7 @@ from .crypto import DEFAULT_POLICY, DEFAULT_SUITE, HIGH_SUITE, Policy, SigningKe
 from .data import ArrayDataset, load_dataset, partition, register_dataset
 from .device import DeviceClient
 from .errors import QflareError
+from .federation import FederationSpec
 from .models import create_model, register_model
 from .plugins import load_plugins
 from .protocol import ClientSelector, Coordinator, CoordinatorConfig, Device, RoundConfig, register_selector
@@ -53,6 +54,7 @@ __all__ = [
     "CoordinatorConfig",
     "Device",
     "DeviceClient",
+    "FederationSpec",
     "HttpTransport",
     "InProcessTransport",
     "LocalTrainer",

@@ -1,8 +1,9 @@
 """Process-wide defaults shared by several commands (data folder, heap settings for child processes).
 
-Per-component settings live with their component (``ServerConfig``, ``SimulationConfig``,
-``TrainConfig``); ``QFLARE_*`` environment variables are read where they apply
-(``QFLARE_DATABASE_URL``, ``QFLARE_ADMIN_TOKEN``, ``QFLARE_DATA_DIR``).
+A federation's workload is :class:`qflare.federation.FederationSpec`; per-component settings live
+with their component (``ServerConfig``, ``SimulationConfig``, ``DemoConfig``); ``QFLARE_*``
+environment variables are read where they apply (``QFLARE_DATABASE_URL``, ``QFLARE_ADMIN_TOKEN``,
+``QFLARE_DATA_DIR``).
 """
 
 from __future__ import annotations

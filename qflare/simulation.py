@@ -31,8 +31,10 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from .crypto import DEFAULT_SUITE, SigningKey, Suite, require_primitives
+from .crypto import SigningKey, require_primitives
 from .data import load_dataset, partition
+from .errors import ConfigError
+from .federation import FederationSpec
 from .memory import release_free_memory, tune_heap
 from .models import create_model
 from .protocol import Coordinator, CoordinatorConfig, Device, RoundConfig
@@ -54,28 +56,25 @@ __all__ = [
 
 @dataclass(frozen=True)
 class SimulationConfig:
-    dataset: str = "fashion-mnist"
-    data_root: str | None = None
-    model: str = "fedavg-cnn"
-    devices: int = 100
-    per_round: int = 10
-    rounds: int = 30
-    partition: str = "dirichlet"
-    alpha: float = 0.5
-    shards_per_device: int = 2
-    seed: int = 0
-    strategy: str = "fedavg"
-    strategy_args: dict[str, Any] = field(default_factory=dict)
-    train: TrainConfig = field(default_factory=TrainConfig)
+    """A federation (:class:`~qflare.federation.FederationSpec`) and how this process simulates it."""
+
+    federation: FederationSpec = field(default_factory=FederationSpec)
     workers: int = 0
     """Training threads; 0 = one per CPU core. 1 = train devices one after another with torch's
     default intra-op threads (what a bare PyTorch loop does)."""
     eval_chunks: int = 10
-    suite: Suite = DEFAULT_SUITE
     protocol: bool = True
     """False skips the device/coordinator protocol (no crypto, no database): training results are
     aggregated directly.  Only for measuring what the protocol costs; the devices, partitions, seeds,
     selection and aggregation are the same."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.federation, FederationSpec):
+            raise ConfigError(f"federation must be a FederationSpec, got {type(self.federation).__name__}")
+        if self.workers < 0:
+            raise ConfigError(f"workers must be >= 0, got {self.workers}")
+        if self.eval_chunks < 1:
+            raise ConfigError(f"eval_chunks must be >= 1, got {self.eval_chunks}")
 
 
 @dataclass
@@ -190,6 +189,7 @@ class _SecureFederation:
     """The real thing: a Coordinator and N enrolled Devices with PQ sessions, over the in-process transport."""
 
     def __init__(self, cfg: SimulationConfig, layout: ParamLayout, initial: torch.Tensor) -> None:
+        spec = cfg.federation
         # The coordinator's database: SQLite in a scratch folder (RAM-backed where /dev/shm exists).
         self._scratch = tempfile.TemporaryDirectory(
             prefix="qflare-sim-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None
@@ -199,24 +199,28 @@ class _SecureFederation:
         self.coordinator = Coordinator(
             layout=layout,
             initial_flat=initial,
-            strategy=build_strategy(cfg.strategy, **cfg.strategy_args),
-            identity=SigningKey.generate(cfg.suite.sig),
+            strategy=build_strategy(spec.strategy, **spec.strategy_args),
+            identity=SigningKey.generate(spec.suite.sig),
             store=Store(self._db),
             # No deadline in a simulation: every selected device answers (a round may take long).
             rounds=RoundConfig(
-                rounds=cfg.rounds, per_round=cfg.per_round, seed=cfg.seed, round_timeout_s=_NO_DEADLINE_S
+                rounds=spec.rounds,
+                per_round=spec.per_round,
+                min_participants=spec.min_participants,
+                seed=spec.seed,
+                round_timeout_s=_NO_DEADLINE_S,
             ),
-            config=CoordinatorConfig(suite=cfg.suite),
+            config=CoordinatorConfig(suite=spec.suite),
         )
         transport = InProcessTransport(self.coordinator)
         self.devices: list[Device] = []
-        for token in self.coordinator.create_tokens(cfg.devices, ttl_s=600, label="simulation"):
+        for token in self.coordinator.create_tokens(spec.devices, ttl_s=600, label="simulation"):
             dev = Device(
                 transport=transport,
-                identity=SigningKey.generate(cfg.suite.sig),
+                identity=SigningKey.generate(spec.suite.sig),
                 server_key=self.coordinator.public_key,
                 layout=layout,
-                suite=cfg.suite,
+                suite=spec.suite,
             )
             dev.enroll(token)
             dev.connect()
@@ -250,19 +254,19 @@ class _DirectFederation:
     """Same selection and aggregation without the protocol — only to measure what the protocol costs."""
 
     def __init__(self, cfg: SimulationConfig, layout: ParamLayout, initial: torch.Tensor) -> None:
-        self._cfg, self._layout = cfg, layout
-        self._strategy = build_strategy(cfg.strategy, **cfg.strategy_args)
-        self._rng = np.random.default_rng(cfg.seed + 1)  # RoundManager's selection stream
+        spec = self._spec = cfg.federation
+        self._strategy = build_strategy(spec.strategy, **spec.strategy_args)
+        self._rng = np.random.default_rng(spec.seed + 1)  # RoundManager's selection stream
         self._flat, self._number = initial, 0
         self._agg: RoundAggregation | None = None
 
     def open_round(self) -> tuple[int, list[int]] | None:
-        if self._number >= self._cfg.rounds:
+        if self._number >= self._spec.rounds:
             return None
         self._number += 1
-        k = min(self._cfg.per_round, self._cfg.devices)
+        k = min(self._spec.per_round, self._spec.devices)
         self._agg = self._strategy.begin(self._flat)
-        return self._number, [int(i) for i in self._rng.choice(self._cfg.devices, k, replace=False)]
+        return self._number, [int(i) for i in self._rng.choice(self._spec.devices, k, replace=False)]
 
     def work(self, i: int, train: Callable[[torch.Tensor, int], TrainResult]) -> tuple[Any, TrainResult]:
         result = train(self._flat, self._number)
@@ -271,7 +275,7 @@ class _DirectFederation:
     def submit(self, i: int, update: Any) -> None:
         assert self._agg is not None
         self._agg.add(update)
-        if self._agg.count == min(self._cfg.per_round, self._cfg.devices):
+        if self._agg.count == min(self._spec.per_round, self._spec.devices):
             self._flat, self._agg = self._agg.finish(), None
 
     def model(self) -> tuple[torch.Tensor, str]:
@@ -290,42 +294,43 @@ def run_simulation(
 ) -> SimulationResult:
     """Run ``cfg``; ``federation`` replaces the in-process backends (e.g. devices talking to a server)."""
     t0 = time.perf_counter()
+    spec = cfg.federation
     tune_heap()
-    require_primitives(cfg.suite)
-    train = load_dataset(cfg.dataset, "train", root=cfg.data_root)
-    test = load_dataset(cfg.dataset, "test", root=cfg.data_root)
+    require_primitives(spec.suite)
+    train = load_dataset(spec.dataset, "train", root=spec.data_root)
+    test = load_dataset(spec.dataset, "test", root=spec.data_root)
     parts = partition(
-        cfg.partition,
+        spec.partition,
         train.labels.numpy(),
-        cfg.devices,
-        seed=cfg.seed,
-        alpha=cfg.alpha,
-        shards_per_device=cfg.shards_per_device,
+        spec.devices,
+        seed=spec.seed,
+        alpha=spec.alpha,
+        shards_per_device=spec.shards_per_device,
     )
     workers = cfg.workers or (os.cpu_count() or 1)
     if workers > 1:
         torch.set_num_threads(1)
 
     def make_model() -> torch.nn.Module:
-        return create_model(cfg.model, train.input_shape, train.num_classes)
+        return create_model(spec.model, train.input_shape, train.num_classes)
 
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(spec.seed)
     model = make_model()
     layout = ParamLayout.from_module(model)
-    pool = _Workers(workers, make_model, cfg.train, layout)
+    pool = _Workers(workers, make_model, spec.train, layout)
     x_test, y_test = test.normalized(), test.labels
     backend: FederationFactory = federation or (_SecureFederation if cfg.protocol else _DirectFederation)
     fed = backend(cfg, layout, layout.module_to_flat(model))
     startup = time.perf_counter() - t0
     if on_start is not None:
-        on_start(cfg.devices)
+        on_start(spec.devices)
 
     def train_device(i: int) -> tuple[Any, TrainResult]:
         idx = torch.from_numpy(parts[i])
 
         def fit(flat: torch.Tensor, rnd: int) -> TrainResult:
             return pool.trainer().train(
-                flat, train.normalized(idx), train.labels[idx], seed=client_seed(cfg.seed, rnd, i)
+                flat, train.normalized(idx), train.labels[idx], seed=client_seed(spec.seed, rnd, i)
             )
 
         prepared, result = fed.work(i, fit)
@@ -335,7 +340,7 @@ def run_simulation(
     def eval_chunk(flat: torch.Tensor, lo: int, hi: int) -> tuple[float, int]:
         m = pool.eval_model()
         layout.load_into(m, flat)
-        loss, acc = evaluate(m, x_test[lo:hi], y_test[lo:hi], channels_last=cfg.train.channels_last)
+        loss, acc = evaluate(m, x_test[lo:hi], y_test[lo:hi], channels_last=spec.train.channels_last)
         return loss * (hi - lo), round(acc * (hi - lo))
 
     def submit_eval(flat: torch.Tensor) -> list[Future]:
@@ -397,6 +402,7 @@ def run_simulation(
 
 
 def _config_dict(cfg: SimulationConfig) -> dict[str, Any]:
-    d = asdict(cfg)
-    d["suite"] = cfg.suite.name
-    return d
+    """The federation's fields and this run's own settings, in one flat object."""
+    d = cfg.federation.to_json()
+    del d["format"]
+    return {**d, "workers": cfg.workers, "eval_chunks": cfg.eval_chunks, "protocol": cfg.protocol}

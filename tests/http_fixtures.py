@@ -3,20 +3,20 @@
 from __future__ import annotations
 
 import json
-import os
 import secrets
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from qflare.demo import CHILD_ENV, ChildProcesses, free_port
-from qflare.errors import QflareError
+from qflare.federation import FederationSpec
+from qflare.processes import CHILD_ENV, ChildProcesses, child_environment, client_command, free_port
+from qflare.server.process import ServerProcess
 from qflare.storage import Database, Store
-from qflare.transport import HttpTransport, RetryPolicy
+from qflare.transport import HttpTransport
 
 __all__ = ["Federation"]
 
@@ -35,97 +35,71 @@ class Federation:
         dataset: str = "digits",
         model: str = "mlp",
         partition: str = "iid",
+        strategy: str = "fedavg",
     ) -> None:
         self.root, self.data_dir = root, root / "server"
-        self.devices, self.rounds, self.per_round, self.seed = devices, rounds, per_round, seed
-        self.dataset, self.model, self.partition = dataset, model, partition
+        self.spec = FederationSpec(
+            dataset=dataset,
+            model=model,
+            devices=devices,
+            rounds=rounds,
+            per_round=per_round,
+            seed=seed,
+            partition=partition,
+            strategy=strategy,
+            round_timeout_s=120.0,
+        )
         self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
         self.admin = secrets.token_urlsafe(24)
-        env = {k: v for k, v in os.environ.items() if k not in ("QFLARE_DATABASE_URL", "QFLARE_ADMIN_TOKEN")}
-        self.env = {**env, **CHILD_ENV, "QFLARE_ADMIN_TOKEN": self.admin}
+        self.env = child_environment({**CHILD_ENV, "QFLARE_ADMIN_TOKEN": self.admin})
         self.children = ChildProcesses()
+        self.servers: dict[str, ServerProcess] = {}
         (root / "logs").mkdir(parents=True, exist_ok=True)
-        self.api = HttpTransport(self.url, timeout=10.0, retry=RetryPolicy(attempts=3, initial_s=0.1, max_wait_s=0.5))
 
     # ------------------------------------------------------------------ processes
-    def start_server(self, name: str = "server", extra: Sequence[str] = ()) -> subprocess.Popen[bytes]:
-        argv = [
-            sys.executable,
-            "-m",
-            "qflare",
-            "server",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(self.port),
-            "--data-dir",
-            str(self.data_dir),
-            "--dataset",
-            self.dataset,
-            "--model",
-            self.model,
-            "--rounds",
-            str(self.rounds),
-            "--per-round",
-            str(self.per_round),
-            "--min-devices",
-            str(self.devices),
-            "--seed",
-            str(self.seed),
-            "--round-timeout",
-            "120",
-            *extra,
-        ]
-        return self.children.start(name, argv, self.root / "logs" / f"{name}.log", self.env)
+    def start_server(self, name: str = "server") -> ServerProcess:
+        """A server on this federation's data dir and port (a restart after a crash reuses both)."""
+        server = ServerProcess(
+            self.spec,
+            data_dir=self.data_dir,
+            port=self.port,
+            admin_token=self.admin,
+            env=CHILD_ENV,
+            log_path=self.root / "logs" / f"{name}.log",
+            ready_timeout_s=60.0,
+        )
+        self.servers[name] = server
+        return server.start()
 
-    def wait_ready(self, name: str = "server", timeout_s: float = 60.0) -> None:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            rc = self.children.procs[name].poll()
-            assert rc is None, f"server exited with {rc}:\n{self.children.tail(name, 40)}"
-            try:
-                self.api.get_json("/readyz")
-                return
-            except QflareError:
-                self.api.breaker.record_success()
-                time.sleep(0.2)
-        raise AssertionError(f"server not ready after {timeout_s} s:\n{self.children.tail(name, 40)}")
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def api(self) -> HttpTransport:
+        return self._server().api
+
+    def _server(self) -> ServerProcess:
+        assert self.servers, "no server started"
+        return list(self.servers.values())[-1]
+
+    def wait_ready(self, name: str = "server") -> None:
+        self.servers[name].wait_ready()
 
     def state_dir(self, index: int) -> Path:
         return self.root / f"device-{index}"
 
     def start_device(self, index: int, token: str | None, *, poll_interval: float = 0.2) -> subprocess.Popen[bytes]:
-        argv = [
-            sys.executable,
-            "-m",
-            "qflare",
-            "client",
-            "--server",
-            self.url,
-            "--server-key-file",
-            str(self.data_dir / "coordinator.keyid"),
-            "--state-dir",
-            str(self.state_dir(index)),
-            "--dataset",
-            self.dataset,
-            "--model",
-            self.model,
-            "--partition",
-            self.partition,
-            "--devices",
-            str(self.devices),
-            "--index",
-            str(index),
-            "--seed",
-            str(self.seed),
-            "--threads",
-            "1",
-            "--poll-interval",
-            str(poll_interval),
-            "--give-up-after",
-            "60",
-        ]
+        server = self._server()
+        argv = client_command(
+            server_url=self.url,
+            federation_file=server.federation_file,
+            key_file=server.key_file,
+            state_dir=self.state_dir(index),
+            index=index,
+            poll_interval_s=poll_interval,
+            give_up_after_s=60.0,
+        )
         env = {**self.env, "QFLARE_ENROLL_TOKEN": token} if token else self.env
         return self.children.start(f"device-{index}", argv, self.root / "logs" / f"device-{index}.log", env)
 
@@ -158,12 +132,7 @@ class Federation:
         return list(tokens)
 
     def tokens_via_api(self, count: int) -> list[str]:
-        doc = self.api.post_json(
-            "/v1/admin/tokens",
-            {"count": count, "ttl_s": 3600, "label": "test"},
-            headers={"Authorization": f"Bearer {self.admin}"},
-        )
-        return list(doc["tokens"])
+        return self._server().tokens(count, label="test")
 
     def status(self) -> dict[str, Any]:
         return dict(self.api.get_json("/v1/status"))
@@ -189,14 +158,15 @@ class Federation:
     def assert_clean_shutdown(self, name: str) -> None:
         """SIGTERM the server: it must finish its shutdown in time.  uvicorn re-raises the signal after a
         graceful shutdown, so the status is 0 or -SIGTERM; the log shows the shutdown completed."""
-        proc = self.children.procs[name]
-        proc.terminate()
-        rc = proc.wait(15)
-        log = self.children.tail(name, 10)
+        server = self.servers[name]
+        rc = server.stop(timeout_s=15.0)
+        log = server.log_tail(10)
         assert rc in (0, -signal.SIGTERM) and "shutdown complete" in log.lower(), f"exit {rc}:\n{log}"
 
     def logs_tail(self) -> str:
-        return "\n".join(f"--- {n}\n{self.children.tail(n, 20)}" for n in self.children.procs)
+        logs = [(n, s.log_tail(20)) for n, s in self.servers.items()]
+        logs += [(n, self.children.tail(n, 20)) for n in self.children.procs]
+        return "\n".join(f"--- {n}\n{text}" for n, text in logs)
 
     def store(self) -> tuple[Database, Store]:
         db = Database.from_env(self.data_dir, {})
@@ -207,5 +177,6 @@ class Federation:
         return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
 
     def close(self) -> None:
-        self.api.close()
         self.children.close()
+        for server in self.servers.values():
+            server.close()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -10,34 +10,44 @@ import httpx
 import torch
 from fastapi.testclient import TestClient
 
-from qflare.crypto import SigningKey, VerifyKey
+from qflare.crypto import SigningKey
 from qflare.data import load_dataset
+from qflare.device import pin_server_key
 from qflare.errors import error_from_code
+from qflare.federation import FederationSpec
 from qflare.models import create_model
 from qflare.protocol import Device, Route
 from qflare.server import HttpLimits, ServerConfig, ServerRuntime
 from qflare.training import LocalTrainer, TrainConfig
 from qflare.wire import ParamLayout
 
-__all__ = ["AppTransport", "Counts", "admin", "counts", "make_runtime", "new_device", "train_and_submit", "wait_for"]
+__all__ = [
+    "SPEC",
+    "AppTransport",
+    "Counts",
+    "admin",
+    "counts",
+    "make_runtime",
+    "new_device",
+    "train_and_submit",
+    "wait_for",
+]
 
 GENEROUS = HttpLimits(ip_rate=10_000.0, ip_burst=10_000.0, session_rate=10_000.0, session_burst=10_000.0)
 
 
+SPEC = FederationSpec(dataset="digits", model="mlp", devices=3, rounds=2, per_round=3, round_timeout_s=120.0)
+_WORKLOAD = {f.name for f in fields(FederationSpec)}
+
+
 def make_runtime(data_dir: Path, **overrides: Any) -> ServerRuntime:
-    """A runtime on ``data_dir``: digits + MLP, 3 devices a round, no background round loop by default."""
-    opts: dict[str, Any] = dict(
-        dataset="digits",
-        model="mlp",
-        rounds=2,
-        per_round=3,
-        min_devices=3,
-        round_loop=False,
-        http=GENEROUS,
-        round_timeout_s=120.0,
-    )
-    opts.update(overrides)
-    return ServerRuntime(ServerConfig(data_dir=data_dir, **opts), environ={})
+    """A runtime on ``data_dir``: digits + MLP, 3 devices a round, no background round loop by default.
+
+    ``overrides`` name FederationSpec fields (the workload) or ServerConfig fields (the server's own)."""
+    workload = {k: v for k, v in overrides.items() if k in _WORKLOAD}
+    opts: dict[str, Any] = dict(min_devices=3, round_loop=False, http=GENEROUS)
+    opts.update({k: v for k, v in overrides.items() if k not in _WORKLOAD})
+    return ServerRuntime(ServerConfig(data_dir=data_dir, federation=SPEC.replace(**workload), **opts), environ={})
 
 
 class AppTransport:
@@ -60,8 +70,7 @@ class AppTransport:
 def new_device(client: TestClient, identity: SigningKey | None = None) -> Device:
     """A device that fetched the coordinator key from /v1/identity and checked it against its key id."""
     info = client.get("/v1/identity").json()
-    key = VerifyKey.from_bytes(info["alg"], bytes.fromhex(info["public_key"]))
-    assert key.key_id == info["key_id"]
+    key, _ = pin_server_key(info, info["key_id"])
     layout = ParamLayout.from_module(create_model("mlp", (1, 8, 8), 10))
     return Device(
         transport=AppTransport(client), identity=identity or SigningKey.generate(), server_key=key, layout=layout

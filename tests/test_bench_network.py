@@ -8,21 +8,27 @@ import sys
 
 import pytest
 
-from qflare.bench.fmnist import WORKLOAD
-from qflare.bench.network import workload_args
+from qflare.bench.fmnist import FMNIST_DIR05
+from qflare.bench.server_proc import ServerSpec
+from qflare.federation import FederationSpec
 
 
-def test_workload_args_replace_only_the_named_options() -> None:
-    args = workload_args("digits", "mlp", 20, 5)
-    assert len(args) == len(WORKLOAD)
-    opts = dict(zip(args[::2], args[1::2]))
-    assert (opts["--dataset"], opts["--model"], opts["--devices"], opts["--per-round"]) == ("digits", "mlp", "20", "5")
-    same = {
-        k: v
-        for k, v in zip(WORKLOAD[::2], WORKLOAD[1::2])
-        if k not in ("--dataset", "--model", "--devices", "--per-round")
-    }
-    assert all(opts[k] == v for k, v in same.items())
+def test_bench_server_gets_the_federation_as_a_file_and_only_its_own_options() -> None:
+    fed = FMNIST_DIR05.replace(dataset="digits", model="mlp", devices=20, per_round=5)
+    server = ServerSpec(fed, max_uploads=3).process()
+    try:
+        argv = server.command()
+
+        def opt(flag: str) -> str:
+            return argv[argv.index(flag) + 1]
+
+        assert opt("--federation") == str(server.federation_file)
+        assert opt("--min-devices") == "20" and opt("--max-uploads") == "3" and "--no-eval" in argv
+        assert not {"--dataset", "--model", "--rounds", "--per-round", "--seed", "--strategy"} & set(argv)
+    finally:
+        server.close()
+    assert FMNIST_DIR05.train.lr == 0.05 and (FMNIST_DIR05.devices, FMNIST_DIR05.per_round) == (100, 10)
+    assert isinstance(FMNIST_DIR05, FederationSpec) and FMNIST_DIR05.alpha == 0.5
 
 
 @pytest.mark.slow

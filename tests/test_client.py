@@ -20,6 +20,7 @@ from qflare.device import (
     read_pin_file,
 )
 from qflare.errors import AuthError, ConfigError, RevokedError, TokenError
+from qflare.federation import FederationSpec
 from qflare.models import create_model
 from qflare.protocol import Coordinator, RoundConfig, Route
 from qflare.storage import Database, Store
@@ -33,7 +34,10 @@ from qflare.wire import ParamLayout
 def workloads() -> list[Workload]:
     return [
         load_workload(
-            dataset="digits", model="mlp", index=i, devices=4, scheme="iid", seed=3, train=TrainConfig(batch_size=64)
+            FederationSpec(
+                dataset="digits", model="mlp", devices=4, partition="iid", seed=3, train=TrainConfig(batch_size=64)
+            ),
+            i,
         )
         for i in range(2)
     ]
@@ -243,7 +247,8 @@ def test_workload_matches_simulation_partition() -> None:
     from qflare.data import load_dataset, partition
     from qflare.training import client_seed
 
-    w = load_workload(dataset="digits", model="mlp", index=2, devices=5, scheme="dirichlet", alpha=0.5, seed=7)
+    spec = FederationSpec(dataset="digits", model="mlp", devices=5, partition="dirichlet", alpha=0.5, seed=7)
+    w = load_workload(spec, 2)
     data = load_dataset("digits", "train")
     parts = partition("dirichlet", data.labels.numpy(), 5, seed=7, alpha=0.5)
     assert torch.equal(w.targets, data.labels[torch.from_numpy(parts[2])])
@@ -252,4 +257,4 @@ def test_workload_matches_simulation_partition() -> None:
     r1, r2 = w.train(flat, 3), w.trainer.train(flat, w.inputs, w.targets, seed=client_seed(7, 3, 2))
     assert torch.equal(r1.delta, r2.delta)
     with pytest.raises(ConfigError):
-        load_workload(dataset="digits", model="mlp", index=5, devices=5)
+        load_workload(spec, 5)

@@ -12,7 +12,9 @@ from pathlib import Path
 import psutil
 import pytest
 
-from qflare.demo import ChildProcesses, DemoConfig, DemoError
+from qflare.demo import DemoConfig, DemoError
+from qflare.federation import FederationSpec
+from qflare.processes import ChildProcesses
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
 
@@ -99,4 +101,4 @@ def test_child_processes_kill_what_ignores_sigterm(tmp_path: Path) -> None:
 
 def test_demo_config_is_checked() -> None:
     with pytest.raises(DemoError):
-        DemoConfig(devices=2, per_round=3)
+        DemoConfig(FederationSpec(devices=2, per_round=3))

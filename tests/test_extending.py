@@ -296,11 +296,13 @@ def test_plugin_reaches_server_and_client_processes(tmp_path: Path) -> None:
     from http_fixtures import Federation
 
     site = make_plugin(tmp_path)
-    fed = Federation(tmp_path / "fed", devices=2, rounds=2, per_round=2, dataset="blobs", model="tiny-net")
+    fed = Federation(
+        tmp_path / "fed", devices=2, rounds=2, per_round=2, dataset="blobs", model="tiny-net", strategy="sqrt-clip-avgm"
+    )
     fed.env["PYTHONPATH"] = os.pathsep.join([str(site), fed.env.get("PYTHONPATH", "")])
     fed.env.pop(plugins.PLUGINS_ENV, None)
     try:
-        fed.start_server(extra=["--strategy", "sqrt-clip-avgm"])
+        fed.start_server()
         fed.wait_ready()
         for i, token in enumerate(fed.tokens_via_cli(2)):
             fed.start_device(i, token)

@@ -14,6 +14,7 @@ EXPECTED = {
     "DEFAULT_SUITE",
     "Device",
     "DeviceClient",
+    "FederationSpec",
     "HIGH_SUITE",
     "HttpTransport",
     "InProcessTransport",

@@ -7,6 +7,7 @@ import json
 from typer.testing import CliRunner
 
 from qflare.cli import app
+from qflare.federation import FederationSpec
 from qflare.simulation import SimulationConfig, run_simulation
 from qflare.training import TrainConfig
 
@@ -50,12 +51,13 @@ def test_simulate_cli_writes_history(tmp_path):
     assert hist["config"]["devices"] == 8 and hist["config"]["suite"].startswith("v1:ML-DSA-65")
 
 
-def _cfg(**kw):
-    base = dict(
-        dataset="digits", model="mlp", devices=8, per_round=4, rounds=3, alpha=1.0, seed=3, train=TrainConfig(lr=0.1)
-    )
-    base.update(kw)
-    return SimulationConfig(**base)
+SPEC = FederationSpec(
+    dataset="digits", model="mlp", devices=8, per_round=4, rounds=3, alpha=1.0, seed=3, train=TrainConfig(lr=0.1)
+)
+
+
+def _cfg(seed: int = 3, **kw):
+    return SimulationConfig(SPEC.replace(seed=seed), **kw)
 
 
 def test_same_seed_same_numbers_and_protocol_costs_nothing_in_accuracy():
@@ -106,3 +108,27 @@ def test_data_stats_cli(tmp_path):
     assert result.exit_code == 0, result.output
     assert png.stat().st_size > 1000
     assert "1438" in result.output  # every training example of digits is on some device
+
+
+def test_spec_file_runs_the_same_federation_as_the_options(tmp_path):
+    spec = SPEC.replace(rounds=2)
+    args = list(ARGS)
+    args[args.index("--rounds") + 1] = "2"
+    by_options = runner.invoke(app, [*args, "--json"])
+    assert by_options.exit_code == 0, by_options.output
+    path = FederationSpec(
+        dataset="digits", model="mlp", devices=8, per_round=4, rounds=2, alpha=1.0, seed=3, train=TrainConfig(lr=0.1)
+    ).save(tmp_path / "federation.json")
+    assert FederationSpec.load(path) == spec
+    by_file = runner.invoke(app, ["simulate", "--federation", str(path), "--json"])
+    assert by_file.exit_code == 0, by_file.output
+    rounds = [json.loads(out.output.strip().splitlines()[-1])["rounds"] for out in (by_options, by_file)]
+    assert [r["accuracy"] for r in rounds[0]] == [r["accuracy"] for r in rounds[1]]
+    assert [r["model_sha256"] for r in rounds[0]] == [r["model_sha256"] for r in rounds[1]]
+
+
+def test_spec_file_and_workload_options_together_are_refused(tmp_path):
+    path = SPEC.save(tmp_path / "federation.json")
+    result = runner.invoke(app, ["simulate", "--federation", str(path), "--rounds", "2", "--seed", "1"])
+    assert result.exit_code == 2
+    assert "--rounds, --seed" in result.output

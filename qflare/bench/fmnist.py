@@ -14,35 +14,26 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import QflareError
+from ..federation import FederationSpec
+from ..training import TrainConfig
 from .aggregation import copy_bandwidth, fedavg_bandwidth
 from .procs import Measured, run_measured
 
-__all__ = ["bare_reference_path", "rounds_to", "run_fmnist_dir05", "run_protocol_overhead"]
+__all__ = ["FMNIST_DIR05", "bare_reference_path", "rounds_to", "run_fmnist_dir05", "run_protocol_overhead"]
 
-WORKLOAD = [
-    "--dataset",
-    "fashion-mnist",
-    "--devices",
-    "100",
-    "--per-round",
-    "10",
-    "--partition",
-    "dirichlet",
-    "--alpha",
-    "0.5",
-    "--seed",
-    "0",
-    "--epochs",
-    "1",
-    "--lr",
-    "0.05",
-    "--batch-size",
-    "32",
-    "--model",
-    "fedavg-cnn",
-    "--strategy",
-    "fedavg",
-]
+FMNIST_DIR05 = FederationSpec(
+    dataset="fashion-mnist",
+    model="fedavg-cnn",
+    devices=100,
+    per_round=10,
+    rounds=30,
+    partition="dirichlet",
+    alpha=0.5,
+    seed=0,
+    train=TrainConfig(epochs=1, batch_size=32, lr=0.05),
+    strategy="fedavg",
+)
+"""The fmnist-dir05 workload (BENCHMARKS.md): 100 Dirichlet(0.5) devices of Fashion-MNIST, 10 a round."""
 
 
 def bare_reference_path() -> Path:
@@ -79,41 +70,36 @@ def _summary(m: Measured, res: dict[str, Any]) -> dict[str, Any]:
 
 
 def _simulate(
-    rounds: int,
-    workers: int,
-    data_root: str | None,
-    extra: list[str],
-    *,
-    workload: Sequence[str] = WORKLOAD,
-    env: dict[str, str] | None = None,
+    spec: FederationSpec, workers: int, extra: Sequence[str], *, env: dict[str, str] | None = None
 ) -> tuple[Measured, dict[str, Any]]:
-    """``qflare simulate`` on ``workload`` as a measured subprocess; its wall time, peak RSS and JSON result."""
+    """``qflare simulate --federation`` on ``spec`` as a measured subprocess; its wall time, peak RSS and
+    JSON result."""
     with tempfile.TemporaryDirectory() as tmp:
+        path = spec.save(Path(tmp) / "federation.json")
+        out = Path(tmp) / "out"
         cmd = [
             sys.executable,
             "-m",
             "qflare",
             "simulate",
-            *workload,
-            "--rounds",
-            str(rounds),
+            "--federation",
+            str(path),
             "--workers",
             str(workers),
             "--json",
             "--out",
-            tmp,
+            str(out),
             *extra,
         ]
-        if data_root:
-            cmd += ["--data-root", data_root]
         m = run_measured(cmd, env=env)
         return m, _last_json(m, "qflare simulate " + " ".join(extra))
 
 
 def run_protocol_overhead(rounds: int = 30, *, workers: int = 0, data_root: str | None = None) -> dict[str, Any]:
     """fmnist-dir05 with the secure protocol on and off (``--no-protocol``), one after the other."""
-    on_m, on = _simulate(rounds, workers, data_root, [])
-    off_m, off = _simulate(rounds, workers, data_root, ["--no-protocol"])
+    spec = FMNIST_DIR05.replace(rounds=rounds, data_root=data_root)
+    on_m, on = _simulate(spec, workers, [])
+    off_m, off = _simulate(spec, workers, ["--no-protocol"])
     on_s, off_s = _summary(on_m, on), _summary(off_m, off)
     return {
         "workload": "fmnist-dir05",
@@ -136,7 +122,7 @@ def run_fmnist_dir05(
     bare_cmd = [sys.executable, str(bare_reference_path()), "--rounds", str(rounds), "--json"]
     if data_root:
         bare_cmd += ["--data", data_root]
-    q, qres = _simulate(rounds, workers, data_root, [])
+    q, qres = _simulate(FMNIST_DIR05.replace(rounds=rounds, data_root=data_root), workers, [])
     b = run_measured(bare_cmd)
     bres = _last_json(b, "bare reference")
     qs, bs = _summary(q, qres), _summary(b, bres)

@@ -31,9 +31,10 @@ import httpx
 import numpy as np
 import torch
 
-from ..crypto import DEFAULT_SUITE
 from ..data import load_dataset
+from ..device import pin_server_key
 from ..errors import QflareError
+from ..federation import FederationSpec
 from ..models import create_model
 from ..protocol import Device, Receipt
 from ..protocol.device import SignedUpdate
@@ -42,8 +43,8 @@ from ..training import TrainResult
 from ..transport import HttpTransport, RetryPolicy
 from ..wire import ParamLayout
 from .procs import PeakRss
-from .remote import admin_tokens, enroll_devices
-from .server_proc import ServerProcess, ServerSpec, pin_server_key
+from .remote import enroll_devices
+from .server_proc import ServerSpec
 
 __all__ = ["TARGETS", "IngestCheck", "check_database", "run_ingest_bench"]
 
@@ -137,27 +138,25 @@ def check_database(database_url: str, blobs: BlobStore, receipts: Sequence[tuple
 
 def run_ingest_bench(devices: int = 100, *, max_uploads: int = 8, data_root: str | None = None) -> dict[str, Any]:
     """Run the benchmark (see the module docstring) and return its figures."""
-    spec = ServerSpec(
+    fed = FederationSpec(
         dataset="fashion-mnist",
         model="fedavg-cnn",
+        devices=devices,
         rounds=1,
         per_round=devices,
-        min_devices=devices,
-        max_uploads=max_uploads,
+        round_timeout_s=3600.0,
         data_root=data_root,
     )
-    test = load_dataset(spec.dataset, "test", root=data_root)
-    torch.manual_seed(0)
-    layout = ParamLayout.from_module(create_model(spec.model, test.input_shape, test.num_classes))
+    test = load_dataset(fed.dataset, "test", root=data_root)
+    torch.manual_seed(fed.seed)
+    layout = ParamLayout.from_module(create_model(fed.model, test.input_shape, test.num_classes))
     retry = RetryPolicy(attempts=3, initial_s=0.2, max_wait_s=2.0)
-    with ServerProcess(spec) as server:
+    with ServerSpec(fed, max_uploads=max_uploads).process() as server:
         server.wait_ready()
         transports = [HttpTransport(server.url, timeout=600.0, retry=retry) for _ in range(devices)]
         try:
-            key = pin_server_key(server.api, server.key_id())
-            devs = enroll_devices(
-                transports, admin_tokens(server.api, server.admin_token, devices), key, layout, DEFAULT_SUITE
-            )
+            key, suite = pin_server_key(server.api.get_json("/v1/identity"), server.key_id())
+            devs = enroll_devices(transports, server.tokens(devices, label="bench"), key, layout, suite)
             deadline = time.monotonic() + 60.0
             while server.status()["state"] != "open":
                 if time.monotonic() > deadline:

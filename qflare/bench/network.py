@@ -20,84 +20,38 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from ..config import MALLOC_ENV
+from ..federation import FederationSpec
 from ..simulation import SimulationConfig, run_simulation
-from ..training import TrainConfig
 from ..wire import ParamLayout
-from .fmnist import WORKLOAD, _last_json, _simulate, rounds_to
+from .fmnist import FMNIST_DIR05, _last_json, _simulate, rounds_to
 from .procs import Measured, run_measured
 from .remote import RemoteFederation
-from .server_proc import ServerProcess, ServerSpec
+from .server_proc import ServerSpec
 
-__all__ = ["drive", "run_network_bench", "workload_args"]
+__all__ = ["drive", "run_network_bench"]
 
 TARGET_OVERHEAD_PCT = 10.0
 
 
-def workload_args(dataset: str, model: str, devices: int, per_round: int) -> list[str]:
-    """fmnist-dir05's ``qflare simulate`` options with the data set, model and federation size replaced."""
-    args = list(WORKLOAD)
-    for flag, value in (
-        ("--dataset", dataset),
-        ("--model", model),
-        ("--devices", str(devices)),
-        ("--per-round", str(per_round)),
-    ):
-        args[args.index(flag) + 1] = value
-    return args
-
-
-def _config(args: argparse.Namespace) -> SimulationConfig:
-    """The SimulationConfig ``qflare simulate`` builds from :func:`workload_args` (same defaults)."""
-    opts = dict(zip(WORKLOAD[::2], WORKLOAD[1::2], strict=False))
-    return SimulationConfig(
-        dataset=args.dataset,
-        data_root=args.data_root,
-        model=args.model,
-        devices=args.devices,
-        per_round=args.per_round,
-        rounds=args.rounds,
-        partition=opts["--partition"],
-        alpha=float(opts["--alpha"]),
-        seed=int(opts["--seed"]),
-        strategy=opts["--strategy"],
-        workers=args.workers,
-        train=TrainConfig(epochs=int(opts["--epochs"]), batch_size=int(opts["--batch-size"]), lr=float(opts["--lr"])),
-    )
-
-
 def drive(cfg: SimulationConfig, *, max_uploads: int = 8) -> dict[str, Any]:
     """The network run, in this process: a server child plus ``run_simulation`` over HTTP."""
-    if cfg.strategy_args:
-        raise ValueError("the network benchmark runs strategies without arguments (the server CLI takes none)")
-    spec = ServerSpec(
-        dataset=cfg.dataset,
-        model=cfg.model,
-        rounds=cfg.rounds,
-        per_round=cfg.per_round,
-        min_devices=cfg.devices,
-        seed=cfg.seed,
-        strategy=cfg.strategy,
-        max_uploads=max_uploads,
-        data_root=cfg.data_root,
-    )
     feds: list[RemoteFederation] = []
-    with ServerProcess(spec) as server:
+    with ServerSpec(cfg.federation, max_uploads=max_uploads).process() as server:
         t0 = time.perf_counter()
 
         def factory(c: SimulationConfig, layout: ParamLayout, initial: torch.Tensor) -> RemoteFederation:
             server.wait_ready()  # the server started while this process loaded its data
-            feds.append(
-                RemoteFederation(
-                    c, layout, initial, url=server.url, admin_token=server.admin_token, key_id=server.key_id()
-                )
-            )
+            tokens = server.tokens(c.federation.devices, label="bench")
+            feds.append(RemoteFederation(c, layout, initial, url=server.url, tokens=tokens, key_id=server.key_id()))
             return feds[-1]
 
         result = run_simulation(cfg, federation=factory)
@@ -141,30 +95,15 @@ def run_network_bench(
     data_root: str | None = None,
 ) -> dict[str, Any]:
     """Both runs (see the module docstring) and their comparison."""
-    env = dict(MALLOC_ENV)
-    in_m, in_res = _simulate(
-        rounds, workers, data_root, [], workload=workload_args(dataset, model, devices, per_round), env=env
+    spec = FMNIST_DIR05.replace(
+        dataset=dataset, model=model, devices=devices, per_round=per_round, rounds=rounds, data_root=data_root
     )
-    cmd = [
-        sys.executable,
-        "-m",
-        "qflare.bench.network",
-        "--rounds",
-        str(rounds),
-        "--dataset",
-        dataset,
-        "--model",
-        model,
-        "--devices",
-        str(devices),
-        "--per-round",
-        str(per_round),
-        "--workers",
-        str(workers),
-    ]
-    if data_root:
-        cmd += ["--data-root", data_root]
-    net_m = run_measured(cmd, env=env)
+    env = dict(MALLOC_ENV)
+    in_m, in_res = _simulate(spec, workers, [], env=env)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = spec.save(Path(tmp) / "federation.json")
+        cmd = [sys.executable, "-m", "qflare.bench.network", "--federation", str(path), "--workers", str(workers)]
+        net_m = run_measured(cmd, env=env)
     net_res = _last_json(net_m, "network benchmark driver")
     extra = net_res["network"]
     ins, net = _summary(in_m, in_res), _summary(net_m, net_res, extra["open_wait_s"])
@@ -200,16 +139,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap = argparse.ArgumentParser(
         prog="python -m qflare.bench.network", description="The network run of `qflare bench network`."
     )
-    ap.add_argument("--rounds", type=int, default=30)
-    ap.add_argument("--dataset", default="fashion-mnist")
-    ap.add_argument("--model", default="fedavg-cnn")
-    ap.add_argument("--devices", type=int, default=100)
-    ap.add_argument("--per-round", type=int, default=10)
+    ap.add_argument("--federation", required=True, help="The federation spec file (JSON) both runs share.")
     ap.add_argument("--workers", type=int, default=0)
-    ap.add_argument("--data-root", default=None)
     ap.add_argument("--max-uploads", type=int, default=8)
     args = ap.parse_args(argv)
-    print(json.dumps(drive(_config(args), max_uploads=args.max_uploads)))
+    cfg = SimulationConfig(FederationSpec.load(args.federation), workers=args.workers)
+    print(json.dumps(drive(cfg, max_uploads=args.max_uploads)))
 
 
 if __name__ == "__main__":

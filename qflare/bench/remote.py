@@ -28,31 +28,18 @@ import numpy as np
 import torch
 
 from ..crypto import SigningKey, Suite, VerifyKey
-from ..errors import ConfigError, QflareError, RoundError
+from ..device import pin_server_key
+from ..errors import ConfigError, RoundError
 from ..protocol import Device, TaskInfo
 from ..protocol.device import SignedUpdate, Transport
 from ..training import TrainResult
 from ..transport import HttpTransport, RetryPolicy
 from ..wire import ParamLayout
-from .server_proc import pin_server_key
 
-__all__ = ["RemoteFederation", "RemoteStats", "admin_tokens", "enroll_devices"]
+__all__ = ["RemoteFederation", "RemoteStats", "enroll_devices"]
 
 if TYPE_CHECKING:
     from ..simulation import SimulationConfig
-
-
-def admin_tokens(api: HttpTransport, admin_token: str, count: int, label: str = "bench") -> list[str]:
-    """``count`` one-time enrollment tokens from ``POST /v1/admin/tokens``."""
-    body = api.post_json(
-        "/v1/admin/tokens",
-        {"count": count, "ttl_s": 3600.0, "label": label},
-        headers={"Authorization": f"Bearer {admin_token}"},
-    )
-    tokens = list(body["tokens"])
-    if len(tokens) != count:
-        raise QflareError(f"asked the admin API for {count} tokens, got {len(tokens)}")
-    return tokens
 
 
 def enroll_devices(
@@ -98,13 +85,14 @@ class RemoteFederation:
         initial: torch.Tensor,
         *,
         url: str,
-        admin_token: str,
+        tokens: Sequence[str],
         key_id: str,
         poll_s: float = 0.02,
         round_wait_s: float = 600.0,
         pool_connections: int = 32,
     ) -> None:
-        self._cfg, self._poll_s, self._round_wait_s = cfg, poll_s, round_wait_s
+        spec = self._spec = cfg.federation
+        self._poll_s, self._round_wait_s = poll_s, round_wait_s
         retry = RetryPolicy(attempts=5, initial_s=0.1, max_wait_s=2.0)
         self._api = HttpTransport(url, timeout=60.0, retry=retry)
         self._client = httpx.Client(
@@ -116,12 +104,12 @@ class RemoteFederation:
         self._pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix="qflare-remote")
         self.stats = RemoteStats()
         try:
-            key = pin_server_key(self._api, key_id)
+            key, suite = pin_server_key(self._api.get_json("/v1/identity"), key_id)
+            if suite != spec.suite:
+                raise ConfigError(f"the server uses suite {suite.name}, this run {spec.suite.name}")
             t0 = time.perf_counter()
-            transports = [HttpTransport(url, client=self._client, retry=retry) for _ in range(cfg.devices)]
-            self.devices = enroll_devices(
-                transports, admin_tokens(self._api, admin_token, cfg.devices), key, layout, cfg.suite
-            )
+            transports = [HttpTransport(url, client=self._client, retry=retry) for _ in range(spec.devices)]
+            self.devices = enroll_devices(transports, tokens, key, layout, suite)
             self.stats.enroll_s = time.perf_counter() - t0
             task = self.devices[0].task()
             if task.model_version == 0 and not torch.equal(
@@ -131,7 +119,7 @@ class RemoteFederation:
         except BaseException:
             self.close()
             raise
-        self._rng = np.random.default_rng(cfg.seed + 1)  # the server's selection stream (RoundManager)
+        self._rng = np.random.default_rng(spec.seed + 1)  # the server's selection stream (RoundManager)
         self._number = 0
         self._tasks: dict[int, TaskInfo] = {}
 
@@ -141,7 +129,7 @@ class RemoteFederation:
         expected = self._number + 1
         while True:
             st = self._api.get_json("/v1/status")
-            if st["state"] == "finished" or (st["round"] is None and st["model_version"] >= self._cfg.rounds):
+            if st["state"] == "finished" or (st["round"] is None and st["model_version"] >= self._spec.rounds):
                 return None
             if st["state"] == "open" and st["round"] >= expected:
                 break
@@ -149,10 +137,10 @@ class RemoteFederation:
                 raise RoundError(f"the server opened no round {expected} in {self._round_wait_s:.0f} s (status {st})")
             time.sleep(self._poll_s)
         number = int(st["round"])
-        k = min(self._cfg.per_round, self._cfg.devices)
+        k = min(self._spec.per_round, self._spec.devices)
         guess: list[int] = []
         for _ in range(number - self._number):  # failed rounds drew a selection too
-            guess = [int(i) for i in self._rng.choice(self._cfg.devices, k, replace=False)]
+            guess = [int(i) for i in self._rng.choice(self._spec.devices, k, replace=False)]
         tasks = dict(zip(guess, self._pool.map(lambda i: self.devices[i].task(), guess), strict=False))
         if st["selected"] == k and all(t.selected and t.round == number for t in tasks.values()):
             chosen = guess

@@ -8,7 +8,7 @@ import os
 import signal
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from types import FrameType
 
@@ -18,15 +18,31 @@ import typer
 from ..crypto import Suite, VerifyKey
 from ..data import DATASETS, PARTITIONERS
 from ..device import DeviceClient, DeviceState, default_state_dir, load_workload, pin_server_key, read_pin_file
+from ..errors import ConfigError
+from ..federation import FederationSpec
 from ..models import model_names
 from ..training import TrainConfig
 from ..transport import HttpTransport, TransportError
-from .common import friendly_errors
+from .common import FEDERATION_HELP, federation_spec, friendly_errors
 
 __all__ = ["client", "register"]
 
 PASSPHRASE_ENV = "QFLARE_KEY_PASSPHRASE"
 TOKEN_ENV = "QFLARE_ENROLL_TOKEN"
+WORKLOAD_OPTIONS = (
+    "dataset",
+    "data_root",
+    "model",
+    "partition",
+    "alpha",
+    "shards_per_device",
+    "devices",
+    "seed",
+    "epochs",
+    "batch_size",
+    "lr",
+    "momentum",
+)
 
 
 def _on_sigterm(signum: int, frame: FrameType | None) -> None:
@@ -47,6 +63,8 @@ def _fetch_identity(transport: HttpTransport, pinned: str, wait_s: float) -> tup
 
 
 def client(
+    ctx: typer.Context,
+    federation: Path | None = typer.Option(None, help=FEDERATION_HELP),
     server: str = typer.Option(..., help="Coordinator base URL, e.g. https://fl.example.org:8443."),
     server_key_id: str | None = typer.Option(
         None, help="Pinned coordinator key id (SHA-256 of its ML-DSA public key, hex)."
@@ -73,7 +91,9 @@ def client(
     batch_size: int = typer.Option(32, min=1, help="Local mini-batch size."),
     lr: float = typer.Option(0.05, help="Local SGD learning rate."),
     momentum: float = typer.Option(0.0, help="Local SGD momentum."),
-    device: str = typer.Option("cpu", help="Torch device for training: cpu, cuda, cuda:N or auto."),
+    device: str | None = typer.Option(
+        None, help="Torch device for training: cpu, cuda, cuda:N or auto (default: the spec's, else cpu)."
+    ),
     threads: int = typer.Option(1, "--threads", "--workers", min=1, help="Torch intra-op threads."),
     max_rounds: int | None = typer.Option(None, min=1, help="Stop after this many acknowledged updates."),
     poll_interval: float = typer.Option(1.0, min=0.05, help="Seconds between task polls (jittered)."),
@@ -93,25 +113,35 @@ def client(
     torch.set_num_threads(threads)
     try:
         with friendly_errors():
+
+            def build() -> FederationSpec:
+                return FederationSpec(
+                    dataset=dataset,
+                    data_root=str(data_root) if data_root else None,
+                    model=model,
+                    partition=partition,
+                    alpha=alpha,
+                    shards_per_device=shards_per_device,
+                    devices=devices,
+                    seed=seed,
+                    train=TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, momentum=momentum),
+                )
+
+            spec = federation_spec(ctx, federation, WORKLOAD_OPTIONS, build)
+            if device is not None:  # where this machine trains is its own business, not the workload's
+                spec = spec.replace(train=replace(spec.train, device=device))
             pin = server_key_id or (read_pin_file(server_key_file) if server_key_file else None)
             passphrase = os.environ.get(PASSPHRASE_ENV, "").encode() or None
             state = DeviceState(state_dir or default_state_dir(index), passphrase=passphrase)
             pinned = state.pin(pin)
             with HttpTransport(server, timeout=timeout, verify=str(ca_cert) if ca_cert else True) as transport:
                 server_key, suite = _fetch_identity(transport, pinned, give_up_after)
-                train = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, momentum=momentum, device=device)
-                workload = load_workload(
-                    dataset=dataset,
-                    model=model,
-                    index=index,
-                    devices=devices,
-                    scheme=partition,
-                    alpha=alpha,
-                    shards_per_device=shards_per_device,
-                    seed=seed,
-                    train=train,
-                    data_root=str(data_root) if data_root else None,
-                )
+                if federation is not None and suite != spec.suite:  # options name no suite: the server's is used
+                    raise ConfigError(
+                        f"the coordinator uses suite {suite.name}, the federation spec says {spec.suite.name}",
+                        code="suite_mismatch",
+                    )
+                workload = load_workload(spec, index)
                 dc = DeviceClient(
                     transport=transport, state=state, server_key=server_key, workload=workload, suite=suite
                 )
@@ -119,7 +149,7 @@ def client(
                     "device %s... partition %d/%d (%d examples), coordinator %s... at %s",
                     dc.device_id[:16],
                     index,
-                    devices,
+                    spec.devices,
                     len(workload.targets),
                     pinned[:16],
                     server,

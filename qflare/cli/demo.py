@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import signal
 import time
+from dataclasses import replace
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -12,7 +13,6 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from ..data import DATASETS
-from ..demo import DemoConfig, run_demo
 from ..models import model_names
 from .common import console, friendly_errors
 
@@ -40,19 +40,22 @@ def demo(
 ) -> None:
     """Start a coordinator and N devices here and train federated over HTTP, every security feature on."""
     signal.signal(signal.SIGTERM, _on_sigterm)
-    cfg = DemoConfig(
-        devices=devices,
-        per_round=per_round,
-        rounds=rounds,
-        port=port,
-        data_dir=data_dir,
-        dataset=dataset,
-        model=model,
-        seed=seed,
-        alpha=alpha,
-        epochs=epochs,
-        data_root=str(data_root) if data_root else None,
-    )
+    # imported here: the demo launches the coordinator (qflare.server), which `qflare client` never loads
+    from ..demo import DEMO_FEDERATION, DemoConfig, run_demo
+
+    with friendly_errors():
+        spec = DEMO_FEDERATION.replace(
+            devices=devices,
+            per_round=per_round,
+            rounds=rounds,
+            dataset=dataset,
+            model=model,
+            seed=seed,
+            alpha=alpha,
+            train=replace(DEMO_FEDERATION.train, epochs=epochs),
+            data_root=str(data_root) if data_root else None,
+        )
+        cfg = DemoConfig(spec, port=port, data_dir=data_dir)
     console.print(
         f"[bold]qflare demo[/] · {dataset} · {model} · {devices} devices · {per_round}/round · {rounds} rounds · "
         "ML-DSA-65 + ML-KEM-768/X25519 + AES-256-GCM"

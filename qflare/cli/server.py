@@ -13,15 +13,26 @@ from pathlib import Path
 import typer
 
 from ..config import default_data_dir
-from ..crypto import DEFAULT_SUITE, HIGH_SUITE
 from ..errors import ConfigError
-from .common import console, err_console, friendly_errors
+from ..federation import FederationSpec, suite_by_name
+from .common import FEDERATION_HELP, console, err_console, federation_spec, friendly_errors
 
 __all__ = ["parse_duration", "register", "token_app"]
 
 _UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 _DURATION = re.compile(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([smhd]?)\s*")
-SUITES = {"default": DEFAULT_SUITE, "high": HIGH_SUITE}
+WORKLOAD_OPTIONS = (
+    "dataset",
+    "data_root",
+    "model",
+    "rounds",
+    "per_round",
+    "min_participants",
+    "strategy",
+    "seed",
+    "round_timeout",
+    "suite",
+)
 
 token_app = typer.Typer(help="Enrollment tokens (one-time, stored only as hashes).", no_args_is_help=True)
 
@@ -49,6 +60,8 @@ def _passphrase(env_var: str | None) -> bytes | None:
 
 
 def server(
+    ctx: typer.Context,
+    federation: Path | None = typer.Option(None, help=FEDERATION_HELP),
     host: str = typer.Option("127.0.0.1", help="Address to listen on."),
     port: int = typer.Option(8443, min=0, max=65535, help="TCP port."),
     data_dir: Path = typer.Option(default_data_dir(), help="Server state: database, blobs, keys, admin token."),
@@ -87,8 +100,22 @@ def server(
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     with friendly_errors():
-        if suite not in SUITES:
-            raise ConfigError(f"suite must be one of {', '.join(SUITES)}")
+
+        def build() -> FederationSpec:
+            return FederationSpec(
+                dataset=dataset,
+                data_root=str(data_root) if data_root else None,
+                model=model,
+                rounds=rounds,
+                per_round=per_round,
+                min_participants=min_participants,
+                strategy=strategy,
+                seed=seed,
+                round_timeout_s=round_timeout,
+                suite=suite_by_name(suite),
+            )
+
+        spec = federation_spec(ctx, federation, WORKLOAD_OPTIONS, build)
         limits = HttpLimits(
             max_concurrent_uploads=max_uploads,
             ip_rate=rate,
@@ -98,19 +125,10 @@ def server(
         )
         config = ServerConfig(
             data_dir=data_dir,
-            dataset=dataset,
-            data_root=str(data_root) if data_root else None,
-            model=model,
-            rounds=rounds,
-            per_round=per_round,
+            federation=spec,
             min_devices=min_devices,
-            min_participants=min_participants,
-            strategy=strategy,
-            seed=seed,
-            round_timeout_s=round_timeout,
             evaluate=not no_eval,
             key_passphrase=_passphrase(key_passphrase_env),
-            suite=SUITES[suite],
             http=limits,
         )
         runtime = ServerRuntime(config)

@@ -10,20 +10,44 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from ..crypto import DEFAULT_SUITE, HIGH_SUITE
 from ..data import DATASETS, PARTITIONERS
+from ..federation import FederationSpec, suite_by_name
 from ..models import model_names
 from ..strategy import STRATEGIES
 from ..training import TrainConfig
-from .common import console, friendly_errors
+from .common import FEDERATION_HELP, console, federation_spec, friendly_errors
 
 if TYPE_CHECKING:
     from ..simulation import RoundRecord
 
-SUITES = {"default": DEFAULT_SUITE, "high": HIGH_SUITE}
+WORKLOAD_OPTIONS = (
+    "dataset",
+    "data_root",
+    "model",
+    "devices",
+    "per_round",
+    "rounds",
+    "partition",
+    "alpha",
+    "shards_per_device",
+    "seed",
+    "strategy",
+    "server_lr",
+    "epochs",
+    "batch_size",
+    "lr",
+    "momentum",
+    "weight_decay",
+    "prox_mu",
+    "max_grad_norm",
+    "device",
+    "suite",
+)
 
 
 def simulate(
+    ctx: typer.Context,
+    federation: Path | None = typer.Option(None, help=FEDERATION_HELP),
     dataset: str = typer.Option("fashion-mnist", help=f"Data set: {', '.join(DATASETS)}."),
     data_root: Path | None = typer.Option(
         None, help="Folder holding the data set files (default: search the usual places)."
@@ -66,40 +90,42 @@ def simulate(
 ) -> None:
     """Run federated training of N devices in this process, through the real secure protocol."""
     with friendly_errors():
-        if suite not in SUITES:
-            raise typer.BadParameter(f"suite must be one of {', '.join(SUITES)}")
-        strategy_args = {"server_lr": server_lr} if server_lr is not None else {}
+
+        def build() -> FederationSpec:
+            return FederationSpec(
+                dataset=dataset,
+                data_root=str(data_root) if data_root else None,
+                model=model,
+                devices=devices,
+                per_round=per_round,
+                rounds=rounds,
+                partition=partition,
+                alpha=alpha,
+                shards_per_device=shards_per_device,
+                seed=seed,
+                strategy=strategy,
+                strategy_args={"server_lr": server_lr} if server_lr is not None else {},
+                train=TrainConfig(
+                    epochs=epochs,
+                    batch_size=batch_size,
+                    lr=lr,
+                    momentum=momentum,
+                    weight_decay=weight_decay,
+                    prox_mu=prox_mu,
+                    max_grad_norm=max_grad_norm,
+                    device=device,
+                ),
+                suite=suite_by_name(suite),
+            )
+
+        spec = federation_spec(ctx, federation, WORKLOAD_OPTIONS, build)
         # imported here: the simulation loads the coordinator's storage, which `qflare client` never needs
         from ..simulation import SimulationConfig, run_simulation
 
-        cfg = SimulationConfig(
-            dataset=dataset,
-            data_root=str(data_root) if data_root else None,
-            model=model,
-            devices=devices,
-            per_round=per_round,
-            rounds=rounds,
-            partition=partition,
-            alpha=alpha,
-            shards_per_device=shards_per_device,
-            seed=seed,
-            strategy=strategy,
-            strategy_args=strategy_args,
-            train=TrainConfig(
-                epochs=epochs,
-                batch_size=batch_size,
-                lr=lr,
-                momentum=momentum,
-                weight_decay=weight_decay,
-                prox_mu=prox_mu,
-                max_grad_norm=max_grad_norm,
-                device=device,
-            ),
-            workers=workers,
-            suite=SUITES[suite],
-            protocol=protocol,
+        cfg = SimulationConfig(spec, workers=workers, protocol=protocol)
+        table = Table(
+            title=f"qflare simulate · {spec.dataset} · {spec.devices} devices · {spec.per_round}/round · {spec.strategy}"
         )
-        table = Table(title=f"qflare simulate · {dataset} · {devices} devices · {per_round}/round · {strategy}")
         for col in ("round", "accuracy", "loss", "train loss", "examples", "seconds"):
             table.add_column(col, justify="right")
         progress = Progress(
@@ -113,7 +139,7 @@ def simulate(
             transient=True,
         )
         with progress:
-            task = progress.add_task("enrolling devices", total=rounds, last="")
+            task = progress.add_task("enrolling devices", total=spec.rounds, last="")
 
             def on_start(n: int) -> None:
                 progress.update(task, description=f"training ({n} devices enrolled)")

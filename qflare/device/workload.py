@@ -12,8 +12,9 @@ import torch
 
 from ..data import load_dataset, partition
 from ..errors import ConfigError
+from ..federation import FederationSpec
 from ..models import create_model
-from ..training import LocalTrainer, TrainConfig, TrainResult, client_seed
+from ..training import LocalTrainer, TrainResult, client_seed
 from ..wire import ParamLayout
 
 __all__ = ["Workload", "load_workload"]
@@ -38,26 +39,21 @@ class Workload:
         return self.trainer.train(global_flat, self.inputs, self.targets, seed=client_seed(self.seed, rnd, self.index))
 
 
-def load_workload(
-    *,
-    dataset: str,
-    model: str,
-    index: int,
-    devices: int,
-    scheme: str = "dirichlet",
-    alpha: float = 0.5,
-    shards_per_device: int = 2,
-    seed: int = 0,
-    train: TrainConfig | None = None,
-    data_root: str | None = None,
-) -> Workload:
-    """Partition ``index`` of ``devices`` exactly as ``qflare simulate`` draws it for the same seed."""
-    if not 0 <= index < devices:
-        raise ConfigError(f"--index must be in 0..{devices - 1}, got {index}", code="bad_index")
-    data = load_dataset(dataset, "train", root=data_root)
-    parts = partition(scheme, data.labels.numpy(), devices, seed=seed, alpha=alpha, shards_per_device=shards_per_device)
+def load_workload(spec: FederationSpec, index: int) -> Workload:
+    """Device ``index``'s partition of ``spec``'s data set, exactly as ``qflare simulate`` draws it."""
+    if not 0 <= index < spec.devices:
+        raise ConfigError(f"--index must be in 0..{spec.devices - 1}, got {index}", code="bad_index")
+    data = load_dataset(spec.dataset, "train", root=spec.data_root)
+    parts = partition(
+        spec.partition,
+        data.labels.numpy(),
+        spec.devices,
+        seed=spec.seed,
+        alpha=spec.alpha,
+        shards_per_device=spec.shards_per_device,
+    )
     idx = torch.from_numpy(parts[index])
-    torch.manual_seed(seed)
-    net = create_model(model, data.input_shape, data.num_classes)
-    trainer = LocalTrainer(net, train or TrainConfig(), ParamLayout.from_module(net))
-    return Workload(trainer, data.normalized(idx), data.labels[idx].clone(), index, seed)
+    torch.manual_seed(spec.seed)
+    net = create_model(spec.model, data.input_shape, data.num_classes)
+    trainer = LocalTrainer(net, spec.train, ParamLayout.from_module(net))
+    return Workload(trainer, data.normalized(idx), data.labels[idx].clone(), index, spec.seed)

@@ -20,9 +20,10 @@ import torch
 from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
 
-from ..crypto import DEFAULT_SUITE, Suite, require_primitives
+from ..crypto import require_primitives
 from ..data import load_dataset
 from ..errors import ConfigError
+from ..federation import FederationSpec
 from ..models import create_model
 from ..protocol import Coordinator, CoordinatorConfig, PublishedModel, RoundConfig
 from ..storage import BlobStore, Database, Store
@@ -40,23 +41,14 @@ _log = logging.getLogger("qflare.server")
 
 @dataclass(frozen=True)
 class ServerConfig:
-    """Everything ``qflare server`` is configured with (its CLI options map one to one)."""
+    """Everything ``qflare server`` is configured with: the federation it coordinates and its own settings."""
 
     data_dir: Path
-    dataset: str = "fashion-mnist"
-    data_root: str | None = None
-    model: str = "fedavg-cnn"
-    rounds: int = 30
-    per_round: int = 10
+    federation: FederationSpec = field(default_factory=FederationSpec)
     min_devices: int = 1
-    min_participants: int | None = None
-    strategy: str = "fedavg"
-    strategy_args: Mapping[str, Any] = field(default_factory=dict)
-    seed: int = 0
-    round_timeout_s: float = 600.0
+    """Active devices needed before the first round opens (launchers hold it at the federation's size)."""
     evaluate: bool = True
     key_passphrase: bytes | None = None
-    suite: Suite = DEFAULT_SUITE
     session_lifetime_s: int = 3600
     max_update_bytes: int = 64 * 1024 * 1024
     http: HttpLimits = field(default_factory=HttpLimits)
@@ -65,6 +57,8 @@ class ServerConfig:
     step_interval_s: float = 0.2
 
     def __post_init__(self) -> None:
+        if not isinstance(self.federation, FederationSpec):
+            raise ConfigError(f"federation must be a FederationSpec, got {type(self.federation).__name__}")
         if self.step_interval_s <= 0:
             raise ConfigError("step_interval_s must be > 0")
         if self.min_devices < 1:
@@ -76,7 +70,7 @@ class ServerRuntime:
 
     def __init__(self, config: ServerConfig, *, environ: Mapping[str, str] | None = None) -> None:
         self.config = config
-        require_primitives(config.suite)
+        require_primitives(config.federation.suite)
         self.data_dir = Path(config.data_dir).expanduser().resolve()
         self.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.db = Database.from_env(self.data_dir, environ)
@@ -86,7 +80,7 @@ class ServerRuntime:
             self.blobs = BlobStore(self.data_dir / "blobs")
             self.blobs.remove_stale_temp_files()
             self.identity, self.identity_created = load_or_create_identity(
-                self.data_dir, config.key_passphrase, config.suite.sig
+                self.data_dir, config.key_passphrase, config.federation.suite.sig
             )
             self.admin: AdminToken = load_or_create_admin_token(self.data_dir, environ)
             self.metrics = ServerMetrics()
@@ -102,14 +96,14 @@ class ServerRuntime:
         self.started = False
 
     def _build_coordinator(self) -> None:
-        cfg = self.config
-        test = load_dataset(cfg.dataset, "test", root=cfg.data_root)
+        cfg, spec = self.config, self.config.federation
+        test = load_dataset(spec.dataset, "test", root=spec.data_root)
         shape, classes = test.input_shape, test.num_classes
 
         def make_model() -> torch.nn.Module:
-            return create_model(cfg.model, shape, classes)
+            return create_model(spec.model, shape, classes)
 
-        torch.manual_seed(cfg.seed)
+        torch.manual_seed(spec.seed)
         model = make_model()
         self.layout = ParamLayout.from_module(model)
         self.evaluator: Evaluator | None = None
@@ -124,19 +118,19 @@ class ServerRuntime:
         self.coordinator = Coordinator(
             layout=self.layout,
             initial_flat=self.layout.module_to_flat(model),
-            strategy=build_strategy(cfg.strategy, **dict(cfg.strategy_args)),
+            strategy=build_strategy(spec.strategy, **dict(spec.strategy_args)),
             identity=self.identity,
             store=self.store,
             rounds=RoundConfig(
-                rounds=cfg.rounds,
-                per_round=cfg.per_round,
-                min_participants=cfg.min_participants,
-                round_timeout_s=cfg.round_timeout_s,
-                seed=cfg.seed,
+                rounds=spec.rounds,
+                per_round=spec.per_round,
+                min_participants=spec.min_participants,
+                round_timeout_s=spec.round_timeout_s,
+                seed=spec.seed,
                 min_devices=cfg.min_devices,
             ),
             config=CoordinatorConfig(
-                suite=cfg.suite, session_lifetime_s=cfg.session_lifetime_s, max_update_bytes=cfg.max_update_bytes
+                suite=spec.suite, session_lifetime_s=cfg.session_lifetime_s, max_update_bytes=cfg.max_update_bytes
             ),
             blobs=self.blobs,
             on_model=self._on_model,
@@ -251,7 +245,12 @@ class ServerRuntime:
 
     def identity_info(self) -> dict[str, str]:
         pub = self.identity.public
-        return {"alg": pub.alg, "public_key": pub.raw.hex(), "key_id": pub.key_id, "suite": self.config.suite.name}
+        return {
+            "alg": pub.alg,
+            "public_key": pub.raw.hex(),
+            "key_id": pub.key_id,
+            "suite": self.config.federation.suite.name,
+        }
 
     def __repr__(self) -> str:
         return f"ServerRuntime({str(self.data_dir)!r}, db={self.db.url!r}, pid={os.getpid()})"

@@ -1,0 +1,192 @@
+"""One description of a federation's workload, shared by every process that takes part in it.
+
+:class:`FederationSpec` says *what* is trained and how: the data set and model (by registry name), the
+number of devices and how the data set is split among them, the seed, the rounds and how many devices
+each selects, local training (:class:`~qflare.training.TrainConfig`), the aggregation strategy (by
+name, with its options) and the crypto suite.  ``qflare simulate``, ``qflare server``,
+``qflare client``, ``qflare demo`` and the benchmarks embed it and keep only their own process
+settings (ports, folders, worker threads) beside it.
+
+A spec travels to a child process as a JSON file (:meth:`FederationSpec.save`), read back with
+``--federation FILE`` by ``qflare server``, ``qflare client`` and ``qflare simulate``
+(:meth:`FederationSpec.load`): the launchers spell no workload option themselves.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .crypto import DEFAULT_SUITE, HIGH_SUITE, Suite
+from .errors import ConfigError, QflareError
+from .training import TrainConfig
+
+__all__ = ["FORMAT", "FederationSpec", "suite_by_name"]
+
+FORMAT = "qflare-federation/1"
+"""The ``format`` tag of a spec file; a file with another tag is refused."""
+
+_SUITE_ALIASES: dict[str, Suite] = {"default": DEFAULT_SUITE, "high": HIGH_SUITE}
+
+
+def suite_by_name(name: str) -> Suite:
+    """A suite from ``default``, ``high`` or its full name (``v1:ML-DSA-65+ML-KEM-768+X25519+AES-256-GCM``)."""
+    if name in _SUITE_ALIASES:
+        return _SUITE_ALIASES[name]
+    version, sep, rest = name.partition(":")
+    parts = rest.split("+")
+    hybrid = len(parts) == 4 and parts[2] == "X25519"
+    if not sep or not version.startswith("v") or not version[1:].isdigit() or len(parts) != (4 if hybrid else 3):
+        raise ConfigError(f"unknown crypto suite {name!r}: use default, high or a full suite name", code="bad_suite")
+    try:
+        suite = Suite(version=int(version[1:]), sig=parts[0], kem=parts[1], x25519=hybrid, aead=parts[-1])
+    except QflareError as exc:
+        raise ConfigError(f"unknown crypto suite {name!r}: {exc}", code="bad_suite") from None
+    if suite.name != name:
+        raise ConfigError(f"crypto suite name {name!r} is not canonical (expected {suite.name!r})", code="bad_suite")
+    return suite
+
+
+_INTS = ("devices", "shards_per_device", "seed", "rounds", "per_round")
+_NAMES = ("dataset", "model", "partition", "strategy")
+_SCALARS = (bool, int, float, str)
+
+
+@dataclass(frozen=True)
+class FederationSpec:
+    """The workload of one federation (see the module docstring).  Invalid values raise ConfigError."""
+
+    dataset: str = "fashion-mnist"
+    """Registered data set: the devices train on its train split, the coordinator evaluates on its test split."""
+    data_root: str | None = None
+    """Folder holding the data set files (None: search the usual places).  Where the data is, not what it is."""
+    model: str = "fedavg-cnn"
+    devices: int = 100
+    """Devices in the federation: the train split is cut into this many partitions."""
+    partition: str = "dirichlet"
+    alpha: float = 0.5
+    """Dirichlet concentration (``partition="dirichlet"``; smaller: more label skew)."""
+    shards_per_device: int = 2
+    """Label-sorted shards per device (``partition="shards"``)."""
+    seed: int = 0
+    """Seed of the partition, the initial model, device selection and local shuffles."""
+    rounds: int = 30
+    per_round: int = 10
+    """Devices selected each round (all active devices when fewer are enrolled)."""
+    min_participants: int | None = None
+    """Updates a server needs at a round's deadline to aggregate (None: every selected device)."""
+    round_timeout_s: float = 600.0
+    """A server's round deadline (the in-process simulation has none: every selected device answers)."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    strategy: str = "fedavg"
+    strategy_args: Mapping[str, Any] = field(default_factory=dict)
+    """Options of the strategy preset, e.g. ``{"server_lr": 0.1}`` (JSON scalars only)."""
+    suite: Suite = DEFAULT_SUITE
+
+    def __post_init__(self) -> None:
+        for name in _NAMES:
+            value = getattr(self, name)
+            if not isinstance(value, str) or not value.strip():
+                raise ConfigError(f"{name} must be a non-empty name, got {value!r}")
+        if self.data_root is not None and not isinstance(self.data_root, str):
+            raise ConfigError(f"data_root must be a path string or None, got {self.data_root!r}")
+        for name in _INTS:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ConfigError(f"{name} must be an integer, got {value!r}")
+        if self.devices < 1 or self.rounds < 1 or self.per_round < 1:
+            raise ConfigError(
+                f"devices, rounds and per_round must be >= 1 (got {self.devices}, {self.rounds}, {self.per_round})"
+            )
+        if self.shards_per_device < 1:
+            raise ConfigError(f"shards_per_device must be >= 1, got {self.shards_per_device}")
+        if self.seed < 0:
+            raise ConfigError(f"seed must be >= 0, got {self.seed}")
+        if not _positive(self.alpha):
+            raise ConfigError(f"alpha must be a positive finite number, got {self.alpha!r}")
+        if not _positive(self.round_timeout_s):
+            raise ConfigError(f"round_timeout_s must be a positive finite number, got {self.round_timeout_s!r}")
+        mp = self.min_participants
+        if mp is not None and (isinstance(mp, bool) or not isinstance(mp, int) or not 1 <= mp <= self.per_round):
+            raise ConfigError(f"min_participants must be between 1 and per_round ({self.per_round}), got {mp!r}")
+        if not isinstance(self.train, TrainConfig):
+            raise ConfigError(f"train must be a TrainConfig, got {type(self.train).__name__}")
+        if not isinstance(self.suite, Suite):
+            raise ConfigError(f"suite must be a Suite, got {type(self.suite).__name__}")
+        if not isinstance(self.strategy_args, Mapping):
+            raise ConfigError("strategy_args must be a mapping of option name to value")
+        for key, value in self.strategy_args.items():
+            if not isinstance(key, str) or not isinstance(value, _SCALARS):
+                raise ConfigError(f"strategy option {key!r} must be a name with a number, string or bool value")
+        object.__setattr__(self, "strategy_args", dict(self.strategy_args))  # a private copy
+
+    def replace(self, **changes: Any) -> FederationSpec:
+        """A copy with ``changes`` applied (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+    # ------------------------------------------------------------------ the file form
+    def to_json(self) -> dict[str, Any]:
+        """A JSON object describing this spec (:meth:`from_json` reads it back to an equal spec)."""
+        out: dict[str, Any] = {"format": FORMAT}
+        for f in dataclasses.fields(self):
+            out[f.name] = getattr(self, f.name)
+        out["train"] = dataclasses.asdict(self.train)
+        out["strategy_args"] = dict(self.strategy_args)
+        out["suite"] = self.suite.name
+        return out
+
+    @classmethod
+    def from_json(cls, doc: Mapping[str, Any]) -> FederationSpec:
+        """The spec in ``doc``; unknown or missing-format documents and bad values raise ConfigError."""
+        if not isinstance(doc, Mapping) or doc.get("format") != FORMAT:
+            raise ConfigError(f"not a federation spec: expected a JSON object with format {FORMAT!r}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(doc) - known - {"format"})
+        if unknown:
+            raise ConfigError(f"unknown federation spec field(s) {unknown}; known: {sorted(known)}")
+        values = {k: v for k, v in doc.items() if k != "format"}
+        if "train" in values:
+            train = values["train"]
+            if not isinstance(train, Mapping):
+                raise ConfigError("federation spec field 'train' must be an object")
+            try:
+                values["train"] = TrainConfig(**train)
+            except TypeError as exc:
+                raise ConfigError(f"bad federation spec field 'train': {exc}") from None
+        if "suite" in values:
+            if not isinstance(values["suite"], str):
+                raise ConfigError("federation spec field 'suite' must be a suite name")
+            values["suite"] = suite_by_name(values["suite"])
+        for name in ("alpha", "round_timeout_s"):  # JSON writes 1.0 as 1.0, but a hand-written file may say 1
+            if isinstance(values.get(name), int) and not isinstance(values[name], bool):
+                values[name] = float(values[name])
+        return cls(**values)
+
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Write the spec to ``path`` as JSON (what ``--federation FILE`` reads); the path."""
+        out = Path(path)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(self.to_json(), indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        return out
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> FederationSpec:
+        """The spec in the JSON file ``path`` (ConfigError when it cannot be read or is not one)."""
+        try:
+            doc = json.loads(Path(path).read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ConfigError(f"cannot read federation spec {path}: {exc}", code="bad_federation_file") from None
+        try:
+            return cls.from_json(doc)
+        except ConfigError as exc:
+            raise ConfigError(f"{path}: {exc}", code="bad_federation_file") from None
+
+
+def _positive(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
