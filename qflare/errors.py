@@ -197,6 +197,9 @@ class ErrorCode(enum.StrEnum):
     DUPLICATE_NAME = "duplicate_name"
     BAD_SELECTION = "bad_selection"
     PLUGIN_ERROR = "plugin_error"
+    BAD_FEDERATION_FILE = "bad_federation_file"
+    SERVER_EXITED = "server_exited"
+    SERVER_NOT_READY = "server_not_ready"
 
 
 class Retry(enum.Enum):
@@ -504,9 +507,14 @@ CODE_SPECS: Mapping[ErrorCode, CodeSpec] = MappingProxyType(
         # algorithms, suites, keys
         _C.CRYPTO_UNAVAILABLE: _spec("the linked OpenSSL lacks a required primitive", _F, CryptoUnavailableError),
         _C.UNKNOWN_ALGORITHM: _spec("an algorithm or suite version this build does not know", _F, ConfigError),
-        _C.UNKNOWN_SUITE: _spec("the coordinator uses a suite this client does not know", _F, ConfigError),
+        _C.UNKNOWN_SUITE: _spec("a suite name is not one this program knows", _F, ConfigError),
         _C.SUITE_UNSUPPORTED: _spec("the coordinator's policy refuses the offered suite", _F, PolicyError),
-        _C.SUITE_MISMATCH: _spec("a message uses another suite than the session's", _R, PolicyError),
+        _C.SUITE_MISMATCH: _spec(
+            "a message (or a coordinator) uses another suite than the session's (or the federation spec's)",
+            _R,
+            PolicyError,
+            ConfigError,
+        ),
         _C.POLICY_VIOLATION: _spec("a suite or request breaks the security policy", _F, PolicyError),
         _C.KEY_ALG_MISMATCH: _spec("a key's algorithm is not the suite's", _F, ConfigError, PolicyError),
         _C.BAD_ARGUMENT: _spec("a cryptographic primitive got an invalid argument (local misuse)", _F, ConfigError),
@@ -601,6 +609,9 @@ CODE_SPECS: Mapping[ErrorCode, CodeSpec] = MappingProxyType(
         _C.BAD_DURATION: _spec("a duration argument does not parse or is not positive", _F, ConfigError),
         _C.BAD_INDEX: _spec("a device index is out of range", _F, ConfigError),
         _C.DEMO_FAILED: _spec("the demo federation failed to start or finish", _F, DemoError),
+        _C.BAD_FEDERATION_FILE: _spec("a federation spec file cannot be read or is not a valid spec", _F, ConfigError),
+        _C.SERVER_EXITED: _spec("a launched server process exited before it was ready", _F, QflareError),
+        _C.SERVER_NOT_READY: _spec("a launched server process did not become ready in time", _F, QflareError),
         # extension
         _C.DUPLICATE_NAME: _spec("a model, strategy, data set or selector name is already registered", _F, ConfigError),
         _C.BAD_SELECTION: _spec(

@@ -24,7 +24,11 @@ from pathlib import Path
 from typing import Any
 
 from .crypto import DEFAULT_SUITE, HIGH_SUITE, Suite
+from .data.sources import DatasetLoader
 from .errors import ConfigError, QflareError
+from .models import ModelFactory
+from .protocol.selection import ClientSelector, SelectorFactory
+from .strategy.pipeline import StrategyFactory
 from .training import TrainConfig
 
 __all__ = ["FORMAT", "FederationSpec", "suite_by_name"]
@@ -43,18 +47,24 @@ def suite_by_name(name: str) -> Suite:
     parts = rest.split("+")
     hybrid = len(parts) == 4 and parts[2] == "X25519"
     if not sep or not version.startswith("v") or not version[1:].isdigit() or len(parts) != (4 if hybrid else 3):
-        raise ConfigError(f"unknown crypto suite {name!r}: use default, high or a full suite name", code="bad_suite")
+        raise ConfigError(
+            f"unknown crypto suite {name!r}: use default, high or a full suite name", code="unknown_suite"
+        )
     try:
         suite = Suite(version=int(version[1:]), sig=parts[0], kem=parts[1], x25519=hybrid, aead=parts[-1])
     except QflareError as exc:
-        raise ConfigError(f"unknown crypto suite {name!r}: {exc}", code="bad_suite") from None
+        raise ConfigError(f"unknown crypto suite {name!r}: {exc}", code="unknown_suite") from None
     if suite.name != name:
-        raise ConfigError(f"crypto suite name {name!r} is not canonical (expected {suite.name!r})", code="bad_suite")
+        raise ConfigError(
+            f"crypto suite name {name!r} is not canonical (expected {suite.name!r})", code="unknown_suite"
+        )
     return suite
 
 
 _INTS = ("devices", "shards_per_device", "seed", "rounds", "per_round")
-_NAMES = ("dataset", "model", "partition", "strategy")
+_NAMES = ("dataset", "model", "partition", "strategy", "selector")
+_OBJECTS_ALLOWED = ("dataset", "model", "strategy", "selector")
+"""Fields that, in this process, may also hold the factory (or selector) itself instead of a registered name."""
 _SCALARS = (bool, int, float, str)
 
 
@@ -62,11 +72,11 @@ _SCALARS = (bool, int, float, str)
 class FederationSpec:
     """The workload of one federation (see the module docstring).  Invalid values raise ConfigError."""
 
-    dataset: str = "fashion-mnist"
+    dataset: str | DatasetLoader = "fashion-mnist"
     """Registered data set: the devices train on its train split, the coordinator evaluates on its test split."""
     data_root: str | None = None
     """Folder holding the data set files (None: search the usual places).  Where the data is, not what it is."""
-    model: str = "fedavg-cnn"
+    model: str | ModelFactory = "fedavg-cnn"
     devices: int = 100
     """Devices in the federation: the train split is cut into this many partitions."""
     partition: str = "dirichlet"
@@ -84,16 +94,21 @@ class FederationSpec:
     round_timeout_s: float = 600.0
     """A server's round deadline (the in-process simulation has none: every selected device answers)."""
     train: TrainConfig = field(default_factory=TrainConfig)
-    strategy: str = "fedavg"
+    strategy: str | StrategyFactory = "fedavg"
     strategy_args: Mapping[str, Any] = field(default_factory=dict)
     """Options of the strategy preset, e.g. ``{"server_lr": 0.1}`` (JSON scalars only)."""
     suite: Suite = DEFAULT_SUITE
+    selector: str | ClientSelector | SelectorFactory = "random"
+    """Who takes part in each round: a registered client selector (``random``: a seeded uniform sample)."""
 
     def __post_init__(self) -> None:
         for name in _NAMES:
             value = getattr(self, name)
-            if not isinstance(value, str) or not value.strip():
-                raise ConfigError(f"{name} must be a non-empty name, got {value!r}")
+            if isinstance(value, str) and value.strip():
+                continue
+            if name in _OBJECTS_ALLOWED and (callable(value) or hasattr(value, "select")):
+                continue  # a factory (or selector) given in-process; it cannot be saved to a spec file
+            raise ConfigError(f"{name} must be a registered name or a factory, got {value!r}")
         if self.data_root is not None and not isinstance(self.data_root, str):
             raise ConfigError(f"data_root must be a path string or None, got {self.data_root!r}")
         for name in _INTS:
@@ -136,6 +151,12 @@ class FederationSpec:
         out: dict[str, Any] = {"format": FORMAT}
         for f in dataclasses.fields(self):
             out[f.name] = getattr(self, f.name)
+            if f.name in _OBJECTS_ALLOWED and not isinstance(out[f.name], str):
+                raise ConfigError(
+                    f"{f.name} is a Python object, which cannot travel to another process: register it under a "
+                    "name (register_model / register_dataset / register_strategy / register_selector, in a plugin "
+                    "so every process has it) and give that name"
+                )
         out["train"] = dataclasses.asdict(self.train)
         out["strategy_args"] = dict(self.strategy_args)
         out["suite"] = self.suite.name

@@ -28,7 +28,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-import numpy as np
 import torch
 
 from .crypto import SigningKey, require_primitives
@@ -38,6 +37,7 @@ from .federation import FederationSpec
 from .memory import release_free_memory, tune_heap
 from .models import create_model
 from .protocol import Coordinator, CoordinatorConfig, Device, RoundConfig
+from .protocol.selection import build_selector, check_selection
 from .storage import Database, Store
 from .strategy import ClientUpdate, RoundAggregation, build_strategy
 from .training import LocalTrainer, TrainConfig, TrainResult, client_seed, evaluate
@@ -209,6 +209,7 @@ class _SecureFederation:
                 min_participants=spec.min_participants,
                 seed=spec.seed,
                 round_timeout_s=_NO_DEADLINE_S,
+                selector=spec.selector,
             ),
             config=CoordinatorConfig(suite=spec.suite),
         )
@@ -256,7 +257,7 @@ class _DirectFederation:
     def __init__(self, cfg: SimulationConfig, layout: ParamLayout, initial: torch.Tensor) -> None:
         spec = self._spec = cfg.federation
         self._strategy = build_strategy(spec.strategy, **spec.strategy_args)
-        self._rng = np.random.default_rng(spec.seed + 1)  # RoundManager's selection stream
+        self._selector = build_selector(spec.selector)  # the same selector, over device indices
         self._flat, self._number = initial, 0
         self._agg: RoundAggregation | None = None
 
@@ -266,7 +267,9 @@ class _DirectFederation:
         self._number += 1
         k = min(self._spec.per_round, self._spec.devices)
         self._agg = self._strategy.begin(self._flat)
-        return self._number, [int(i) for i in self._rng.choice(self._spec.devices, k, replace=False)]
+        candidates = [str(i) for i in range(self._spec.devices)]
+        chosen = self._selector.select(self._number, candidates, k, self._spec.seed)
+        return self._number, [int(i) for i in check_selection(chosen, candidates, k, self._number)]
 
     def work(self, i: int, train: Callable[[torch.Tensor, int], TrainResult]) -> tuple[Any, TrainResult]:
         result = train(self._flat, self._number)

@@ -134,7 +134,7 @@ def test_every_code_in_the_source_is_a_member_and_raised_with_its_classes() -> N
                 code = _code_value(node)
                 if code is not None:
                     used.add(code)
-    assert problems == []
+    assert problems == [], "\n".join(problems)
     assert members - used == set(), "members nothing raises or sends"
 
 

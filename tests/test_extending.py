@@ -199,7 +199,12 @@ def test_selector_resolution_and_registry_errors() -> None:
 
 
 def test_simulation_block_trains_with_the_custom_pieces(capsys: pytest.CaptureFixture[str]) -> None:
-    for marker in ('register_model("tiny-net"', 'register_strategy("sqrt-clip-avgm"', 'register_dataset("blobs"'):
+    for marker in (
+        'register_model("tiny-net"',
+        'register_strategy("sqrt-clip-avgm"',
+        'register_dataset("blobs"',
+        'register_selector("round-robin"',
+    ):
         run_block(marker)
     ns = run_block("run_simulation(")
     result = ns["result"]

@@ -54,8 +54,9 @@ def test_round_trip_through_a_file_keeps_every_field(tmp_path: Path) -> None:
         ({"round_timeout_s": -1.0}, "round_timeout_s"),
         ({"min_participants": 11}, "min_participants"),
         ({"min_participants": 0}, "min_participants"),
-        ({"dataset": ""}, "dataset must be a non-empty name"),
-        ({"strategy": None}, "strategy must be a non-empty name"),
+        ({"dataset": ""}, "dataset must be a registered name or a factory"),
+        ({"partition": len}, "partition must be a registered name or a factory"),
+        ({"strategy": None}, "strategy must be a registered name or a factory"),
         ({"strategy_args": {"server_lr": [1]}}, "strategy option 'server_lr'"),
         ({"train": {"epochs": 1}}, "train must be a TrainConfig"),
         ({"suite": "default"}, "suite must be a Suite"),
@@ -108,3 +109,13 @@ def test_suites_by_alias_or_full_name() -> None:
     for bad in ("low", "v1:ML-DSA-65+ML-KEM-768", "x1:ML-DSA-65+ML-KEM-768+X25519+AES-256-GCM"):
         with pytest.raises(ConfigError):
             suite_by_name(bad)
+
+
+def test_a_factory_runs_in_process_but_cannot_travel(tmp_path: Path) -> None:
+    from qflare.models import MLP
+
+    spec = FederationSpec(model=lambda shape, classes: MLP(shape[0] * shape[1] * shape[2], classes))
+    assert callable(spec.model)
+    with pytest.raises(ConfigError, match="cannot travel to another process"):
+        spec.save(tmp_path / "spec.json")
+    assert not (tmp_path / "spec.json").exists()

@@ -15,6 +15,9 @@ import typer
 from ..config import default_data_dir
 from ..errors import ConfigError
 from ..federation import FederationSpec, suite_by_name
+from ..models import model_names
+from ..protocol.selection import SELECTORS
+from ..strategy import STRATEGIES
 from .common import FEDERATION_HELP, console, err_console, federation_spec, friendly_errors
 
 __all__ = ["parse_duration", "register", "token_app"]
@@ -29,6 +32,7 @@ WORKLOAD_OPTIONS = (
     "per_round",
     "min_participants",
     "strategy",
+    "selector",
     "seed",
     "round_timeout",
     "suite",
@@ -69,14 +73,15 @@ def server(
         "fashion-mnist", help="Data set whose shape the model takes and whose test split evaluates it."
     ),
     data_root: Path | None = typer.Option(None, help="Folder holding the data set files."),
-    model: str = typer.Option("fedavg-cnn", help="Registered model."),
+    model: str = typer.Option("fedavg-cnn", help=f"Registered model: {', '.join(model_names())}."),
     rounds: int = typer.Option(30, min=1, help="Federated rounds to run."),
     per_round: int = typer.Option(10, min=1, help="Devices selected each round."),
     min_devices: int = typer.Option(1, min=1, help="Active devices needed before the first round opens."),
     min_participants: int | None = typer.Option(
         None, min=1, help="Updates needed at the deadline (default: every selected device)."
     ),
-    strategy: str = typer.Option("fedavg", help="Aggregation strategy."),
+    strategy: str = typer.Option("fedavg", help=f"Aggregation strategy: {', '.join(STRATEGIES)}."),
+    selector: str = typer.Option("random", help=f"Client selection: {', '.join(SELECTORS)}."),
     seed: int = typer.Option(0, help="Seed of the initial model and of device selection."),
     round_timeout: float = typer.Option(600.0, min=1.0, help="Seconds before a round's deadline."),
     suite: str = typer.Option(
@@ -110,6 +115,7 @@ def server(
                 per_round=per_round,
                 min_participants=min_participants,
                 strategy=strategy,
+                selector=selector,
                 seed=seed,
                 round_timeout_s=round_timeout,
                 suite=suite_by_name(suite),

@@ -13,6 +13,7 @@ from rich.table import Table
 from ..data import DATASETS, PARTITIONERS
 from ..federation import FederationSpec, suite_by_name
 from ..models import model_names
+from ..protocol.selection import SELECTORS
 from ..strategy import STRATEGIES
 from ..training import TrainConfig
 from .common import FEDERATION_HELP, console, federation_spec, friendly_errors
@@ -32,6 +33,7 @@ WORKLOAD_OPTIONS = (
     "shards_per_device",
     "seed",
     "strategy",
+    "selector",
     "server_lr",
     "epochs",
     "batch_size",
@@ -63,6 +65,7 @@ def simulate(
         0, help="Seed of partition, sampling, initialisation and shuffles: same seed, same numbers."
     ),
     strategy: str = typer.Option("fedavg", help=f"Aggregation strategy: {', '.join(STRATEGIES)}."),
+    selector: str = typer.Option("random", help=f"Client selection: {', '.join(SELECTORS)}."),
     server_lr: float | None = typer.Option(None, help="Server learning rate (fedavgm/fedadam/fedyogi/fedadagrad)."),
     epochs: int = typer.Option(1, min=1, help="Local epochs per round."),
     batch_size: int = typer.Option(32, min=1, help="Local mini-batch size."),
@@ -104,6 +107,7 @@ def simulate(
                 shards_per_device=shards_per_device,
                 seed=seed,
                 strategy=strategy,
+                selector=selector,
                 strategy_args={"server_lr": server_lr} if server_lr is not None else {},
                 train=TrainConfig(
                     epochs=epochs,

@@ -128,6 +128,7 @@ class ServerRuntime:
                 round_timeout_s=spec.round_timeout_s,
                 seed=spec.seed,
                 min_devices=cfg.min_devices,
+                selector=spec.selector,
             ),
             config=CoordinatorConfig(
                 suite=spec.suite, session_lifetime_s=cfg.session_lifetime_s, max_update_bytes=cfg.max_update_bytes
