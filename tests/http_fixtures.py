@@ -88,7 +88,7 @@ class Federation:
                 return
             except QflareError:
                 self.api.breaker.record_success()
-                time.sleep(0.2)
+                time.sleep(0.2)  # real time: the server is a real process
         raise AssertionError(f"server not ready after {timeout_s} s:\n{self.children.tail(name, 40)}")
 
     def state_dir(self, index: int) -> Path:
@@ -176,7 +176,7 @@ class Federation:
             status = self.status()
             if pred(status):
                 return status
-            time.sleep(poll_s)
+            time.sleep(poll_s)  # real time: the server and devices are real processes
         raise AssertionError(f"status condition not met in {timeout_s} s; last status {status}\n{self.logs_tail()}")
 
     def wait_exit(self, names: list[str], timeout_s: float) -> dict[str, int | None]:
