@@ -7,7 +7,15 @@ from collections.abc import Callable
 import httpx
 import pytest
 
-from qflare.errors import RateLimitedError, ReplayError, StaleModelError, TokenError, error_from_code
+from qflare.errors import (
+    QflareError,
+    RateLimitedError,
+    ReplayError,
+    StaleModelError,
+    TokenError,
+    WrongRoundError,
+    error_from_code,
+)
 from qflare.protocol.messages import Route
 from qflare.transport import (
     CircuitBreaker,
@@ -122,10 +130,10 @@ def test_refusal_is_not_retried_and_is_typed(status: int, code: str, cls: type) 
 
 def test_unknown_code_keeps_code_and_maps_status() -> None:
     t, _ = make(lambda req: refusal(403, "ip_blocked", "go away"))
-    with pytest.raises(Exception) as info:
+    with pytest.raises(QflareError) as info:  # an unknown code still arrives as a typed error
         t.request(Route.HELLO, b"x")
-    assert info.value.code == "ip_blocked"  # type: ignore[attr-defined]
-    assert info.value.http_status == 403  # type: ignore[attr-defined]
+    assert info.value.code == "ip_blocked"
+    assert info.value.http_status == 403
 
 
 def test_429_honours_retry_after() -> None:
@@ -227,9 +235,9 @@ def test_refusal_resets_breaker() -> None:
         return a
 
     t, _ = make(handler, attempts=2, breaker=breaker)
-    with pytest.raises(Exception) as info:
+    with pytest.raises(WrongRoundError) as info:
         t.request(Route.UPDATE, b"x", "s")
-    assert info.value.code == "wrong_round"  # type: ignore[attr-defined]
+    assert info.value.code == "wrong_round"
     assert breaker.state == "closed" and breaker.consecutive_failures == 0
     t.request(Route.UPDATE, b"x", "s")
     assert breaker.state == "closed"
