@@ -1,7 +1,8 @@
 """Storage layer: database set-up, migrations, tokens, devices, sessions, security events.
 
 Every database test runs on SQLite (a file under tmp_path) and on PostgreSQL (a uniquely named
-throw-away database, dropped afterwards); the PostgreSQL params skip if no server is reachable.
+throw-away database, dropped afterwards); the PostgreSQL params skip if no server is reachable (in CI
+they fail instead, see storage_fixtures.py).
 """
 
 from __future__ import annotations
