@@ -146,7 +146,7 @@ class Federation:
             status = self.status()
             if pred(status):
                 return status
-            time.sleep(poll_s)
+            time.sleep(poll_s)  # real time: the server and devices are real processes
         raise AssertionError(f"status condition not met in {timeout_s} s; last status {status}\n{self.logs_tail()}")
 
     def wait_exit(self, names: list[str], timeout_s: float) -> dict[str, int | None]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,6 +34,20 @@ class RecordingTransport:
         return out
 
 
+class FakeClock:
+    """A ``time.time`` stand-in that only moves when told to (starts at the real time, so timestamps
+    exchanged with devices on the real clock stay within their skew window)."""
+
+    def __init__(self, start: float | None = None) -> None:
+        self.now = time.time() if start is None else start
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
 class Federation:
     def __init__(
         self,
@@ -44,6 +59,7 @@ class Federation:
         round_timeout_s: float = 600.0,
         blobs=None,
         selector="random",
+        clock=None,
     ) -> None:
         self.db = Database(f"sqlite:///{tmp}/coordinator.db")
         self.db.upgrade()
@@ -62,6 +78,7 @@ class Federation:
                 rounds=rounds, per_round=per_round, seed=0, round_timeout_s=round_timeout_s, selector=selector
             ),
             blobs=blobs,
+            clock=time.time if clock is None else clock,
         )
         self.transport = RecordingTransport(InProcessTransport(self.coordinator))
         self.devices = [self.new_device() for _ in range(n)]

@@ -125,6 +125,7 @@ def counts(runtime: ServerRuntime) -> Counts:
 
 
 def wait_for(predicate: Any, timeout: float = 30.0, interval: float = 0.05) -> Any:
+    """Poll ``predicate`` in real time: for conditions a real thread (the runtime's round loop) brings about."""
     import time
 
     deadline = time.monotonic() + timeout

@@ -46,7 +46,7 @@ def test_kill_9_mid_round_loses_and_duplicates_nothing(federation: Federation) -
     deadline = time.monotonic() + 20.0
     while len(acked := {r["update_hash"] for i in (0, 1) for r in fed.receipts(i) if r["round"] == 1}) < 2:
         assert time.monotonic() < deadline, fed.logs_tail()
-        time.sleep(0.05)
+        time.sleep(0.05)  # real time: the devices are real processes
     db, store = fed.store()
     try:
         before = {(u.device_id, u.update_hash) for u in store.updates_for_round(1)}

@@ -60,11 +60,11 @@ def test_ctrl_c_stops_every_child(tmp_path: Path) -> None:
         deadline = time.monotonic() + 90
         children: list[psutil.Process] = []
         while time.monotonic() < deadline and len(children) < 4:  # the server and three devices
-            time.sleep(0.5)
+            time.sleep(0.5)  # real time: the demo starts real child processes
             children = psutil.Process(demo.pid).children(recursive=True)
             assert demo.poll() is None, demo.stdout.read().decode() if demo.stdout else ""
         assert len(children) >= 4
-        time.sleep(2.0)  # let the devices get into their loops
+        time.sleep(2.0)  # real time: let the device processes get into their loops before SIGINT
         demo.send_signal(signal.SIGINT)
         assert demo.wait(30) == 130
         output = demo.stdout.read().decode() if demo.stdout else ""
@@ -92,7 +92,7 @@ def test_child_processes_kill_what_ignores_sigterm(tmp_path: Path) -> None:
     deadline = time.monotonic() + 10
     while "up" not in (tmp_path / "stubborn.log").read_text():
         assert time.monotonic() < deadline
-        time.sleep(0.05)
+        time.sleep(0.05)  # real time: polling a real child process's log
     t0 = time.monotonic()
     children.stop(timeout_s=1.0)
     assert stubborn.returncode == -signal.SIGKILL and 0.9 < time.monotonic() - t0 < 5

@@ -10,10 +10,12 @@ import pytest
 from qflare.errors import (
     ErrorCode,
     PolicyError,
+    QflareError,
     RateLimitedError,
     ReplayError,
     StaleModelError,
     TokenError,
+    WrongRoundError,
     error_from_code,
 )
 from qflare.protocol.messages import Route
@@ -135,6 +137,7 @@ def test_unknown_code_is_typed_by_status_and_kept_in_the_message() -> None:
     assert info.value.code is ErrorCode.UNKNOWN_REMOTE_CODE
     assert info.value.http_status == 403
     assert "go away" in info.value.message and "'ip_blocked'" in info.value.message
+    (QflareError,)
 
 
 def test_429_honours_retry_after() -> None:
@@ -236,9 +239,9 @@ def test_refusal_resets_breaker() -> None:
         return a
 
     t, _ = make(handler, attempts=2, breaker=breaker)
-    with pytest.raises(Exception) as info:
+    with pytest.raises(WrongRoundError) as info:
         t.request(Route.UPDATE, b"x", "s")
-    assert info.value.code == "wrong_round"  # type: ignore[attr-defined]
+    assert info.value.code == "wrong_round"
     assert breaker.state == "closed" and breaker.consecutive_failures == 0
     t.request(Route.UPDATE, b"x", "s")
     assert breaker.state == "closed"

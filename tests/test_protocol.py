@@ -7,12 +7,13 @@ security event.
 from __future__ import annotations
 
 import dataclasses
+from datetime import UTC, datetime, timedelta
 
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from protocol_fixtures import Federation
+from protocol_fixtures import FakeClock, Federation
 
 from qflare.errors import QflareError
 from qflare.protocol import Device, Route, SignedUpdate
@@ -23,12 +24,47 @@ def fed(tmp_path):
     return Federation(tmp_path)
 
 
-def refused(fed: Federation, code: str, fn, *args, **kwargs):
-    before = fed.counts()
+_UNSET = object()
+
+
+def event_ids(fed: Federation) -> set[int]:
+    return {e.id for e in fed.store.security_events(limit=10_000)}
+
+
+def new_events(fed: Federation, ids_before: set[int]) -> list:
+    """Security events recorded since ``ids_before`` was taken, oldest first."""
+    return [e for e in reversed(fed.store.security_events(limit=10_000)) if e.id not in ids_before]
+
+
+def assert_one_event(fed: Federation, ids_before: set[int], code: str, device_id=_UNSET) -> None:
+    """Exactly one security event was recorded since ``ids_before``, with reason ``code`` (and for
+    ``device_id`` when given; ``None`` means "no device known")."""
+    new = new_events(fed, ids_before)
+    assert [e.reason for e in new] == [code], f"expected one security event {code!r}, got {[e.reason for e in new]}"
+    if device_id is not _UNSET:
+        assert new[0].device_id == device_id, f"event recorded for {new[0].device_id}, expected {device_id}"
+
+
+def refused(fed: Federation, code: str, fn, *args, device_id=_UNSET, **kwargs):
+    """``fn(*args, **kwargs)`` raises the typed error ``code``, changes no state, and records exactly one
+    security event with reason ``code`` (for ``device_id`` when given)."""
+    before, ids = fed.counts(), event_ids(fed)
     with pytest.raises(QflareError) as info:
         fn(*args, **kwargs)
     assert info.value.code == code, f"expected {code}, got {info.value.code}: {info.value}"
     assert fed.counts() == before, "a refused message changed state"
+    assert_one_event(fed, ids, code, device_id)
+    return info.value
+
+
+def refused_somehow(fed: Federation, fn, *args, **kwargs) -> QflareError:
+    """Like :func:`refused` for inputs whose exact code is not the point: whatever the code, the refusal
+    changes nothing and records exactly one security event with that code as its reason."""
+    before, ids = fed.counts(), event_ids(fed)
+    with pytest.raises(QflareError) as info:
+        fn(*args, **kwargs)
+    assert fed.counts() == before, "a refused message changed state"
+    assert_one_event(fed, ids, info.value.code)
     return info.value
 
 
@@ -64,8 +100,7 @@ def test_replayed_frame_refused(fed):
     dev.submit(fed.prepare(dev))
     route, frame, sid = fed.transport.sent[-1]
     assert route is Route.UPDATE
-    refused(fed, "replay", fed.coordinator.handle, route, frame, session_id=sid)
-    assert "replay" in fed.events()
+    refused(fed, "replay", fed.coordinator.handle, route, frame, session_id=sid, device_id=dev.device_id)
 
 
 def test_retried_update_is_idempotent(fed):
@@ -83,7 +118,8 @@ def test_second_different_update_refused(fed):
     fed.coordinator.rounds.open_next()
     dev = fed.selected()[0]
     dev.submit(fed.prepare(dev, seed=1))
-    refused(fed, "duplicate_submission", dev.submit, fed.prepare(dev, seed=2))
+    second = fed.prepare(dev, seed=2)
+    refused(fed, "duplicate_submission", dev.submit, second, device_id=dev.device_id)
 
 
 def test_unselected_device_refused(fed):
@@ -92,7 +128,7 @@ def test_unselected_device_refused(fed):
     task = dev.task()
     model = dev.fetch_model(task)
     sealed = dev.prepare_update(task, model, fed.result())
-    refused(fed, "not_selected", dev.submit, sealed)
+    refused(fed, "not_selected", dev.submit, sealed, device_id=dev.device_id)
 
 
 def test_update_for_an_old_round_refused(fed):
@@ -103,8 +139,7 @@ def test_update_for_an_old_round_refused(fed):
     b.submit(fed.prepare(b))
     fed.coordinator.rounds.open_next()  # round 2
     # Round 1's update re-sent in round 2: bound to round 1 in the frame AAD and the signature.
-    err = refused(fed, "wrong_round", a.submit, stale)
-    assert "wrong_round" in fed.events()
+    err = refused(fed, "wrong_round", a.submit, stale, device_id=a.device_id)
     assert err.http_status in (401, 409)
 
 
@@ -114,7 +149,7 @@ def test_stale_base_model_refused(fed):
     task = dev.task()
     model = dev.fetch_model(task)
     wrong = dataclasses.replace(model, sha256="00" * 32)
-    refused(fed, "stale_model", dev.submit, dev.prepare_update(task, wrong, fed.result()))
+    refused(fed, "stale_model", dev.submit, dev.prepare_update(task, wrong, fed.result()), device_id=dev.device_id)
 
 
 def test_tampered_update_blob_refused(fed):
@@ -123,7 +158,8 @@ def test_tampered_update_blob_refused(fed):
     sealed = fed.prepare(dev)
     payload = bytearray(sealed.payload)
     payload[-100] ^= 0x01  # inside the tensor data, after the signed header
-    refused(fed, "hash_mismatch", dev.submit, SignedUpdate(sealed.round, bytes(payload), sealed.update_hash))
+    tampered = SignedUpdate(sealed.round, bytes(payload), sealed.update_hash)
+    refused(fed, "hash_mismatch", dev.submit, tampered, device_id=dev.device_id)
 
 
 def test_tampered_signed_header_refused(fed):
@@ -132,16 +168,18 @@ def test_tampered_signed_header_refused(fed):
     sealed = fed.prepare(dev)
     payload = bytearray(sealed.payload)
     payload[60] ^= 0x01  # inside the signed UPDATE envelope
+    before, ids = fed.counts(), event_ids(fed)
     with pytest.raises(QflareError) as info:
         dev.submit(SignedUpdate(sealed.round, bytes(payload), sealed.update_hash))
     assert info.value.code in ("bad_signature", "malformed", "device_mismatch", "wrong_round", "stale_model")
-    assert fed.store.count_updates(1) == 0
+    assert fed.counts() == before and fed.store.count_updates(1) == 0
+    assert_one_event(fed, ids, info.value.code, dev.device_id)
 
 
 def test_update_signed_by_another_device_refused(fed):
     fed.coordinator.rounds.open_next()
     a, b = fed.selected()
-    refused(fed, "device_mismatch", b.submit, fed.prepare(a))
+    refused(fed, "device_mismatch", b.submit, fed.prepare(a), device_id=b.device_id)
 
 
 def test_forged_signature_refused(fed):
@@ -166,6 +204,7 @@ def test_forged_signature_refused(fed):
         "bad_signature",
         a.submit,
         SignedUpdate(genuine.round, pack_signed(spliced, bytes(blob)), genuine.update_hash),
+        device_id=a.device_id,
     )
 
 
@@ -176,52 +215,65 @@ def test_non_finite_update_refused(fed):
     model = dev.fetch_model(task)
     bad = fed.result()
     bad.delta[3] = float("nan")
-    refused(fed, "non_finite", dev.submit, dev.prepare_update(task, model, bad))
-    assert "non_finite" in fed.events()
+    refused(fed, "non_finite", dev.submit, dev.prepare_update(task, model, bad), device_id=dev.device_id)
 
 
 def test_oversized_update_refused(fed, tmp_path):
     fed.coordinator.config = dataclasses.replace(fed.coordinator.config, max_update_bytes=1000)
     fed.coordinator.rounds.open_next()
     dev = fed.selected()[0]
-    refused(fed, "oversized", dev.submit, fed.prepare(dev))
+    sealed = fed.prepare(dev)
+    refused(fed, "oversized", dev.submit, sealed, device_id=dev.device_id)
 
 
 def test_revoked_device_refused_on_next_message(fed):
     fed.coordinator.rounds.open_next()
     dev = fed.selected()[0]
-    fed.coordinator.revoke(dev.device_id, "lost device")
+    fed.coordinator.revoke(dev.device_id, "lost device")  # its sessions die with it
+    sid, before, ids = dev._session_id, fed.counts(), event_ids(fed)
     with pytest.raises(QflareError) as info:
         dev.task()
-    assert info.value.code in ("revoked", "unknown_session")
-    with pytest.raises(QflareError) as info:
-        dev.connect()
     assert info.value.code == "revoked"
-    assert "revoked" in fed.events()
+    assert fed.counts() == before
+    # Two messages, two refusals: the task request finds its session gone, the device runs the
+    # handshake again, and the handshake is refused because the device is revoked.
+    assert [(e.reason, e.session_id) for e in new_events(fed, ids)] == [
+        ("unknown_session", sid),
+        ("revoked", None),
+    ]
+    refused(fed, "revoked", dev.connect)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="product gap: a handshake refused as 'revoked' is recorded with device_id=None although the "
+    "coordinator resolved the device (Coordinator.handle only knows the device id of a session)",
+)
+def test_revoked_handshake_event_names_the_device(fed):
+    dev = fed.devices[0]
+    fed.coordinator.revoke(dev.device_id, "lost device")
+    refused(fed, "revoked", dev.connect, device_id=dev.device_id)
 
 
 def test_revocation_takes_effect_on_live_session(fed):
     fed.coordinator.rounds.open_next()
     dev = fed.selected()[0]
     fed.store.revoke_device(dev.device_id, "revoked out of band")  # session still in memory
-    refused(fed, "revoked", dev.task)
+    refused(fed, "revoked", dev.task, device_id=dev.device_id)
 
 
 def test_token_single_use_and_expiry(fed):
     token = fed.coordinator.create_tokens(1, ttl_s=60)[0]
     fed.new_device().enroll(token)
     refused(fed, "token_used", fed.new_device().enroll, token)
-    expired = fed.coordinator.create_tokens(1, ttl_s=0.001)[0]
-    import time
-
-    time.sleep(0.01)
+    past = datetime.now(UTC) - timedelta(hours=2)
+    expired = fed.store.create_tokens(1, timedelta(hours=1), now=past)[0]  # expired an hour ago, no waiting
     refused(fed, "token_expired", fed.new_device().enroll, expired)
     refused(fed, "token_unknown", fed.new_device().enroll, "not-a-token")
 
 
 def test_unenrolled_device_cannot_handshake(fed):
     refused(fed, "unknown_device", fed.new_device().connect)
-    assert "unknown_device" in fed.events()
 
 
 def test_device_refuses_impostor_coordinator(fed, tmp_path):
@@ -242,7 +294,7 @@ def test_other_devices_session_refused(fed):
     fed.coordinator.rounds.open_next()
     a, b = fed.selected()
     frame = a._channel.seal(0x30, 0, b"")  # a's frame presented under b's session id
-    refused(fed, "bad_mac", fed.coordinator.handle, Route.TASK, frame, session_id=b._session_id)
+    refused(fed, "bad_mac", fed.coordinator.handle, Route.TASK, frame, session_id=b._session_id, device_id=b.device_id)
 
 
 def test_tampered_model_refused_by_device(fed):
@@ -268,10 +320,7 @@ def test_tampered_model_refused_by_device(fed):
 def test_random_bytes_only_raise_typed_errors(fed, route, body, sid):
     if fed.coordinator.rounds.current is None:
         fed.coordinator.rounds.open_next()
-    before = fed.counts()
-    with pytest.raises(QflareError):
-        fed.coordinator.handle(route, body, session_id=sid)
-    assert fed.counts() == before
+    refused_somehow(fed, fed.coordinator.handle, route, body, session_id=sid)
 
 
 def test_failed_aggregation_fails_the_round_and_acknowledges_the_update(tmp_path):
@@ -292,15 +341,14 @@ def test_failed_aggregation_fails_the_round_and_acknowledges_the_update(tmp_path
 def test_update_for_another_round_is_refused_by_the_round_manager(tmp_path):
     """An update verified against round 1 but arriving after round 1 failed and round 2 opened on the
     same model is refused, not folded into round 2 (check-then-act race between decode and accept)."""
-    import time
-
     from qflare.errors import WrongRoundError
     from qflare.strategy import ClientUpdate
 
-    fed = Federation(tmp_path, n=2, per_round=2, round_timeout_s=0.3)
+    clock = FakeClock()
+    fed = Federation(tmp_path, n=2, per_round=2, round_timeout_s=0.3, clock=clock)
     rm = fed.coordinator.rounds
     rm.open_next()
-    time.sleep(0.35)
+    clock.advance(0.35)
     rm.tick()  # round 1 fails at its deadline with no updates
     assert fed.store.get_round(1).state == "failed"
     rnd2 = rm.open_next()
@@ -316,9 +364,7 @@ def test_one_live_session_per_device(fed):
     old = dev._session_id
     dev.connect()
     assert dev._session_id != old
-    with pytest.raises(QflareError) as info:
-        fed.coordinator.handle(Route.TASK, b"\x00" * 40, session_id=old)
-    assert info.value.code == "unknown_session"
+    refused(fed, "unknown_session", fed.coordinator.handle, Route.TASK, b"\x00" * 40, session_id=old)
     assert dev.task().state in ("waiting", "open")
 
 

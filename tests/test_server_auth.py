@@ -39,19 +39,26 @@ def world(tmp_path: Path) -> Iterator[World]:
         yield World(runtime, client, devices)
 
 
-def _newest_event(runtime: ServerRuntime) -> tuple[str, str]:
-    ev = runtime.store.security_events(1)[0]
-    return ev.reason, ev.detail
+_UNSET = object()
 
 
-def _refused(w: World, call: object, status: int, code: str) -> None:
-    """``call()`` must raise the typed error with ``code`` and ``status``, record it, change nothing."""
-    before, events_before = counts(w.runtime), len(w.runtime.store.security_events(10_000))
+def _refused(
+    w: World, call: object, status: int, code: str, *, device_id: object = _UNSET, events: list[str] | None = None
+) -> None:
+    """``call()`` must raise the typed error with ``code`` and ``status``, change nothing, and record exactly
+    one security event with reason ``code`` (for ``device_id`` when given; ``None``: no device known).
+
+    ``events`` (oldest first) replaces the single expected event when the call sends several messages."""
+    before = counts(w.runtime)
+    seen = {e.id for e in w.runtime.store.security_events(10_000)}
     with pytest.raises(QflareError) as info:
         call()  # type: ignore[operator]
     assert (info.value.code, info.value.http_status) == (code, status)
-    assert len(w.runtime.store.security_events(10_000)) > events_before
-    assert _newest_event(w.runtime)[0] == code
+    new = [e for e in reversed(w.runtime.store.security_events(10_000)) if e.id not in seen]
+    expected = [code] if events is None else events
+    assert [e.reason for e in new] == expected, f"expected security events {expected}, got {[e.reason for e in new]}"
+    if device_id is not _UNSET:
+        assert new[-1].device_id == device_id
     assert counts(w.runtime) == before
 
 
@@ -69,7 +76,9 @@ def test_revoked_device_is_refused_on_its_next_message(world: World) -> None:
         f"/v1/admin/devices/{victim.device_id}/revoke", json={"reason": "key leaked"}, headers=admin(w.runtime)
     )
     assert resp.status_code == 200
-    _refused(w, victim.task, 403, "revoked")
+    # The revocation closed its session: the task request is refused (unknown_session), the device runs
+    # the handshake again, and that is refused (revoked): two messages, two events.
+    _refused(w, victim.task, 403, "revoked", events=["unknown_session", "revoked"])
     _refused(w, victim.connect, 403, "revoked")
     assert w.devices[1].task().selected  # the other device is unaffected
 
@@ -84,7 +93,7 @@ def test_session_of_another_device_fails_authentication(world: World) -> None:
         resp = w.client.post("/v1/task", content=frame, headers={"X-Qflare-Session": a._session_id})
         raise _typed(resp.json(), resp.status_code)
 
-    _refused(w, post, 401, "bad_mac")
+    _refused(w, post, 401, "bad_mac", device_id=a.device_id)  # recorded against the session's owner
     assert a.task().selected  # a's own channel still works: a refused frame does not advance its counter
 
 

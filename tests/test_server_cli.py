@@ -97,7 +97,7 @@ def test_server_process_over_tls_and_sigterm(tmp_path: Path) -> None:
                 except httpx.TransportError:
                     pass
                 assert time.monotonic() < deadline, "server did not become ready"
-                time.sleep(0.25)
+                time.sleep(0.25)  # real time: the server is a real process
             info = client.get("/v1/identity").json()
             assert info["key_id"] == (data / "coordinator.keyid").read_text().strip()
             admin = (data / "admin.token").read_text().strip()

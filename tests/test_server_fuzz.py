@@ -1,13 +1,16 @@
 """Schemathesis against the served OpenAPI schema: no 5xx on any route, and refusals change nothing.
 
 The federation under test has an enrolled device with a live session and an open round, so the protocol
-routes have real state that a generated request could (but must not) disturb.
+routes have real state that a generated request could (but must not) disturb.  Every test checks what it
+fuzzed itself (requests were sent, refusals happened and were recorded, the federation is intact), so the
+file holds run alone, in any order, or test by test.
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
@@ -32,6 +35,7 @@ class Fuzzed:
     runtime: ServerRuntime
     app: FastAPI
     device: Device
+    sent: Counter[tuple[str, str]] = field(default_factory=Counter)  # requests per operation, whole module
 
 
 @pytest.fixture(scope="module")
@@ -80,23 +84,67 @@ def operations(fuzzed: Fuzzed) -> dict[tuple[str, str], Any]:
     return ops
 
 
-def _check(fuzzed: Fuzzed, case: Any, headers: dict[str, str] | None = None) -> None:
-    before = counts(fuzzed.runtime)
+PUBLIC = {("GET", "/v1/identity"), ("GET", "/v1/status"), ("GET", "/healthz"), ("GET", "/readyz"), ("GET", "/metrics")}
+
+
+def _newest_event_id(runtime: ServerRuntime) -> int:
+    newest = runtime.store.security_events(1)
+    return newest[0].id if newest else 0
+
+
+def _check(fuzzed: Fuzzed, case: Any, headers: dict[str, str] | None) -> int:
+    """Send one generated request; return its status after checking the refusal contract."""
+    runtime = fuzzed.runtime
+    before, last_event = counts(runtime), _newest_event_id(runtime)
     response = case.call(headers=headers)
+    fuzzed.sent[(case.method.upper(), case.operation.path)] += 1
     assert response.status_code < 500, (case.method, case.path, response.status_code, response.text[:300])
-    if response.status_code >= 400:
-        body = response.json()
-        assert set(body) == {"code", "message"} and body["code"], body
-        assert counts(fuzzed.runtime) == before, (case.method, case.path, body)
+    events = [e for e in runtime.store.security_events(50) if e.id > last_event]
+    if response.status_code < 400:
+        assert events == [], (case.method, case.path, [e.reason for e in events])
+        return response.status_code
+    body = response.json()
+    assert set(body) == {"code", "message"} and body["code"], body
+    assert counts(runtime) == before, (case.method, case.path, body)
+    if headers is not None and "Authorization" in headers and body["code"] != "admin_required":
+        # the administrator's own malformed request (422, 404) is an error, not an attack (negative
+        # generation may drop or mangle the credentials: then it is admin_required, recorded below)
+        assert events == [], (case.method, case.path, body, [e.reason for e in events])
+    else:
+        # anything else refused is recorded as exactly one security event, with the code as its reason
+        assert [e.reason for e in events] == [body["code"]], (case.method, case.path, body)
+        session = (headers or {}).get("X-Qflare-Session")
+        if session is not None and session == fuzzed.device._session_id:
+            assert events[0].device_id == fuzzed.device.device_id, (case.method, case.path, body)
+    return response.status_code
 
 
-def _fuzz(fuzzed: Fuzzed, operation: Any, mode: GenerationMode, headers: dict[str, str] | None) -> None:
-    @FUZZ
+def _fuzz(
+    fuzzed: Fuzzed, operation: Any, mode: GenerationMode, headers: dict[str, str] | None, fuzz: Any = FUZZ
+) -> list[int]:
+    """Fuzz one operation; return the statuses of the requests sent (at least one)."""
+    statuses: list[int] = []
+
+    @fuzz
     @given(case=operation.as_strategy(generation_mode=mode))
     def run(case: Any) -> None:
-        _check(fuzzed, case, headers)
+        statuses.append(_check(fuzzed, case, headers))
 
     run()
+    assert statuses, f"the fuzzer sent no request to {operation.method.upper()} {operation.path}"
+    return statuses
+
+
+def _assert_intact(fuzzed: Fuzzed) -> None:
+    """The device, its session and the round survived: refused frames disturbed nothing."""
+    runtime = fuzzed.runtime
+    session = fuzzed.device._session_id
+    task = fuzzed.device.task()  # the same session still works: refused frames did not advance its counter
+    assert fuzzed.device._session_id == session and task.selected and task.round == 1
+    assert len(runtime.store.list_devices(status="active")) == 1
+    rnd = runtime.coordinator.rounds.current
+    assert rnd is not None and rnd.number == 1 and not rnd.accepted
+    assert runtime.store.count_updates() == 0
 
 
 # Operations whose inputs have constraints, so that schema-violating (negative) requests exist; the others
@@ -116,7 +164,12 @@ IDS = [f"{m} {p} {g.value}" for m, p, g in CASES]
 def test_route_anonymous(
     method: str, path: str, mode: GenerationMode, fuzzed: Fuzzed, operations: dict[tuple[str, str], Any]
 ) -> None:
-    _fuzz(fuzzed, operations[(method, path)], mode, None)
+    statuses = _fuzz(fuzzed, operations[(method, path)], mode, None)
+    if (method, path) in PUBLIC:
+        assert all(s == 200 for s in statuses), statuses
+    else:  # random bytes, no session, no admin credentials: every request is refused
+        assert all(400 <= s < 500 for s in statuses), statuses
+    _assert_intact(fuzzed)
 
 
 ADMIN_CASES = [c for c in CASES if c[1].startswith("/v1/admin/")]
@@ -126,7 +179,13 @@ ADMIN_CASES = [c for c in CASES if c[1].startswith("/v1/admin/")]
 def test_admin_route_authenticated(
     method: str, path: str, mode: GenerationMode, fuzzed: Fuzzed, operations: dict[tuple[str, str], Any]
 ) -> None:
-    _fuzz(fuzzed, operations[(method, path)], mode, admin(fuzzed.runtime))
+    statuses = _fuzz(fuzzed, operations[(method, path)], mode, admin(fuzzed.runtime))
+    if mode is GenerationMode.POSITIVE:
+        assert 401 not in statuses and 403 not in statuses, f"the admin credentials were not accepted: {statuses}"
+    else:  # negative generation may mangle the credentials (or only a header the route ignores)
+        assert any(400 <= s < 500 for s in statuses), f"no schema-violating request was refused: {statuses}"
+        assert any(s not in (401, 403) for s in statuses), f"no request got past the admin check: {statuses}"
+    _assert_intact(fuzzed)
 
 
 @pytest.mark.parametrize("path", ["/v1/task", "/v1/model", "/v1/update"])
@@ -134,16 +193,23 @@ def test_sessioned_route_with_a_live_session(path: str, fuzzed: Fuzzed, operatio
     """Random frames under the device's real session id reach the channel: refused, never a 5xx."""
     session = fuzzed.device._session_id
     assert session is not None
-    _fuzz(fuzzed, operations[("POST", path)], GenerationMode.POSITIVE, {"X-Qflare-Session": session})
+    statuses = _fuzz(fuzzed, operations[("POST", path)], GenerationMode.POSITIVE, {"X-Qflare-Session": session})
+    assert all(400 <= s < 500 for s in statuses), statuses
+    _assert_intact(fuzzed)
 
 
-def test_fuzzing_left_the_federation_intact(fuzzed: Fuzzed) -> None:
-    """Runs after the fuzz tests (file order): the device, its session and the round survived them."""
-    runtime = fuzzed.runtime
-    session = fuzzed.device._session_id
-    task = fuzzed.device.task()  # the same session still works: refused frames did not disturb it
-    assert fuzzed.device._session_id == session and task.selected and task.round == 1
-    assert len(runtime.store.list_devices(status="active")) == 1
-    rnd = runtime.coordinator.rounds.current
-    assert rnd is not None and rnd.number == 1 and not rnd.accepted
-    assert runtime.store.count_updates() == 0
+def test_every_route_is_fuzzed_and_the_federation_survives(
+    fuzzed: Fuzzed, operations: dict[tuple[str, str], Any]
+) -> None:
+    """A short sweep of its own over every operation (not relying on the other tests having run first):
+    each operation receives requests, every non-public one refuses them, and the federation is intact."""
+    quick = settings(FUZZ, max_examples=5)
+    refused: Counter[tuple[str, str]] = Counter()
+    for op in OPERATIONS:
+        sent_before = fuzzed.sent[op]
+        statuses = _fuzz(fuzzed, operations[op], GenerationMode.POSITIVE, None, quick)
+        assert fuzzed.sent[op] - sent_before == len(statuses) > 0
+        refused[op] = sum(400 <= s < 500 for s in statuses)
+    assert all(refused[op] == 0 for op in PUBLIC), refused
+    assert all(refused[op] > 0 for op in OPERATIONS if op not in PUBLIC), refused
+    _assert_intact(fuzzed)

@@ -137,7 +137,7 @@ def test_upload_slot_is_taken_before_the_body_is_read(tmp_path: Path) -> None:
                 for b in bodies
             ]
             for _ in range(200):  # wait until two uploads are inside the coordinator
-                await asyncio.sleep(0.01)
+                await asyncio.sleep(0.01)  # real time: the uploads run on real threadpool threads
                 if inside == 2:
                     break
             started = sum(1 for b in bodies if b.pulled > 0)

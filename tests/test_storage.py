@@ -1,7 +1,8 @@
 """Storage layer: database set-up, migrations, tokens, devices, sessions, security events.
 
 Every database test runs on SQLite (a file under tmp_path) and on PostgreSQL (a uniquely named
-throw-away database, dropped afterwards); the PostgreSQL params skip if no server is reachable.
+throw-away database, dropped afterwards); the PostgreSQL params skip if no server is reachable (in CI
+they fail instead, see storage_fixtures.py).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import Column, Integer, MetaData, inspect, select, text
+from sqlalchemy.exc import IntegrityError
 from storage_fixtures import BACKENDS, race, scratch
 
 from qflare.errors import (
@@ -97,7 +99,7 @@ def test_sqlite_connection_settings(tmp_path: Path) -> None:
             assert conn.exec_driver_sql("PRAGMA synchronous").scalar() == 2  # FULL
             assert conn.exec_driver_sql("PRAGMA busy_timeout").scalar() == 30_000
         db.upgrade()
-        with pytest.raises(Exception, match="FOREIGN KEY"), db.connect() as conn:
+        with pytest.raises(IntegrityError, match="FOREIGN KEY"), db.connect() as conn:
             conn.execute(text("INSERT INTO sessions VALUES ('s', 'nope', :a, :a, NULL)"), {"a": "2030-01-01"})
     finally:
         db.dispose()

@@ -1,6 +1,6 @@
 """Storage layer: rounds (compare-and-set), idempotent updates, model lineage, ledger.
 
-Runs on SQLite and on a throw-away PostgreSQL database (skipped if none is reachable).
+Runs on SQLite and on a throw-away PostgreSQL database (skipped if none is reachable, failed in CI).
 """
 
 from __future__ import annotations
