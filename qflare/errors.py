@@ -225,6 +225,8 @@ class QflareError(Exception):
 
     code: ErrorCode = ErrorCode.QFLARE_ERROR
     http_status: int = 500
+    device_id: str | None = None
+    """The enrolled device the refusal concerns, where the raiser knows it (recorded with the event)."""
     default_retry: ClassVar[Retry] = Retry.FATAL
     """The retry meaning of the codes whose spec leaves it to the class (the generic remote codes)."""
 

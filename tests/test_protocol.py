@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from protocol_fixtures import FakeClock, Federation
 
-from qflare.errors import QflareError
+from qflare.errors import PolicyError, QflareError
 from qflare.protocol import Device, Route, SignedUpdate
 
 
@@ -244,11 +244,6 @@ def test_revoked_device_refused_on_next_message(fed):
     refused(fed, "revoked", dev.connect)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="product gap: a handshake refused as 'revoked' is recorded with device_id=None although the "
-    "coordinator resolved the device (Coordinator.handle only knows the device id of a session)",
-)
 def test_revoked_handshake_event_names_the_device(fed):
     dev = fed.devices[0]
     fed.coordinator.revoke(dev.device_id, "lost device")
@@ -411,8 +406,12 @@ def test_signed_payloads_must_carry_the_session_suite(fed):
         suite=other,
     )
     task = alt.task()  # the same enrolled key, in a session of another suite
-    # coordinator -> device: the model is signed (once per version) in the coordinator's suite
-    refused(fed, "suite_mismatch", alt.fetch_model, task)
+    # coordinator -> device: the model is signed (once per version) in the coordinator's suite; the
+    # device refuses it (a device-side refusal: nothing changes and the coordinator records nothing)
+    before, ids = fed.counts(), event_ids(fed)
+    with pytest.raises(PolicyError) as info:
+        alt.fetch_model(task)
+    assert info.value.code == "suite_mismatch" and fed.counts() == before and new_events(fed, ids) == []
     # device -> coordinator: an update signed in a suite other than the session's
     blob = encode_update(fed.layout, fed.result().delta)
     signed = sign_update(dev.identity, DEFAULT_SUITE, task.round, task.model_hash, 5, blob)

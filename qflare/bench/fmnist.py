@@ -1,7 +1,7 @@
 """The `fmnist-dir05` workload: QFLARE's simulation against the bare PyTorch reference, in one run.
 
 Both run as child processes of this runner (so each one's peak RSS covers its own process tree) on the
-same machine, one after the other, on the same seeds.  See ../shared BENCHMARKS.md for the workload.
+same machine, one after the other, on the same seeds.  The workload is described in docs/performance.md.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ FMNIST_DIR05 = FederationSpec(
     train=TrainConfig(epochs=1, batch_size=32, lr=0.05),
     strategy="fedavg",
 )
-"""The fmnist-dir05 workload (BENCHMARKS.md): 100 Dirichlet(0.5) devices of Fashion-MNIST, 10 a round."""
+"""The fmnist-dir05 workload: 100 Dirichlet(0.5) devices of Fashion-MNIST, 10 a round."""
 
 
 def bare_reference_path() -> Path:

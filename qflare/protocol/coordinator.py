@@ -164,6 +164,7 @@ class Coordinator:
                 return self._update(sess, body)
         except QflareError as exc:
             if isinstance(exc, (ProtocolError, ValidationError)):
+                device_id = device_id or exc.device_id
                 self._event(exc.code, f"{getattr(route, 'value', route)}: {exc}", device_id, session_id, remote)
             raise
 
@@ -205,7 +206,9 @@ class Coordinator:
         if row is None:
             return None
         if row.status != "active":
-            raise RevokedError(f"device {key_id[:16]}... is revoked", code="revoked")
+            exc = RevokedError(f"device {key_id[:16]}... is revoked", code="revoked")
+            exc.device_id = key_id  # known, though no session is: the security event names the device
+            raise exc
         return VerifyKey.from_bytes(row.sig_alg, row.sig_public_key)
 
     def _hello(self, body: bytes) -> bytes:

@@ -4,7 +4,7 @@ Every timestamp column is a timezone-aware UTC ``datetime`` in Python (see :clas
 naive datetimes are refused on write.  Secrets never reach these tables: enrollment tokens are stored
 only as SHA-256 hashes and session keys are not stored at all.
 
-``migrations/versions`` mirrors this module by hand; ``tests/test_storage_migrations.py`` asserts that
+``migrations/versions`` mirrors this module by hand; ``tests/test_storage.py`` asserts that
 Alembic's autogenerate comparison finds no difference between the two.
 """
 
