@@ -64,7 +64,7 @@ class Federation:
             data_dir=self.data_dir,
             port=self.port,
             admin_token=self.admin,
-            env=CHILD_ENV,
+            env=self.env,  # what the test set (e.g. a plugin on PYTHONPATH) reaches the server too
             log_path=self.root / "logs" / f"{name}.log",
             ready_timeout_s=60.0,
         )
