@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from datetime import UTC, datetime
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -63,7 +64,10 @@ class Federation:
     ) -> None:
         self.db = Database(f"sqlite:///{tmp}/coordinator.db")
         self.db.upgrade()
-        self.store = Store(self.db)
+        if clock is None:
+            self.store = Store(self.db)
+        else:  # the store's clock follows the coordinator's (deadlines are checked against it)
+            self.store = Store(self.db, clock=lambda: datetime.fromtimestamp(clock(), UTC))
         torch.manual_seed(0)
         model = create_model("mlp", (1, 8, 8), 10)
         self.layout = ParamLayout.from_module(model)
