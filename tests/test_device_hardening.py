@@ -437,3 +437,20 @@ def test_signed_model_of_another_architecture_sits_the_round_out(tmp_path: Path)
     summary = client.run(poll_interval=0.0)
     assert summary.reason == "finished" and device.fetches == 1 and workload.trained == []
     assert ErrorCode.INCOMPATIBLE_MODEL in list(ErrorCode)
+
+
+def test_identity_fetch_waits_out_forged_errors_within_patience() -> None:
+    from qflare.cli.client import _fetch_identity
+
+    calls = [0]
+    doc = {"alg": SERVER.public.alg, "public_key": SERVER.public.raw.hex(), "suite": DEFAULT_SUITE.name}
+
+    def handler(req: httpx.Request) -> httpx.Response:
+        calls[0] += 1
+        if calls[0] <= 2:
+            return httpx.Response(403, json={"code": "revoked", "message": "forged"})
+        return httpx.Response(200, json=doc)
+
+    t, clock = make_transport(handler)
+    key, _ = _fetch_identity(t, SERVER.public.key_id, 300.0, sleep=clock.sleep)
+    assert key == SERVER.public and calls[0] == 3 and clock.sleeps == [1.0, 1.0]

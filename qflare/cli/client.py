@@ -59,14 +59,16 @@ def _fetch_identity(
     transport: HttpTransport, pinned: str, patience_s: float, sleep: Callable[[float], None] = time.sleep
 ) -> tuple[VerifyKey, Suite]:
     """GET /v1/identity (waiting up to ``patience_s`` for the server to come up) and check it against the
-    pin.  Only a key that hashes to the pin is accepted; anything else on the path is waited out."""
+    pin.  Outages and unauthenticated error answers are waited out within the patience; a key that does
+    not hash to the pin (or an unknown suite) stops the device at once: that is a configuration error
+    the operator must see (the wrong server or the wrong pin), and nothing was sent to that server."""
     patience = Patience(patience_s)
     while True:
         try:
             return pin_server_key(transport.get_json("/v1/identity"), pinned)
         except QflareError as exc:
             if exc.retry is not Retry.TRANSIENT and not exc.unauthenticated:
-                raise  # the pin does not match, or the suite is unknown: waiting cannot fix it
+                raise
             patience.failed(exc, "fetching the coordinator's identity")
             logging.getLogger("qflare.client").warning("coordinator not reachable yet [%s]; retrying", exc.code)
             sleep(1.0)
