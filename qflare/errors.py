@@ -37,12 +37,14 @@ __all__ = [
     "NonFiniteError",
     "NotFoundError",
     "OversizeError",
+    "PatienceExhaustedError",
     "PluginError",
     "PolicyError",
     "ProtocolError",
     "QflareError",
     "RateLimitedError",
     "ReplayError",
+    "ResponseTooLargeError",
     "Retry",
     "RevokedError",
     "RoundError",
@@ -200,6 +202,12 @@ class ErrorCode(enum.StrEnum):
     BAD_FEDERATION_FILE = "bad_federation_file"
     SERVER_EXITED = "server_exited"
     SERVER_NOT_READY = "server_not_ready"
+    # hardening: device
+    MODEL_ROLLBACK = "model_rollback"
+    BAD_TASK = "bad_task"
+    RESPONSE_TOO_LARGE = "response_too_large"
+    INCOMPATIBLE_MODEL = "incompatible_model"
+    PATIENCE_EXHAUSTED = "patience_exhausted"
 
 
 class Retry(enum.Enum):
@@ -227,6 +235,9 @@ class QflareError(Exception):
     http_status: int = 500
     device_id: str | None = None
     """The enrolled device the refusal concerns, where the raiser knows it (recorded with the event)."""
+    unauthenticated: bool = False
+    """True for an error rebuilt from a plain HTTP error body: anything on the path can send one, so a
+    device never lets it stop the process (see ``docs/protocol.md`` section 15)."""
     default_retry: ClassVar[Retry] = Retry.FATAL
     """The retry meaning of the codes whose spec leaves it to the class (the generic remote codes)."""
 
@@ -409,6 +420,20 @@ class ServerUnavailableError(TransportError):
     """Connection errors, timeouts or 5xx gateway answers outlasted the retry policy."""
 
     code = ErrorCode.SERVER_UNAVAILABLE
+    retry_after_s: float | None = None
+    """The (capped) ``Retry-After`` of the last answer, when it had one (a busy or full coordinator)."""
+
+
+class ResponseTooLargeError(TransportError):
+    """An answer is larger than its route can legitimately be: refused unread beyond the limit."""
+
+    code = ErrorCode.RESPONSE_TOO_LARGE
+
+
+class PatienceExhaustedError(QflareError):
+    """A device saw only failures for longer than its patience and stopped."""
+
+    code = ErrorCode.PATIENCE_EXHAUSTED
 
 
 class CircuitOpenError(TransportError):
@@ -620,6 +645,26 @@ CODE_SPECS: Mapping[ErrorCode, CodeSpec] = MappingProxyType(
             "a client selector returned something other than k distinct candidates", _R, RoundError
         ),
         _C.PLUGIN_ERROR: _spec("a plugin could not be imported or its registration failed", _F, PluginError),
+        # hardening: device
+        _C.MODEL_ROLLBACK: _spec(
+            "the coordinator offered a model version or round older than one the device already accepted",
+            _D,
+            StaleModelError,
+        ),
+        _C.BAD_TASK: _spec("a task message holds a value out of range (a bad coordinator answer)", _R, MalformedError),
+        _C.RESPONSE_TOO_LARGE: _spec(
+            "an answer exceeds the size its route can have; refused without reading the rest",
+            _T,
+            ResponseTooLargeError,
+        ),
+        _C.INCOMPATIBLE_MODEL: _spec(
+            "a validly signed global model does not fit this device's model layout: the round is sat out",
+            _S,
+            ArchitectureMismatchError,
+        ),
+        _C.PATIENCE_EXHAUSTED: _spec(
+            "the device saw only failures for longer than its patience and stopped", _F, PatienceExhaustedError
+        ),
     }
 )
 """The meaning, classes and retry meaning of every :class:`ErrorCode`."""

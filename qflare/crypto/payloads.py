@@ -56,9 +56,11 @@ __all__ = [
     "OpenedUpdate",
     "SignedUpdate",
     "canonical_json",
+    "check_update_ack",
     "open_global_model",
     "open_model_request",
     "open_receipt",
+    "open_signed_receipt",
     "open_task",
     "open_task_request",
     "open_update",
@@ -396,16 +398,36 @@ def open_receipt(
 
     Returns the signed status and the receipt JSON that follows the envelope.
     """
+    status, _, body = open_signed_receipt(channel, server_key, frame, device_key_id, update, max_envelope=max_envelope)
+    return status, body
+
+
+def open_signed_receipt(
+    channel: Channel,
+    server_key: VerifyKey,
+    frame: bytes,
+    device_key_id: str,
+    update: SignedUpdate,
+    *,
+    max_envelope: int = DEFAULT_MAX_ENVELOPE,
+) -> tuple[AckStatus, bytes, memoryview]:
+    """:func:`open_receipt`, also returning the verified UPDATE_ACK envelope bytes (to store, so the
+    receipt can be re-verified later with :func:`check_update_ack`)."""
     env_bytes, body = unpack_signed(channel.open(Frame.RECEIPT, update.round, frame), max_envelope)
     env = _envelope(channel, env_bytes, MsgType.UPDATE_ACK, max_envelope).verify(server_key)
+    return check_update_ack(env, device_key_id, update.round, update.update_hash), env_bytes, body
+
+
+def check_update_ack(env: SignedEnvelope, device_key_id: str, round: int, update_hash: str) -> AckStatus:
+    """The signed status of a verified UPDATE_ACK ``env``, once it names this device, round and update
+    hash (AuthError ``bad_receipt`` otherwise; MalformedError for an unknown status)."""
     if (
         env.get_key_id(Field.DEVICE_KEY_ID) != device_key_id
-        or env.get_int(Field.ROUND) != update.round
-        or env.get(Field.UPDATE_HASH).hex() != update.update_hash
+        or env.get_int(Field.ROUND) != round
+        or env.get(Field.UPDATE_HASH).hex() != update_hash
     ):
         raise AuthError("receipt does not acknowledge this update", code="bad_receipt")
     try:
-        status = AckStatus(env.get_int(Field.STATUS))
+        return AckStatus(env.get_int(Field.STATUS))
     except ValueError:
         raise MalformedError(f"unknown ack status 0x{env.get_int(Field.STATUS):02x}", code="malformed") from None
-    return status, body

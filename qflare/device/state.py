@@ -5,7 +5,13 @@ A state directory (mode 0700) holds:
 * ``key.pem`` - the device's ML-DSA signing key (PKCS#8, 0600, optionally passphrase-encrypted);
 * ``enrollment.record`` - the coordinator-signed enrollment record (so a restart never needs a token);
 * ``server.keyid`` - the pinned coordinator key id (SHA-256 of its public key, hex);
-* ``receipts.jsonl`` - one line per update the coordinator acknowledged (an audit trail).
+* ``server.pub`` - the pinned coordinator's public key (JSON ``{"alg", "public_key"}``), saved once it
+  matched the pin, so stored receipts can be re-verified offline (``qflare client verify-receipts``);
+* ``progress.json`` - the highest global model version the device accepted (signed by the coordinator)
+  and the highest round it holds a signed receipt for: anything older is refused (no rollback);
+* ``receipts.jsonl`` - one line per update the coordinator acknowledged: the signed UPDATE_ACK
+  envelope (``ack``, hex) and the values it signs (device, round, update hash, duplicate, time), so
+  every line can be re-verified against the pinned key (an audit trail, and proof of delivery).
 
 Pinning is never trust-on-first-use: the operator gives the key id out of band (``--server-key-id`` or
 the server's ``coordinator.keyid``/``coordinator.pub`` file), and the key served at ``/v1/identity``
@@ -17,17 +23,24 @@ from __future__ import annotations
 import json
 import os
 import re
-import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..crypto import DEFAULT_SUITE, HIGH_SUITE, SigningKey, Suite, VerifyKey
+from ..crypto import DEFAULT_SUITE, HIGH_SUITE, Field, MsgType, SignedEnvelope, SigningKey, Suite, VerifyKey
 from ..crypto.identity import key_id_of
-from ..errors import AuthError, ConfigError, MalformedError
-from ..protocol.messages import Receipt
+from ..crypto.payloads import AckStatus, check_update_ack
+from ..errors import AuthError, ConfigError, MalformedError, QflareError
 
-__all__ = ["SUITES_BY_NAME", "DeviceState", "normalize_key_id", "pin_server_key", "read_pin_file"]
+__all__ = [
+    "SUITES_BY_NAME",
+    "DeviceState",
+    "ReceiptCheck",
+    "normalize_key_id",
+    "pin_server_key",
+    "read_pin_file",
+]
 
 SUITES_BY_NAME: dict[str, Suite] = {s.name: s for s in (DEFAULT_SUITE, HIGH_SUITE)}
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
@@ -104,10 +117,22 @@ def _write_private(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
+@dataclass(frozen=True)
+class ReceiptCheck:
+    """The outcome of re-verifying one line of ``receipts.jsonl``."""
+
+    line: int
+    ok: bool
+    round: int | None
+    update_hash: str | None
+    reason: str = ""
+
+
 class DeviceState:
     """A device's state directory (see the module docstring)."""
 
     KEY, RECORD, PIN, RECEIPTS = "key.pem", "enrollment.record", "server.keyid", "receipts.jsonl"
+    SERVER_KEY, PROGRESS = "server.pub", "progress.json"
 
     def __init__(self, directory: str | os.PathLike[str], *, passphrase: bytes | None = None) -> None:
         self.dir = Path(directory)
@@ -165,23 +190,117 @@ class DeviceState:
     def save_record(self, record: bytes) -> None:
         _write_private(self.dir / self.RECORD, record)
 
-    def append_receipt(self, device_id: str, receipt: Receipt) -> None:
+    # ------------------------------------------------------------------ pinned key, kept for audits
+    def save_server_key(self, key: VerifyKey) -> None:
+        """Keep the coordinator key that matched the pin (for offline receipt checks)."""
+        doc = json.dumps({"alg": key.alg, "public_key": key.raw.hex()}, sort_keys=True) + "\n"
+        path = self.dir / self.SERVER_KEY
+        if not path.exists() or path.read_text() != doc:
+            _write_private(path, doc.encode())
+
+    def load_server_key(self) -> VerifyKey:
+        """The saved coordinator key, checked against the pin (AuthError ``server_key_mismatch``)."""
+        path = self.dir / self.SERVER_KEY
+        try:
+            doc = json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            raise ConfigError(
+                f"no usable coordinator key in {path} ({exc}): run the client once, or pass --server-key-file",
+                code="no_server_key",
+            ) from None
+        if not isinstance(doc, dict):
+            raise ConfigError(f"{path} is not a JSON object", code="bad_key_file")
+        return pin_server_key(doc, self.pin(None))[0]
+
+    # ------------------------------------------------------------------ progress (rollback protection)
+    def progress(self) -> tuple[int, int]:
+        """(highest accepted model version, highest acknowledged round); (0, 0) when nothing is stored."""
+        path = self.dir / self.PROGRESS
+        if not path.exists():
+            return 0, 0
+        try:
+            doc = json.loads(path.read_text())
+            version, rnd = doc["model_version"], doc["round"]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise ConfigError(f"{path} is unreadable ({exc}): refusing to forget what was accepted") from None
+        if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in (version, rnd)):
+            raise ConfigError(f"{path} holds values that are not non-negative integers")
+        return version, rnd
+
+    def record_progress(self, *, model_version: int | None = None, round: int | None = None) -> tuple[int, int]:
+        """Raise the stored high-water marks (never lower them); the new pair."""
+        old = self.progress()
+        new = (max(old[0], model_version or 0), max(old[1], round or 0))
+        if new != old:
+            doc = {"model_version": new[0], "round": new[1]}
+            _write_private(self.dir / self.PROGRESS, (json.dumps(doc, sort_keys=True) + "\n").encode())
+        return new
+
+    # ------------------------------------------------------------------ receipts
+    def append_receipt(self, device_id: str, ack: bytes) -> dict[str, Any]:
+        """Store a verified UPDATE_ACK envelope and the values it signs (nothing unsigned); the line."""
+        env = SignedEnvelope.parse(ack, expected_type=MsgType.UPDATE_ACK)
         line = {
-            "device_id": device_id,
-            "round": receipt.round,
-            "update_hash": receipt.update_hash,
-            "updates_in_round": receipt.updates_in_round,
-            "duplicate": receipt.duplicate,
-            "at": time.time(),
+            "device_id": env.get_key_id(Field.DEVICE_KEY_ID),
+            "round": env.get_int(Field.ROUND),
+            "update_hash": env.get(Field.UPDATE_HASH).hex(),
+            "duplicate": env.get_int(Field.STATUS) == AckStatus.DUPLICATE,
+            "signed_at": env.get_int(Field.TIMESTAMP),
+            "ack": ack.hex(),
         }
+        if line["device_id"] != device_id:
+            raise AuthError("the acknowledgement names another device", code="bad_receipt")
         fd = os.open(self.receipts_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         try:
             os.write(fd, (json.dumps(line, sort_keys=True) + "\n").encode())
             os.fsync(fd)
         finally:
             os.close(fd)
+        return line
 
     def receipts(self) -> list[dict[str, Any]]:
         if not self.receipts_path.exists():
             return []
         return [json.loads(line) for line in self.receipts_path.read_text().splitlines() if line.strip()]
+
+    def verify_receipts(self, server_key: VerifyKey, device_id: str | None = None) -> list[ReceiptCheck]:
+        """Re-verify every stored receipt: its ack must be signed by ``server_key``, acknowledge this
+        device (``device_id``, else the key in this state dir) and say exactly what the line says."""
+        if device_id is None:
+            device_id = SigningKey.load(self.key_path, self._passphrase).key_id if self.key_path.exists() else None
+        if not self.receipts_path.exists():
+            return []
+        checks = []
+        for n, text in enumerate(self.receipts_path.read_text().splitlines(), 1):
+            if text.strip():
+                checks.append(_check_receipt_line(n, text, server_key, device_id))
+        return checks
+
+
+def _check_receipt_line(n: int, text: str, server_key: VerifyKey, device_id: str | None) -> ReceiptCheck:
+    rnd = digest = None
+    try:
+        line = json.loads(text)
+        if not isinstance(line, dict):
+            raise MalformedError("not a JSON object")
+        rnd, digest = line.get("round"), line.get("update_hash")
+        if not isinstance(line.get("ack"), str):
+            raise MalformedError("no signed acknowledgement stored (a receipt from before acks were kept)")
+        env = SignedEnvelope.open(bytes.fromhex(line["ack"]), server_key, expected_type=MsgType.UPDATE_ACK)
+        if not isinstance(rnd, int) or not isinstance(digest, str):
+            raise MalformedError("round or update_hash missing")
+        owner = device_id or line.get("device_id")
+        status = check_update_ack(env, str(owner), rnd, digest)
+        if line.get("device_id") != owner or line.get("duplicate") != (status is AckStatus.DUPLICATE):
+            raise AuthError("the line says something its acknowledgement does not sign", code="bad_receipt")
+        if line.get("signed_at") != env.get_int(Field.TIMESTAMP):
+            raise AuthError("the line's time is not the signed one", code="bad_receipt")
+    except QflareError as exc:
+        return ReceiptCheck(n, False, rnd if isinstance(rnd, int) else None, _str(digest), f"[{exc.code}] {exc}")
+    except ValueError as exc:
+        return ReceiptCheck(n, False, rnd if isinstance(rnd, int) else None, _str(digest), f"unreadable: {exc}")
+    return ReceiptCheck(n, True, rnd, digest)
+
+
+def _str(value: object) -> str | None:
+    return value if isinstance(value, str) else None

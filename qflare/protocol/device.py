@@ -35,7 +35,6 @@ from ..crypto import (
     Suite,
     VerifyKey,
     open_global_model,
-    open_receipt,
     open_task,
     seal_model_request,
     seal_task_request,
@@ -43,7 +42,8 @@ from ..crypto import (
     sign_update,
 )
 from ..crypto.envelope import u64
-from ..errors import AuthError, SessionExpiredError
+from ..crypto.payloads import open_signed_receipt
+from ..errors import ArchitectureMismatchError, AuthError, SessionExpiredError, ValidationError
 from ..training import TrainResult
 from ..wire import ParamLayout, decode_blob, encode_update
 from .messages import Receipt, Route, TaskInfo
@@ -152,7 +152,14 @@ class Device:
             lambda ch: seal_model_request(ch, task.model_version),
             lambda ch, reply: open_global_model(ch, self.server_key, reply, task.model_version, task.model_hash),
         )
-        flat = decode_blob(blob, self.layout, kind="model", verified_sha256=task.model_hash).flat
+        try:
+            flat = decode_blob(blob, self.layout, kind="model", verified_sha256=task.model_hash).flat
+        except ValidationError as exc:  # the coordinator signed it: the models differ, nothing in transit
+            raise ArchitectureMismatchError(
+                f"the coordinator's signed model version {task.model_version} does not fit this device's "
+                f"model: {exc.message} (check --model and the federation spec)",
+                code="incompatible_model",
+            ) from None
         return GlobalModel(task.model_version, task.model_hash, flat)
 
     def prepare_update(self, task: TaskInfo, model: GlobalModel, result: TrainResult) -> SignedUpdate:
@@ -163,10 +170,14 @@ class Device:
 
     def submit(self, update: SignedUpdate) -> Receipt:
         """Send a signed update; verify the coordinator's signed receipt."""
-        status, body = self._call(
+        return self.submit_signed(update)[0]
+
+    def submit_signed(self, update: SignedUpdate) -> tuple[Receipt, bytes]:
+        """:meth:`submit`, also returning the verified UPDATE_ACK envelope (proof of delivery to keep)."""
+        status, ack, body = self._call(
             Route.UPDATE,
             lambda ch: seal_update(ch, update),
-            lambda ch, reply: open_receipt(ch, self.server_key, reply, self.identity.key_id, update),
+            lambda ch, reply: open_signed_receipt(ch, self.server_key, reply, self.identity.key_id, update),
         )
         receipt = Receipt.from_bytes(bytes(body))
         if (
@@ -175,4 +186,4 @@ class Device:
             or receipt.duplicate != (status is AckStatus.DUPLICATE)
         ):
             raise AuthError("receipt disagrees with the signed acknowledgement", code="bad_receipt")
-        return receipt
+        return receipt, ack

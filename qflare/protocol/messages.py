@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import enum
 import json
+import math
+import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -42,6 +44,12 @@ class Route(enum.StrEnum):
     UPDATE = "update"
 
 
+MAX_COUNTER = 2**53 - 1
+"""The largest round number, model version or deadline a task may carry (exact in every JSON reader)."""
+TASK_STATES = frozenset({"open", "waiting", "finished"})
+_HEX64 = re.compile(r"^[0-9a-f]{64}\Z")
+
+
 @dataclass(frozen=True)
 class TaskInfo:
     """What the coordinator tells a device when it asks for work."""
@@ -59,7 +67,33 @@ class TaskInfo:
 
     @classmethod
     def from_bytes(cls, data: bytes) -> TaskInfo:
-        return _strict(cls, decode_json(data))
+        """Parse a task, refusing values no coordinator sends (MalformedError ``bad_task``): rounds and
+        model versions outside ``0..MAX_COUNTER``, an unknown state, a non-finite or negative deadline,
+        a model hash that is not 64 lowercase hex digits (it may be empty only when the device is not
+        selected), ``submitted`` without ``selected``."""
+        info: TaskInfo = _strict(cls, decode_json(data))
+        info.check()
+        return info
+
+    def check(self) -> None:
+        """Raise MalformedError ``bad_task`` unless every value is in range (see :meth:`from_bytes`)."""
+        problems = []
+        for name in ("round", "model_version"):
+            value = getattr(self, name)
+            if not 0 <= value <= MAX_COUNTER:
+                problems.append(f"{name} {value} is outside 0..{MAX_COUNTER}")
+        if self.state not in TASK_STATES:
+            problems.append(f"state {self.state[:32]!r} is not one of {sorted(TASK_STATES)}")
+        if not (math.isfinite(self.deadline) and 0 <= self.deadline <= MAX_COUNTER):
+            problems.append(f"deadline {self.deadline!r} is not a finite non-negative time")
+        if not (_HEX64.match(self.model_hash) or (self.model_hash == "" and not self.selected)):
+            problems.append("model_hash is not a hex SHA-256 digest")
+        if self.submitted and not self.selected:
+            problems.append("submitted without being selected")
+        if self.selected and self.state != "open":
+            problems.append(f"selected in a {self.state!r} state")
+        if problems:
+            raise MalformedError(f"coordinator sent a task out of range: {'; '.join(problems)}", code="bad_task")
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,17 @@ Failures fall in two classes:
   they are rebuilt as the typed error of that code with :func:`~qflare.errors.error_from_code`, so a
   :class:`~qflare.protocol.Device` sees exactly the exceptions it sees in process.
 
+Error bodies are plain HTTP: anything on the path (a proxy, an impostor, a middlebox) can send them, so
+every error rebuilt from one is marked :attr:`~qflare.errors.QflareError.unauthenticated`; the device
+loop never lets such an error stop it (only the coordinator's signed and session-sealed answers can).
+
+Answers are streamed and bounded: each route has a size limit (the model route's is set from the
+model layout, :func:`model_response_limit`; the others are small), checked against ``Content-Length``
+and while reading, so an oversized answer is refused (:class:`~qflare.errors.ResponseTooLargeError`)
+without being buffered; and each attempt has a total deadline (``deadline_s``), not only a limit on
+the gaps between reads, so a server trickling bytes cannot hold a device.  ``Retry-After`` is validated
+(delta-seconds or an HTTP date) and capped at ``RetryPolicy.max_retry_after_s``.
+
 The error classes (:class:`TransportError` and its subclasses) live in :mod:`qflare.errors`.
 
 A :class:`CircuitBreaker` stops hammering a server that keeps failing: after ``failure_threshold``
@@ -28,27 +39,33 @@ from __future__ import annotations
 import email.utils
 import json
 import math
+import re
 import ssl
 import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 import tenacity
 
+from ..crypto.envelope import DEFAULT_MAX_ENVELOPE
 from ..errors import (
     CircuitOpenError,
     ErrorCode,
     QflareError,
     RateLimitedError,
+    ResponseTooLargeError,
     Retry,
     ServerUnavailableError,
     TransportError,
     error_from_code,
 )
 from ..protocol.messages import Route
+
+if TYPE_CHECKING:
+    from ..wire import ParamLayout
 
 __all__ = [
     "SESSION_HEADER",
@@ -58,12 +75,26 @@ __all__ = [
     "RetryPolicy",
     "ServerUnavailableError",
     "TransportError",
+    "model_response_limit",
     "parse_retry_after",
 ]
 
 SESSION_HEADER = "X-Qflare-Session"
 _GATEWAY_STATUSES = frozenset({502, 503, 504})
 """Retried whatever the body says: a proxy in front of the coordinator answers these too."""
+SMALL_RESPONSE_LIMIT = 1 << 20
+"""Every answer but the model's: control messages, handshake, receipts, identity, error bodies (1 MiB)."""
+DEFAULT_MODEL_LIMIT = 1 << 30
+"""The model answer's limit until the layout sets it (:meth:`HttpTransport.limit_response`)."""
+_ERROR_BODY_LIMIT = 64 * 1024
+_DELTA_SECONDS = re.compile(r"^[0-9]{1,12}(\.[0-9]{1,9})?\Z")
+
+
+def model_response_limit(layout: ParamLayout) -> int:
+    """The largest MODEL answer a coordinator can send for ``layout``: the float32 tensors, a generous
+    safetensors header (names, shapes, metadata), the signed envelope and framing, AEAD overhead."""
+    header = 64 * 1024 + 512 * len(layout.names)
+    return 4 * layout.numel + header + DEFAULT_MAX_ENVELOPE + 4 + 4096
 
 
 @dataclass(frozen=True)
@@ -148,20 +179,25 @@ class _Transient(Exception):
         self.retry_after, self.response = retry_after, response
 
 
-def parse_retry_after(value: str | None, *, now: Callable[[], float] = time.time) -> float | None:
-    """Seconds from a ``Retry-After`` header (delta-seconds or HTTP date); None when absent or invalid."""
+def parse_retry_after(
+    value: str | None, *, now: Callable[[], float] = time.time, max_s: float = 3600.0
+) -> float | None:
+    """Seconds from a ``Retry-After`` header (delta-seconds or HTTP date), at most ``max_s``; None when
+    absent or invalid (signs, exponents, ``inf``/``nan``, hex and other junk are invalid)."""
     if not value:
         return None
     value = value.strip()
-    try:
+    if _DELTA_SECONDS.match(value):
         seconds = float(value)
-    except ValueError:
+    elif len(value) <= 64 and not value[:1].isdigit():
         try:
             when = email.utils.parsedate_to_datetime(value)
-        except (TypeError, ValueError, IndexError):
+            seconds = when.timestamp() - now()
+        except (TypeError, ValueError, IndexError, OverflowError):
             return None
-        seconds = when.timestamp() - now()
-    return max(seconds, 0.0) if math.isfinite(seconds) else None
+    else:
+        return None
+    return min(max(seconds, 0.0), max_s) if math.isfinite(seconds) else None
 
 
 def _error_from_response(resp: httpx.Response) -> QflareError:
@@ -180,7 +216,9 @@ def _error_from_response(resp: httpx.Response) -> QflareError:
             message = detail if isinstance(detail, str) else json.dumps(detail)[:500]
     elif resp.content:
         message = resp.text[:500]
-    return error_from_code(code, message, resp.status_code)
+    error = error_from_code(code, message, resp.status_code)
+    error.unauthenticated = True  # plain HTTP: whoever is on the path may have written it
+    return error
 
 
 def _ssl_verify(verify: bool | str | ssl.SSLContext) -> bool | ssl.SSLContext:
@@ -190,32 +228,47 @@ def _ssl_verify(verify: bool | str | ssl.SSLContext) -> bool | ssl.SSLContext:
 
 
 class HttpTransport:
-    """Carries protocol requests to ``base_url`` (see the module docstring)."""
+    """Carries protocol requests to ``base_url`` (see the module docstring).
+
+    ``timeout`` bounds each gap between reads (and connecting); ``deadline_s`` (default ``timeout``)
+    bounds each attempt as a whole, body included.  ``clock`` is the monotonic clock deadlines use."""
 
     def __init__(
         self,
         base_url: str,
         *,
         timeout: float = 30.0,
+        deadline_s: float | None = None,
         verify: bool | str | ssl.SSLContext = True,
         retry: RetryPolicy | None = None,
         breaker: CircuitBreaker | None = None,
         client: httpx.Client | None = None,
         sleep: Callable[[float], None] = time.sleep,
+        clock: Callable[[], float] = time.monotonic,
         headers: Mapping[str, str] | None = None,
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self.retry = retry or RetryPolicy()
         self.breaker = breaker or CircuitBreaker()
-        self._sleep = sleep
+        self.deadline_s = deadline_s if deadline_s is not None else timeout
+        self._sleep, self._clock = sleep, clock
+        self._limits: dict[str, int] = {"/v1/" + Route.MODEL.value: DEFAULT_MODEL_LIMIT}
         self._owns_client = client is None
         self._client = client or httpx.Client(
             base_url=self.base_url,
             timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0)),
             verify=_ssl_verify(verify),
-            headers={"user-agent": "qflare-device/1", **(headers or {})},
+            headers={"user-agent": "qflare-device/1", "accept-encoding": "identity", **(headers or {})},
             limits=httpx.Limits(max_connections=4, max_keepalive_connections=2),
         )
+
+    def limit_response(self, route: Route | str, max_bytes: int) -> None:
+        """Refuse answers on ``route`` (a Route or a path) longer than ``max_bytes``."""
+        path = "/v1/" + route.value if isinstance(route, Route) else route
+        self._limits[path] = int(max_bytes)
+
+    def response_limit(self, path: str) -> int:
+        return self._limits.get(path, SMALL_RESPONSE_LIMIT)
 
     # ------------------------------------------------------------------ Transport protocol
     def request(self, route: Route, body: bytes, session_id: str | None = None) -> bytes:
@@ -268,23 +321,25 @@ class HttpTransport:
         except _Transient as exc:
             error = _error_from_response(exc.response) if exc.response is not None else None
             if isinstance(error, RateLimitedError):
-                if exc.retry_after is not None:
-                    error.retry_after_s = exc.retry_after
+                error.retry_after_s = exc.retry_after if exc.retry_after is not None else 1.0
                 raise error from None
-            raise ServerUnavailableError(
-                f"{method} {path}: gave up after {policy.attempts} attempt(s): {exc}"
-            ) from None
+            unavailable = ServerUnavailableError(f"{method} {path}: gave up after {policy.attempts} attempt(s): {exc}")
+            unavailable.retry_after_s = exc.retry_after
+            raise unavailable from None
 
     def _attempt(self, method: str, path: str, kwargs: dict[str, Any]) -> httpx.Response:
         self.breaker.before_call()
         try:
-            resp = self._client.request(method, path, **kwargs)
+            resp = self._read(method, path, kwargs)
         except httpx.TransportError as exc:  # connect/read/write errors and timeouts
             self.breaker.record_failure()
             raise _Transient(f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__) from exc
         except httpx.HTTPError as exc:  # not transient (e.g. an undecodable body): fail, do not retry
             self.breaker.record_failure()
             raise TransportError(f"{method} {path}: {type(exc).__name__}: {exc}") from exc
+        except ResponseTooLargeError:
+            self.breaker.record_failure()
+            raise  # never downloaded again by this call; the device loop waits before it asks again
         if resp.status_code < 400:
             self.breaker.record_success()
             return resp
@@ -294,10 +349,33 @@ class HttpTransport:
                 self.breaker.record_success()  # the server is up, only busy
             else:
                 self.breaker.record_failure()
-            retry_after = parse_retry_after(resp.headers.get("retry-after"))
+            retry_after = parse_retry_after(resp.headers.get("retry-after"), max_s=self.retry.max_retry_after_s)
             raise _Transient(f"HTTP {resp.status_code} {error.code}", retry_after=retry_after, response=resp)
         self.breaker.record_success()
         raise error
+
+    def _read(self, method: str, path: str, kwargs: dict[str, Any]) -> httpx.Response:
+        """Stream one answer within its size limit and the attempt's total deadline; the whole answer."""
+        deadline = self._clock() + self.deadline_s
+        with self._client.stream(method, path, **kwargs) as resp:
+            limit = self.response_limit(path) if resp.status_code < 400 else _ERROR_BODY_LIMIT
+            declared = resp.headers.get("content-length")
+            if declared is not None and declared.strip().isdigit() and int(declared) > limit:
+                raise ResponseTooLargeError(
+                    f"{method} {path}: the answer declares {int(declared)} bytes, more than the {limit} it may have"
+                )
+            chunks, total = [], 0
+            for chunk in resp.iter_bytes():
+                total += len(chunk)
+                if total > limit:
+                    raise ResponseTooLargeError(f"{method} {path}: the answer exceeds the {limit} bytes it may have")
+                if self._clock() > deadline:
+                    raise httpx.ReadTimeout(f"the answer took longer than the {self.deadline_s:g} s deadline")
+                chunks.append(chunk)
+            if self._clock() > deadline:
+                raise httpx.ReadTimeout(f"the answer took longer than the {self.deadline_s:g} s deadline")
+            headers = [(k, v) for k, v in resp.headers.multi_items() if k not in ("content-encoding", "content-length")]
+            return httpx.Response(resp.status_code, headers=headers, content=b"".join(chunks), request=resp.request)
 
     # ------------------------------------------------------------------ lifecycle
     def close(self) -> None:
