@@ -49,6 +49,7 @@ __all__ = [
     "ServerUnavailableError",
     "SessionExpiredError",
     "StaleModelError",
+    "StorageFullError",
     "TokenError",
     "TrainingError",
     "TransportError",
@@ -200,6 +201,8 @@ class ErrorCode(enum.StrEnum):
     BAD_FEDERATION_FILE = "bad_federation_file"
     SERVER_EXITED = "server_exited"
     SERVER_NOT_READY = "server_not_ready"
+    # hardening: storage and rounds
+    STORAGE_FULL = "storage_full"
 
 
 class Retry(enum.Enum):
@@ -370,6 +373,19 @@ class RateLimitedError(ProtocolError):
     default_retry = Retry.TRANSIENT
 
     def __init__(self, message: str, *, retry_after_s: float = 1.0, code: ErrorCode | str | None = None) -> None:
+        super().__init__(message, code=code)
+        self.retry_after_s = retry_after_s
+
+
+class StorageFullError(ProtocolError):
+    """The coordinator cannot write its blobs or database (disk full or failing): nothing was stored; retry
+    after ``retry_after_s`` (answered as 503 with ``Retry-After``)."""
+
+    code = ErrorCode.STORAGE_FULL
+    http_status = 503
+    default_retry = Retry.TRANSIENT
+
+    def __init__(self, message: str, *, retry_after_s: float = 30.0, code: ErrorCode | str | None = None) -> None:
         super().__init__(message, code=code)
         self.retry_after_s = retry_after_s
 
@@ -620,6 +636,12 @@ CODE_SPECS: Mapping[ErrorCode, CodeSpec] = MappingProxyType(
             "a client selector returned something other than k distinct candidates", _R, RoundError
         ),
         _C.PLUGIN_ERROR: _spec("a plugin could not be imported or its registration failed", _F, PluginError),
+        # hardening: storage and rounds
+        _C.STORAGE_FULL: _spec(
+            "the coordinator's storage cannot be written (disk full or failing); nothing was stored: wait and retry",
+            _T,
+            StorageFullError,
+        ),
     }
 )
 """The meaning, classes and retry meaning of every :class:`ErrorCode`."""
