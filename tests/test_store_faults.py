@@ -253,7 +253,7 @@ def _server_with_two_devices(data_dir: Path):  # type: ignore[no-untyped-def]
     client = TestClient(create_app(runtime))
     client.__enter__()
     devices = [new_device(client) for _ in range(2)]
-    for dev, token in zip(devices, runtime.coordinator.create_tokens(2)):
+    for dev, token in zip(devices, runtime.coordinator.create_tokens(2), strict=True):
         dev.enroll(token)
         dev.connect()
     runtime.step()
@@ -324,8 +324,8 @@ def test_full_disk_is_a_typed_503_readiness_reports_it_and_service_resumes_witho
 
 
 def test_flipped_bytes_in_a_stored_blob_are_reported_by_path_and_recorded(tmp_path: Path) -> None:
-    from typer.testing import CliRunner
     from server_fixtures import train_and_submit
+    from typer.testing import CliRunner
 
     from qflare.cli import app
 
