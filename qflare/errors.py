@@ -51,6 +51,7 @@ __all__ = [
     "ServerUnavailableError",
     "SessionExpiredError",
     "StaleModelError",
+    "StorageFullError",
     "TokenError",
     "TrainingError",
     "TransportError",
@@ -208,6 +209,8 @@ class ErrorCode(enum.StrEnum):
     RESPONSE_TOO_LARGE = "response_too_large"
     INCOMPATIBLE_MODEL = "incompatible_model"
     PATIENCE_EXHAUSTED = "patience_exhausted"
+    # hardening: storage and rounds
+    STORAGE_FULL = "storage_full"
 
 
 class Retry(enum.Enum):
@@ -381,6 +384,19 @@ class RateLimitedError(ProtocolError):
     default_retry = Retry.TRANSIENT
 
     def __init__(self, message: str, *, retry_after_s: float = 1.0, code: ErrorCode | str | None = None) -> None:
+        super().__init__(message, code=code)
+        self.retry_after_s = retry_after_s
+
+
+class StorageFullError(ProtocolError):
+    """The coordinator cannot write its blobs or database (disk full or failing): nothing was stored; retry
+    after ``retry_after_s`` (answered as 503 with ``Retry-After``)."""
+
+    code = ErrorCode.STORAGE_FULL
+    http_status = 503
+    default_retry = Retry.TRANSIENT
+
+    def __init__(self, message: str, *, retry_after_s: float = 30.0, code: ErrorCode | str | None = None) -> None:
         super().__init__(message, code=code)
         self.retry_after_s = retry_after_s
 
@@ -664,6 +680,12 @@ CODE_SPECS: Mapping[ErrorCode, CodeSpec] = MappingProxyType(
         ),
         _C.PATIENCE_EXHAUSTED: _spec(
             "the device saw only failures for longer than its patience and stopped", _F, PatienceExhaustedError
+        ),
+        # hardening: storage and rounds
+        _C.STORAGE_FULL: _spec(
+            "the coordinator's storage cannot be written (disk full or failing); nothing was stored: wait and retry",
+            _T,
+            StorageFullError,
         ),
     }
 )

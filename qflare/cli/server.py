@@ -39,6 +39,7 @@ WORKLOAD_OPTIONS = (
 )
 
 token_app = typer.Typer(help="Enrollment tokens (one-time, stored only as hashes).", no_args_is_help=True)
+server_app = typer.Typer(pretty_exceptions_enable=False)
 
 
 def parse_duration(text: str) -> float:
@@ -100,7 +101,11 @@ def server(
     session_rate: float = typer.Option(10.0, min=0.001, help="Requests per second allowed per session (burst 4x)."),
     log_level: str = typer.Option("info", help="uvicorn and qflare log level."),
 ) -> None:
-    """Run the coordinator: HTTP API v1 over the post-quantum protocol, rounds, evaluation, metrics."""
+    """Run the coordinator: HTTP API v1 over the post-quantum protocol, rounds, evaluation, metrics.
+
+    ``qflare server verify-store`` checks the stored blobs instead (see its --help)."""
+    if ctx.invoked_subcommand is not None:
+        return
     from ..server import HttpLimits, ServerConfig, ServerRuntime, serve, tls_report
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -175,6 +180,44 @@ def token_create(
     print(json.dumps(tokens) if json_ else "\n".join(tokens))
 
 
+@server_app.command("verify-store")
+def verify_store(
+    data_dir: Path = typer.Option(default_data_dir(), help="The server's data directory (database and blobs)."),
+    json_: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+) -> None:
+    """Re-hash every stored blob and check that every blob the database refers to exists.
+
+    Each corrupt or missing blob is reported by file path with what to do, and recorded as a security
+    event.  Exit status 0: all intact; 1: problems found; 2: the store could not be opened.  Safe to run
+    while the server runs."""
+    from ..storage import BlobStore, Database, Store
+    from ..storage.scrub import verify_store as scrub
+
+    with friendly_errors():
+        db = Database.from_env(data_dir)
+        try:
+            db.upgrade()
+            report = scrub(Store(db), BlobStore(Path(data_dir).expanduser() / "blobs"))
+        finally:
+            db.dispose()
+    if json_:
+        problems = [
+            {"path": p.path, "sha256": p.digest, "problem": p.problem, "referenced": p.referenced}
+            for p in report.problems
+        ]
+        print(json.dumps({"checked": report.checked, "unreferenced": report.unreferenced, "problems": problems}))
+    else:
+        for p in report.problems:
+            err_console.print(f"[bold red]{p.problem}[/] {p.describe()}", soft_wrap=True, markup=True)
+        console.print(
+            f"verify-store: {report.checked} blob(s) checked, {len(report.problems)} problem(s), "
+            f"{report.unreferenced} unreferenced"
+        )
+    if report.problems:
+        raise typer.Exit(1)
+
+
 def register(app: typer.Typer) -> None:
-    app.command("server")(server)
+    server_app.callback(invoke_without_command=True)(server)
+    app.add_typer(server_app, name="server")
     app.add_typer(token_app, name="token")

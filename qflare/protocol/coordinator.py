@@ -307,7 +307,13 @@ class Coordinator:
         flat = decode_blob(opened.blob, self.layout, kind="update", verified_sha256=digest).flat
         update = ClientUpdate(sess.device_id, flat, examples, metrics)
         count, duplicate = self.rounds.accept(
-            update, digest, opened.base_model_hash, opened.signature, opened.blob, round_number=rnd.number
+            update,
+            digest,
+            opened.base_model_hash,
+            opened.signature,
+            opened.blob,
+            round_number=rnd.number,
+            envelope=opened.envelope.raw,
         )
         status = AckStatus.DUPLICATE if duplicate else AckStatus.ACCEPTED
         ack = sign_update_ack(self.identity, sess.channel.suite, opened, status, int(self._clock()))

@@ -85,6 +85,8 @@ class UpdateRow:
     signature: bytes
     metrics: dict[str, Any]
     received_at: datetime
+    envelope: bytes | None = None
+    """The exact signed UPDATE envelope (its signature re-verifies with the device's key)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -8,10 +8,18 @@ acknowledged update is re-read from its blob and folded in again, none twice.
     OPEN --quorum reached--> (aggregate, sign, publish) --> CLOSED --> next round OPEN
     OPEN --deadline, >= min_participants--> same as quorum
     OPEN --deadline, < min_participants--> FAILED --> next round OPEN on the same model
+
+Model versions are independent of round numbers: each publication is the latest version + 1, so a
+failed round consumes no version and never blocks the next publication.  A publication that cannot be
+written (StorageFullError: full disk) leaves the round aggregating with its result kept and is retried
+by :meth:`RoundManager.tick` until the storage takes it; updates already acknowledged are never
+dropped for it.  Blobs no row refers to (a crash between the blob write and its row, a refusal after
+the write) are removed by :meth:`RoundManager.collect_garbage`.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -22,7 +30,15 @@ from datetime import UTC, datetime
 import torch
 
 from ..crypto import SigningKey, Suite, sign_global_model
-from ..errors import ConfigError, QflareError, RoundError, StaleModelError, ValidationError, WrongRoundError
+from ..errors import (
+    ConfigError,
+    QflareError,
+    RoundError,
+    StaleModelError,
+    StorageFullError,
+    ValidationError,
+    WrongRoundError,
+)
 from ..strategy import ClientUpdate, Pipeline, RoundAggregation
 from ..strategy.state import encode_pipeline_state, load_pipeline_state
 from ..wire import ParamLayout, decode_blob, encode_model
@@ -68,6 +84,8 @@ class PublishedModel:
     blob: bytes
     sha256: str
     envelope: bytes
+    round_number: int | None = None
+    """The round whose aggregate this is (None for the initial model)."""
 
 
 @dataclass
@@ -80,10 +98,26 @@ class _OpenRound:
     base: PublishedModel
     aggregation: RoundAggregation
     accepted: dict[str, str]  # device id -> update hash
+    db_state: str = "open"  # the round's state in the store: "open" or "aggregating"
+    result: torch.Tensor | None = None  # the aggregate, once computed (kept while publication is retried)
+
+    @property
+    def closing(self) -> bool:
+        return self.result is not None or self.db_state != "open"
 
 
 def _utc(ts: float) -> datetime:
     return datetime.fromtimestamp(ts, UTC)
+
+
+def _check_metrics(metrics: dict[str, float]) -> None:
+    """Refuse metrics the store would refuse (NaN, infinities, NUL), BEFORE anything is written."""
+    try:
+        encoded = json.dumps(metrics, allow_nan=False, sort_keys=True)
+    except (TypeError, ValueError) as exc:
+        raise ValidationError(f"update metrics are not strict JSON: {exc}", code="bad_json") from None
+    if "\\u0000" in encoded:
+        raise ValidationError("update metrics contain a NUL character", code="bad_json")
 
 
 class RoundManager:
@@ -109,6 +143,8 @@ class RoundManager:
         self._lock = threading.RLock()
         self._selector = build_selector(config.selector)
         self._round: _OpenRound | None = None
+        self._inflight: dict[str, int] = {}  # update digests being written and recorded (kept from GC)
+        self._inflight_lock = threading.Lock()
         self.finished = False
         latest = store.latest_model()
         if latest is None:
@@ -119,12 +155,12 @@ class RoundManager:
             self._recover_round()
 
     # ------------------------------------------------------------------ models
-    def _publish(self, version: int, flat: torch.Tensor) -> PublishedModel:
+    def _publish(self, version: int, flat: torch.Tensor, round_number: int | None = None) -> PublishedModel:
         blob = encode_model(self.layout, flat, {"version": str(version)})
         env, digest = sign_global_model(self._identity, self._suite, version, blob, int(self._clock()))
         if self._blobs is not None:
             self._blobs.put(blob)
-        return PublishedModel(version, flat, blob, digest, env)
+        return PublishedModel(version, flat, blob, digest, env, round_number)
 
     def _recover_model(self, version: int, digest: str) -> PublishedModel:
         if self._blobs is None:
@@ -136,7 +172,7 @@ class RoundManager:
         state = row.metrics.get("server_state")
         if isinstance(state, str):
             load_pipeline_state(self.strategy, self._blobs.get(state))
-        return PublishedModel(version, flat, blob, digest, bytes(row.signature))
+        return PublishedModel(version, flat, blob, digest, bytes(row.signature), row.round_number)
 
     def _recover_round(self) -> None:
         row = self._store.current_round()
@@ -152,19 +188,27 @@ class RoundManager:
             flat = decode_blob(blob, self.layout, kind="update", expected_sha256=upd.update_hash).flat
             agg.add(ClientUpdate(upd.device_id, flat, upd.num_examples, dict(upd.metrics)))
             accepted[upd.device_id] = upd.update_hash
+        deadline = row.deadline.timestamp()
+        now = self._clock()
+        if row.state == "open" and 0 < len(accepted) < row.min_participants and deadline <= now:
+            # The deadline passed while the coordinator was down: failing the round now would discard
+            # acknowledged updates for an outage that was ours, so the devices get a full round's time.
+            deadline = now + self.config.round_timeout_s
+            self._store.extend_round_deadline(row.round_number, _utc(deadline))
+            _log.warning("round %d: deadline passed while stopped; extended to give devices time", row.round_number)
         self._round = _OpenRound(
             row.round_number,
             tuple(row.selected_devices),
             row.quorum,
             row.min_participants,
-            row.deadline.timestamp(),
+            deadline,
             self.model,
             agg,
             accepted,
+            db_state=row.state,
         )
-        if row.state == "aggregating":  # crashed between quorum and publication: finish the job
-            self._close(self._round, already_aggregating=True)
-        elif len(accepted) >= row.quorum:  # crashed after the last update, before aggregating
+        if row.state == "aggregating" or len(accepted) >= row.quorum:
+            # crashed between quorum and publication, or after the last update: finish the job
             self._close(self._round)
 
     # ------------------------------------------------------------------ rounds
@@ -208,6 +252,7 @@ class RoundManager:
         blob: bytes | memoryview,
         *,
         round_number: int,
+        envelope: bytes | None = None,
     ) -> tuple[int, bool]:
         """Record and fold in one verified update signed for ``round_number``; (accepted count, duplicate?).
 
@@ -215,26 +260,88 @@ class RoundManager:
         outside the round lock so that concurrent uploads overlap; recording and folding in are done under
         it, after re-checking that the round and the device's slot are still as they were.  Once an update
         is recorded it is acknowledged, whatever happens to the aggregation that it completes.
+
+        Everything that can refuse the update is checked before its blob is written; a refusal that
+        still comes after the write (a race: revocation, the deadline) removes the blob again unless
+        something else refers to it.  ``envelope`` is the exact signed UPDATE envelope, stored with it.
         """
         rnd, count = self._admit(update, update_hash, round_number, base_hash)
         if rnd is None:
             return count, True
+        _check_metrics(update.metrics)
         prepared = rnd.aggregation.check(update)
-        if self._blobs is not None:
-            self._blobs.put(blob, expected_sha256=update_hash)
+        with self._inflight_lock:
+            self._inflight[update_hash] = self._inflight.get(update_hash, 0) + 1
+        try:
+            if self._blobs is not None:
+                self._blobs.put(blob, expected_sha256=update_hash)
+            with self._lock:
+                try:
+                    again, count = self._admit(update, update_hash, round_number, base_hash)
+                    if again is None:
+                        return count, True  # the same update won a race with its own retry
+                    self._store.record_update(
+                        rnd.number,
+                        update.device_id,
+                        update_hash,
+                        base_hash,
+                        update.num_examples,
+                        signature,
+                        update.metrics,
+                        envelope=envelope,
+                    )
+                except BaseException:
+                    self._discard_blob(update_hash)
+                    raise
+                rnd.aggregation.commit(prepared)
+                rnd.accepted[update.device_id] = update_hash
+                count = len(rnd.accepted)
+                if count >= rnd.quorum:
+                    self._close(rnd)
+                return count, False
+        finally:
+            with self._inflight_lock:
+                left = self._inflight[update_hash] - 1
+                if left:
+                    self._inflight[update_hash] = left
+                else:
+                    del self._inflight[update_hash]
+
+    def _discard_blob(self, digest: str) -> None:
+        """Remove a just-written update blob that was not recorded (under the round lock), unless another
+        upload of the same bytes is in flight or a row refers to it."""
+        if self._blobs is None:
+            return
+        try:
+            with self._inflight_lock:
+                if self._inflight.get(digest, 0) > 1 or digest in self._store.referenced_blobs():
+                    return
+                self._blobs.delete(digest)
+        except Exception as exc:  # the refusal matters more; collect_garbage gets it later
+            _log.warning("could not remove unrecorded blob %s: %s", digest, exc)
+
+    def collect_garbage(self) -> list[str]:
+        """Delete every stored blob that no row refers to and no upload in flight is writing; their digests.
+
+        Safe while the coordinator serves: rows are only added under the round lock, which is held while
+        the references are read and the files removed, and an upload marks its digest in flight before it
+        writes the file (so a file that reappears after its removal is marked)."""
+        if self._blobs is None:
+            return []
+        listed = list(self._blobs.digests())
+        removed: list[str] = []
         with self._lock:
-            again, count = self._admit(update, update_hash, round_number, base_hash)
-            if again is None:
-                return count, True  # the same update won a race with its own retry
-            self._store.record_update(
-                rnd.number, update.device_id, update_hash, base_hash, update.num_examples, signature, update.metrics
-            )
-            rnd.aggregation.commit(prepared)
-            rnd.accepted[update.device_id] = update_hash
-            count = len(rnd.accepted)
-            if count >= rnd.quorum:
-                self._close(rnd)
-            return count, False
+            referenced = self._store.referenced_blobs()
+            for digest in listed:
+                if digest in referenced:
+                    continue
+                with self._inflight_lock:
+                    if self._inflight.get(digest) or not self._blobs.delete(digest):
+                        continue
+                removed.append(digest)
+        if removed:
+            _log.info("removed %d blob(s) no row refers to", len(removed))
+        return removed
 
     def _admit(
         self, update: ClientUpdate, update_hash: str, round_number: int, base_hash: str
@@ -251,10 +358,12 @@ class RoundManager:
             if update.device_id not in rnd.selected:
                 raise RoundError(f"device was not selected for round {rnd.number}", code="not_selected")
             previous = rnd.accepted.get(update.device_id)
-            if previous is None:
-                return rnd, len(rnd.accepted)
             if previous == update_hash:
                 return None, len(rnd.accepted)
+            if rnd.closing:
+                raise RoundError(f"round {rnd.number} is being aggregated", code="round_not_open")
+            if previous is None:
+                return rnd, len(rnd.accepted)
             raise ValidationError("a different update was already accepted for this round", code="duplicate_submission")
 
     def step(self) -> _OpenRound | None:
@@ -269,9 +378,10 @@ class RoundManager:
 
     def status(self) -> dict[str, object]:
         rnd = self._round
+        state = ("aggregating" if rnd.closing else "open") if rnd else ("finished" if self.finished else "waiting")
         return {
             "round": rnd.number if rnd else None,
-            "state": "open" if rnd else ("finished" if self.finished else "waiting"),
+            "state": state,
             "selected": len(rnd.selected) if rnd else 0,
             "accepted": len(rnd.accepted) if rnd else 0,
             "deadline": rnd.deadline if rnd else None,
@@ -281,9 +391,13 @@ class RoundManager:
         }
 
     def tick(self) -> None:
-        """Deadline handling: aggregate with what arrived, or fail the round and move on."""
+        """Deadline handling: aggregate with what arrived, or fail the round and move on; retry a
+        publication that the storage refused."""
         with self._lock:
             rnd = self._round
+            if rnd is not None and rnd.closing:
+                self._close(rnd)
+                return
             if rnd is None or self._clock() < rnd.deadline:
                 return
             if len(rnd.accepted) >= rnd.min_participants:
@@ -292,26 +406,32 @@ class RoundManager:
                 self._store.set_round_state(rnd.number, "open", "failed")
                 self._round = None
 
-    def _close(self, rnd: _OpenRound, *, already_aggregating: bool = False) -> None:
-        """Aggregate, sign and publish; a round whose aggregation fails is marked failed (never stuck)."""
-        state = "aggregating" if already_aggregating else "open"
+    def _close(self, rnd: _OpenRound) -> None:
+        """Aggregate, sign and publish as the next model version.
+
+        A round whose aggregation fails is marked failed (never stuck).  When the storage cannot be
+        written the round stays aggregating with its result kept, and :meth:`tick` tries again."""
         try:
-            new_flat = rnd.aggregation.finish()
-            published = self._publish(rnd.number, new_flat)
+            if rnd.result is None:
+                rnd.result = rnd.aggregation.finish()
+            if rnd.db_state == "open":
+                self._store.set_round_state(rnd.number, "open", "aggregating")
+                rnd.db_state = "aggregating"
+            published = self._publish(self.model.version + 1, rnd.result, rnd.number)
+            metrics: dict[str, object] = {"updates": len(rnd.accepted), "examples": rnd.aggregation.total_examples}
+            if self._blobs is not None:  # optimiser moments / noise: a restart continues them
+                pipeline_state = encode_pipeline_state(self.strategy)
+                if pipeline_state is not None:
+                    metrics["server_state"] = self._blobs.put(pipeline_state)[0]
+            self._store.publish_model(rnd.number, published.version, published.sha256, published.envelope, metrics)
+        except StorageFullError as exc:
+            _log.warning("round %d: publication deferred until the storage can be written: %s", rnd.number, exc)
+            return
         except QflareError as exc:
             _log.error("round %d failed to aggregate [%s]: %s", rnd.number, exc.code, exc)
-            self._store.set_round_state(rnd.number, state, "failed")
+            self._store.set_round_state(rnd.number, rnd.db_state, "failed")
             self._round = None
             return
-        if not already_aggregating:
-            self._store.set_round_state(rnd.number, "open", "aggregating")
-        metrics: dict[str, object] = {"updates": len(rnd.accepted), "examples": rnd.aggregation.total_examples}
-        pipeline_state = encode_pipeline_state(self.strategy) if self._blobs is not None else None
-        if (
-            pipeline_state is not None and self._blobs is not None
-        ):  # optimiser moments / noise: a restart continues them
-            metrics["server_state"] = self._blobs.put(pipeline_state)[0]
-        self._store.publish_model(rnd.number, rnd.number, published.sha256, published.envelope, metrics)
         self.model = published
         self._round = None
         if rnd.number >= self.config.rounds:

@@ -8,7 +8,7 @@ transaction: it either happens completely or raises and changes nothing.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from datetime import datetime, timedelta
 from typing import Any, Protocol
 
@@ -65,7 +65,13 @@ class CoordinatorStore(Protocol):
         num_examples: int,
         signature: bytes,
         metrics: dict[str, Any],
+        *,
+        envelope: bytes | None = None,
     ) -> tuple[UpdateRow, bool]: ...
+
+    def extend_round_deadline(self, round_number: int, deadline: datetime) -> RoundRow: ...
+
+    def referenced_blobs(self) -> set[str]: ...
 
     def updates_for_round(self, round_number: int) -> list[UpdateRow]: ...
 
@@ -100,8 +106,14 @@ class CoordinatorStore(Protocol):
 
 
 class BlobSink(Protocol):
-    """Content-addressed bytes: ``put`` returns (SHA-256 hex, size); ``get`` verifies the hash on read."""
+    """Content-addressed bytes: ``put`` returns (SHA-256 hex, size) and raises StorageFullError when it
+    cannot write; ``get`` verifies the hash on read; ``digests`` lists what is stored; ``delete``
+    removes one blob (garbage collection of blobs no row refers to)."""
 
     def put(self, data: bytes | memoryview, expected_sha256: str | None = None) -> tuple[str, int]: ...
 
     def get(self, sha256: str) -> bytes: ...
+
+    def digests(self) -> Iterator[str]: ...
+
+    def delete(self, sha256: str) -> bool: ...

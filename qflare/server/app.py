@@ -20,7 +20,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..errors import ErrorCode, QflareError, RateLimitedError
+from ..errors import ErrorCode, QflareError, RateLimitedError, StorageFullError
 from ..protocol import Route
 from .admin import admin_router
 from .gate import SESSION_HEADER, RequestGate, remote_of
@@ -132,7 +132,7 @@ def create_app(runtime: ServerRuntime) -> FastAPI:
     @app.exception_handler(QflareError)
     async def _qflare_error(_: Request, exc: QflareError) -> JSONResponse:
         headers = None
-        if isinstance(exc, RateLimitedError):
+        if isinstance(exc, RateLimitedError | StorageFullError):  # storage_full: 503, devices wait it out
             headers = {"Retry-After": str(max(1, int(exc.retry_after_s + 0.999)))}
         return error_response(metrics, exc.http_status, exc.code, exc.message, headers)
 
@@ -235,7 +235,7 @@ def create_app(runtime: ServerRuntime) -> FastAPI:
     @app.get(
         "/readyz",
         tags=["operations"],
-        summary="Database reachable and coordinator loaded (503 otherwise)",
+        summary="Database reachable, storage writable and coordinator loaded (503 otherwise)",
         responses={503: {"description": "not ready"}},
     )
     async def readyz() -> JSONResponse:

@@ -27,6 +27,7 @@ from ..federation import FederationSpec
 from ..models import create_model
 from ..protocol import Coordinator, CoordinatorConfig, PublishedModel, RoundConfig
 from ..storage import BlobStore, Database, Store
+from ..storage.scrub import ScrubReport, verify_store
 from ..strategy import build_strategy
 from ..wire import ParamLayout
 from .credentials import AdminToken, load_or_create_admin_token, load_or_create_identity
@@ -55,6 +56,10 @@ class ServerConfig:
     round_loop: bool = True
     """Run the background loop that opens rounds and enforces deadlines (tests may step by hand)."""
     step_interval_s: float = 0.2
+    gc_interval_s: float = 600.0
+    """How often blobs no row refers to are removed (also once at start-up); 0 disables the periodic run."""
+    scrub_interval_s: float = 6 * 3600.0
+    """How often every stored blob is re-hashed (as ``qflare server verify-store`` does); 0 disables it."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.federation, FederationSpec):
@@ -63,6 +68,8 @@ class ServerConfig:
             raise ConfigError("step_interval_s must be > 0")
         if self.min_devices < 1:
             raise ConfigError("min_devices must be >= 1")
+        if self.gc_interval_s < 0 or self.scrub_interval_s < 0:
+            raise ConfigError("gc_interval_s and scrub_interval_s must be >= 0")
 
 
 class ServerRuntime:
@@ -78,19 +85,22 @@ class ServerRuntime:
             self.db.upgrade()
             self.store = Store(self.db)
             self.blobs = BlobStore(self.data_dir / "blobs")
-            self.blobs.remove_stale_temp_files()
+            self.blobs.remove_stale_temp_files(older_than_s=0.0)  # nothing is writing yet
             self.identity, self.identity_created = load_or_create_identity(
                 self.data_dir, config.key_passphrase, config.federation.suite.sig
             )
             self.admin: AdminToken = load_or_create_admin_token(self.data_dir, environ)
             self.metrics = ServerMetrics()
             self._build_coordinator()
+            self.coordinator.rounds.collect_garbage()  # blobs left by a crash between write and record
         except BaseException:
             self.db.dispose()
             raise
         self.metrics.attach(LiveFigures(self.coordinator.rounds.status, self.store.count_updates, self._active_devices))
         self._stop = threading.Event()
         self._loop: threading.Thread | None = None
+        self._maintenance: threading.Thread | None = None
+        self._scrub_reported: set[str] = set()
         self._last_round: int | None = None
         self._last_error = ""
         self.started = False
@@ -152,6 +162,10 @@ class ServerRuntime:
             self._stop.clear()
             self._loop = threading.Thread(target=self._run_loop, name="qflare-rounds", daemon=True)
             self._loop.start()
+        if self.config.gc_interval_s or self.config.scrub_interval_s:
+            self._stop.clear()
+            self._maintenance = threading.Thread(target=self._run_maintenance, name="qflare-maintenance", daemon=True)
+            self._maintenance.start()
 
     def stop(self) -> None:
         """Stop the background threads and close the database (idempotent)."""
@@ -159,6 +173,9 @@ class ServerRuntime:
         if self._loop is not None:
             self._loop.join(10.0)
             self._loop = None
+        if self._maintenance is not None:
+            self._maintenance.join(10.0)
+            self._maintenance = None
         if self.evaluator is not None:
             self.evaluator.stop()
         self.started = False
@@ -167,6 +184,32 @@ class ServerRuntime:
     def _run_loop(self) -> None:
         while not self._stop.wait(self.config.step_interval_s):
             self.step()
+
+    def _run_maintenance(self) -> None:
+        cfg = self.config
+        now = time.monotonic()
+        next_gc = now + cfg.gc_interval_s if cfg.gc_interval_s else None
+        next_scrub = now + cfg.scrub_interval_s if cfg.scrub_interval_s else None
+        while not self._stop.wait(min(1.0, cfg.gc_interval_s or 1.0, cfg.scrub_interval_s or 1.0)):
+            now = time.monotonic()
+            try:
+                if next_gc is not None and now >= next_gc:
+                    next_gc = now + cfg.gc_interval_s
+                    self.coordinator.rounds.collect_garbage()
+                if next_scrub is not None and now >= next_scrub:
+                    next_scrub = now + cfg.scrub_interval_s
+                    self.scrub()
+            except Exception as exc:  # a full disk or an outage must not end the thread
+                _log.error("store maintenance: %s: %s", type(exc).__name__, exc)
+
+    def scrub(self) -> ScrubReport:
+        """Re-hash every blob; log and record a security event for each newly found damaged or missing one."""
+        report = verify_store(self.store, self.blobs, skip_events=self._scrub_reported)
+        for problem in report.problems:
+            if problem.path not in self._scrub_reported:
+                _log.error("store scrub: %s", problem.describe())
+                self._scrub_reported.add(problem.path)
+        return report
 
     def step(self) -> None:
         """One tick of the round loop: deadlines, and the next round once enough devices are enrolled."""
@@ -191,29 +234,55 @@ class ServerRuntime:
 
     def _on_model(self, model: PublishedModel) -> None:
         """Called by the round state machine (inside its lock) for each published model."""
-        row = self.store.get_round(model.version)
+        number = model.version if model.round_number is None else model.round_number
+        row = self.store.get_round(number)
         if row is not None and row.closed_at is not None:
             self.metrics.round_duration.observe((row.closed_at - row.opened_at).total_seconds())
         self.metrics.rounds_published.inc()
-        _log.info("round %d closed: model v%d %s", model.version, model.version, model.sha256[:16])
+        _log.info("round %d closed: model v%d %s", number, model.version, model.sha256[:16])
         if self.evaluator is not None:
-            self.evaluator.submit(model.version, model.version, model.flat)
+            self.evaluator.submit(number, model.version, model.flat)
 
     # ------------------------------------------------------------------ read-only views
     def _active_devices(self) -> int:
         return len(self.store.list_devices(status="active"))
 
     def readiness(self) -> dict[str, Any]:
-        """``{"ready": bool, "database": bool, "coordinator": bool[, "error": str]}``."""
-        out: dict[str, Any] = {"coordinator": getattr(self, "coordinator", None) is not None, "database": False}
+        """``{"ready": bool, "database": bool, "storage": bool, "coordinator": bool[, "error": str]}``.
+
+        ``storage`` is false while writes fail (full disk): after a failed write, each call probes the
+        blob store and the database with a real write, and reports ready again once both succeed."""
+        out: dict[str, Any] = {
+            "coordinator": getattr(self, "coordinator", None) is not None,
+            "database": False,
+            "storage": True,
+        }
         try:
             with self.db.connect(write=False) as conn:
                 conn.execute(text("SELECT 1"))
             out["database"] = True
         except SQLAlchemyError as exc:
             out["error"] = str(exc).splitlines()[0][:300]
-        out["ready"] = out["coordinator"] and out["database"]
+        if out["database"] and (self.blobs.write_error is not None or self.store.write_error is not None):
+            problem = self._probe_storage()
+            if problem is not None:
+                out["storage"] = False
+                out["error"] = f"storage cannot be written: {problem}"[:300]
+        out["ready"] = out["coordinator"] and out["database"] and out["storage"]
         return out
+
+    def _probe_storage(self) -> str | None:
+        """A real write to the blob store and the database; None when both succeed (and clear the fault)."""
+        problem = self.blobs.probe()
+        if problem is not None:
+            return problem
+        try:
+            with self.db.connect(write=True) as conn:  # rewrites one row with itself: needs the journal
+                conn.execute(text("UPDATE alembic_version SET version_num = version_num"))
+        except SQLAlchemyError as exc:
+            return str(exc).splitlines()[0][:300]
+        self.store.write_error = None
+        return None
 
     def history(self) -> list[dict[str, Any]]:
         """Every evaluated round model, oldest first."""

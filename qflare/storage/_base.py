@@ -9,12 +9,35 @@ from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import text
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
-from qflare.errors import ValidationError
+from qflare.errors import StorageFullError, ValidationError
 from qflare.storage.db import Database
 
-__all__ = ["Clock", "StoreBase", "check_json", "check_nonempty", "finite_int", "require_aware", "utc_now"]
+__all__ = [
+    "Clock",
+    "StoreBase",
+    "check_json",
+    "check_nonempty",
+    "disk_full",
+    "finite_int",
+    "require_aware",
+    "utc_now",
+]
+
+#: How long a device is told to wait (``Retry-After``) when the database cannot be written.
+DB_FULL_RETRY_AFTER_S = 30.0
+_FULL_MARKERS = ("database or disk is full", "no space left on device", "disk quota exceeded", "could not extend file")
+
+
+def disk_full(exc: OperationalError) -> bool:
+    """Whether a database error says the disk (or quota) is full: SQLITE_FULL, ENOSPC, SQLSTATE 53100."""
+    if getattr(exc.orig, "sqlstate", None) == "53100" or getattr(exc.orig, "pgcode", None) == "53100":
+        return True
+    text_ = str(exc.orig).lower()
+    return any(marker in text_ for marker in _FULL_MARKERS)
+
 
 Clock = Callable[[], datetime]
 
@@ -66,14 +89,26 @@ class StoreBase:
     def __init__(self, db: Database, *, clock: Clock = utc_now) -> None:
         self.db = db
         self._clock = clock
+        self.write_error: str | None = None
+        """Why the last write transaction failed for a full disk, until one succeeds again."""
 
     def _now(self, given: datetime | None = None, name: str = "now") -> datetime:
         return require_aware(self._clock() if given is None else given, name)
 
     @contextmanager
     def _write(self) -> Iterator[Session]:
-        with self.db.transaction(write=True) as session:
-            yield session
+        """One write transaction; a full disk becomes StorageFullError (rolled back: nothing written)."""
+        try:
+            with self.db.transaction(write=True) as session:
+                yield session
+        except OperationalError as exc:
+            if not disk_full(exc):
+                raise
+            self.write_error = str(exc.orig).splitlines()[0][:300]
+            raise StorageFullError(
+                f"the coordinator cannot write its database: {self.write_error}", retry_after_s=DB_FULL_RETRY_AFTER_S
+            ) from exc
+        self.write_error = None
 
     @contextmanager
     def _read(self) -> Iterator[Session]:

@@ -15,11 +15,15 @@ import tempfile
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, Literal
 
-from qflare.errors import BlobNotFoundError, OversizeError, ValidationError
+from qflare.errors import BlobNotFoundError, OversizeError, StorageFullError, ValidationError
 
 __all__ = ["DEFAULT_CHUNK_SIZE", "BlobNotFoundError", "BlobStore"]
+
+#: How long a device is told to wait (``Retry-After``) when the blob store cannot be written.
+STORAGE_RETRY_AFTER_S = 30.0
+_PROBE_BYTES = 64 * 1024
 
 DEFAULT_CHUNK_SIZE = 1 << 20
 _DIGEST_RE = re.compile(r"[0-9a-f]{64}")
@@ -36,6 +40,33 @@ def _digest(value: str) -> str:
     return lowered
 
 
+class _Source:
+    """The caller's chunks, remembering whether they (rather than our writes) raised."""
+
+    def __init__(self, chunks: Iterable[bytes | memoryview]) -> None:
+        self._it = iter(chunks)
+        self.failed = False
+
+    def __iter__(self) -> _Source:
+        return self
+
+    def __next__(self) -> bytes | memoryview:
+        try:
+            return next(self._it)
+        except StopIteration:
+            raise
+        except BaseException:
+            self.failed = True
+            raise
+
+
+def _corrupt_message(path: object, digest: str) -> str:
+    return (
+        f"blob file {path} no longer hashes to {digest}: it is corrupt. Restore it from a backup, or run "
+        "'qflare server verify-store' to list every damaged blob"
+    )
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
     try:
@@ -50,6 +81,8 @@ class BlobStore:
     def __init__(self, root: Path | str) -> None:
         self.root = Path(root).expanduser().resolve()
         self.root.mkdir(parents=True, exist_ok=True)
+        self.write_error: str | None = None
+        """Why the last write failed (disk full, I/O error), until a write succeeds again."""
 
     def __repr__(self) -> str:
         return f"BlobStore({str(self.root)!r})"
@@ -69,12 +102,29 @@ class BlobStore:
         """Store the concatenated ``chunks``; return ``(sha256_hex, size)``.
 
         More than ``max_bytes`` raises OversizeError as soon as it is exceeded; a digest other than
-        ``expected_sha256`` raises ValidationError("hash_mismatch").  On any failure, including an
+        ``expected_sha256`` raises ValidationError("hash_mismatch"); a write the file system refuses
+        (full disk, I/O error) raises StorageFullError and sets :attr:`write_error`.  On any failure, including an
         exception from ``chunks`` itself, the temporary file is removed and nothing is stored.
         """
         expected = None if expected_sha256 is None else _digest(expected_sha256)
         if max_bytes is not None and max_bytes < 0:
             raise ValueError("max_bytes must be >= 0")
+        source = _Source(chunks)
+        try:
+            stored = self._put_stream(source, expected, max_bytes)
+        except OSError as exc:  # ENOSPC, EDQUOT, EIO, EROFS: a typed, retryable refusal; nothing is stored
+            if source.failed:
+                raise  # the caller's chunks failed (a client went away), not our storage
+            self.write_error = f"{exc.strerror or exc} ({self.root})"
+            raise StorageFullError(
+                f"the coordinator cannot write its blob store: {self.write_error}", retry_after_s=STORAGE_RETRY_AFTER_S
+            ) from exc
+        self.write_error = None
+        return stored
+
+    def _put_stream(
+        self, chunks: Iterable[bytes | memoryview], expected: str | None, max_bytes: int | None
+    ) -> tuple[str, int]:
         fd, tmp_name = tempfile.mkstemp(prefix=_TEMP_PREFIX, suffix=_TEMP_SUFFIX, dir=self.root)
         tmp = Path(tmp_name)
         try:
@@ -108,6 +158,24 @@ class BlobStore:
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
+
+    def probe(self) -> str | None:
+        """Try a small fsynced write (removed again): ``None`` when the store is writable, else why not.
+        A success clears :attr:`write_error` (the disk has room again)."""
+        try:
+            fd, name = tempfile.mkstemp(prefix=_TEMP_PREFIX, suffix=_TEMP_SUFFIX, dir=self.root)
+            try:
+                with os.fdopen(fd, "wb") as out:
+                    out.write(b"\0" * _PROBE_BYTES)
+                    out.flush()
+                    os.fsync(out.fileno())
+            finally:
+                Path(name).unlink(missing_ok=True)
+        except OSError as exc:
+            self.write_error = f"{exc.strerror or exc} ({self.root})"
+            return self.write_error
+        self.write_error = None
+        return None
 
     def put(
         self, data: bytes | memoryview, expected_sha256: str | None = None, max_bytes: int | None = None
@@ -150,7 +218,7 @@ class BlobStore:
                 yield pending
                 pending = nxt
             if hasher.hexdigest() != digest:
-                raise ValidationError(f"blob {digest} is corrupt", code="blob_corrupt")
+                raise ValidationError(_corrupt_message(handle.name, digest), code="blob_corrupt")
             if pending:
                 yield pending
 
@@ -160,8 +228,31 @@ class BlobStore:
         with handle:
             data = handle.read()
         if hashlib.sha256(data).hexdigest() != digest:
-            raise ValidationError(f"blob {digest} is corrupt", code="blob_corrupt")
+            raise ValidationError(_corrupt_message(self.path_for(digest), digest), code="blob_corrupt")
         return data
+
+    def digests(self) -> Iterator[str]:
+        """The digest of every stored blob (by file name; not re-hashed), in no particular order."""
+        for shard in self.root.iterdir():
+            if len(shard.name) != 2 or not shard.is_dir():
+                continue
+            for entry in shard.iterdir():
+                name = shard.name + entry.name
+                if _DIGEST_RE.fullmatch(name) and entry.is_file():
+                    yield name
+
+    def check(self, sha256: str) -> Literal["missing", "corrupt"] | None:
+        """Re-hash one stored blob: ``None`` if intact, else ``"missing"`` or ``"corrupt"``."""
+        try:
+            for _ in self.open_stream(sha256):
+                pass
+        except BlobNotFoundError:
+            return "missing"
+        except ValidationError as exc:
+            if exc.code != "blob_corrupt":
+                raise
+            return "corrupt"
+        return None
 
     def exists(self, sha256: str) -> bool:
         return self.path_for(sha256).is_file()

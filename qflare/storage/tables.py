@@ -171,6 +171,9 @@ class Update(Base):
     signature: Mapped[bytes] = mapped_column(LargeBinary)
     metrics: Mapped[dict[str, Any]] = mapped_column(JSON)
     received_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    envelope: Mapped[bytes | None] = mapped_column(LargeBinary)
+    """The exact signed UPDATE envelope the device sent (re-verifiable from the database alone); NULL only
+    for updates stored before migration 0002."""
 
 
 class ModelVersion(Base):

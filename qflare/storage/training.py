@@ -189,18 +189,25 @@ class TrainingOps(StoreBase):
         signature: bytes,
         metrics: dict[str, Any],
         *,
+        envelope: bytes | None = None,
         now: datetime | None = None,
     ) -> tuple[UpdateRow, bool]:
         """Store a device's update for an open round, idempotently.
 
-        Resubmitting the same ``update_hash`` returns ``(existing, False)``; a different hash for
-        the same (round, device) raises ReplayError("duplicate_submission").
+        ``envelope`` is the exact signed UPDATE envelope (it must end with ``signature``), kept so that
+        the signature re-verifies from the database.  Resubmitting the same ``update_hash`` returns
+        ``(existing, False)``; a different hash for the same (round, device) raises
+        ReplayError("duplicate_submission").
         """
         check_nonempty(update_hash, "update_hash", 128)
         check_nonempty(base_model_hash, "base_model_hash", 128)
         finite_int(num_examples, "num_examples", 0)
         if not isinstance(signature, bytes | bytearray) or not signature:
             raise ValidationError("signature must be non-empty bytes")
+        if envelope is not None and (
+            not isinstance(envelope, bytes | bytearray) or not bytes(envelope).endswith(bytes(signature))
+        ):
+            raise ValidationError("envelope must be the signed bytes ending with the signature")
         clean = check_json(metrics, "metrics")
         args = (
             round_number,
@@ -211,6 +218,7 @@ class TrainingOps(StoreBase):
             bytes(signature),
             clean,
             self._now(now),
+            None if envelope is None else bytes(envelope),
         )
         try:
             with self._write() as s:
@@ -232,6 +240,7 @@ class TrainingOps(StoreBase):
         signature: bytes,
         metrics: dict[str, Any],
         at: datetime,
+        envelope: bytes | None,
     ) -> tuple[UpdateRow, bool]:
         # FOR SHARE: a concurrent open -> aggregating CAS waits until this insert commits, so the
         # aggregator never misses an update accepted while the round was open.
@@ -270,10 +279,40 @@ class TrainingOps(StoreBase):
             signature=signature,
             metrics=metrics,
             received_at=at,
+            envelope=envelope,
         )
         s.add(row)
         s.flush()
         return snapshot(UpdateRow, row), True
+
+    def extend_round_deadline(self, round_number: int, deadline: datetime) -> RoundRow:
+        """Move an OPEN round's deadline (a restart gives the devices the time its downtime took)."""
+        due = require_aware(deadline, "deadline")
+        with self._write() as s:
+            stmt = (
+                update(t.Round)
+                .where(t.Round.round_number == round_number, t.Round.state == "open")
+                .values(deadline=due)
+                .execution_options(synchronize_session=False)
+            )
+            changed = cast(CursorResult[Any], s.execute(stmt)).rowcount == 1
+            row = s.get(t.Round, round_number, populate_existing=True)
+            if row is None:
+                raise WrongRoundError(f"unknown round {round_number}")
+            if not changed:
+                raise RoundError(f"round {round_number} is {row.state}, not open", code="round_state_conflict")
+            return snapshot(RoundRow, row)
+
+    def referenced_blobs(self) -> set[str]:
+        """Every blob digest the database refers to: update blobs, model blobs and server-state blobs."""
+        with self._read() as s:
+            found = set(s.scalars(select(t.Update.update_hash)))
+            for model_hash, metrics in s.execute(select(t.ModelVersion.model_hash, t.ModelVersion.metrics)):
+                found.add(model_hash)
+                state = (metrics or {}).get("server_state")
+                if isinstance(state, str):
+                    found.add(state)
+            return found
 
     def updates_for_round(self, round_number: int) -> list[UpdateRow]:
         with self._read() as s:
