@@ -28,6 +28,7 @@ __all__ = [
     "CircuitOpenError",
     "CodeSpec",
     "ConfigError",
+    "CoordinatorBusyError",
     "CryptoUnavailableError",
     "DataError",
     "DatasetMissingError",
@@ -200,6 +201,8 @@ class ErrorCode(enum.StrEnum):
     BAD_FEDERATION_FILE = "bad_federation_file"
     SERVER_EXITED = "server_exited"
     SERVER_NOT_READY = "server_not_ready"
+    # hardening: enrollment and handshakes
+    COORDINATOR_BUSY = "coordinator_busy"
 
 
 class Retry(enum.Enum):
@@ -372,6 +375,15 @@ class RateLimitedError(ProtocolError):
     def __init__(self, message: str, *, retry_after_s: float = 1.0, code: ErrorCode | str | None = None) -> None:
         super().__init__(message, code=code)
         self.retry_after_s = retry_after_s
+
+
+class CoordinatorBusyError(RateLimitedError):
+    """The coordinator's budget for expensive public-key work (signatures, encapsulations) is spent for
+    now; ``retry_after_s`` says when it will have room.  503: the refusal is about the server's load,
+    not about the caller's own request rate."""
+
+    code = ErrorCode.COORDINATOR_BUSY
+    http_status = 503
 
 
 class AdminAuthError(AuthError):
@@ -620,6 +632,12 @@ CODE_SPECS: Mapping[ErrorCode, CodeSpec] = MappingProxyType(
             "a client selector returned something other than k distinct candidates", _R, RoundError
         ),
         _C.PLUGIN_ERROR: _spec("a plugin could not be imported or its registration failed", _F, PluginError),
+        # hardening: enrollment and handshakes
+        _C.COORDINATOR_BUSY: _spec(
+            "the coordinator's budget for signatures and key encapsulations is spent; Retry-After says when",
+            _T,
+            CoordinatorBusyError,
+        ),
     }
 )
 """The meaning, classes and retry meaning of every :class:`ErrorCode`."""
