@@ -340,3 +340,19 @@ def test_a_coordinator_that_has_seen_nobody_selects_among_all_active_devices(tmp
     active = [d.device_id for d in fed.store.list_devices(status="active")]
     assert restarted.live_devices(active) == active
     assert sorted(restarted.rounds.open_next().selected) == sorted(active)
+
+
+def test_devices_holding_a_live_session_stay_candidates_while_silent(tmp_path):
+    """Waiting devices that hold an unexpired session count as alive without polling (the network
+    benchmark's devices only talk when selected); once sessions expire only recent contact counts."""
+    clock = FakeClock()
+    fed = Federation(tmp_path, n=3, per_round=2, clock=clock)
+    coord = fed.coordinator
+    active = [d.device_id for d in fed.store.list_devices(status="active")]
+    clock.advance(coord.config.liveness_window_s + 1)
+    assert coord.live_devices(active) == active
+    clock.advance(coord.config.session_lifetime_s)
+    assert coord.live_devices(active) == active  # nobody is live: every active device, not none
+    back = fed.devices[1]
+    assert back.task().state == "waiting"  # its session expired: it handshakes again, then polls
+    assert coord.live_devices(active) == [back.device_id]

@@ -9,7 +9,8 @@ possession is verified and its record signed, and a CLIENT_HELLO must name an en
 before the coordinator encapsulates and signs.  The expensive work of both is drawn from one
 :class:`~qflare.protocol.budget.CryptoBudget`, handshakes first.  The coordinator also remembers when each
 device last proved itself (enrollment, handshake, any sealed request) and offers the round selector only
-devices seen within ``liveness_window_s`` (all active devices when none has been seen).
+devices that hold a live session or were seen within ``liveness_window_s`` (all active devices when
+there are none).
 """
 
 from __future__ import annotations
@@ -94,8 +95,8 @@ class CoordinatorConfig:
     enrollment_share: float = 0.5
     """The part of ``crypto_burst`` enrollments may use; the rest is kept for enrolled devices' handshakes."""
     liveness_window_s: float | None = 300.0
-    """Rounds select among devices seen (enrolled, handshaked, or sent a sealed request) this recently;
-    None: among all active devices."""
+    """Rounds select among devices that hold a live session or were seen (enrolled, handshaked, sent a
+    sealed request) this recently; None: among all active devices."""
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.handshake_timeout_s) and self.handshake_timeout_s > 0):
@@ -169,13 +170,16 @@ class Coordinator:
         return self.store.create_tokens(count, timedelta(seconds=ttl_s), label)
 
     def live_devices(self, active: Sequence[str]) -> list[str]:
-        """The devices of ``active`` (in their order) seen within ``liveness_window_s``; all of ``active``
-        when none was (a coordinator that just started has seen nobody yet) or when the window is None."""
+        """The devices of ``active`` (in their order) that hold an unexpired session or were seen within
+        ``liveness_window_s``; all of ``active`` when none is (a coordinator that just started has seen
+        nobody yet) or when the window is None."""
         window = self.config.liveness_window_s
         if window is None:
             return list(active)
         cutoff = self._clock() - window
-        live = [d for d in active if self._last_seen.get(d, -math.inf) >= cutoff]
+        with self._lock:
+            in_session = {s.device_id for s in self._sessions.values() if not s.channel.expired()}
+        live = [d for d in active if d in in_session or self._last_seen.get(d, -math.inf) >= cutoff]
         return live or list(active)
 
     def _seen(self, device_id: str) -> None:
