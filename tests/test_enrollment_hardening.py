@@ -231,7 +231,9 @@ def test_enrollment_flood_is_refused_while_enrolled_devices_still_connect(tmp_pa
         dev.connect()
     assert new_events(fed, ids) == []
     # the busy refusal is typed, changes nothing, is recorded, and says when to come back
+    before = Counter(crypto_calls)
     err = refused(fed, "coordinator_busy", fed.devices[0].connect, device_id=None)
+    assert crypto_calls == before  # refused before the encapsulation and the signature
     assert err.retry_after_s == pytest.approx(1.0)
     clock.advance(err.retry_after_s)
     fed.devices[0].connect()
