@@ -28,6 +28,7 @@ __all__ = [
     "CircuitOpenError",
     "CodeSpec",
     "ConfigError",
+    "CoordinatorBusyError",
     "CryptoUnavailableError",
     "DataError",
     "DatasetMissingError",
@@ -211,6 +212,8 @@ class ErrorCode(enum.StrEnum):
     PATIENCE_EXHAUSTED = "patience_exhausted"
     # hardening: storage and rounds
     STORAGE_FULL = "storage_full"
+    # hardening: enrollment and handshakes
+    COORDINATOR_BUSY = "coordinator_busy"
 
 
 class Retry(enum.Enum):
@@ -399,6 +402,15 @@ class StorageFullError(ProtocolError):
     def __init__(self, message: str, *, retry_after_s: float = 30.0, code: ErrorCode | str | None = None) -> None:
         super().__init__(message, code=code)
         self.retry_after_s = retry_after_s
+
+
+class CoordinatorBusyError(RateLimitedError):
+    """The coordinator's budget for expensive public-key work (signatures, encapsulations) is spent for
+    now; ``retry_after_s`` says when it will have room.  503: the refusal is about the server's load,
+    not about the caller's own request rate."""
+
+    code = ErrorCode.COORDINATOR_BUSY
+    http_status = 503
 
 
 class AdminAuthError(AuthError):
@@ -686,6 +698,12 @@ CODE_SPECS: Mapping[ErrorCode, CodeSpec] = MappingProxyType(
             "the coordinator's storage cannot be written (disk full or failing); nothing was stored: wait and retry",
             _T,
             StorageFullError,
+        ),
+        # hardening: enrollment and handshakes
+        _C.COORDINATOR_BUSY: _spec(
+            "the coordinator's budget for signatures and key encapsulations is spent; Retry-After says when",
+            _T,
+            CoordinatorBusyError,
         ),
     }
 )

@@ -211,7 +211,9 @@ class _SecureFederation:
                 round_timeout_s=_NO_DEADLINE_S,
                 selector=spec.selector,
             ),
-            config=CoordinatorConfig(suite=spec.suite),
+            # In-process devices are all present, and only the selected ones talk during a round: no budget
+            # for public-key work and no liveness narrowing of the selection (the seed alone decides it).
+            config=CoordinatorConfig(suite=spec.suite, crypto_ops_per_s=None, liveness_window_s=None),
         )
         transport = InProcessTransport(self.coordinator)
         self.devices: list[Device] = []

@@ -7,6 +7,7 @@ security event.
 from __future__ import annotations
 
 import dataclasses
+import time
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -342,6 +343,7 @@ def test_update_for_another_round_is_refused_by_the_round_manager(tmp_path):
     clock = FakeClock()
     fed = Federation(tmp_path, n=2, per_round=2, round_timeout_s=0.3, clock=clock)
     rm = fed.coordinator.rounds
+    clock.now = time.time()  # the store dates rounds by the real clock: setting up may have taken > 0.3 s
     rm.open_next()
     clock.advance(0.35)
     rm.tick()  # round 1 fails at its deadline with no updates

@@ -44,6 +44,7 @@ __all__ = [
     "DEFAULT_SESSION_LIFETIME_S",
     "ClientHandshake",
     "DeviceResolver",
+    "HandshakeAdmission",
     "ServerHandshake",
     "handshake_in_process",
 ]
@@ -55,6 +56,10 @@ NONCE_LEN = 32
 
 DeviceResolver = Callable[[str], "VerifyKey | None"]
 """Maps a device key id (hex) to its enrolled VerifyKey, None when unknown; may raise RevokedError."""
+
+HandshakeAdmission = Callable[["VerifyKey"], None]
+"""Called with the resolved device key once a CLIENT_HELLO has passed every cheap check, just before the
+encapsulation and the signature; raises (e.g. ``coordinator_busy``) to refuse the hello."""
 
 
 class _State(enum.Enum):
@@ -174,7 +179,8 @@ class ClientHandshake(_Machine):
 
 
 class ServerHandshake(_Machine):
-    """Coordinator side.  ``resolve_device`` maps a device key id (hex) to its VerifyKey or None."""
+    """Coordinator side.  ``resolve_device`` maps a device key id (hex) to its VerifyKey or None;
+    ``admit`` (optional) may refuse a hello after the cheap checks, before any public-key work."""
 
     def __init__(
         self,
@@ -187,12 +193,14 @@ class ServerHandshake(_Machine):
         max_plaintext: int = DEFAULT_MAX_PLAINTEXT,
         max_envelope: int = DEFAULT_MAX_ENVELOPE,
         clock: Callable[[], float] = time.time,
+        admit: HandshakeAdmission | None = None,
     ) -> None:
         super().__init__()
         if not 0 < lifetime_s <= MAX_SESSION_LIFETIME_S:
             raise ConfigError(f"lifetime_s must be 1..{MAX_SESSION_LIFETIME_S}", code="bad_argument")
         self._server_key = server_key
         self._resolve = resolve_device
+        self._admit = admit
         self._policy = policy
         self._lifetime_s = int(lifetime_s)
         self._timeout = handshake_timeout_s
@@ -248,6 +256,8 @@ class ServerHandshake(_Machine):
             raise PolicyError(
                 f"device key is {device.alg} but the suite signs with {suite.sig}", code="key_alg_mismatch"
             )
+        if self._admit is not None:
+            self._admit(device)  # every check above is cheap; what follows is the expensive part
         ciphertext, secrets = encapsulate(suite, env.get(Field.KEM_PUBLIC))
         hello = SignedEnvelope.sign(
             suite,

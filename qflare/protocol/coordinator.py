@@ -3,14 +3,23 @@
 The same object serves the in-process simulation and the HTTP server (whose routes only parse HTTP and
 call :meth:`Coordinator.handle`).  Every refusal raises a typed :class:`~qflare.errors.QflareError`,
 changes no state, and is recorded as a security event with its reason code.
+
+Cheap checks come before expensive ones: an enrollment's token is looked up before its proof of
+possession is verified and its record signed, and a CLIENT_HELLO must name an enrolled, active device
+before the coordinator encapsulates and signs.  The expensive work of both is drawn from one
+:class:`~qflare.protocol.budget.CryptoBudget`, handshakes first.  The coordinator also remembers when each
+device last proved itself (enrollment, handshake, any sealed request) and offers the round selector only
+devices that hold a live session or were seen within ``liveness_window_s`` (all active devices when
+there are none).
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
@@ -38,22 +47,29 @@ from ..crypto import (
     sign_update_ack,
 )
 from ..crypto.envelope import u64
+from ..crypto.identity import key_id_of
 from ..errors import (
     AuthError,
+    ConfigError,
     MalformedError,
     OversizeError,
+    PolicyError,
     ProtocolError,
     QflareError,
+    ReplayError,
     RevokedError,
     SessionExpiredError,
     StaleModelError,
+    TokenError,
     UnknownDeviceError,
     ValidationError,
     WrongRoundError,
 )
 from ..strategy import ClientUpdate, Pipeline
 from ..wire import ParamLayout, decode_blob
+from .budget import CryptoBudget, Work
 from .messages import Receipt, Route, TaskInfo
+from .records import DeviceRow
 from .rounds import PublishedModel, RoundConfig, RoundManager
 from .store import BlobSink, CoordinatorStore
 
@@ -70,6 +86,23 @@ class CoordinatorConfig:
     session_lifetime_s: int = 3600
     max_update_bytes: int = 64 * 1024 * 1024
     handshake_timeout_s: float = 30.0
+    """A pending handshake (SERVER_HELLO sent, CLIENT_FINISH not yet received) is dropped after this."""
+    crypto_ops_per_s: float | None = 100.0
+    """Handshakes plus enrollments the coordinator does a second, whoever asks (each costs it a signature
+    and an encapsulation or a verification); None: no budget (an in-process simulation)."""
+    crypto_burst: float = 200.0
+    """How many of them it may do at once after a quiet spell."""
+    enrollment_share: float = 0.5
+    """The part of ``crypto_burst`` enrollments may use; the rest is kept for enrolled devices' handshakes."""
+    liveness_window_s: float | None = 300.0
+    """Rounds select among devices that hold a live session or were seen (enrolled, handshaked, sent a
+    sealed request) this recently; None: among all active devices."""
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.handshake_timeout_s) and self.handshake_timeout_s > 0):
+            raise ConfigError("handshake_timeout_s must be > 0")
+        if self.liveness_window_s is not None and not self.liveness_window_s > 0:
+            raise ConfigError("liveness_window_s must be > 0 (or None)")
 
 
 @dataclass
@@ -104,8 +137,15 @@ class Coordinator:
         self.identity, self.store, self.layout = identity, store, layout
         self._clock = clock
         self._sessions: dict[str, _Session] = {}
-        self._pending: dict[str, ServerHandshake] = {}
+        self._pending: dict[str, tuple[float, ServerHandshake]] = {}  # insertion (= time) ordered
         self._lock = threading.Lock()
+        self._last_seen: dict[str, float] = {}  # device id -> when it last proved itself
+        cfg = self.config
+        self.budget: CryptoBudget | None = None
+        if cfg.crypto_ops_per_s is not None:
+            self.budget = CryptoBudget(
+                cfg.crypto_ops_per_s, cfg.crypto_burst, enrollment_share=cfg.enrollment_share, clock=clock
+            )
         self.rounds = RoundManager(
             layout=layout,
             initial_flat=initial_flat,
@@ -117,6 +157,7 @@ class Coordinator:
             blobs=blobs,
             clock=clock,
             on_model=on_model,
+            candidates=self.live_devices,
         )
 
     @property
@@ -127,6 +168,26 @@ class Coordinator:
     def create_tokens(self, count: int = 1, ttl_s: float = 3600.0, label: str = "") -> list[str]:
         """Mint one-time enrollment tokens (only their hashes are stored)."""
         return self.store.create_tokens(count, timedelta(seconds=ttl_s), label)
+
+    def live_devices(self, active: Sequence[str]) -> list[str]:
+        """The devices of ``active`` (in their order) that hold an unexpired session or were seen within
+        ``liveness_window_s``; all of ``active`` when none is (a coordinator that just started has seen
+        nobody yet) or when the window is None."""
+        window = self.config.liveness_window_s
+        if window is None:
+            return list(active)
+        cutoff = self._clock() - window
+        with self._lock:
+            in_session = {s.device_id for s in self._sessions.values() if not s.channel.expired()}
+        live = [d for d in active if d in in_session or self._last_seen.get(d, -math.inf) >= cutoff]
+        return live or list(active)
+
+    def _seen(self, device_id: str) -> None:
+        self._last_seen[device_id] = self._clock()
+
+    def _spend(self, work: Work) -> None:
+        if self.budget is not None:
+            self.budget.take(work)
 
     def revoke(self, device_id: str, reason: str) -> None:
         """Revoke a device: its sessions die and its next message is refused."""
@@ -158,10 +219,13 @@ class Coordinator:
             with sess.lock:
                 self._check_active(sess)
                 if route is Route.TASK:
-                    return self._task(sess, body)
-                if route is Route.MODEL:
-                    return self._model(sess, body)
-                return self._update(sess, body)
+                    out = self._task(sess, body)
+                elif route is Route.MODEL:
+                    out = self._model(sess, body)
+                else:
+                    out = self._update(sess, body)
+            self._seen(sess.device_id)
+            return out
         except QflareError as exc:
             if isinstance(exc, (ProtocolError, ValidationError)):
                 device_id = device_id or exc.device_id
@@ -175,15 +239,32 @@ class Coordinator:
 
     # ------------------------------------------------------------------ enrollment
     def _enroll(self, body: bytes) -> bytes:
+        """Checks in order of cost (docs/protocol.md section 9.2): parse, policy, key algorithm, device id,
+        timestamp, token (one hash lookup), device not enrolled yet; then the budget; only then the
+        signature check (proof of possession) and the signed record.  The same key presenting the token it
+        enrolled with gets its stored record back (a lost reply is retried, not turned into a ghost)."""
         env = SignedEnvelope.parse(body, expected_type=MsgType.ENROLL_REQUEST)
         suite = self.config.policy.check(env.suite)
-        key = VerifyKey.from_bytes(suite.sig, env.get(Field.SIGNING_PUBLIC))
-        env.verify(key)  # proof of possession of the signing key
-        if env.get(Field.DEVICE_ID).decode("utf-8", "replace") != key.key_id:
+        if suite.sig != self.identity.alg:
+            raise PolicyError(
+                f"enrollment of a {suite.sig} key refused: this coordinator's devices hold {self.identity.alg} keys",
+                code="key_alg_mismatch",
+            )
+        raw = env.get(Field.SIGNING_PUBLIC)
+        device_id = key_id_of(raw)
+        if env.get(Field.DEVICE_ID).decode("utf-8", "replace") != device_id:
             raise AuthError("device id must be the key id of the presented key", code="device_id_mismatch")
         now = int(self._clock())
         if abs(env.get_int(Field.TIMESTAMP) - now) > 300:
             raise AuthError("enrollment request timestamp is more than 5 minutes off", code="stale_request")
+        token = env.get(Field.ENROLL_TOKEN).decode("utf-8", "replace")
+        enrolled = self._check_token(token, device_id)
+        self._spend(Work.ENROLLMENT)
+        key = VerifyKey.from_bytes(suite.sig, raw)
+        env.verify(key)  # proof of possession of the signing key
+        if enrolled is not None:
+            self._seen(device_id)
+            return enrolled.enrollment_record
         record = SignedEnvelope.sign(
             self.config.suite,
             MsgType.ENROLL_RECORD,
@@ -196,9 +277,31 @@ class Coordinator:
             },
             self.identity,
         ).to_bytes()
-        token = env.get(Field.ENROLL_TOKEN).decode("utf-8", "replace")
         self.store.enroll_device(token, key.key_id, suite.sig, key.raw, record)
+        self._seen(device_id)
         return record
+
+    def _check_token(self, token: str, device_id: str) -> DeviceRow | None:
+        """None when ``token`` may enroll ``device_id``; the device's row when this device already enrolled
+        with this token (a retry); else the TokenError / ReplayError / RevokedError the store would give.
+        The store re-checks the token atomically when it consumes it."""
+        row = self.store.get_token(token)
+        if row is None:
+            raise TokenError("unknown enrollment token", code="token_unknown")
+        if row.used_at is not None:
+            device = self.store.get_device(device_id) if row.used_by_device == device_id else None
+            if device is None:
+                raise TokenError("enrollment token already used", code="token_used")
+            if not device.active:
+                exc = RevokedError(f"device {device_id[:16]}... is revoked", code="revoked")
+                exc.device_id = device_id
+                raise exc
+            return device
+        if row.expires_at.timestamp() <= self._clock():
+            raise TokenError("enrollment token expired", code="token_expired")
+        if self.store.device_status(device_id) is not None:
+            raise ReplayError(f"device {device_id[:16]}... is already enrolled", code="device_exists")
+        return None
 
     # ------------------------------------------------------------------ sessions
     def _resolve(self, key_id: str) -> VerifyKey | None:
@@ -212,6 +315,8 @@ class Coordinator:
         return VerifyKey.from_bytes(row.sig_alg, row.sig_public_key)
 
     def _hello(self, body: bytes) -> bytes:
+        """The handshake resolves the device (cheap: unknown or revoked key ids end here) before the
+        budget is drawn on and before it encapsulates and signs."""
         hs = ServerHandshake(
             self.identity,
             self._resolve,
@@ -220,23 +325,45 @@ class Coordinator:
             handshake_timeout_s=self.config.handshake_timeout_s,
             max_plaintext=self.config.max_update_bytes,
             clock=self._clock,
+            admit=lambda _device: self._spend(Work.HANDSHAKE),
         )
         reply = hs.respond(body)
         key = hashlib.sha256(reply).hexdigest()
+        now = self._clock()
         with self._lock:
+            self._expire_pending(now)
             if len(self._pending) >= _PENDING_LIMIT:
                 self._pending.pop(next(iter(self._pending)))
-            self._pending[key] = hs
+            self._pending[key] = (now, hs)
         return reply
+
+    def _expire_pending(self, now: float) -> None:
+        """Drop pending handshakes older than ``handshake_timeout_s`` (the oldest are first).  Under
+        ``self._lock``."""
+        horizon = now - self.config.handshake_timeout_s
+        while self._pending:
+            first = next(iter(self._pending))
+            if self._pending[first][0] >= horizon:
+                break
+            del self._pending[first]
+
+    @property
+    def pending_handshakes(self) -> int:
+        return len(self._pending)
 
     def _finish(self, body: bytes) -> bytes:
         """Body: ``SHA-256(server hello) || CLIENT_FINISH``; returns the session id (hex, ASCII)."""
         if len(body) < 32:
             raise MalformedError("handshake finish is truncated", code="truncated")
+        now = self._clock()
         with self._lock:
-            hs = self._pending.pop(body[:32].hex(), None)
-        if hs is None:
+            entry = self._pending.pop(body[:32].hex(), None)
+            self._expire_pending(now)
+        if entry is None:
             raise AuthError("no handshake in progress for this server hello", code="unknown_handshake")
+        started, hs = entry
+        if now - started > self.config.handshake_timeout_s:
+            raise SessionExpiredError("handshake took too long", code="handshake_expired")
         channel = hs.finish(body[32:])
         key = hs.device_key
         assert key is not None
@@ -247,6 +374,7 @@ class Coordinator:
             for old_sid in [s for s, v in self._sessions.items() if v.device_id == key.key_id]:
                 del self._sessions[old_sid]  # one live session per device: a new handshake replaces it
             self._sessions[sid] = _Session(key.key_id, key, channel, threading.Lock())
+        self._seen(key.key_id)
         return sid.encode()
 
     def _session(self, session_id: str | None) -> _Session:

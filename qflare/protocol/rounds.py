@@ -23,7 +23,7 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -136,8 +136,12 @@ class RoundManager:
         blobs: BlobSink | None = None,
         clock: Callable[[], float] = time.time,
         on_model: Callable[[PublishedModel], None] | None = None,
+        candidates: Callable[[Sequence[str]], Sequence[str]] | None = None,
     ) -> None:
+        """``candidates`` narrows the active devices (in enrollment order) to those the selector is offered
+        (the coordinator passes the devices it has seen recently); it keeps their order."""
         self.layout, self.strategy, self.config = layout, strategy, config
+        self._candidates = candidates
         self._identity, self._suite, self._store, self._blobs = identity, suite, store, blobs
         self._clock, self._on_model = clock, on_model
         self._lock = threading.RLock()
@@ -218,7 +222,7 @@ class RoundManager:
 
     def open_next(self) -> _OpenRound | None:
         """Open the next round with the devices the selector chooses among the active ones, in enrollment
-        order (None when finished).  A selection that is not ``per_round`` distinct active devices (or
+        order, narrowed by ``candidates`` when given (None when finished).  A selection that is not ``per_round`` distinct active devices (or
         all of them, when fewer are active) raises RoundError ``bad_selection`` and opens nothing."""
         with self._lock:
             if self._round is not None:
@@ -229,6 +233,9 @@ class RoundManager:
                 self.finished = True
                 return None
             active = [d.device_id for d in self._store.list_devices(status="active")]
+            if self._candidates is not None:
+                enrolled = set(active)
+                active = [d for d in self._candidates(tuple(active)) if d in enrolled]
             if not active:
                 raise RoundError("no active devices to select", code="no_devices")
             k = min(self.config.per_round, len(active))

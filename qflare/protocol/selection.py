@@ -2,7 +2,8 @@
 
 A :class:`ClientSelector` has one method, ``select(round_number, candidates, k, seed)``, called by the
 round state machine each time it opens a round (Flower does the same in ``configure_train``).  It
-returns ``k`` distinct device ids taken from ``candidates`` (the active devices in enrollment order);
+returns ``k`` distinct device ids taken from ``candidates`` (the active devices in enrollment order
+that the coordinator has seen alive recently, see :meth:`~qflare.protocol.Coordinator.live_devices`);
 anything else is refused with :class:`~qflare.errors.RoundError` code ``bad_selection`` and the round
 does not open.  Selectors are registered by name with :func:`register_selector` (``"random"`` is
 built in) and named in :attr:`~qflare.protocol.RoundConfig.selector`, which also takes a selector or a

@@ -12,7 +12,7 @@ from collections.abc import Iterator, Sequence
 from datetime import datetime, timedelta
 from typing import Any, Protocol
 
-from .records import DeviceRow, ModelRow, RoundRow, SecurityEventRow, SessionRow, UpdateRow
+from .records import DeviceRow, ModelRow, RoundRow, SecurityEventRow, SessionRow, TokenRow, UpdateRow
 
 __all__ = ["BlobSink", "CoordinatorStore"]
 
@@ -22,6 +22,10 @@ class CoordinatorStore(Protocol):
 
     # -- identity ---------------------------------------------------------------------------
     def create_tokens(self, count: int, ttl: timedelta, label: str = "") -> list[str]: ...
+
+    def get_token(self, token: str) -> TokenRow | None:
+        """The token's row, looked up by its hash (the cheap check before any signature work)."""
+        ...
 
     def enroll_device(
         self, token: str, device_id: str, sig_alg: str, sig_public_key: bytes, enrollment_record: bytes
