@@ -127,3 +127,25 @@ def network(
     else:
         _show(result, f"network vs in-process, {result['workload']}, {rounds} rounds")
         console.print({"inprocess": result["inprocess"]["accuracy"], "network": result["network"]["accuracy"]})
+
+
+@app.command("abuse")
+def abuse(
+    duration_s: float = typer.Option(20.0, min=0.5, max=30.0, help="Seconds each attacker runs (at most 30)."),
+    devices: int = typer.Option(4, min=2, max=32, help="Honest devices (one is left unselected each round)."),
+    rounds: int = typer.Option(8, min=1, max=100, help="Honest rounds, paced over the attack window."),
+    data_root: str | None = typer.Option(None, help="Data set folder (default: search the usual places)."),
+    json_: bool = typer.Option(False, "--json", help="Print one JSON object."),
+) -> None:
+    """An honest federation (digits/mlp) against one `qflare server` while attackers run one after the other
+    from loopback addresses: slow uploads, a handshake flood from 16 addresses, an enrollment flood with
+    garbage tokens, oversized and malformed bodies.  Honest latency, rounds, server RSS, 5xx, orphan blobs."""
+    from ..bench.abuse import run_abuse_bench
+
+    with friendly_errors():
+        result = run_abuse_bench(duration_s, devices=devices, rounds=rounds, data_root=data_root)
+    if json_:
+        print(json.dumps(result))
+    else:
+        _show(result, f"abuse: {devices} honest devices, {duration_s:g} s per attacker")
+        console.print({"attackers": result["attackers"], "meets_targets": result["meets_targets"]})
