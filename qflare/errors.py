@@ -33,6 +33,7 @@ __all__ = [
     "DatasetMissingError",
     "DemoError",
     "ErrorCode",
+    "FrontDoorError",
     "MalformedError",
     "NonFiniteError",
     "NotFoundError",
@@ -200,6 +201,10 @@ class ErrorCode(enum.StrEnum):
     BAD_FEDERATION_FILE = "bad_federation_file"
     SERVER_EXITED = "server_exited"
     SERVER_NOT_READY = "server_not_ready"
+    # hardening: http gate
+    UNSUPPORTED_MEDIA_TYPE = "unsupported_media_type"
+    LENGTH_REQUIRED = "length_required"
+    SLOW_BODY = "slow_body"
 
 
 class Retry(enum.Enum):
@@ -421,6 +426,22 @@ class CircuitOpenError(TransportError):
         self.retry_in_s = retry_in_s
 
 
+class FrontDoorError(ProtocolError):
+    """A request the HTTP layer refuses from its headers or its transfer before the coordinator sees it.
+
+    The status is the code's (``CODE_SPECS[code].status``): 415 wrong Content-Type, 411 no Content-Length,
+    408 a body that arrives too slowly."""
+
+    code = ErrorCode.UNSUPPORTED_MEDIA_TYPE
+    http_status = 415
+
+    def __init__(self, message: str, *, code: ErrorCode | str | None = None) -> None:
+        super().__init__(message, code=code)
+        status = CODE_SPECS[self.code].status
+        if status is not None:
+            self.http_status = status
+
+
 class DemoError(QflareError):
     """``qflare demo`` could not start or finish its federation of processes."""
 
@@ -620,6 +641,20 @@ CODE_SPECS: Mapping[ErrorCode, CodeSpec] = MappingProxyType(
             "a client selector returned something other than k distinct candidates", _R, RoundError
         ),
         _C.PLUGIN_ERROR: _spec("a plugin could not be imported or its registration failed", _F, PluginError),
+        # hardening: http gate
+        _C.UNSUPPORTED_MEDIA_TYPE: _spec(
+            "the request's Content-Type is not the route's (protocol: application/octet-stream; admin: JSON)",
+            _F,
+            FrontDoorError,
+            status=415,
+        ),
+        _C.LENGTH_REQUIRED: _spec("an update upload must declare its Content-Length", _F, FrontDoorError, status=411),
+        _C.SLOW_BODY: _spec(
+            "the request body arrived slower than the minimum transfer rate; the connection is closed",
+            _T,
+            FrontDoorError,
+            status=408,
+        ),
     }
 )
 """The meaning, classes and retry meaning of every :class:`ErrorCode`."""
