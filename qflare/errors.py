@@ -34,6 +34,7 @@ __all__ = [
     "DatasetMissingError",
     "DemoError",
     "ErrorCode",
+    "FrontDoorError",
     "MalformedError",
     "NonFiniteError",
     "NotFoundError",
@@ -214,6 +215,10 @@ class ErrorCode(enum.StrEnum):
     STORAGE_FULL = "storage_full"
     # hardening: enrollment and handshakes
     COORDINATOR_BUSY = "coordinator_busy"
+    # hardening: http gate
+    UNSUPPORTED_MEDIA_TYPE = "unsupported_media_type"
+    LENGTH_REQUIRED = "length_required"
+    SLOW_BODY = "slow_body"
 
 
 class Retry(enum.Enum):
@@ -474,6 +479,22 @@ class CircuitOpenError(TransportError):
         self.retry_in_s = retry_in_s
 
 
+class FrontDoorError(ProtocolError):
+    """A request the HTTP layer refuses from its headers or its transfer before the coordinator sees it.
+
+    The status is the code's (``CODE_SPECS[code].status``): 415 wrong Content-Type, 411 no Content-Length,
+    408 a body that arrives too slowly."""
+
+    code = ErrorCode.UNSUPPORTED_MEDIA_TYPE
+    http_status = 415
+
+    def __init__(self, message: str, *, code: ErrorCode | str | None = None) -> None:
+        super().__init__(message, code=code)
+        status = CODE_SPECS[self.code].status
+        if status is not None:
+            self.http_status = status
+
+
 class DemoError(QflareError):
     """``qflare demo`` could not start or finish its federation of processes."""
 
@@ -704,6 +725,20 @@ CODE_SPECS: Mapping[ErrorCode, CodeSpec] = MappingProxyType(
             "the coordinator's budget for signatures and key encapsulations is spent; Retry-After says when",
             _T,
             CoordinatorBusyError,
+        ),
+        # hardening: http gate
+        _C.UNSUPPORTED_MEDIA_TYPE: _spec(
+            "the request's Content-Type is not the route's (protocol: application/octet-stream; admin: JSON)",
+            _F,
+            FrontDoorError,
+            status=415,
+        ),
+        _C.LENGTH_REQUIRED: _spec("an update upload must declare its Content-Length", _F, FrontDoorError, status=411),
+        _C.SLOW_BODY: _spec(
+            "the request body arrived slower than the minimum transfer rate; the connection is closed",
+            _T,
+            FrontDoorError,
+            status=408,
         ),
     }
 )

@@ -33,7 +33,15 @@ __all__ = [
     "wait_for",
 ]
 
-GENEROUS = HttpLimits(ip_rate=10_000.0, ip_burst=10_000.0, session_rate=10_000.0, session_burst=10_000.0)
+GENEROUS = HttpLimits(
+    ip_rate=10_000.0,
+    ip_burst=10_000.0,
+    session_rate=10_000.0,
+    session_burst=10_000.0,
+    ops_rate=10_000.0,
+    ops_burst=10_000.0,
+    event_burst=10_000,
+)
 
 
 SPEC = FederationSpec(dataset="digits", model="mlp", devices=3, rounds=2, per_round=3, round_timeout_s=120.0)

@@ -101,7 +101,8 @@ def test_replayed_frame_refused(fed):
     dev.submit(fed.prepare(dev))
     route, frame, sid = fed.transport.sent[-1]
     assert route is Route.UPDATE
-    refused(fed, "replay", fed.coordinator.handle, route, frame, session_id=sid, device_id=dev.device_id)
+    # anyone can resend a captured frame: a refusal before the frame authenticates names no device
+    refused(fed, "replay", fed.coordinator.handle, route, frame, session_id=sid, device_id=None)
 
 
 def test_retried_update_is_idempotent(fed):
@@ -140,7 +141,7 @@ def test_update_for_an_old_round_refused(fed):
     b.submit(fed.prepare(b))
     fed.coordinator.rounds.open_next()  # round 2
     # Round 1's update re-sent in round 2: bound to round 1 in the frame AAD and the signature.
-    err = refused(fed, "wrong_round", a.submit, stale, device_id=a.device_id)
+    err = refused(fed, "wrong_round", a.submit, stale, device_id=None)  # refused before the frame authenticates
     assert err.http_status in (401, 409)
 
 
@@ -224,7 +225,7 @@ def test_oversized_update_refused(fed, tmp_path):
     fed.coordinator.rounds.open_next()
     dev = fed.selected()[0]
     sealed = fed.prepare(dev)
-    refused(fed, "oversized", dev.submit, sealed, device_id=dev.device_id)
+    refused(fed, "oversized", dev.submit, sealed, device_id=None)  # refused unopened: the sender is unproven
 
 
 def test_revoked_device_refused_on_next_message(fed):
@@ -255,7 +256,7 @@ def test_revocation_takes_effect_on_live_session(fed):
     fed.coordinator.rounds.open_next()
     dev = fed.selected()[0]
     fed.store.revoke_device(dev.device_id, "revoked out of band")  # session still in memory
-    refused(fed, "revoked", dev.task, device_id=dev.device_id)
+    refused(fed, "revoked", dev.task, device_id=None)  # refused before the frame is opened: sender unproven
 
 
 def test_token_single_use_and_expiry(fed):
@@ -290,7 +291,8 @@ def test_other_devices_session_refused(fed):
     fed.coordinator.rounds.open_next()
     a, b = fed.selected()
     frame = a._channel.seal(0x30, 0, b"")  # a's frame presented under b's session id
-    refused(fed, "bad_mac", fed.coordinator.handle, Route.TASK, frame, session_id=b._session_id, device_id=b.device_id)
+    # the session id is cleartext: a frame that fails authentication under it is not blamed on b
+    refused(fed, "bad_mac", fed.coordinator.handle, Route.TASK, frame, session_id=b._session_id, device_id=None)
 
 
 def test_tampered_model_refused_by_device(fed):

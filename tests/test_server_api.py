@@ -83,7 +83,9 @@ def test_health_readiness_and_error_format(tmp_path: Path) -> None:
         assert missing.status_code == 404 and missing.json()["code"] == "not_found"
         wrong_method = client.get("/v1/enroll")
         assert wrong_method.status_code == 405 and wrong_method.json()["code"] == "method_not_allowed"
-        garbage = client.post("/v1/enroll", content=b"not an envelope")
+        garbage = client.post(
+            "/v1/enroll", content=b"not an envelope", headers={"Content-Type": "application/octet-stream"}
+        )
         assert garbage.status_code == 400 and garbage.json()["code"] == "malformed"
         assert 'qflare_refusals_total{reason="malformed"} 1.0' in client.get("/metrics").text
         # the database goes away: not ready (503), still alive

@@ -58,6 +58,7 @@ from ..errors import (
     QflareError,
     ReplayError,
     RevokedError,
+    RoundError,
     SessionExpiredError,
     StaleModelError,
     TokenError,
@@ -146,6 +147,9 @@ class Coordinator:
             self.budget = CryptoBudget(
                 cfg.crypto_ops_per_s, cfg.crypto_burst, enrollment_share=cfg.enrollment_share, clock=clock
             )
+        self.event_filter: Callable[[str, str, str | None, str | None], str | None] | None = None
+        """When set, every security event passes it first: ``(reason, detail, remote, device_id)`` ->
+        the detail to record, or None to record nothing (the HTTP server throttles floods with it)."""
         self.rounds = RoundManager(
             layout=layout,
             initial_flat=initial_flat,
@@ -200,8 +204,13 @@ class Coordinator:
     def handle(
         self, route: Route | str, body: bytes, *, session_id: str | None = None, remote: str | None = None
     ) -> bytes:
-        """Serve one request.  Refusals raise a QflareError after being recorded as security events."""
+        """Serve one request.  Refusals raise a QflareError after being recorded as security events.
+
+        A refusal under a session names the session's device (``exc.device_id`` and the event) only when
+        a frame authenticated under it in this request: the session id is a cleartext header, so a frame
+        that fails before or at AEAD authentication is from an unauthenticated sender."""
         device_id: str | None = None
+        sess: _Session | None = None
         try:
             route = Route(route)
         except ValueError:
@@ -215,24 +224,37 @@ class Coordinator:
             if route is Route.FINISH:
                 return self._finish(body)
             sess = self._session(session_id)
-            device_id = sess.device_id
             with sess.lock:
-                self._check_active(sess)
-                if route is Route.TASK:
-                    out = self._task(sess, body)
-                elif route is Route.MODEL:
-                    out = self._model(sess, body)
-                else:
-                    out = self._update(sess, body)
+                received = sess.channel.last_recv_counter
+                try:
+                    self._check_active(sess)
+                    if route is Route.TASK:
+                        out = self._task(sess, body)
+                    elif route is Route.MODEL:
+                        out = self._model(sess, body)
+                    else:
+                        out = self._update(sess, body)
+                except QflareError as exc:
+                    if sess.channel.last_recv_counter != received:  # only an authenticated frame advances it
+                        exc.device_id = sess.device_id
+                    raise
             self._seen(sess.device_id)
             return out
         except QflareError as exc:
             if isinstance(exc, (ProtocolError, ValidationError)):
-                device_id = device_id or exc.device_id
-                self._event(exc.code, f"{getattr(route, 'value', route)}: {exc}", device_id, session_id, remote)
+                device_id = exc.device_id
+                detail = f"{getattr(route, 'value', route)}: {exc}"
+                if sess is not None and device_id is None:
+                    detail += " (unauthenticated sender: no frame authenticated under this session)"
+                self._event(exc.code, detail, device_id, session_id, remote)
             raise
 
     def _event(self, code: str, detail: str, device_id: str | None, session_id: str | None, remote: str | None) -> None:
+        if self.event_filter is not None:
+            kept = self.event_filter(code, detail, remote, device_id)
+            if kept is None:
+                return
+            detail = kept
         self.store.record_security_event(
             code, detail[:2000], device_id=device_id, session_id=session_id, remote_addr=remote
         )
@@ -386,6 +408,26 @@ class Coordinator:
                 self._sessions.pop(session_id or "", None)
             raise SessionExpiredError("session expired: run the handshake again", code="session_expired")
         return sess
+
+    def check_upload_admissible(self, session_id: str | None) -> None:
+        """Refuse, from the session id alone, an update that could not be accepted now.
+
+        Raises what :meth:`handle` would: ``unknown_session``, ``session_expired``, ``wrong_round``,
+        ``not_selected``, ``deadline_passed``, ``unknown_device``, ``revoked``.  A cheap query for the HTTP
+        layer before it gives an upload a slot or reads its body: it takes no session lock and records
+        nothing, and it proves nothing about the sender (the session id is a cleartext header), so
+        :meth:`handle` authenticates the frame and checks everything again.  A device whose update was
+        already accepted in the round is admitted: its resend after a lost receipt gets a duplicate receipt.
+        """
+        sess = self._session(session_id)
+        rnd = self.rounds.current
+        if rnd is None:
+            raise WrongRoundError("no round is open", code="wrong_round")
+        if sess.device_id not in rnd.selected:
+            raise RoundError(f"device was not selected for round {rnd.number}", code="not_selected")
+        if self._clock() >= rnd.deadline:
+            raise RoundError(f"round {rnd.number} is past its deadline", code="deadline_passed")
+        self._check_active(sess)
 
     def _check_active(self, sess: _Session) -> None:
         status = self.store.device_status(sess.device_id)

@@ -2,7 +2,8 @@
 
 Every route needs ``Authorization: Bearer <admin token>`` (compared in constant time); a missing token
 is 401, a wrong one 403, both with code ``admin_required`` and both recorded as security events.  The
-credentials are checked before the request body is read.
+credentials are checked before the request body is read, and a POST body must be ``application/json``
+(else 415 ``unsupported_media_type``, the administrator's own error: answered, not recorded as an event).
 """
 
 from __future__ import annotations
@@ -19,12 +20,14 @@ from starlette.concurrency import run_in_threadpool
 from ..errors import AdminAuthError, NotFoundError, ValidationError
 from ..storage import DeviceRow, SecurityEventRow
 from .gate import RequestGate
+from .limits import require_media_type
 from .runtime import ServerRuntime
 
 __all__ = ["RevokeRequest", "TokenRequest", "admin_router"]
 
 _bearer = HTTPBearer(auto_error=False, description="The admin token (QFLARE_ADMIN_TOKEN or DATA_DIR/admin.token)")
 _MAX_TTL_S = 365 * 24 * 3600.0
+_JSON = "application/json"
 
 
 class TokenRequest(BaseModel):
@@ -40,7 +43,7 @@ class RevokeRequest(BaseModel):
 
 
 def _json_body(model: type[BaseModel]) -> dict[str, Any]:
-    return {"requestBody": {"required": True, "content": {"application/json": {"schema": model.model_json_schema()}}}}
+    return {"requestBody": {"required": True, "content": {_JSON: {"schema": model.model_json_schema()}}}}
 
 
 def _parse(model: type[BaseModel], body: bytes) -> Any:
@@ -95,6 +98,7 @@ def admin_router(runtime: ServerRuntime, gate: RequestGate) -> APIRouter:
 
     @router.post("/tokens", summary="Mint one-time enrollment tokens", openapi_extra=_json_body(TokenRequest))
     async def create_tokens(request: Request) -> dict[str, Any]:
+        require_media_type(request, _JSON)
         req: TokenRequest = _parse(TokenRequest, await gate.body(request, small))
         tokens = await run_in_threadpool(coordinator.create_tokens, req.count, req.ttl_s, req.label)
         expires = datetime.now(UTC) + timedelta(seconds=req.ttl_s)
@@ -106,6 +110,7 @@ def admin_router(runtime: ServerRuntime, gate: RequestGate) -> APIRouter:
         openapi_extra=_json_body(RevokeRequest),
     )
     async def revoke(device_id: str, request: Request) -> dict[str, Any]:
+        require_media_type(request, _JSON)
         req: RevokeRequest = _parse(RevokeRequest, await gate.body(request, small))
 
         def work() -> DeviceRow:

@@ -3,6 +3,11 @@
 Protocol routes take and return ``application/octet-stream`` bodies; the adapter checks limits, calls
 the coordinator in a worker thread (it is synchronous and CPU-bound), and maps a refusal
 (:class:`~qflare.errors.QflareError`) to ``{"code", "message"}`` with the error's HTTP status.
+
+Cheap checks come first, and nothing unauthenticated is buffered beyond the small-body limit: an update
+upload is judged from its headers (Content-Type, a declared Content-Length within the limit, a session
+that names a selected device of the open round) before it may take an upload slot or have a byte read,
+and every body must keep up a minimum transfer rate.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from ..errors import ErrorCode, QflareError, RateLimitedError, StorageFullError
 from ..protocol import Route
 from .admin import admin_router
 from .gate import SESSION_HEADER, RequestGate, remote_of
+from .limits import declared_length
 from .metrics import CONTENT_TYPE, ServerMetrics
 from .runtime import ServerRuntime
 
@@ -31,7 +37,8 @@ __all__ = ["API_VERSION", "create_app"]
 
 API_VERSION = "1"
 _log = logging.getLogger("qflare.server")
-_BINARY = {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}
+_OCTETS = "application/octet-stream"
+_BINARY = {_OCTETS: {"schema": {"type": "string", "format": "binary"}}}
 _ERROR = {
     "description": "Refused: {code, message}",
     "content": {
@@ -49,7 +56,7 @@ _PROTOCOL_DOC: dict[str, Any] = {
 }
 _PROTOCOL_RESPONSES: dict[int | str, dict[str, Any]] = {
     200: {"description": "Protocol reply bytes", "content": _BINARY},
-    **{s: _ERROR for s in (400, 401, 403, 409, 413, 422, 429)},
+    **{s: _ERROR for s in (400, 401, 403, 408, 409, 411, 413, 415, 422, 429)},
 }
 _HTTP_CODES = {404: ErrorCode.NOT_FOUND, 405: ErrorCode.METHOD_NOT_ALLOWED}
 SessionHeader = Annotated[str | None, Header(alias=SESSION_HEADER, description="Session id (hex) from the handshake")]
@@ -105,6 +112,7 @@ def create_app(runtime: ServerRuntime) -> FastAPI:
     metrics, coordinator = runtime.metrics, runtime.coordinator
     limits = runtime.config.http
     gate = RequestGate(limits, runtime.store, metrics)
+    coordinator.event_filter = gate.throttled  # the coordinator's refusals share the gate's flood bound
     small, update_limit = limits.small_body_bytes, limits.update_body_bytes(runtime.config.max_update_bytes)
 
     @asynccontextmanager
@@ -163,14 +171,21 @@ def create_app(runtime: ServerRuntime) -> FastAPI:
         return error_response(metrics, 500, ErrorCode.INTERNAL_ERROR, "internal server error")
 
     async def call(route: Route, request: Request, body: bytes, session_id: str | None, media_type: str) -> Response:
-        reply = await run_in_threadpool(
-            coordinator.handle, route, body, session_id=session_id, remote=remote_of(request)
-        )
+        try:
+            reply = await run_in_threadpool(
+                coordinator.handle, route, body, session_id=session_id, remote=remote_of(request)
+            )
+        except QflareError as exc:
+            if exc.device_id is not None:  # refused after its frame authenticated: the device's own request
+                gate.charge_session(session_id)
+            raise
+        gate.charge_session(session_id)
         return Response(content=reply, media_type=media_type)
 
     def protocol_route(route: Route, summary: str, media_type: str = "application/octet-stream") -> None:
         async def serve(request: Request, session_id: str | None) -> Response:
             await gate.admit(request, session_id)
+            await gate.media_type(request, _OCTETS, session_id)
             body = await gate.body(request, small, session_id)
             return await call(route, request, body, session_id, media_type)
 
@@ -212,11 +227,18 @@ def create_app(runtime: ServerRuntime) -> FastAPI:
         tags=["protocol"],
     )
     async def protocol_update(request: Request, x_qflare_session: SessionHeader = None) -> Response:
-        await gate.admit(request, x_qflare_session)
+        session = x_qflare_session
+        await gate.admit(request, session)
+        await gate.media_type(request, _OCTETS, session)
+        try:  # from the headers alone, before a slot is taken or a byte is read
+            declared_length(request, update_limit)
+            await run_in_threadpool(coordinator.check_upload_admissible, session)
+        except QflareError as exc:
+            raise await gate.refuse(exc, request, session) from None
         async with gate.upload_slot():  # the slot is taken BEFORE the body is read: bounded memory
-            body = await gate.body(request, update_limit, x_qflare_session)
+            body = await gate.body(request, update_limit, session)
             metrics.upload_bytes.observe(len(body))
-            return await call(Route.UPDATE, request, body, x_qflare_session, "application/octet-stream")
+            return await call(Route.UPDATE, request, body, session, _OCTETS)
 
     @app.get("/v1/identity", tags=["public"], summary="The coordinator's signing key (devices pin key_id)")
     async def identity(request: Request) -> dict[str, str]:
@@ -238,7 +260,8 @@ def create_app(runtime: ServerRuntime) -> FastAPI:
         summary="Database reachable, storage writable and coordinator loaded (503 otherwise)",
         responses={503: {"description": "not ready"}},
     )
-    async def readyz() -> JSONResponse:
+    async def readyz(request: Request) -> JSONResponse:
+        await gate.admit_ops(request)
         try:
             with anyio.fail_after(5.0):
                 result = await anyio.to_thread.run_sync(runtime.readiness, abandon_on_cancel=True)
@@ -247,7 +270,8 @@ def create_app(runtime: ServerRuntime) -> FastAPI:
         return JSONResponse(result, status_code=200 if result["ready"] else 503)
 
     @app.get("/metrics", tags=["operations"], summary="Prometheus metrics", response_class=Response)
-    async def prometheus() -> Response:
+    async def prometheus(request: Request) -> Response:
+        await gate.admit_ops(request)
         return Response(await run_in_threadpool(metrics.render), media_type=CONTENT_TYPE)
 
     app.include_router(admin_router(runtime, gate))

@@ -1,7 +1,14 @@
 """What every request passes before the coordinator sees it: rate limits, upload slots, refusal records.
 
-Refusals decided here (rate limit, oversize, bad admin credentials) never reach
-:meth:`~qflare.protocol.Coordinator.handle`, so the gate records them as security events itself.
+Refusals decided here (rate limit, oversize, wrong Content-Type, slow body, bad admin credentials)
+never reach :meth:`~qflare.protocol.Coordinator.handle`, so the gate records them as security events
+itself.  Every recorded refusal, the gate's and the coordinator's, passes one :class:`EventThrottle`:
+a flood of one refusal from one address writes a bounded number of rows.
+
+The session id is a cleartext header: it is not proof of anything until a frame authenticates under
+it.  So a request only *looks* at its session's token bucket on the way in, and the bucket is charged
+once the coordinator has authenticated the frame (:meth:`RequestGate.charge_session`): garbage sent
+under a device's session id is charged to the sender's address, never to the device.
 """
 
 from __future__ import annotations
@@ -15,9 +22,9 @@ from sqlalchemy.exc import SQLAlchemyError
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 
-from ..errors import QflareError, RateLimitedError
+from ..errors import ErrorCode, QflareError, RateLimitedError
 from ..storage import Store
-from .limits import HttpLimits, RateDecision, RateLimiter, read_body
+from .limits import EventThrottle, HttpLimits, RateDecision, RateLimiter, read_body, require_media_type
 from .metrics import ServerMetrics
 
 __all__ = ["SESSION_HEADER", "RequestGate", "remote_of"]
@@ -40,11 +47,28 @@ class RequestGate:
         self.by_session = RateLimiter(
             limits.session_rate, limits.session_burst, report_interval_s=limits.event_interval_s
         )
+        self.by_address_ops = RateLimiter(limits.ops_rate, limits.ops_burst, report_interval_s=limits.event_interval_s)
+        self.events = EventThrottle(limits.event_burst, limits.event_interval_s)
         self._uploads: asyncio.Semaphore | None = None
         self._uploads_loop: asyncio.AbstractEventLoop | None = None
 
+    def throttled(self, reason: str, detail: str, remote: str | None, device_id: str | None) -> str | None:
+        """``detail`` to record, or None when this refusal is only counted (see :class:`EventThrottle`)."""
+        if reason == ErrorCode.RATE_LIMITED:
+            return detail  # the rate limiter throttles its own events
+        counted = self.events.admit(reason, remote, device_id)
+        if counted is None:
+            return None
+        if counted:
+            detail = f"{detail} (+{counted} more such refusal(s) not recorded one by one)"
+        return detail
+
     async def record(self, reason: str, detail: str, request: Request, session_id: str | None = None) -> None:
         """Persist a security event off the event loop; a database outage is logged, not raised."""
+        kept = self.throttled(reason, detail, remote_of(request), None)
+        if kept is None:
+            return
+        detail = kept
         try:
             await run_in_threadpool(
                 self._store.record_security_event, reason, detail, session_id=session_id, remote_addr=remote_of(request)
@@ -58,15 +82,35 @@ class RequestGate:
         return exc
 
     async def admit(self, request: Request, session_id: str | None = None) -> None:
-        """Take a token from the client's address bucket (and its session's); RateLimitedError if empty."""
+        """Take a token from the client's address bucket (and look at its session's, see the module
+        docstring); RateLimitedError if empty."""
         remote = remote_of(request)
         decision = self.by_address.check(remote[:_MAX_KEY])
         scope = f"address {remote}"
         if decision.allowed and session_id:
-            decision = self.by_session.check(session_id[:_MAX_KEY])
+            decision = self.by_session.check(session_id[:_MAX_KEY], take=False)
             scope = "session"
         if not decision.allowed:
             await self._rate_limited(decision, scope, request, session_id)
+
+    def charge_session(self, session_id: str | None) -> None:
+        """Charge a request to its session once a frame has authenticated under it."""
+        if session_id:
+            self.by_session.charge(session_id[:_MAX_KEY])
+
+    async def admit_ops(self, request: Request) -> None:
+        """The operations endpoints' own per-address bucket (``/metrics``, ``/readyz``)."""
+        remote = remote_of(request)
+        decision = self.by_address_ops.check(remote[:_MAX_KEY])
+        if not decision.allowed:
+            await self._rate_limited(decision, f"address {remote}", request, None)
+
+    async def media_type(self, request: Request, expected: str, session_id: str | None = None) -> None:
+        """Refuse (recorded) a request whose Content-Type is not ``expected``."""
+        try:
+            require_media_type(request, expected)
+        except QflareError as exc:
+            raise await self.refuse(exc, request, session_id) from None
 
     async def _rate_limited(self, decision: RateDecision, scope: str, request: Request, session_id: str | None) -> None:
         exc = RateLimitedError(
@@ -81,7 +125,7 @@ class RequestGate:
     async def body(self, request: Request, limit: int, session_id: str | None = None) -> bytes:
         """The request body under ``limit`` (an oversize refusal is recorded before it is raised)."""
         try:
-            return await read_body(request, limit)
+            return await read_body(request, limit, grace_s=self.limits.body_grace_s, min_rate=self.limits.min_body_rate)
         except QflareError as exc:
             raise await self.refuse(exc, request, session_id) from None
 

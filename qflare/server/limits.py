@@ -15,11 +15,20 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import anyio
 from starlette.requests import ClientDisconnect, Request
 
-from ..errors import ConfigError, MalformedError, OversizeError
+from ..errors import ConfigError, FrontDoorError, MalformedError, OversizeError
 
-__all__ = ["HttpLimits", "RateDecision", "RateLimiter", "read_body"]
+__all__ = [
+    "EventThrottle",
+    "HttpLimits",
+    "RateDecision",
+    "RateLimiter",
+    "declared_length",
+    "read_body",
+    "require_media_type",
+]
 
 _DIGITS = re.compile(r"[0-9]{1,20}")
 _FRAME_OVERHEAD = 4096
@@ -44,17 +53,41 @@ class HttpLimits:
     event_interval_s: float = 10.0
     """A rate-limited client is recorded as a security event at most once per this interval (the
     event says how many refusals it stands for), so a flood cannot turn into a flood of writes."""
+    event_burst: int = 10
+    """Other refusals: the same code from the same address about the same device (or none) is recorded
+    individually this many times per ``event_interval_s``; the rest are counted into the next event."""
+    ops_rate: float = 2.0
+    """Requests per second per client address to ``/metrics`` and ``/readyz`` (a bucket of their own:
+    a scrape every few seconds and the probes of an orchestrator stay far below it)."""
+    ops_burst: float = 30.0
+    body_grace_s: float = 10.0
+    """A request body may take this long before the minimum transfer rate applies."""
+    min_body_rate: float = 8 * 1024.0
+    """Bytes per second a body must average after the grace period (else 408 ``slow_body``): a client
+    trickling bytes cannot hold a connection, or an upload slot, for long."""
 
     def __post_init__(self) -> None:
         if self.max_concurrent_uploads < 1:
             raise ConfigError("max_concurrent_uploads must be >= 1")
         if self.small_body_bytes < 1024:
             raise ConfigError("small_body_bytes must be >= 1024")
-        for name in ("ip_rate", "ip_burst", "session_rate", "session_burst"):
+        if self.event_burst < 1:
+            raise ConfigError("event_burst must be >= 1 (the first refusal is always recorded)")
+        for name in (
+            "ip_rate",
+            "ip_burst",
+            "session_rate",
+            "session_burst",
+            "ops_rate",
+            "ops_burst",
+            "body_grace_s",
+            "min_body_rate",
+            "event_interval_s",
+        ):
             value = getattr(self, name)
             if not (math.isfinite(value) and value > 0):
                 raise ConfigError(f"{name} must be a positive number")
-        if self.ip_burst < 1 or self.session_burst < 1:
+        if self.ip_burst < 1 or self.session_burst < 1 or self.ops_burst < 1:
             raise ConfigError("bursts must be >= 1 (a bucket must hold at least one request)")
 
     def update_body_bytes(self, max_update_bytes: int) -> int:
@@ -104,21 +137,29 @@ class RateLimiter:
     def __len__(self) -> int:
         return len(self._buckets)
 
-    def check(self, key: str) -> RateDecision:
-        """Take one token for ``key`` if there is one."""
+    def _bucket(self, key: str, now: float) -> _Bucket:
+        bucket = self._buckets.get(key)
+        if bucket is None:
+            bucket = self._buckets[key] = _Bucket(self.burst, now)
+            if len(self._buckets) > self._max_keys:
+                self._buckets.popitem(last=False)
+        else:
+            self._buckets.move_to_end(key)
+            bucket.tokens = min(self.burst, bucket.tokens + (now - bucket.stamp) * self.rate)
+            bucket.stamp = now
+        return bucket
+
+    def check(self, key: str, *, take: bool = True) -> RateDecision:
+        """Take one token for ``key`` if there is one (``take=False``: only look; an unknown key, whose
+        bucket would be full, is then allowed without creating a bucket)."""
         now = self._clock()
         with self._lock:
-            bucket = self._buckets.get(key)
-            if bucket is None:
-                bucket = self._buckets[key] = _Bucket(self.burst, now)
-                if len(self._buckets) > self._max_keys:
-                    self._buckets.popitem(last=False)
-            else:
-                self._buckets.move_to_end(key)
-                bucket.tokens = min(self.burst, bucket.tokens + (now - bucket.stamp) * self.rate)
-                bucket.stamp = now
+            if not take and key not in self._buckets:
+                return RateDecision(True)
+            bucket = self._bucket(key, now)
             if bucket.tokens >= 1.0:
-                bucket.tokens -= 1.0
+                if take:
+                    bucket.tokens -= 1.0
                 return RateDecision(True)
             bucket.refused += 1
             retry = (1.0 - bucket.tokens) / self.rate
@@ -127,13 +168,103 @@ class RateLimiter:
                 return RateDecision(False, retry, True, count)
             return RateDecision(False, retry)
 
+    def charge(self, key: str) -> None:
+        """Take one token for ``key`` after the fact (never below empty): the request it pays for was
+        admitted by a look (``check(take=False)``) and proved to belong to ``key``."""
+        now = self._clock()
+        with self._lock:
+            bucket = self._bucket(key, now)
+            bucket.tokens = max(0.0, bucket.tokens - 1.0)
 
-async def read_body(request: Request, limit: int) -> bytes:
+
+@dataclass
+class _Window:
+    start: float
+    recorded: int = 0
+    suppressed: int = 0
+
+
+class EventThrottle:
+    """Bounds the security-event rows a flood of one refusal can write.
+
+    Keyed by (reason, address, device): the first ``burst`` refusals of a key in an ``interval_s`` window
+    are recorded at once; the rest are only counted, and the next recorded event of that key says how many
+    it stands for.  At most ``max_keys`` keys are remembered (least recently used forgotten).
+    """
+
+    def __init__(
+        self,
+        burst: int,
+        interval_s: float,
+        *,
+        max_keys: int = 10_000,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.burst, self.interval_s, self._max_keys, self._clock = burst, interval_s, max_keys, clock
+        self._windows: OrderedDict[tuple[str, str | None, str | None], _Window] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def admit(self, reason: str, remote: str | None, device_id: str | None) -> int | None:
+        """None: do not record this refusal (it was counted); else record it, and the int is how many
+        refusals of the same key were counted without a row since the last one recorded."""
+        key = (reason, remote, device_id)
+        now = self._clock()
+        with self._lock:
+            window = self._windows.get(key)
+            if window is None:
+                window = self._windows[key] = _Window(now)
+                if len(self._windows) > self._max_keys:
+                    self._windows.popitem(last=False)
+            else:
+                self._windows.move_to_end(key)
+                if now - window.start >= self.interval_s:
+                    window.start, window.recorded = now, 0
+            if window.recorded >= self.burst:
+                window.suppressed += 1
+                return None
+            window.recorded += 1
+            counted, window.suppressed = window.suppressed, 0
+            return counted
+
+
+def require_media_type(request: Request, expected: str) -> None:
+    """FrontDoorError ``unsupported_media_type`` (415) unless the Content-Type is ``expected`` (parameters
+    such as ``charset`` are ignored, case is not significant)."""
+    given = request.headers.get("content-type", "")
+    if given.split(";", 1)[0].strip().lower() != expected:
+        shown = given[:80] if given else "none"
+        raise FrontDoorError(f"Content-Type must be {expected} (got {shown})", code="unsupported_media_type")
+
+
+def declared_length(request: Request, limit: int) -> int:
+    """The declared Content-Length, required and within ``limit`` (read from the headers only)."""
+    declared = request.headers.get("content-length")
+    if declared is None:
+        raise FrontDoorError("an upload must declare its Content-Length", code="length_required")
+    if not _DIGITS.fullmatch(declared.strip()):
+        raise MalformedError("Content-Length is not a non-negative integer", code="bad_content_length")
+    if int(declared) > limit:
+        raise OversizeError(f"request body of {int(declared)} bytes exceeds this route's limit of {limit} bytes")
+    return int(declared)
+
+
+async def read_body(
+    request: Request,
+    limit: int,
+    *,
+    grace_s: float = math.inf,
+    min_rate: float = 0.0,
+    clock: Callable[[], float] = time.monotonic,
+) -> bytes:
     """The request body, refused with OversizeError (413) as soon as it is known to exceed ``limit``.
 
     A declared ``Content-Length`` over the limit is refused before a byte is read; otherwise (chunked
     bodies, or a client that lies) the stream is counted while it is read and abandoned when it passes
     the limit, so at most ``limit`` plus one chunk is ever held.
+
+    The body must arrive at ``min_rate`` bytes per second on average once ``grace_s`` has passed: after
+    ``grace_s + received / min_rate`` seconds without the next chunk the read is abandoned with
+    FrontDoorError ``slow_body`` (408), whether the client trickles bytes or sends none.
     """
     declared = request.headers.get("content-length")
     if declared is not None:
@@ -143,8 +274,22 @@ async def read_body(request: Request, limit: int) -> bytes:
             raise OversizeError(f"request body of {int(declared)} bytes exceeds this route's limit of {limit} bytes")
     chunks: list[bytes] = []
     size = 0
+    start = clock()
+    stream = request.stream().__aiter__()
     try:
-        async for chunk in request.stream():
+        while True:
+            due = grace_s + size / min_rate if min_rate > 0 else math.inf
+            with anyio.move_on_after(due - (clock() - start)) as waited:
+                try:
+                    chunk = await stream.__anext__()
+                except StopAsyncIteration:
+                    break
+            if waited.cancelled_caught:
+                raise FrontDoorError(
+                    f"request body too slow: {size} bytes in {clock() - start:.1f} s (the minimum is "
+                    f"{min_rate:.0f} bytes/s after {grace_s:.0f} s)",
+                    code="slow_body",
+                )
             size += len(chunk)
             if size > limit:
                 raise OversizeError(f"request body exceeds this route's limit of {limit} bytes")
