@@ -200,6 +200,9 @@ class ErrorCode(enum.StrEnum):
     BAD_FEDERATION_FILE = "bad_federation_file"
     SERVER_EXITED = "server_exited"
     SERVER_NOT_READY = "server_not_ready"
+    # hardening: aggregation
+    AGGREGATE_NON_FINITE = "aggregate_non_finite"
+    AGGREGATE_OUT_OF_BOUNDS = "aggregate_out_of_bounds"
 
 
 class Retry(enum.Enum):
@@ -620,6 +623,17 @@ CODE_SPECS: Mapping[ErrorCode, CodeSpec] = MappingProxyType(
             "a client selector returned something other than k distinct candidates", _R, RoundError
         ),
         _C.PLUGIN_ERROR: _spec("a plugin could not be imported or its registration failed", _F, PluginError),
+        # hardening: aggregation
+        _C.AGGREGATE_NON_FINITE: _spec(
+            "the aggregated model has a NaN or Inf weight: the round fails, the previous model stays",
+            _D,
+            ValidationError,
+        ),
+        _C.AGGREGATE_OUT_OF_BOUNDS: _spec(
+            "a weight of the aggregated model exceeds the configured bound: the round fails, the previous model stays",
+            _D,
+            ValidationError,
+        ),
     }
 )
 """The meaning, classes and retry meaning of every :class:`ErrorCode`."""

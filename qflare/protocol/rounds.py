@@ -22,7 +22,7 @@ from datetime import UTC, datetime
 import torch
 
 from ..crypto import SigningKey, Suite, sign_global_model
-from ..errors import ConfigError, QflareError, RoundError, StaleModelError, ValidationError, WrongRoundError
+from ..errors import ConfigError, ErrorCode, QflareError, RoundError, StaleModelError, ValidationError, WrongRoundError
 from ..strategy import ClientUpdate, Pipeline, RoundAggregation
 from ..strategy.state import encode_pipeline_state, load_pipeline_state
 from ..wire import ParamLayout, decode_blob, encode_model
@@ -32,6 +32,8 @@ from .store import BlobSink, CoordinatorStore
 __all__ = ["PublishedModel", "RoundConfig", "RoundManager"]
 
 _log = logging.getLogger("qflare.rounds")
+
+_UNSAFE_AGGREGATE = frozenset({ErrorCode.AGGREGATE_NON_FINITE, ErrorCode.AGGREGATE_OUT_OF_BOUNDS})
 
 
 @dataclass(frozen=True)
@@ -300,6 +302,10 @@ class RoundManager:
             published = self._publish(rnd.number, new_flat)
         except QflareError as exc:
             _log.error("round %d failed to aggregate [%s]: %s", rnd.number, exc.code, exc)
+            if exc.code in _UNSAFE_AGGREGATE:  # the sanity check of the new model: an attack or a bug
+                self._store.record_security_event(
+                    exc.code, f"round {rnd.number}: {exc}"[:2000], device_id=exc.device_id
+                )
             self._store.set_round_state(rnd.number, state, "failed")
             self._round = None
             return
