@@ -219,6 +219,9 @@ class ErrorCode(enum.StrEnum):
     UNSUPPORTED_MEDIA_TYPE = "unsupported_media_type"
     LENGTH_REQUIRED = "length_required"
     SLOW_BODY = "slow_body"
+    # hardening: aggregation
+    AGGREGATE_NON_FINITE = "aggregate_non_finite"
+    AGGREGATE_OUT_OF_BOUNDS = "aggregate_out_of_bounds"
 
 
 class Retry(enum.Enum):
@@ -739,6 +742,17 @@ CODE_SPECS: Mapping[ErrorCode, CodeSpec] = MappingProxyType(
             _T,
             FrontDoorError,
             status=408,
+        ),
+        # hardening: aggregation
+        _C.AGGREGATE_NON_FINITE: _spec(
+            "the aggregated model has a NaN or Inf weight: the round fails, the previous model stays",
+            _D,
+            ValidationError,
+        ),
+        _C.AGGREGATE_OUT_OF_BOUNDS: _spec(
+            "a weight of the aggregated model exceeds the configured bound: the round fails, the previous model stays",
+            _D,
+            ValidationError,
         ),
     }
 )

@@ -61,6 +61,7 @@ class Federation:
         blobs=None,
         selector="random",
         clock=None,
+        min_participants: int | None = None,
     ) -> None:
         self.db = Database(f"sqlite:///{tmp}/coordinator.db")
         self.db.upgrade()
@@ -79,7 +80,12 @@ class Federation:
             identity=self.identity,
             store=self.store,
             rounds=RoundConfig(
-                rounds=rounds, per_round=per_round, seed=0, round_timeout_s=round_timeout_s, selector=selector
+                rounds=rounds,
+                per_round=per_round,
+                seed=0,
+                round_timeout_s=round_timeout_s,
+                selector=selector,
+                min_participants=min_participants,
             ),
             blobs=blobs,
             clock=time.time if clock is None else clock,

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import math
 import struct
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from qflare.crypto.channel import Channel
 from qflare.crypto.envelope import Field, MsgType, SignedEnvelope, u64
@@ -14,7 +17,9 @@ from qflare.crypto.identity import SigningKey
 from qflare.crypto.payloads import (
     AckStatus,
     Frame,
+    OpenedUpdate,
     SignedUpdate,
+    canonical_json,
     open_global_model,
     open_model_request,
     open_receipt,
@@ -32,7 +37,7 @@ from qflare.crypto.payloads import (
     sign_update,
     sign_update_ack,
 )
-from qflare.crypto.suite import HIGH_SUITE, Suite, sha256
+from qflare.crypto.suite import DEFAULT_SUITE, HIGH_SUITE, Suite, sha256
 from qflare.errors import (
     AuthError,
     BadSignatureError,
@@ -286,6 +291,80 @@ def test_update_metrics(session: Session, metadata: bytes, expected: dict[str, f
             opened.metrics()
     else:
         assert opened.metrics() == expected
+
+
+_SIGNER = SigningKey.generate()
+
+
+def _metrics_of(metadata: bytes) -> dict[str, float]:
+    """``OpenedUpdate.metrics()`` of an UPDATE envelope carrying ``metadata`` (signature not the point)."""
+    env = SignedEnvelope.parse(
+        _update_env(_SIGNER, DEFAULT_SUITE, b"u", metadata=metadata), expected_type=MsgType.UPDATE
+    )
+    return OpenedUpdate(env, memoryview(b"u")).metrics()
+
+
+@pytest.mark.parametrize(
+    "metadata",
+    [
+        b'{"loss":' + b"9" * 400 + b"}",  # float() of it overflowed: HTTP 500 on the coordinator
+        b'{"loss":-' + b"9" * 400 + b"}",
+        b'{"loss":NaN}',
+        b'{"loss":Infinity}',
+        b'{"loss":-Infinity}',
+        b'{"loss":1e400}',  # parses to inf
+        b'{"loss":1e16}',  # finite but absurd
+        b'{"loss":12345678901234567}',
+        b'{"loss":1,"loss":2}',  # ambiguous: which one was signed?
+        json.dumps({"k" * 64 + "a": 1, "k" * 64 + "b": 2}).encode(),  # the same key once clipped
+        b'{"loss":{"a":1}}',
+        b'{"loss":null}',
+    ],
+)
+def test_hostile_update_metrics_refused(metadata: bytes) -> None:
+    with pytest.raises(MalformedError) as info:
+        _metrics_of(metadata)
+    assert info.value.code == "malformed"
+
+
+_JSON_NUMBER = st.one_of(
+    st.integers(),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.sampled_from(["NaN", "Infinity", "-Infinity", "1e400", "-1e999", "1" * 500, "0.0", "-0"]),
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.one_of(
+        st.binary(min_size=1, max_size=300),
+        st.dictionaries(st.text(max_size=80), _JSON_NUMBER, max_size=6).map(
+            lambda d: ("{" + ",".join(f"{json.dumps(k)}:{v}" for k, v in d.items()) + "}").encode()
+        ),
+    )
+)
+def test_update_metrics_parser_is_total(metadata: bytes) -> None:
+    """Whatever a device signs, the parser returns bounded finite floats or refuses with ``malformed``."""
+    try:
+        out = _metrics_of(metadata)
+    except MalformedError as exc:
+        assert exc.code == "malformed"
+        return
+    assert all(isinstance(v, float) and math.isfinite(v) and abs(v) <= 1e15 for v in out.values())
+    assert all(isinstance(k, str) and len(k) <= 64 for k in out)
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    st.dictionaries(
+        st.text(min_size=1, max_size=64),
+        st.one_of(st.integers(-(10**15), 10**15), st.floats(-1e15, 1e15, allow_nan=False)),
+        min_size=1,
+        max_size=8,
+    )
+)
+def test_honest_update_metrics_round_trip(metrics: dict[str, float]) -> None:
+    assert _metrics_of(canonical_json(metrics)) == {k: float(v) for k, v in metrics.items()}
 
 
 @pytest.mark.parametrize("plaintext", [b"", b"\x00\x00", struct.pack(">I", 10) + b"abc", struct.pack(">I", 0xFFFFFFFF)])

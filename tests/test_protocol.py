@@ -16,8 +16,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from protocol_fixtures import FakeClock, Federation
 
+from qflare.crypto import Field, MsgType, SignedEnvelope
+from qflare.crypto.envelope import u64
+from qflare.crypto.payloads import pack_signed
+from qflare.crypto.suite import sha256
 from qflare.errors import PolicyError, QflareError
 from qflare.protocol import Device, Route, SignedUpdate
+from qflare.training import TrainResult
+from qflare.wire import encode_update
 
 
 @pytest.fixture
@@ -463,3 +469,111 @@ def test_receipt_must_acknowledge_the_update_sent(fed):
         assert info.value.code == "bad_receipt", (status, duplicate, over)
     answer(1, True)
     assert dev.submit(signed).duplicate
+
+
+# ---------------------------------------------------------------------- aggregation: overflow and influence
+def _attack(fed: Federation, dev: Device, *, value: float = 3e38, n: int = 5, loss: float = 1.0):
+    """A validly signed update from ``dev`` whose every coordinate is ``value``."""
+    task = dev.task()
+    model = dev.fetch_model(task)
+    delta = torch.full((fed.layout.numel,), value, dtype=torch.float32)
+    return dev.prepare_update(task, model, TrainResult(delta, n, loss, 0.01, 1))
+
+
+def test_huge_finite_update_refused(fed):
+    """Every coordinate 3e38 is finite (FiniteCheck passes) but overflowed FedAvg's float32 running sum."""
+    fed.coordinator.rounds.open_next()
+    dev = fed.selected()[0]
+    refused(fed, "norm_exceeded", dev.submit, _attack(fed, dev), device_id=dev.device_id)
+
+
+def test_inf_update_attack_does_not_change_the_published_model(tmp_path):
+    """End to end: the attacker is refused at the door, the honest devices' round publishes a finite model."""
+    clock = FakeClock()
+    fed = Federation(tmp_path, n=3, per_round=3, min_participants=2, clock=clock)
+    rm = fed.coordinator.rounds
+    rm.open_next()
+    base = rm.model.flat.clone()
+    attacker, *honest = fed.selected()
+    refused(fed, "norm_exceeded", attacker.submit, _attack(fed, attacker, n=1), device_id=attacker.device_id)
+    for k, dev in enumerate(honest):
+        dev.submit(fed.prepare(dev, seed=k, n=5))
+    clock.advance(601)
+    rm.tick()
+    assert rm.model.version == 1 and bool(torch.isfinite(rm.model.flat).all())
+    expected = base + (fed.result(0).delta + fed.result(1).delta) / 2
+    assert torch.allclose(rm.model.flat, expected, atol=1e-6)
+
+
+def test_unsafe_aggregate_fails_the_round_and_keeps_the_model(tmp_path):
+    """Backstop: a pipeline without the magnitude bound lets the update in, but the new model is checked
+    before it is signed: the round fails, the previous model stays, a security event names the device."""
+    from qflare.strategy import FiniteCheck, ShapeCheck, fedavg
+
+    fed = Federation(tmp_path, strategy=fedavg(checks=(ShapeCheck(), FiniteCheck())))
+    rm = fed.coordinator.rounds
+    rm.open_next()
+    base, envelope = rm.model.flat.clone(), rm.model.envelope
+    attacker, honest = fed.selected()
+    ids = event_ids(fed)
+    attacker.submit(_attack(fed, attacker))  # accepted and acknowledged: it is recorded
+    honest.submit(fed.prepare(honest))
+    assert fed.store.get_round(1).state == "failed"
+    assert rm.model.version == 0 and rm.model.envelope == envelope and torch.equal(rm.model.flat, base)
+    assert_one_event(fed, ids, "aggregate_out_of_bounds", attacker.device_id)
+    assert rm.open_next().number == 2
+
+
+def test_overclaimed_example_count_refused(fed):
+    fed.coordinator.rounds.open_next()
+    dev = fed.selected()[0]
+    sealed = dev.prepare_update(dev.task(), dev.fetch_model(dev.task()), fed.result(n=2**31 - 1))
+    refused(fed, "bad_example_count", dev.submit, sealed, device_id=dev.device_id)
+
+
+def test_one_device_cannot_own_the_round_by_claiming_examples(tmp_path):
+    """Plain FedAvg gave a device claiming a huge example count the whole round (its update to 3.7e-7);
+    within the example cap, a claim now weighs at most max(3/n, 1/5) of the round: 0.3 with 10 updates."""
+    fed = Federation(tmp_path, n=10, per_round=10)
+    rm = fed.coordinator.rounds
+    rm.open_next()
+    base = rm.model.flat.clone()
+    attacker, *honest = fed.selected()
+    task = attacker.task()
+    attacker.submit(attacker.prepare_update(task, attacker.fetch_model(task), fed.result(99, n=10**7, scale=1.0)))
+    for k, dev in enumerate(honest):
+        dev.submit(fed.prepare(dev, seed=k, n=5))
+    assert rm.model.version == 1
+    tau = 0.3 * 45 / (1 - 0.3)  # the attacker's weight: tau / (tau + 9 * 5) == 0.3
+    honest_sum = sum(fed.result(k).delta for k in range(9)) * 5
+    expected = base + (fed.result(99, scale=1.0).delta * tau + honest_sum) / (tau + 45)
+    assert torch.allclose(rm.model.flat, expected, atol=1e-6)
+
+
+def _signed_with_metadata(dev: Device, fed: Federation, metadata: bytes) -> SignedUpdate:
+    """A validly signed update whose METADATA field is ``metadata``, whatever it holds."""
+    task = dev.task()
+    model = dev.fetch_model(task)
+    blob = encode_update(fed.layout, fed.result().delta, {"round": str(task.round)})
+    fields = {
+        Field.DEVICE_KEY_ID: dev.identity.public.key_id_bytes,
+        Field.ROUND: u64(task.round),
+        Field.BASE_MODEL_HASH: bytes.fromhex(model.sha256),
+        Field.UPDATE_HASH: sha256(blob),
+        Field.NUM_EXAMPLES: u64(5),
+        Field.PAYLOAD_SIZE: u64(len(blob)),
+        Field.METADATA: metadata,
+    }
+    env = SignedEnvelope.sign(dev.suite, MsgType.UPDATE, fields, dev.identity)
+    return SignedUpdate(task.round, pack_signed(env.to_bytes(), blob), sha256(blob).hex())
+
+
+@pytest.mark.parametrize(
+    "metadata",
+    [b'{"loss":' + b"9" * 400 + b"}", b'{"loss":NaN}', b'{"loss":-Infinity}', b'{"loss":1e400}', b'{"loss":1e300}'],
+)
+def test_hostile_update_metrics_refused_by_the_coordinator(fed, metadata):
+    """A 400-digit integer metric made float() overflow in the coordinator: HTTP 500 from any device."""
+    fed.coordinator.rounds.open_next()
+    dev = fed.selected()[0]
+    refused(fed, "malformed", dev.submit, _signed_with_metadata(dev, fed, metadata), device_id=dev.device_id)

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from qflare.bench.aggregation import copy_bandwidth, fedavg_bandwidth
 from qflare.errors import ConfigError, QflareError, ValidationError
@@ -16,6 +20,7 @@ from qflare.strategy import (
     FiniteCheck,
     GaussianNoise,
     Krum,
+    MaxAbsBound,
     NormBound,
     Pipeline,
     ServerAdagrad,
@@ -24,6 +29,7 @@ from qflare.strategy import (
     ServerSGD,
     ServerYogi,
     ShapeCheck,
+    ShareCappedMean,
     TrimmedMean,
     WeightedMean,
     build_strategy,
@@ -322,3 +328,116 @@ def test_bench_helpers_report_positive_bandwidth() -> None:
     fed = fedavg_bandwidth(n_updates=3, dim=1000, repeats=1)
     assert fed["gb_per_s"] > 0 and fed["bytes"] == 12_000
     assert copy_bandwidth(nbytes=1 << 20, repeats=1)["gb_per_s"] > 0
+
+
+# ---------------------------------------------------------------------- overflow and influence (hardening)
+def test_finite_huge_updates_cannot_overflow_the_mean() -> None:
+    """Every coordinate 3e38 is finite; twice it overflowed the float32 running sum to Inf."""
+    acc = WeightedMean().start(3)
+    acc.add(t(3e38, -3e38, 1.0), 2.0)
+    acc.add(t(3e38, -3e38, 3.0), 1.0)
+    close(acc.result(), [3e38, -3e38, 5 / 3])
+
+
+def test_default_pipeline_refuses_huge_coordinates() -> None:
+    agg = fedavg().begin(torch.zeros(3))
+    with pytest.raises(ValidationError) as info:
+        agg.add(upd("evil", 3e38, 0.0, 0.0))
+    assert info.value.code == "norm_exceeded" and agg.count == 0
+    agg.add(upd("ok", 1e4, -1e4, 0.5))  # the bound itself is allowed
+    with pytest.raises(ValidationError) as info:
+        agg.add(upd("over", 0.0, -10001.0, 0.0))
+    assert info.value.code == "norm_exceeded" and agg.count == 1
+    with pytest.raises(ValidationError) as info:
+        agg.add(upd("claims", 1.0, 1.0, 1.0, n=10_000_001))
+    assert info.value.code == "bad_example_count" and agg.count == 1
+
+
+def _reference_capped_mean(deltas: list[torch.Tensor], weights: list[float], cap: float) -> torch.Tensor:
+    """Non-streaming reference: bisect for the largest cut τ with every share <= cap."""
+    ws = torch.tensor(weights, dtype=torch.float64)
+    if float(ws.max() / ws.sum()) <= cap:
+        eff = ws
+    else:
+        lo, hi = 0.0, float(ws.max())
+        for _ in range(200):
+            mid = (lo + hi) / 2
+            capped = ws.clamp(max=mid)
+            lo, hi = (mid, hi) if float(capped.max() / capped.sum()) <= cap + 1e-15 else (lo, mid)
+        eff = ws.clamp(max=lo)
+    stacked = torch.stack(deltas).double()
+    return ((stacked * eff[:, None]).sum(0) / eff.sum()).float()
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    weights=st.lists(st.integers(1, 10**7), min_size=1, max_size=14),
+    buffered=st.integers(1, 5),
+    multiple=st.sampled_from([1.0, 1.5, 3.0, 10.0]),
+    seed=st.integers(0, 2**16),
+)
+def test_share_capped_mean_is_exact_and_caps_every_share(weights, buffered, multiple, seed) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    deltas = [torch.randn(6, generator=gen) for _ in weights]
+    acc = ShareCappedMean(max_multiple=multiple, buffered=buffered).start(6)
+    for d, w in zip(deltas, weights, strict=True):
+        acc.add(d, float(w))
+    n = len(weights)
+    cap = min(1.0, max(multiple / n, 1 / (buffered + 1)))
+    expected = _reference_capped_mean(deltas, [float(w) for w in weights], cap)
+    torch.testing.assert_close(acc.result(), expected, rtol=1e-5, atol=1e-5)
+    effective = [e for _, e in acc.effective_weights()]
+    total = sum(effective) + sum(float(w) for w in weights) - sum(w for w, _ in acc.effective_weights())
+    assert max(effective) / total <= cap * (1 + 1e-9)
+
+
+def test_share_cap_leaves_honest_rounds_exactly_fedavg() -> None:
+    # Shares 1/6, 2/6, 3/6 with n = 3: the cap is max(3/3, 1/5) = 1, nothing is cut.
+    rows = [(1.0, 0.0), (0.0, 3.0), (2.0, -1.0)]
+    capped = run_round(fedavg(), t(10.0, 20.0), *(upd(str(i), *r, n=i + 1) for i, r in enumerate(rows)))
+    plain = run_round(
+        fedavg(combine=WeightedMean()), t(10.0, 20.0), *(upd(str(i), *r, n=i + 1) for i, r in enumerate(rows))
+    )
+    torch.testing.assert_close(capped, plain)
+
+
+def test_share_cap_bounds_a_huge_claim() -> None:
+    # 9 honest updates of weight 5 and one claiming 10^7: the claim is cut to τ = 0.3·45/0.7 (share 0.3).
+    agg = fedavg().begin(torch.zeros(1))
+    for i in range(9):
+        agg.add(upd(f"h{i}", 0.0, n=5))
+    agg.add(upd("evil", 1.0, n=10**7))
+    close(agg.finish(), [0.3])
+
+
+def test_share_capped_mean_refuses_bad_configuration() -> None:
+    for bad in ({"max_multiple": 0.5}, {"max_multiple": math.inf}, {"buffered": 0}, {"buffered": True}):
+        with pytest.raises(ConfigError):
+            ShareCappedMean(**bad)
+    with pytest.raises(ConfigError):
+        MaxAbsBound(0.0)
+    with pytest.raises(ConfigError):
+        fedavg(max_model_abs=math.nan)
+    assert fedavg(secure_aggregation=True).combine == WeightedMean()  # the cap reads individual updates
+
+
+@pytest.mark.parametrize(
+    ("value", "lr", "code"), [(5e6, 1.0, "aggregate_out_of_bounds"), (3e38, 4.0, "aggregate_non_finite")]
+)
+def test_unsafe_aggregate_is_refused_and_changes_nothing(value: float, lr: float, code: str) -> None:
+    """Without the per-update bound the new model is still checked: the optimiser state is restored and
+    the round can neither publish nor be finished by a retry."""
+    pipeline = fedavgm(server_lr=lr, checks=(ShapeCheck(), FiniteCheck()))
+    first = pipeline.begin(torch.zeros(2))
+    first.add(upd("a", 1.0, 1.0))
+    first.finish()
+    velocity = pipeline.server_opt.state_dict()["velocity"]
+    agg = pipeline.begin(torch.zeros(2))
+    agg.add(upd("honest", 0.1, 0.1))
+    agg.add(upd("evil", value, 0.0))
+    with pytest.raises(ValidationError) as info:
+        agg.finish()
+    assert info.value.code == code and info.value.device_id == "evil"
+    assert torch.equal(pipeline.server_opt.state_dict()["velocity"], velocity)  # type: ignore[arg-type]
+    with pytest.raises(ValidationError):
+        agg.finish()

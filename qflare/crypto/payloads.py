@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import enum
 import json
+import math
 import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -313,22 +314,77 @@ class OpenedUpdate:
         return self.envelope.signature
 
     def metrics(self) -> dict[str, float]:
-        """The signed training metrics (METADATA: a JSON object of numbers; MalformedError otherwise)."""
+        """The signed training metrics (METADATA: a JSON object of numbers; MalformedError otherwise).
+
+        Total on hostile input: every outcome is either a dict of finite floats of magnitude at most
+        ``_MAX_METRIC`` or MalformedError ``malformed`` -- NaN/Infinity literals, integers of more than
+        ``_MAX_METRIC_DIGITS`` digits, numbers that overflow a float, absurd magnitudes and keys repeated
+        (also after clipping to 64 characters) are all refused, cheapest test first.
+        """
         raw = self.envelope.fields.get(Field.METADATA)
         if not raw:
             return {}
+        if len(raw) > _MAX_METADATA:
+            raise MalformedError("update metadata is too long", code="malformed")
         try:
-            obj = json.loads(raw.decode("utf-8")) if len(raw) <= _MAX_METADATA else None
+            obj = json.loads(
+                raw.decode("utf-8"),
+                parse_int=_metric_int,
+                parse_float=_metric_float,
+                parse_constant=_metric_constant,
+                object_pairs_hook=_metric_pairs,
+            )
         except (ValueError, RecursionError) as exc:
             raise MalformedError(f"update metadata is not valid JSON: {exc}", code="malformed") from None
         if not isinstance(obj, dict):
             raise MalformedError("update metadata must be a JSON object", code="malformed")
         out: dict[str, float] = {}
         for k, v in obj.items():
-            if not isinstance(v, (int, float)) or isinstance(v, bool):
-                raise MalformedError(f"update metadata {k!r} must be a number", code="malformed")
-            out[str(k)[:64]] = float(v)
+            if not isinstance(v, float):  # _metric_int/_metric_float turned every number into a float
+                raise MalformedError(f"update metadata {k[:64]!r} must be a number", code="malformed")
+            key = k[:64]
+            if key in out:
+                raise MalformedError(f"update metadata repeats the key {key!r}", code="malformed")
+            out[key] = v
         return out
+
+
+_MAX_METRIC = 1e15
+"""The largest magnitude of a training metric (loss, accuracy, duration, steps ...) a device may report."""
+_MAX_METRIC_DIGITS = 16
+
+
+class _MetricRefused(ValueError):
+    """Raised inside ``json.loads`` hooks; turned into MalformedError by :meth:`OpenedUpdate.metrics`."""
+
+
+def _metric_value(value: float, text: str) -> float:
+    if not (math.isfinite(value) and abs(value) <= _MAX_METRIC):
+        raise _MetricRefused(f"metric value {text[:32]} is not a finite number of magnitude <= {_MAX_METRIC:g}")
+    return value
+
+
+def _metric_int(text: str) -> float:
+    if len(text.lstrip("-")) > _MAX_METRIC_DIGITS:  # before int(): no big-integer arithmetic on hostile input
+        raise _MetricRefused(f"metric integer of {len(text)} characters is too long")
+    return _metric_value(float(int(text)), text)
+
+
+def _metric_float(text: str) -> float:
+    return _metric_value(float(text), text)
+
+
+def _metric_constant(text: str) -> float:
+    raise _MetricRefused(f"metric value {text} is not a finite number")
+
+
+def _metric_pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in pairs:
+        if k in out:
+            raise _MetricRefused(f"update metadata repeats the key {k[:64]!r}")
+        out[k] = v
+    return out
 
 
 def open_update(

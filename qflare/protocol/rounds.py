@@ -32,6 +32,7 @@ import torch
 from ..crypto import SigningKey, Suite, sign_global_model
 from ..errors import (
     ConfigError,
+    ErrorCode,
     QflareError,
     RoundError,
     StaleModelError,
@@ -48,6 +49,8 @@ from .store import BlobSink, CoordinatorStore
 __all__ = ["PublishedModel", "RoundConfig", "RoundManager"]
 
 _log = logging.getLogger("qflare.rounds")
+
+_UNSAFE_AGGREGATE = frozenset({ErrorCode.AGGREGATE_NON_FINITE, ErrorCode.AGGREGATE_OUT_OF_BOUNDS})
 
 
 @dataclass(frozen=True)
@@ -436,6 +439,10 @@ class RoundManager:
             return
         except QflareError as exc:
             _log.error("round %d failed to aggregate [%s]: %s", rnd.number, exc.code, exc)
+            if exc.code in _UNSAFE_AGGREGATE:  # the sanity check of the new model: an attack or a bug
+                self._store.record_security_event(
+                    exc.code, f"round {rnd.number}: {exc}"[:2000], device_id=exc.device_id
+                )
             self._store.set_round_state(rnd.number, rnd.db_state, "failed")
             self._round = None
             return

@@ -13,10 +13,12 @@ from qflare.strategy.base import (
     UpdateCheck,
     Weighting,
 )
-from qflare.strategy.checks import ExampleCountCheck, FiniteCheck, NormBound, ShapeCheck
-from qflare.strategy.combine import CoordinateMedian, Krum, TrimmedMean, WeightedMean
+from qflare.strategy.checks import DEFAULT_MAX_ABS, ExampleCountCheck, FiniteCheck, MaxAbsBound, NormBound, ShapeCheck
+from qflare.strategy.combine import CoordinateMedian, Krum, ShareCappedMean, TrimmedMean, WeightedMean
 from qflare.strategy.noise import GaussianNoise
 from qflare.strategy.pipeline import (
+    DEFAULT_MAX_EXAMPLES,
+    DEFAULT_MAX_MODEL_ABS,
     STRATEGIES,
     Pipeline,
     PreparedUpdate,
@@ -38,6 +40,9 @@ from qflare.strategy.transforms import ClipNorm
 from qflare.strategy.weighting import ByExamples, Uniform
 
 __all__ = [
+    "DEFAULT_MAX_ABS",
+    "DEFAULT_MAX_EXAMPLES",
+    "DEFAULT_MAX_MODEL_ABS",
     "STRATEGIES",
     "Accumulator",
     "ByExamples",
@@ -49,6 +54,7 @@ __all__ = [
     "FiniteCheck",
     "GaussianNoise",
     "Krum",
+    "MaxAbsBound",
     "Noise",
     "NormBound",
     "Pipeline",
@@ -61,6 +67,7 @@ __all__ = [
     "ServerSGD",
     "ServerYogi",
     "ShapeCheck",
+    "ShareCappedMean",
     "StrategyFactory",
     "Transform",
     "TrimmedMean",

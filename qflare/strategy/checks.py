@@ -16,7 +16,10 @@ import torch
 from qflare.errors import ConfigError, ValidationError
 from qflare.strategy.base import ClientUpdate
 
-__all__ = ["ExampleCountCheck", "FiniteCheck", "NormBound", "ShapeCheck"]
+__all__ = ["DEFAULT_MAX_ABS", "ExampleCountCheck", "FiniteCheck", "MaxAbsBound", "NormBound", "ShapeCheck"]
+
+DEFAULT_MAX_ABS = 1e4
+"""The default bound on any one coordinate of an update (see :class:`MaxAbsBound`)."""
 
 
 @dataclass(frozen=True)
@@ -68,6 +71,41 @@ class NormBound:
         if not norm <= self.max_norm:  # also refuses NaN
             raise ValidationError(
                 f"update from {update.device_id}: L2 norm {norm:.6g} exceeds the bound {self.max_norm:.6g}",
+                code="norm_exceeded",
+            )
+
+
+@dataclass(frozen=True)
+class MaxAbsBound:
+    """Every coordinate of the delta is at most ``max_abs`` in magnitude: its L∞ norm (code ``norm_exceeded``).
+
+    In the default pipeline with :data:`DEFAULT_MAX_ABS`.  The bound does not depend on the model's size,
+    and it is what keeps one device from bricking the federation with a finite but huge update (every
+    coordinate 3e38 passes :class:`FiniteCheck` and overflowed the float32 running sum): with every
+    accepted |Δ_i| <= B, a weighted mean is at most B in every coordinate and the float64 running sum of
+    :class:`~qflare.strategy.combine.WeightedMean` is at most B·Σw, which cannot overflow.
+
+    How the default (1e4) was chosen: honest training moves a weight by lr × a few gradients per round;
+    on Fashion-MNIST (``fedavg-cnn``, 1.66M weights, lr 0.05, 10 rounds of 10 devices) the largest
+    coordinate of any update was 0.104, so the bound leaves five orders of magnitude.  Float32 buffers
+    travel too: a BatchNorm ``running_var`` over raw 0..255 pixels can legitimately move by ~1.6e4 in
+    its first round, so raise the bound for such a model.  It is a sanity bound, not a defence against
+    subtle poisoning (use :class:`NormBound`, ``ClipNorm`` or a robust combine calibrated to the model).
+    """
+
+    max_abs: float = DEFAULT_MAX_ABS
+    inspects_values: ClassVar[bool] = True
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.max_abs) and self.max_abs > 0):
+            raise ConfigError(f"MaxAbsBound.max_abs must be a positive finite number, got {self.max_abs}")
+
+    def check(self, update: ClientUpdate, dim: int) -> None:
+        largest = float(torch.linalg.vector_norm(update.delta, ord=math.inf)) if update.delta.numel() else 0.0
+        if not largest <= self.max_abs:  # also refuses NaN
+            raise ValidationError(
+                f"update from {update.device_id}: largest coordinate {largest:.6g} exceeds the bound "
+                f"{self.max_abs:.6g}",
                 code="norm_exceeded",
             )
 

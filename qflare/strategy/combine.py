@@ -1,6 +1,8 @@
 """Rules that combine one round's deltas into a single pseudo-gradient Δ.
 
 * :class:`WeightedMean` — FedAvg's Σ w_k Δ_k / Σ w_k (McMahan et al. 2017), streaming in O(model) memory.
+* :class:`ShareCappedMean` — the same with no update weighing more than a bounded share of the round
+  (the default: example counts are self-reported), streaming in O(model) memory.
 * :class:`CoordinateMedian`, :class:`TrimmedMean` — coordinate-wise median and β-trimmed mean
   (Yin et al. 2018, "Byzantine-Robust Distributed Learning: Towards Optimal Statistical Rates").
 * :class:`Krum` — Krum and Multi-Krum (Blanchard et al. 2017, "Machine Learning with Adversaries:
@@ -22,7 +24,7 @@ import torch
 
 from qflare.errors import ConfigError, ValidationError
 
-__all__ = ["CoordinateMedian", "Krum", "TrimmedMean", "WeightedMean"]
+__all__ = ["CoordinateMedian", "Krum", "ShareCappedMean", "TrimmedMean", "WeightedMean"]
 
 _CHUNK_ELEMENTS = 1 << 24  # bound on the (n × columns) block the buffering rules sort at once
 
@@ -44,11 +46,15 @@ def _no_updates() -> ValidationError:
 
 
 class _MeanAccumulator:
-    """Σ w_k Δ_k in one float32 vector (``add_`` with ``alpha``: no temporaries), Σ w_k in a double."""
+    """Σ w_k Δ_k in one float64 vector (``add_`` with ``alpha``, cast on the fly), Σ w_k in a double.
+
+    float64 because the terms are hostile: a float32 sum of finite updates overflows to Inf (every
+    coordinate 3e38 times a weight of 2 does), a float64 one cannot (|w Δ_i| < 2^31 · 3.4e38 ≈ 7e47).
+    """
 
     def __init__(self, dim: int) -> None:
         self._dim = dim
-        self._sum = torch.zeros(dim, dtype=torch.float32)
+        self._sum = torch.zeros(dim, dtype=torch.float64)
         self._total_weight = 0.0
         self._count = 0
 
@@ -65,18 +71,131 @@ class _MeanAccumulator:
     def result(self) -> torch.Tensor:
         if self._count == 0:
             raise _no_updates()
-        return self._sum / self._total_weight
+        return (self._sum / self._total_weight).to(torch.float32)
 
 
 @dataclass(frozen=True)
 class WeightedMean:
-    """Σ w_k Δ_k / Σ w_k; with example-count weights and a unit server step this is FedAvg exactly."""
+    """Σ w_k Δ_k / Σ w_k; with example-count weights and a unit server step this is FedAvg exactly.
+
+    Uncapped: a device that claims a huge example count owns the round.  The default pipeline uses
+    :class:`ShareCappedMean`; this one is what secure aggregation (which only reveals sums) can run.
+    """
 
     streaming: ClassVar[bool] = True
     needs_individual_updates: ClassVar[bool] = False
 
     def start(self, dim: int) -> _MeanAccumulator:
         return _MeanAccumulator(dim)
+
+
+def _share_cap(weights: list[float], rest_total: float, rest_max: float, cap: float) -> float:
+    """The cut τ of water-filling: min(w_k, τ) / Σ_j min(w_j, τ) <= ``cap`` for every k.
+
+    ``weights`` are the largest weights, descending; ``rest_total``/``rest_max`` the sum and maximum of
+    all the others.  Returns ``math.inf`` when nothing needs capping.  ``cap * n >= 1`` is assumed (an
+    equal share always satisfies it) and at most ``len(weights)`` weights end up capped.
+    """
+    total = sum(weights) + rest_total
+    if not weights or weights[0] <= cap * total:
+        return math.inf
+    remaining = total
+    for c in range(1, len(weights) + 1):
+        remaining -= weights[c - 1]  # the weights below the c largest
+        if c * cap >= 1.0:
+            break
+        tau = cap * remaining / (1.0 - c * cap)
+        below = weights[c] if c < len(weights) else rest_max
+        if below <= tau * (1.0 + 1e-12):
+            return tau
+    return weights[-1] if rest_max <= 0.0 else min(weights[-1], rest_max)  # only by rounding when cap * n == 1
+
+
+class _CappedAccumulator:
+    """The ``buffered`` largest-weight deltas kept aside (private copies), every other one folded into a
+    float64 running sum; at the end the kept ones are weighed by min(w, τ) (:func:`_share_cap`)."""
+
+    def __init__(self, dim: int, spec: ShareCappedMean) -> None:
+        self._dim = dim
+        self._spec = spec
+        self._top: list[tuple[float, int, torch.Tensor]] = []  # (weight, arrival, delta), weight descending
+        self._rest = torch.zeros(dim, dtype=torch.float64)
+        self._rest_weight = 0.0
+        self._rest_max = 0.0
+        self._count = 0
+
+    @property
+    def count(self) -> int:
+        return self._count
+
+    def _fold(self, delta: torch.Tensor, weight: float) -> None:
+        self._rest.add_(delta, alpha=weight)
+        self._rest_weight += weight
+        self._rest_max = max(self._rest_max, weight)
+
+    def add(self, delta: torch.Tensor, weight: float) -> None:
+        w = _check_input(delta, weight, self._dim)
+        if len(self._top) < self._spec.buffered or (self._top and w > self._top[-1][0]):
+            entry = (w, self._count, delta.detach().clone())
+            if len(self._top) == self._spec.buffered:
+                evicted_w, _, evicted = self._top.pop()
+                self._fold(evicted, evicted_w)
+            self._top.append(entry)
+            self._top.sort(key=lambda e: (-e[0], e[1]))
+        else:
+            self._fold(delta, w)
+        self._count += 1
+
+    def cap(self) -> float:
+        """The share any one update may hold in this round: max(multiple / n, 1 / (buffered + 1))."""
+        return min(1.0, max(self._spec.max_multiple / max(self._count, 1), 1.0 / (self._spec.buffered + 1)))
+
+    def effective_weights(self) -> list[tuple[float, float]]:
+        """(claimed, effective) weight of each kept update, largest first (the others are never capped)."""
+        tau = _share_cap([e[0] for e in self._top], self._rest_weight, self._rest_max, self.cap())
+        return [(w, min(w, tau)) for w, _, _ in self._top]
+
+    def result(self) -> torch.Tensor:
+        if self._count == 0:
+            raise _no_updates()
+        total = self._rest.clone()
+        total_weight = self._rest_weight
+        for (_, effective), (_, _, delta) in zip(self.effective_weights(), self._top, strict=True):
+            total.add_(delta, alpha=effective)
+            total_weight += effective
+        return (total / total_weight).to(torch.float32)
+
+
+@dataclass(frozen=True)
+class ShareCappedMean:
+    """A weighted mean in which no update holds more than a bounded share of the round's weight.
+
+    Weights (example counts) are self-reported, so plain FedAvg lets one device own a round by claiming
+    2^31 examples.  Here each weight is cut to min(w_k, τ), with τ the water-filling cut that leaves no
+    update more than ``max(max_multiple / n, 1 / (buffered + 1))`` of the total, n the round's updates:
+    at most ``max_multiple`` equal shares, and never less than 1/(``buffered`` + 1), which is what keeps
+    it streaming.  Honest rounds whose largest share is under the cap get exactly FedAvg.
+
+    Streaming: at most ⌈1/cap⌉ − 1 <= ``buffered`` updates can be capped, and they are among the largest
+    weights, so the accumulator keeps the ``buffered`` largest-weight deltas aside and folds every other
+    one into a float64 sum as it arrives: memory (``buffered`` float32 + 1 float64) × the model, whatever
+    the number of updates, and the result is exact.  Each kept delta is a private copy: it is read from
+    the individual update, so this cannot follow secure aggregation (use :class:`WeightedMean`).
+    """
+
+    max_multiple: float = 3.0
+    buffered: int = 4
+    streaming: ClassVar[bool] = True
+    needs_individual_updates: ClassVar[bool] = True
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.max_multiple) and self.max_multiple >= 1.0):
+            raise ConfigError(f"ShareCappedMean.max_multiple must be a finite number >= 1, got {self.max_multiple}")
+        if isinstance(self.buffered, bool) or not isinstance(self.buffered, int) or self.buffered < 1:
+            raise ConfigError(f"ShareCappedMean.buffered must be a positive integer, got {self.buffered!r}")
+
+    def start(self, dim: int) -> _CappedAccumulator:
+        return _CappedAccumulator(dim, self)
 
 
 class _BufferAccumulator:

@@ -36,12 +36,14 @@ from qflare.strategy.base import (
     UpdateCheck,
     Weighting,
 )
-from qflare.strategy.checks import FiniteCheck, ShapeCheck
-from qflare.strategy.combine import CoordinateMedian, Krum, TrimmedMean, WeightedMean
+from qflare.strategy.checks import DEFAULT_MAX_ABS, ExampleCountCheck, FiniteCheck, MaxAbsBound, ShapeCheck
+from qflare.strategy.combine import CoordinateMedian, Krum, ShareCappedMean, TrimmedMean, WeightedMean
 from qflare.strategy.server_opt import ServerAdagrad, ServerAdam, ServerMomentum, ServerSGD, ServerYogi
 from qflare.strategy.weighting import ByExamples, Uniform
 
 __all__ = [
+    "DEFAULT_MAX_EXAMPLES",
+    "DEFAULT_MAX_MODEL_ABS",
     "STRATEGIES",
     "Pipeline",
     "PreparedUpdate",
@@ -61,6 +63,11 @@ __all__ = [
 
 _SHAPE = ShapeCheck()
 
+DEFAULT_MAX_EXAMPLES = 10_000_000
+"""The default cap on the example count one update may claim (:class:`ExampleCountCheck`)."""
+DEFAULT_MAX_MODEL_ABS = 1e6
+"""The default bound on any weight of an aggregated model (:attr:`Pipeline.max_model_abs`)."""
+
 
 @dataclass(frozen=True, eq=False)
 class Pipeline:
@@ -71,15 +78,28 @@ class Pipeline:
     nothing that must read an individual update's values may be configured: no value-inspecting checks,
     no per-update transforms, no combine that needs individual updates.  Structural checks (shape,
     example count) stay allowed.
+
+    The defaults bound what one device can do to a round (docs/protocol.md, threat model): a claimed
+    example count of at most :data:`DEFAULT_MAX_EXAMPLES`, every coordinate finite and at most
+    :data:`~qflare.strategy.checks.DEFAULT_MAX_ABS` (:class:`MaxAbsBound`), no update more than a bounded
+    share of the round's weight (:class:`ShareCappedMean`), and an aggregated model whose every weight is
+    finite and at most ``max_model_abs`` -- else the round fails and the previous model stays.
     """
 
-    checks: tuple[UpdateCheck, ...] = (ShapeCheck(), FiniteCheck())
+    checks: tuple[UpdateCheck, ...] = (
+        ShapeCheck(),
+        ExampleCountCheck(DEFAULT_MAX_EXAMPLES),
+        FiniteCheck(),
+        MaxAbsBound(DEFAULT_MAX_ABS),
+    )
     weighting: Weighting = field(default_factory=ByExamples)
     transforms: tuple[Transform, ...] = ()
-    combine: Combine = field(default_factory=WeightedMean)
+    combine: Combine = field(default_factory=ShareCappedMean)
     noise: Noise | None = None
     server_opt: ServerOptimizer = field(default_factory=ServerSGD)
     secure_aggregation: bool = False
+    max_model_abs: float = DEFAULT_MAX_MODEL_ABS
+    """:meth:`RoundAggregation.finish` refuses a new global model with a weight beyond this (or not finite)."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "checks", tuple(self.checks))
@@ -88,6 +108,9 @@ class Pipeline:
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` explaining why these parts cannot work together."""
+        bound = self.max_model_abs
+        if isinstance(bound, bool) or not isinstance(bound, (int, float)) or not (math.isfinite(bound) and bound > 0):
+            raise ConfigError(f"max_model_abs must be a positive finite number, got {bound!r}")
         kinds: list[tuple[str, object, type]] = [
             *(("check", c, UpdateCheck) for c in self.checks),
             ("weighting", self.weighting, Weighting),
@@ -134,6 +157,8 @@ class PreparedUpdate:
     delta: torch.Tensor
     weight: float
     num_examples: int
+    largest: float = 0.0
+    """The largest coordinate magnitude of the delta (NaN if any is NaN): names a culprit if the round fails."""
 
 
 class RoundAggregation:
@@ -147,6 +172,7 @@ class RoundAggregation:
         self._devices: set[str] = set()
         self._total_examples = 0
         self._finished = False
+        self._largest: tuple[float, str] | None = None  # (largest |Δ_i|, device) over committed updates
 
     @property
     def dim(self) -> int:
@@ -198,7 +224,8 @@ class RoundAggregation:
             delta = transform.apply(delta)
             if delta.dtype != torch.float32 or delta.shape != (self._dim,):
                 raise ValidationError(f"{transform!r} changed the delta's shape or dtype", code="bad_shape")
-        return PreparedUpdate(update.device_id, delta, weight, n)
+        largest = float(delta.abs().max()) if delta.numel() else 0.0
+        return PreparedUpdate(update.device_id, delta, weight, n, largest)
 
     def commit(self, prepared: PreparedUpdate) -> None:
         """Fold in an update returned by :meth:`check` on this round."""
@@ -211,21 +238,54 @@ class RoundAggregation:
         self._acc.add(prepared.delta, prepared.weight)
         self._devices.add(prepared.device_id)
         self._total_examples += prepared.num_examples
+        if self._largest is None or not prepared.largest <= self._largest[0]:  # NaN wins
+            self._largest = (prepared.largest, prepared.device_id)
 
     def add(self, update: ClientUpdate) -> None:
         """Check and fold in one update; a refused update raises and leaves the round unchanged."""
         self.commit(self.check(update))
 
     def finish(self) -> torch.Tensor:
-        """Combine, add noise, take the server step; return the new global vector (round closes)."""
+        """Combine, add noise, take the server step; return the new global vector (round closes).
+
+        The new model is checked before anyone signs it: a weight that is not finite raises
+        ``aggregate_non_finite``, one beyond ``max_model_abs`` ``aggregate_out_of_bounds``; the server
+        optimiser's state is then restored (the noise generator is not: noise is never reused) and the
+        round stays unfinished.  The error names the device whose update had the largest coordinate when
+        that coordinate alone is beyond the bound.
+        """
         if self._finished:
             raise RoundError("this round is already finished", code="round_closed")
         combined = self._acc.result()
         if self._pipeline.noise is not None:
             combined = self._pipeline.noise.apply(combined, self._acc.count)
-        new_global = self._pipeline.server_opt.step(self._global, combined)
+        server_opt = self._pipeline.server_opt
+        saved = server_opt.state_dict()
+        new_global = server_opt.step(self._global, combined)
+        try:
+            self._check_model(new_global)
+        except ValidationError:
+            server_opt.load_state_dict(saved)
+            raise
         self._finished = True
         return new_global
+
+    def _check_model(self, flat: torch.Tensor) -> None:
+        if flat.dtype != torch.float32 or flat.shape != (self._dim,):
+            raise ValidationError("the server step changed the model's shape or dtype", code="bad_shape")
+        largest = float(flat.abs().max()) if flat.numel() else 0.0
+        bound = self._pipeline.max_model_abs
+        if largest <= bound:
+            return
+        code = "aggregate_out_of_bounds" if math.isfinite(largest) else "aggregate_non_finite"
+        exc = ValidationError(
+            f"the aggregated model's largest weight is {largest:.6g} (bound {bound:.6g}); it is not published",
+            code=code,
+        )
+        if self._largest is not None and not self._largest[0] <= bound:
+            exc.device_id = self._largest[1]
+            exc.args = (f"{exc.message}; update from {self._largest[1]} had a coordinate of {self._largest[0]:.6g}",)
+        raise exc
 
 
 # ---------------------------------------------------------------------- presets
@@ -237,6 +297,8 @@ def _pipeline(defaults: dict[str, Any], overrides: dict[str, Any]) -> Pipeline:
     merged = {**defaults, **overrides}
     if "checks" not in overrides and merged.get("secure_aggregation"):
         merged["checks"] = (ShapeCheck(),)  # value checks belong on the device under secure aggregation
+    if "combine" not in merged and merged.get("secure_aggregation"):
+        merged["combine"] = WeightedMean()  # the share cap reads individual updates, which are masked
     return Pipeline(**merged)
 
 
