@@ -79,8 +79,8 @@ def test_non_finite_metadata_is_refused_before_the_blob_is_written(tmp_path: Pat
         events = len(fed.events())
         with pytest.raises(QflareError) as info:
             dev.submit(SignedUpdate(task.round, pack_signed(env.to_bytes(), blob), sha256(blob).hex()))
-        assert info.value.code == "bad_json"
-        assert fed.events()[: len(fed.events()) - events] == ["bad_json"]
+        assert info.value.code == "malformed"  # the signed metrics are parsed strictly before anything else
+        assert fed.events()[: len(fed.events()) - events] == ["malformed"]
     assert blob_files(blobs.root) == before  # no orphan blob, no temporary file
     assert fed.store.count_updates(1) == 0
 
