@@ -23,7 +23,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from .crypto import DEFAULT_SUITE, HIGH_SUITE, Suite
+from .data.partition import partition
 from .data.sources import DatasetLoader
 from .errors import ConfigError, QflareError
 from .models import ModelFactory
@@ -140,6 +143,17 @@ class FederationSpec:
             if not isinstance(key, str) or not isinstance(value, _SCALARS):
                 raise ConfigError(f"strategy option {key!r} must be a name with a number, string or bool value")
         object.__setattr__(self, "strategy_args", dict(self.strategy_args))  # a private copy
+
+    def partitions(self, labels: np.ndarray) -> list[np.ndarray]:
+        """Every device's example indices into ``labels``: the one draw simulation, devices and servers share."""
+        return partition(
+            self.partition,
+            labels,
+            self.devices,
+            seed=self.seed,
+            alpha=self.alpha,
+            shards_per_device=self.shards_per_device,
+        )
 
     def replace(self, **changes: Any) -> FederationSpec:
         """A copy with ``changes`` applied (validated again)."""

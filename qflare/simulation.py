@@ -31,7 +31,7 @@ from typing import Any, Protocol
 import torch
 
 from .crypto import SigningKey, require_primitives
-from .data import load_dataset, partition
+from .data import load_dataset
 from .errors import ConfigError
 from .federation import FederationSpec
 from .memory import release_free_memory, tune_heap
@@ -304,14 +304,7 @@ def run_simulation(
     require_primitives(spec.suite)
     train = load_dataset(spec.dataset, "train", root=spec.data_root)
     test = load_dataset(spec.dataset, "test", root=spec.data_root)
-    parts = partition(
-        spec.partition,
-        train.labels.numpy(),
-        spec.devices,
-        seed=spec.seed,
-        alpha=spec.alpha,
-        shards_per_device=spec.shards_per_device,
-    )
+    parts = spec.partitions(train.labels.numpy())
     workers = cfg.workers or (os.cpu_count() or 1)
     if workers > 1:
         torch.set_num_threads(1)

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..data import load_dataset, partition
+from ..data import load_dataset
 from ..errors import ConfigError
 from ..federation import FederationSpec
 from ..models import create_model
@@ -44,14 +44,7 @@ def load_workload(spec: FederationSpec, index: int) -> Workload:
     if not 0 <= index < spec.devices:
         raise ConfigError(f"--index must be in 0..{spec.devices - 1}, got {index}", code="bad_index")
     data = load_dataset(spec.dataset, "train", root=spec.data_root)
-    parts = partition(
-        spec.partition,
-        data.labels.numpy(),
-        spec.devices,
-        seed=spec.seed,
-        alpha=spec.alpha,
-        shards_per_device=spec.shards_per_device,
-    )
+    parts = spec.partitions(data.labels.numpy())
     idx = torch.from_numpy(parts[index])
     torch.manual_seed(spec.seed)
     net = create_model(spec.model, data.input_shape, data.num_classes)
