@@ -308,8 +308,8 @@ def _parse_header(view: memoryview) -> tuple[dict[str, str], dict[str, _Entry], 
         raise _malformed(f"header length {header_len} does not fit in {total} bytes")
     try:
         header = json.loads(bytes(view[8 : 8 + header_len]).decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise _malformed(f"header is not JSON ({exc})") from None
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # RecursionError: deeply nested arrays
+        raise _malformed(f"header is not JSON ({type(exc).__name__})") from None
     if not isinstance(header, dict):
         raise _malformed("header is not a JSON object")
     raw_md = header.pop("__metadata__", None)

@@ -454,3 +454,16 @@ def test_identity_fetch_waits_out_forged_errors_within_patience() -> None:
     t, clock = make_transport(handler)
     key, _ = _fetch_identity(t, SERVER.public.key_id, 300.0, sleep=clock.sleep)
     assert key == SERVER.public and calls[0] == 3 and clock.sleeps == [1.0, 1.0]
+
+
+def test_a_huge_integer_deadline_is_a_bad_task_not_a_crash() -> None:
+    """math.isfinite on a 401-digit JSON integer raised OverflowError, which ended the device loop."""
+    from qflare.protocol.messages import TaskInfo
+
+    body = (
+        b'{"deadline":1' + b"0" * 400 + b',"model_hash":"","model_version":0,"round":0,'
+        b'"selected":false,"state":"waiting","submitted":false}'
+    )
+    with pytest.raises(MalformedError) as info:
+        TaskInfo.from_bytes(body)
+    assert info.value.code == "bad_task"

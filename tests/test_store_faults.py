@@ -176,6 +176,26 @@ def test_restart_after_the_deadline_keeps_acknowledged_updates(tmp_path: Path) -
     assert fed.store.count_updates(1) == 2
 
 
+def test_an_unreadable_acknowledged_update_fails_its_round_at_restart_instead_of_blocking_it(tmp_path: Path) -> None:
+    """A blob of the open round damaged while the coordinator was down: the restart records the damage,
+    fails that round visibly and opens the next one, instead of refusing to start for ever."""
+    blobs = BlobStore(tmp_path / "blobs")
+    fed = Federation(tmp_path, n=2, per_round=2, round_timeout_s=60.0, blobs=blobs)
+    fed.coordinator.rounds.open_next()
+    first, _ = fed.selected()
+    first.submit(fed.prepare(first, seed=0))
+    (stored,) = fed.store.updates_for_round(1)
+    path = blobs.path_for(stored.update_hash)
+    data = bytearray(path.read_bytes())
+    data[-10] ^= 0xFF
+    path.chmod(0o644)
+    path.write_bytes(bytes(data))
+    again = restart(fed, blobs)  # used to raise blob_corrupt here, on every start
+    assert fed.store.get_round(1).state == "failed" and again.rounds.current is None
+    assert "blob_corrupt" in fed.events()
+    assert again.rounds.open_next().number == 2
+
+
 # ---------------------------------------------------------------------------- item 13: full storage
 class FlakyBlobs(BlobStore):
     """A blob store whose writes fail as a full disk does while ``full`` is set."""
@@ -240,6 +260,32 @@ def test_a_round_whose_publication_cannot_be_written_is_retried_and_survives_a_r
     again.rounds.tick()  # space is back: published without a restart
     assert fed.store.get_round(1).state == "closed" and again.rounds.model.version == 1
     assert again.rounds.open_next().number == 2
+
+
+def test_a_round_waiting_for_storage_asks_nobody_else_to_train(tmp_path: Path) -> None:
+    """Closed at its deadline with two of three updates, the round's publication waits for storage: the
+    third device is not told to train, and its upload is refused from the session alone."""
+    clock = FakeClock()
+    blobs = FlakyBlobs(tmp_path / "blobs")
+    fed = Federation(tmp_path, n=3, per_round=3, min_participants=2, round_timeout_s=60.0, blobs=blobs, clock=clock)
+    rm = fed.coordinator.rounds
+    rm.open_next()
+    devices = fed.selected()
+    for k, dev in enumerate(devices[:2]):
+        dev.submit(fed.prepare(dev, seed=k))
+    late = devices[2]
+    blobs.full = True
+    clock.advance(61.0)
+    rm.tick()  # aggregates the two at the deadline; the model cannot be written
+    assert fed.store.get_round(1).state == "aggregating"
+    task = late.task()
+    assert task.state == "open" and not task.selected
+    with pytest.raises(QflareError) as info:
+        fed.coordinator.check_upload_admissible(late._session_id)
+    assert info.value.code == "round_not_open"
+    blobs.full = False
+    rm.tick()
+    assert fed.store.get_round(1).state == "closed" and rm.model.version == 1
 
 
 # ---------------------------------------------------------------------------- the drills over HTTP / processes

@@ -301,3 +301,12 @@ def test_equal_content_has_equal_bytes_across_processes():
         for _ in range(4)
     }
     assert len(outs) == 1, outs
+
+
+def test_deeply_nested_header_is_malformed_not_a_crash() -> None:
+    """json's RecursionError on 50,000 nested arrays used to escape the parser (a 500 on the coordinator)."""
+    layout = ParamLayout.from_state({"w": torch.zeros(2)})
+    header = b"[" * 50_000
+    with pytest.raises(ValidationError) as info:
+        decode_blob(struct.pack("<Q", len(header)) + header, layout)
+    assert info.value.code == "malformed_blob"

@@ -123,7 +123,8 @@ def check_database(database_url: str, blobs: BlobStore, receipts: Sequence[tuple
         acked = {(r.round, device_id): r.update_hash for device_id, r in receipts}
         rounds = sorted({rnd for rnd, _ in acked})
         rows = [u for rnd in rounds for u in store.updates_for_round(rnd)]
-        models = [store.get_model(rnd) for rnd in rounds]
+        by_round = {m.round_number: m for m in store.list_models()}  # versions count publications, not rounds
+        models = [by_round.get(rnd) for rnd in rounds]
     finally:
         db.dispose()
     stored = {(u.round_number, u.device_id): u.update_hash for u in rows}

@@ -425,6 +425,8 @@ class Coordinator:
             raise WrongRoundError("no round is open", code="wrong_round")
         if sess.device_id not in rnd.selected:
             raise RoundError(f"device was not selected for round {rnd.number}", code="not_selected")
+        if rnd.closing and sess.device_id not in rnd.accepted:
+            raise RoundError(f"round {rnd.number} is being published: it takes no more updates", code="round_not_open")
         if self._clock() >= rnd.deadline:
             raise RoundError(f"round {rnd.number} is past its deadline", code="deadline_passed")
         self._check_active(sess)
@@ -444,10 +446,12 @@ class Coordinator:
         if rnd is None:
             info = TaskInfo(0, "finished" if rm.finished else "waiting", False, rm.model.sha256, rm.model.version)
         else:
+            # a round whose publication waits for storage takes no more updates: nobody is asked to train
+            submitted = sess.device_id in rnd.accepted
             info = TaskInfo(
                 rnd.number,
                 "open",
-                sess.device_id in rnd.selected,
+                sess.device_id in rnd.selected and (submitted or not rnd.closing),
                 rnd.base.sha256,
                 rnd.base.version,
                 rnd.deadline,

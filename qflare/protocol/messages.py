@@ -84,7 +84,8 @@ class TaskInfo:
                 problems.append(f"{name} {value} is outside 0..{MAX_COUNTER}")
         if self.state not in TASK_STATES:
             problems.append(f"state {self.state[:32]!r} is not one of {sorted(TASK_STATES)}")
-        if not (math.isfinite(self.deadline) and 0 <= self.deadline <= MAX_COUNTER):
+        # range first: a JSON integer of 400 digits would overflow math.isfinite's float conversion
+        if not (0 <= self.deadline <= MAX_COUNTER and math.isfinite(self.deadline)):
             problems.append(f"deadline {self.deadline!r} is not a finite non-negative time")
         if not (_HEX64.match(self.model_hash) or (self.model_hash == "" and not self.selected)):
             problems.append("model_hash is not a hex SHA-256 digest")

@@ -191,8 +191,21 @@ class RoundManager:
         agg = self.strategy.begin(self.model.flat)
         accepted: dict[str, str] = {}
         for upd in self._store.updates_for_round(row.round_number):
-            blob = self._blobs.get(upd.update_hash)
-            flat = decode_blob(blob, self.layout, kind="update", expected_sha256=upd.update_hash).flat
+            try:
+                blob = self._blobs.get(upd.update_hash)
+                flat = decode_blob(blob, self.layout, kind="update", expected_sha256=upd.update_hash).flat
+            except ValidationError as exc:  # blob_corrupt / blob_missing: the store was damaged while we were down
+                # Aggregating without it would silently drop an acknowledged update, and refusing to start
+                # would wedge the federation: the round fails, visibly, and the next one opens.
+                self._store.record_security_event(
+                    exc.code,
+                    f"round {row.round_number}: the acknowledged update of device {upd.device_id[:16]}... cannot "
+                    f"be read back ({exc}); the round is marked failed and the next one opens"[:2000],
+                    device_id=upd.device_id,
+                )
+                _log.error("round %d failed at restart: update %s unreadable [%s]", row.round_number, upd.id, exc.code)
+                self._store.set_round_state(row.round_number, row.state, "failed")
+                return
             agg.add(ClientUpdate(upd.device_id, flat, upd.num_examples, dict(upd.metrics)))
             accepted[upd.device_id] = upd.update_hash
         deadline = row.deadline.timestamp()
@@ -201,7 +214,10 @@ class RoundManager:
             # The deadline passed while the coordinator was down: failing the round now would discard
             # acknowledged updates for an outage that was ours, so the devices get a full round's time.
             deadline = now + self.config.round_timeout_s
-            self._store.extend_round_deadline(row.round_number, _utc(deadline))
+            try:
+                self._store.extend_round_deadline(row.round_number, _utc(deadline))
+            except StorageFullError:  # the in-memory deadline holds; a later restart extends it again
+                _log.warning("round %d: could not persist the extended deadline (storage full)", row.round_number)
             _log.warning("round %d: deadline passed while stopped; extended to give devices time", row.round_number)
         self._round = _OpenRound(
             row.round_number,
@@ -451,4 +467,7 @@ class RoundManager:
         if rnd.number >= self.config.rounds:
             self.finished = True
         if self._on_model is not None:
-            self._on_model(published)
+            try:  # an observer (evaluation, metrics): its failure must not undo or hide the publication
+                self._on_model(published)
+            except Exception:
+                _log.exception("round %d: the on_model callback failed (the model is published)", rnd.number)
