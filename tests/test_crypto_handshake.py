@@ -16,6 +16,7 @@ from qflare.errors import (
     AuthError,
     BadSignatureError,
     ConfigError,
+    CoordinatorBusyError,
     PolicyError,
     ProtocolError,
     QflareError,
@@ -254,12 +255,20 @@ def test_client_hello_freshness(skew: int, ok: bool) -> None:
 
 def test_client_hello_replay_hook() -> None:
     w = World()
-    digests: set[bytes] = set()
 
-    def seen(digest: bytes) -> bool:
-        new = digest not in digests
-        digests.add(digest)
-        return new
+    class Seen:
+        def __init__(self) -> None:
+            self.digests: set[bytes] = set()
+
+        def seen(self, digest: bytes) -> bool:
+            return digest in self.digests
+
+        def record(self, digest: bytes) -> bool:
+            new = digest not in self.digests
+            self.digests.add(digest)
+            return new
+
+    seen = Seen()
 
     hello = w.client().start()
     w.coordinator(seen=seen).respond(hello)
@@ -267,6 +276,20 @@ def test_client_hello_replay_hook() -> None:
         w.coordinator(seen=seen).respond(hello)
     assert exc.value.code == "replay"
     w.coordinator(seen=seen).respond(w.client().start())  # a fresh hello is new
+    forged = bytearray(w.client().start())
+    forged[-1] ^= 0x01
+    with pytest.raises(BadSignatureError):
+        w.coordinator(seen=seen).respond(bytes(forged))
+    assert len(seen.digests) == 2  # only hellos that verified and were admitted are recorded
+
+    def busy(_device: VerifyKey) -> None:
+        raise errors_busy
+
+    errors_busy = CoordinatorBusyError("busy", code="coordinator_busy")
+    hello = w.client().start()
+    with pytest.raises(CoordinatorBusyError):
+        w.coordinator(seen=seen, admit=busy).respond(hello)
+    w.coordinator(seen=seen).respond(hello)  # a hello refused as busy may be retried as is
 
 
 @pytest.mark.parametrize(

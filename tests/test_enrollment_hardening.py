@@ -208,13 +208,14 @@ def test_hello_replay_cache_expires_and_is_bounded():
 
     clock = FakeClock()
     cache = _HelloReplayCache(clock, ttl_s=240.0, limit=3)
-    assert cache(b"a") and not cache(b"a")
+    assert not cache.seen(b"a") and cache.record(b"a")
+    assert cache.seen(b"a") and not cache.record(b"a")
     clock.advance(241)
-    assert cache(b"a")  # expired: a hello this old is refused as stale anyway
-    for d in (b"b", b"c", b"d"):
-        assert cache(d)
-    assert len(cache) == 3 and cache(b"a")  # the oldest entry was evicted to make room
-    assert not cache(b"d")
+    assert not cache.seen(b"a")  # expired: a hello this old is refused as stale anyway
+    for d in (b"a", b"b", b"c", b"d"):
+        assert cache.record(d)
+    assert len(cache) == 3 and not cache.seen(b"a")  # the oldest entry was evicted to make room
+    assert cache.seen(b"d")
 
 
 # ---------------------------------------------------------------- pending handshakes expire

@@ -30,6 +30,7 @@ import enum
 import os
 import time
 from collections.abc import Callable
+from typing import Protocol
 
 from qflare.crypto.channel import DEFAULT_MAX_PLAINTEXT, Channel
 from qflare.crypto.envelope import DEFAULT_MAX_ENVELOPE, Field, MsgType, SignedEnvelope, u32, u64
@@ -73,10 +74,16 @@ HandshakeAdmission = Callable[["VerifyKey"], None]
 """Called with the resolved device key once a CLIENT_HELLO has passed every cheap check, just before the
 encapsulation and the signature; raises (e.g. ``coordinator_busy``) to refuse the hello."""
 
-HelloReplayCheck = Callable[[bytes], bool]
-"""Called with SHA-256 of a CLIENT_HELLO's exact bytes; records it and returns True when it is new, False
-when the same hello was already seen within the freshness window (then refused ``replay``).  It must
-remember a digest for at least 2 × HELLO_FRESHNESS_S: an older hello is refused as stale anyway."""
+
+class HelloReplayCheck(Protocol):
+    """The replay cache shared across hellos, keyed by SHA-256 of a CLIENT_HELLO's exact bytes.  It must
+    remember a digest for at least 2 × HELLO_FRESHNESS_S (an older hello is refused as stale anyway)."""
+
+    def seen(self, digest: bytes) -> bool:
+        """True when this hello was already recorded (a lookup; records nothing)."""
+
+    def record(self, digest: bytes) -> bool:
+        """Record the hello atomically; False when it was already recorded (a concurrent duplicate)."""
 
 
 class _State(enum.Enum):
@@ -281,11 +288,13 @@ class ServerHandshake(_Machine):
                 f"device key is {device.alg} but the suite signs with {suite.sig}", code="key_alg_mismatch"
             )
         # The replay lookup comes before the signature check: a digest lookup is far cheaper than an ML-DSA
-        # verification, so a replayed hello costs one lookup.  Recording a digest before verifying is safe:
-        # it is the digest of these exact bytes (signature included), so a forged hello's entry only ever
-        # refuses that same forgery again, and no one can pre-poison the cache with a future honest hello,
-        # whose bytes hold a fresh random nonce, a fresh KEM key and the device's own signature.
-        if self._seen is not None and not self._seen(sha256(env.to_bytes())):
+        # verification, so a replayed hello costs one lookup.  Only hellos that verified, are fresh and were
+        # admitted are recorded (below): forgeries cannot fill the cache and evict honest digests, and a
+        # hello refused coordinator_busy may be retried byte for byte.  No one can pre-poison the cache with
+        # a future honest hello either: its bytes hold a fresh random nonce, a fresh KEM key and the
+        # device's own signature.
+        digest = sha256(env.to_bytes())
+        if self._seen is not None and self._seen.seen(digest):
             raise ReplayError("client hello was already seen", code="replay")
         env.verify(device)  # proof of possession: bad_signature
         now = self._clock()
@@ -293,6 +302,8 @@ class ServerHandshake(_Machine):
             raise AuthError(f"client hello timestamp is more than {HELLO_FRESHNESS_S} s off", code="stale_request")
         if self._admit is not None:
             self._admit(device)  # every check above is cheap or a verification; what follows is expensive
+        if self._seen is not None and not self._seen.record(digest):
+            raise ReplayError("client hello was already seen", code="replay")  # a concurrent duplicate
         ciphertext, secrets = encapsulate(suite, env.get(Field.KEM_PUBLIC))
         hello = SignedEnvelope.sign(
             suite,

@@ -83,9 +83,11 @@ _HELLO_CACHE_LIMIT = 100_000
 
 
 class _HelloReplayCache:
-    """Digests of recent CLIENT_HELLOs (the ``seen`` hook of ServerHandshake).  An entry expires after
-    ``ttl_s`` (2 × the hello freshness window: an older hello is refused as stale before it could be
-    replayed); at most ``limit`` entries are kept, the oldest evicted first.  Thread-safe."""
+    """Digests of recent admitted CLIENT_HELLOs (the ``seen`` hook of ServerHandshake).  An entry expires
+    after ``ttl_s`` (2 × the hello freshness window: an older hello is refused as stale before it could be
+    replayed); at most ``limit`` entries are kept, the oldest evicted first.  Only admitted hellos are
+    recorded, so the budget bounds the entries (100 a second × 240 s + the burst, by default) well below
+    the limit.  Thread-safe."""
 
     def __init__(
         self, clock: Callable[[], float], ttl_s: float = 2 * HELLO_FRESHNESS_S, limit: int = _HELLO_CACHE_LIMIT
@@ -94,15 +96,23 @@ class _HelloReplayCache:
         self._entries: dict[bytes, float] = {}  # insertion (= time) ordered
         self._lock = threading.Lock()
 
-    def __call__(self, digest: bytes) -> bool:
+    def _expire(self, now: float) -> None:
+        horizon = now - self._ttl
+        while self._entries:
+            first = next(iter(self._entries))
+            if self._entries[first] >= horizon:
+                break
+            del self._entries[first]
+
+    def seen(self, digest: bytes) -> bool:
+        with self._lock:
+            self._expire(self._clock())
+            return digest in self._entries
+
+    def record(self, digest: bytes) -> bool:
         now = self._clock()
         with self._lock:
-            horizon = now - self._ttl
-            while self._entries:
-                first = next(iter(self._entries))
-                if self._entries[first] >= horizon:
-                    break
-                del self._entries[first]
+            self._expire(now)
             if digest in self._entries:
                 return False
             while len(self._entries) >= self._limit:
