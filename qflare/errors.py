@@ -579,7 +579,9 @@ CODE_SPECS: Mapping[ErrorCode, CodeSpec] = MappingProxyType(
         _C.BAD_FIELD: _spec("an envelope field cannot be encoded (local misuse)", _F, ConfigError),
         _C.BAD_SIGNATURE: _spec("a signature does not verify under the key it is checked with", _R, BadSignatureError),
         _C.BAD_MAC: _spec("a sealed frame failed AEAD authentication", _R, AuthError),
-        _C.REPLAY: _spec("a frame counter was not above the last accepted one", _R, ReplayError),
+        _C.REPLAY: _spec(
+            "a frame counter was not above the last accepted one, or a client hello was seen before", _R, ReplayError
+        ),
         _C.WRONG_MSG_TYPE: _spec("a sealed frame is bound to another message type", _R, AuthError),
         _C.COUNTER_EXHAUSTED: _spec("the session's send counter is used up", _R, SessionExpiredError),
         _C.PAYLOAD_MISMATCH: _spec("a signed payload's length differs from its signed size", _R, ValidationError),
@@ -621,7 +623,7 @@ CODE_SPECS: Mapping[ErrorCode, CodeSpec] = MappingProxyType(
         _C.TOKEN_UNKNOWN: _spec("no such enrollment token", _F, TokenError),
         _C.TOKEN_USED: _spec("the enrollment token was already used", _F, TokenError),
         _C.TOKEN_EXPIRED: _spec("the enrollment token has expired", _F, TokenError),
-        _C.STALE_REQUEST: _spec("an enrollment request's timestamp is too far off", _R, AuthError),
+        _C.STALE_REQUEST: _spec("an enrollment request's or client hello's timestamp is too far off", _R, AuthError),
         _C.DEVICE_EXISTS: _spec("the device is already enrolled", _F, ReplayError),
         _C.DEVICE_ID_MISMATCH: _spec("a device id is not the key id of its key", _F, AuthError, ValidationError),
         _C.DEVICE_MISMATCH: _spec("a message names another device than the session's", _F, AuthError),

@@ -63,6 +63,7 @@ class Federation:
         clock=None,
         min_participants: int | None = None,
     ) -> None:
+        self.clock = time.time if clock is None else clock  # devices share it: their hellos are timestamped
         self.db = Database(f"sqlite:///{tmp}/coordinator.db")
         self.db.upgrade()
         if clock is None:
@@ -102,6 +103,7 @@ class Federation:
             identity=identity or SigningKey.generate(),
             server_key=self.coordinator.public_key,
             layout=self.layout,
+            clock=self.clock,
         )
 
     def by_id(self, device_id: str) -> Device:

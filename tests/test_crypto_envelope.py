@@ -10,7 +10,6 @@ from qflare.crypto.envelope import (
     FIELD_SPECS,
     HEADER_LEN,
     SCHEMAS,
-    UNSIGNED_TYPES,
     Field,
     MsgType,
     SignedEnvelope,
@@ -38,8 +37,6 @@ KEYS = {s: SigningKey.generate(s.sig) for s in (DEFAULT_SUITE, HIGH_SUITE)}
 
 def make(mt: MsgType, suite: Suite = DEFAULT_SUITE) -> SignedEnvelope:
     fields = sample_fields(mt, suite)
-    if mt in UNSIGNED_TYPES:
-        return SignedEnvelope.unsigned(suite, mt, fields)
     return SignedEnvelope.sign(suite, mt, fields, KEYS[suite])
 
 
@@ -53,10 +50,9 @@ def test_round_trip_every_message(mt: MsgType, suite: Suite) -> None:
     assert dict(parsed.fields) == sample_fields(mt, suite)
     assert parsed.suite == suite and parsed.msg_type is mt
     assert raw[:3] == b"QFL" and raw[3] == 1 and raw[4:9] == suite.to_bytes() and raw[9] == mt
-    if mt not in UNSIGNED_TYPES:
-        parsed.verify(KEYS[suite].public)
-        assert SignedEnvelope.open(raw, KEYS[suite].public, expected_type=mt) == env
-        assert raw[len(env.body) : len(env.body) + 4] == struct.pack(">I", suite.sig_alg.signature_len)
+    parsed.verify(KEYS[suite].public)
+    assert SignedEnvelope.open(raw, KEYS[suite].public, expected_type=mt) == env
+    assert raw[len(env.body) : len(env.body) + 4] == struct.pack(">I", suite.sig_alg.signature_len)
     assert decode_fields(mt, raw[HEADER_LEN : len(env.body)], suite) == sample_fields(mt, suite)
 
 
@@ -75,12 +71,14 @@ def test_encode_fields_checks() -> None:
     ):
         with pytest.raises(ConfigError):
             encode_fields(MsgType.UPDATE, bad, DEFAULT_SUITE)
-    with pytest.raises(ConfigError):
+    hello = sample_fields(MsgType.CLIENT_HELLO, DEFAULT_SUITE)
+    with pytest.raises(ConfigError):  # the hello's timestamp is required
         SignedEnvelope.sign(
-            DEFAULT_SUITE, MsgType.CLIENT_HELLO, sample_fields(MsgType.CLIENT_HELLO, DEFAULT_SUITE), KEYS[DEFAULT_SUITE]
+            DEFAULT_SUITE,
+            MsgType.CLIENT_HELLO,
+            {k: v for k, v in hello.items() if k is not Field.TIMESTAMP},
+            KEYS[DEFAULT_SUITE],
         )
-    with pytest.raises(ConfigError):
-        SignedEnvelope.unsigned(DEFAULT_SUITE, MsgType.UPDATE, fields)
     with pytest.raises(ConfigError) as exc:
         SignedEnvelope.sign(DEFAULT_SUITE, MsgType.UPDATE, fields, KEYS[HIGH_SUITE])
     assert exc.value.code == "key_alg_mismatch"

@@ -16,9 +16,11 @@ from qflare.errors import (
     AuthError,
     BadSignatureError,
     ConfigError,
+    CoordinatorBusyError,
     PolicyError,
     ProtocolError,
     QflareError,
+    ReplayError,
     RevokedError,
     SessionExpiredError,
     UnknownDeviceError,
@@ -208,16 +210,86 @@ def test_server_hello_replayed_to_another_client() -> None:
     assert exc.value.code == "transcript_mismatch"
 
 
-def test_client_hello_tampered_in_flight() -> None:
+@pytest.mark.parametrize("tag", [Field.DEVICE_KEY_ID, Field.CLIENT_NONCE, Field.KEM_PUBLIC, Field.TIMESTAMP])
+def test_client_hello_tampered_in_flight(tag: Field) -> None:
     w = World()
-    client, server = w.client(), w.coordinator()
-    hello = SignedEnvelope.parse(client.start())
-    evil = dict(hello.fields)
-    evil[Field.KEM_PUBLIC] = w.client().start()[-len(evil[Field.KEM_PUBLIC]) :]  # attacker's own KEM key
-    reply = server.respond(SignedEnvelope.unsigned(DEFAULT_SUITE, MsgType.CLIENT_HELLO, evil).to_bytes())
-    with pytest.raises(AuthError) as exc:
-        client.finish(reply)
-    assert exc.value.code == "transcript_mismatch"
+    other = SigningKey.generate(w.suite.sig)
+    w.directory[other.key_id] = other.public
+    hello = w.client().start()
+    bad = bytearray(hello)
+    if tag is Field.DEVICE_KEY_ID:
+        bad[field_offset(hello, tag) : field_offset(hello, tag) + 32] = bytes.fromhex(other.key_id)
+    else:
+        bad[field_offset(hello, tag)] ^= 0x01
+    with pytest.raises(BadSignatureError) as exc:
+        w.coordinator().respond(bytes(bad))
+    assert exc.value.code == "bad_signature"
+
+
+def test_client_hello_signed_by_a_non_holder() -> None:
+    """An attacker's own key signing a hello that names the device's key id, or no signature at all."""
+    w = World()
+    attacker = SigningKey.generate(w.suite.sig)
+    fields = dict(SignedEnvelope.parse(w.client().start()).fields)
+    forged = SignedEnvelope.sign(w.suite, MsgType.CLIENT_HELLO, fields, attacker).to_bytes()
+    honest = w.client().start()
+    sig_len = w.suite.sig_alg.signature_len
+    for body in (forged, honest[:-sig_len] + bytes(sig_len)):
+        with pytest.raises(BadSignatureError):
+            w.coordinator().respond(body)
+
+
+@pytest.mark.parametrize("skew,ok", [(-121, False), (-120, True), (120, True), (121, False)])
+def test_client_hello_freshness(skew: int, ok: bool) -> None:
+    w = World()
+    now = 1_800_000_000.0
+    hello = w.client(clock=lambda: now + skew).start()
+    server = w.coordinator(clock=lambda: now)
+    if ok:
+        server.respond(hello)
+    else:
+        with pytest.raises(AuthError) as exc:
+            server.respond(hello)
+        assert exc.value.code == "stale_request"
+
+
+def test_client_hello_replay_hook() -> None:
+    w = World()
+
+    class Seen:
+        def __init__(self) -> None:
+            self.digests: set[bytes] = set()
+
+        def seen(self, digest: bytes) -> bool:
+            return digest in self.digests
+
+        def record(self, digest: bytes) -> bool:
+            new = digest not in self.digests
+            self.digests.add(digest)
+            return new
+
+    seen = Seen()
+
+    hello = w.client().start()
+    w.coordinator(seen=seen).respond(hello)
+    with pytest.raises(ReplayError) as exc:
+        w.coordinator(seen=seen).respond(hello)
+    assert exc.value.code == "replay"
+    w.coordinator(seen=seen).respond(w.client().start())  # a fresh hello is new
+    forged = bytearray(w.client().start())
+    forged[-1] ^= 0x01
+    with pytest.raises(BadSignatureError):
+        w.coordinator(seen=seen).respond(bytes(forged))
+    assert len(seen.digests) == 2  # only hellos that verified and were admitted are recorded
+
+    def busy(_device: VerifyKey) -> None:
+        raise errors_busy
+
+    errors_busy = CoordinatorBusyError("busy", code="coordinator_busy")
+    hello = w.client().start()
+    with pytest.raises(CoordinatorBusyError):
+        w.coordinator(seen=seen, admit=busy).respond(hello)
+    w.coordinator(seen=seen).respond(hello)  # a hello refused as busy may be retried as is
 
 
 @pytest.mark.parametrize(

@@ -14,6 +14,7 @@ from qflare.crypto.handshake import ServerHandshake
 from qflare.crypto.identity import SigningKey, VerifyKey
 from qflare.crypto.kem import EphemeralKem, Role, SharedSecrets, derive_session_keys
 from qflare.crypto.suite import Suite, sha256
+from qflare.errors import QflareError
 
 VECTORS: dict[str, Any] = json.loads((Path(__file__).parent / "vectors" / "crypto_v1.json").read_text())
 x = bytes.fromhex
@@ -99,7 +100,9 @@ def test_handshake_transcript(row: dict[str, str]) -> None:
     server = SigningKey.from_seed(suite.sig, x(row["server_seed"]))
     kem = EphemeralKem.unsafe_from_seeds(suite, x(row["mlkem_seed"]), x(row["x25519_private"]))
     ch, sh, cf = x(row["client_hello"]), x(row["server_hello"]), x(row["client_finish"])
-    hello = SignedEnvelope.parse(ch, expected_type=MsgType.CLIENT_HELLO)
+    hello = SignedEnvelope.open(ch, device.public, expected_type=MsgType.CLIENT_HELLO)
+    assert hello.body.hex() == row["client_hello_body"]
+    assert hello.get_int(Field.TIMESTAMP) == row["server_time"]
     assert hello.get(Field.KEM_PUBLIC) == kem.public_bytes()
     assert hello.get_key_id(Field.DEVICE_KEY_ID) == device.key_id
     reply = SignedEnvelope.open(sh, server.public, expected_type=MsgType.SERVER_HELLO)
@@ -113,5 +116,20 @@ def test_handshake_transcript(row: dict[str, str]) -> None:
     assert finish.get(Field.TRANSCRIPT_HASH) == th
     assert len(ch) > HEADER_LEN
     # a live coordinator accepts the recorded CLIENT_HELLO and produces a reply of the same shape
-    live = ServerHandshake(server, {device.key_id: device.public}.get, lifetime_s=900).respond(ch)
+    live = ServerHandshake(
+        server, {device.key_id: device.public}.get, lifetime_s=900, clock=lambda: row["server_time"]
+    ).respond(ch)
     assert len(live) == len(sh) and live[: HEADER_LEN + 5 + 32] == sh[: HEADER_LEN + 5 + 32]
+
+
+@pytest.mark.parametrize("row", VECTORS["hello_refusals"], ids=lambda r: f"{r['suite']}-{r['name']}")
+def test_hello_refusals(row: dict[str, Any]) -> None:
+    suite = Suite.from_bytes(x(row["suite"]))
+    device = SigningKey.from_seed(suite.sig, x(row["device_seed"]))
+    server = SigningKey.from_seed(suite.sig, x(row["server_seed"]))
+    ch = x(row["client_hello"])
+    assert SignedEnvelope.parse(ch, expected_type=MsgType.CLIENT_HELLO).body.hex() == row["client_hello_body"]
+    hs = ServerHandshake(server, {device.key_id: device.public}.get, clock=lambda: row["server_time"])
+    with pytest.raises(QflareError) as exc:
+        hs.respond(ch)
+    assert exc.value.code == row["code"]

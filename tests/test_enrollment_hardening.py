@@ -1,7 +1,7 @@
 """Enrollment and handshake floods, lost enrollment replies, and ghosts in the selection.
 
-Cheap checks come before expensive ones (a token lookup before a signature; an enrolled key id before a
-SERVER_HELLO is signed); expensive work is drawn from one budget that serves handshakes of enrolled
+Cheap checks come before expensive ones (a token lookup before a signature; an enrolled key id, a replay
+lookup and the device's signature over a fresh timestamp before a SERVER_HELLO is signed); expensive work is drawn from one budget that serves handshakes of enrolled
 devices before enrollments; pending handshakes expire; enrollment is idempotent for the same key and
 token; rounds select among devices that have shown they are alive.
 """
@@ -151,6 +151,73 @@ def test_hello_for_an_unknown_or_revoked_key_costs_no_signature_work(fed, crypto
     assert fed.coordinator.budget.level == 5.0  # nothing drawn
 
 
+def forged_hello(key_id: str, *, suite=DEFAULT_SUITE) -> bytes:
+    """A CLIENT_HELLO naming ``key_id`` (read off the wire) signed with the attacker's own fresh key."""
+    attacker = SigningKey.generate(suite.sig)
+    hello = SignedEnvelope.parse(client_hello(attacker)[1])
+    fields = {**hello.fields, Field.DEVICE_KEY_ID: bytes.fromhex(key_id)}
+    return SignedEnvelope.sign(suite, MsgType.CLIENT_HELLO, fields, attacker).to_bytes()
+
+
+def test_forged_hello_for_an_enrolled_key_costs_one_verification_and_no_budget(fed, crypto_calls):
+    """Anyone can read an enrolled key id off the wire; without the device key their hello is refused
+    ``bad_signature`` after one verification: no encapsulation, no signature, nothing drawn."""
+    dev = fed.devices[0]
+    fed.coordinator.budget = CryptoBudget(1.0, 5.0, clock=FakeClock())
+    forged = forged_hello(dev.device_id)
+    _, honest = client_hello(dev.identity)
+    sig_len = DEFAULT_SUITE.sig_alg.signature_len
+    unsigned = honest[:-sig_len] + bytes(sig_len)  # the honest body with no real signature
+    crypto_calls.clear()
+    for body in (forged, unsigned):
+        refused(fed, "bad_signature", fed.coordinator.handle, Route.HELLO, body)
+    assert crypto_calls == Counter({"verify": 2})
+    assert fed.coordinator.budget.level == 5.0 and fed.coordinator.pending_handshakes == 0
+
+
+def test_replayed_hello_is_refused_after_one_lookup(fed, crypto_calls):
+    """A captured honest hello is answered once; a replay costs a digest lookup (no verification, no
+    encapsulation, no signature, no budget) and is refused ``replay``."""
+    dev = fed.devices[0]
+    _, hello = client_hello(dev.identity)
+    fed.coordinator.handle(Route.HELLO, hello)
+    fed.coordinator.budget = CryptoBudget(1.0, 5.0, clock=FakeClock())
+    pending = fed.coordinator.pending_handshakes
+    crypto_calls.clear()
+    for _ in range(3):
+        refused(fed, "replay", fed.coordinator.handle, Route.HELLO, hello)
+    assert crypto_calls == Counter()
+    assert fed.coordinator.budget.level == 5.0 and fed.coordinator.pending_handshakes == pending
+    dev.connect()  # the device itself still connects with a fresh hello
+
+
+@pytest.mark.parametrize("skew", [-121, 121])
+def test_stale_hello_is_refused_before_the_budget(fed, crypto_calls, skew):
+    dev = fed.devices[0]
+    fed.coordinator.budget = CryptoBudget(1.0, 5.0, clock=FakeClock())
+    hs = ClientHandshake(dev.identity, fed.coordinator.public_key, clock=lambda: time.time() + skew)
+    hello = hs.start()
+    crypto_calls.clear()
+    refused(fed, "stale_request", fed.coordinator.handle, Route.HELLO, hello)
+    assert crypto_calls == Counter({"verify": 1})
+    assert fed.coordinator.budget.level == 5.0
+
+
+def test_hello_replay_cache_expires_and_is_bounded():
+    from qflare.protocol.coordinator import _HelloReplayCache
+
+    clock = FakeClock()
+    cache = _HelloReplayCache(clock, ttl_s=240.0, limit=3)
+    assert not cache.seen(b"a") and cache.record(b"a")
+    assert cache.seen(b"a") and not cache.record(b"a")
+    clock.advance(241)
+    assert not cache.seen(b"a")  # expired: a hello this old is refused as stale anyway
+    for d in (b"a", b"b", b"c", b"d"):
+        assert cache.record(d)
+    assert len(cache) == 3 and not cache.seen(b"a")  # the oldest entry was evicted to make room
+    assert cache.seen(b"d")
+
+
 # ---------------------------------------------------------------- pending handshakes expire
 
 
@@ -233,7 +300,9 @@ def test_enrollment_flood_is_refused_while_enrolled_devices_still_connect(tmp_pa
     # the busy refusal is typed, changes nothing, is recorded, and says when to come back
     before = Counter(crypto_calls)
     err = refused(fed, "coordinator_busy", fed.devices[0].connect, device_id=None)
-    assert crypto_calls == before  # refused before the encapsulation and the signature
+    # the device signed its hello and the coordinator verified it; refused before the encapsulation and
+    # the coordinator's signature
+    assert crypto_calls - before == Counter({"sign": 1, "verify": 1}) and crypto_calls["encapsulate"] == 3
     assert err.retry_after_s == pytest.approx(1.0)
     clock.advance(err.retry_after_s)
     fed.devices[0].connect()

@@ -117,7 +117,8 @@ def test_non_hybrid_handshake() -> None:
     server = SigningKey.from_seed(suite.sig, x(v["server_seed"]))
     kem = EphemeralKem.unsafe_from_seeds(suite, x(v["mlkem_seed"]), None)
     ch, sh, cf = x(v["client_hello"]), x(v["server_hello"]), x(v["client_finish"])
-    hello = SignedEnvelope.parse(ch, expected_type=MsgType.CLIENT_HELLO)
+    hello = SignedEnvelope.open(ch, device.public, expected_type=MsgType.CLIENT_HELLO)  # recorded signature
+    assert hello.body.hex() == v["client_hello_body"] and hello.get_int(Field.TIMESTAMP) == v["server_time"]
     assert hello.get(Field.KEM_PUBLIC) == kem.public_bytes() and len(kem.public_bytes()) == suite.kem_alg.public_len
     assert hello.get(Field.CLIENT_NONCE).hex() == v["client_nonce"]
     reply = SignedEnvelope.open(sh, server.public, expected_type=MsgType.SERVER_HELLO)
@@ -131,10 +132,15 @@ def test_non_hybrid_handshake() -> None:
     finish = SignedEnvelope.open(cf, device.public, expected_type=MsgType.CLIENT_FINISH)
     assert finish.get(Field.TRANSCRIPT_HASH) == th
     assert x(v["finish_body"]) == sha256(sh) + cf
-    live = ServerHandshake(server, {device.key_id: device.public}.get, policy=policy, lifetime_s=900).respond(ch)
+    now = float(v["server_time"])
+    live = ServerHandshake(
+        server, {device.key_id: device.public}.get, policy=policy, lifetime_s=900, clock=lambda: now
+    ).respond(ch)
     assert len(live) == len(sh) and live[: HEADER_LEN + 5 + 32] == sh[: HEADER_LEN + 5 + 32]
     with pytest.raises(errors.PolicyError) as refused:  # the default policy requires the hybrid
-        ServerHandshake(server, {device.key_id: device.public}.get, policy=DEFAULT_POLICY).respond(ch)
+        ServerHandshake(server, {device.key_id: device.public}.get, policy=DEFAULT_POLICY, clock=lambda: now).respond(
+            ch
+        )
     assert refused.value.code == "policy_violation"
 
 
@@ -225,6 +231,10 @@ def _apply(vec: dict[str, Any]) -> None:
         SignedEnvelope.open(data, vk, expected_type=MsgType[p["expected_type"]])
     elif fed == "unpack_signed":
         unpack_signed(data)
+    elif fed == "ServerHandshake.respond":
+        device = SigningKey.from_seed(p["key_alg"], x(p["key_seed"])).public
+        server = SigningKey.from_seed(p["key_alg"], x(p["server_seed"]))
+        ServerHandshake(server, {device.key_id: device}.get, clock=lambda: float(p["server_time"])).respond(data)
     else:
         ch = Channel(
             x(p["session_id"]),
@@ -260,7 +270,9 @@ def test_negative_coverage() -> None:
     codes = {v["error_code"] for v in VECTORS["negative"]}
     assert {"bad_signature", "unexpected_message", "malformed", "truncated", "oversized", "suite_mismatch"} <= codes
     assert {"bad_mac", "replay", "wrong_round", "wrong_msg_type", "payload_mismatch", "device_mismatch"} <= codes
-    assert {"hash_mismatch", "stale_model", "bad_receipt"} <= codes
+    assert {"hash_mismatch", "stale_model", "bad_receipt", "stale_request"} <= codes
+    hellos = {v["error_code"] for v in VECTORS["negative"] if v["fed_to"] == "ServerHandshake.respond"}
+    assert hellos == {"bad_signature", "stale_request"}
     assert "payload_hash_mismatch" not in codes
     fed = {v["fed_to"] for v in VECTORS["negative"]}
     assert {"open_update", "open_global_model", "open_receipt", "open_task_request", "open_model_request"} <= fed

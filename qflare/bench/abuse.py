@@ -19,9 +19,11 @@ from its own loopback address(es):
   32 MB body (under the route's limit) and dribble one byte a second; half carry a bogus session id,
   half the live session id of an enrolled device that the open round did not select.  A connection the
   server closes is reopened.
-* ``handshake_flood`` (16 addresses, 127.0.0.2 .. 127.0.0.17): CLIENT_HELLOs with fresh ephemeral KEM
-  keys; three in four name an enrolled device's key id (public: a hello is not signed), one in four an
-  unknown one.
+* ``handshake_flood`` (16 addresses, 127.0.0.2 .. 127.0.0.17): what anyone on the wire can send now that
+  a CLIENT_HELLO is signed by its device: three in four name an enrolled device's key id (public) with a
+  fresh nonce, ephemeral KEM key and timestamp, signed with the attacker's own key (refused
+  ``bad_signature`` after one verification); one in four replay one captured honest hello of an enrolled
+  device (answered once, then refused ``replay`` after a digest lookup).
 * ``enroll_flood`` (127.0.0.19): ENROLL_REQUESTs validly signed by fresh keys, with random tokens.
 * ``bad_bodies`` (127.0.0.20): raw HTTP requests cycling through oversized bodies (declared, chunked,
   on every route), invalid ``Content-Length`` values, short bodies, garbage and truncated envelopes,
@@ -413,30 +415,38 @@ def _slow_uploads(port: int, deadline: float, insider: Callable[[], str], tally:
     tally.extra["connections_opened"] = opened
 
 
-def client_hello(suite: Suite, key_id: str) -> bytes:
-    """A CLIENT_HELLO naming ``key_id``, with a fresh nonce and ephemeral KEM key: what anyone who read a
-    device's key id off the wire can send (a hello is not signed)."""
-    return SignedEnvelope.unsigned(
+def client_hello(suite: Suite, key_id: str, key: SigningKey | None = None) -> bytes:
+    """A CLIENT_HELLO naming ``key_id``, with a fresh nonce, ephemeral KEM key and timestamp, signed with
+    ``key`` (a fresh one when None): what anyone who read a device's key id off the wire can send.  Unless
+    ``key`` is that device's own key, the coordinator refuses it ``bad_signature``."""
+    signer = key or SigningKey.generate(suite.sig)
+    return SignedEnvelope.sign(
         suite,
         MsgType.CLIENT_HELLO,
         {
             Field.DEVICE_KEY_ID: bytes.fromhex(key_id),
             Field.CLIENT_NONCE: os.urandom(NONCE_LEN),
             Field.KEM_PUBLIC: EphemeralKem.generate(suite).public_bytes(),
+            Field.TIMESTAMP: u64(int(time.time())),
         },
+        signer,
     ).to_bytes()
 
 
-def _flood_worker(url: str, local: str, deadline: float, known: Sequence[str], suite: Suite, tally: Tally) -> None:
+def _flood_worker(
+    url: str, local: str, deadline: float, known: Sequence[str], suite: Suite, captured: bytes, tally: Tally
+) -> None:
+    """Three in four: a forged hello for an enrolled key id, signed with this worker's own fresh key; one
+    in four: the ``captured`` honest hello again."""
     rng = random.Random()
-    unknown = SigningKey.generate(suite.sig).key_id
+    own = SigningKey.generate(suite.sig)
     transport = httpx.HTTPTransport(local_address=local, retries=0)
     with httpx.Client(base_url=url, transport=transport, timeout=_IO_TIMEOUT_S) as client:
         for n in range(MAX_REQUESTS_PER_THREAD):
             if time.monotonic() >= deadline:
                 return
-            key_id = unknown if n % 4 == 0 else rng.choice(known)
-            _post(client, "/v1/handshake/hello", client_hello(suite, key_id), tally)
+            body = captured if n % 4 == 0 else client_hello(suite, rng.choice(known), own)
+            _post(client, "/v1/handshake/hello", body, tally)
 
 
 def _enroll_worker(url: str, deadline: float, suite: Suite, tally: Tally) -> None:
@@ -671,9 +681,11 @@ def run_abuse_bench(
                     th.start()
                 stop.wait(baseline)
                 phases["baseline"] = (t, time.monotonic())
-                hello = client_hello(suite, devs[0].device_id)
                 key_ids = [d.device_id for d in devs]
                 for name in ATTACKERS:
+                    # one honest hello of an enrolled device, as captured off the wire just before the
+                    # attack (its timestamp is fresh while the attack runs)
+                    hello = client_hello(suite, devs[0].device_id, devs[0].identity)
                     tallies[name], phases[name] = _run_attacker(
                         name, server, duration_s, log, schedule, key_ids, suite, hello
                     )
@@ -742,7 +754,7 @@ def _attacker_main(
         jobs = [lambda: _slow_uploads(port, deadline, insider_session, tally)]
     elif name == "handshake_flood":
         jobs = [
-            partial(_flood_worker, url, addr, deadline, key_ids, suite, tally)
+            partial(_flood_worker, url, addr, deadline, key_ids, suite, hello, tally)
             for addr in FLOOD_ADDRESSES
             for _ in range(FLOOD_THREADS_PER_ADDRESS)
         ]

@@ -8,9 +8,12 @@ Layout (integers big-endian)::
     4       5     suite (see Suite.to_bytes)
     9       1     message type (MsgType)
     10      ...   fields, each: tag u8 | length u32 | value, in the fixed order of the message type
-    ...     4     signature length u32 (signed types only; must equal the suite's signature size)
+    ...     4     signature length u32 (must equal the suite's signature size)
     ...     n     ML-DSA signature over every byte before the signature length, with the
-                  per-type context "qflare/v1/<type>" (signed types only)
+                  per-type context "qflare/v1/<type>"
+
+Every message type is signed (CLIENT_HELLO by the device key it names: proof of possession before the
+coordinator does any expensive work).
 
 Every field of a message type is required (except the few listed in OPTIONAL_FIELDS), appears at most
 once, in schema order, with an exact (or bounded) length.  The parser therefore accepts exactly one
@@ -38,7 +41,6 @@ __all__ = [
     "MAGIC",
     "OPTIONAL_FIELDS",
     "SCHEMAS",
-    "UNSIGNED_TYPES",
     "WIRE_VERSION",
     "Field",
     "FieldSpec",
@@ -62,7 +64,7 @@ _U32 = struct.Struct(">I")
 class MsgType(enum.IntEnum):
     ENROLL_REQUEST = 0x01  # device -> coordinator, signed by the new device key (proof of possession)
     ENROLL_RECORD = 0x02  # coordinator -> device, signed by the coordinator
-    CLIENT_HELLO = 0x10  # device -> coordinator, unsigned (covered by CLIENT_FINISH)
+    CLIENT_HELLO = 0x10  # device -> coordinator, signed by the device (timestamped, replay-checked)
     SERVER_HELLO = 0x11  # coordinator -> device, signed by the coordinator
     CLIENT_FINISH = 0x12  # device -> coordinator, signed by the device
     GLOBAL_MODEL = 0x20  # coordinator -> device, signed by the coordinator
@@ -151,7 +153,7 @@ SCHEMAS: Mapping[MsgType, tuple[Field, ...]] = MappingProxyType(
     {
         MsgType.ENROLL_REQUEST: (F.DEVICE_ID, F.SIGNING_PUBLIC, F.ENROLL_TOKEN, F.CLIENT_NONCE, F.TIMESTAMP),
         MsgType.ENROLL_RECORD: (F.DEVICE_ID, F.DEVICE_KEY_ID, F.SIGNING_PUBLIC, F.SERVER_KEY_ID, F.TIMESTAMP),
-        MsgType.CLIENT_HELLO: (F.DEVICE_KEY_ID, F.CLIENT_NONCE, F.KEM_PUBLIC),
+        MsgType.CLIENT_HELLO: (F.DEVICE_KEY_ID, F.CLIENT_NONCE, F.KEM_PUBLIC, F.TIMESTAMP),
         MsgType.SERVER_HELLO: (F.HELLO_HASH, F.SERVER_KEY_ID, F.SERVER_NONCE, F.KEM_CIPHERTEXT, F.LIFETIME),
         MsgType.CLIENT_FINISH: (F.DEVICE_KEY_ID, F.TRANSCRIPT_HASH),
         MsgType.GLOBAL_MODEL: (F.MODEL_VERSION, F.MODEL_HASH, F.PAYLOAD_SIZE, F.TIMESTAMP),
@@ -170,7 +172,6 @@ SCHEMAS: Mapping[MsgType, tuple[Field, ...]] = MappingProxyType(
 # Optional fields may be left out; when present they sit at their schema position.  Tag 0x00 is never
 # assigned and a signature length always starts with 0x00, so presence is unambiguous.
 OPTIONAL_FIELDS: Mapping[MsgType, frozenset[Field]] = MappingProxyType({MsgType.UPDATE: frozenset({F.METADATA})})
-UNSIGNED_TYPES: frozenset[MsgType] = frozenset({MsgType.CLIENT_HELLO})
 _VALID_TAGS = frozenset(int(t) for t in Field)
 
 
@@ -265,7 +266,7 @@ class SignedEnvelope:
     msg_type: MsgType
     fields: Mapping[Field, bytes]
     body: bytes = field(repr=False)  # everything the signature covers
-    signature: bytes = field(repr=False)  # b"" for unsigned types
+    signature: bytes = field(repr=False)
     raw: bytes = field(repr=False)
 
     @staticmethod
@@ -276,23 +277,12 @@ class SignedEnvelope:
     def sign(cls, suite: Suite, msg_type: MsgType, fields: Mapping[Field, bytes], key: SigningKey) -> SignedEnvelope:
         """Encode and sign with ``key`` (whose algorithm must be the suite's)."""
         mt = MsgType(msg_type)
-        if mt in UNSIGNED_TYPES:
-            raise ConfigError(f"{mt.name} is an unsigned message type", code="bad_field")
         if key.alg != suite.sig:
             raise ConfigError(f"key is {key.alg} but suite signs with {suite.sig}", code="key_alg_mismatch")
         body = cls._header(suite, mt) + encode_fields(mt, fields, suite)
         sig = key.sign(body, context_for(mt))
         raw = body + u32(len(sig)) + sig
         return cls(suite, mt, _ordered(mt, fields), body, sig, raw)
-
-    @classmethod
-    def unsigned(cls, suite: Suite, msg_type: MsgType, fields: Mapping[Field, bytes]) -> SignedEnvelope:
-        """Encode an unsigned message type (CLIENT_HELLO)."""
-        mt = MsgType(msg_type)
-        if mt not in UNSIGNED_TYPES:
-            raise ConfigError(f"{mt.name} must be signed", code="bad_field")
-        body = cls._header(suite, mt) + encode_fields(mt, fields, suite)
-        return cls(suite, mt, _ordered(mt, fields), body, b"", body)
 
     @classmethod
     def parse(
@@ -320,20 +310,18 @@ class SignedEnvelope:
             raise MalformedError(f"expected {MsgType(expected_type).name}, got {mt.name}", code="unexpected_message")
         fields, pos = _decode(mt, suite, buf, HEADER_LEN)
         body = raw[:pos]
-        sig = b""
-        if mt not in UNSIGNED_TYPES:
-            if len(raw) - pos < _U32.size:
-                raise MalformedError(f"{mt.name}: truncated before signature", code="truncated")
-            (sig_len,) = _U32.unpack_from(buf, pos)
-            if sig_len != suite.sig_alg.signature_len:
-                raise MalformedError(
-                    f"{mt.name}: signature length {sig_len} is not {suite.sig_alg.signature_len}", code="malformed"
-                )
-            pos += _U32.size
-            if len(raw) - pos < sig_len:
-                raise MalformedError(f"{mt.name}: signature truncated", code="truncated")
-            sig = raw[pos : pos + sig_len]
-            pos += sig_len
+        if len(raw) - pos < _U32.size:
+            raise MalformedError(f"{mt.name}: truncated before signature", code="truncated")
+        (sig_len,) = _U32.unpack_from(buf, pos)
+        if sig_len != suite.sig_alg.signature_len:
+            raise MalformedError(
+                f"{mt.name}: signature length {sig_len} is not {suite.sig_alg.signature_len}", code="malformed"
+            )
+        pos += _U32.size
+        if len(raw) - pos < sig_len:
+            raise MalformedError(f"{mt.name}: signature truncated", code="truncated")
+        sig = raw[pos : pos + sig_len]
+        pos += sig_len
         if pos != len(raw):
             raise MalformedError(f"{mt.name}: {len(raw) - pos} trailing bytes", code="malformed")
         return cls(suite, mt, MappingProxyType(fields), body, sig, raw)
@@ -341,8 +329,6 @@ class SignedEnvelope:
     def verify(self, key: VerifyKey) -> SignedEnvelope:
         """Check the signature with ``key``; BadSignatureError (``bad_signature``) unless it verifies, which
         includes a key of another algorithm than the envelope's suite signs with."""
-        if self.msg_type in UNSIGNED_TYPES:
-            raise ConfigError(f"{self.msg_type.name} carries no signature", code="bad_field")
         if key.alg != self.suite.sig:
             raise BadSignatureError(
                 f"envelope is signed with {self.suite.sig}, which a {key.alg} key cannot verify",

@@ -3,8 +3,10 @@
 ::
 
     device (ClientHandshake)                               coordinator (ServerHandshake)
-    CH = CLIENT_HELLO{device key id, client nonce, KEM public}     ------>
-                                                    policy check, resolve device key, encapsulate
+    CH = CLIENT_HELLO{device key id, client nonce, KEM public, timestamp}
+         signed by the device (context "qflare/v1/client-hello")  ------>
+                                  policy check, resolve device key, replay lookup, verify signature,
+                                  timestamp within ±120 s, admission (budget); only then encapsulate
          <------  SH = SERVER_HELLO{SHA-256(CH), server key id, server nonce, KEM ciphertext, lifetime}
                   signed by the coordinator (context "qflare/v1/server-hello")
     check pinned key + signature, decapsulate
@@ -15,6 +17,11 @@
 
 Each object is one-shot: steps must run in order and any failure poisons it (ProtocolError ``bad_state``
 afterwards).  Ephemeral KEM keys are fresh for every handshake and dropped once keys are derived.
+
+The hello is signed so that only the holder of an enrolled device key can make the coordinator
+encapsulate and sign: a hello naming an enrolled key id with any other signature costs the coordinator
+one verification, and a replayed honest hello (refused while fresh by the ``seen`` hook, stale after)
+one digest lookup.
 """
 
 from __future__ import annotations
@@ -23,9 +30,10 @@ import enum
 import os
 import time
 from collections.abc import Callable
+from typing import Protocol
 
 from qflare.crypto.channel import DEFAULT_MAX_PLAINTEXT, Channel
-from qflare.crypto.envelope import DEFAULT_MAX_ENVELOPE, Field, MsgType, SignedEnvelope, u32
+from qflare.crypto.envelope import DEFAULT_MAX_ENVELOPE, Field, MsgType, SignedEnvelope, u32, u64
 from qflare.crypto.identity import SigningKey, VerifyKey
 from qflare.crypto.kem import EphemeralKem, Role, SessionKeys, derive_session_keys, encapsulate
 from qflare.crypto.suite import DEFAULT_POLICY, DEFAULT_SUITE, Policy, Suite, sha256
@@ -35,6 +43,7 @@ from qflare.errors import (
     MalformedError,
     PolicyError,
     ProtocolError,
+    ReplayError,
     SessionExpiredError,
     UnknownDeviceError,
 )
@@ -42,9 +51,11 @@ from qflare.errors import (
 __all__ = [
     "DEFAULT_HANDSHAKE_TIMEOUT_S",
     "DEFAULT_SESSION_LIFETIME_S",
+    "HELLO_FRESHNESS_S",
     "ClientHandshake",
     "DeviceResolver",
     "HandshakeAdmission",
+    "HelloReplayCheck",
     "ServerHandshake",
     "handshake_in_process",
 ]
@@ -53,6 +64,8 @@ DEFAULT_SESSION_LIFETIME_S = 3600
 MAX_SESSION_LIFETIME_S = 7 * 24 * 3600
 DEFAULT_HANDSHAKE_TIMEOUT_S = 30.0
 NONCE_LEN = 32
+HELLO_FRESHNESS_S = 120
+"""A CLIENT_HELLO's timestamp must be within this many seconds of the coordinator's clock."""
 
 DeviceResolver = Callable[[str], "VerifyKey | None"]
 """Maps a device key id (hex) to its enrolled VerifyKey, None when unknown; may raise RevokedError."""
@@ -60,6 +73,17 @@ DeviceResolver = Callable[[str], "VerifyKey | None"]
 HandshakeAdmission = Callable[["VerifyKey"], None]
 """Called with the resolved device key once a CLIENT_HELLO has passed every cheap check, just before the
 encapsulation and the signature; raises (e.g. ``coordinator_busy``) to refuse the hello."""
+
+
+class HelloReplayCheck(Protocol):
+    """The replay cache shared across hellos, keyed by SHA-256 of a CLIENT_HELLO's exact bytes.  It must
+    remember a digest for at least 2 × HELLO_FRESHNESS_S (an older hello is refused as stale anyway)."""
+
+    def seen(self, digest: bytes) -> bool:
+        """True when this hello was already recorded (a lookup; records nothing)."""
+
+    def record(self, digest: bytes) -> bool:
+        """Record the hello atomically; False when it was already recorded (a concurrent duplicate)."""
 
 
 class _State(enum.Enum):
@@ -116,17 +140,20 @@ class ClientHandshake(_Machine):
         self.channel: Channel | None = None
 
     def start(self) -> bytes:
-        """Produce CLIENT_HELLO with a fresh nonce and fresh ephemeral KEM keys."""
+        """Produce CLIENT_HELLO with a fresh nonce, fresh ephemeral KEM keys and the current time, signed
+        by the device key."""
         self._expect(_State.START, "start")
         self._kem = EphemeralKem.generate(self._suite)
-        env = SignedEnvelope.unsigned(
+        env = SignedEnvelope.sign(
             self._suite,
             MsgType.CLIENT_HELLO,
             {
                 Field.DEVICE_KEY_ID: bytes.fromhex(self._device_key.key_id),
                 Field.CLIENT_NONCE: os.urandom(NONCE_LEN),
                 Field.KEM_PUBLIC: self._kem.public_bytes(),
+                Field.TIMESTAMP: u64(max(0, int(self._clock()))),
             },
+            self._device_key,
         )
         self._hello = env.to_bytes()
         self._state = _State.WAITING
@@ -180,7 +207,9 @@ class ClientHandshake(_Machine):
 
 class ServerHandshake(_Machine):
     """Coordinator side.  ``resolve_device`` maps a device key id (hex) to its VerifyKey or None;
-    ``admit`` (optional) may refuse a hello after the cheap checks, before any public-key work."""
+    ``seen`` (optional) is the replay cache shared across hellos (see :data:`HelloReplayCheck`; without it
+    a hello is only checked for freshness); ``admit`` (optional) may refuse a hello after every check,
+    before the encapsulation and the signature."""
 
     def __init__(
         self,
@@ -194,6 +223,7 @@ class ServerHandshake(_Machine):
         max_envelope: int = DEFAULT_MAX_ENVELOPE,
         clock: Callable[[], float] = time.time,
         admit: HandshakeAdmission | None = None,
+        seen: HelloReplayCheck | None = None,
     ) -> None:
         super().__init__()
         if not 0 < lifetime_s <= MAX_SESSION_LIFETIME_S:
@@ -201,6 +231,7 @@ class ServerHandshake(_Machine):
         self._server_key = server_key
         self._resolve = resolve_device
         self._admit = admit
+        self._seen = seen
         self._policy = policy
         self._lifetime_s = int(lifetime_s)
         self._timeout = handshake_timeout_s
@@ -256,8 +287,23 @@ class ServerHandshake(_Machine):
             raise PolicyError(
                 f"device key is {device.alg} but the suite signs with {suite.sig}", code="key_alg_mismatch"
             )
+        # The replay lookup comes before the signature check: a digest lookup is far cheaper than an ML-DSA
+        # verification, so a replayed hello costs one lookup.  Only hellos that verified, are fresh and were
+        # admitted are recorded (below): forgeries cannot fill the cache and evict honest digests, and a
+        # hello refused coordinator_busy may be retried byte for byte.  No one can pre-poison the cache with
+        # a future honest hello either: its bytes hold a fresh random nonce, a fresh KEM key and the
+        # device's own signature.
+        digest = sha256(env.to_bytes())
+        if self._seen is not None and self._seen.seen(digest):
+            raise ReplayError("client hello was already seen", code="replay")
+        env.verify(device)  # proof of possession: bad_signature
+        now = self._clock()
+        if abs(env.get_int(Field.TIMESTAMP) - now) > HELLO_FRESHNESS_S:
+            raise AuthError(f"client hello timestamp is more than {HELLO_FRESHNESS_S} s off", code="stale_request")
         if self._admit is not None:
-            self._admit(device)  # every check above is cheap; what follows is the expensive part
+            self._admit(device)  # every check above is cheap or a verification; what follows is expensive
+        if self._seen is not None and not self._seen.record(digest):
+            raise ReplayError("client hello was already seen", code="replay")  # a concurrent duplicate
         ciphertext, secrets = encapsulate(suite, env.get(Field.KEM_PUBLIC))
         hello = SignedEnvelope.sign(
             suite,

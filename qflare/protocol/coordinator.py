@@ -6,7 +6,8 @@ changes no state, and is recorded as a security event with its reason code.
 
 Cheap checks come before expensive ones: an enrollment's token is looked up before its proof of
 possession is verified and its record signed, and a CLIENT_HELLO must name an enrolled, active device
-before the coordinator encapsulates and signs.  The expensive work of both is drawn from one
+and carry that device's signature over a fresh timestamp, not seen before, before the coordinator
+encapsulates and signs.  The expensive work of both is drawn from one
 :class:`~qflare.protocol.budget.CryptoBudget`, handshakes first.  The coordinator also remembers when each
 device last proved itself (enrollment, handshake, any sealed request) and offers the round selector only
 devices that hold a live session or were seen within ``liveness_window_s`` (all active devices when
@@ -47,6 +48,7 @@ from ..crypto import (
     sign_update_ack,
 )
 from ..crypto.envelope import u64
+from ..crypto.handshake import HELLO_FRESHNESS_S
 from ..crypto.identity import key_id_of
 from ..errors import (
     AuthError,
@@ -77,6 +79,51 @@ from .store import BlobSink, CoordinatorStore
 __all__ = ["Coordinator", "CoordinatorConfig"]
 
 _PENDING_LIMIT = 10_000
+_HELLO_CACHE_LIMIT = 100_000
+
+
+class _HelloReplayCache:
+    """Digests of recent admitted CLIENT_HELLOs (the ``seen`` hook of ServerHandshake).  An entry expires
+    after ``ttl_s`` (2 × the hello freshness window: an older hello is refused as stale before it could be
+    replayed); at most ``limit`` entries are kept, the oldest evicted first.  Only admitted hellos are
+    recorded, so the budget bounds the entries (100 a second × 240 s + the burst, by default) well below
+    the limit.  Thread-safe."""
+
+    def __init__(
+        self, clock: Callable[[], float], ttl_s: float = 2 * HELLO_FRESHNESS_S, limit: int = _HELLO_CACHE_LIMIT
+    ):
+        self._clock, self._ttl, self._limit = clock, ttl_s, limit
+        self._entries: dict[bytes, float] = {}  # insertion (= time) ordered
+        self._lock = threading.Lock()
+
+    def _expire(self, now: float) -> None:
+        horizon = now - self._ttl
+        while self._entries:
+            first = next(iter(self._entries))
+            if self._entries[first] >= horizon:
+                break
+            del self._entries[first]
+
+    def seen(self, digest: bytes) -> bool:
+        with self._lock:
+            self._expire(self._clock())
+            return digest in self._entries
+
+    def record(self, digest: bytes) -> bool:
+        now = self._clock()
+        with self._lock:
+            self._expire(now)
+            if digest in self._entries:
+                return False
+            while len(self._entries) >= self._limit:
+                del self._entries[next(iter(self._entries))]
+            self._entries[digest] = now
+            return True
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
 _MAX_EXAMPLES = 2**31 - 1  # the database column's range
 
 
@@ -141,6 +188,7 @@ class Coordinator:
         self._pending: dict[str, tuple[float, ServerHandshake]] = {}  # insertion (= time) ordered
         self._lock = threading.Lock()
         self._last_seen: dict[str, float] = {}  # device id -> when it last proved itself
+        self._hellos = _HelloReplayCache(clock)
         cfg = self.config
         self.budget: CryptoBudget | None = None
         if cfg.crypto_ops_per_s is not None:
@@ -337,8 +385,9 @@ class Coordinator:
         return VerifyKey.from_bytes(row.sig_alg, row.sig_public_key)
 
     def _hello(self, body: bytes) -> bytes:
-        """The handshake resolves the device (cheap: unknown or revoked key ids end here) before the
-        budget is drawn on and before it encapsulates and signs."""
+        """The handshake resolves the device (cheap: unknown or revoked key ids end here), looks the hello
+        up in the replay cache, verifies its signature and timestamp, and only then draws on the budget,
+        encapsulates and signs."""
         hs = ServerHandshake(
             self.identity,
             self._resolve,
@@ -348,6 +397,7 @@ class Coordinator:
             max_plaintext=self.config.max_update_bytes,
             clock=self._clock,
             admit=lambda _device: self._spend(Work.HANDSHAKE),
+            seen=self._hellos,
         )
         reply = hs.respond(body)
         key = hashlib.sha256(reply).hexdigest()

@@ -5,8 +5,10 @@
 
 Deterministic values (keys from seeds, key ids, KEM public keys, decapsulated secrets, HKDF outputs,
 channel frames, envelope bodies) are exact.  ML-DSA signing is hedged and ML-KEM encapsulation draws
-its own randomness, so signatures, KEM ciphertexts and the handshake messages are *recorded*: the tests
-check that they verify / decapsulate to the recorded values.  ``--check`` compares only the deterministic
+its own randomness, so signatures, KEM ciphertexts and the handshake messages (the signed CLIENT_HELLO
+included; its body is exact) are *recorded*: the tests check that they verify / decapsulate to the
+recorded values.  ``hello_refusals`` are CLIENT_HELLOs a coordinator must refuse (a bad signature, a
+timestamp outside ±120 s of its clock) with the recorded reason code.  ``--check`` compares only the deterministic
 parts and verifies the recorded ones.
 """
 
@@ -26,10 +28,12 @@ from qflare.crypto.handshake import ServerHandshake  # noqa: E402
 from qflare.crypto.identity import SigningKey  # noqa: E402
 from qflare.crypto.kem import EphemeralKem, Role, SharedSecrets, derive_session_keys  # noqa: E402
 from qflare.crypto.suite import DEFAULT_SUITE, HIGH_SUITE, Suite, sha256  # noqa: E402
+from qflare.errors import QflareError  # noqa: E402
 
 OUT = Path(__file__).with_name("crypto_v1.json")
 MESSAGE = b"qflare test vector message"
 CONTEXT = b"qflare/v1/test-vector"
+HELLO_TIME = 1_700_000_000  # the CLIENT_HELLO timestamp; the coordinator's clock in the handshake vectors
 
 
 def seed(label: str, n: int = 32) -> bytes:
@@ -200,6 +204,17 @@ def envelopes() -> list[dict[str, Any]]:
                 },
             ),
             (
+                MsgType.CLIENT_HELLO,
+                {
+                    Field.DEVICE_KEY_ID: bytes.fromhex(key.key_id),
+                    Field.CLIENT_NONCE: seed("hello-nonce"),
+                    Field.KEM_PUBLIC: EphemeralKem.unsafe_from_seeds(
+                        suite, seed(f"envelope/{suite.kem}/mlkem", 64), seed(f"envelope/{suite.kem}/x25519")
+                    ).public_bytes(),
+                    Field.TIMESTAMP: u64(HELLO_TIME),
+                },
+            ),
+            (
                 MsgType.CLIENT_FINISH,
                 {Field.DEVICE_KEY_ID: bytes.fromhex(key.key_id), Field.TRANSCRIPT_HASH: seed("th")},
             ),
@@ -226,16 +241,19 @@ def handshake(suite: Suite) -> dict[str, Any]:
     device, server = SigningKey.from_seed(suite.sig, dev_seed), SigningKey.from_seed(suite.sig, srv_seed)
     ms, xs = seed(f"hs/{suite.kem}/mlkem", 64), seed(f"hs/{suite.kem}/x25519")
     kem = EphemeralKem.unsafe_from_seeds(suite, ms, xs)
-    ch = SignedEnvelope.unsigned(
+    ch_env = SignedEnvelope.sign(
         suite,
         MsgType.CLIENT_HELLO,
         {
             Field.DEVICE_KEY_ID: bytes.fromhex(device.key_id),
             Field.CLIENT_NONCE: seed("hs/nonce"),
             Field.KEM_PUBLIC: kem.public_bytes(),
+            Field.TIMESTAMP: u64(HELLO_TIME),
         },
-    ).to_bytes()
-    srv = ServerHandshake(server, {device.key_id: device.public}.get, lifetime_s=900)
+        device,
+    )
+    ch = ch_env.to_bytes()
+    srv = ServerHandshake(server, {device.key_id: device.public}.get, lifetime_s=900, clock=lambda: HELLO_TIME)
     sh = srv.respond(ch)
     sh_env = SignedEnvelope.open(sh, server.public, expected_type=MsgType.SERVER_HELLO)
     th = sha256(ch, sh)
@@ -254,6 +272,8 @@ def handshake(suite: Suite) -> dict[str, Any]:
         "server_seed": h(srv_seed),
         "mlkem_seed": h(ms),
         "x25519_private": h(xs),
+        "server_time": HELLO_TIME,
+        "client_hello_body": h(ch_env.body),
         "client_hello": h(ch),
         "server_hello": h(sh),
         "client_finish": h(cf),
@@ -263,6 +283,53 @@ def handshake(suite: Suite) -> dict[str, Any]:
         "session_id": h(keys.session_id),
         "lifetime_s": u32(900).hex(),
     }
+
+
+def hello_refusals(suite: Suite) -> list[dict[str, Any]]:
+    """CLIENT_HELLOs a coordinator (clock at ``server_time``) must refuse before any expensive work."""
+    dev_seed, srv_seed = seed(f"hs/{suite.sig}/device"), seed(f"hs/{suite.sig}/server")
+    device = SigningKey.from_seed(suite.sig, dev_seed)
+    kem = EphemeralKem.unsafe_from_seeds(suite, seed(f"hs/{suite.kem}/mlkem", 64), seed(f"hs/{suite.kem}/x25519"))
+
+    def hello(ts: int, label: str) -> bytes:
+        fields = {
+            Field.DEVICE_KEY_ID: bytes.fromhex(device.key_id),
+            Field.CLIENT_NONCE: seed(f"hs/refusal/{label}"),
+            Field.KEM_PUBLIC: kem.public_bytes(),
+            Field.TIMESTAMP: u64(ts),
+        }
+        return SignedEnvelope.sign(suite, MsgType.CLIENT_HELLO, fields, device).to_bytes()
+
+    good = hello(HELLO_TIME, "bad-signature")
+    bad_sig = good[:-1] + bytes([good[-1] ^ 0x01])
+    rows = []
+    for name, ch, code in (
+        ("bad_signature", bad_sig, "bad_signature"),
+        ("stale_past", hello(HELLO_TIME - 121, "stale-past"), "stale_request"),
+        ("stale_future", hello(HELLO_TIME + 121, "stale-future"), "stale_request"),
+    ):
+        try:
+            ServerHandshake(
+                SigningKey.from_seed(suite.sig, srv_seed), {device.key_id: device.public}.get, clock=lambda: HELLO_TIME
+            ).respond(ch)
+        except QflareError as exc:
+            assert exc.code == code, (name, exc.code)
+        else:  # pragma: no cover
+            raise AssertionError(f"{name} was accepted")
+        env = SignedEnvelope.parse(ch)
+        rows.append(
+            {
+                "name": name,
+                "suite": h(suite.to_bytes()),
+                "device_seed": h(dev_seed),
+                "server_seed": h(srv_seed),
+                "server_time": HELLO_TIME,
+                "client_hello_body": h(env.body),
+                "client_hello": h(ch),
+                "code": code,
+            }
+        )
+    return rows
 
 
 def build() -> dict[str, Any]:
@@ -281,6 +348,7 @@ def build() -> dict[str, Any]:
         "channel": channel(),
         "envelopes": envelopes(),
         "handshakes": [handshake(DEFAULT_SUITE), handshake(HIGH_SUITE)],
+        "hello_refusals": hello_refusals(DEFAULT_SUITE) + hello_refusals(HIGH_SUITE),
     }
 
 
@@ -291,6 +359,7 @@ RECORDED = {
     "shared_mlkem",
     "shared_x25519",
     "envelope",
+    "client_hello",
     "server_hello",
     "client_finish",
     "transcript_hash",
@@ -308,6 +377,7 @@ def _strip(obj: Any, path: str = "") -> Any:
             or path.endswith("handshakes")
             or path.endswith("identities")
             or path.endswith("envelopes")
+            or path.endswith("hello_refusals")
         )
         return {k: _strip(v, path + "/" + k) for k, v in obj.items() if not (skip_ks and k in RECORDED)}
     if isinstance(obj, list):

@@ -9,7 +9,7 @@ every protocol frame type, the signed-payload framing, key and pin files, the id
 enrollment token encoding, canonical JSON bodies, and negative vectors (input -> expected error code).
 
 Everything is built from fixed seeds.  ML-DSA signing is hedged and ML-KEM encapsulation draws its own
-randomness, so signatures, the SERVER_HELLO, everything after it in the handshake, encrypted key files and
+randomness, so signatures (the signed CLIENT_HELLO's included), the SERVER_HELLO, everything after it in the handshake, encrypted key files and
 frames that carry a signed envelope are *recorded*: the test checks that they verify, decapsulate,
 decrypt or re-seal as stated.  ``--check`` compares only the deterministic parts.  The expected error of
 each negative vector is what the reference code raises when the generator runs; the test re-checks it.
@@ -166,7 +166,21 @@ def message_cases(suite: Suite) -> list[tuple[str, MsgType, str, dict[Field, byt
         Field.STATUS: b"\x00",
         Field.TIMESTAMP: u64(T0 + 60),
     }
+    hello_kem = EphemeralKem.unsafe_from_seeds(
+        suite, seed(f"hello/{suite.kem}/mlkem", 64), seed(f"hello/{suite.kem}/x25519") if suite.x25519 else None
+    )
     return [
+        (
+            "CLIENT_HELLO",
+            MsgType.CLIENT_HELLO,
+            "device",
+            {
+                Field.DEVICE_KEY_ID: dev.key_id_bytes,
+                Field.CLIENT_NONCE: seed("hello/nonce"),
+                Field.KEM_PUBLIC: hello_kem.public_bytes(),
+                Field.TIMESTAMP: u64(T0),
+            },
+        ),
         (
             "ENROLL_REQUEST",
             MsgType.ENROLL_REQUEST,
@@ -238,16 +252,21 @@ def non_hybrid_handshake() -> dict[str, Any]:
     dev, srv = key("device", suite.sig), key("server", suite.sig)
     ms = seed(f"hs/{suite.kem}/mlkem", 64)
     kem = EphemeralKem.unsafe_from_seeds(suite, ms, None)
-    ch = SignedEnvelope.unsigned(
+    ch_env = SignedEnvelope.sign(
         suite,
         MsgType.CLIENT_HELLO,
         {
             Field.DEVICE_KEY_ID: dev.key_id_bytes,
             Field.CLIENT_NONCE: seed("hs/nonce"),
             Field.KEM_PUBLIC: kem.public_bytes(),
+            Field.TIMESTAMP: u64(T0),
         },
-    ).to_bytes()
-    server = ServerHandshake(srv, {dev.key_id: dev.public}.get, policy=LOW_POLICY, lifetime_s=900)
+        dev,
+    )
+    ch = ch_env.to_bytes()
+    server = ServerHandshake(
+        srv, {dev.key_id: dev.public}.get, policy=LOW_POLICY, lifetime_s=900, clock=lambda: float(T0)
+    )
     sh = server.respond(ch)
     sh_env = SignedEnvelope.open(sh, srv.public, expected_type=MsgType.SERVER_HELLO)
     th = sha256(ch, sh)
@@ -264,7 +283,9 @@ def non_hybrid_handshake() -> dict[str, Any]:
         "server_seed": h(srv.unsafe_seed_bytes()),
         "mlkem_seed": h(ms),
         "client_nonce": h(seed("hs/nonce")),
-        "client_hello": h(ch),
+        "server_time": T0,
+        "client_hello_body": h(ch_env.body),
+        "client_hello": h(ch),  # recorded: hedged signature
         "server_hello": h(sh),
         "client_finish": h(cf),
         "finish_body": h(sha256(sh) + cf),
@@ -376,6 +397,10 @@ def apply(vec: dict[str, Any]) -> None:
         SignedEnvelope.open(data, vk, expected_type=MsgType[p["expected_type"]])
     elif fed == "unpack_signed":
         unpack_signed(data)
+    elif fed == "ServerHandshake.respond":
+        device = SigningKey.from_seed(p["key_alg"], bytes.fromhex(p["key_seed"])).public
+        server = SigningKey.from_seed(p["key_alg"], bytes.fromhex(p["server_seed"]))
+        ServerHandshake(server, {device.key_id: device}.get, clock=lambda: float(p["server_time"])).respond(data)
     else:
         ch = Channel(
             bytes.fromhex(p["session_id"]),
@@ -465,7 +490,27 @@ def negatives() -> list[dict[str, Any]]:
     def request_frame(ft: Frame, body: bytes) -> str:
         return h(unsafe_seal_frame(recv_key, sid, int(ft), 0, 0, body))
 
+    hello_fields = next(f for n, _, _, f in message_cases(suite) if n == "CLIENT_HELLO")
+
+    def hello(ts: int, signer: SigningKey = dev) -> bytes:
+        return SignedEnvelope.sign(
+            suite, MsgType.CLIENT_HELLO, {**hello_fields, Field.TIMESTAMP: u64(ts)}, signer
+        ).to_bytes()
+
+    hello_params = {**dev_key, "server_seed": h(srv.unsafe_seed_bytes()), "server_time": T0}
+    hello_flip = bytearray(hello(T0))
+    hello_flip[-100] ^= 0x01
+
     rows: list[tuple[str, str, bytes | str, dict[str, Any]]] = [
+        ("CLIENT_HELLO with a flipped signature byte", "ServerHandshake.respond", bytes(hello_flip), hello_params),
+        (
+            "CLIENT_HELLO naming the device, signed by another key",
+            "ServerHandshake.respond",
+            hello(T0, srv),
+            hello_params,
+        ),
+        ("CLIENT_HELLO 121 s old", "ServerHandshake.respond", hello(T0 - 121), hello_params),
+        ("CLIENT_HELLO 121 s in the future", "ServerHandshake.respond", hello(T0 + 121), hello_params),
         ("unknown suite byte (KEM id 0x03)", "Suite.from_bytes", bytes.fromhex("0102030101"), {}),
         ("X25519 flag neither 0 nor 1", "Suite.from_bytes", bytes.fromhex("0102010201"), {}),
         ("flipped signature byte", "SignedEnvelope.open", bytes(flip_sig), open_upd),
@@ -752,6 +797,7 @@ def build() -> dict[str, Any]:
 # Values that are random at generation time, and values derived from them.
 RECORDED = {
     "envelope",
+    "client_hello",
     "encrypted_pkcs8_pem",
     "server_hello",
     "client_finish",
