@@ -40,6 +40,8 @@ GENEROUS = HttpLimits(
     session_burst=10_000.0,
     ops_rate=10_000.0,
     ops_burst=10_000.0,
+    keys_rate=10_000.0,
+    keys_burst=10_000.0,
     event_burst=10_000,
 )
 

@@ -23,7 +23,16 @@ from qflare.server.limits import EventThrottle, RateLimiter
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 OCTETS = "application/octet-stream"
-LOOSE = dict(ip_rate=1e4, ip_burst=1e4, session_rate=1e4, session_burst=1e4, ops_rate=1e4, ops_burst=1e4)
+LOOSE = dict(
+    ip_rate=1e4,
+    ip_burst=1e4,
+    session_rate=1e4,
+    session_burst=1e4,
+    ops_rate=1e4,
+    ops_burst=1e4,
+    keys_rate=1e4,
+    keys_burst=1e4,
+)
 
 
 @dataclass
@@ -323,6 +332,29 @@ def test_scrapes_and_probes_are_rate_limited_per_address_but_never_refused_at_th
         other = TestClient(app, client=("198.51.100.9", 1))
         assert other.get("/metrics").status_code == 200  # per address
     assert [e.reason for e in runtime.store.security_events(10)][:1] == ["rate_limited"]
+
+
+def test_public_key_routes_have_a_tight_bucket_per_address_refused_before_any_crypto(tmp_path: Path) -> None:
+    """Each enrollment or hello costs the coordinator a verification (and then a signature and an
+    encapsulation); an address gets ``keys_burst`` of them, then 429 without the coordinator being asked."""
+    runtime = make_runtime(tmp_path, http=HttpLimits(**{**LOOSE, "keys_rate": 0.001, "keys_burst": 3.0}))
+    app = create_app(runtime)
+    calls: list[str] = []
+    handle = runtime.coordinator.handle
+
+    def counting(route, body, **kw):  # type: ignore[no-untyped-def]
+        calls.append(str(route))
+        return handle(route, body, **kw)
+
+    runtime.coordinator.handle = counting  # type: ignore[method-assign]
+    with TestClient(app) as client:
+        hello = [client.post("/v1/handshake/hello", content=b"x", headers={"Content-Type": OCTETS}) for _ in range(3)]
+        assert [r.status_code for r in hello] == [400, 400, 400] and len(calls) == 3  # parsed: malformed
+        more = client.post("/v1/enroll", content=b"x", headers={"Content-Type": OCTETS})
+        assert more.status_code == 429 and more.json()["code"] == "rate_limited" and len(calls) == 3
+        assert more.headers.get("Retry-After")
+        other = TestClient(app, client=("198.51.100.9", 1))
+        assert other.post("/v1/handshake/hello", content=b"x", headers={"Content-Type": OCTETS}).status_code == 400
 
 
 # ---------------------------------------------------------------- item 9: Content-Type

@@ -185,6 +185,8 @@ def create_app(runtime: ServerRuntime) -> FastAPI:
     def protocol_route(route: Route, summary: str, media_type: str = "application/octet-stream") -> None:
         async def serve(request: Request, session_id: str | None) -> Response:
             await gate.admit(request, session_id)
+            if route in (Route.ENROLL, Route.HELLO):
+                await gate.admit_keys(request)
             await gate.media_type(request, _OCTETS, session_id)
             body = await gate.body(request, small, session_id)
             return await call(route, request, body, session_id, media_type)

@@ -48,6 +48,9 @@ class RequestGate:
             limits.session_rate, limits.session_burst, report_interval_s=limits.event_interval_s
         )
         self.by_address_ops = RateLimiter(limits.ops_rate, limits.ops_burst, report_interval_s=limits.event_interval_s)
+        self.by_address_keys = RateLimiter(
+            limits.keys_rate, limits.keys_burst, report_interval_s=limits.event_interval_s
+        )
         self.events = EventThrottle(limits.event_burst, limits.event_interval_s)
         self._uploads: asyncio.Semaphore | None = None
         self._uploads_loop: asyncio.AbstractEventLoop | None = None
@@ -104,6 +107,13 @@ class RequestGate:
         decision = self.by_address_ops.check(remote[:_MAX_KEY])
         if not decision.allowed:
             await self._rate_limited(decision, f"address {remote}", request, None)
+
+    async def admit_keys(self, request: Request) -> None:
+        """The public-key routes' own per-address bucket (enrollment and the handshake hello)."""
+        remote = remote_of(request)
+        decision = self.by_address_keys.check(remote[:_MAX_KEY])
+        if not decision.allowed:
+            await self._rate_limited(decision, f"address {remote} (public-key routes)", request, None)
 
     async def media_type(self, request: Request, expected: str, session_id: str | None = None) -> None:
         """Refuse (recorded) a request whose Content-Type is not ``expected``."""

@@ -60,6 +60,14 @@ class HttpLimits:
     """Requests per second per client address to ``/metrics`` and ``/readyz`` (a bucket of their own:
     a scrape every few seconds and the probes of an orchestrator stay far below it)."""
     ops_burst: float = 30.0
+    keys_rate: float = 5.0
+    """Requests per second per client address to the public-key routes (``/v1/enroll`` and
+    ``/v1/handshake/hello``: each one costs the coordinator a signature verification and, once checked, a
+    signature and a key encapsulation).  A device runs them once per session; an address that sends more
+    is flooding, and each refusal here costs nothing of the kind."""
+    keys_burst: float = 20.0
+    """Devices behind one address (NAT) reconnecting together after a restart fit in this burst; more wait
+    for the refill (429 with Retry-After, which the device waits out)."""
     body_grace_s: float = 10.0
     """A request body may take this long before the minimum transfer rate applies."""
     min_body_rate: float = 8 * 1024.0
