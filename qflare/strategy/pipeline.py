@@ -36,7 +36,7 @@ from qflare.strategy.base import (
     UpdateCheck,
     Weighting,
 )
-from qflare.strategy.checks import DEFAULT_MAX_ABS, ExampleCountCheck, FiniteCheck, MaxAbsBound, ShapeCheck
+from qflare.strategy.checks import DEFAULT_MAX_ABS, ExampleCountCheck, FiniteCheck, MaxAbsBound, ShapeCheck, max_abs
 from qflare.strategy.combine import CoordinateMedian, Krum, ShareCappedMean, TrimmedMean, WeightedMean
 from qflare.strategy.server_opt import ServerAdagrad, ServerAdam, ServerMomentum, ServerSGD, ServerYogi
 from qflare.strategy.weighting import ByExamples, Uniform
@@ -224,7 +224,7 @@ class RoundAggregation:
             delta = transform.apply(delta)
             if delta.dtype != torch.float32 or delta.shape != (self._dim,):
                 raise ValidationError(f"{transform!r} changed the delta's shape or dtype", code="bad_shape")
-        largest = float(delta.abs().max()) if delta.numel() else 0.0
+        largest = max_abs(delta)
         return PreparedUpdate(update.device_id, delta, weight, n, largest)
 
     def commit(self, prepared: PreparedUpdate) -> None:
@@ -273,7 +273,7 @@ class RoundAggregation:
     def _check_model(self, flat: torch.Tensor) -> None:
         if flat.dtype != torch.float32 or flat.shape != (self._dim,):
             raise ValidationError("the server step changed the model's shape or dtype", code="bad_shape")
-        largest = float(flat.abs().max()) if flat.numel() else 0.0
+        largest = max_abs(flat)
         bound = self._pipeline.max_model_abs
         if largest <= bound:
             return
