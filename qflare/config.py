@@ -14,7 +14,7 @@ from pathlib import Path
 __all__ = ["MALLOC_ENV", "default_data_dir"]
 
 # glibc's default malloc thresholds make every round's large temporary tensors go back to the kernel
-# and fault in again (see BENCHMARKS.md: ~0.8 s a round on fmnist-dir05).  QFLARE sets these for the
+# and fault in again (docs/performance.md: ~0.8 s a round on fmnist-dir05).  QFLARE sets these for the
 # processes it starts itself (device processes, benchmarks); they must be in the environment before
 # the process starts, so they cannot be applied to the current one.
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "33554432", "MALLOC_TRIM_THRESHOLD_": "4294967296"}

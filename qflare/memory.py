@@ -1,6 +1,6 @@
 """glibc heap tuning for QFLARE's own long-running processes (simulation, device client).
 
-BENCHMARKS.md: glibc's adaptive thresholds made each round's large temporary tensors go back to the
+docs/performance.md: glibc's adaptive thresholds made each round's large temporary tensors go back to the
 kernel and fault in again (~0.8 s a round on fmnist-dir05).  :func:`tune_heap` fixes the mmap threshold
 at 32 MiB and the trim threshold at 4 GiB at run time (``mallopt``, the same effect as the
 ``MALLOC_MMAP_THRESHOLD_``/``MALLOC_TRIM_THRESHOLD_`` variables); :func:`release_free_memory` then gives
