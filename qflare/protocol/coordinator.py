@@ -257,7 +257,6 @@ class Coordinator:
         A refusal under a session names the session's device (``exc.device_id`` and the event) only when
         a frame authenticated under it in this request: the session id is a cleartext header, so a frame
         that fails before or at AEAD authentication is from an unauthenticated sender."""
-        device_id: str | None = None
         sess: _Session | None = None
         try:
             route = Route(route)
@@ -290,11 +289,10 @@ class Coordinator:
             return out
         except QflareError as exc:
             if isinstance(exc, (ProtocolError, ValidationError)):
-                device_id = exc.device_id
                 detail = f"{getattr(route, 'value', route)}: {exc}"
-                if sess is not None and device_id is None:
+                if sess is not None and exc.device_id is None:
                     detail += " (unauthenticated sender: no frame authenticated under this session)"
-                self._event(exc.code, detail, device_id, session_id, remote)
+                self._event(exc.code, detail, exc.device_id, session_id, remote)
             raise
 
     def _event(self, code: str, detail: str, device_id: str | None, session_id: str | None, remote: str | None) -> None:
