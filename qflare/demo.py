@@ -48,6 +48,7 @@ class DemoConfig:
         spec = self.federation
         if not isinstance(spec, FederationSpec) or spec.per_round > spec.devices:
             raise DemoError("need devices >= 1, rounds >= 1 and 1 <= per-round <= devices", code="config_error")
+        spec.build_strategy()  # a strategy that cannot aggregate per_round updates is refused here
 
 
 @dataclass

@@ -675,7 +675,12 @@ CODE_SPECS: Mapping[ErrorCode, CodeSpec] = MappingProxyType(
         _C.NORM_EXCEEDED: _spec("an update's norm exceeds the configured bound", _R, ValidationError),
         _C.DUPLICATE_UPDATE: _spec("the device already contributed to the round", _D, ValidationError),
         _C.NO_UPDATES: _spec("a round has no updates to aggregate", _R, ValidationError),
-        _C.TOO_FEW_UPDATES: _spec("too few updates for the robust aggregator", _R, ValidationError),
+        _C.TOO_FEW_UPDATES: _spec(
+            "too few updates for the robust aggregator (or configured rounds too small for it)",
+            _R,
+            ValidationError,
+            ConfigError,
+        ),
         _C.MALFORMED_BLOB: _spec("a tensor blob does not parse", _R, ValidationError),
         _C.UNSUPPORTED_FORMAT: _spec("a blob's format version is not supported", _R, ValidationError),
         _C.WRONG_KIND: _spec("a blob of another kind (model/update) than expected", _R, ValidationError),

@@ -31,7 +31,7 @@ from .data.sources import DatasetLoader
 from .errors import ConfigError, QflareError
 from .models import ModelFactory
 from .protocol.selection import ClientSelector, SelectorFactory
-from .strategy.pipeline import StrategyFactory
+from .strategy.pipeline import Pipeline, StrategyFactory, build_strategy
 from .training import TrainConfig
 
 __all__ = ["FORMAT", "FederationSpec", "suite_by_name"]
@@ -154,6 +154,20 @@ class FederationSpec:
             alpha=self.alpha,
             shards_per_device=self.shards_per_device,
         )
+
+    @property
+    def smallest_round(self) -> int:
+        """The fewest updates a round of this federation is meant to aggregate: ``min_participants``,
+        else ``per_round``."""
+        return self.min_participants or self.per_round
+
+    def build_strategy(self) -> Pipeline:
+        """The strategy pipeline, checked against :attr:`smallest_round` (ConfigError ``too_few_updates``
+        when its combine cannot work with that few updates, e.g. Krum's n > 2f + 2), so a federation
+        that could never aggregate is refused before it starts."""
+        pipeline = build_strategy(self.strategy, **dict(self.strategy_args))
+        pipeline.check_round_size(self.smallest_round)
+        return pipeline
 
     def replace(self, **changes: Any) -> FederationSpec:
         """A copy with ``changes`` applied (validated again)."""

@@ -39,7 +39,7 @@ from .models import create_model
 from .protocol import Coordinator, CoordinatorConfig, Device, RoundConfig
 from .protocol.selection import build_selector, check_selection
 from .storage import Database, Store
-from .strategy import ClientUpdate, RoundAggregation, build_strategy
+from .strategy import ClientUpdate, RoundAggregation
 from .training import LocalTrainer, TrainConfig, TrainResult, client_seed, evaluate
 from .transport import InProcessTransport
 from .wire import ParamLayout
@@ -75,6 +75,12 @@ class SimulationConfig:
             raise ConfigError(f"workers must be >= 0, got {self.workers}")
         if self.eval_chunks < 1:
             raise ConfigError(f"eval_chunks must be >= 1, got {self.eval_chunks}")
+        spec = self.federation
+        if spec.per_round > spec.devices:
+            raise ConfigError(
+                f"per_round ({spec.per_round}) cannot exceed devices ({spec.devices}): a round selects distinct devices"
+            )
+        spec.build_strategy()  # refuse now a strategy that cannot aggregate per_round updates
 
 
 @dataclass
@@ -87,6 +93,8 @@ class RoundRecord:
     updates: int
     examples: int
     model_sha256: str
+    published: bool = True
+    """False when the round failed (its aggregate was refused): the global model stayed as it was."""
 
 
 @dataclass
@@ -176,6 +184,9 @@ class Federation(Protocol):
     def submit(self, i: int, prepared: Any) -> None:
         """Send device ``i``'s prepared update (called in selection order on the driver thread)."""
 
+    def published(self, number: int) -> bool:
+        """Whether round ``number`` published a new global model (False: it failed, the model stayed)."""
+
     def model(self) -> tuple[torch.Tensor, str]:
         """The current global model (flat vector, content hash) after the round's last submission."""
 
@@ -199,7 +210,7 @@ class _SecureFederation:
         self.coordinator = Coordinator(
             layout=layout,
             initial_flat=initial,
-            strategy=build_strategy(spec.strategy, **spec.strategy_args),
+            strategy=spec.build_strategy(),
             identity=SigningKey.generate(spec.suite.sig),
             store=Store(self._db),
             # No deadline in a simulation: every selected device answers (a round may take long).
@@ -244,6 +255,9 @@ class _SecureFederation:
     def submit(self, i: int, sealed: Any) -> None:
         self.devices[i].submit(sealed)
 
+    def published(self, number: int) -> bool:
+        return self.coordinator.rounds.model.round_number == number
+
     def model(self) -> tuple[torch.Tensor, str]:
         m = self.coordinator.rounds.model
         return m.flat, m.sha256
@@ -258,7 +272,7 @@ class _DirectFederation:
 
     def __init__(self, cfg: SimulationConfig, layout: ParamLayout, initial: torch.Tensor) -> None:
         spec = self._spec = cfg.federation
-        self._strategy = build_strategy(spec.strategy, **spec.strategy_args)
+        self._strategy = spec.build_strategy()
         self._selector = build_selector(spec.selector)  # the same selector, over device indices
         self._flat, self._number = initial, 0
         self._agg: RoundAggregation | None = None
@@ -282,6 +296,9 @@ class _DirectFederation:
         self._agg.add(update)
         if self._agg.count == min(self._spec.per_round, self._spec.devices):
             self._flat, self._agg = self._agg.finish(), None
+
+    def published(self, number: int) -> bool:
+        return self._agg is None  # finish() raises when it refuses the aggregate
 
     def model(self) -> tuple[torch.Tensor, str]:
         return self._flat, ""
@@ -380,6 +397,7 @@ def run_simulation(
                 examples += result.num_examples
             finish_eval()
             release_free_memory()
+            published = fed.published(number)
             flat, digest = fed.model()
             rec = RoundRecord(
                 number,
@@ -390,6 +408,7 @@ def run_simulation(
                 len(chosen),
                 examples,
                 digest,
+                published,
             )
             pending = (rec, flat, [])
         finish_eval()

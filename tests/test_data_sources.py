@@ -177,9 +177,23 @@ def test_missing_dataset_says_how_to_get_it(tmp_path: Path) -> None:
         load_dataset("fashion-mnist", root=empty, download=False)
     msg = str(info.value)
     assert "apt-get install dataset-fashion-mnist" in msg
-    assert "download=True" in msg and "--download" in msg and "QFLARE_DATA_DIR" in msg
+    assert f"qflare data download fashion-mnist --dest {empty}" in msg and "download=True" in msg
+    assert "--download" not in msg  # no such option
+    assert "QFLARE_DATA_DIR" not in msg  # a given root replaces it: suggesting it would mislead
     assert str(empty) in msg
     assert isinstance(info.value, DataError) and info.value.code == "dataset_missing"
+
+
+def test_missing_dataset_without_root_names_the_download_command(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("QFLARE_DATA_DIR", str(tmp_path / "env"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    with pytest.raises(DatasetMissingError) as info:
+        load_dataset("cifar10")
+    msg = str(info.value)
+    assert "qflare data download cifar10," in msg and "--dest" not in msg
+    assert "QFLARE_DATA_DIR" in msg and "--data-root" in msg
 
 
 def test_load_dataset_rejects_unknown_names(tmp_path: Path) -> None:

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from qflare.data.download import default_cache_dir, download_dataset
+from qflare.data.download import KNOWN_FILES, default_cache_dir, download_dataset
 from qflare.errors import ConfigError, DataError, DatasetMissingError
 from qflare.registry import RegisteredNames, Registry
 
@@ -318,7 +318,7 @@ class _FileBacked:
             if paths is not None:
                 return self.read(paths)
         if not download:
-            raise DatasetMissingError(self._missing_message(split, searched))
+            raise DatasetMissingError(self._missing_message(split, searched, root))
         dest = download_dataset(self.name, self._download_dir(root))
         paths = self.locate(dest, split)
         if paths is None:
@@ -343,17 +343,19 @@ class _FileBacked:
         env = os.environ.get("QFLARE_DATA_DIR")
         return Path(env) / self.name if env else default_cache_dir() / self.name
 
-    def _missing_message(self, split: str, searched: list[Path]) -> str:
+    def _missing_message(self, split: str, searched: list[Path], root: str | Path | None = None) -> str:
         lines = [f"dataset {self.name!r} ({split} split) not found; looked in:"]
         lines += [f"  {d}" for d in searched]
         lines.append("To get it, do one of:")
         if self.hint:
             lines.append(f"  - {self.hint}")
-        lines += [
-            "  - download it: load_dataset(..., download=True) or pass --download on the command line "
-            "(checksums are verified)",
-            f"  - set QFLARE_DATA_DIR to a folder holding {self.name}/ with {self.layout} inside",
-        ]
+        if self.name in KNOWN_FILES:
+            command = f"qflare data download {self.name}" + (f" --dest {root}" if root is not None else "")
+            lines.append(f"  - download it (checksums are verified): {command}, or load_dataset(..., download=True)")
+        if root is not None:  # --data-root replaces every other place: QFLARE_DATA_DIR is not read
+            lines.append(f"  - put {self.layout} in {root} or {Path(root) / self.name}")
+        else:
+            lines.append(f"  - set QFLARE_DATA_DIR (or pass --data-root) to a folder holding {self.name}/ with {self.layout}")
         return "\n".join(lines)
 
 

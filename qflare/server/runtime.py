@@ -28,7 +28,6 @@ from ..models import create_model
 from ..protocol import Coordinator, CoordinatorConfig, PublishedModel, RoundConfig
 from ..storage import BlobStore, Database, Store
 from ..storage.scrub import ScrubReport, verify_store
-from ..strategy import build_strategy
 from ..wire import ParamLayout
 from .credentials import AdminToken, load_or_create_admin_token, load_or_create_identity
 from .evaluation import Evaluator
@@ -128,7 +127,7 @@ class ServerRuntime:
         self.coordinator = Coordinator(
             layout=self.layout,
             initial_flat=self.layout.module_to_flat(model),
-            strategy=build_strategy(spec.strategy, **dict(spec.strategy_args)),
+            strategy=spec.build_strategy(),
             identity=self.identity,
             store=self.store,
             rounds=RoundConfig(

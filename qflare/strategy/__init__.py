@@ -34,6 +34,7 @@ from qflare.strategy.pipeline import (
     fedyogi,
     krum,
     register_strategy,
+    strategy_factory,
 )
 from qflare.strategy.server_opt import ServerAdagrad, ServerAdam, ServerMomentum, ServerSGD, ServerYogi
 from qflare.strategy.transforms import ClipNorm
@@ -85,4 +86,5 @@ __all__ = [
     "fedyogi",
     "krum",
     "register_strategy",
+    "strategy_factory",
 ]

@@ -249,6 +249,10 @@ class CoordinateMedian:
     def start(self, dim: int) -> _BufferAccumulator:
         return _BufferAccumulator(dim, lambda deltas: _by_column_blocks(deltas, _median_block))
 
+    def round_size_problem(self, n: int) -> str | None:
+        """Why ``n`` updates are too few for this rule, or None (a median needs one)."""
+        return None if n >= 1 else "the coordinate-wise median needs at least 1 update"
+
 
 @dataclass(frozen=True)
 class TrimmedMean:
@@ -273,6 +277,19 @@ class TrimmedMean:
 
     def start(self, dim: int) -> _BufferAccumulator:
         return _BufferAccumulator(dim, self._reduce)
+
+    def round_size_problem(self, n: int) -> str | None:
+        """Why ``n`` updates are too few, or None: with ``beta > 0`` at least one value must be trimmed
+        from each end (else the rule is a plain mean that tolerates nobody)."""
+        if n < 1:
+            return "the trimmed mean needs at least 1 update"
+        if self.beta > 0 and math.floor(self.beta * n) == 0:
+            need = next(k for k in range(n + 1, n + 10_000) if math.floor(self.beta * k) >= 1)
+            return (
+                f"the {self.beta:g}-trimmed mean of {n} updates trims floor({self.beta:g}*{n}) = 0 from each end, "
+                f"so it would be a plain mean; it needs at least {need} updates"
+            )
+        return None
 
 
 class _KrumAccumulator(_BufferAccumulator):
@@ -334,3 +351,12 @@ class Krum:
 
     def start(self, dim: int) -> _KrumAccumulator:
         return _KrumAccumulator(dim, self)
+
+    def round_size_problem(self, n: int) -> str | None:
+        """Why ``n`` updates are too few (the checks :meth:`_KrumAccumulator.result` makes), or None."""
+        f, m = self.f, self.m
+        if n <= 2 * f + 2:
+            return f"Krum with f={f} needs more than 2f+2 = {2 * f + 2} updates, so at least {2 * f + 3}"
+        if m > n - f:
+            return f"Multi-Krum with m={m}, f={f} needs at least m+f = {m + f} updates"
+        return None

@@ -59,6 +59,7 @@ __all__ = [
     "fedyogi",
     "krum",
     "register_strategy",
+    "strategy_factory",
 ]
 
 _SHAPE = ShapeCheck()
@@ -141,6 +142,21 @@ class Pipeline:
                 f"{self.combine!r} needs individual updates, but secure aggregation only reveals their sum; "
                 "use WeightedMean"
             )
+
+    def check_round_size(self, n: int) -> None:
+        """Raise :class:`ConfigError` (code ``too_few_updates``) when a round of ``n`` updates cannot be
+        combined: Krum's n > 2f + 2, a trimmed mean that would trim nothing, a median of nothing.
+
+        A combine states its need through an optional ``round_size_problem(n) -> str | None`` method
+        (the reason, or None); one without it is taken to work with any n >= 1.  Call this at start-up
+        with the fewest updates a round may aggregate (``min_participants``, else ``per_round``), so a
+        run that could never aggregate is refused instead of failing every round."""
+        if isinstance(n, bool) or not isinstance(n, int):
+            raise ConfigError(f"a round size is an integer, got {n!r}")
+        problem: Callable[[int], str | None] | None = getattr(self.combine, "round_size_problem", None)
+        reason = problem(n) if problem is not None else (None if n >= 1 else "a round needs at least 1 update")
+        if reason is not None:
+            raise ConfigError(f"a round of {n} update(s) is too few: {reason}", code="too_few_updates")
 
     def begin(self, global_flat: torch.Tensor) -> RoundAggregation:
         """Open a round on top of ``global_flat`` (copied: the caller may keep using its tensor)."""
@@ -362,6 +378,11 @@ def register_strategy(name: str, factory: StrategyFactory, *, replace: bool = Fa
     if not callable(factory):
         raise ConfigError(f"strategy {name!r}: the factory must be callable, got {type(factory).__name__}")
     _REGISTRY.register(name, factory, replace=replace)
+
+
+def strategy_factory(name: str) -> StrategyFactory:
+    """The factory registered under ``name`` (ConfigError listing the registered names otherwise)."""
+    return _REGISTRY.get(name)
 
 
 def build_strategy(strategy: str | StrategyFactory, **kwargs: Any) -> Pipeline:
