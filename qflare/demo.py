@@ -140,7 +140,15 @@ def _follow(
         on_status(status)
         history = list(status.get("history") or [])
         if status.get("state") == "finished":
-            if any(int(h.get("round", -1)) >= cfg.federation.rounds for h in history):
+            version = int(status.get("model_version") or 0)
+            if version == 0:
+                raise DemoError(
+                    f"every one of the {cfg.federation.rounds} rounds failed: no model was published "
+                    f"(the reason is in {server.log_path})",
+                    code="all_rounds_failed",
+                )
+            # the last published model evaluated (a failed last round publishes nothing)
+            if any(int(h.get("model_version", -1)) >= version for h in history):
                 return history
             finished_at = finished_at or time.monotonic()
             if time.monotonic() - finished_at > 120.0:

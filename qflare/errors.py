@@ -222,6 +222,7 @@ class ErrorCode(enum.StrEnum):
     # hardening: aggregation
     AGGREGATE_NON_FINITE = "aggregate_non_finite"
     AGGREGATE_OUT_OF_BOUNDS = "aggregate_out_of_bounds"
+    ALL_ROUNDS_FAILED = "all_rounds_failed"
 
 
 class Retry(enum.Enum):
@@ -760,6 +761,9 @@ CODE_SPECS: Mapping[ErrorCode, CodeSpec] = MappingProxyType(
             "a weight of the aggregated model exceeds the configured bound: the round fails, the previous model stays",
             _D,
             ValidationError,
+        ),
+        _C.ALL_ROUNDS_FAILED: _spec(
+            "every round of a run failed: no model was published (the CLI exits non-zero)", _F, RoundError, DemoError
         ),
     }
 )

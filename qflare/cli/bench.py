@@ -10,7 +10,9 @@ from rich.table import Table
 
 from .common import console, friendly_errors
 
-app = typer.Typer(help="Benchmarks: figures and ratios, measured in this run.", no_args_is_help=True)
+app = typer.Typer(
+    help="Benchmarks: figures and ratios, measured in this run.", no_args_is_help=True, rich_markup_mode=None
+)
 
 
 def _show(result: dict[str, Any], title: str) -> None:

@@ -18,17 +18,15 @@ import torch
 import typer
 
 from ..crypto import Suite, VerifyKey
-from ..data import DATASETS, PARTITIONERS
 from ..device import DeviceClient, DeviceState, default_state_dir, load_workload, pin_server_key, read_pin_file
 from ..device.loop import Patience
 from ..device.state import SUITES_BY_NAME
 from ..errors import AuthError, ConfigError, QflareError, Retry
 from ..federation import FederationSpec
-from ..models import model_names
 from ..protocol import Route
-from ..training import TrainConfig
 from ..transport import HttpTransport
 from ..transport.http import model_response_limit
+from . import options as opts
 from .common import FEDERATION_HELP, federation_spec, friendly_errors
 
 __all__ = ["client", "register", "verify_receipts"]
@@ -48,6 +46,9 @@ WORKLOAD_OPTIONS = (
     "batch_size",
     "lr",
     "momentum",
+    "weight_decay",
+    "prox_mu",
+    "max_grad_norm",
 )
 
 
@@ -90,19 +91,22 @@ def client(
     state_dir: Path | None = typer.Option(
         None, help="Device state (key, enrollment, pin, receipts); default ~/.local/state/qflare/device-<index>."
     ),
-    dataset: str = typer.Option("fashion-mnist", help=f"Local data set: {', '.join(DATASETS)}."),
-    data_root: Path | None = typer.Option(None, help="Folder holding the data set files."),
-    model: str = typer.Option("fedavg-cnn", help=f"Model (must match the server's): {', '.join(model_names())}."),
-    partition: str = typer.Option("dirichlet", help=f"Partitioner: {', '.join(PARTITIONERS)}."),
+    dataset: str = opts.DATASET,
+    data_root: Path | None = opts.DATA_ROOT,
+    model: str = opts.MODEL,
+    partition: str = opts.PARTITION,
     alpha: float = typer.Option(0.5, help="Dirichlet concentration."),
-    shards_per_device: int = typer.Option(2, help="Shards per device for --partition shards."),
+    shards_per_device: int = typer.Option(2, min=1, help="Shards per device for --partition shards."),
     devices: int = typer.Option(100, min=1, help="Number of partitions the data set is split into."),
     index: int = typer.Option(0, min=0, help="Which partition this device trains on (0-based)."),
-    seed: int = typer.Option(0, help="Seed of the partition and of local shuffles (as in qflare simulate)."),
-    epochs: int = typer.Option(1, min=1, help="Local epochs per round."),
-    batch_size: int = typer.Option(32, min=1, help="Local mini-batch size."),
-    lr: float = typer.Option(0.05, help="Local SGD learning rate."),
-    momentum: float = typer.Option(0.0, help="Local SGD momentum."),
+    seed: int = typer.Option(0, min=0, help="Seed of the partition and of local shuffles (as in qflare simulate)."),
+    epochs: int = opts.EPOCHS,
+    batch_size: int = opts.BATCH_SIZE,
+    lr: float = opts.LR,
+    momentum: float = opts.MOMENTUM,
+    weight_decay: float = opts.WEIGHT_DECAY,
+    prox_mu: float = opts.PROX_MU,
+    max_grad_norm: float | None = opts.MAX_GRAD_NORM,
     device: str | None = typer.Option(
         None, help="Torch device for training: cpu, cuda, cuda:N or auto (default: the spec's, else cpu)."
     ),
@@ -144,14 +148,22 @@ def client(
             def build() -> FederationSpec:
                 return FederationSpec(
                     dataset=dataset,
-                    data_root=str(data_root) if data_root else None,
+                    data_root=opts.path_text(data_root),
                     model=model,
                     partition=partition,
                     alpha=alpha,
                     shards_per_device=shards_per_device,
                     devices=devices,
                     seed=seed,
-                    train=TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, momentum=momentum),
+                    train=opts.train_config(
+                        epochs=epochs,
+                        batch_size=batch_size,
+                        lr=lr,
+                        momentum=momentum,
+                        weight_decay=weight_decay,
+                        prox_mu=prox_mu,
+                        max_grad_norm=max_grad_norm,
+                    ),
                 )
 
             spec = federation_spec(ctx, federation, WORKLOAD_OPTIONS, build)
@@ -258,6 +270,7 @@ def register(app: typer.Typer) -> None:
         invoke_without_command=True,
         help="Run a federated device (or manage its state: verify-receipts).",
         add_completion=False,
+        rich_markup_mode=None,
     )
     group.callback()(client)
     group.command("verify-receipts")(verify_receipts)

@@ -1,22 +1,47 @@
-"""Helpers shared by the CLI commands: error reporting and the console."""
+"""Helpers shared by the CLI commands: the one way errors are reported, and the console."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import typer
 from rich.console import Console
 from rich.markup import escape
+from typer._click.exceptions import ClickException, NoArgsIsHelpError  # typer ships its own copy of click
+from typer.core import TyperGroup
 
-from ..errors import ConfigError, QflareError
+from ..errors import ConfigError, ErrorCode, QflareError
 from ..federation import FederationSpec
+
+__all__ = [
+    "FEDERATION_HELP",
+    "QflareGroup",
+    "console",
+    "err_console",
+    "fail",
+    "federation_spec",
+    "friendly_errors",
+    "report_error",
+    "run_cli",
+]
 
 console = Console()
 err_console = Console(stderr=True)
 T = TypeVar("T")
+
+
+def report_error(message: str, code: ErrorCode | str = ErrorCode.CONFIG_ERROR) -> None:
+    """Print ``error [code] message`` on stderr: the one form every CLI error takes."""
+    err_console.print(f"[bold red]error[/] {escape(f'[{code}]')} {escape(message)}", soft_wrap=True)
+
+
+def fail(message: str, code: ErrorCode | str = ErrorCode.CONFIG_ERROR, exit_code: int = 2) -> NoReturn:
+    """Report an error (:func:`report_error`) and exit with ``exit_code`` (no traceback)."""
+    report_error(message, code)
+    raise typer.Exit(exit_code)
 
 
 @contextmanager
@@ -25,13 +50,47 @@ def friendly_errors() -> Iterator[None]:
     try:
         yield
     except QflareError as exc:
-        err_console.print(f"[bold red]error[/] {escape(f'[{exc.code}]')} {escape(str(exc))}")
-        raise typer.Exit(2) from None
+        fail(str(exc), exc.code)
 
 
 def run_cli(fn: Callable[[], T]) -> T:
     with friendly_errors():
         return fn()
+
+
+class QflareGroup(TyperGroup):
+    """The ``qflare`` command group: usage errors (a bad option value, a missing argument) and
+    configuration errors raised while options are parsed are reported like every other error, by
+    :func:`report_error`, with the command's ``--help`` named; exit status 2."""
+
+    def main(
+        self,
+        args: Sequence[str] | None = None,
+        prog_name: str | None = None,
+        complete_var: str | None = None,
+        standalone_mode: bool = True,
+        windows_expand_args: bool = True,
+        **extra: Any,
+    ) -> Any:
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, False, windows_expand_args, **extra)
+        try:
+            rv = super().main(args, prog_name, complete_var, False, windows_expand_args, **extra)
+        except NoArgsIsHelpError as exc:  # a bare group: its help, as click shows it
+            exc.show()
+            raise SystemExit(exc.exit_code) from None
+        except ClickException as exc:
+            ctx = getattr(exc, "ctx", None)
+            where = f" (see: {ctx.command_path} --help)" if ctx is not None else ""
+            report_error(exc.format_message() + where)
+            raise SystemExit(exc.exit_code) from None
+        except QflareError as exc:
+            report_error(str(exc), exc.code)
+            raise SystemExit(2) from None
+        except typer.Abort:
+            report_error("aborted", ErrorCode.CONFIG_ERROR)
+            raise SystemExit(1) from None
+        raise SystemExit(rv if isinstance(rv, int) and not isinstance(rv, bool) else 0)
 
 
 FEDERATION_HELP = "A federation spec file (JSON, as launchers write it): the workload, replacing its options."
@@ -42,14 +101,15 @@ def federation_spec(
 ) -> FederationSpec:
     """The spec in ``--federation`` ``path``, else ``build()`` from the command's workload options.
 
-    Giving both is refused: a workload option next to a spec file would be silently ignored otherwise."""
+    Giving both (on the command line or in ``--config``) is refused: a workload option next to a spec
+    file would be silently ignored otherwise."""
     if path is None:
         return build()
     given = [
         name
         for name in workload_options
         # by name: typer ships its own copy of click, whose ParameterSource is not click's
-        if getattr(ctx.get_parameter_source(name), "name", "DEFAULT") not in ("DEFAULT", "DEFAULT_MAP")
+        if getattr(ctx.get_parameter_source(name), "name", "DEFAULT") != "DEFAULT"
     ]
     if given:
         flags = ", ".join("--" + name.replace("_", "-") for name in given)

@@ -8,6 +8,7 @@ import typer
 
 from ..data import (
     DATASETS,
+    KNOWN_FILES,
     PARTITIONERS,
     default_cache_dir,
     download_dataset,
@@ -20,7 +21,7 @@ from ..data import (
 )
 from .common import console, friendly_errors
 
-app = typer.Typer(help="Data sets and federated partitions.", no_args_is_help=True)
+app = typer.Typer(help="Data sets and federated partitions.", no_args_is_help=True, rich_markup_mode=None)
 
 
 @app.command("stats")
@@ -56,7 +57,7 @@ def stats(
 
 @app.command("download")
 def download(
-    dataset: str = typer.Argument(..., help="fashion-mnist, mnist or cifar10."),
+    dataset: str = typer.Argument(..., help=f"The data set; one of: {', '.join(KNOWN_FILES)}."),
     dest: Path | None = typer.Option(None, help="Destination folder (default: the QFLARE data cache)."),
 ) -> None:
     """Download a data set from its mirrors, checking every file's SHA-256."""

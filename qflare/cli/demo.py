@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import signal
+import tempfile
 import time
-from dataclasses import replace
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -12,8 +12,8 @@ from typing import Any
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from ..data import DATASETS
-from ..models import model_names
+from . import options as opts
+from . import runconfig
 from .common import console, friendly_errors
 
 __all__ = ["demo", "register"]
@@ -24,19 +24,34 @@ def _on_sigterm(signum: int, frame: FrameType | None) -> None:
 
 
 def demo(
+    ctx: typer.Context,
+    run_config: Path | None = runconfig.config_option(),
     devices: int = typer.Option(10, min=1, help="Device processes to start (each enrolls with its own token)."),
-    per_round: int = typer.Option(5, min=1, help="Devices selected each round."),
-    rounds: int = typer.Option(5, min=1, help="Federated rounds."),
-    port: int | None = typer.Option(None, help="Coordinator port (default: a free one)."),
-    data_dir: Path | None = typer.Option(
-        None, help="Coordinator database, keys, device states and logs (default: a new temp dir)."
+    per_round: int | None = typer.Option(
+        None, min=1, help="Devices selected each round, at most --devices (default: 5 or fewer)."
     ),
-    dataset: str = typer.Option("fashion-mnist", help=f"Data set: {', '.join(DATASETS)}."),
-    model: str = typer.Option("fedavg-cnn", help=f"Model: {', '.join(model_names())}."),
-    seed: int = typer.Option(0, help="Seed of partition, selection, initialisation and shuffles."),
+    rounds: int = typer.Option(5, min=1, help="Federated rounds."),
+    port: int | None = typer.Option(None, min=0, max=65535, help="Coordinator port (default: a free one)."),
+    data_dir: Path | None = typer.Option(
+        None,
+        help="Coordinator database, keys, device states, logs and config.toml (the effective options); "
+        "default: a new temp dir.",
+    ),
+    dataset: str = opts.DATASET,
+    model: str = opts.MODEL,
+    seed: int = typer.Option(0, min=0, help="Seed of partition, selection, initialisation and shuffles."),
     alpha: float = typer.Option(0.5, help="Dirichlet concentration of the non-IID split."),
-    epochs: int = typer.Option(1, min=1, help="Local epochs per round."),
-    data_root: Path | None = typer.Option(None, help="Folder holding the data set files."),
+    data_root: Path | None = opts.DATA_ROOT,
+    strategy: str = opts.STRATEGY,
+    selector: str = opts.SELECTOR,
+    server_lr: float | None = opts.SERVER_LR,
+    epochs: int = opts.EPOCHS,
+    batch_size: int = opts.BATCH_SIZE,
+    lr: float = opts.LR,
+    momentum: float = opts.MOMENTUM,
+    weight_decay: float = opts.WEIGHT_DECAY,
+    prox_mu: float = opts.PROX_MU,
+    max_grad_norm: float | None = opts.MAX_GRAD_NORM,
 ) -> None:
     """Start a coordinator and N devices here and train federated over HTTP, every security feature on."""
     signal.signal(signal.SIGTERM, _on_sigterm)
@@ -44,6 +59,8 @@ def demo(
     from ..demo import DEMO_FEDERATION, DemoConfig, run_demo
 
     with friendly_errors():
+        per_round = min(5, devices) if per_round is None else per_round
+        opts.check_per_round(per_round, devices)
         spec = DEMO_FEDERATION.replace(
             devices=devices,
             per_round=per_round,
@@ -52,14 +69,30 @@ def demo(
             model=model,
             seed=seed,
             alpha=alpha,
-            train=replace(DEMO_FEDERATION.train, epochs=epochs),
-            data_root=str(data_root) if data_root else None,
+            strategy=strategy,
+            selector=selector,
+            strategy_args=opts.strategy_args(strategy, server_lr),
+            train=opts.train_config(
+                epochs=epochs,
+                batch_size=batch_size,
+                lr=lr,
+                momentum=momentum,
+                weight_decay=weight_decay,
+                prox_mu=prox_mu,
+                max_grad_norm=max_grad_norm,
+                device=DEMO_FEDERATION.train.device,
+            ),
+            data_root=opts.path_text(data_root),
         )
+        opts.check_strategy(spec)
+        data_dir = (data_dir or Path(tempfile.mkdtemp(prefix="qflare-demo-"))).resolve()
         cfg = DemoConfig(spec, port=port, data_dir=data_dir)
+        effective = runconfig.write_effective(ctx, data_dir / "config.toml", {"per_round": per_round})
     console.print(
         f"[bold]qflare demo[/] · {dataset} · {model} · {devices} devices · {per_round}/round · {rounds} rounds · "
-        "ML-DSA-65 + ML-KEM-768/X25519 + AES-256-GCM"
+        f"{strategy} · ML-DSA-65 + ML-KEM-768/X25519 + AES-256-GCM"
     )
+    console.print(f"effective configuration: {effective}")
     # auto_refresh=False: no display thread, so the children can be forked safely.
     progress = Progress(
         TextColumn("[bold]{task.description}"),

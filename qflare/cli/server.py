@@ -13,11 +13,11 @@ from pathlib import Path
 import typer
 
 from ..config import default_data_dir
+from ..data import DATASETS
 from ..errors import ConfigError
 from ..federation import FederationSpec, suite_by_name
-from ..models import model_names
-from ..protocol.selection import SELECTORS
-from ..strategy import STRATEGIES
+from . import options as opts
+from . import runconfig
 from .common import FEDERATION_HELP, console, err_console, federation_spec, friendly_errors
 
 __all__ = ["parse_duration", "register", "token_app"]
@@ -33,13 +33,16 @@ WORKLOAD_OPTIONS = (
     "min_participants",
     "strategy",
     "selector",
+    "server_lr",
     "seed",
     "round_timeout",
     "suite",
 )
 
-token_app = typer.Typer(help="Enrollment tokens (one-time, stored only as hashes).", no_args_is_help=True)
-server_app = typer.Typer(pretty_exceptions_enable=False)
+token_app = typer.Typer(
+    help="Enrollment tokens (one-time, stored only as hashes).", no_args_is_help=True, rich_markup_mode=None
+)
+server_app = typer.Typer(pretty_exceptions_enable=False, rich_markup_mode=None)
 
 
 def parse_duration(text: str) -> float:
@@ -66,24 +69,27 @@ def _passphrase(env_var: str | None) -> bytes | None:
 
 def server(
     ctx: typer.Context,
+    run_config: Path | None = runconfig.config_option(),
     federation: Path | None = typer.Option(None, help=FEDERATION_HELP),
     host: str = typer.Option("127.0.0.1", help="Address to listen on."),
     port: int = typer.Option(8443, min=0, max=65535, help="TCP port."),
     data_dir: Path = typer.Option(default_data_dir(), help="Server state: database, blobs, keys, admin token."),
     dataset: str = typer.Option(
-        "fashion-mnist", help="Data set whose shape the model takes and whose test split evaluates it."
+        "fashion-mnist",
+        help=f"Data set whose shape the model takes and whose test split evaluates it; {opts.choices(DATASETS)}.",
     ),
-    data_root: Path | None = typer.Option(None, help="Folder holding the data set files."),
-    model: str = typer.Option("fedavg-cnn", help=f"Registered model: {', '.join(model_names())}."),
+    data_root: Path | None = opts.DATA_ROOT,
+    model: str = opts.MODEL,
     rounds: int = typer.Option(30, min=1, help="Federated rounds to run."),
     per_round: int = typer.Option(10, min=1, help="Devices selected each round."),
     min_devices: int = typer.Option(1, min=1, help="Active devices needed before the first round opens."),
     min_participants: int | None = typer.Option(
         None, min=1, help="Updates needed at the deadline (default: every selected device)."
     ),
-    strategy: str = typer.Option("fedavg", help=f"Aggregation strategy: {', '.join(STRATEGIES)}."),
-    selector: str = typer.Option("random", help=f"Client selection: {', '.join(SELECTORS)}."),
-    seed: int = typer.Option(0, help="Seed of the initial model and of device selection."),
+    strategy: str = opts.STRATEGY,
+    selector: str = opts.SELECTOR,
+    server_lr: float | None = opts.SERVER_LR,
+    seed: int = typer.Option(0, min=0, help="Seed of the initial model and of device selection."),
     round_timeout: float = typer.Option(600.0, min=1.0, help="Seconds before a round's deadline."),
     suite: str = typer.Option(
         "default", help="Crypto suite: default (ML-DSA-65, ML-KEM-768) or high (ML-DSA-87, ML-KEM-1024)."
@@ -112,19 +118,24 @@ def server(
     with friendly_errors():
 
         def build() -> FederationSpec:
-            return FederationSpec(
+            if min_participants is not None and min_participants > per_round:
+                raise ConfigError(f"--min-participants {min_participants} is more than --per-round {per_round}")
+            spec = FederationSpec(
                 dataset=dataset,
-                data_root=str(data_root) if data_root else None,
+                data_root=opts.path_text(data_root),
                 model=model,
                 rounds=rounds,
                 per_round=per_round,
                 min_participants=min_participants,
                 strategy=strategy,
                 selector=selector,
+                strategy_args=opts.strategy_args(strategy, server_lr),
                 seed=seed,
                 round_timeout_s=round_timeout,
                 suite=suite_by_name(suite),
             )
+            opts.check_strategy(spec)
+            return spec
 
         spec = federation_spec(ctx, federation, WORKLOAD_OPTIONS, build)
         limits = HttpLimits(
@@ -143,7 +154,9 @@ def server(
             http=limits,
         )
         runtime = ServerRuntime(config)
+        effective = runconfig.write_effective(ctx, runtime.data_dir / "server-config.toml")
         console.print(f"qflare server · data dir {runtime.data_dir} · database {runtime.db.url}")
+        console.print(f"effective configuration: {effective}")
         console.print(f"coordinator key id {runtime.identity.key_id}{' (new key)' if runtime.identity_created else ''}")
         if runtime.admin.created:
             console.print(

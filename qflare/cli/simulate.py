@@ -10,13 +10,11 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from ..data import DATASETS, PARTITIONERS
+from ..errors import ErrorCode
 from ..federation import FederationSpec, suite_by_name
-from ..models import model_names
-from ..protocol.selection import SELECTORS
-from ..strategy import STRATEGIES
-from ..training import TrainConfig
-from .common import FEDERATION_HELP, console, federation_spec, friendly_errors
+from . import options as opts
+from . import runconfig
+from .common import FEDERATION_HELP, console, fail, federation_spec, friendly_errors
 
 if TYPE_CHECKING:
     from ..simulation import RoundRecord
@@ -49,31 +47,32 @@ WORKLOAD_OPTIONS = (
 
 def simulate(
     ctx: typer.Context,
+    run_config: Path | None = runconfig.config_option(),
     federation: Path | None = typer.Option(None, help=FEDERATION_HELP),
-    dataset: str = typer.Option("fashion-mnist", help=f"Data set: {', '.join(DATASETS)}."),
-    data_root: Path | None = typer.Option(
-        None, help="Folder holding the data set files (default: search the usual places)."
-    ),
-    model: str = typer.Option("fedavg-cnn", help=f"Registered model: {', '.join(model_names())}."),
+    dataset: str = opts.DATASET,
+    data_root: Path | None = opts.DATA_ROOT,
+    model: str = opts.MODEL,
     devices: int = typer.Option(100, min=1, help="Devices in the federation (each enrolls and opens a PQ session)."),
-    per_round: int = typer.Option(10, min=1, help="Devices sampled (without replacement) each round."),
-    rounds: int = typer.Option(30, min=1, help="Federated rounds."),
-    partition: str = typer.Option("dirichlet", help=f"Partitioner: {', '.join(PARTITIONERS)}."),
-    alpha: float = typer.Option(0.5, help="Dirichlet concentration (smaller: more label skew)."),
-    shards_per_device: int = typer.Option(2, help="Shards per device for --partition shards."),
-    seed: int = typer.Option(
-        0, help="Seed of partition, sampling, initialisation and shuffles: same seed, same numbers."
+    per_round: int | None = typer.Option(
+        None, min=1, help="Devices sampled (without replacement) each round, at most --devices (default: 10 or fewer)."
     ),
-    strategy: str = typer.Option("fedavg", help=f"Aggregation strategy: {', '.join(STRATEGIES)}."),
-    selector: str = typer.Option("random", help=f"Client selection: {', '.join(SELECTORS)}."),
-    server_lr: float | None = typer.Option(None, help="Server learning rate (fedavgm/fedadam/fedyogi/fedadagrad)."),
-    epochs: int = typer.Option(1, min=1, help="Local epochs per round."),
-    batch_size: int = typer.Option(32, min=1, help="Local mini-batch size."),
-    lr: float = typer.Option(0.05, help="Local SGD learning rate."),
-    momentum: float = typer.Option(0.0, help="Local SGD momentum."),
-    weight_decay: float = typer.Option(0.0, help="Local SGD weight decay."),
-    prox_mu: float = typer.Option(0.0, help="FedProx proximal term mu (0 = off)."),
-    max_grad_norm: float | None = typer.Option(None, help="Clip each local gradient to this L2 norm."),
+    rounds: int = typer.Option(30, min=1, help="Federated rounds."),
+    partition: str = opts.PARTITION,
+    alpha: float = typer.Option(0.5, help="Dirichlet concentration (smaller: more label skew)."),
+    shards_per_device: int = typer.Option(2, min=1, help="Shards per device for --partition shards."),
+    seed: int = typer.Option(
+        0, min=0, help="Seed of partition, sampling, initialisation and shuffles: same seed, same numbers."
+    ),
+    strategy: str = opts.STRATEGY,
+    selector: str = opts.SELECTOR,
+    server_lr: float | None = opts.SERVER_LR,
+    epochs: int = opts.EPOCHS,
+    batch_size: int = opts.BATCH_SIZE,
+    lr: float = opts.LR,
+    momentum: float = opts.MOMENTUM,
+    weight_decay: float = opts.WEIGHT_DECAY,
+    prox_mu: float = opts.PROX_MU,
+    max_grad_norm: float | None = opts.MAX_GRAD_NORM,
     device: str = typer.Option("cpu", help="Torch device for training: cpu, cuda, cuda:N or auto."),
     workers: int = typer.Option(
         0, min=0, help="Training threads (0 = one per core; 1 = sequential with torch's default threads)."
@@ -86,21 +85,25 @@ def simulate(
         True,
         help="Run the secure protocol (PQ sessions, signatures, database). --no-protocol aggregates training results directly: only to measure the protocol's cost.",
     ),
-    out: Path | None = typer.Option(None, help="Write history.json, history.csv and history.png here."),
+    out: Path | None = typer.Option(
+        None, help="Write history.json, history.csv, history.png and config.toml (the effective options) here."
+    ),
     json_: bool = typer.Option(
         False, "--json", help="Print the history as one JSON object at the end instead of a table."
     ),
 ) -> None:
     """Run federated training of N devices in this process, through the real secure protocol."""
     with friendly_errors():
+        rounds_of = min(10, devices) if per_round is None else per_round
 
         def build() -> FederationSpec:
-            return FederationSpec(
+            opts.check_per_round(rounds_of, devices)
+            spec = FederationSpec(
                 dataset=dataset,
-                data_root=str(data_root) if data_root else None,
+                data_root=opts.path_text(data_root),
                 model=model,
                 devices=devices,
-                per_round=per_round,
+                per_round=rounds_of,
                 rounds=rounds,
                 partition=partition,
                 alpha=alpha,
@@ -108,8 +111,8 @@ def simulate(
                 seed=seed,
                 strategy=strategy,
                 selector=selector,
-                strategy_args={"server_lr": server_lr} if server_lr is not None else {},
-                train=TrainConfig(
+                strategy_args=opts.strategy_args(strategy, server_lr),
+                train=opts.train_config(
                     epochs=epochs,
                     batch_size=batch_size,
                     lr=lr,
@@ -121,6 +124,8 @@ def simulate(
                 ),
                 suite=suite_by_name(suite),
             )
+            opts.check_strategy(spec)
+            return spec
 
         spec = federation_spec(ctx, federation, WORKLOAD_OPTIONS, build)
         # imported here: the simulation loads the coordinator's storage, which `qflare client` never needs
@@ -159,8 +164,9 @@ def simulate(
                 )
                 progress.update(task, advance=1, last=f"round {r.round}: accuracy {r.accuracy:.4f}")
                 if not json_:
+                    failed = "" if r.published else "  [red]failed: the model stayed as it was[/]"
                     progress.console.print(
-                        f"round {r.round:3d}  accuracy {r.accuracy:.4f}  loss {r.loss:.4f}  {r.seconds:.2f}s"
+                        f"round {r.round:3d}  accuracy {r.accuracy:.4f}  loss {r.loss:.4f}  {r.seconds:.2f}s{failed}"
                     )
 
             result = run_simulation(cfg, on_round=on_round, on_start=on_start)
@@ -173,8 +179,17 @@ def simulate(
             )
         if out is not None:
             paths = result.write(out)
+            resolved = {} if federation is not None else {"per_round": spec.per_round}
+            paths.append(runconfig.write_effective(ctx, out / "config.toml", resolved))
             if not json_:
                 console.print("wrote " + ", ".join(str(p) for p in paths))
+        if not any(r.published for r in result.rounds):
+            fail(
+                f"every one of the {len(result.rounds)} rounds failed: no model was published, the final model "
+                "is the initial one (the reason is logged above)",
+                ErrorCode.ALL_ROUNDS_FAILED,
+                exit_code=1,
+            )
 
 
 def register(app: typer.Typer) -> None:

@@ -355,7 +355,9 @@ class _FileBacked:
         if root is not None:  # --data-root replaces every other place: QFLARE_DATA_DIR is not read
             lines.append(f"  - put {self.layout} in {root} or {Path(root) / self.name}")
         else:
-            lines.append(f"  - set QFLARE_DATA_DIR (or pass --data-root) to a folder holding {self.name}/ with {self.layout}")
+            lines.append(
+                f"  - set QFLARE_DATA_DIR (or pass --data-root) to a folder holding {self.name}/ with {self.layout}"
+            )
         return "\n".join(lines)
 
 

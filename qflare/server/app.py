@@ -20,6 +20,7 @@ from typing import Annotated, Any
 import anyio
 from fastapi import FastAPI, Header, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import JSONResponse, Response
 from sqlalchemy.exc import SQLAlchemyError
 from starlette.concurrency import run_in_threadpool
@@ -127,7 +128,7 @@ def create_app(runtime: ServerRuntime) -> FastAPI:
         title="QFLARE coordinator",
         version=API_VERSION,
         lifespan=lifespan,
-        docs_url=None,
+        docs_url=None,  # served below, behind the gate's per-address rate limit
         redoc_url=None,
         description="Federated learning coordinator with post-quantum security. Protocol bodies are "
         "application/octet-stream; errors are {code, message}.",
@@ -251,6 +252,12 @@ def create_app(runtime: ServerRuntime) -> FastAPI:
     async def status(request: Request) -> dict[str, Any]:
         await gate.admit(request)
         return await run_in_threadpool(runtime.status)
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs(request: Request) -> Response:
+        """Swagger UI over /openapi.json (FastAPI's page; its script and style load from the jsDelivr CDN)."""
+        await gate.admit(request)  # the same per-address rate limit as the other public reads
+        return get_swagger_ui_html(openapi_url=app.openapi_url or "/openapi.json", title=f"{app.title} - API")
 
     @app.get("/healthz", tags=["operations"], summary="The process is up")
     async def healthz() -> dict[str, str]:

@@ -1,0 +1,172 @@
+"""The options ``simulate``, ``server``, ``client`` and ``demo`` share, defined once, and the configs they make.
+
+Training options (``--epochs``, ``--batch-size``, ``--lr``, ``--momentum``, ``--weight-decay``,
+``--prox-mu``, ``--max-grad-norm``) belong to the commands that train: simulate, client and demo.
+Strategy options (``--strategy``, ``--server-lr``, ``--selector``) belong to the commands that
+aggregate: simulate, server and demo.  Options that take a registry name list its choices in their
+help (the plugins are loaded before this module is imported, see :mod:`qflare.cli._plugins`).
+
+:func:`train_config`, :func:`strategy_args`, :func:`check_per_round` and :func:`check_strategy` turn the
+values into :class:`~qflare.training.TrainConfig` and strategy options, refusing bad values with a
+:class:`~qflare.errors.ConfigError` whose message names the options, never internal fields.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from ..data import DATASETS, PARTITIONERS
+from ..errors import ConfigError, ErrorCode
+from ..federation import FederationSpec
+from ..models import model_names
+from ..protocol.selection import SELECTORS
+from ..strategy import STRATEGIES, strategy_factory
+from ..training import TrainConfig
+
+__all__ = [
+    "BATCH_SIZE",
+    "DATASET",
+    "DATA_ROOT",
+    "EPOCHS",
+    "LR",
+    "MAX_GRAD_NORM",
+    "MODEL",
+    "MOMENTUM",
+    "PARTITION",
+    "PROX_MU",
+    "SELECTOR",
+    "SERVER_LR",
+    "STRATEGY",
+    "WEIGHT_DECAY",
+    "check_per_round",
+    "check_strategy",
+    "choices",
+    "path_text",
+    "strategy_args",
+    "train_config",
+]
+
+
+def choices(names: Iterable[object]) -> str:
+    """``one of: a, b, c`` for a registry's names."""
+    return "one of: " + ", ".join(str(n) for n in names)
+
+
+# ------------------------------------------------------------------ workload (every command)
+DATASET: Any = typer.Option("fashion-mnist", help=f"Data set; {choices(DATASETS)}.")
+DATA_ROOT: Any = typer.Option(None, help="Folder holding the data set files (default: search the usual places).")
+MODEL: Any = typer.Option("fedavg-cnn", help=f"Model (the same on server and devices); {choices(model_names())}.")
+PARTITION: Any = typer.Option("dirichlet", help=f"How the data set is split among devices; {choices(PARTITIONERS)}.")
+
+# ------------------------------------------------------------------ training (simulate, client, demo)
+EPOCHS: Any = typer.Option(1, min=1, help="Local epochs per round.")
+BATCH_SIZE: Any = typer.Option(32, min=1, help="Local mini-batch size.")
+LR: Any = typer.Option(0.05, help="Local SGD learning rate (> 0).")
+MOMENTUM: Any = typer.Option(0.0, min=0.0, help="Local SGD momentum.")
+WEIGHT_DECAY: Any = typer.Option(0.0, min=0.0, help="Local SGD weight decay.")
+PROX_MU: Any = typer.Option(0.0, min=0.0, help="FedProx proximal term mu (0 = off).")
+MAX_GRAD_NORM: Any = typer.Option(None, help="Clip each local gradient to this L2 norm (> 0; default: no clipping).")
+
+# ------------------------------------------------------------------ strategy (simulate, server, demo)
+STRATEGY: Any = typer.Option("fedavg", help=f"Aggregation strategy; {choices(STRATEGIES)}.")
+SERVER_LR: Any = typer.Option(
+    None, help="Server learning rate, for strategies with a server optimiser (fedavgm, fedadam, fedyogi, fedadagrad)."
+)
+SELECTOR: Any = typer.Option("random", help=f"Client selection; {choices(SELECTORS)}.")
+
+
+def _finite(option: str, value: float, *, positive: bool = False) -> None:
+    ok = isinstance(value, (int, float)) and math.isfinite(value) and (value > 0 if positive else value >= 0)
+    if not ok:
+        raise ConfigError(f"{option} must be a {'positive' if positive else 'non-negative'} finite number, got {value}")
+
+
+def train_config(
+    *,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    momentum: float,
+    weight_decay: float,
+    prox_mu: float,
+    max_grad_norm: float | None,
+    device: str = "cpu",
+) -> TrainConfig:
+    """The local training the training options describe (ConfigError naming the option otherwise)."""
+    if epochs < 1 or batch_size < 1:
+        raise ConfigError(f"--epochs and --batch-size must be >= 1, got {epochs} and {batch_size}")
+    _finite("--lr", lr, positive=True)
+    _finite("--momentum", momentum)
+    _finite("--weight-decay", weight_decay)
+    _finite("--prox-mu", prox_mu)
+    if max_grad_norm is not None:
+        _finite("--max-grad-norm", max_grad_norm, positive=True)
+    return TrainConfig(
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        momentum=momentum,
+        weight_decay=weight_decay,
+        prox_mu=prox_mu,
+        max_grad_norm=max_grad_norm,
+        device=device,
+    )
+
+
+def _takes(strategy: str, option: str) -> bool:
+    try:
+        return option in inspect.signature(strategy_factory(strategy)).parameters
+    except (ConfigError, TypeError, ValueError):
+        return False
+
+
+def strategy_args(strategy: str, server_lr: float | None) -> dict[str, Any]:
+    """The preset options the strategy options give; an unknown strategy, or ``--server-lr`` for a
+    strategy without a server learning rate, is refused naming the options."""
+    strategy_factory(strategy)  # unknown names: ConfigError listing the registered ones
+    if server_lr is None:
+        return {}
+    _finite("--server-lr", server_lr, positive=True)
+    if not _takes(strategy, "server_lr"):
+        takers = [name for name in STRATEGIES if _takes(name, "server_lr")]
+        raise ConfigError(
+            f"--server-lr does not apply to --strategy {strategy}, which has no server learning rate; "
+            f"strategies that take it: {', '.join(takers)}"
+        )
+    return {"server_lr": server_lr}
+
+
+def check_per_round(per_round: int, devices: int) -> None:
+    """Refuse ``--per-round`` above ``--devices`` (a round selects distinct devices; never clamped)."""
+    if per_round > devices:
+        raise ConfigError(
+            f"--per-round {per_round} is more than --devices {devices}: a round selects distinct devices; "
+            f"lower --per-round or raise --devices"
+        )
+
+
+def check_strategy(spec: FederationSpec) -> None:
+    """Build the spec's strategy and check it against the rounds asked for, in option names: a strategy
+    that cannot aggregate ``--per-round`` (or ``--min-participants``) updates is refused before the run."""
+    try:
+        spec.build_strategy()
+    except ConfigError as exc:
+        if exc.code != ErrorCode.TOO_FEW_UPDATES:
+            raise
+        flag = "--min-participants" if spec.min_participants else "--per-round"
+        raise ConfigError(
+            f"--strategy {spec.strategy} cannot aggregate rounds of {flag} {spec.smallest_round}: {exc.message}; "
+            f"raise {flag} or choose another --strategy",
+            code="too_few_updates",
+        ) from None
+
+
+def path_text(path: Path | None) -> str | None:
+    """A path option as the spec stores it."""
+    return str(path) if path is not None else None
