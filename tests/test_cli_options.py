@@ -232,8 +232,8 @@ def test_help_fits_80_columns_with_every_option_whole(command: tuple[str, ...]) 
 
 
 def test_server_help_lists_strategy_and_model_choices() -> None:
-    text = " ".join(run("server", "--help", env={"COLUMNS": "200"}).output.split())
-    assert all(name in text for name in STRATEGIES) and all(name in text for name in model_names())
+    words = set(run("server", "--help", env={"COLUMNS": "80"}).output.replace(",", " ").replace(".", " ").split())
+    assert set(STRATEGIES) <= words and set(model_names()) <= words  # whole: never broken at a hyphen
 
 
 def test_version() -> None:

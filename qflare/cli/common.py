@@ -10,6 +10,7 @@ from typing import Any, NoReturn, TypeVar
 import typer
 from rich.console import Console
 from rich.markup import escape
+from typer._click import _textwrap
 from typer._click.exceptions import ClickException, NoArgsIsHelpError  # typer ships its own copy of click
 from typer.core import TyperGroup
 
@@ -27,6 +28,16 @@ __all__ = [
     "report_error",
     "run_cli",
 ]
+
+class _WholeWords(_textwrap.TextWrapper):
+    """Help text wraps between words only, never inside a hyphenated name (``fashion-mnist``, ``--per-round``)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **{**kwargs, "break_on_hyphens": False})
+
+
+# click's help formatter builds its TextWrapper from this module at each call (typer's copy of click)
+setattr(_textwrap, "TextWrapper", _WholeWords)  # noqa: B010
 
 console = Console()
 err_console = Console(stderr=True)

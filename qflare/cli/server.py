@@ -109,7 +109,7 @@ def server(
 ) -> None:
     """Run the coordinator: HTTP API v1 over the post-quantum protocol, rounds, evaluation, metrics.
 
-    ``qflare server verify-store`` checks the stored blobs instead (see its --help)."""
+    "qflare server verify-store" checks the stored blobs instead (see its --help)."""
     if ctx.invoked_subcommand is not None:
         return
     from ..server import HttpLimits, ServerConfig, ServerRuntime, serve, tls_report
