@@ -29,6 +29,7 @@ __all__ = [
     "run_cli",
 ]
 
+
 class _WholeWords(_textwrap.TextWrapper):
     """Help text wraps between words only, never inside a hyphenated name (``fashion-mnist``, ``--per-round``)."""
 
