@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+import tomllib
 from pathlib import Path
 
 import psutil
@@ -38,6 +39,8 @@ def test_small_demo_runs_to_the_end(tmp_path: Path) -> None:
     assert out.returncode == 0, out.stdout + out.stderr
     assert "final accuracy" in out.stdout and "round   2  accuracy" in out.stdout
     assert "/metrics" in out.stdout
+    effective = tomllib.loads((tmp_path / "config.toml").read_text(encoding="utf-8"))
+    assert (effective["devices"], effective["per-round"], effective["strategy"]) == (3, 2, "fedavg")
     logs = sorted(p.name for p in (tmp_path / "logs").iterdir())
     assert logs == ["device-0.log", "device-1.log", "device-2.log", "server.log"]
     assert (

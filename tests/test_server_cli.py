@@ -12,6 +12,7 @@ import ssl
 import subprocess
 import sys
 import time
+import tomllib
 from pathlib import Path
 
 import httpx
@@ -113,6 +114,8 @@ def test_server_process_over_tls_and_sigterm(tmp_path: Path) -> None:
     assert proc.returncode == 0, output
     assert f"admin token (shown once, also in {data / 'admin.token'}): {admin}" in output.replace("\n", "")
     assert info["key_id"] in output
+    effective = tomllib.loads((data / "server-config.toml").read_text(encoding="utf-8"))
+    assert (effective["port"], effective["rounds"], effective["dataset"]) == (port, 1, "digits")
     db = Database(f"sqlite:///{data / 'qflare.db'}")
     try:  # the database was closed cleanly and holds what the server did
         assert all(Store(db).get_token(t) is not None for t in minted.json()["tokens"])

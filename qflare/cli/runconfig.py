@@ -25,7 +25,7 @@ import typer
 from ..errors import ConfigError
 from .common import fail
 
-__all__ = ["CONFIG_HELP", "SECTIONS", "config_option", "given", "write_effective"]
+__all__ = ["CONFIG_HELP", "SECTIONS", "config_option", "write_effective"]
 
 CONFIG_HELP = "A TOML file of options (keys as the flags: per-round = 5); flags given here override it."
 SECTIONS = ("simulate", "server", "demo")
@@ -113,12 +113,6 @@ def _load(ctx: typer.Context, param: typer.CallbackParam, value: Path | None) ->
 def config_option() -> Any:
     """The ``--config FILE`` option (eager: read before the options it sets)."""
     return typer.Option(None, "--config", is_eager=True, callback=_load, help=CONFIG_HELP)
-
-
-def given(ctx: typer.Context, name: str) -> bool:
-    """Whether option ``name`` was set by the user: on the command line, in the environment or the file."""
-    # by name: typer ships its own copy of click, whose ParameterSource is not click's
-    return getattr(ctx.get_parameter_source(name), "name", "DEFAULT") not in ("DEFAULT", "PROMPT")
 
 
 def _toml_value(value: Any) -> str:
