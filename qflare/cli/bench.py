@@ -8,6 +8,9 @@ from typing import Any
 import typer
 from rich.table import Table
 
+from ..data import DATASETS
+from ..models import model_names
+from . import options as opts
 from .common import console, friendly_errors
 
 app = typer.Typer(
@@ -102,8 +105,12 @@ def ingest(
 @app.command("network")
 def network(
     rounds: int = typer.Option(30, min=1, help="Rounds for both runs."),
-    dataset: str = typer.Option("fashion-mnist", help="Data set (fmnist-dir05 uses fashion-mnist)."),
-    model: str = typer.Option("fedavg-cnn", help="Model (fmnist-dir05 uses fedavg-cnn)."),
+    dataset: str = typer.Option(
+        "fashion-mnist", help=f"Data set (fmnist-dir05 uses fashion-mnist); {opts.choices(DATASETS)}."
+    ),
+    model: str = typer.Option(
+        "fedavg-cnn", help=f"Model (fmnist-dir05 uses fedavg-cnn); {opts.choices(model_names())}."
+    ),
     devices: int = typer.Option(100, min=1, help="Devices in the federation."),
     per_round: int = typer.Option(10, min=1, help="Devices selected each round."),
     workers: int = typer.Option(0, min=0, help="Training threads of the driver (0 = one per core)."),

@@ -27,7 +27,7 @@ from ..protocol import Route
 from ..transport import HttpTransport
 from ..transport.http import model_response_limit
 from . import options as opts
-from .common import FEDERATION_HELP, federation_spec, friendly_errors
+from .common import FEDERATION_HELP, fail, federation_spec, friendly_errors
 
 __all__ = ["client", "register", "verify_receipts"]
 
@@ -134,7 +134,7 @@ def client(
     if ctx.invoked_subcommand is not None:
         return
     if not server:
-        raise typer.BadParameter("--server is required to run a device", param_hint="--server")
+        fail("--server is required to run a device (the coordinator URL)")
     logging.basicConfig(
         level=log_level.upper(), stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
