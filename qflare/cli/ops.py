@@ -104,11 +104,13 @@ def status(server: str = _SERVER, admin_token: str | None = _TOKEN, json_: bool 
     if json_:
         print(json.dumps(data))
         return
-    console.print(
-        f"round {_cell(data.get('round'))}/{_cell(data.get('rounds_total'))} · state {_cell(data.get('state'))} · "
-        f"{_cell(data.get('accepted'))}/{_cell(data.get('selected'))} updates · model v{_cell(data.get('model_version'))} · "
-        f"{_cell(data.get('devices'))} active device(s)"
-    )
+    parts = [f"state {_cell(data.get('state'))}", f"{_cell(data.get('rounds_total'))} round(s) planned"]
+    if data.get("round") is not None:
+        parts.append(
+            f"round {_cell(data.get('round'))}: {_cell(data.get('accepted'))}/{_cell(data.get('selected'))} updates"
+        )
+    parts += [f"model v{_cell(data.get('model_version'))}", f"{_cell(data.get('devices'))} active device(s)"]
+    console.print(" · ".join(parts))
     history = _rows(data, "history")
     if history:
         table = Table(title="evaluated rounds")
