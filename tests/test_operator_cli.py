@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import json
 import socket
+import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
 import pytest
@@ -123,14 +123,13 @@ def test_server_log_is_one_format_and_names_peers(finished: Federation) -> None:
     def lines() -> list[str]:
         return log.read_text(errors="replace").splitlines()
 
-    import time
-
     deadline = time.monotonic() + 10
     while not any("Invalid HTTP request" in line for line in lines()) and time.monotonic() < deadline:
         time.sleep(0.1)
     text = "\n".join(lines())
     assert f"WARNING uvicorn.error: 127.0.0.1:{peer_port} - Invalid HTTP request received." in text
     assert "alembic.runtime.migration" not in text and "Context impl" not in text
+    assert "Traceback" not in text and "Exception in callback" not in text
     assert "INFO qflare.server: federation finished: 2 round(s) done, final model v2" in text
     # uvicorn's own lines (start-up, access log) in the same "time LEVEL logger: message" format
     assert any(" INFO uvicorn.error: Uvicorn running on" in line for line in lines())

@@ -14,6 +14,7 @@ import logging.config
 from collections.abc import MutableMapping
 from typing import Any
 
+from uvicorn.config import TRACE_LOG_LEVEL
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol  # httptools: a dependency
 
 __all__ = ["LOG_FORMAT", "PeerLoggingProtocol", "configure_logging"]
@@ -25,10 +26,11 @@ _QUIET = ("alembic", "alembic.runtime.migration")
 def configure_logging(level: str = "info") -> None:
     """Route every logger to one stderr handler with :data:`LOG_FORMAT` at ``level``."""
     name = level.upper()
+    logging.addLevelName(TRACE_LOG_LEVEL, "TRACE")  # uvicorn's level below DEBUG (uvicorn names it the same way)
     if not isinstance(logging.getLevelName(name), int):
         from ..errors import ConfigError
 
-        raise ConfigError(f"unknown log level {level!r}: use debug, info, warning, error or critical")
+        raise ConfigError(f"unknown log level {level!r}: use trace, debug, info, warning, error or critical")
     logging.config.dictConfig(
         {
             "version": 1,
@@ -56,9 +58,13 @@ class _PeerAdapter(logging.LoggerAdapter[logging.Logger]):
         super().__init__(logger, {})
         self._protocol = protocol
 
+    @property
+    def level(self) -> int:  # uvicorn reads ``logger.level`` before its TRACE lines
+        return self.logger.level
+
     def process(self, msg: Any, kwargs: MutableMapping[str, Any]) -> tuple[Any, MutableMapping[str, Any]]:
         client = getattr(self._protocol, "client", None)
-        if client:
+        if client and not str(msg).startswith("%s"):  # uvicorn's TRACE lines carry their own prefix
             return f"{client[0]}:{client[1]} - {msg}", kwargs
         return msg, kwargs
 
