@@ -14,7 +14,7 @@ import logging.config
 from collections.abc import MutableMapping
 from typing import Any
 
-from uvicorn.config import TRACE_LOG_LEVEL
+from uvicorn.logging import TRACE_LOG_LEVEL
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol  # httptools: a dependency
 
 __all__ = ["LOG_FORMAT", "PeerLoggingProtocol", "configure_logging"]
