@@ -93,7 +93,8 @@ class MlflowTracker:
             for key, value in list(params.items())[:100]:
                 self._client.log_param(self.run_id, key, str(value)[:500])
         except Exception as exc:  # mlflow raises its own MlflowException, OSError, requests errors...
-            raise ConfigError(f"--mlflow {tracking_uri}: {type(exc).__name__}: {str(exc).splitlines()[0]}") from None
+            first = (str(exc).strip().splitlines() or [""])[0]
+            raise ConfigError(f"--mlflow {tracking_uri}: {type(exc).__name__}: {first[:300]}") from None
 
     def log(self, round_number: int, scalars: Mapping[str, float]) -> None:
         from mlflow.entities import Metric

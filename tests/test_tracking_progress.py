@@ -110,6 +110,22 @@ def test_missing_tracking_package_is_one_clear_line(
     assert not (tmp_path / value.split(":")[-1]).exists()
 
 
+def test_bad_tracking_targets_and_log_level_are_one_line(tmp_path: Path) -> None:
+    (tmp_path / "a-file").write_text("x")
+
+    def run(*args: str) -> str:
+        result = runner.invoke(app, list(args))
+        assert result.exit_code == 2 and "Traceback" not in result.output
+        return " ".join(result.output.split())  # the console wraps long lines
+
+    out = run("simulate", *SMALL, "--tensorboard", str(tmp_path / "a-file" / "tb"))
+    assert "--tensorboard" in out and "cannot write there: Not a directory" in out
+    assert "--mlflow bogus://nowhere" in run("simulate", *SMALL, "--mlflow", "bogus://nowhere")
+    out = run("server", "--data-dir", str(tmp_path / "srv"), "--log-level", "chatty")
+    assert "unknown log level 'chatty'" in out
+    assert not (tmp_path / "srv").exists()  # refused before anything was created
+
+
 def test_tracker_rejects_unknown_names_and_skips_non_finite(tmp_path: Path) -> None:
     trackers = open_trackers(tensorboard=tmp_path)
     with pytest.raises(ValueError, match="unknown round scalar"):
