@@ -47,6 +47,7 @@ from .wire import ParamLayout
 __all__ = [
     "Federation",
     "FederationFactory",
+    "RoundProgress",
     "RoundRecord",
     "SimulationConfig",
     "SimulationResult",
@@ -95,6 +96,18 @@ class RoundRecord:
     model_sha256: str
     published: bool = True
     """False when the round failed (its aggregate was refused): the global model stayed as it was."""
+
+
+@dataclass(frozen=True)
+class RoundProgress:
+    """Progress within a round: ``stage`` is ``train`` (devices done training), ``submit`` (updates
+    received by the coordinator), ``aggregated`` (the round's model is published; done = total = 1) or
+    ``eval`` (test-set chunks of that round's model evaluated)."""
+
+    round: int
+    stage: str
+    done: int
+    total: int
 
 
 @dataclass
@@ -313,8 +326,12 @@ def run_simulation(
     on_round: Callable[[RoundRecord], None] | None = None,
     on_start: Callable[[int], None] | None = None,
     federation: FederationFactory | None = None,
+    on_progress: Callable[[RoundProgress], None] | None = None,
 ) -> SimulationResult:
-    """Run ``cfg``; ``federation`` replaces the in-process backends (e.g. devices talking to a server)."""
+    """Run ``cfg``; ``federation`` replaces the in-process backends (e.g. devices talking to a server).
+
+    ``on_progress`` is called from worker threads as devices finish training and evaluation chunks
+    finish, and from this thread as updates are submitted and rounds aggregated."""
     t0 = time.perf_counter()
     spec = cfg.federation
     tune_heap()
@@ -340,7 +357,19 @@ def run_simulation(
     if on_start is not None:
         on_start(spec.devices)
 
-    def train_device(i: int) -> tuple[Any, TrainResult]:
+    progress_lock = threading.Lock()
+    counts: dict[tuple[int, str], int] = {}
+
+    def report(number: int, stage: str, total: int) -> None:
+        if on_progress is None:
+            return
+        with progress_lock:
+            done = counts[number, stage] = counts.get((number, stage), 0) + 1
+            if done == total:
+                del counts[number, stage]
+        on_progress(RoundProgress(number, stage, done, total))
+
+    def train_device(i: int, number: int, total: int) -> tuple[Any, TrainResult]:
         idx = torch.from_numpy(parts[i])
 
         def fit(flat: torch.Tensor, rnd: int) -> TrainResult:
@@ -350,18 +379,21 @@ def run_simulation(
 
         prepared, result = fed.work(i, fit)
         result.delta = torch.empty(0)  # the prepared update carries it; don't hold two copies until submission
+        report(number, "train", total)
         return prepared, result
 
-    def eval_chunk(flat: torch.Tensor, lo: int, hi: int) -> tuple[float, int]:
+    def eval_chunk(flat: torch.Tensor, lo: int, hi: int, number: int, total: int) -> tuple[float, int]:
         m = pool.eval_model()
         layout.load_into(m, flat)
         loss, acc = evaluate(m, x_test[lo:hi], y_test[lo:hi], channels_last=spec.train.channels_last)
+        report(number, "eval", total)
         return loss * (hi - lo), round(acc * (hi - lo))
 
-    def submit_eval(flat: torch.Tensor) -> list[Future]:
+    def submit_eval(flat: torch.Tensor, number: int) -> list[Future]:
         n = len(y_test)
         bounds = [n * k // cfg.eval_chunks for k in range(cfg.eval_chunks + 1)]
-        return [pool.pool.submit(eval_chunk, flat, lo, hi) for lo, hi in itertools.pairwise(bounds) if hi > lo]
+        spans = [(lo, hi) for lo, hi in itertools.pairwise(bounds) if hi > lo]
+        return [pool.pool.submit(eval_chunk, flat, lo, hi, number, len(spans)) for lo, hi in spans]
 
     records: list[RoundRecord] = []
     # (record, model to evaluate, its evaluation futures): evaluation of round r's model is queued
@@ -374,7 +406,7 @@ def run_simulation(
             return
         rec, flat, futs = pending
         pending = None
-        results = [f.result() for f in (futs or submit_eval(flat))]
+        results = [f.result() for f in (futs or submit_eval(flat, rec.round))]
         rec.loss = sum(p[0] for p in results) / len(y_test)
         rec.accuracy = sum(p[1] for p in results) / len(y_test)
         records.append(rec)
@@ -386,13 +418,17 @@ def run_simulation(
             t_round = time.perf_counter()
             number, chosen = opened
             # Largest devices first: the shortest tail on the pool.  Submission stays in selection order.
-            futures = {i: pool.pool.submit(train_device, i) for i in sorted(chosen, key=lambda i: -len(parts[i]))}
+            futures = {
+                i: pool.pool.submit(train_device, i, number, len(chosen))
+                for i in sorted(chosen, key=lambda i: -len(parts[i]))
+            }
             if pending is not None:
-                pending = (pending[0], pending[1], submit_eval(pending[1]))
+                pending = (pending[0], pending[1], submit_eval(pending[1], pending[0].round))
             losses, examples = 0.0, 0
             for i in chosen:
                 sealed, result = futures[i].result()
                 fed.submit(i, sealed)
+                report(number, "submit", len(chosen))
                 losses += result.mean_loss * result.num_examples
                 examples += result.num_examples
             finish_eval()
@@ -411,6 +447,7 @@ def run_simulation(
                 published,
             )
             pending = (rec, flat, [])
+            report(number, "aggregated", 1)
         finish_eval()
     finally:
         pool.pool.shutdown(wait=True, cancel_futures=True)

@@ -8,7 +8,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -57,10 +57,12 @@ class Federation:
         (root / "logs").mkdir(parents=True, exist_ok=True)
 
     # ------------------------------------------------------------------ processes
-    def start_server(self, name: str = "server") -> ServerProcess:
-        """A server on this federation's data dir and port (a restart after a crash reuses both)."""
+    def start_server(self, name: str = "server", args: Sequence[str] = ()) -> ServerProcess:
+        """A server on this federation's data dir and port (a restart after a crash reuses both);
+        ``args`` are further ``qflare server`` options."""
         server = ServerProcess(
             self.spec,
+            args=args,
             data_dir=self.data_dir,
             port=self.port,
             admin_token=self.admin,

@@ -267,3 +267,18 @@ def test_security_event_accepts_hostile_input(store: Store) -> None:
     assert len(row.reason) == 64 and len(row.detail) == 4000 and len(row.device_id or "") == 128
     assert "\x00" not in (row.device_id or "") + row.detail + (row.session_id or "")
     assert store.security_events(5, device_id=row.device_id)[0].id == row.id
+
+
+def test_security_events_filter_by_reason_device_and_time(store: Store) -> None:
+    early, late = T0 - timedelta(hours=2), T0 - timedelta(minutes=5)
+    store.record_security_event("admin_required", "a", remote_addr="10.0.0.1", at=early)
+    store.record_security_event("bad_signature", "b", device_id="d1", at=late)
+    store.record_security_event("admin_required", "c", device_id="d1", at=T0)
+    assert [e.detail for e in store.security_events(10)] == ["c", "b", "a"]
+    assert [e.detail for e in store.security_events(10, reason="admin_required")] == ["c", "a"]
+    assert [e.detail for e in store.security_events(10, device_id="d1")] == ["c", "b"]
+    assert [e.detail for e in store.security_events(10, since=late)] == ["c", "b"]
+    assert [e.detail for e in store.security_events(10, reason="admin_required", since=late)] == ["c"]
+    assert store.security_events(10, reason="nothing_like_it") == []
+    with pytest.raises(ValueError, match="timezone-aware"):
+        store.security_events(10, since=datetime(2026, 1, 1))  # no time zone: refused, not guessed

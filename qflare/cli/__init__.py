@@ -9,7 +9,7 @@ from . import _plugins  # noqa: F401  (first: plugin names must exist before the
 
 # isort: on
 from ..plugins import load_plugins
-from . import bench, data, simulate
+from . import bench, data, ops, simulate
 from . import client as client_cli
 from . import demo as demo_cli
 from . import server as server_cli
@@ -49,5 +49,6 @@ app.add_typer(bench.app, name="bench")
 client_cli.register(app)
 demo_cli.register(app)
 server_cli.register(app)
+ops.register(app)
 
 __all__ = ["app"]

@@ -5,6 +5,15 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
 
 from ..data import (
     DATASETS,
@@ -63,4 +72,24 @@ def download(
     """Download a data set from its mirrors, checking every file's SHA-256."""
     with friendly_errors():
         target = dest or default_cache_dir() / dataset
-        console.print(f"{dataset} ready in {download_dataset(dataset, target)}")
+        bar = Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            DownloadColumn(),
+            TransferSpeedColumn(),
+            TimeRemainingColumn(),
+            console=console,
+            transient=True,
+        )
+        tasks: dict[str, TaskID] = {}
+
+        def progress(name: str, received: int, expected: int | None) -> None:
+            if name not in tasks or received == 0:  # a new file, or the next mirror starting over
+                if name in tasks:
+                    bar.remove_task(tasks[name])
+                tasks[name] = bar.add_task(name, total=expected)
+            bar.update(tasks[name], completed=received)
+
+        with bar:
+            path = download_dataset(dataset, target, progress=progress)
+        console.print(f"{dataset} ready in {path}")

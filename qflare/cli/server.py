@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import math
 import os
 import re
@@ -106,6 +105,12 @@ def server(
     rate: float = typer.Option(50.0, min=0.001, help="Requests per second allowed per client address (burst 4x)."),
     session_rate: float = typer.Option(10.0, min=0.001, help="Requests per second allowed per session (burst 4x)."),
     log_level: str = typer.Option("info", help="uvicorn and qflare log level."),
+    tensorboard: Path | None = typer.Option(
+        None, help="Write TensorBoard event files (per-round scalars) here; needs pip install 'qflare[tracking]'."
+    ),
+    mlflow: str | None = typer.Option(
+        None, help="Log per-round metrics to this MLflow tracking URI (file:DIR or http://host:5000); needs mlflow."
+    ),
 ) -> None:
     """Run the coordinator: HTTP API v1 over the post-quantum protocol, rounds, evaluation, metrics.
 
@@ -113,9 +118,10 @@ def server(
     if ctx.invoked_subcommand is not None:
         return
     from ..server import HttpLimits, ServerConfig, ServerRuntime, serve, tls_report
+    from ..server.logs import configure_logging
 
-    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     with friendly_errors():
+        configure_logging(log_level)
 
         def build() -> FederationSpec:
             if min_participants is not None and min_participants > per_round:
@@ -152,6 +158,8 @@ def server(
             evaluate=not no_eval,
             key_passphrase=_passphrase(key_passphrase_env),
             http=limits,
+            tensorboard=tensorboard,
+            mlflow=mlflow,
         )
         runtime = ServerRuntime(config)
         effective = runconfig.write_effective(ctx, runtime.data_dir / "server-config.toml")

@@ -14,10 +14,10 @@ from ..errors import ErrorCode
 from ..federation import FederationSpec, suite_by_name
 from . import options as opts
 from . import runconfig
-from .common import FEDERATION_HELP, console, fail, federation_spec, friendly_errors
+from .common import FEDERATION_HELP, console, err_console, fail, federation_spec, friendly_errors
 
 if TYPE_CHECKING:
-    from ..simulation import RoundRecord
+    from ..simulation import RoundProgress, RoundRecord
 
 WORKLOAD_OPTIONS = (
     "dataset",
@@ -91,6 +91,12 @@ def simulate(
     json_: bool = typer.Option(
         False, "--json", help="Print the history as one JSON object at the end instead of a table."
     ),
+    tensorboard: Path | None = typer.Option(
+        None, help="Write TensorBoard event files (per-round scalars) here; needs pip install 'qflare[tracking]'."
+    ),
+    mlflow: str | None = typer.Option(
+        None, help="Log the run to this MLflow tracking URI (file:DIR or http://host:5000); needs mlflow."
+    ),
 ) -> None:
     """Run federated training of N devices in this process, through the real secure protocol."""
     with friendly_errors():
@@ -130,8 +136,16 @@ def simulate(
         spec = federation_spec(ctx, federation, WORKLOAD_OPTIONS, build)
         # imported here: the simulation loads the coordinator's storage, which `qflare client` never needs
         from ..simulation import SimulationConfig, run_simulation
+        from ..tracking import open_trackers
 
         cfg = SimulationConfig(spec, workers=workers, protocol=protocol)
+        trackers = open_trackers(
+            tensorboard=tensorboard,
+            mlflow=mlflow,
+            run_name=f"simulate-{spec.dataset}-{spec.strategy}-seed{spec.seed}",
+            params={"workers": workers, "protocol": protocol, **spec.to_json()},
+            on_error=lambda m: err_console.print(f"[yellow]tracking[/] {m}", markup=True),
+        )
         table = Table(
             title=f"qflare simulate · {spec.dataset} · {spec.devices} devices · {spec.per_round}/round · {spec.strategy}"
         )
@@ -147,29 +161,64 @@ def simulate(
             disable=json_,
             transient=True,
         )
-        with progress:
-            task = progress.add_task("enrolling devices", total=spec.rounds, last="")
+        try:
+            with progress:
+                overall = progress.add_task("enrolling devices", total=spec.rounds, last="")
+                # within the round: devices done training, updates the coordinator received, and the
+                # evaluation of the previous round's model (which overlaps this round's training)
+                stages = {
+                    stage: progress.add_task(label, total=None, last="", visible=False)
+                    for stage, label in (("train", "trained"), ("submit", "updates"), ("eval", "evaluating"))
+                }
 
-            def on_start(n: int) -> None:
-                progress.update(task, description=f"training ({n} devices enrolled)")
+                def on_start(n: int) -> None:
+                    progress.update(overall, description=f"rounds ({n} devices enrolled)")
 
-            def on_round(r: RoundRecord) -> None:
-                table.add_row(
-                    str(r.round),
-                    f"{r.accuracy:.4f}",
-                    f"{r.loss:.4f}",
-                    f"{r.train_loss:.4f}",
-                    str(r.examples),
-                    f"{r.seconds:.2f}",
-                )
-                progress.update(task, advance=1, last=f"round {r.round}: accuracy {r.accuracy:.4f}")
-                if not json_:
-                    failed = "" if r.published else "  [red]failed: the model stayed as it was[/]"
-                    progress.console.print(
-                        f"round {r.round:3d}  accuracy {r.accuracy:.4f}  loss {r.loss:.4f}  {r.seconds:.2f}s{failed}"
+                def on_progress(p: RoundProgress) -> None:
+                    if p.stage == "aggregated":
+                        progress.update(overall, advance=1, last=f"round {p.round} aggregated")
+                        return
+                    task = stages[p.stage]
+                    label = {"train": "trained", "submit": "updates", "eval": "evaluating"}[p.stage]
+                    progress.update(
+                        task,
+                        description=f"  round {p.round}: {label}",
+                        completed=p.done,
+                        total=p.total,
+                        visible=True,
                     )
 
-            result = run_simulation(cfg, on_round=on_round, on_start=on_start)
+                def on_round(r: RoundRecord) -> None:
+                    table.add_row(
+                        str(r.round),
+                        f"{r.accuracy:.4f}",
+                        f"{r.loss:.4f}",
+                        f"{r.train_loss:.4f}",
+                        str(r.examples),
+                        f"{r.seconds:.2f}",
+                    )
+                    progress.update(overall, last=f"round {r.round}: accuracy {r.accuracy:.4f}")
+                    if trackers:
+                        trackers.log(
+                            r.round,
+                            {
+                                "accuracy": r.accuracy,
+                                "loss": r.loss,
+                                "train_loss": r.train_loss,
+                                "participants": r.updates,
+                                "examples": r.examples,
+                                "round_seconds": r.seconds,
+                            },
+                        )
+                    if not json_:
+                        failed = "" if r.published else "  [red]failed: the model stayed as it was[/]"
+                        progress.console.print(
+                            f"round {r.round:3d}  accuracy {r.accuracy:.4f}  loss {r.loss:.4f}  {r.seconds:.2f}s{failed}"
+                        )
+
+                result = run_simulation(cfg, on_round=on_round, on_start=on_start, on_progress=on_progress)
+        finally:
+            trackers.close()
         if json_:
             print(json.dumps(result.to_json()))
         else:

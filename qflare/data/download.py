@@ -12,6 +12,7 @@ import hashlib
 import os
 import tarfile
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from qflare.errors import DataError
 __all__ = [
     "KNOWN_FILES",
     "MirrorFile",
+    "ProgressFn",
     "default_cache_dir",
     "download_dataset",
     "extract_tar",
@@ -30,6 +32,9 @@ __all__ = [
 ]
 
 _CHUNK = 1 << 20
+
+ProgressFn = Callable[[str, int, int | None], None]
+"""``progress(file name, bytes received, bytes expected or None)``, called as each chunk arrives."""
 
 
 @dataclass(frozen=True)
@@ -166,7 +171,9 @@ def _matches(path: Path, file: MirrorFile) -> bool:
     return sha.hexdigest() == file.sha256 and (md5 is None or md5.hexdigest() == file.md5)
 
 
-def _download_one(client: httpx.Client, url: str, file: MirrorFile, dest_dir: Path) -> Path:
+def _download_one(
+    client: httpx.Client, url: str, file: MirrorFile, dest_dir: Path, progress: ProgressFn | None = None
+) -> Path:
     """Stream ``url`` into a temp file in ``dest_dir``, verify, rename.  Raises on any failure."""
     fd, tmp_name = tempfile.mkstemp(prefix=f".{file.name}.", suffix=".part", dir=dest_dir)
     tmp = Path(tmp_name)
@@ -177,6 +184,11 @@ def _download_one(client: httpx.Client, url: str, file: MirrorFile, dest_dir: Pa
         with os.fdopen(fd, "wb") as out:
             with client.stream("GET", url, follow_redirects=True) as response:
                 response.raise_for_status()
+                expected = file.size
+                if expected is None and response.headers.get("Content-Length", "").isdigit():
+                    expected = int(response.headers["Content-Length"])  # only for the display
+                if progress is not None:
+                    progress(file.name, 0, expected)
                 for block in response.iter_bytes(_CHUNK):
                     received += len(block)
                     if file.size is not None and received > file.size:
@@ -185,6 +197,8 @@ def _download_one(client: httpx.Client, url: str, file: MirrorFile, dest_dir: Pa
                     if md5 is not None:
                         md5.update(block)
                     out.write(block)
+                    if progress is not None:
+                        progress(file.name, received, expected)
             out.flush()
             os.fsync(out.fileno())
         if file.size is not None and received != file.size:
@@ -200,7 +214,9 @@ def _download_one(client: httpx.Client, url: str, file: MirrorFile, dest_dir: Pa
         tmp.unlink(missing_ok=True)  # no-op after a successful rename
 
 
-def fetch(file: MirrorFile, dest_dir: Path, *, client: httpx.Client | None = None) -> Path:
+def fetch(
+    file: MirrorFile, dest_dir: Path, *, client: httpx.Client | None = None, progress: ProgressFn | None = None
+) -> Path:
     """Return ``dest_dir/file.name`` with verified contents, downloading it if needed.
 
     An existing file whose digests match is returned without any network access.  Otherwise each mirror
@@ -219,7 +235,7 @@ def fetch(file: MirrorFile, dest_dir: Path, *, client: httpx.Client | None = Non
     try:
         for url in file.urls():
             try:
-                return _download_one(client, url, file, dest_dir)
+                return _download_one(client, url, file, dest_dir, progress)
             except (httpx.HTTPError, OSError, DataError) as exc:
                 failures.append(f"  {url}: {type(exc).__name__}: {exc}")
     finally:
@@ -237,13 +253,17 @@ def extract_tar(archive: Path, dest_dir: Path) -> None:
         raise DataError(f"cannot extract {archive}: {exc}") from exc
 
 
-def download_dataset(name: str, dest_dir: Path, *, client: httpx.Client | None = None) -> Path:
-    """Fetch every file of a known dataset into ``dest_dir`` (extracting CIFAR-10); return ``dest_dir``."""
+def download_dataset(
+    name: str, dest_dir: Path, *, client: httpx.Client | None = None, progress: ProgressFn | None = None
+) -> Path:
+    """Fetch every file of a known dataset into ``dest_dir`` (extracting CIFAR-10); return ``dest_dir``.
+
+    ``progress`` is told each file's bytes as they arrive (files already present are not reported)."""
     if name not in KNOWN_FILES:
         raise DataError(f"no download known for dataset {name!r}; known: {', '.join(sorted(KNOWN_FILES))}")
     dest_dir = Path(dest_dir)
     for file in KNOWN_FILES[name]:
-        path = fetch(file, dest_dir, client=client)
+        path = fetch(file, dest_dir, client=client, progress=progress)
         if file.name.endswith((".tar.gz", ".tgz", ".tar")):
             extract_tar(path, dest_dir)
     return dest_dir

@@ -1,4 +1,5 @@
-"""Administrator routes (``/v1/admin/...``): mint enrollment tokens, revoke devices, read the audit trail.
+"""Administrator routes (``/v1/admin/...``): mint enrollment tokens, revoke devices, read the audit trail
+(devices, security events filtered by reason/device/time, rounds).  Every listing has a bounded page size.
 
 Every route needs ``Authorization: Bearer <admin token>`` (compared in constant time); a missing token
 is 401, a wrong one 403, both with code ``admin_required`` and both recorded as security events.  The
@@ -9,7 +10,7 @@ credentials are checked before the request body is read, and a POST body must be
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -18,7 +19,7 @@ from pydantic import ValidationError as PydanticValidationError
 from starlette.concurrency import run_in_threadpool
 
 from ..errors import AdminAuthError, NotFoundError, ValidationError
-from ..storage import DeviceRow, SecurityEventRow
+from ..storage import DeviceRow, RoundRow, SecurityEventRow
 from .gate import RequestGate
 from .limits import require_media_type
 from .runtime import ServerRuntime
@@ -81,6 +82,25 @@ def _event(e: SecurityEventRow) -> dict[str, Any]:
     }
 
 
+def _round(r: RoundRow, models: dict[int, dict[str, Any]]) -> dict[str, Any]:
+    metrics = models.get(r.round_number, {})
+    ev = metrics.get("eval")
+    return {
+        "round": r.round_number,
+        "state": r.state,
+        "selected": len(r.selected_devices),
+        "min_participants": r.min_participants,
+        "updates": metrics.get("updates"),
+        "examples": metrics.get("examples"),
+        "accuracy": ev.get("accuracy") if isinstance(ev, dict) else None,
+        "loss": ev.get("loss") if isinstance(ev, dict) else None,
+        "opened_at": _iso(r.opened_at),
+        "closed_at": _iso(r.closed_at),
+        "seconds": (r.closed_at - r.opened_at).total_seconds() if r.closed_at is not None else None,
+        "result_model_sha256": r.result_model_hash,
+    }
+
+
 def admin_router(runtime: ServerRuntime, gate: RequestGate) -> APIRouter:
     store, coordinator, small = runtime.store, runtime.coordinator, runtime.config.http.small_body_bytes
 
@@ -123,14 +143,36 @@ def admin_router(runtime: ServerRuntime, gate: RequestGate) -> APIRouter:
 
         return _device(await run_in_threadpool(work))
 
-    @router.get("/devices", summary="Enrolled devices")
-    async def devices() -> dict[str, Any]:
-        rows = await run_in_threadpool(store.list_devices)
-        return {"devices": [_device(d) for d in rows]}
+    @router.get("/devices", summary="Enrolled devices (oldest first, at most `limit`)")
+    async def devices(
+        limit: Annotated[int, Query(ge=1, le=10_000)] = 1000,
+        status: Annotated[Literal["active", "revoked"] | None, Query()] = None,
+    ) -> dict[str, Any]:
+        rows = await run_in_threadpool(store.list_devices, status)
+        return {"devices": [_device(d) for d in rows[:limit]], "total": len(rows)}
 
-    @router.get("/events", summary="Security events, newest first")
-    async def events(limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> dict[str, Any]:
-        rows = await run_in_threadpool(store.security_events, limit)
-        return {"events": [_event(e) for e in rows]}
+    @router.get("/events", summary="Security events, newest first, optionally filtered")
+    async def events(
+        limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+        reason: Annotated[str | None, Query(min_length=1, max_length=64, description="Only this reason code")] = None,
+        device_id: Annotated[str | None, Query(min_length=1, max_length=128, description="Only this device")] = None,
+        since: Annotated[datetime | None, Query(description="Only events at or after this time (ISO 8601)")] = None,
+    ) -> dict[str, Any]:
+        if since is not None and since.tzinfo is None:
+            since = since.replace(tzinfo=UTC)  # a time without a zone is read as UTC
+
+        def work() -> list[SecurityEventRow]:
+            return store.security_events(limit, device_id=device_id, reason=reason, since=since)
+
+        return {"events": [_event(e) for e in await run_in_threadpool(work)]}
+
+    @router.get("/rounds", summary="The newest rounds (at most `limit`), oldest first, with their results")
+    async def rounds(limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> dict[str, Any]:
+        def work() -> list[dict[str, Any]]:
+            rows = store.list_rounds(limit)
+            models = {m.round_number: dict(m.metrics) for m in store.list_models() if m.round_number is not None}
+            return [_round(r, models) for r in rows]
+
+        return {"rounds": await run_in_threadpool(work)}
 
     return router

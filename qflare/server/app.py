@@ -13,6 +13,7 @@ and every body must keep up a minimum transfer rate.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
@@ -74,8 +75,12 @@ def error_response(
     return JSONResponse({"code": code, "message": message}, status_code=status, headers=headers)
 
 
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT"})
+
+
 class _RequestMetrics:
-    """Counts every HTTP response by route template (not raw path: bounded label values) and status."""
+    """Counts and times every HTTP response by route template (not raw path), method and status: every
+    label takes a bounded set of values (an unknown path is ``unmatched``, an unknown method ``OTHER``)."""
 
     def __init__(self, app: ASGIApp, metrics: ServerMetrics, known_paths: Callable[[], set[str]]) -> None:
         self.app, self.metrics, self._known_paths = app, metrics, known_paths
@@ -94,7 +99,7 @@ class _RequestMetrics:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        status = 500
+        status, start = 500, time.perf_counter()
 
         async def send_wrapper(message: MutableMapping[str, Any]) -> None:
             nonlocal status
@@ -105,7 +110,10 @@ class _RequestMetrics:
         try:
             await self.app(scope, receive, send_wrapper)
         finally:
-            self.metrics.requests.labels(self._label(scope), scope.get("method", ""), str(status)).inc()
+            route, method = self._label(scope), scope.get("method", "")
+            method = method if method in _METHODS else "OTHER"
+            self.metrics.requests.labels(route, method, str(status)).inc()
+            self.metrics.request_seconds.labels(route, method).observe(time.perf_counter() - start)
 
 
 def create_app(runtime: ServerRuntime) -> FastAPI:

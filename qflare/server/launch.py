@@ -20,6 +20,7 @@ import uvicorn
 
 from ..errors import ConfigError
 from .app import create_app
+from .logs import PeerLoggingProtocol
 from .runtime import ServerRuntime
 
 __all__ = ["PQ_GROUPS", "TlsReport", "prefer_pq_groups", "serve", "tls_report"]
@@ -92,6 +93,8 @@ def serve(
         proxy_headers=False,  # rate limits and events use the TCP peer address, never a client's header
         server_header=False,
         log_level=log_level,
+        log_config=None,  # qflare.server.logs.configure_logging owns the handlers: one format
+        http=PeerLoggingProtocol,
         lifespan="on",
         timeout_graceful_shutdown=graceful_timeout_s,
     )

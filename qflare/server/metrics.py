@@ -3,6 +3,9 @@
 Counters and histograms are updated where things happen (HTTP layer, round publication, evaluation);
 figures that live in the database or the round state machine (updates accepted, active devices, the
 current round) are read when ``/metrics`` is scraped, so they are never out of step with the truth.
+The evaluation figures (``qflare_eval_*``) are absent until a model has been evaluated (a 0.0 accuracy
+would be a false reading), and prometheus-client's ProcessCollector adds ``process_*`` (CPU seconds,
+resident memory, open files; Linux ``/proc``) to this registry.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 from sqlalchemy.exc import SQLAlchemyError
@@ -72,6 +75,22 @@ class _LiveCollector(Collector):
         yield GaugeMetricFamily("qflare_devices_active", "Enrolled devices that are not revoked.", value=devices)
 
 
+class _EvalCollector(Collector):
+    """The newest evaluation, or nothing at all before the first one."""
+
+    def __init__(self) -> None:
+        self.newest: tuple[int, float, float] | None = None  # (round, accuracy, loss)
+
+    def collect(self) -> Iterator[Metric]:
+        newest = self.newest
+        if newest is None:
+            return
+        rnd, accuracy, loss = newest
+        yield GaugeMetricFamily("qflare_eval_accuracy", "Test accuracy of the newest evaluated model.", value=accuracy)
+        yield GaugeMetricFamily("qflare_eval_loss", "Test loss of the newest evaluated model.", value=loss)
+        yield GaugeMetricFamily("qflare_eval_round", "Round of the newest evaluated model.", value=float(rnd))
+
+
 class ServerMetrics:
     """The server's metrics; :meth:`render` is the ``/metrics`` body."""
 
@@ -102,11 +121,17 @@ class ServerMetrics:
             registry=reg,
         )
         self.rounds_published = Counter("qflare_rounds_published", "Rounds aggregated into a new model.", registry=reg)
-        self.eval_accuracy = Gauge("qflare_eval_accuracy", "Test accuracy of the newest evaluated model.", registry=reg)
-        self.eval_loss = Gauge("qflare_eval_loss", "Test loss of the newest evaluated model.", registry=reg)
-        self.eval_round = Gauge("qflare_eval_round", "Round of the newest evaluated model.", registry=reg)
+        self.request_seconds = Histogram(
+            "qflare_http_request_duration_seconds",
+            "Time to answer an HTTP request, by route template (not raw path) and method.",
+            ["route", "method"],
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+            registry=reg,
+        )
+        self._eval = _EvalCollector()
+        reg.register(self._eval)
+        ProcessCollector(registry=reg)  # process_cpu_seconds_total, process_resident_memory_bytes, ...
         self._live: _LiveCollector | None = None
-        self._eval_newest = -1
         self._lock = threading.Lock()
 
     def attach(self, figures: LiveFigures) -> None:
@@ -117,12 +142,19 @@ class ServerMetrics:
 
     def record_evaluation(self, round_number: int, accuracy: float, loss: float) -> None:
         with self._lock:  # the newest round wins if evaluations finish out of order
-            if round_number < self._eval_newest:
+            newest = self._eval.newest
+            if newest is not None and round_number < newest[0]:
                 return
-            self._eval_newest = round_number
-            self.eval_round.set(round_number)
-            self.eval_accuracy.set(accuracy)
-            self.eval_loss.set(loss)
+            self._eval.newest = (round_number, accuracy, loss)
+
+    def refusals_total(self) -> float:
+        """Requests refused so far, all reasons together."""
+        return sum(
+            sample.value
+            for metric in self.refusals.collect()
+            for sample in metric.samples
+            if sample.name.endswith("_total")
+        )
 
     def render(self) -> bytes:
         """Prometheus text exposition (reads the database: call it off the event loop)."""

@@ -28,6 +28,7 @@ from ..models import create_model
 from ..protocol import Coordinator, CoordinatorConfig, PublishedModel, RoundConfig
 from ..storage import BlobStore, Database, Store
 from ..storage.scrub import ScrubReport, verify_store
+from ..tracking import open_trackers
 from ..wire import ParamLayout
 from .credentials import AdminToken, load_or_create_admin_token, load_or_create_identity
 from .evaluation import Evaluator
@@ -59,6 +60,10 @@ class ServerConfig:
     """How often blobs no row refers to are removed (also once at start-up); 0 disables the periodic run."""
     scrub_interval_s: float = 6 * 3600.0
     """How often every stored blob is re-hashed (as ``qflare server verify-store`` does); 0 disables it."""
+    tensorboard: Path | None = None
+    """Write per-round TensorBoard event files here (:mod:`qflare.tracking`)."""
+    mlflow: str | None = None
+    """Log per-round metrics to an MLflow run at this tracking URI."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.federation, FederationSpec):
@@ -90,9 +95,19 @@ class ServerRuntime:
             )
             self.admin: AdminToken = load_or_create_admin_token(self.data_dir, environ)
             self.metrics = ServerMetrics()
+            self.trackers = open_trackers(
+                tensorboard=config.tensorboard,
+                mlflow=config.mlflow,
+                run_name=f"server-{self.data_dir.name}",
+                params=config.federation.to_json(),
+                on_error=lambda message: _log.error("tracking: %s", message),
+            )
+            self._refused_seen = 0.0
             self._build_coordinator()
             self.coordinator.rounds.collect_garbage()  # blobs left by a crash between write and record
         except BaseException:
+            if hasattr(self, "trackers"):
+                self.trackers.close()
             self.db.dispose()
             raise
         self.metrics.attach(LiveFigures(self.coordinator.rounds.status, self.store.count_updates, self._active_devices))
@@ -122,7 +137,7 @@ class ServerRuntime:
                 layout=self.layout,
                 test=test,
                 store=self.store,
-                on_result=self.metrics.record_evaluation,
+                on_result=self._on_evaluation,
             )
         self.coordinator = Coordinator(
             layout=self.layout,
@@ -178,6 +193,7 @@ class ServerRuntime:
         if self.evaluator is not None:
             self.evaluator.stop()
         self.started = False
+        self.trackers.close()
         self.db.dispose()
 
     def _run_loop(self) -> None:
@@ -235,12 +251,33 @@ class ServerRuntime:
         """Called by the round state machine (inside its lock) for each published model."""
         number = model.version if model.round_number is None else model.round_number
         row = self.store.get_round(number)
+        seconds = None
         if row is not None and row.closed_at is not None:
-            self.metrics.round_duration.observe((row.closed_at - row.opened_at).total_seconds())
+            seconds = (row.closed_at - row.opened_at).total_seconds()
+            self.metrics.round_duration.observe(seconds)
         self.metrics.rounds_published.inc()
+        if self.trackers and model.round_number is not None:
+            refused = self.metrics.refusals_total()
+            scalars = {"participants": float(self.store.count_updates(number)), "refused": refused - self._refused_seen}
+            self._refused_seen = refused
+            if seconds is not None:
+                scalars["round_seconds"] = seconds
+            self.trackers.log(number, scalars)
         _log.info("round %d closed: model v%d %s", number, model.version, model.sha256[:16])
+        if model.round_number is not None and model.round_number >= self.config.federation.rounds:
+            _log.info(
+                "federation finished: %d round(s) done, final model v%d %s",
+                self.config.federation.rounds,
+                model.version,
+                model.sha256[:16],
+            )
         if self.evaluator is not None:
             self.evaluator.submit(number, model.version, model.flat)
+
+    def _on_evaluation(self, round_number: int, accuracy: float, loss: float) -> None:
+        self.metrics.record_evaluation(round_number, accuracy, loss)
+        if self.trackers:
+            self.trackers.log(round_number, {"accuracy": accuracy, "loss": loss})
 
     # ------------------------------------------------------------------ read-only views
     def _active_devices(self) -> int:

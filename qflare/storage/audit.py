@@ -10,7 +10,7 @@ from sqlalchemy.exc import IntegrityError
 
 from qflare.errors import ReplayError, ValidationError
 from qflare.storage import tables as t
-from qflare.storage._base import StoreBase, check_json, check_nonempty, finite_int
+from qflare.storage._base import StoreBase, check_json, check_nonempty, finite_int, require_aware
 from qflare.storage.records import LedgerRow, SecurityEventRow, snapshot
 
 __all__ = ["MAX_EVENT_DETAIL", "AuditOps"]
@@ -58,13 +58,25 @@ class AuditOps(StoreBase):
             s.flush()
             return snapshot(SecurityEventRow, event)
 
-    def security_events(self, limit: int = 100, *, device_id: str | None = None) -> list[SecurityEventRow]:
-        """The newest ``limit`` events, newest first (optionally for one device)."""
+    def security_events(
+        self,
+        limit: int = 100,
+        *,
+        device_id: str | None = None,
+        reason: str | None = None,
+        since: datetime | None = None,
+    ) -> list[SecurityEventRow]:
+        """The newest ``limit`` events, newest first; optionally only one device's, one reason's, or
+        those at or after ``since`` (timezone-aware)."""
         finite_int(limit, "limit", 0)
         with self._read() as s:
             stmt = select(t.SecurityEvent).order_by(t.SecurityEvent.id.desc()).limit(limit)
             if device_id is not None:
                 stmt = stmt.where(t.SecurityEvent.device_id == device_id)
+            if reason is not None:
+                stmt = stmt.where(t.SecurityEvent.reason == reason)
+            if since is not None:
+                stmt = stmt.where(t.SecurityEvent.at >= require_aware(since, "since"))
             return [snapshot(SecurityEventRow, r) for r in s.scalars(stmt)]
 
     # -- provenance ledger --------------------------------------------------------------------
