@@ -18,7 +18,7 @@ $(BIN)/python:
 # install never pulls a newer (CUDA) build on top.
 $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet -e '.[dev,tracking]'
 	touch $(STAMP)
 
 install: $(STAMP)
