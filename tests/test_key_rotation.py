@@ -37,7 +37,9 @@ def revocation(signer: SigningKey, key_id: str, seq: int, prev: bytes, reason: s
     return sign_revocation(signer, key_id, sequence=seq, prev_hash=prev, timestamp=T, reason=reason)
 
 
-def forged_rotation(old_signer: SigningKey | None, new_signer: SigningKey | None, old: SigningKey, new: SigningKey) -> bytes:
+def forged_rotation(
+    old_signer: SigningKey | None, new_signer: SigningKey | None, old: SigningKey, new: SigningKey
+) -> bytes:
     """A rotation body old -> new whose signatures are made by the given signers (garbage when None)."""
     good = rotation(old, new, reason="forged")
     sig_len = len(good.old_signature)
