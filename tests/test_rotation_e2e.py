@@ -146,3 +146,68 @@ def test_chain_refusals_leave_the_pin(tmp_path: Path) -> None:
         follow_rotations(state, _identity(k2), {"records": [fork.raw.hex()]})
     assert info.value.code == "rotation_chain_broken"  # ... refuses a fork of the chain it verified
     assert json.loads(state.dir.joinpath(DeviceState.SERVER_KEY).read_text())["public_key"] == k1.public.raw.hex()
+
+
+@pytest.mark.slow
+def test_rotate_key_cli_with_real_server_and_client_processes(tmp_path: Path) -> None:
+    """``qflare server`` + ``qflare client`` processes: the operator stops the server, runs ``qflare server
+    rotate-key --revoke-old``, starts it again; the device, still given the OLD key file, follows."""
+    import shutil
+    import subprocess
+    import sys
+
+    from http_fixtures import Federation
+
+    from qflare.processes import client_command
+
+    fed = Federation(tmp_path, devices=1, rounds=2, per_round=1)
+    try:
+        fed.start_server()
+        fed.wait_ready()
+        old_key_file = tmp_path / "distributed.keyid"  # what the operator gave devices at enrollment
+        shutil.copy(fed.data_dir / "coordinator.keyid", old_key_file)
+        server = fed.servers["server"]
+
+        def device(token: str | None) -> subprocess.CompletedProcess[str]:
+            argv = client_command(
+                server_url=fed.url,
+                federation_file=server.federation_file,
+                key_file=old_key_file,
+                state_dir=fed.state_dir(0),
+                index=0,
+                poll_interval_s=0.1,
+                give_up_after_s=60.0,
+            )
+            env = {**fed.env, "QFLARE_ENROLL_TOKEN": token} if token else fed.env
+            return subprocess.run([*argv, "--max-rounds", "1"], env=env, capture_output=True, text=True, timeout=120)
+
+        first = device(fed.tokens_via_cli(1)[0])
+        assert first.returncode == 0, first.stderr[-3000:]
+        assert server.stop(timeout_s=15.0) in (0, -15)
+
+        rotated = subprocess.run(
+            [sys.executable, "-m", "qflare", "server", "rotate-key", "--data-dir", str(fed.data_dir), "--revoke-old"],
+            env=fed.env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert rotated.returncode == 0, rotated.stderr
+        new_key_id = (fed.data_dir / "coordinator.keyid").read_text().strip()
+        assert new_key_id != old_key_file.read_text().strip() and new_key_id in rotated.stdout
+
+        fed.start_server("server2")
+        fed.wait_ready("server2")
+        assert len(fed.api.get_json("/v1/rotations")["records"]) == 2
+        second = device(None)  # no token: the enrollment made under the old key still holds
+        assert second.returncode == 0, second.stderr[-3000:]
+        state = DeviceState(fed.state_dir(0))
+        assert state.pin(None) == new_key_id
+        assert [r["round"] for r in fed.receipts(0)] == [1, 2]
+        db, store = fed.store()
+        try:
+            assert len(store.list_devices()) == 1
+        finally:
+            db.dispose()
+    finally:
+        fed.close()

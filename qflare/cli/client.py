@@ -18,7 +18,7 @@ import torch
 import typer
 
 from ..crypto import Suite, VerifyKey
-from ..device import DeviceClient, DeviceState, default_state_dir, load_workload, read_pin_file
+from ..device import DeviceClient, DeviceState, default_state_dir, load_workload, normalize_key_id, read_pin_file
 from ..device.loop import Patience
 from ..device.rekey import MAX_ROTATIONS_RESPONSE, ROTATIONS_PATH, repin
 from ..device.state import SUITES_BY_NAME
@@ -76,6 +76,18 @@ def _fetch_identity(
             patience.failed(exc, "fetching the coordinator's identity")
             logging.getLogger("qflare.client").warning("coordinator not reachable yet [%s]; retrying", exc.code)
             sleep(1.0)
+
+
+def _pin(state: DeviceState, given: str | None) -> tuple[str, tuple[str, AuthError] | None]:
+    """The state dir's pin, and - when the operator gives another key id than the stored pin (e.g. the
+    coordinator's new ``coordinator.keyid`` after a rotation) - that id and the refusal to raise unless
+    a verified rotation chain leads the stored pin to it."""
+    try:
+        return state.pin(given), None
+    except AuthError as exc:
+        if exc.code != "server_key_mismatch" or given is None:
+            raise
+        return state.pin(None), (normalize_key_id(given), exc)
 
 
 def client(
@@ -175,10 +187,12 @@ def client(
             pin = server_key_id or (read_pin_file(server_key_file) if server_key_file else None)
             passphrase = os.environ.get(PASSPHRASE_ENV, "").encode() or None
             state = DeviceState(state_dir or default_state_dir(index), passphrase=passphrase)
-            pinned = state.pin(pin)
+            pinned, moved_to = _pin(state, pin)
             with HttpTransport(server, timeout=timeout, verify=str(ca_cert) if ca_cert else True) as transport:
                 transport.limit_response(ROTATIONS_PATH, MAX_ROTATIONS_RESPONSE)
                 server_key, suite = _fetch_identity(transport, state, patience)
+                if moved_to is not None and server_key.key_id != moved_to[0]:
+                    raise moved_to[1]
                 pinned = state.pin(None)  # moved when the coordinator's key was rotated
                 if federation is not None and suite != spec.suite:  # options name no suite: the server's is used
                     raise ConfigError(
