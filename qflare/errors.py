@@ -773,7 +773,11 @@ CODE_SPECS: Mapping[ErrorCode, CodeSpec] = MappingProxyType(
         ),
         # coordinator key rotation and revocation
         _C.BAD_ROTATION_RECORD: _spec(
-            "a key rotation or revocation record (or the list serving them) does not parse", _F, MalformedError
+            "a key rotation or revocation record (or the list or file holding them) does not parse, or the "
+            "chain is full",
+            _F,
+            MalformedError,
+            ConfigError,
         ),
         _C.BAD_ROTATION_SIGNATURE: _spec(
             "a key rotation is not signed by both its old and its new key, or a revocation not by the current key",

@@ -249,7 +249,7 @@ class DeviceState:
         """Persist a verified move to ``key`` (the chain's current key): the chain, then the pin, then the
         saved key - each file replaced atomically, so a crash leaves the old pin or the new one."""
         if chain.current != key:
-            raise ConfigError("move_pin: the key is not the chain's current key", code="rotation_chain_broken")
+            raise ConfigError("move_pin: the key is not the chain's current key", code="bad_argument")
         _write_private(self.dir / self.ROTATIONS, "".join(r.raw.hex() + "\n" for r in chain.records).encode())
         _write_private(self.dir / self.PIN, (key.key_id + "\n").encode())
         self.save_server_key(key)
