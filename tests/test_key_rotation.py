@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import struct
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from qflare.crypto import SigningKey
 from qflare.crypto.rotation import (
@@ -200,3 +203,45 @@ def test_signing_refuses_misuse() -> None:
         rotation(K[0], K[1], reason="line\nbreak")
     with pytest.raises(ConfigError):
         rotation(K[0], K[1], seq=0)
+
+
+FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+_GOOD = rotation(K[0], K[1], reason="fuzz")
+
+
+@FUZZ
+@given(st.binary(max_size=400))
+def test_parse_is_total_on_random_bytes(data: bytes) -> None:
+    for candidate in (data, b"QFKR\x01" + data, _GOOD.raw[:55] + data):
+        with contextlib.suppress(QflareError):
+            verify_chain([candidate])
+
+
+@FUZZ
+@given(st.integers(0, len(_GOOD.raw) - 1), st.integers(1, 255), st.integers(-5, 5))
+def test_mutated_records_are_refused_with_a_code(pos: int, xor: int, cut: int) -> None:
+    bad = bytearray(_GOOD.raw)
+    bad[pos] ^= xor
+    data = bytes(bad)[: len(bad) + cut] if cut < 0 else bytes(bad) + bytes(cut)
+    with pytest.raises(QflareError) as info:
+        verify_chain([data])
+    assert info.value.code in {"bad_rotation_record", "bad_rotation_signature"}
+
+
+@FUZZ
+@given(
+    st.recursive(
+        st.none() | st.booleans() | st.integers() | st.text(max_size=20),
+        lambda c: st.lists(c, max_size=4) | st.dictionaries(st.text(max_size=8), c, max_size=4),
+        max_leaves=12,
+    )
+)
+def test_device_side_is_total_on_any_json(doc: object) -> None:
+    from qflare.device.rekey import _records
+    from qflare.device.state import served_key
+
+    for candidate in (doc, {"records": doc}, {"alg": "ML-DSA-65", "public_key": doc}):
+        with contextlib.suppress(QflareError):
+            _records(candidate)
+        with contextlib.suppress(QflareError):
+            served_key(candidate)  # type: ignore[arg-type]
