@@ -49,7 +49,8 @@ def test_device_follows_a_rotation_across_a_server_restart(tmp_path: Path) -> No
             transport=transport, state=state, server_key=key, workload=workload, suite=suite,
             rekey=lambda: repin(state, get_json),
         )  # fmt: skip
-        assert dc.ensure_enrolled(runtime.coordinator.create_tokens(1)[0])
+        token = runtime.coordinator.create_tokens(1)[0]
+        assert dc.ensure_enrolled(token)
         first = dc.run(max_rounds=1, poll_interval=0.05, give_up_after_s=60)
         assert first.rounds_trained == [1]
     record = state.load_record()
@@ -65,6 +66,9 @@ def test_device_follows_a_rotation_across_a_server_restart(tmp_path: Path) -> No
         second = dc.run(max_rounds=1, poll_interval=0.05, give_up_after_s=60)
         assert second.rounds_trained == [2]  # round 2's model and ack verified under the new key
         assert dc.server_key == new_key
+        # a retried enrollment (a lost reply) gets its record again, now signed by the current key
+        retried = dc.device.enroll(token)
+        SignedEnvelope.open(retried, new_key, expected_type=MsgType.ENROLL_RECORD)
         devices = runtime.store.list_devices()
         assert [d.device_id for d in devices] == [dc.device_id]  # enrolled once, never again
     assert state.pin(None) == new_key.key_id and state.load_server_key() == new_key
