@@ -94,7 +94,11 @@ class RunSummary:
 
 
 class DeviceClient:
-    """A device process's protocol loop (see the module docstring)."""
+    """A device process's protocol loop (see the module docstring).
+
+    ``rekey``, when given (``qflare client`` passes :func:`qflare.device.rekey.repin`), is called when a
+    handshake names another coordinator key than the pinned one: it returns the key a verified rotation
+    chain leads to (having moved the pin) or raises; the loop then continues under the new key."""
 
     def __init__(
         self,
