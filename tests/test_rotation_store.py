@@ -92,6 +92,8 @@ def test_a_crash_mid_rotation_never_splits_key_and_record(
         rotate_key(tmp_path)
     monkeypatch.setattr(rotation_module, step, real)
     pending = SigningKey.load(tmp_path / NEXT_KEY_FILE, None)
+    stale = tmp_path / f".{NEXT_KEY_FILE}.123.abcd.tmp"  # as a save killed mid-write leaves it
+    stale.write_bytes(b"partial")
     chain = recover(tmp_path, None)  # what the next start (or rotate-key) does
     key = SigningKey.load(tmp_path / "coordinator.key", None)
     if step == "_write_log":  # before the commit point: the rotation never happened
@@ -99,7 +101,7 @@ def test_a_crash_mid_rotation_never_splits_key_and_record(
     else:  # after it: the rotation is finished
         assert key.key_id == pending.key_id == chain.current.key_id  # type: ignore[union-attr]
         assert (tmp_path / "coordinator.keyid").read_text().strip() == key.key_id
-    assert not (tmp_path / NEXT_KEY_FILE).exists()
+    assert not (tmp_path / NEXT_KEY_FILE).exists() and not stale.exists()
     rotate_key(tmp_path)  # and rotating again works from there
     assert recover(tmp_path, None).current == SigningKey.load(tmp_path / "coordinator.key", None).public
 

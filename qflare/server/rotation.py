@@ -179,6 +179,8 @@ def recover(data_dir: Path, passphrase: bytes | None) -> ChainState:
     data_dir = Path(data_dir)
     chain = load_chain(data_dir)
     pending, key_path = data_dir / NEXT_KEY_FILE, data_dir / KEY_FILE
+    for stale in data_dir.glob(f".{NEXT_KEY_FILE}.*.tmp"):  # a save killed mid-write (never linked in)
+        stale.unlink(missing_ok=True)
     if pending.exists():
         nxt = SigningKey.load(pending, passphrase)
         if chain.current == nxt.public:  # crashed after the commit point: finish
