@@ -223,6 +223,12 @@ class ErrorCode(enum.StrEnum):
     AGGREGATE_NON_FINITE = "aggregate_non_finite"
     AGGREGATE_OUT_OF_BOUNDS = "aggregate_out_of_bounds"
     ALL_ROUNDS_FAILED = "all_rounds_failed"
+    # coordinator key rotation and revocation
+    BAD_ROTATION_RECORD = "bad_rotation_record"
+    BAD_ROTATION_SIGNATURE = "bad_rotation_signature"
+    ROTATION_CHAIN_BROKEN = "rotation_chain_broken"
+    COORDINATOR_KEY_REVOKED = "coordinator_key_revoked"
+    ROTATION_INCOMPLETE = "rotation_incomplete"
 
 
 class Retry(enum.Enum):
@@ -764,6 +770,33 @@ CODE_SPECS: Mapping[ErrorCode, CodeSpec] = MappingProxyType(
         ),
         _C.ALL_ROUNDS_FAILED: _spec(
             "every round of a run failed: no model was published (the CLI exits non-zero)", _F, RoundError, DemoError
+        ),
+        # coordinator key rotation and revocation
+        _C.BAD_ROTATION_RECORD: _spec(
+            "a key rotation or revocation record (or the list or file holding them) does not parse, or the "
+            "chain is full",
+            _F,
+            MalformedError,
+            ConfigError,
+        ),
+        _C.BAD_ROTATION_SIGNATURE: _spec(
+            "a key rotation is not signed by both its old and its new key, or a revocation not by the current key",
+            _F,
+            BadSignatureError,
+        ),
+        _C.ROTATION_CHAIN_BROKEN: _spec(
+            "the rotation records do not chain (sequence, previous hash, old key = previous new key) from the "
+            "pinned key to the key the coordinator serves",
+            _F,
+            AuthError,
+        ),
+        _C.COORDINATOR_KEY_REVOKED: _spec(
+            "a coordinator key recorded as revoked is used after its revocation", _F, AuthError
+        ),
+        _C.ROTATION_INCOMPLETE: _spec(
+            "the data directory's coordinator key and its rotation log disagree (an interrupted rotate-key)",
+            _F,
+            ConfigError,
         ),
     }
 )

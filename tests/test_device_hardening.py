@@ -439,7 +439,7 @@ def test_signed_model_of_another_architecture_sits_the_round_out(tmp_path: Path)
     assert ErrorCode.INCOMPATIBLE_MODEL in list(ErrorCode)
 
 
-def test_identity_fetch_waits_out_forged_errors_within_patience() -> None:
+def test_identity_fetch_waits_out_forged_errors_within_patience(tmp_path: Path) -> None:
     from qflare.cli.client import _fetch_identity
 
     calls = [0]
@@ -452,7 +452,9 @@ def test_identity_fetch_waits_out_forged_errors_within_patience() -> None:
         return httpx.Response(200, json=doc)
 
     t, clock = make_transport(handler)
-    key, _ = _fetch_identity(t, SERVER.public.key_id, 300.0, sleep=clock.sleep)
+    state = DeviceState(tmp_path)
+    state.pin(SERVER.public.key_id)
+    key, _ = _fetch_identity(t, state, 300.0, sleep=clock.sleep)
     assert key == SERVER.public and calls[0] == 3 and clock.sleeps == [1.0, 1.0]
 
 

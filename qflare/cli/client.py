@@ -18,8 +18,9 @@ import torch
 import typer
 
 from ..crypto import Suite, VerifyKey
-from ..device import DeviceClient, DeviceState, default_state_dir, load_workload, pin_server_key, read_pin_file
+from ..device import DeviceClient, DeviceState, default_state_dir, load_workload, normalize_key_id, read_pin_file
 from ..device.loop import Patience
+from ..device.rekey import MAX_ROTATIONS_RESPONSE, ROTATIONS_PATH, repin
 from ..device.state import SUITES_BY_NAME
 from ..errors import AuthError, ConfigError, QflareError, Retry
 from ..federation import FederationSpec
@@ -57,22 +58,36 @@ def _on_sigterm(signum: int, frame: FrameType | None) -> None:
 
 
 def _fetch_identity(
-    transport: HttpTransport, pinned: str, patience_s: float, sleep: Callable[[float], None] = time.sleep
+    transport: HttpTransport, state: DeviceState, patience_s: float, sleep: Callable[[float], None] = time.sleep
 ) -> tuple[VerifyKey, Suite]:
     """GET /v1/identity (waiting up to ``patience_s`` for the server to come up) and check it against the
-    pin.  Outages and unauthenticated error answers are waited out within the patience; a key that does
-    not hash to the pin (or an unknown suite) stops the device at once: that is a configuration error
-    the operator must see (the wrong server or the wrong pin), and nothing was sent to that server."""
+    pin, following a verified key rotation (``/v1/rotations``, :func:`qflare.device.rekey.repin`) when the
+    coordinator rotated its key.  Outages and unauthenticated error answers are waited out within the
+    patience; a key that neither hashes to the pin nor is reached by a verified rotation chain (or an
+    unknown suite) stops the device at once: that is a configuration error the operator must see (the
+    wrong server or the wrong pin), and nothing was sent to that server."""
     patience = Patience(patience_s)
     while True:
         try:
-            return pin_server_key(transport.get_json("/v1/identity"), pinned)
+            return repin(state, transport.get_json)
         except QflareError as exc:
             if exc.retry is not Retry.TRANSIENT and not exc.unauthenticated:
                 raise
             patience.failed(exc, "fetching the coordinator's identity")
             logging.getLogger("qflare.client").warning("coordinator not reachable yet [%s]; retrying", exc.code)
             sleep(1.0)
+
+
+def _pin(state: DeviceState, given: str | None) -> tuple[str, tuple[str, AuthError] | None]:
+    """The state dir's pin, and - when the operator gives another key id than the stored pin (e.g. the
+    coordinator's new ``coordinator.keyid`` after a rotation) - that id and the refusal to raise unless
+    a verified rotation chain leads the stored pin to it."""
+    try:
+        return state.pin(given), None
+    except AuthError as exc:
+        if exc.code != "server_key_mismatch" or given is None:
+            raise
+        return state.pin(None), (normalize_key_id(given), exc)
 
 
 def client(
@@ -172,9 +187,13 @@ def client(
             pin = server_key_id or (read_pin_file(server_key_file) if server_key_file else None)
             passphrase = os.environ.get(PASSPHRASE_ENV, "").encode() or None
             state = DeviceState(state_dir or default_state_dir(index), passphrase=passphrase)
-            pinned = state.pin(pin)
+            pinned, moved_to = _pin(state, pin)
             with HttpTransport(server, timeout=timeout, verify=str(ca_cert) if ca_cert else True) as transport:
-                server_key, suite = _fetch_identity(transport, pinned, patience)
+                transport.limit_response(ROTATIONS_PATH, MAX_ROTATIONS_RESPONSE)
+                server_key, suite = _fetch_identity(transport, state, patience)
+                if moved_to is not None and server_key.key_id != moved_to[0]:
+                    raise moved_to[1]
+                pinned = state.pin(None)  # moved when the coordinator's key was rotated
                 if federation is not None and suite != spec.suite:  # options name no suite: the server's is used
                     raise ConfigError(
                         f"the coordinator uses suite {suite.name}, the federation spec says {spec.suite.name}",
@@ -190,6 +209,7 @@ def client(
                     suite=suite,
                     max_trainings=max_trainings_per_hour,
                     training_period_s=3600.0,
+                    rekey=lambda: repin(state, transport.get_json),
                 )
                 logging.getLogger("qflare.client").info(
                     "device %s... partition %d/%d (%d examples), coordinator %s... at %s",
@@ -240,9 +260,10 @@ def verify_receipts(
                     f"{server_key_file} is not the key {state_dir} is pinned to", code="server_key_mismatch"
                 )
             key = VerifyKey.from_bytes(_alg_of(raw), raw)
+            former: tuple[VerifyKey, ...] = ()
         else:
-            key = state.load_server_key()
-        checks = state.verify_receipts(key)
+            key, former = state.load_server_key(), state.former_server_keys()
+        checks = state.verify_receipts(key, former=former)
     bad = [c for c in checks if not c.ok]
     for c in checks:
         if json_:

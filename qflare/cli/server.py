@@ -8,6 +8,7 @@ import os
 import re
 from datetime import timedelta
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 
@@ -18,6 +19,9 @@ from ..federation import FederationSpec, suite_by_name
 from . import options as opts
 from . import runconfig
 from .common import FEDERATION_HELP, console, err_console, federation_spec, friendly_errors
+
+if TYPE_CHECKING:
+    from ..server.rotation import RotationResult
 
 __all__ = ["parse_duration", "register", "token_app"]
 
@@ -236,6 +240,72 @@ def verify_store(
         )
     if report.problems:
         raise typer.Exit(1)
+
+
+@server_app.command("rotate-key")
+def rotate_key(
+    data_dir: Path = typer.Option(default_data_dir(), help="The server's data directory (holds coordinator.key)."),
+    reason: str = typer.Option("scheduled", help="Why, recorded in the signed rotation record (printable text)."),
+    revoke_old: bool = typer.Option(
+        False, "--revoke-old", help="Also record the old key as revoked (it is compromised, or must never return)."
+    ),
+    revoke_reason: str = typer.Option("compromised", help="The reason recorded in the revocation (--revoke-old)."),
+    key_passphrase_env: str | None = typer.Option(
+        None, help="Environment variable holding the passphrase of coordinator.key (the new key gets it too)."
+    ),
+    json_: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+) -> None:
+    """Replace the coordinator's ML-DSA key with a new one and record the rotation, signed by both keys.
+
+    Devices pinned to the old key follow the record (GET /v1/rotations) to the new key without
+    re-enrolling.  The old private key is deleted.  Restart the server afterwards: a running server
+    keeps signing with the key it started with."""
+    from ..server.rotation import rotate_key as rotate
+
+    with friendly_errors():
+        result = rotate(
+            data_dir,
+            _passphrase(key_passphrase_env),
+            reason=reason,
+            revoke_old=revoke_old,
+            revoke_reason=revoke_reason,
+        )
+    _print_rotation(result, json_, f"coordinator key rotated: {result.old_key_id} -> {result.new_key_id}")
+
+
+@server_app.command("revoke-key")
+def revoke_key(
+    key_id: str = typer.Option(..., help="The former coordinator key id to revoke (64 hex)."),
+    data_dir: Path = typer.Option(default_data_dir(), help="The server's data directory."),
+    reason: str = typer.Option("compromised", help="Why, recorded in the signed revocation record."),
+    key_passphrase_env: str | None = typer.Option(
+        None, help="Environment variable holding the passphrase of coordinator.key."
+    ),
+    json_: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+) -> None:
+    """Record that a key rotated away earlier is revoked (signed by the current key).
+
+    Devices that follow the chain then refuse any rotation out of it.  Restart the server afterwards."""
+    from ..server.rotation import revoke_key as revoke
+
+    with friendly_errors():
+        result = revoke(data_dir, key_id, _passphrase(key_passphrase_env), reason=reason)
+    _print_rotation(result, json_, f"key {key_id.strip().lower()} revoked (signed by {result.new_key_id})")
+
+
+def _print_rotation(result: RotationResult, json_: bool, summary: str) -> None:
+    records = [
+        {"sequence": r.sequence, "kind": r.kind.ledger_kind, "sha256": r.digest.hex(), "reason": r.reason}
+        for r in result.records
+    ]
+    if json_:
+        doc = {"old_key_id": result.old_key_id, "new_key_id": result.new_key_id, "records": records}
+        print(json.dumps(doc))
+        return
+    for r in records:
+        console.print(f"record #{r['sequence']} {r['kind']} sha256 {r['sha256']} ({r['reason'] or 'no reason'})")
+    console.print(summary, soft_wrap=True)
+    err_console.print("[yellow]restart the server[/]: a running server keeps the key it started with")
 
 
 def register(app: typer.Typer) -> None:

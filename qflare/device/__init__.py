@@ -6,6 +6,7 @@ and its data, nothing of the coordinator.
 """
 
 from .loop import DeviceClient, RunSummary, default_state_dir
+from .rekey import follow_rotations, repin
 from .state import DeviceState, normalize_key_id, pin_server_key, read_pin_file
 from .workload import Workload, load_workload
 
@@ -15,8 +16,10 @@ __all__ = [
     "RunSummary",
     "Workload",
     "default_state_dir",
+    "follow_rotations",
     "load_workload",
     "normalize_key_id",
     "pin_server_key",
     "read_pin_file",
+    "repin",
 ]

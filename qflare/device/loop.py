@@ -94,7 +94,11 @@ class RunSummary:
 
 
 class DeviceClient:
-    """A device process's protocol loop (see the module docstring)."""
+    """A device process's protocol loop (see the module docstring).
+
+    ``rekey``, when given (``qflare client`` passes :func:`qflare.device.rekey.repin`), is called when a
+    handshake names another coordinator key than the pinned one: it returns the key a verified rotation
+    chain leads to (having moved the pin) or raises; the loop then continues under the new key."""
 
     def __init__(
         self,
@@ -110,6 +114,7 @@ class DeviceClient:
         rng: random.Random | None = None,
         max_trainings: int = 60,
         training_period_s: float = 3600.0,
+        rekey: Callable[[], tuple[VerifyKey, Suite]] | None = None,
     ) -> None:
         if max_trainings < 1 or training_period_s <= 0:
             raise ConfigError("max_trainings must be >= 1 and training_period_s > 0", code="bad_argument")
@@ -134,6 +139,7 @@ class DeviceClient:
         self._trainings: collections.deque[float] = collections.deque()  # monotonic times, last period
         self._seen_round = 0
         self._capped_logged = False
+        self._rekey = rekey
 
     @property
     def device_id(self) -> str:
@@ -183,11 +189,18 @@ class DeviceClient:
         return True
 
     def _check_record(self, record: bytes) -> None:
-        try:
-            env = SignedEnvelope.open(record, self.server_key, expected_type=MsgType.ENROLL_RECORD)
-        except QflareError as exc:
+        """The stored enrollment record must be signed by the pinned key or by a former key this device
+        moved away from through a verified rotation (it was received before that rotation)."""
+        env, error = None, None
+        for key in (self.server_key, *reversed(self.state.former_server_keys())):
+            try:
+                env = SignedEnvelope.open(record, key, expected_type=MsgType.ENROLL_RECORD)
+                break
+            except QflareError as exc:
+                error = exc
+        if env is None:
             raise AuthError(
-                f"enrollment record in {self.state.dir} was not issued by the pinned coordinator ({exc})",
+                f"enrollment record in {self.state.dir} was not issued by the pinned coordinator ({error})",
                 code=ErrorCode.ENROLLMENT_MISMATCH,
             ) from None
         if env.get(Field.DEVICE_KEY_ID) != self.device.identity.key_id_bytes:
@@ -219,9 +232,12 @@ class DeviceClient:
         summary = RunSummary(self.device_id, "stopped")
         poll_interval = max(poll_interval, MIN_POLL_INTERVAL_S)
         patience = Patience(give_up_after_s, self._monotonic)
-        connected, refusals, failures = False, 0, 0
+        connected, refusals, failures, rekey = False, 0, 0, False
         while stop is None or not stop.is_set():
             try:
+                if rekey:
+                    self._follow_rotation()
+                    rekey = False
                 if not connected:
                     sid = self.device.connect()
                     connected = True
@@ -247,6 +263,10 @@ class DeviceClient:
                 self._pause(poll_interval * self._rng.uniform(0.5, 1.5))
             except QflareError as exc:
                 patience.failed(exc, "device loop")
+                if exc.code == ErrorCode.SERVER_KEY_MISMATCH and self._rekey is not None and not rekey:
+                    log.warning("the coordinator presents another key [%s]: checking its rotation chain", exc.code)
+                    connected, rekey = False, True
+                    continue
                 retry = exc.retry
                 if exc.unauthenticated and retry not in (Retry.TRANSIENT, Retry.SKIP_ROUND):
                     log.warning("unauthenticated refusal [%s] %s: not trusted, treated as transient", exc.code, exc)
@@ -281,6 +301,25 @@ class DeviceClient:
                     connected = False  # start over on a fresh session: channel state is then surely in step
                     self._pause(poll_interval * self._rng.uniform(0.5, 1.5))
         return summary
+
+    def _follow_rotation(self) -> None:
+        """Move to the coordinator's new key through its verified rotation chain (``rekey``); a key that
+        is not new, or a changed suite, is refused (``server_key_mismatch`` / ``suite_mismatch``)."""
+        assert self._rekey is not None
+        key, suite = self._rekey()
+        if key == self.server_key:
+            raise AuthError(
+                "the coordinator's handshake names another key than the one it serves", code="server_key_mismatch"
+            )
+        if suite != self.device.suite:
+            raise ConfigError(f"after its rotation the coordinator uses suite {suite.name}", code="suite_mismatch")
+        log.warning(
+            "event=key_rotation: coordinator key %s... -> %s... (verified rotation; pin moved)",
+            self.server_key.key_id[:16],
+            key.key_id[:16],
+        )
+        self.server_key = self.device.server_key = key
+        self.device.reset_session()
 
     def _check_rollback(self, task: TaskInfo) -> None:
         """Refuse a task older than what this device already accepted (StaleModelError ``model_rollback``)."""

@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +31,7 @@ from typing import Any
 from ..crypto import DEFAULT_SUITE, HIGH_SUITE, Field, MsgType, SignedEnvelope, SigningKey, Suite, VerifyKey
 from ..crypto.identity import key_id_of
 from ..crypto.payloads import AckStatus, check_update_ack
+from ..crypto.rotation import ChainState, verify_chain
 from ..errors import AuthError, ConfigError, MalformedError, QflareError
 
 __all__ = [
@@ -40,6 +41,7 @@ __all__ = [
     "normalize_key_id",
     "pin_server_key",
     "read_pin_file",
+    "served_key",
 ]
 
 SUITES_BY_NAME: dict[str, Suite] = {s.name: s for s in (DEFAULT_SUITE, HIGH_SUITE)}
@@ -71,11 +73,10 @@ def read_pin_file(path: str | os.PathLike[str]) -> str:
     return key_id_of(raw)
 
 
-def pin_server_key(identity: Mapping[str, Any], pinned_key_id: str) -> tuple[VerifyKey, Suite]:
-    """Check the ``/v1/identity`` document against the pinned id; the coordinator's key and suite.
-
-    The public key itself is hashed: the document's own ``key_id`` claim is not trusted."""
-    pinned = normalize_key_id(pinned_key_id)
+def served_key(identity: Mapping[str, Any]) -> tuple[VerifyKey, Suite]:
+    """The key and suite a ``/v1/identity`` document serves (hashed by the caller against a pin)."""
+    if not isinstance(identity, Mapping):
+        raise MalformedError("coordinator identity is not a JSON object", code="malformed")
     alg, public_hex = identity.get("alg"), identity.get("public_key")
     if not isinstance(alg, str) or not isinstance(public_hex, str):
         raise MalformedError("coordinator identity lacks 'alg' or 'public_key'", code="malformed")
@@ -83,13 +84,6 @@ def pin_server_key(identity: Mapping[str, Any], pinned_key_id: str) -> tuple[Ver
         raw = bytes.fromhex(public_hex)
     except ValueError:
         raise MalformedError("coordinator public key is not hex", code="malformed") from None
-    actual = key_id_of(raw)
-    if actual != pinned:
-        raise AuthError(
-            f"coordinator key {actual[:16]}... does not match the pinned key id {pinned[:16]}...: refusing to "
-            "talk to it (wrong server, or its key changed; check --server-key-id)",
-            code="server_key_mismatch",
-        )
     key = VerifyKey.from_bytes(alg, raw)
     suite_name = identity.get("suite")
     if suite_name is None:
@@ -103,6 +97,26 @@ def pin_server_key(identity: Mapping[str, Any], pinned_key_id: str) -> tuple[Ver
     if suite.sig != key.alg:
         raise ConfigError(f"coordinator key is {key.alg} but its suite signs with {suite.sig}", code="unknown_suite")
     return key, suite
+
+
+def pin_server_key(identity: Mapping[str, Any], pinned_key_id: str) -> tuple[VerifyKey, Suite]:
+    """Check the ``/v1/identity`` document against the pinned id; the coordinator's key and suite.
+
+    The public key itself is hashed: the document's own ``key_id`` claim is not trusted."""
+    pinned = normalize_key_id(pinned_key_id)
+    public_hex = identity.get("public_key") if isinstance(identity, Mapping) else None
+    if isinstance(public_hex, str):
+        try:
+            actual = key_id_of(bytes.fromhex(public_hex))
+        except ValueError:
+            actual = None
+        if actual is not None and actual != pinned:
+            raise AuthError(
+                f"coordinator key {actual[:16]}... does not match the pinned key id {pinned[:16]}...: refusing to "
+                "talk to it (wrong server, or its key changed; check --server-key-id)",
+                code="server_key_mismatch",
+            )
+    return served_key(identity)
 
 
 def _write_private(path: Path, data: bytes) -> None:
@@ -132,7 +146,7 @@ class DeviceState:
     """A device's state directory (see the module docstring)."""
 
     KEY, RECORD, PIN, RECEIPTS = "key.pem", "enrollment.record", "server.keyid", "receipts.jsonl"
-    SERVER_KEY, PROGRESS = "server.pub", "progress.json"
+    SERVER_KEY, PROGRESS, ROTATIONS = "server.pub", "progress.json", "server.rotations"
 
     def __init__(self, directory: str | os.PathLike[str], *, passphrase: bytes | None = None) -> None:
         self.dir = Path(directory)
@@ -150,16 +164,19 @@ class DeviceState:
     def pin(self, key_id: str | None) -> str:
         """The pinned coordinator key id: ``key_id`` (stored on first use), else the stored one.
 
-        A state directory stays with the coordinator it was first pinned to."""
+        A state directory stays with the coordinator it was first pinned to; a ``key_id`` it moved away
+        from through a verified rotation (``server.rotations``) still names it, and yields the new pin."""
         path = self.dir / self.PIN
         stored = normalize_key_id(path.read_text()) if path.exists() else None
         given = normalize_key_id(key_id) if key_id else None
         if given and stored and given != stored:
-            raise AuthError(
-                f"state dir {self.dir} is pinned to coordinator {stored[:16]}..., not {given[:16]}...: "
-                "use a fresh --state-dir for another coordinator",
-                code="server_key_mismatch",
-            )
+            if given not in {k.key_id for k in self.rotation_chain().keys}:
+                raise AuthError(
+                    f"state dir {self.dir} is pinned to coordinator {stored[:16]}..., not {given[:16]}...: "
+                    "use a fresh --state-dir for another coordinator",
+                    code="server_key_mismatch",
+                )
+            given = stored  # a former key this state dir moved away from through a verified rotation
         pinned = given or stored
         if pinned is None:
             raise ConfigError(
@@ -212,6 +229,31 @@ class DeviceState:
             raise ConfigError(f"{path} is not a JSON object", code="bad_key_file")
         return pin_server_key(doc, self.pin(None))[0]
 
+    # ------------------------------------------------------------------ coordinator key rotation
+    def rotation_chain(self) -> ChainState:
+        """The rotation chain this device verified when it last moved its pin (empty if it never did)."""
+        path = self.dir / self.ROTATIONS
+        if not path.exists():
+            return verify_chain([])
+        try:
+            records = [bytes.fromhex(line) for line in path.read_text(encoding="ascii").splitlines() if line]
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"{path} is unreadable ({exc})", code="bad_rotation_record") from None
+        return verify_chain(records)
+
+    def former_server_keys(self) -> tuple[VerifyKey, ...]:
+        """The coordinator keys this device moved away from (oldest first), for records signed before."""
+        return self.rotation_chain().keys[:-1]
+
+    def move_pin(self, chain: ChainState, key: VerifyKey) -> None:
+        """Persist a verified move to ``key`` (the chain's current key): the chain, then the pin, then the
+        saved key - each file replaced atomically, so a crash leaves the old pin or the new one."""
+        if chain.current != key:
+            raise ConfigError("move_pin: the key is not the chain's current key", code="bad_argument")
+        _write_private(self.dir / self.ROTATIONS, "".join(r.raw.hex() + "\n" for r in chain.records).encode())
+        _write_private(self.dir / self.PIN, (key.key_id + "\n").encode())
+        self.save_server_key(key)
+
     # ------------------------------------------------------------------ progress (rollback protection)
     def progress(self) -> tuple[int, int]:
         """(highest accepted model version, highest acknowledged round); (0, 0) when nothing is stored."""
@@ -263,9 +305,12 @@ class DeviceState:
             return []
         return [json.loads(line) for line in self.receipts_path.read_text().splitlines() if line.strip()]
 
-    def verify_receipts(self, server_key: VerifyKey, device_id: str | None = None) -> list[ReceiptCheck]:
-        """Re-verify every stored receipt: its ack must be signed by ``server_key``, acknowledge this
-        device (``device_id``, else the key in this state dir) and say exactly what the line says."""
+    def verify_receipts(
+        self, server_key: VerifyKey, device_id: str | None = None, *, former: Sequence[VerifyKey] = ()
+    ) -> list[ReceiptCheck]:
+        """Re-verify every stored receipt: its ack must be signed by ``server_key`` (or one of the
+        ``former`` keys the device rotated away from), acknowledge this device (``device_id``, else the
+        key in this state dir) and say exactly what the line says."""
         if device_id is None:
             device_id = SigningKey.load(self.key_path, self._passphrase).key_id if self.key_path.exists() else None
         if not self.receipts_path.exists():
@@ -273,11 +318,25 @@ class DeviceState:
         checks = []
         for n, text in enumerate(self.receipts_path.read_text().splitlines(), 1):
             if text.strip():
-                checks.append(_check_receipt_line(n, text, server_key, device_id))
+                checks.append(_check_receipt_line(n, text, (server_key, *former), device_id))
         return checks
 
 
-def _check_receipt_line(n: int, text: str, server_key: VerifyKey, device_id: str | None) -> ReceiptCheck:
+def _open_ack(ack: bytes, keys: Sequence[VerifyKey]) -> SignedEnvelope:
+    """The ack verified by the pinned key (``keys[0]``) or a former one; the pinned key's refusal otherwise."""
+    env = SignedEnvelope.parse(ack, expected_type=MsgType.UPDATE_ACK)
+    try:
+        return env.verify(keys[0])
+    except QflareError:
+        for key in keys[1:]:
+            try:
+                return env.verify(key)
+            except QflareError:
+                continue
+        raise
+
+
+def _check_receipt_line(n: int, text: str, keys: Sequence[VerifyKey], device_id: str | None) -> ReceiptCheck:
     rnd = digest = None
     try:
         line = json.loads(text)
@@ -286,7 +345,7 @@ def _check_receipt_line(n: int, text: str, server_key: VerifyKey, device_id: str
         rnd, digest = line.get("round"), line.get("update_hash")
         if not isinstance(line.get("ack"), str):
             raise MalformedError("no signed acknowledgement stored (a receipt from before acks were kept)")
-        env = SignedEnvelope.open(bytes.fromhex(line["ack"]), server_key, expected_type=MsgType.UPDATE_ACK)
+        env = _open_ack(bytes.fromhex(line["ack"]), keys)
         if not isinstance(rnd, int) or not isinstance(digest, str):
             raise MalformedError("round or update_hash missing")
         owner = device_id or line.get("device_id")

@@ -332,8 +332,19 @@ class Coordinator:
         env.verify(key)  # proof of possession of the signing key
         if enrolled is not None:
             self._seen(device_id)
-            return enrolled.enrollment_record
-        record = SignedEnvelope.sign(
+            stored = enrolled.enrollment_record
+            try:
+                SignedEnvelope.open(stored, self.identity.public, expected_type=MsgType.ENROLL_RECORD)
+                return stored
+            except QflareError:  # signed by a former coordinator key (a key rotation): the current key signs
+                return self._enrollment_record(key, now)
+        record = self._enrollment_record(key, now)
+        self.store.enroll_device(token, key.key_id, suite.sig, key.raw, record)
+        self._seen(device_id)
+        return record
+
+    def _enrollment_record(self, key: VerifyKey, now: int) -> bytes:
+        return SignedEnvelope.sign(
             self.config.suite,
             MsgType.ENROLL_RECORD,
             {
@@ -345,9 +356,6 @@ class Coordinator:
             },
             self.identity,
         ).to_bytes()
-        self.store.enroll_device(token, key.key_id, suite.sig, key.raw, record)
-        self._seen(device_id)
-        return record
 
     def _check_token(self, token: str, device_id: str) -> DeviceRow | None:
         """None when ``token`` may enroll ``device_id``; the device's row when this device already enrolled

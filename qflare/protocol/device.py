@@ -113,6 +113,10 @@ class Device:
         self.enrollment_record = record
         return record
 
+    def reset_session(self) -> None:
+        """Forget the session: the next call runs the handshake again (e.g. after a key rotation)."""
+        self._channel, self._session_id = None, None
+
     def connect(self) -> str:
         """Run the mutually authenticated handshake; returns the session id."""
         hs = ClientHandshake(self.identity, self.server_key, suite=self.suite, policy=self.policy, clock=self._clock)

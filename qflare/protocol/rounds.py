@@ -29,7 +29,7 @@ from datetime import UTC, datetime
 
 import torch
 
-from ..crypto import SigningKey, Suite, sign_global_model
+from ..crypto import MsgType, SignedEnvelope, SigningKey, Suite, sign_global_model
 from ..errors import (
     ConfigError,
     ErrorCode,
@@ -179,7 +179,12 @@ class RoundManager:
         state = row.metrics.get("server_state")
         if isinstance(state, str):
             load_pipeline_state(self.strategy, self._blobs.get(state))
-        return PublishedModel(version, flat, blob, digest, bytes(row.signature), row.round_number)
+        envelope = bytes(row.signature)
+        try:
+            SignedEnvelope.open(envelope, self._identity.public, expected_type=MsgType.GLOBAL_MODEL)
+        except QflareError:  # signed by a former coordinator key (a rotation): served re-signed by this one
+            envelope, _ = sign_global_model(self._identity, self._suite, version, blob, int(self._clock()))
+        return PublishedModel(version, flat, blob, digest, envelope, row.round_number)
 
     def _recover_round(self) -> None:
         row = self._store.current_round()

@@ -256,6 +256,16 @@ def create_app(runtime: ServerRuntime) -> FastAPI:
         await gate.admit(request)
         return runtime.identity_info()
 
+    @app.get(
+        "/v1/rotations",
+        tags=["public"],
+        summary="The coordinator's key rotation chain (hex records, at most 32): devices pinned to a former "
+        "key verify it and move their pin",
+    )
+    async def rotations(request: Request) -> dict[str, Any]:
+        await gate.admit(request)
+        return runtime.rotation_info()
+
     @app.get("/v1/status", tags=["public"], summary="Round state, evaluated history, device count")
     async def status(request: Request) -> dict[str, Any]:
         await gate.admit(request)

@@ -21,6 +21,7 @@ from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
 
 from ..crypto import require_primitives
+from ..crypto.rotation import ChainState
 from ..data import load_dataset
 from ..errors import ConfigError
 from ..federation import FederationSpec
@@ -34,6 +35,8 @@ from .credentials import AdminToken, load_or_create_admin_token, load_or_create_
 from .evaluation import Evaluator
 from .limits import HttpLimits
 from .metrics import LiveFigures, ServerMetrics
+from .rotation import check_key_matches_chain
+from .rotation import recover as recover_rotation
 
 __all__ = ["ServerConfig", "ServerRuntime"]
 
@@ -90,9 +93,11 @@ class ServerRuntime:
             self.store = Store(self.db)
             self.blobs = BlobStore(self.data_dir / "blobs")
             self.blobs.remove_stale_temp_files(older_than_s=0.0)  # nothing is writing yet
+            self.rotations: ChainState = recover_rotation(self.data_dir, config.key_passphrase)
             self.identity, self.identity_created = load_or_create_identity(
                 self.data_dir, config.key_passphrase, config.federation.suite.sig
             )
+            check_key_matches_chain(self.identity, self.rotations)
             self.admin: AdminToken = load_or_create_admin_token(self.data_dir, environ)
             self.metrics = ServerMetrics()
             self.trackers = open_trackers(
@@ -356,6 +361,15 @@ class ServerRuntime:
             "public_key": pub.raw.hex(),
             "key_id": pub.key_id,
             "suite": self.config.federation.suite.name,
+        }
+
+    def rotation_info(self) -> dict[str, Any]:
+        """The rotation chain as served at ``/v1/rotations`` (read at start; restart after a rotation)."""
+        chain = self.rotations
+        return {
+            "current_key_id": self.identity.key_id,
+            "head_sha256": chain.head_hash.hex(),
+            "records": [r.raw.hex() for r in chain.records],
         }
 
     def __repr__(self) -> str:
