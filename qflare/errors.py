@@ -222,6 +222,8 @@ class ErrorCode(enum.StrEnum):
     # hardening: aggregation
     AGGREGATE_NON_FINITE = "aggregate_non_finite"
     AGGREGATE_OUT_OF_BOUNDS = "aggregate_out_of_bounds"
+    # provenance ledger
+    LEDGER_INVALID = "ledger_invalid"
 
 
 class Retry(enum.Enum):
@@ -754,6 +756,12 @@ CODE_SPECS: Mapping[ErrorCode, CodeSpec] = MappingProxyType(
         _C.AGGREGATE_OUT_OF_BOUNDS: _spec(
             "a weight of the aggregated model exceeds the configured bound: the round fails, the previous model stays",
             _D,
+            ValidationError,
+        ),
+        # provenance ledger
+        _C.LEDGER_INVALID: _spec(
+            "a provenance ledger export fails offline verification (the message names the first bad entry)",
+            _F,
             ValidationError,
         ),
     }
