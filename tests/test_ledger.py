@@ -21,13 +21,13 @@ from qflare.ledger import (
     LedgerEntry,
     LedgerVerifyError,
     RoundUpdate,
+    canonical,
     inclusion_proof,
     merkle_root,
     update_leaf,
     verify_export,
     verify_inclusion,
 )
-from qflare.ledger import canonical
 from qflare.ledger.merkle import EMPTY_ROOT, leaf_hash
 
 KEY = coordinator_key()
@@ -218,11 +218,11 @@ def test_a_consistently_resigned_entry_needs_the_pinned_key(tmp_path: Path) -> N
 def test_deleting_inserting_and_reordering_are_caught(tmp_path: Path) -> None:
     path, entries = _export(tmp_path)
     lines = _lines(path)
-    err = _fails(_write(path, lines[:3] + lines[4:]), 3)  # entry 3 deleted: entry 4 sits at seq 3
+    err = _fails(_write(path, [*lines[:3], *lines[4:]]), 3)  # entry 3 deleted: entry 4 sits at seq 3
     assert "seq is 4, expected 3" in str(err)
     _fails(_write(path, [lines[0], *lines[2:]]), 1)  # the first entry deleted
     _fails(_write(path, lines[:-1]), 6)  # the last one deleted: the header's count names it
-    _fails(_write(path, lines[:3] + [lines[2]] + lines[3:]), 3)  # entry 2 duplicated after itself
+    _fails(_write(path, [*lines[:3], lines[2], *lines[3:]]), 3)  # entry 2 duplicated after itself
     _fails(_write(path, [lines[0], lines[1], lines[3], lines[2], *lines[4:]]), 2)  # 2 and 3 swapped
     extra = round_entry(KEY, seq=7, prev=entries[-1].entry_hash, round_number=7, parent=h("model", 6), model=h("x"))
     from qflare.ledger import entry_line
