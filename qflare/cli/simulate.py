@@ -87,6 +87,9 @@ def simulate(
         help="Run the secure protocol (PQ sessions, signatures, database). --no-protocol aggregates training results directly: only to measure the protocol's cost.",
     ),
     out: Path | None = typer.Option(None, help="Write history.json, history.csv and history.png here."),
+    ledger: Path | None = typer.Option(
+        None, help="Write the coordinator's provenance ledger export here (`qflare ledger verify` checks it)."
+    ),
     json_: bool = typer.Option(
         False, "--json", help="Print the history as one JSON object at the end instead of a table."
     ),
@@ -126,7 +129,7 @@ def simulate(
         # imported here: the simulation loads the coordinator's storage, which `qflare client` never needs
         from ..simulation import SimulationConfig, run_simulation
 
-        cfg = SimulationConfig(spec, workers=workers, protocol=protocol)
+        cfg = SimulationConfig(spec, workers=workers, protocol=protocol, ledger_out=ledger)
         table = Table(
             title=f"qflare simulate · {spec.dataset} · {spec.devices} devices · {spec.per_round}/round · {spec.strategy}"
         )
@@ -175,6 +178,8 @@ def simulate(
             paths = result.write(out)
             if not json_:
                 console.print("wrote " + ", ".join(str(p) for p in paths))
+        if ledger is not None and not json_:
+            console.print(f"wrote the provenance ledger to {ledger} (check it: qflare ledger verify {ledger})")
 
 
 def register(app: typer.Typer) -> None:
