@@ -321,3 +321,25 @@ def test_ledger_package_imports_no_storage_or_server() -> None:
     assert not [
         m for m in loaded if m.startswith(("sqlalchemy", "alembic", "fastapi", "qflare.storage", "qflare.server"))
     ]
+
+
+def test_random_damage_is_reported_never_raised_otherwise(tmp_path: Path) -> None:
+    import random
+
+    path, _ = _export(tmp_path, rounds=3)
+    data = path.read_bytes()
+    rng = random.Random(7)
+    damaged = tmp_path / "damaged.jsonl"
+    for _ in range(150):
+        d = bytearray(data)
+        j = rng.randrange(len(d) - 1)  # never only the final newline
+        op = rng.randrange(3)
+        if op == 0:
+            d[j] = (d[j] + rng.randrange(1, 256)) % 256
+        elif op == 1:
+            d[j:j] = bytes(rng.randrange(256) for _ in range(rng.randrange(1, 20)))
+        else:
+            del d[j : j + rng.randrange(1, 200)]
+        damaged.write_bytes(bytes(d))
+        with pytest.raises(LedgerVerifyError):
+            verify_export(damaged, workers=1)

@@ -21,10 +21,10 @@ from .entry import (
     TrustState,
     register_kind,
 )
-from .export import EXPORT_FORMAT, ExportHeader, entry_line, header_line
+from .export import EXPORT_FORMAT, ExportHeader, entry_line, header_line, parse_entry_line
 from .merkle import InclusionProof, inclusion_proof, leaf_hash, merkle_root, update_leaf, verify_inclusion
 from .round_entry import ROUND_KIND, LeftOut, RoundRecord, RoundUpdate, round_leaves
-from .verify import LedgerVerifyError, VerifyReport, verify_export
+from .verify import LedgerVerifyError, ModelMatch, VerifyReport, verify_export, verify_file
 
 __all__ = [
     "CONTEXT",
@@ -39,6 +39,7 @@ __all__ = [
     "LedgerEntry",
     "LedgerVerifyError",
     "LeftOut",
+    "ModelMatch",
     "RoundRecord",
     "RoundUpdate",
     "TrustState",
@@ -49,9 +50,11 @@ __all__ = [
     "inclusion_proof",
     "leaf_hash",
     "merkle_root",
+    "parse_entry_line",
     "register_kind",
     "round_leaves",
     "update_leaf",
     "verify_export",
+    "verify_file",
     "verify_inclusion",
 ]
