@@ -36,7 +36,7 @@ from ..ledger import (
     verify_export,
 )
 from ..ledger.entry import CONTEXT
-from ..ledger.verify import _workers
+from ..ledger.verify import default_workers
 
 __all__ = ["TARGET_S_PER_10000", "run_ledger_bench"]
 
@@ -178,7 +178,7 @@ def run_ledger_bench(
     rounds: int = 10_000, updates: int = 100, *, workers: int | None = None, envelope_rounds: int = 3
 ) -> dict[str, Any]:
     """Build and verify a synthetic export; the figures (see the module docstring)."""
-    used = _workers(workers)
+    used = default_workers(workers)
     scratch_root = "/dev/shm" if os.path.isdir("/dev/shm") else None
     with tempfile.TemporaryDirectory(prefix="qflare-bench-ledger-", dir=scratch_root) as tmp:
         path = Path(tmp) / "ledger.jsonl"

@@ -31,7 +31,15 @@ from qflare.errors import ErrorCode, QflareError, ValidationError
 from .entry import GENESIS_PREV, LedgerEntry, TrustState, apply_kind, check_trusted
 from .export import ExportHeader, parse_entry_line
 
-__all__ = ["MAX_LINE", "LedgerVerifyError", "ModelMatch", "VerifyReport", "verify_export", "verify_file"]
+__all__ = [
+    "MAX_LINE",
+    "LedgerVerifyError",
+    "ModelMatch",
+    "VerifyReport",
+    "default_workers",
+    "verify_export",
+    "verify_file",
+]
 
 MAX_LINE = 64 * 1024 * 1024
 _MAX_SAFETENSORS_HEADER = 100 * 1024 * 1024
@@ -267,7 +275,8 @@ def _split(path: Path, body_start: int, parts: int) -> list[tuple[int, int, int]
     return ranges
 
 
-def _workers(requested: int | None) -> int:
+def default_workers(requested: int | None = None) -> int:
+    """``requested``, or the usable CPUs (at most 8) when None."""
     if requested is not None:
         return max(1, requested)
     return max(1, min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
@@ -322,7 +331,7 @@ def verify_file(
     state = TrustState({header.coordinator.key_id: header.coordinator}, {k.key_id: k for k in header.devices})
     prev, seq, rounds, checked, missing = GENESIS_PREV, 0, 0, 0, 0
     published: dict[str, ModelMatch] = {}
-    for result in _results(source, header, body_start, _workers(workers), check_envelopes):
+    for result in _results(source, header, body_start, default_workers(workers), check_envelopes):
         seq += 1
         where = (
             f"entry {seq} (round {result.round_number}, line {result.line})"
