@@ -229,6 +229,8 @@ class ErrorCode(enum.StrEnum):
     ROTATION_CHAIN_BROKEN = "rotation_chain_broken"
     COORDINATOR_KEY_REVOKED = "coordinator_key_revoked"
     ROTATION_INCOMPLETE = "rotation_incomplete"
+    # provenance ledger
+    LEDGER_INVALID = "ledger_invalid"
 
 
 class Retry(enum.Enum):
@@ -797,6 +799,12 @@ CODE_SPECS: Mapping[ErrorCode, CodeSpec] = MappingProxyType(
             "the data directory's coordinator key and its rotation log disagree (an interrupted rotate-key)",
             _F,
             ConfigError,
+        ),
+        # provenance ledger
+        _C.LEDGER_INVALID: _spec(
+            "a provenance ledger export fails offline verification (the message names the first bad entry)",
+            _F,
+            ValidationError,
         ),
     }
 )

@@ -37,6 +37,7 @@ from .federation import FederationSpec
 from .memory import release_free_memory, tune_heap
 from .models import create_model
 from .protocol import Coordinator, CoordinatorConfig, Device, RoundConfig
+from .protocol.provenance import export_ledger
 from .protocol.selection import build_selector, check_selection
 from .storage import Database, Store
 from .strategy import ClientUpdate, RoundAggregation
@@ -68,8 +69,13 @@ class SimulationConfig:
     """False skips the device/coordinator protocol (no crypto, no database): training results are
     aggregated directly.  Only for measuring what the protocol costs; the devices, partitions, seeds,
     selection and aggregation are the same."""
+    ledger_out: Path | None = None
+    """Write the coordinator's provenance ledger export (``qflare ledger verify`` checks it) here when the
+    run ends; the simulation's database is scratch, so this is the only copy.  Needs ``protocol``."""
 
     def __post_init__(self) -> None:
+        if self.ledger_out is not None and not self.protocol:
+            raise ConfigError("ledger_out needs the protocol: --no-protocol writes no ledger")
         if not isinstance(self.federation, FederationSpec):
             raise ConfigError(f"federation must be a FederationSpec, got {type(self.federation).__name__}")
         if self.workers < 0:
@@ -253,6 +259,7 @@ class _SecureFederation:
             dev.connect()
             self.devices.append(dev)
         self._index = {d.device_id: i for i, d in enumerate(self.devices)}
+        self._ledger_out = cfg.ledger_out
 
     def open_round(self) -> tuple[int, list[int]] | None:
         rnd = self.coordinator.rounds.open_next()
@@ -276,8 +283,12 @@ class _SecureFederation:
         return m.flat, m.sha256
 
     def close(self) -> None:
-        self._db.dispose()
-        self._scratch.cleanup()
+        try:
+            if self._ledger_out is not None:
+                export_ledger(Store(self._db), self.coordinator.public_key, self._ledger_out)
+        finally:
+            self._db.dispose()
+            self._scratch.cleanup()
 
 
 class _DirectFederation:

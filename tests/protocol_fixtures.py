@@ -62,9 +62,11 @@ class Federation:
         selector="random",
         clock=None,
         min_participants: int | None = None,
+        database: Database | None = None,
+        identity: SigningKey | None = None,
     ) -> None:
         self.clock = time.time if clock is None else clock  # devices share it: their hellos are timestamped
-        self.db = Database(f"sqlite:///{tmp}/coordinator.db")
+        self.db = Database(f"sqlite:///{tmp}/coordinator.db") if database is None else database
         self.db.upgrade()
         if clock is None:
             self.store = Store(self.db)
@@ -73,7 +75,7 @@ class Federation:
         torch.manual_seed(0)
         model = create_model("mlp", (1, 8, 8), 10)
         self.layout = ParamLayout.from_module(model)
-        self.identity = SigningKey.generate()
+        self.identity = SigningKey.generate() if identity is None else identity
         self.coordinator = Coordinator(
             layout=self.layout,
             initial_flat=self.layout.module_to_flat(model),

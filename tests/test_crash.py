@@ -9,6 +9,7 @@ token: they reuse key and enrollment), round 1 completes, and round 2 runs with 
 
 from __future__ import annotations
 
+import json
 import signal
 import time
 from collections.abc import Iterator
@@ -16,6 +17,9 @@ from pathlib import Path
 
 import pytest
 from http_fixtures import Federation
+from typer.testing import CliRunner
+
+from qflare.cli import app
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 
@@ -79,5 +83,27 @@ def test_kill_9_mid_round_loses_and_duplicates_nothing(federation: Federation) -
         db.dispose()
     # The two devices that submitted before the crash did not submit round 1 again after it.
     assert {r["update_hash"] for i in (0, 1) for r in fed.receipts(i) if r["round"] == 1} == acked
+
+    # The provenance ledger: one entry per round across the crash, naming exactly the acknowledged updates
+    # and the published models, signed by the coordinator key; the export verifies offline.
+    out = fed.root / "ledger.jsonl"
+    runner = CliRunner()
+    exported = runner.invoke(app, ["ledger", "export", "--data-dir", str(fed.data_dir), "--out", str(out)])
+    assert exported.exit_code == 0, exported.output
+    key_id = (fed.data_dir / "coordinator.keyid").read_text().strip()
+    verified = runner.invoke(app, ["ledger", "verify", str(out), "--pin", key_id, "--json"])
+    assert verified.exit_code == 0, verified.output
+    report = json.loads(verified.stdout)
+    assert (report["entries"], report["rounds"], report["device_signatures"], report["missing_envelopes"]) == (
+        2,
+        2,
+        8,
+        0,
+    )
+    entries = [json.loads(line) for line in out.read_text().splitlines()[1:]]
+    seen_all = {(r["device_id"], r["update_hash"]) for i in range(4) for r in fed.receipts(i)}
+    for entry in entries:
+        assert entry["body"]["outcome"] == "closed"
+        assert {(d, u) for d, u, _ in entry["body"]["updates"]} <= seen_all
 
     fed.assert_clean_shutdown("server-2")

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from typer.testing import CliRunner
 
 from qflare.cli import app
+from qflare.errors import ConfigError
 from qflare.federation import FederationSpec
 from qflare.simulation import SimulationConfig, run_simulation
 from qflare.training import TrainConfig
@@ -132,3 +134,18 @@ def test_spec_file_and_workload_options_together_are_refused(tmp_path):
     result = runner.invoke(app, ["simulate", "--federation", str(path), "--rounds", "2", "--seed", "1"])
     assert result.exit_code == 2
     assert "--rounds, --seed" in result.output
+
+
+def test_simulation_writes_a_ledger_that_verifies_and_names_its_models(tmp_path):
+    from qflare.ledger import verify_export
+
+    out = tmp_path / "ledger.jsonl"
+    result = run_simulation(_cfg(ledger_out=out))
+    report = verify_export(out, workers=1)
+    assert (report.entries, report.rounds, report.device_signatures, report.missing_envelopes) == (3, 3, 12, 0)
+    lines = [json.loads(x) for x in out.read_text().splitlines()[1:]]
+    assert [x["body"]["model"] for x in lines] == [r.model_sha256 for r in result.rounds]
+    with pytest.raises(ConfigError):
+        _cfg(protocol=False, ledger_out=out)
+    cli = runner.invoke(app, ["ledger", "verify", str(out), "--pin", report.coordinator_key_id, "--workers", "1"])
+    assert cli.exit_code == 0 and "ok: 3 entries" in cli.output, cli.output

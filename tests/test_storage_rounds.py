@@ -10,6 +10,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from ledger_fixtures import chain, coordinator_key, h, round_entry
 from storage_fixtures import BACKENDS, race, scratch
 
 from qflare.errors import (
@@ -21,6 +22,7 @@ from qflare.errors import (
     ValidationError,
     WrongRoundError,
 )
+from qflare.ledger import LedgerEntry
 from qflare.storage import Store, key_id
 
 T0 = datetime(2030, 1, 1, 12, 0, tzinfo=UTC)
@@ -205,23 +207,36 @@ def test_publish_model_closes_round_atomically(store: Store) -> None:
 
 
 def test_ledger_chain(store: Store) -> None:
-    assert store.last_ledger_entry() is None and store.ledger() == []
-    e1 = store.append_ledger("genesis", {"n": 1}, "h1", "0" * 64, b"s1")
-    e2 = store.append_ledger("round", {"n": 2}, "h2", "h1", b"s2")
-    assert (e1.seq, e2.seq) == (1, 2) and e2.payload == {"n": 2}
+    key = coordinator_key()
+    e1, e2, e3 = chain(key, 3)
+    assert store.last_ledger_entry() is None and store.ledger_entries() == []
+    r1 = store.append_ledger(e1)
+    r2 = store.append_ledger(e2)
+    assert (r1.seq, r2.seq, r2.round_number, r2.body) == (1, 2, 2, e2.raw)
+    assert LedgerEntry.parse(r2.body, r2.signatures).entry_hash == e2.entry_hash  # stored bytes, not re-encoded
     with pytest.raises(ReplayError) as exc:
-        store.append_ledger("round", {}, "h3", "h1", b"s3")  # stale prev_hash: a fork
+        store.append_ledger(e2)  # again: does not extend the head
     assert exc.value.code == "ledger_conflict"
+    fork = round_entry(key, seq=3, prev=e1.entry_hash, round_number=3, parent=h("model", 2), model=h("m", 3))
     with pytest.raises(ReplayError):
-        store.append_ledger("round", {}, "h1", "h2", b"s3")  # entry hash reused
-    assert store.ledger() == [e1, e2] and store.ledger(limit=1) == [e2]
-    assert store.last_ledger_entry() == e2
+        store.append_ledger(fork)  # stale prev_hash: a fork
+    assert store.ledger_entries() == [r1, r2] and store.ledger_entries(after_seq=1, limit=5) == [r2]
+    assert store.last_ledger_entry() == r2 and store.ledger_entry_for_round(2) == r2
+    assert store.ledger_entry_for_round(3) is None
+    store.append_ledger(e3)
+    assert [e.seq for e in store.ledger_entries(limit=2)] == [1, 2]
 
 
 def test_concurrent_ledger_appends_do_not_fork(store: Store) -> None:
-    store.append_ledger("genesis", {}, "h0", "0" * 64, b"s")
-    results = race(6, lambda i: store.append_ledger("x", {"i": i}, f"h-{i}", "h0", b"s"))
+    key = coordinator_key()
+    first = chain(key, 1)[0]
+    store.append_ledger(first)
+    rivals = [
+        round_entry(key, seq=2, prev=first.entry_hash, round_number=2, parent=h("model", 1), model=h("rival", i))
+        for i in range(6)
+    ]
+    results = race(6, lambda i: store.append_ledger(rivals[i]))
     ok = [r for r in results if not isinstance(r, Exception)]
     conflicts = [r for r in results if isinstance(r, ReplayError) and r.code == "ledger_conflict"]
     assert len(ok) == 1 and len(conflicts) == 5, results
-    assert [e.seq for e in store.ledger()] == [1, 2]
+    assert [e.seq for e in store.ledger_entries()] == [1, 2]

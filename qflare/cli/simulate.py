@@ -88,6 +88,9 @@ def simulate(
     out: Path | None = typer.Option(
         None, help="Write history.json, history.csv, history.png and config.toml (the effective options) here."
     ),
+    ledger: Path | None = typer.Option(
+        None, help="Write the coordinator's provenance ledger export here (`qflare ledger verify` checks it)."
+    ),
     json_: bool = typer.Option(
         False, "--json", help="Print the history as one JSON object at the end instead of a table."
     ),
@@ -138,7 +141,7 @@ def simulate(
         from ..simulation import SimulationConfig, run_simulation
         from ..tracking import open_trackers
 
-        cfg = SimulationConfig(spec, workers=workers, protocol=protocol)
+        cfg = SimulationConfig(spec, workers=workers, protocol=protocol, ledger_out=ledger)
         trackers = open_trackers(
             tensorboard=tensorboard,
             mlflow=mlflow,
@@ -232,6 +235,8 @@ def simulate(
             paths.append(runconfig.write_effective(ctx, out / "config.toml", resolved))
             if not json_:
                 console.print("wrote " + ", ".join(str(p) for p in paths))
+        if ledger is not None and not json_:
+            console.print(f"wrote the provenance ledger to {ledger} (check it: qflare ledger verify {ledger})")
         if not any(r.published for r in result.rounds):
             fail(
                 f"every one of the {len(result.rounds)} rounds failed: no model was published, the final model "

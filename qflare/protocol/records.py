@@ -113,10 +113,14 @@ class SecurityEventRow:
 
 @dataclass(frozen=True, slots=True)
 class LedgerRow:
+    """A stored ledger entry: ``body`` is the exact canonical bytes that were hashed and signed
+    (:meth:`qflare.ledger.LedgerEntry.parse` turns a row back into an entry)."""
+
     seq: int
+    round_number: int | None
+    kind: str
     prev_hash: str
     entry_hash: str
-    kind: str
-    payload: dict[str, Any]
-    signature: bytes
+    body: bytes
+    signatures: tuple[tuple[str, bytes], ...]
     created_at: datetime

@@ -24,7 +24,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 import torch
@@ -40,9 +40,11 @@ from ..errors import (
     ValidationError,
     WrongRoundError,
 )
+from ..ledger import LedgerEntry
 from ..strategy import ClientUpdate, Pipeline, RoundAggregation
 from ..strategy.state import encode_pipeline_state, load_pipeline_state
 from ..wire import ParamLayout, decode_blob, encode_model
+from .provenance import QUORUM_NOT_REACHED, next_entry, round_record
 from .selection import ClientSelector, SelectorFactory, build_selector, check_selection
 from .store import BlobSink, CoordinatorStore
 
@@ -100,9 +102,12 @@ class _OpenRound:
     deadline: float
     base: PublishedModel
     aggregation: RoundAggregation
-    accepted: dict[str, str]  # device id -> update hash
+    accepted: dict[str, str]  # device id -> update hash, in acceptance (= aggregation) order
+    opened: float = 0.0  # when the round opened (Unix seconds), for its ledger entry
     db_state: str = "open"  # the round's state in the store: "open" or "aggregating"
     result: torch.Tensor | None = None  # the aggregate, once computed (kept while publication is retried)
+    refused: dict[str, tuple[str, str]] = field(default_factory=dict)
+    """device id -> (update hash, error code) of updates this process refused in the round (ledger left_out)."""
 
     @property
     def closing(self) -> bool:
@@ -195,7 +200,8 @@ class RoundManager:
         assert self._blobs is not None
         agg = self.strategy.begin(self.model.flat)
         accepted: dict[str, str] = {}
-        for upd in self._store.updates_for_round(row.round_number):
+        recorded = self._store.updates_for_round(row.round_number)
+        for upd in recorded:
             try:
                 blob = self._blobs.get(upd.update_hash)
                 flat = decode_blob(blob, self.layout, kind="update", expected_sha256=upd.update_hash).flat
@@ -209,7 +215,19 @@ class RoundManager:
                     device_id=upd.device_id,
                 )
                 _log.error("round %d failed at restart: update %s unreadable [%s]", row.round_number, upd.id, exc.code)
-                self._store.set_round_state(row.round_number, row.state, "failed")
+                broken = _OpenRound(
+                    row.round_number,
+                    tuple(row.selected_devices),
+                    row.quorum,
+                    row.min_participants,
+                    row.deadline.timestamp(),
+                    self.model,
+                    agg,
+                    {u.device_id: u.update_hash for u in recorded},
+                    opened=row.opened_at.timestamp(),
+                    db_state=row.state,
+                )
+                self._fail(broken, str(exc.code))
                 return
             agg.add(ClientUpdate(upd.device_id, flat, upd.num_examples, dict(upd.metrics)))
             accepted[upd.device_id] = upd.update_hash
@@ -233,6 +251,7 @@ class RoundManager:
             self.model,
             agg,
             accepted,
+            opened=row.opened_at.timestamp(),
             db_state=row.state,
         )
         if row.state == "aggregating" or len(accepted) >= row.quorum:
@@ -267,10 +286,11 @@ class RoundManager:
                 self._selector.select(number, tuple(active), k, self.config.seed), active, k, number
             )
             minimum = min(self.config.min_participants or k, k)
-            deadline = self._clock() + self.config.round_timeout_s
+            opened = self._clock()
+            deadline = opened + self.config.round_timeout_s
             self._store.open_round(number, self.model.sha256, chosen, minimum, k, _utc(deadline))
             self._round = _OpenRound(
-                number, chosen, k, minimum, deadline, self.model, self.strategy.begin(self.model.flat), {}
+                number, chosen, k, minimum, deadline, self.model, self.strategy.begin(self.model.flat), {}, opened
             )
             return self._round
 
@@ -299,8 +319,13 @@ class RoundManager:
         rnd, count = self._admit(update, update_hash, round_number, base_hash)
         if rnd is None:
             return count, True
-        _check_metrics(update.metrics)
-        prepared = rnd.aggregation.check(update)
+        try:
+            _check_metrics(update.metrics)
+            prepared = rnd.aggregation.check(update)
+        except QflareError as exc:  # a signed update of a selected device, refused: the ledger says so
+            with self._lock:
+                rnd.refused[update.device_id] = (update_hash, str(exc.code))
+            raise
         with self._inflight_lock:
             self._inflight[update_hash] = self._inflight.get(update_hash, 0) + 1
         try:
@@ -434,11 +459,47 @@ class RoundManager:
             if len(rnd.accepted) >= rnd.min_participants:
                 self._close(rnd)
             else:
-                self._store.set_round_state(rnd.number, "open", "failed")
-                self._round = None
+                self._fail(rnd, QUORUM_NOT_REACHED)
+
+    def _ledger_entry(self, rnd: _OpenRound, reason: str | None, published: PublishedModel | None) -> LedgerEntry:
+        """The round's signed ledger entry, chained to the stored head (read now, under the round lock;
+        the store refuses it, and the transaction carrying it, if the head moved meanwhile)."""
+        rows = {u.device_id: u for u in self._store.updates_for_round(rnd.number)}
+        order = [rows[d] for d in rnd.accepted if d in rows] + [u for d, u in rows.items() if d not in rnd.accepted]
+        combined: list[str] | None = None
+        chosen = getattr(rnd.aggregation.accumulator, "selected", None)  # Krum / Multi-Krum's picks
+        if published is not None and isinstance(chosen, tuple) and chosen:
+            in_order = list(rnd.accepted)
+            combined = [in_order[i] for i in chosen if 0 <= i < len(in_order)]
+        now = self._clock()
+        record = round_record(
+            round_number=rnd.number,
+            outcome="closed" if published is not None else "failed",
+            reason=reason,
+            parent_model=rnd.base.sha256,
+            model=None if published is None else published.sha256,
+            model_version=None if published is None else published.version,
+            rows=order,
+            combined=combined,
+            refused=rnd.refused,
+            selected=rnd.selected,
+            quorum=rnd.quorum,
+            min_participants=rnd.min_participants,
+            opened=int(rnd.opened),
+            closed=int(now),
+            pipeline=self.strategy,
+        )
+        return next_entry(self._store.last_ledger_entry(), record, self._identity, int(now))
+
+    def _fail(self, rnd: _OpenRound, reason: str) -> None:
+        """Mark the round failed, with its ledger entry in the same transaction; the next round opens."""
+        entry = self._ledger_entry(rnd, reason, None)
+        self._store.set_round_state(rnd.number, rnd.db_state, "failed", ledger=entry)
+        if self._round is rnd:
+            self._round = None
 
     def _close(self, rnd: _OpenRound) -> None:
-        """Aggregate, sign and publish as the next model version.
+        """Aggregate, sign and publish as the next model version, with the round's ledger entry.
 
         A round whose aggregation fails is marked failed (never stuck).  When the storage cannot be
         written the round stays aggregating with its result kept, and :meth:`tick` tries again."""
@@ -454,7 +515,10 @@ class RoundManager:
                 pipeline_state = encode_pipeline_state(self.strategy)
                 if pipeline_state is not None:
                     metrics["server_state"] = self._blobs.put(pipeline_state)[0]
-            self._store.publish_model(rnd.number, published.version, published.sha256, published.envelope, metrics)
+            entry = self._ledger_entry(rnd, None, published)
+            self._store.publish_model(
+                rnd.number, published.version, published.sha256, published.envelope, metrics, ledger=entry
+            )
         except StorageFullError as exc:
             _log.warning("round %d: publication deferred until the storage can be written: %s", rnd.number, exc)
             return
@@ -464,7 +528,7 @@ class RoundManager:
                 self._store.record_security_event(
                     exc.code, f"round {rnd.number}: {exc}"[:2000], device_id=exc.device_id
                 )
-            self._store.set_round_state(rnd.number, rnd.db_state, "failed")
+            self._fail(rnd, str(exc.code))
             self._round = None
             return
         self.model = published

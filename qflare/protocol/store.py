@@ -12,13 +12,14 @@ from collections.abc import Iterator, Sequence
 from datetime import datetime, timedelta
 from typing import Any, Protocol
 
-from .records import DeviceRow, ModelRow, RoundRow, SecurityEventRow, SessionRow, TokenRow, UpdateRow
+from ..ledger import LedgerEntry
+from .records import DeviceRow, LedgerRow, ModelRow, RoundRow, SecurityEventRow, SessionRow, TokenRow, UpdateRow
 
 __all__ = ["BlobSink", "CoordinatorStore"]
 
 
 class CoordinatorStore(Protocol):
-    """Devices, tokens, sessions, rounds, updates, model versions and security events."""
+    """Devices, tokens, sessions, rounds, updates, model versions, the provenance ledger and security events."""
 
     # -- identity ---------------------------------------------------------------------------
     def create_tokens(self, count: int, ttl: timedelta, label: str = "") -> list[str]: ...
@@ -58,7 +59,11 @@ class CoordinatorStore(Protocol):
 
     def list_rounds(self, limit: int | None = None) -> list[RoundRow]: ...
 
-    def set_round_state(self, round_number: int, from_state: str, to_state: str, **fields: Any) -> RoundRow: ...
+    def set_round_state(
+        self, round_number: int, from_state: str, to_state: str, *, ledger: LedgerEntry | None = None, **fields: Any
+    ) -> RoundRow:
+        """Compare-and-set; with ``ledger`` (only to "failed"), append the round's entry in the same transaction."""
+        ...
 
     def record_update(
         self,
@@ -91,12 +96,34 @@ class CoordinatorStore(Protocol):
     ) -> ModelRow: ...
 
     def publish_model(
-        self, round_number: int, version: int, model_hash: str, signature: bytes, metrics: dict[str, Any]
-    ) -> tuple[RoundRow, ModelRow]: ...
+        self,
+        round_number: int,
+        version: int,
+        model_hash: str,
+        signature: bytes,
+        metrics: dict[str, Any],
+        *,
+        ledger: LedgerEntry | None = None,
+    ) -> tuple[RoundRow, ModelRow]:
+        """Close the round, add the model version and append ``ledger`` (its signed entry): one transaction."""
+        ...
 
     def latest_model(self) -> ModelRow | None: ...
 
     def get_model(self, version: int) -> ModelRow | None: ...
+
+    # -- provenance ledger ------------------------------------------------------------------
+    def append_ledger(self, entry: LedgerEntry) -> LedgerRow:
+        """Append an entry that closes no round; ReplayError ``ledger_conflict`` unless it extends the head."""
+        ...
+
+    def last_ledger_entry(self) -> LedgerRow | None: ...
+
+    def ledger_entries(self, after_seq: int = 0, limit: int = 1000) -> list[LedgerRow]:
+        """Up to ``limit`` entries with ``seq > after_seq``, ascending (paging)."""
+        ...
+
+    def ledger_entry_for_round(self, round_number: int) -> LedgerRow | None: ...
 
     # -- audit ------------------------------------------------------------------------------
     def record_security_event(

@@ -1,17 +1,14 @@
-"""Store operations for security events and the hash-chained provenance ledger."""
+"""Store operations for security events."""
 
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
 
 from sqlalchemy import select
-from sqlalchemy.exc import IntegrityError
 
-from qflare.errors import ReplayError, ValidationError
 from qflare.storage import tables as t
-from qflare.storage._base import StoreBase, check_json, check_nonempty, finite_int, require_aware
-from qflare.storage.records import LedgerRow, SecurityEventRow, snapshot
+from qflare.storage._base import StoreBase, finite_int, require_aware
+from qflare.storage.records import SecurityEventRow, snapshot
 
 __all__ = ["MAX_EVENT_DETAIL", "AuditOps"]
 
@@ -78,62 +75,3 @@ class AuditOps(StoreBase):
             if since is not None:
                 stmt = stmt.where(t.SecurityEvent.at >= require_aware(since, "since"))
             return [snapshot(SecurityEventRow, r) for r in s.scalars(stmt)]
-
-    # -- provenance ledger --------------------------------------------------------------------
-
-    def append_ledger(
-        self,
-        kind: str,
-        payload: dict[str, Any],
-        entry_hash: str,
-        prev_hash: str,
-        signature: bytes,
-        *,
-        created_at: datetime | None = None,
-    ) -> LedgerRow:
-        """Append the next entry (``seq`` = last + 1, starting at 1).
-
-        ``prev_hash`` must equal the last entry's ``entry_hash`` (any value is accepted for the
-        first entry, whose genesis convention belongs to the caller); otherwise, or if
-        ``entry_hash`` already exists, ReplayError("ledger_conflict"): someone else appended first.
-        """
-        check_nonempty(kind, "kind", 64)
-        check_nonempty(entry_hash, "entry_hash", 128)
-        check_nonempty(prev_hash, "prev_hash", 128)
-        if not isinstance(signature, bytes | bytearray) or not signature:
-            raise ValidationError("signature must be non-empty bytes")
-        clean = check_json(payload, "payload")
-        at = self._now(created_at, "created_at")
-        try:
-            with self._write() as s:
-                self._lock_table(s, "ledger_entries")
-                last = s.scalars(select(t.LedgerEntry).order_by(t.LedgerEntry.seq.desc()).limit(1)).first()
-                if last is not None and prev_hash != last.entry_hash:
-                    raise ReplayError(f"prev_hash does not match ledger head {last.seq}", code="ledger_conflict")
-                row = t.LedgerEntry(
-                    seq=1 if last is None else last.seq + 1,
-                    prev_hash=prev_hash,
-                    entry_hash=entry_hash,
-                    kind=kind,
-                    payload=clean,
-                    signature=bytes(signature),
-                    created_at=at,
-                )
-                s.add(row)
-                s.flush()
-                return snapshot(LedgerRow, row)
-        except IntegrityError as exc:
-            raise ReplayError("ledger entry hash already present", code="ledger_conflict") from exc
-
-    def ledger(self, limit: int | None = None) -> list[LedgerRow]:
-        """Entries in ascending ``seq``; with ``limit``, the newest ``limit`` of them."""
-        with self._read() as s:
-            stmt = select(t.LedgerEntry).order_by(t.LedgerEntry.seq.desc())
-            if limit is not None:
-                stmt = stmt.limit(finite_int(limit, "limit", 0))
-            return [snapshot(LedgerRow, r) for r in reversed(list(s.scalars(stmt)))]
-
-    def last_ledger_entry(self) -> LedgerRow | None:
-        with self._read() as s:
-            row = s.scalars(select(t.LedgerEntry).order_by(t.LedgerEntry.seq.desc()).limit(1)).first()
-            return None if row is None else snapshot(LedgerRow, row)

@@ -207,12 +207,16 @@ class SecurityEvent(Base):
 
 
 class LedgerEntry(Base):
+    """One provenance ledger entry (qflare.ledger, docs/provenance.md): ``body`` is the exact canonical
+    bytes that ``entry_hash`` hashes and the signatures sign; ``signatures`` is ``[[key id, hex], ...]``."""
+
     __tablename__ = "ledger_entries"
 
     seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    round_number: Mapped[int | None] = mapped_column(Integer, index=True)
+    kind: Mapped[str] = mapped_column(String(64))
     prev_hash: Mapped[str] = mapped_column(_HASH)
     entry_hash: Mapped[str] = mapped_column(_HASH, unique=True)
-    kind: Mapped[str] = mapped_column(String(64))
-    payload: Mapped[dict[str, Any]] = mapped_column(JSON)
-    signature: Mapped[bytes] = mapped_column(LargeBinary)
+    body: Mapped[bytes] = mapped_column(LargeBinary)
+    signatures: Mapped[list[list[str]]] = mapped_column(JSON)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)

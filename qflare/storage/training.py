@@ -20,6 +20,7 @@ from qflare.errors import (
     ValidationError,
     WrongRoundError,
 )
+from qflare.ledger import LedgerEntry
 from qflare.storage import tables as t
 from qflare.storage._base import (
     StoreBase,
@@ -28,6 +29,7 @@ from qflare.storage._base import (
     finite_int,
     require_aware,
 )
+from qflare.storage.ledger import insert_ledger
 from qflare.storage.records import ModelRow, RoundRow, UpdateRow, snapshot
 
 __all__ = ["ROUND_FIELDS", "ROUND_TRANSITIONS", "TrainingOps"]
@@ -128,23 +130,36 @@ class TrainingOps(StoreBase):
         to_state: str,
         *,
         now: datetime | None = None,
+        ledger: LedgerEntry | None = None,
         **fields: Any,
     ) -> RoundRow:
         """Compare-and-set the round's state; refuses unless it is currently ``from_state``.
 
         ``fields`` may set ``deadline``, ``closed_at`` and ``result_model_hash``.  Entering a
         terminal state stamps ``closed_at`` (default: now); "closed" requires a result model hash.
+        ``ledger``, only with ``to_state="failed"``, is the round's signed ledger entry, appended in the
+        same transaction (see :func:`qflare.storage.ledger.insert_ledger`).
         """
         if to_state not in ROUND_TRANSITIONS.get(from_state, frozenset()):
             raise RoundError(f"illegal transition {from_state} -> {to_state}", code="bad_transition")
         unknown = set(fields) - ROUND_FIELDS
         if unknown:
             raise ValidationError(f"set_round_state cannot set {sorted(unknown)}")
+        if ledger is not None and to_state != "failed":
+            raise ValidationError(
+                "a ledger entry goes with the failed transition (publish_model writes the closed one)"
+            )
         values = self._round_values(fields)
         if to_state not in ROUND_TRANSITIONS:
             values.setdefault("closed_at", self._now(now))
-        with self._write() as s:
-            return self._cas_round(s, round_number, from_state, to_state, values)
+        try:
+            with self._write() as s:
+                row = self._cas_round(s, round_number, from_state, to_state, values)
+                if ledger is not None:
+                    insert_ledger(s, self._lock_table, ledger, values["closed_at"], round_number=round_number)
+                return row
+        except IntegrityError as exc:
+            raise ReplayError("ledger entry hash already present", code="ledger_conflict") from exc
 
     def _round_values(self, fields: dict[str, Any]) -> dict[str, Any]:
         values: dict[str, Any] = {}
@@ -354,22 +369,32 @@ class TrainingOps(StoreBase):
         metrics: dict[str, Any],
         *,
         now: datetime | None = None,
+        ledger: LedgerEntry | None = None,
     ) -> tuple[RoundRow, ModelRow]:
-        """In ONE transaction: close an aggregating round with its result and add the version.
+        """In ONE transaction: close an aggregating round with its result, add the version and append
+        ``ledger``, the round's signed ledger entry (which must name this model and version).
 
         The new version's parent is the round's base model, which must be the latest model.
         """
         at = self._now(now)
         check_nonempty(model_hash, "model_hash", 128)
-        with self._write() as s:
-            rnd = s.get(t.Round, round_number)
-            if rnd is None:
-                raise WrongRoundError(f"unknown round {round_number}")
-            model = self._insert_model(
-                s, version, round_number, model_hash, rnd.base_model_hash, signature, metrics, at
-            )
-            values = {"result_model_hash": model_hash, "closed_at": at}
-            return self._cas_round(s, round_number, "aggregating", "closed", values), model
+        if ledger is not None and (ledger.body.get("model"), ledger.body.get("model_version")) != (model_hash, version):
+            raise ValidationError("the ledger entry does not name the model being published")
+        try:
+            with self._write() as s:
+                rnd = s.get(t.Round, round_number)
+                if rnd is None:
+                    raise WrongRoundError(f"unknown round {round_number}")
+                model = self._insert_model(
+                    s, version, round_number, model_hash, rnd.base_model_hash, signature, metrics, at
+                )
+                values = {"result_model_hash": model_hash, "closed_at": at}
+                row = self._cas_round(s, round_number, "aggregating", "closed", values)
+                if ledger is not None:
+                    insert_ledger(s, self._lock_table, ledger, at, round_number=round_number)
+                return row, model
+        except IntegrityError as exc:
+            raise ReplayError("ledger entry hash already present", code="ledger_conflict") from exc
 
     def _insert_model(
         self,
