@@ -452,7 +452,8 @@ def test_identity_fetch_waits_out_forged_errors_within_patience() -> None:
         return httpx.Response(200, json=doc)
 
     t, clock = make_transport(handler)
-    key, _ = _fetch_identity(t, SERVER.public.key_id, 300.0, sleep=clock.sleep)
+    key, _, announced = _fetch_identity(t, SERVER.public.key_id, 300.0, sleep=clock.sleep, clock=clock)
+    assert announced is None  # this document names no model (as an older coordinator's)
     assert key == SERVER.public and calls[0] == 3 and clock.sleeps == [1.0, 1.0]
 
 
