@@ -68,7 +68,8 @@ def load_local_data(
             f"(0..{num_classes - 1})",
         )
     if images.dtype != np.uint8:
-        images = images.astype(np.float32, copy=False)
+        with np.errstate(over="ignore"):  # a value beyond float32 becomes inf, refused just below
+            images = images.astype(np.float32, copy=False)
         if not np.isfinite(images).all():
             raise _bad(source, "x holds NaN or infinite values (or values beyond float32)")
         mean, std = (0.0,) * input_shape[0], (1.0,) * input_shape[0]  # already normalised inputs
