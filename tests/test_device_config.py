@@ -139,6 +139,26 @@ def test_give_up_after_is_honoured_and_the_cause_logged_once(caplog: pytest.LogC
     assert calls[0] >= 3
 
 
+def test_a_long_outage_is_logged_once(caplog: pytest.LogCaptureFixture) -> None:
+    """Past the circuit breaker's threshold the failures are fast-failed circuit_open: still no news."""
+    clock = FakeClock()
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        raise httpx.ConnectError("[Errno 111] Connection refused", request=request)
+
+    t = transport(
+        httpx.MockTransport(handler),
+        clock,
+        retry=RetryPolicy(max_elapsed_s=5.0),
+        breaker=CircuitBreaker(failure_threshold=8, reset_after_s=5.0, clock=clock),
+    )
+    with caplog.at_level(logging.WARNING, "qflare.client"), pytest.raises(PatienceExhaustedError):
+        _fetch_identity(t, SERVER.public.key_id, 120.0, sleep=clock.sleep, clock=clock)
+    assert 120.0 < clock.now <= 126.0, clock.now
+    warnings = [r.getMessage() for r in caplog.records if r.name == "qflare.client"]
+    assert len(warnings) == 1 and "Connection refused" in warnings[0], warnings
+
+
 def test_a_changed_cause_is_logged_again(caplog: pytest.LogCaptureFixture) -> None:
     clock = FakeClock()
     answers = iter([503, 503, 200])

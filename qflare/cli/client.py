@@ -36,7 +36,16 @@ from ..device import (
 )
 from ..device.loop import Patience
 from ..device.state import SUITES_BY_NAME
-from ..errors import AuthError, CircuitOpenError, ConfigError, ErrorCode, MalformedError, QflareError, Retry
+from ..errors import (
+    AuthError,
+    CircuitOpenError,
+    ConfigError,
+    ErrorCode,
+    MalformedError,
+    QflareError,
+    Retry,
+    ServerUnavailableError,
+)
 from ..federation import FederationSpec
 from ..models import model_names
 from ..protocol import Route
@@ -114,8 +123,9 @@ def _fetch_identity(
             if exc.retry is not Retry.TRANSIENT and not exc.unauthenticated:
                 raise
             patience.failed(exc, f"fetching the coordinator's identity from {url}", started)
-            cause = transport.breaker.last_failure if isinstance(exc, (CircuitOpenError,)) else ""
-            cause = cause or f"[{exc.code}] {_without_counts(str(exc))}"
+            # the cause, not the symptom: an open circuit or spent retries name the failure behind them
+            outage = isinstance(exc, (CircuitOpenError, ServerUnavailableError))
+            cause = (transport.breaker.last_failure if outage else "") or f"[{exc.code}] {_without_counts(str(exc))}"
             if cause != last_cause[0]:
                 last_cause[0] = cause
                 log.warning(

@@ -87,8 +87,8 @@ def pin_server_key(identity: Mapping[str, Any], pinned_key_id: str) -> tuple[Ver
     actual = key_id_of(raw)
     if actual != pinned:
         raise AuthError(
-            f"coordinator key {actual[:16]}... does not match the pinned key id {pinned[:16]}...: refusing to "
-            "talk to it (wrong server, or its key changed; check --server-key-id)",
+            f"the coordinator's key is {actual}, not the pinned key id {pinned}: refusing to talk to it (wrong "
+            "server, its key changed, or a mistyped --server-key-id; nothing was pinned)",
             code="server_key_mismatch",
         )
     key = VerifyKey.from_bytes(alg, raw)
