@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from qflare.data import load_local_data
+from qflare.data import ArrayDataset, load_local_data
 from qflare.errors import DataError
 
 SHAPE = (1, 8, 8)
@@ -166,3 +166,28 @@ def test_bad_image_folders(tmp_path: Path) -> None:
     png(root / "0" / "a.png", size=(100_000, 8))  # a small file declaring a large image
     (root / "1").mkdir()
     refused(root, "is 100000x8 pixels", **kw)
+
+
+def test_a_plugin_data_set_can_be_a_devices_whole_data() -> None:
+    """A data set a plugin registers, read from the device's own folder, trained on whole (documented as
+    ``--dataset NAME --data-root DIR --devices 1 --partition iid``)."""
+    from qflare.data.sources import _REGISTRY, register_dataset
+    from qflare.device import load_workload
+    from qflare.federation import FederationSpec
+
+    seen: list[object] = []
+
+    def loader(split: str, root: object, download: bool) -> ArrayDataset:
+        seen.append(root)
+        images = torch.arange(37 * 64, dtype=torch.float32).reshape(37, 1, 8, 8) / 1000
+        return ArrayDataset("mine", images, torch.arange(37) % 3, 3, (0.0,), (1.0,))
+
+    saved = _REGISTRY.snapshot()
+    try:
+        register_dataset("my-sensor-data", loader)
+        spec = FederationSpec(dataset="my-sensor-data", data_root="/srv/mine", model="mlp", devices=1, partition="iid")
+        workload = load_workload(spec, 0)
+    finally:
+        _REGISTRY.restore(saved)
+    assert len(workload.targets) == 37 and sorted(workload.targets.tolist()) == sorted((torch.arange(37) % 3).tolist())
+    assert seen == ["/srv/mine"]
