@@ -356,3 +356,17 @@ def test_a_url_without_scheme_stops_at_once(tmp_path: Path) -> None:
     )
     err = one_line_error(out, "bad_server_url")
     assert "127.0.0.1:8080" in err and "no scheme" in err
+
+
+def test_a_running_device_waits_out_a_tls_failure() -> None:
+    """Once the URL has worked, a TLS failure is unauthenticated (anything on the path can cause one)."""
+    from qflare.errors import Retry
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        raise httpx.ConnectError("bad cert", request=request) from ssl.SSLCertVerificationError(
+            1, "certificate verify failed"
+        )
+
+    with pytest.raises(TransportError) as info:
+        transport(httpx.MockTransport(handler), FakeClock()).get_json("/v1/task")
+    assert info.value.code == "tls_error" and info.value.retry is Retry.FATAL and info.value.unauthenticated

@@ -120,8 +120,8 @@ def _fetch_identity(
                     "check --server (scheme, host, port, path)",
                     code="bad_server_url",
                 ) from None
-            if exc.retry is not Retry.TRANSIENT and not exc.unauthenticated:
-                raise
+            if exc.code == ErrorCode.TLS_ERROR or (exc.retry is not Retry.TRANSIENT and not exc.unauthenticated):
+                raise  # TLS that cannot work with this URL (https against http, an untrusted certificate)
             patience.failed(exc, f"fetching the coordinator's identity from {url}", started)
             # the cause, not the symptom: an open circuit or spent retries name the failure behind them
             outage = isinstance(exc, (CircuitOpenError, ServerUnavailableError))

@@ -29,7 +29,8 @@ the gaps between reads, so a server trickling bytes cannot hold a device.  ``Ret
 What retrying cannot heal fails at once, naming the URL and the cause: a base URL that is not
 ``http(s)://host...`` (:class:`~qflare.errors.ConfigError` ``bad_server_url``, raised by the constructor),
 and a TLS failure other than a dropped connection - ``https://`` against a plain-HTTP server, an untrusted
-certificate - (:class:`TransportError` ``tls_error``, fatal).  ``RetryPolicy.max_elapsed_s`` bounds the
+certificate - (:class:`TransportError` ``tls_error``, fatal; marked unauthenticated, so a running device
+waits it out, while ``qflare client``'s first contact, the identity fetch, stops on it).  ``RetryPolicy.max_elapsed_s`` bounds the
 retries of one call in time as well as in attempts, so a caller's own patience is not overrun by them.
 
 The error classes (:class:`TransportError` and its subclasses) live in :mod:`qflare.errors`.
@@ -401,11 +402,15 @@ class HttpTransport:
         except httpx.TransportError as exc:  # connect/read/write errors and timeouts
             tls = _tls_failure(exc)
             if tls is not None:
-                raise TransportError(
-                    f"{method} {self.base_url}{path}: TLS failed ({tls.reason or tls}): is the server plain HTTP "
+                tls_error = TransportError(
+                    f"{method} {self.base_url}{path}: TLS failed ({getattr(tls, 'reason', None) or tls}): is the server plain HTTP "
                     "(then use http://), or is its certificate not trusted (then --ca-cert)?",
                     code="tls_error",
-                ) from None
+                )
+                # nothing authenticated it: the device's loops wait it out once the URL has worked (a
+                # path attacker must not stop a running device); the first contact fails fast on it
+                tls_error.unauthenticated = True
+                raise tls_error from None
             cause = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
             self.breaker.record_failure(cause)
             raise _Transient(cause) from exc
