@@ -201,7 +201,7 @@ def test_pin_file_forms(tmp_path: Path, coordinator: Coordinator) -> None:
 def test_run_loop_trains_every_round(tmp_path: Path, coordinator: Coordinator, workloads: list[Workload]) -> None:
     tokens = coordinator.create_tokens(2)
     clients = [make_client(coordinator, tmp_path / f"dev{i}", workloads[i]) for i in range(2)]
-    for c, t in zip(clients, tokens):
+    for c, t in zip(clients, tokens, strict=True):
         c.ensure_enrolled(t)
     initial = coordinator.rounds.model.sha256
     # Two devices, both selected each round; run one round at a time per device.

@@ -229,7 +229,7 @@ def test_refused_update_is_not_retrained_for_the_same_model(tmp_path: Path) -> N
 
 def test_trainings_per_period_are_capped(tmp_path: Path) -> None:
     # A coordinator that opens a new round at every poll.
-    client, device, clock, workload = hostile_client(
+    client, _device, clock, workload = hostile_client(
         tmp_path, lambda n: open_task(n, n), max_trainings=3, training_period_s=100.0
     )
     client.run(max_rounds=5, poll_interval=1.0)
