@@ -191,3 +191,20 @@ def test_a_plugin_data_set_can_be_a_devices_whole_data() -> None:
         _REGISTRY.restore(saved)
     assert len(workload.targets) == 37 and sorted(workload.targets.tolist()) == sorted((torch.arange(37) % 3).tolist())
     assert seen == ["/srv/mine"]
+
+
+def test_unreadable_paths(tmp_path: Path) -> None:
+    import os
+
+    os.mkfifo(tmp_path / "fifo")
+    refused(tmp_path / "fifo", "neither a regular file nor a folder")
+    root = tmp_path / "locked"
+    (root / "0").mkdir(parents=True)
+    (root / "1").mkdir()
+    (root / "0").chmod(0)
+    try:
+        if os.access(root / "0", os.R_OK):  # running as root: permissions do not bind
+            pytest.skip("permissions are not enforced for this user")
+        refused(root, "cannot be read", num_classes=2)
+    finally:
+        (root / "0").chmod(0o700)

@@ -53,12 +53,17 @@ def load_local_data(
     """The examples in ``path`` (a ``.npz`` file or an image folder) as an :class:`ArrayDataset` for a
     model taking ``input_shape`` and ``num_classes`` (see the module docstring)."""
     source = Path(path)
-    if source.is_dir():
-        images, labels = _read_folder(source, input_shape, num_classes, max_bytes)
-    elif source.is_file():
-        images, labels = _read_npz(source, input_shape, max_bytes)
-    else:
-        raise _bad(source, "no such file or folder")
+    try:
+        if source.is_dir():
+            images, labels = _read_folder(source, input_shape, num_classes, max_bytes)
+        elif source.is_file():
+            images, labels = _read_npz(source, input_shape, max_bytes)
+        elif source.exists():
+            raise _bad(source, "is neither a regular file nor a folder")
+        else:
+            raise _bad(source, "no such file or folder")
+    except OSError as exc:  # unreadable: permissions, a vanished file, an I/O error
+        raise _bad(source, f"cannot be read ({type(exc).__name__}: {exc.strerror or exc})") from None
     if len(labels) == 0:
         raise _bad(source, "holds no examples")
     if int(labels.min()) < 0 or int(labels.max()) >= num_classes:
