@@ -50,7 +50,6 @@ import re
 import ssl
 import threading
 import time
-import urllib.parse
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -72,6 +71,7 @@ from ..errors import (
     error_from_code,
 )
 from ..protocol.messages import Route
+from .permanent import check_base_url, tls_failure
 
 if TYPE_CHECKING:
     from ..wire import ParamLayout
@@ -239,44 +239,6 @@ def _error_from_response(resp: httpx.Response) -> QflareError:
     return error
 
 
-def check_base_url(url: str) -> str:
-    """``url`` without a trailing slash, if it is ``http://`` or ``https://`` with a host (and port, if
-    any, in 1..65535); else :class:`~qflare.errors.ConfigError` ``bad_server_url`` - a mistake that
-    retrying cannot heal, so it is never retried as an outage."""
-    hint = "a coordinator URL is http:// or https:// and a host, e.g. http://127.0.0.1:8080"
-    text = url.strip()
-    try:
-        parts = urllib.parse.urlsplit(text)
-        port = parts.port
-    except ValueError as exc:
-        raise ConfigError(f"server URL {url[:200]!r} does not parse ({exc}): {hint}", code="bad_server_url") from None
-    if parts.scheme.lower() not in ("http", "https"):
-        what = f"scheme {parts.scheme!r}" if parts.scheme and parts.netloc else "no scheme"
-        raise ConfigError(f"server URL {url[:200]!r} has {what}: {hint}", code="bad_server_url")
-    if not parts.hostname or port == 0 or parts.query or parts.fragment or parts.username or parts.password:
-        raise ConfigError(
-            f"server URL {url[:200]!r} needs a host (and no user, query or fragment): {hint}", code="bad_server_url"
-        )
-    try:
-        httpx.URL(text)
-    except (httpx.InvalidURL, ValueError) as exc:
-        raise ConfigError(f"server URL {url[:200]!r} is not valid ({exc}): {hint}", code="bad_server_url") from None
-    return text.rstrip("/")
-
-
-def _tls_failure(exc: BaseException) -> ssl.SSLError | None:
-    """The TLS error behind a transport failure when retrying cannot heal it (a protocol mismatch or a
-    certificate that does not verify); None for anything else, including TLS connections cut short."""
-    seen: set[int] = set()
-    cur: BaseException | None = exc
-    while cur is not None and id(cur) not in seen:
-        seen.add(id(cur))
-        if isinstance(cur, ssl.SSLError) and not isinstance(cur, (ssl.SSLEOFError, ssl.SSLZeroReturnError)):
-            return cur
-        cur = cur.__cause__ or cur.__context__
-    return None
-
-
 def _ssl_verify(verify: bool | str | ssl.SSLContext) -> bool | ssl.SSLContext:
     if isinstance(verify, str):
         return ssl.create_default_context(cafile=verify)  # a CA bundle to trust
@@ -400,7 +362,7 @@ class HttpTransport:
         except (httpx.UnsupportedProtocol, httpx.InvalidURL) as exc:  # a configuration mistake, not an outage
             raise ConfigError(f"{method} {self.base_url}{path}: {exc}", code="bad_server_url") from None
         except httpx.TransportError as exc:  # connect/read/write errors and timeouts
-            tls = _tls_failure(exc)
+            tls = tls_failure(exc)
             if tls is not None:
                 tls_error = TransportError(
                     f"{method} {self.base_url}{path}: TLS failed ({getattr(tls, 'reason', None) or tls}): is the server plain HTTP "
