@@ -231,6 +231,12 @@ class ErrorCode(enum.StrEnum):
     ROTATION_INCOMPLETE = "rotation_incomplete"
     # provenance ledger
     LEDGER_INVALID = "ledger_invalid"
+    # a device's configuration and its own data
+    BAD_SERVER_URL = "bad_server_url"
+    TLS_ERROR = "tls_error"
+    MODEL_MISMATCH = "model_mismatch"
+    ARCH_MISMATCH = "arch_mismatch"
+    BAD_LOCAL_DATA = "bad_local_data"
 
 
 class Retry(enum.Enum):
@@ -805,6 +811,24 @@ CODE_SPECS: Mapping[ErrorCode, CodeSpec] = MappingProxyType(
             "a provenance ledger export fails offline verification (the message names the first bad entry)",
             _F,
             ValidationError,
+        ),
+        # a device's configuration and its own data
+        _C.BAD_SERVER_URL: _spec(
+            "the coordinator URL is not an http(s) URL with a host, or answers as no QFLARE coordinator does",
+            _F,
+            ConfigError,
+        ),
+        _C.TLS_ERROR: _spec(
+            "TLS failed in a way retrying cannot heal (https against plain HTTP, an untrusted certificate)",
+            _F,
+            TransportError,
+        ),
+        _C.MODEL_MISMATCH: _spec("the device was given another model than the coordinator runs", _F, ConfigError),
+        _C.ARCH_MISMATCH: _spec(
+            "the device's model has the coordinator's name but another architecture fingerprint", _F, ConfigError
+        ),
+        _C.BAD_LOCAL_DATA: _spec(
+            "a device's own data file or folder is unreadable, hostile or does not fit the model", _F, DataError
         ),
     }
 )

@@ -150,10 +150,15 @@ def test_state_dir_stays_pinned(tmp_path: Path, coordinator: Coordinator) -> Non
     with pytest.raises(ConfigError):
         state.pin(None)
     pinned = state.pin(coordinator.public_key.key_id)
+    with pytest.raises(ConfigError):  # given but not yet verified: nothing is stored
+        state.pin(None)
+    state.save_server_key(coordinator.public_key)  # the served key hashed to the pin
     assert state.pin(None) == pinned  # later starts need no --server-key-id
     with pytest.raises(AuthError) as info:
         state.pin("ab" * 32)
     assert info.value.code == "server_key_mismatch"
+    with pytest.raises(AuthError):  # nor can another key be saved over the pin
+        state.save_server_key(SigningKey.generate().public)
 
 
 def test_enrollment_record_from_another_coordinator_is_refused(
@@ -162,9 +167,21 @@ def test_enrollment_record_from_another_coordinator_is_refused(
     (token,) = coordinator.create_tokens(1)
     make_client(coordinator, tmp_path / "dev", workloads[0]).ensure_enrolled(token)
     impostor = SigningKey.generate("ML-DSA-65").public
-    state = DeviceState(tmp_path / "dev")
+    with pytest.raises(AuthError) as info:  # the state dir is pinned to the real coordinator
+        DeviceClient(
+            transport=InProcessTransport(coordinator),
+            state=DeviceState(tmp_path / "dev"),
+            server_key=impostor,
+            workload=workloads[0],
+        )
+    assert info.value.code == "server_key_mismatch"
+    moved = tmp_path / "moved"  # the device's key and record, copied next to another coordinator's pin
+    moved.mkdir(mode=0o700)
+    for name in ("key.pem", "enrollment.record"):
+        (moved / name).write_bytes((tmp_path / "dev" / name).read_bytes())
+        (moved / name).chmod(0o600)
     client = DeviceClient(
-        transport=InProcessTransport(coordinator), state=state, server_key=impostor, workload=workloads[0]
+        transport=InProcessTransport(coordinator), state=DeviceState(moved), server_key=impostor, workload=workloads[0]
     )
     with pytest.raises(AuthError) as info:
         client.ensure_enrolled(None)
@@ -184,7 +201,7 @@ def test_pin_file_forms(tmp_path: Path, coordinator: Coordinator) -> None:
 def test_run_loop_trains_every_round(tmp_path: Path, coordinator: Coordinator, workloads: list[Workload]) -> None:
     tokens = coordinator.create_tokens(2)
     clients = [make_client(coordinator, tmp_path / f"dev{i}", workloads[i]) for i in range(2)]
-    for c, t in zip(clients, tokens):
+    for c, t in zip(clients, tokens, strict=True):
         c.ensure_enrolled(t)
     initial = coordinator.rounds.model.sha256
     # Two devices, both selected each round; run one round at a time per device.

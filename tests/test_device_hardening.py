@@ -229,7 +229,7 @@ def test_refused_update_is_not_retrained_for_the_same_model(tmp_path: Path) -> N
 
 def test_trainings_per_period_are_capped(tmp_path: Path) -> None:
     # A coordinator that opens a new round at every poll.
-    client, device, clock, workload = hostile_client(
+    client, _device, clock, workload = hostile_client(
         tmp_path, lambda n: open_task(n, n), max_trainings=3, training_period_s=100.0
     )
     client.run(max_rounds=5, poll_interval=1.0)
@@ -453,8 +453,8 @@ def test_identity_fetch_waits_out_forged_errors_within_patience(tmp_path: Path) 
 
     t, clock = make_transport(handler)
     state = DeviceState(tmp_path)
-    state.pin(SERVER.public.key_id)
-    key, _ = _fetch_identity(t, state, 300.0, sleep=clock.sleep)
+    key, _, announced = _fetch_identity(t, state, SERVER.public.key_id, 300.0, sleep=clock.sleep, clock=clock)
+    assert announced is None  # this document names no model (as an older coordinator's)
     assert key == SERVER.public and calls[0] == 3 and clock.sleeps == [1.0, 1.0]
 
 

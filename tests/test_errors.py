@@ -244,12 +244,15 @@ class _Workload:
     layout = ParamLayout.from_module(torch.nn.Linear(2, 2))
 
 
+_SERVER_KEY = SigningKey.generate().public  # one coordinator: the state dir it is pinned to is shared
+
+
 def scripted_client(state_dir: Path, error: QflareError) -> tuple[DeviceClient, ScriptedDevice, list[float]]:
     sleeps: list[float] = []
     client = DeviceClient(
         transport=None,  # type: ignore[arg-type]  # the scripted device never uses it
         state=DeviceState(state_dir),
-        server_key=SigningKey.generate().public,
+        server_key=_SERVER_KEY,
         workload=_Workload(),  # type: ignore[arg-type]
         sleep=sleeps.append,
     )

@@ -112,3 +112,19 @@ def test_client_process_refuses_the_forged_server(forged_server: str, tmp_path: 
     assert out.returncode == 2, out.stdout + out.stderr
     assert "server_key_mismatch" in out.stderr
     assert not (tmp_path / "device" / "key.pem").exists()  # refused before the device did anything
+
+
+def test_a_mistyped_key_id_pins_nothing(tmp_path: Path) -> None:
+    """Only a verified key is pinned: the rerun with the right id works in the same state dir (the CLI
+    run of this is in tests/test_device_config.py)."""
+    from qflare.device import DeviceState
+
+    genuine = {"alg": PINNED.alg, "public_key": PINNED.raw.hex(), "suite": DEFAULT_SUITE.name}
+    state = DeviceState(tmp_path / "dev")
+    with pytest.raises(AuthError) as info:
+        pin_server_key(genuine, state.pin(IMPOSTOR.key_id))  # the operator typed another id
+    assert info.value.code == "server_key_mismatch" and IMPOSTOR.key_id in str(info.value)
+    assert not (tmp_path / "dev" / "server.keyid").exists()
+    key, _ = pin_server_key(genuine, DeviceState(tmp_path / "dev").pin(PINNED.key_id))
+    state.save_server_key(key)
+    assert DeviceState(tmp_path / "dev").pin(None) == PINNED.key_id

@@ -28,9 +28,12 @@ from qflare.crypto.payloads import (
     unpack_signed,
 )
 from qflare.crypto.suite import DEFAULT_POLICY, DEFAULT_SUITE, Policy, Suite, sha256
+from qflare.device.announce import check_model, parse_announcement
 from qflare.device.state import pin_server_key, read_pin_file
+from qflare.models import create_model
 from qflare.protocol.messages import TaskInfo, encode_json
 from qflare.storage.identity import hash_token
+from qflare.wire import ParamLayout
 
 VECTORS: dict[str, Any] = json.loads((Path(__file__).parent / "vectors" / "protocol_v1.json").read_text())
 x = bytes.fromhex
@@ -81,6 +84,12 @@ def test_identity_document_pins() -> None:
     with pytest.raises(errors.AuthError) as exc:  # the document's own key_id claim is never trusted
         pin_server_key({**doc, "key_id": "00" * 32}, "00" * 32)
     assert exc.value.code == "server_key_mismatch"
+    announced = parse_announcement(doc)  # the model a device must bring (section 9.1 step 5)
+    assert announced is not None and announced.input_shape == (1, 8, 8) and announced.num_classes == 10
+    check_model(announced, "mlp", ParamLayout.from_module(create_model("mlp", (1, 8, 8), 10)))
+    with pytest.raises(errors.ConfigError) as exc:
+        check_model(announced, "mlp", ParamLayout.from_module(create_model("mlp", (1, 28, 28), 10)))
+    assert exc.value.code == "arch_mismatch"
 
 
 def test_enroll_token() -> None:

@@ -14,19 +14,43 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from types import FrameType
 
+import tenacity
 import torch
 import typer
 
 from ..crypto import Suite, VerifyKey
-from ..device import DeviceClient, DeviceState, default_state_dir, load_workload, normalize_key_id, read_pin_file
+from ..data import load_local_data
+from ..data.local import DEFAULT_MAX_BYTES
+from ..device import (
+    DeviceClient,
+    DeviceState,
+    ModelAnnouncement,
+    Workload,
+    check_model,
+    default_state_dir,
+    load_workload,
+    local_workload,
+    normalize_key_id,
+    parse_announcement,
+    read_pin_file,
+)
 from ..device.loop import Patience
 from ..device.rekey import MAX_ROTATIONS_RESPONSE, ROTATIONS_PATH, repin
 from ..device.state import SUITES_BY_NAME
-from ..errors import AuthError, ConfigError, QflareError, Retry
+from ..errors import (
+    AuthError,
+    CircuitOpenError,
+    ConfigError,
+    ErrorCode,
+    MalformedError,
+    QflareError,
+    Retry,
+    ServerUnavailableError,
+)
 from ..federation import FederationSpec
 from ..protocol import Route
 from ..transport import HttpTransport
-from ..transport.http import model_response_limit
+from ..transport.http import RetryPolicy, model_response_limit
 from . import options as opts
 from .common import FEDERATION_HELP, fail, federation_spec, friendly_errors
 
@@ -57,25 +81,92 @@ def _on_sigterm(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt  # unwind normally: the HTTP client closes, state files are already durable
 
 
+IDENTITY_PATH = "/v1/identity"
+_PERMANENT_STATUS_CODES = (ErrorCode.HTTP_ERROR, ErrorCode.NOT_FOUND, ErrorCode.METHOD_NOT_ALLOWED)
+
+
+class _Again(Exception):
+    """One failed identity fetch that is waited out (internal)."""
+
+
 def _fetch_identity(
-    transport: HttpTransport, state: DeviceState, patience_s: float, sleep: Callable[[float], None] = time.sleep
-) -> tuple[VerifyKey, Suite]:
+    transport: HttpTransport,
+    state: DeviceState,
+    pinned: str,
+    patience_s: float,
+    sleep: Callable[[float], None] = time.sleep,
+    clock: Callable[[], float] = time.monotonic,
+) -> tuple[VerifyKey, Suite, ModelAnnouncement | None]:
     """GET /v1/identity (waiting up to ``patience_s`` for the server to come up) and check it against the
-    pin, following a verified key rotation (``/v1/rotations``, :func:`qflare.device.rekey.repin`) when the
-    coordinator rotated its key.  Outages and unauthenticated error answers are waited out within the
-    patience; a key that neither hashes to the pin nor is reached by a verified rotation chain (or an
-    unknown suite) stops the device at once: that is a configuration error the operator must see (the
-    wrong server or the wrong pin), and nothing was sent to that server."""
-    patience = Patience(patience_s)
-    while True:
+    pin - following a verified key rotation (``/v1/rotations``, :func:`qflare.device.rekey.repin`) when the
+    coordinator rotated its key; the coordinator's key, suite and announced model.
+
+    Outages and unauthenticated error answers are waited out within the patience (its clock starts when
+    the first failing request began), logging the URL and the cause whenever the cause changes.  What
+    retrying cannot heal stops the device at once: a key that does not hash to the pin (or an unknown
+    suite) - the wrong server or the wrong pin, and nothing was sent to that server - and a URL where no
+    QFLARE coordinator answers (a 4xx without a QFLARE refusal: ``bad_server_url``)."""
+    log = logging.getLogger("qflare.client")
+    patience = Patience(patience_s, clock)
+    url = transport.base_url + IDENTITY_PATH
+    last_cause = [""]
+
+    def attempt() -> tuple[VerifyKey, Suite, ModelAnnouncement | None]:
+        started = clock()
         try:
-            return repin(state, transport.get_json)
+            doc = transport.get_json(IDENTITY_PATH)
+            if not isinstance(doc, dict):
+                raise MalformedError(f"{url} answered JSON that is not an object", code="malformed")
+            fetch = lambda path: doc if path == IDENTITY_PATH else transport.get_json(path)  # noqa: E731
+            return (*repin(state, fetch, pinned), parse_announcement(doc))
         except QflareError as exc:
-            if exc.retry is not Retry.TRANSIENT and not exc.unauthenticated:
-                raise
-            patience.failed(exc, "fetching the coordinator's identity")
-            logging.getLogger("qflare.client").warning("coordinator not reachable yet [%s]; retrying", exc.code)
-            sleep(1.0)
+            if _not_a_coordinator(exc):
+                raise ConfigError(
+                    f"{url} answered HTTP {exc.http_status} ({str(exc)[:200]}): no QFLARE coordinator there; "
+                    "check --server (scheme, host, port, path)",
+                    code="bad_server_url",
+                ) from None
+            if exc.code == ErrorCode.TLS_ERROR or (exc.retry is not Retry.TRANSIENT and not exc.unauthenticated):
+                raise  # TLS that cannot work with this URL (https against http, an untrusted certificate)
+            patience.failed(exc, f"fetching the coordinator's identity from {url}", started)
+            # the cause, not the symptom: an open circuit or spent retries name the failure behind them
+            outage = isinstance(exc, (CircuitOpenError, ServerUnavailableError))
+            cause = (transport.breaker.last_failure if outage else "") or f"[{exc.code}] {_without_counts(str(exc))}"
+            if cause != last_cause[0]:
+                last_cause[0] = cause
+                log.warning(
+                    "coordinator at %s not reachable yet: %s; retrying for up to %.0f s more",
+                    url,
+                    cause,
+                    patience.remaining(),
+                )
+            raise _Again from exc
+
+    retrying = tenacity.Retrying(
+        retry=tenacity.retry_if_exception_type(_Again),
+        wait=lambda _state: min(1.0, patience.remaining() + 0.05),  # the last try lands just past the patience
+        stop=tenacity.stop_never,
+        sleep=sleep,
+        reraise=True,
+    )
+    return retrying(attempt)
+
+
+def _not_a_coordinator(exc: QflareError) -> bool:
+    """A plain 4xx (no QFLARE refusal, or no such route) to ``GET /v1/identity``, which every coordinator
+    serves: the URL is wrong, and waiting will not change that (408/425/429 are waited out)."""
+    return (
+        exc.unauthenticated
+        and exc.code in _PERMANENT_STATUS_CODES
+        and 400 <= exc.http_status < 500
+        and exc.http_status not in (408, 425, 429)
+    )
+
+
+def _without_counts(message: str) -> str:
+    """A failure message without the attempt counts and times that differ from one retry to the next."""
+    _head, sep, tail = message.partition(" attempt(s): ")
+    return tail if sep else message
 
 
 def _pin(state: DeviceState, given: str | None) -> tuple[str, tuple[str, AuthError] | None]:
@@ -108,6 +199,15 @@ def client(
     ),
     dataset: str = opts.DATASET,
     data_root: Path | None = opts.DATA_ROOT,
+    data: Path | None = typer.Option(
+        None,
+        "--data",
+        help="This device's own data, trained on whole instead of a --dataset partition: a .npz file with "
+        "arrays x and y, or a folder of class_name/*.png images (see docs/operations.md).",
+    ),
+    max_data_bytes: int = typer.Option(
+        DEFAULT_MAX_BYTES, min=1, help="Refuse --data larger than this many bytes (file, or decoded)."
+    ),
     model: str = opts.MODEL,
     partition: str = opts.PARTITION,
     alpha: float = typer.Option(0.5, help="Dirichlet concentration."),
@@ -187,19 +287,23 @@ def client(
             pin = server_key_id or (read_pin_file(server_key_file) if server_key_file else None)
             passphrase = os.environ.get(PASSPHRASE_ENV, "").encode() or None
             state = DeviceState(state_dir or default_state_dir(index), passphrase=passphrase)
-            pinned, moved_to = _pin(state, pin)
-            with HttpTransport(server, timeout=timeout, verify=str(ca_cert) if ca_cert else True) as transport:
+            pinned, moved_to = _pin(state, pin)  # nothing is stored until the served key matched it
+            retry = RetryPolicy(max_elapsed_s=min(5.0, max(0.5, patience / 4)))  # never overruns --patience much
+            verify = str(ca_cert) if ca_cert else True
+            with HttpTransport(server, timeout=timeout, verify=verify, retry=retry) as transport:
                 transport.limit_response(ROTATIONS_PATH, MAX_ROTATIONS_RESPONSE)
-                server_key, suite = _fetch_identity(transport, state, patience)
+                server_key, suite, announced = _fetch_identity(transport, state, pinned, patience)
                 if moved_to is not None and server_key.key_id != moved_to[0]:
                     raise moved_to[1]
-                pinned = state.pin(None)  # moved when the coordinator's key was rotated
+                pinned = server_key.key_id  # the pin, or the key a verified rotation moved it to
                 if federation is not None and suite != spec.suite:  # options name no suite: the server's is used
                     raise ConfigError(
                         f"the coordinator uses suite {suite.name}, the federation spec says {spec.suite.name}",
                         code="suite_mismatch",
                     )
-                workload = load_workload(spec, index)
+                check_model(announced, str(spec.model))  # before any data is loaded, any key made, any token spent
+                workload = _workload(spec, index, data, announced, max_data_bytes)
+                check_model(announced, str(spec.model), workload.layout)
                 transport.limit_response(Route.MODEL, model_response_limit(workload.layout))
                 dc = DeviceClient(
                     transport=transport,
@@ -212,10 +316,9 @@ def client(
                     rekey=lambda: repin(state, transport.get_json),
                 )
                 logging.getLogger("qflare.client").info(
-                    "device %s... partition %d/%d (%d examples), coordinator %s... at %s",
+                    "device %s... %s (%d examples), coordinator %s... at %s",
                     dc.device_id[:16],
-                    index,
-                    spec.devices,
+                    f"own data {data}" if data is not None else f"partition {index}/{spec.devices}",
                     len(workload.targets),
                     pinned[:16],
                     server,
@@ -237,6 +340,30 @@ def client(
             len(summary.receipts),
             summary.sessions,
         )
+
+
+def _workload(
+    spec: FederationSpec, index: int, data: Path | None, announced: ModelAnnouncement | None, max_bytes: int
+) -> Workload:
+    """Partition ``index`` of the spec's data set, or (``--data``) the device's own examples, checked
+    against the input shape and classes of the model the coordinator announces."""
+    if data is None:
+        return load_workload(spec, index)
+    if announced is None or announced.input_shape is None or announced.num_classes is None:
+        raise ConfigError(
+            "--data needs the coordinator to announce its model's input shape and classes; this one does not "
+            "(an older qflare server): upgrade it, or use --dataset",
+            code="config_error",
+        )
+    local = load_local_data(
+        data,
+        input_shape=announced.input_shape,
+        num_classes=announced.num_classes,
+        mean=announced.mean or (0.0,) * announced.input_shape[0],
+        std=announced.std or (1.0,) * announced.input_shape[0],
+        max_bytes=max_bytes,
+    )
+    return local_workload(spec, local, index)
 
 
 def verify_receipts(

@@ -1,8 +1,9 @@
-"""Datasets (a registry: :func:`register_dataset`), checksummed downloads, federated partitioners and per-device label statistics."""
+"""Datasets (a registry: :func:`register_dataset`), a device's own data files (:func:`load_local_data`), checksummed downloads, federated partitioners and per-device label statistics."""
 
 from __future__ import annotations
 
 from qflare.data.download import KNOWN_FILES, MirrorFile, default_cache_dir, download_dataset, fetch
+from qflare.data.local import load_local_data
 from qflare.data.partition import PARTITIONERS, dirichlet, iid, partition, quantity_skew, shards
 from qflare.data.sources import (
     DATASETS,
@@ -32,6 +33,7 @@ __all__ = [
     "label_counts",
     "label_table",
     "load_dataset",
+    "load_local_data",
     "parse_idx",
     "partition",
     "quantity_skew",

@@ -62,7 +62,8 @@ MAX_WAIT_S = 60.0
 class Patience:
     """How long a device keeps trying while it sees only failures (one budget for every phase).
 
-    :meth:`failed` starts the clock at the first failure of a run of failures and raises
+    :meth:`failed` starts the clock at the first failure of a run of failures - at ``started``, when the
+    caller says when the failed attempt began (its own retries count too) - and raises
     :class:`PatienceExhaustedError` once it has run longer than ``seconds``; :meth:`ok` stops it."""
 
     def __init__(self, seconds: float, clock: Callable[[], float] = time.monotonic) -> None:
@@ -72,9 +73,13 @@ class Patience:
     def ok(self) -> None:
         self.since = None
 
-    def failed(self, exc: QflareError, what: str) -> None:
+    def remaining(self) -> float:
+        """Seconds left before the current run of failures exhausts the patience (all of it if none)."""
+        return self.seconds if self.since is None else max(self.seconds - (self._clock() - self.since), 0.0)
+
+    def failed(self, exc: QflareError, what: str, started: float | None = None) -> None:
         now = self._clock()
-        self.since = self.since if self.since is not None else now
+        self.since = self.since if self.since is not None else (now if started is None else min(started, now))
         if now - self.since > self.seconds:
             raise PatienceExhaustedError(
                 f"{what}: only failures for {now - self.since:.0f} s (patience {self.seconds:g} s); "
@@ -156,14 +161,16 @@ class DeviceClient:
         :class:`PatienceExhaustedError` naming the last failure."""
         patience, failures = Patience(patience_s, self._monotonic), 0
         while True:
+            started = self._monotonic()
             try:
                 return step()
             except QflareError as exc:
                 if exc.retry is not Retry.TRANSIENT and not exc.unauthenticated:
                     raise
-                patience.failed(exc, what)
+                patience.failed(exc, what, started)
                 failures += 1
                 wait = _transient_wait(exc, min(0.5 * 2 ** min(failures, 6), 10.0)) * self._rng.uniform(0.8, 1.2)
+                wait = min(wait, patience.remaining() + 0.05)  # the last try lands just past the patience
                 log.warning("%s failed [%s] %s; retrying in %.1f s", what, exc.code, exc, wait)
                 self._pause(wait)
 

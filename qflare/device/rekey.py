@@ -52,11 +52,16 @@ def _records(doc: Any) -> list[bytes] | None:
 
 
 def follow_rotations(
-    state: DeviceState, identity: Mapping[str, Any], rotations: Any, mismatch: AuthError | None = None
+    state: DeviceState,
+    identity: Mapping[str, Any],
+    rotations: Any,
+    mismatch: AuthError | None = None,
+    pinned: str | None = None,
 ) -> tuple[VerifyKey, Suite]:
-    """Verify ``rotations`` (the ``/v1/rotations`` JSON) from the pin to the key ``identity`` serves,
-    then move the pin; the new key and suite.  See the module docstring for what is refused."""
-    pinned = state.pin(None)
+    """Verify ``rotations`` (the ``/v1/rotations`` JSON) from the pin (``pinned``, else the stored one) to
+    the key ``identity`` serves, then move the pin; the new key and suite.  See the module docstring for
+    what is refused."""
+    pinned = state.pin(pinned)
     key, suite = served_key(identity)
     mismatch = mismatch or AuthError(
         f"coordinator key {key.key_id[:16]}... does not match the pinned key id {pinned[:16]}...",
@@ -75,13 +80,16 @@ def follow_rotations(
     return key, suite
 
 
-def repin(state: DeviceState, get_json: Callable[[str], Any]) -> tuple[VerifyKey, Suite]:
-    """The coordinator's key for this device: the pinned one, or the one a verified rotation leads to.
+def repin(state: DeviceState, get_json: Callable[[str], Any], pinned: str | None = None) -> tuple[VerifyKey, Suite]:
+    """The coordinator's key for this device: the pinned one (``pinned``, else the stored pin), or the one
+    a verified rotation leads to.  Nothing is stored when the served key is the pin (the caller stores it
+    once the session verifies, :meth:`DeviceState.save_server_key`); a verified move is stored.
 
     ``get_json(path)`` fetches a JSON document from the coordinator (e.g. ``HttpTransport.get_json``)."""
+    pinned = state.pin(pinned)
     identity = get_json(IDENTITY_PATH)
     try:
-        return pin_server_key(identity, state.pin(None))
+        return pin_server_key(identity, pinned)
     except AuthError as exc:
         if exc.code != ErrorCode.SERVER_KEY_MISMATCH:
             raise
@@ -94,4 +102,4 @@ def repin(state: DeviceState, get_json: Callable[[str], Any]) -> tuple[VerifyKey
         if exc.unauthenticated and exc.http_status == 404:
             raise mismatch from None
         raise
-    return follow_rotations(state, identity, rotations, mismatch)
+    return follow_rotations(state, identity, rotations, mismatch, pinned)

@@ -4,7 +4,8 @@ A state directory (mode 0700) holds:
 
 * ``key.pem`` - the device's ML-DSA signing key (PKCS#8, 0600, optionally passphrase-encrypted);
 * ``enrollment.record`` - the coordinator-signed enrollment record (so a restart never needs a token);
-* ``server.keyid`` - the pinned coordinator key id (SHA-256 of its public key, hex);
+* ``server.keyid`` - the pinned coordinator key id (SHA-256 of its public key, hex), written only once
+  the key the coordinator serves hashed to the id the operator gave (a mistyped id pins nothing);
 * ``server.pub`` - the pinned coordinator's public key (JSON ``{"alg", "public_key"}``), saved once it
   matched the pin, so stored receipts can be re-verified offline (``qflare client verify-receipts``);
 * ``progress.json`` - the highest global model version the device accepted (signed by the coordinator)
@@ -112,8 +113,8 @@ def pin_server_key(identity: Mapping[str, Any], pinned_key_id: str) -> tuple[Ver
             actual = None
         if actual is not None and actual != pinned:
             raise AuthError(
-                f"coordinator key {actual[:16]}... does not match the pinned key id {pinned[:16]}...: refusing to "
-                "talk to it (wrong server, or its key changed; check --server-key-id)",
+                f"the coordinator's key is {actual}, not the pinned key id {pinned}: refusing to talk to it (wrong "
+                "server, its key changed, or a mistyped --server-key-id; nothing was pinned)",
                 code="server_key_mismatch",
             )
     return served_key(identity)
@@ -162,10 +163,13 @@ class DeviceState:
         return self.dir / self.RECEIPTS
 
     def pin(self, key_id: str | None) -> str:
-        """The pinned coordinator key id: ``key_id`` (stored on first use), else the stored one.
+        """The coordinator key id to check the served key against: ``key_id``, else the stored pin.
 
-        A state directory stays with the coordinator it was first pinned to; a ``key_id`` it moved away
-        from through a verified rotation (``server.rotations``) still names it, and yields the new pin."""
+        Nothing is written here: a pin is stored only by :meth:`save_server_key` (once the served key
+        hashed to it) or :meth:`move_pin` (once a rotation chain to it verified), so a mistyped
+        ``--server-key-id`` leaves the state directory as it was.  A state directory stays with the
+        coordinator it was first pinned to; a ``key_id`` it moved away from through a verified rotation
+        (``server.rotations``) still names it, and yields the new pin."""
         path = self.dir / self.PIN
         stored = normalize_key_id(path.read_text()) if path.exists() else None
         given = normalize_key_id(key_id) if key_id else None
@@ -182,8 +186,6 @@ class DeviceState:
             raise ConfigError(
                 "no coordinator key pinned: pass --server-key-id or --server-key-file", code="no_server_key"
             )
-        if stored is None:
-            _write_private(path, (pinned + "\n").encode())
         return pinned
 
     def signing_key(self, alg: str) -> tuple[SigningKey, bool]:
@@ -209,7 +211,14 @@ class DeviceState:
 
     # ------------------------------------------------------------------ pinned key, kept for audits
     def save_server_key(self, key: VerifyKey) -> None:
-        """Keep the coordinator key that matched the pin (for offline receipt checks)."""
+        """Pin ``key`` (``server.keyid``) and keep it (``server.pub``, for offline receipt checks).
+
+        Called only with a key that was verified against the pin (:func:`pin_server_key`); a state dir
+        already pinned to another key refuses it (AuthError ``server_key_mismatch``)."""
+        self.pin(key.key_id)  # the same check as for a given id: one coordinator per state dir
+        pin_path = self.dir / self.PIN
+        if not pin_path.exists():
+            _write_private(pin_path, (key.key_id + "\n").encode())
         doc = json.dumps({"alg": key.alg, "public_key": key.raw.hex()}, sort_keys=True) + "\n"
         path = self.dir / self.SERVER_KEY
         if not path.exists() or path.read_text() != doc:

@@ -1,7 +1,8 @@
 """A device's local work: its model, trainer and slice of the data.
 
 :func:`load_workload` draws partition ``index`` exactly as ``qflare simulate`` does for the same seed,
-so a fleet of ``qflare client`` processes reproduces a simulation.
+so a fleet of ``qflare client`` processes reproduces a simulation; :func:`local_workload` trains on a
+device's own examples instead (:func:`qflare.data.load_local_data`).
 """
 
 from __future__ import annotations
@@ -10,14 +11,14 @@ from dataclasses import dataclass
 
 import torch
 
-from ..data import load_dataset
+from ..data import ArrayDataset, load_dataset
 from ..errors import ConfigError
 from ..federation import FederationSpec
 from ..models import create_model
 from ..training import LocalTrainer, TrainResult, client_seed
 from ..wire import ParamLayout
 
-__all__ = ["Workload", "load_workload"]
+__all__ = ["Workload", "load_workload", "local_workload"]
 
 
 @dataclass
@@ -50,3 +51,12 @@ def load_workload(spec: FederationSpec, index: int) -> Workload:
     net = create_model(spec.model, data.input_shape, data.num_classes)
     trainer = LocalTrainer(net, spec.train, ParamLayout.from_module(net))
     return Workload(trainer, data.normalized(idx), data.labels[idx].clone(), index, spec.seed)
+
+
+def local_workload(spec: FederationSpec, data: ArrayDataset, index: int) -> Workload:
+    """A device training on all of ``data``, its own examples (``qflare client --data``), with ``spec``'s
+    model and training settings; the model is built for ``data``'s input shape and class count."""
+    torch.manual_seed(spec.seed)
+    net = create_model(spec.model, data.input_shape, data.num_classes)
+    trainer = LocalTrainer(net, spec.train, ParamLayout.from_module(net))
+    return Workload(trainer, data.normalized(), data.labels.clone(), index, spec.seed)

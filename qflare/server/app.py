@@ -251,8 +251,8 @@ def create_app(runtime: ServerRuntime) -> FastAPI:
             metrics.upload_bytes.observe(len(body))
             return await call(Route.UPDATE, request, body, session, _OCTETS)
 
-    @app.get("/v1/identity", tags=["public"], summary="The coordinator's signing key (devices pin key_id)")
-    async def identity(request: Request) -> dict[str, str]:
+    @app.get("/v1/identity", tags=["public"], summary="The coordinator's signing key (devices pin key_id) and model")
+    async def identity(request: Request) -> dict[str, Any]:
         await gate.admit(request)
         return runtime.identity_info()
 

@@ -128,6 +128,12 @@ class ServerRuntime:
         cfg, spec = self.config, self.config.federation
         test = load_dataset(spec.dataset, "test", root=spec.data_root)
         shape, classes = test.input_shape, test.num_classes
+        self.data_shape: dict[str, Any] = {
+            "input_shape": list(shape),
+            "num_classes": classes,
+            "mean": list(test.mean),
+            "std": list(test.std),
+        }
 
         def make_model() -> torch.nn.Module:
             return create_model(spec.model, shape, classes)
@@ -354,13 +360,19 @@ class ServerRuntime:
         out["devices"] = self._active_devices()
         return out
 
-    def identity_info(self) -> dict[str, str]:
+    def identity_info(self) -> dict[str, Any]:
+        """The ``GET /v1/identity`` document: the signing key and suite devices pin, and the model
+        devices must train (name, architecture fingerprint, input shape, classes, input normalisation),
+        so a device with another model refuses before it enrolls (``docs/protocol.md`` section 9.1)."""
         pub = self.identity.public
         return {
             "alg": pub.alg,
             "public_key": pub.raw.hex(),
             "key_id": pub.key_id,
             "suite": self.config.federation.suite.name,
+            "model": model.lower() if isinstance(model := self.config.federation.model, str) else "custom",
+            "arch": self.layout.fingerprint,
+            **self.data_shape,
         }
 
     def rotation_info(self) -> dict[str, Any]:

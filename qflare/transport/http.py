@@ -26,6 +26,13 @@ without being buffered; and each attempt has a total deadline (``deadline_s``), 
 the gaps between reads, so a server trickling bytes cannot hold a device.  ``Retry-After`` is validated
 (delta-seconds or an HTTP date) and capped at ``RetryPolicy.max_retry_after_s``.
 
+What retrying cannot heal fails at once, naming the URL and the cause: a base URL that is not
+``http(s)://host...`` (:class:`~qflare.errors.ConfigError` ``bad_server_url``, raised by the constructor),
+and a TLS failure other than a dropped connection - ``https://`` against a plain-HTTP server, an untrusted
+certificate - (:class:`TransportError` ``tls_error``, fatal; marked unauthenticated, so a running device
+waits it out, while ``qflare client``'s first contact, the identity fetch, stops on it).  ``RetryPolicy.max_elapsed_s`` bounds the
+retries of one call in time as well as in attempts, so a caller's own patience is not overrun by them.
+
 The error classes (:class:`TransportError` and its subclasses) live in :mod:`qflare.errors`.
 
 A :class:`CircuitBreaker` stops hammering a server that keeps failing: after ``failure_threshold``
@@ -53,6 +60,7 @@ import tenacity
 from ..crypto.envelope import DEFAULT_MAX_ENVELOPE
 from ..errors import (
     CircuitOpenError,
+    ConfigError,
     ErrorCode,
     QflareError,
     RateLimitedError,
@@ -63,6 +71,7 @@ from ..errors import (
     error_from_code,
 )
 from ..protocol.messages import Route
+from .permanent import check_base_url, tls_failure
 
 if TYPE_CHECKING:
     from ..wire import ParamLayout
@@ -75,6 +84,7 @@ __all__ = [
     "RetryPolicy",
     "ServerUnavailableError",
     "TransportError",
+    "check_base_url",
     "model_response_limit",
     "parse_retry_after",
 ]
@@ -101,19 +111,23 @@ def model_response_limit(layout: ParamLayout) -> int:
 class RetryPolicy:
     """How transient failures are retried: ``attempts`` tries in all, waits ``initial_s * 2**k`` (capped
     at ``max_wait_s``) plus up to ``jitter_s`` of random jitter; a ``Retry-After`` is obeyed up to
-    ``max_retry_after_s``."""
+    ``max_retry_after_s``.  With ``max_elapsed_s`` no retry starts whose wait would end more than that
+    long after the first attempt began (the call then fails with the last cause)."""
 
     attempts: int = 5
     initial_s: float = 0.25
     max_wait_s: float = 5.0
     jitter_s: float = 0.25
     max_retry_after_s: float = 30.0
+    max_elapsed_s: float | None = None
 
     def __post_init__(self) -> None:
         if self.attempts < 1:
             raise ValueError("attempts must be >= 1")
         if min(self.initial_s, self.max_wait_s, self.jitter_s, self.max_retry_after_s) < 0:
             raise ValueError("retry waits must be >= 0")
+        if self.max_elapsed_s is not None and not self.max_elapsed_s >= 0:
+            raise ValueError("max_elapsed_s must be >= 0")
 
 
 class CircuitBreaker:
@@ -127,6 +141,8 @@ class CircuitBreaker:
             raise ValueError("failure_threshold must be >= 1 and reset_after_s >= 0")
         self.failure_threshold, self.reset_after_s, self._clock = failure_threshold, reset_after_s, clock
         self._failures = 0
+        self.last_failure = ""
+        """The cause of the most recent failure (kept while the circuit is open, for messages)."""
         self._opened_at: float | None = None
         self._probing = False
         self._lock = threading.Lock()
@@ -153,8 +169,9 @@ class CircuitBreaker:
                 self._probing = True  # this call is the half-open probe
                 return
             retry_in = max(self.reset_after_s - waited, 0.0)
+            last = f" (last: {self.last_failure})" if self.last_failure else ""
             raise CircuitOpenError(
-                f"circuit open after {self._failures} consecutive failures to reach the coordinator; "
+                f"circuit open after {self._failures} consecutive failures to reach the coordinator{last}; "
                 f"next attempt in {retry_in:.1f} s",
                 retry_in_s=retry_in if retry_in > 0 else self.reset_after_s,
             )
@@ -163,9 +180,10 @@ class CircuitBreaker:
         with self._lock:
             self._failures, self._opened_at, self._probing = 0, None, False
 
-    def record_failure(self) -> None:
+    def record_failure(self, cause: str = "") -> None:
         with self._lock:
             self._failures += 1
+            self.last_failure = cause or self.last_failure
             if self._probing or self._failures >= self.failure_threshold:
                 self._opened_at = self._clock()
             self._probing = False
@@ -247,7 +265,7 @@ class HttpTransport:
         clock: Callable[[], float] = time.monotonic,
         headers: Mapping[str, str] | None = None,
     ) -> None:
-        self.base_url = base_url.rstrip("/")
+        self.base_url = check_base_url(base_url)
         self.retry = retry or RetryPolicy()
         self.breaker = breaker or CircuitBreaker()
         self.deadline_s = deadline_s if deadline_s is not None else timeout
@@ -299,6 +317,7 @@ class HttpTransport:
     def send(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         """One request with retries and the circuit breaker; a refusal raises its typed error."""
         policy = self.retry
+        started = self._clock()
         backoff = tenacity.wait_exponential_jitter(
             multiplier=policy.initial_s, max=policy.max_wait_s, jitter=policy.jitter_s
         )
@@ -309,8 +328,14 @@ class HttpTransport:
                 return min(exc.retry_after, policy.max_retry_after_s)
             return float(backoff(state))
 
+        def stop(state: tenacity.RetryCallState) -> bool:
+            if state.attempt_number >= policy.attempts:
+                return True
+            budget = policy.max_elapsed_s
+            return budget is not None and self._clock() - started + state.upcoming_sleep > budget
+
         retrying = tenacity.Retrying(
-            stop=tenacity.stop_after_attempt(policy.attempts),
+            stop=stop,
             wait=wait,
             retry=tenacity.retry_if_exception_type(_Transient),
             sleep=self._sleep,
@@ -323,7 +348,10 @@ class HttpTransport:
             if isinstance(error, RateLimitedError):
                 error.retry_after_s = exc.retry_after if exc.retry_after is not None else 1.0
                 raise error from None
-            unavailable = ServerUnavailableError(f"{method} {path}: gave up after {policy.attempts} attempt(s): {exc}")
+            tries = retrying.statistics.get("attempt_number", policy.attempts)
+            unavailable = ServerUnavailableError(
+                f"{method} {self.base_url}{path}: no answer after {tries} attempt(s): {exc}"
+            )
             unavailable.retry_after_s = exc.retry_after
             raise unavailable from None
 
@@ -331,9 +359,23 @@ class HttpTransport:
         self.breaker.before_call()
         try:
             resp = self._read(method, path, kwargs)
+        except (httpx.UnsupportedProtocol, httpx.InvalidURL) as exc:  # a configuration mistake, not an outage
+            raise ConfigError(f"{method} {self.base_url}{path}: {exc}", code="bad_server_url") from None
         except httpx.TransportError as exc:  # connect/read/write errors and timeouts
-            self.breaker.record_failure()
-            raise _Transient(f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__) from exc
+            tls = tls_failure(exc)
+            if tls is not None:
+                tls_error = TransportError(
+                    f"{method} {self.base_url}{path}: TLS failed ({getattr(tls, 'reason', None) or tls}): is the server plain HTTP "
+                    "(then use http://), or is its certificate not trusted (then --ca-cert)?",
+                    code="tls_error",
+                )
+                # nothing authenticated it: the device's loops wait it out once the URL has worked (a
+                # path attacker must not stop a running device); the first contact fails fast on it
+                tls_error.unauthenticated = True
+                raise tls_error from None
+            cause = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+            self.breaker.record_failure(cause)
+            raise _Transient(cause) from exc
         except httpx.HTTPError as exc:  # not transient (e.g. an undecodable body): fail, do not retry
             self.breaker.record_failure()
             raise TransportError(f"{method} {path}: {type(exc).__name__}: {exc}") from exc
@@ -348,7 +390,7 @@ class HttpTransport:
             if isinstance(error, RateLimitedError):
                 self.breaker.record_success()  # the server is up, only busy
             else:
-                self.breaker.record_failure()
+                self.breaker.record_failure(f"HTTP {resp.status_code} {error.code}")
             retry_after = parse_retry_after(resp.headers.get("retry-after"), max_s=self.retry.max_retry_after_s)
             raise _Transient(f"HTTP {resp.status_code} {error.code}", retry_after=retry_after, response=resp)
         self.breaker.record_success()

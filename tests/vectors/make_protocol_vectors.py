@@ -51,7 +51,9 @@ from qflare.crypto.payloads import (  # noqa: E402
 )
 from qflare.crypto.suite import DEFAULT_SUITE, HIGH_SUITE, Policy, Suite, sha256  # noqa: E402
 from qflare.errors import QflareError  # noqa: E402
+from qflare.models import create_model  # noqa: E402
 from qflare.protocol.messages import encode_json  # noqa: E402
+from qflare.wire import ParamLayout  # noqa: E402
 
 OUT = Path(__file__).with_name("protocol_v1.json")
 LOW_SUITE = Suite(sig="ML-DSA-44", kem="ML-KEM-768", x25519=False)  # the only non-hybrid suite vectored
@@ -128,7 +130,19 @@ def identity_document() -> dict[str, Any]:
     k = key("server")
     return {
         "route": "GET /v1/identity",
-        "document": {"alg": k.alg, "public_key": k.public.raw.hex(), "key_id": k.key_id, "suite": DEFAULT_SUITE.name},
+        "document": {
+            "alg": k.alg,
+            "public_key": k.public.raw.hex(),
+            "key_id": k.key_id,
+            "suite": DEFAULT_SUITE.name,
+            # the model devices must train (section 9.1 step 5): unsigned, a configuration guard
+            "model": "mlp",
+            "arch": ParamLayout.from_module(create_model("mlp", (1, 8, 8), 10)).fingerprint,
+            "input_shape": [1, 8, 8],
+            "num_classes": 10,
+            "mean": [0.3055329],
+            "std": [0.37594736],
+        },
         "pinned_key_id": k.key_id,
     }
 
