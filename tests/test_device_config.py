@@ -22,7 +22,7 @@ from http_fixtures import Federation
 
 from qflare.cli.client import _fetch_identity
 from qflare.crypto import DEFAULT_SUITE, SigningKey
-from qflare.device import ModelAnnouncement, check_model, parse_announcement
+from qflare.device import DeviceState, ModelAnnouncement, check_model, parse_announcement
 from qflare.errors import ConfigError, MalformedError, PatienceExhaustedError, TransportError
 from qflare.processes import child_environment
 from qflare.transport import HttpTransport
@@ -107,15 +107,15 @@ def test_a_cut_tls_connection_is_still_an_outage() -> None:
     assert info.value.code == "server_unavailable"
 
 
-def test_a_url_where_no_coordinator_answers_is_a_configuration_error() -> None:
+def test_a_url_where_no_coordinator_answers_is_a_configuration_error(tmp_path: Path) -> None:
     t = transport(httpx.MockTransport(lambda r: httpx.Response(404, text="<html>nginx</html>")), FakeClock())
     with pytest.raises(ConfigError) as info:
-        _fetch_identity(t, SERVER.public.key_id, 300.0, sleep=FakeClock().sleep)
+        _fetch_identity(t, DeviceState(tmp_path), SERVER.public.key_id, 300.0, sleep=FakeClock().sleep)
     assert info.value.code == "bad_server_url" and "HTTP 404" in str(info.value)
 
 
 # ------------------------------------------------------------------------------------- patience, logs
-def test_give_up_after_is_honoured_and_the_cause_logged_once(caplog: pytest.LogCaptureFixture) -> None:
+def test_give_up_after_is_honoured_and_the_cause_logged_once(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     clock = FakeClock()
     calls = [0]
 
@@ -130,7 +130,7 @@ def test_give_up_after_is_honoured_and_the_cause_logged_once(caplog: pytest.LogC
         breaker=CircuitBreaker(failure_threshold=8, reset_after_s=5.0, clock=clock),
     )
     with caplog.at_level(logging.WARNING, "qflare.client"), pytest.raises(PatienceExhaustedError) as info:
-        _fetch_identity(t, SERVER.public.key_id, 3.0, sleep=clock.sleep, clock=clock)
+        _fetch_identity(t, DeviceState(tmp_path), SERVER.public.key_id, 3.0, sleep=clock.sleep, clock=clock)
     assert 3.0 < clock.now <= 4.5, clock.now  # the patience, overrun by less than one retry interval
     assert "Connection refused" in str(info.value) and "http://c.test/v1/identity" in str(info.value)
     warnings = [r.getMessage() for r in caplog.records if r.name == "qflare.client"]
@@ -139,7 +139,7 @@ def test_give_up_after_is_honoured_and_the_cause_logged_once(caplog: pytest.LogC
     assert calls[0] >= 3
 
 
-def test_a_long_outage_is_logged_once(caplog: pytest.LogCaptureFixture) -> None:
+def test_a_long_outage_is_logged_once(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """Past the circuit breaker's threshold the failures are fast-failed circuit_open: still no news."""
     clock = FakeClock()
 
@@ -153,13 +153,13 @@ def test_a_long_outage_is_logged_once(caplog: pytest.LogCaptureFixture) -> None:
         breaker=CircuitBreaker(failure_threshold=8, reset_after_s=5.0, clock=clock),
     )
     with caplog.at_level(logging.WARNING, "qflare.client"), pytest.raises(PatienceExhaustedError):
-        _fetch_identity(t, SERVER.public.key_id, 120.0, sleep=clock.sleep, clock=clock)
+        _fetch_identity(t, DeviceState(tmp_path), SERVER.public.key_id, 120.0, sleep=clock.sleep, clock=clock)
     assert 120.0 < clock.now <= 126.0, clock.now
     warnings = [r.getMessage() for r in caplog.records if r.name == "qflare.client"]
     assert len(warnings) == 1 and "Connection refused" in warnings[0], warnings
 
 
-def test_a_changed_cause_is_logged_again(caplog: pytest.LogCaptureFixture) -> None:
+def test_a_changed_cause_is_logged_again(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     clock = FakeClock()
     answers = iter([503, 503, 200])
 
@@ -179,7 +179,9 @@ def test_a_changed_cause_is_logged_again(caplog: pytest.LogCaptureFixture) -> No
 
     t = transport(httpx.MockTransport(refusing_then), clock, retry=RetryPolicy(attempts=1))
     with caplog.at_level(logging.WARNING, "qflare.client"):
-        key, _, _ = _fetch_identity(t, SERVER.public.key_id, 300.0, sleep=clock.sleep, clock=clock)
+        key, _, _ = _fetch_identity(
+            t, DeviceState(tmp_path), SERVER.public.key_id, 300.0, sleep=clock.sleep, clock=clock
+        )
     assert key == SERVER.public
     warnings = [r.getMessage() for r in caplog.records if r.name == "qflare.client"]
     assert len(warnings) == 2 and "Connection refused" in warnings[0] and "503" in warnings[1], warnings

@@ -43,8 +43,7 @@ def test_device_follows_a_rotation_across_a_server_restart(tmp_path: Path) -> No
         transport = AppTransport(client)
         get_json = _get_json(transport)
         assert get_json("/v1/rotations") == {"current_key_id": old_key_id, "head_sha256": "00" * 32, "records": []}
-        state.pin(old_key_id)
-        key, suite = repin(state, get_json)
+        key, suite = repin(state, get_json, old_key_id)  # nothing is pinned until a session verifies
         dc = DeviceClient(
             transport=transport, state=state, server_key=key, workload=workload, suite=suite,
             rekey=lambda: repin(state, get_json),
