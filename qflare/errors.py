@@ -222,6 +222,9 @@ class ErrorCode(enum.StrEnum):
     # hardening: aggregation
     AGGREGATE_NON_FINITE = "aggregate_non_finite"
     AGGREGATE_OUT_OF_BOUNDS = "aggregate_out_of_bounds"
+    # user paths and model files
+    BAD_PATH = "bad_path"
+    BAD_MODEL_FILE = "bad_model_file"
 
 
 class Retry(enum.Enum):
@@ -754,6 +757,14 @@ CODE_SPECS: Mapping[ErrorCode, CodeSpec] = MappingProxyType(
         _C.AGGREGATE_OUT_OF_BOUNDS: _spec(
             "a weight of the aggregated model exceeds the configured bound: the round fails, the previous model stays",
             _D,
+            ValidationError,
+        ),
+        _C.BAD_PATH: _spec(
+            "a path given on the command line cannot be used (not writable, parent is a file, ...)", _F, ConfigError
+        ),
+        _C.BAD_MODEL_FILE: _spec(
+            "a model file is unreadable, malformed, or names a model this installation does not have",
+            _F,
             ValidationError,
         ),
     }

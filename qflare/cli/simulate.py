@@ -11,15 +11,17 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from ..data import DATASETS, PARTITIONERS
+from ..errors import ConfigError
 from ..federation import FederationSpec, suite_by_name
 from ..models import model_names
 from ..protocol.selection import SELECTORS
 from ..strategy import STRATEGIES
 from ..training import TrainConfig
-from .common import FEDERATION_HELP, console, federation_spec, friendly_errors
+from .common import FEDERATION_HELP, console, err_console, federation_spec, friendly_errors, writable_dir
+from .interrupt import EXIT_INTERRUPTED, graceful_interrupt
 
 if TYPE_CHECKING:
-    from ..simulation import RoundRecord
+    from ..simulation import RoundRecord, SimulationResult
 
 WORKLOAD_OPTIONS = (
     "dataset",
@@ -86,7 +88,10 @@ def simulate(
         True,
         help="Run the secure protocol (PQ sessions, signatures, database). --no-protocol aggregates training results directly: only to measure the protocol's cost.",
     ),
-    out: Path | None = typer.Option(None, help="Write history.json, history.csv and history.png here."),
+    out: Path | None = typer.Option(
+        None,
+        help="Write history.json, history.csv, history.png and the global model (model.safetensors) here, after every round.",
+    ),
     json_: bool = typer.Option(
         False, "--json", help="Print the history as one JSON object at the end instead of a table."
     ),
@@ -123,6 +128,7 @@ def simulate(
             )
 
         spec = federation_spec(ctx, federation, WORKLOAD_OPTIONS, build)
+        out_dir = writable_dir(out, "--out") if out is not None else None
         # imported here: the simulation loads the coordinator's storage, which `qflare client` never needs
         from ..simulation import SimulationConfig, run_simulation
 
@@ -163,7 +169,27 @@ def simulate(
                         f"round {r.round:3d}  accuracy {r.accuracy:.4f}  loss {r.loss:.4f}  {r.seconds:.2f}s"
                     )
 
-            result = run_simulation(cfg, on_round=on_round, on_start=on_start)
+            def on_checkpoint(partial: SimulationResult) -> None:
+                if out_dir is not None:
+                    try:
+                        partial.write(out_dir)
+                    except OSError as exc:
+                        raise ConfigError(f"--out {out_dir}: {exc.strerror or exc}", code="bad_path") from None
+
+            with graceful_interrupt("the current step") as stop:
+                result = run_simulation(
+                    cfg, on_round=on_round, on_start=on_start, stop=stop, on_checkpoint=on_checkpoint
+                )
+        if out_dir is not None:
+            paths = result.write(out_dir)  # also when no round finished: the history says so
+        if result.interrupted:
+            where = f"; written to {out_dir}" if out_dir is not None else ""
+            err_console.print(
+                f"[yellow]stopped[/] after {len(result.rounds)} finished round(s){where}", highlight=False
+            )
+            if json_:
+                print(json.dumps(result.to_json()))
+            raise typer.Exit(EXIT_INTERRUPTED)
         if json_:
             print(json.dumps(result.to_json()))
         else:
@@ -171,10 +197,8 @@ def simulate(
             console.print(
                 f"wall {result.wall_s:.1f} s (start-up {result.startup_s:.1f} s); final accuracy {result.rounds[-1].accuracy:.4f}"
             )
-        if out is not None:
-            paths = result.write(out)
-            if not json_:
-                console.print("wrote " + ", ".join(str(p) for p in paths))
+        if out_dir is not None and not json_:
+            console.print("wrote " + ", ".join(str(p) for p in paths))
 
 
 def register(app: typer.Typer) -> None:
