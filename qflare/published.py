@@ -20,7 +20,7 @@ from typing import Any
 
 from .crypto import VerifyKey
 from .crypto.envelope import Field, MsgType, SignedEnvelope
-from .errors import AuthError, ConfigError, StaleModelError, ValidationError
+from .errors import ArchitectureMismatchError, AuthError, ConfigError, StaleModelError, ValidationError
 from .files import write_atomic
 from .model_file import write_model_file
 from .models import create_model
@@ -67,7 +67,7 @@ class Architecture:
                 code="bad_path",
             ) from None
         try:
-            doc = json.loads(raw) if len(raw) <= _MAX_ARCH_BYTES else None
+            doc = json.loads(raw) if len(raw) <= _MAX_ARCH_BYTES else {}
             shape = tuple(int(d) for d in doc["input_shape"])
             c, h, w = shape
             arch = cls(
@@ -152,10 +152,9 @@ def export_version(data_dir: Path, version: int | None, out: Path, *, key_id: st
     module = create_model(arch.model, arch.input_shape, arch.num_classes)
     layout = ParamLayout.from_module(module)
     if layout.fingerprint != arch.fingerprint:
-        raise ValidationError(
+        raise ArchitectureMismatchError(
             f"{ARCHITECTURE_FILE} says fingerprint {arch.fingerprint}, but model {arch.model!r} here builds "
             f"{layout.fingerprint} (a different version of the model code?)",
-            code="architecture_mismatch",
         )
     flat = decode_blob(blob, layout, kind="model", verified_sha256=row.model_hash).flat
     provenance: dict[str, Any] = {

@@ -133,9 +133,9 @@ class SimulationResult:
         """history.json, history.csv, history.png and (when a round finished and the model is a registered
         name) model.safetensors under ``out``, each replaced atomically."""
         out.mkdir(parents=True, exist_ok=True)
-        paths = write_history(out, self.to_json(), [asdict(r) for r in self.rounds], self.title())
+        paths: list[Path] = []
         m, name = self.model, self.config.get("model")
-        if m is not None and isinstance(name, str):
+        if m is not None and isinstance(name, str):  # first: a history.json on disk implies its model is there
             provenance = {"source": "qflare simulate", "round": str(m.round), "dataset": str(self.config["dataset"])}
             if m.sha256:
                 provenance["model_sha256"] = m.sha256
@@ -150,7 +150,7 @@ class SimulationResult:
                     provenance=provenance,
                 )
             )
-        return paths
+        return write_history(out, self.to_json(), [asdict(r) for r in self.rounds], self.title()) + paths
 
 
 class _Workers:

@@ -29,7 +29,7 @@ from ..protocol import Route
 from ..training import TrainConfig
 from ..transport import HttpTransport
 from ..transport.http import model_response_limit
-from .common import FEDERATION_HELP, federation_spec, friendly_errors
+from .common import FEDERATION_HELP, federation_spec, friendly_errors, writable_dir
 
 __all__ = ["client", "register", "verify_receipts"]
 
@@ -159,7 +159,9 @@ def client(
                 spec = spec.replace(train=replace(spec.train, device=device))
             pin = server_key_id or (read_pin_file(server_key_file) if server_key_file else None)
             passphrase = os.environ.get(PASSPHRASE_ENV, "").encode() or None
-            state = DeviceState(state_dir or default_state_dir(index), passphrase=passphrase)
+            state = DeviceState(
+                writable_dir(state_dir or default_state_dir(index), "--state-dir", mode=0o700), passphrase=passphrase
+            )
             pinned = state.pin(pin)
             with HttpTransport(server, timeout=timeout, verify=str(ca_cert) if ca_cert else True) as transport:
                 server_key, suite = _fetch_identity(transport, pinned, patience)

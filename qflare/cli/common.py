@@ -37,17 +37,18 @@ def _path_error(option: str, path: Path, exc: OSError | str) -> ConfigError:
     return ConfigError(f"{option} {path}: {cause}", code="bad_path")
 
 
-def writable_dir(path: Path, option: str) -> Path:
+def writable_dir(path: Path, option: str, *, mode: int = 0o777) -> Path:
     """``path`` as a folder this process can write files into, created if missing; checked before any work.
 
     Every failure (a parent that is a file, ``/proc``, a read-only file system, no permission) is a
     ConfigError ``bad_path`` naming ``option``, the path and the cause.  The check writes and removes a
-    probe file: permission bits alone say nothing for root or for a read-only mount."""
+    probe file: permission bits alone say nothing for root or for a read-only mount.  ``mode``: of the folder
+    when it is created here (0o700 for folders that will hold keys)."""
     target = Path(path).expanduser()
     if target.exists() and not target.is_dir():
         raise _path_error(option, target, "exists and is not a folder")
     try:
-        target.mkdir(parents=True, exist_ok=True)
+        target.mkdir(parents=True, exist_ok=True, mode=mode)
     except (FileExistsError, NotADirectoryError):  # a parent on the way is a file
         raise _path_error(option, target, "a parent folder is a file") from None
     except OSError as exc:

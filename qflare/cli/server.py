@@ -18,7 +18,7 @@ from ..federation import FederationSpec, suite_by_name
 from ..models import model_names
 from ..protocol.selection import SELECTORS
 from ..strategy import STRATEGIES
-from .common import FEDERATION_HELP, console, err_console, federation_spec, friendly_errors
+from .common import FEDERATION_HELP, console, err_console, federation_spec, friendly_errors, writable_dir
 
 __all__ = ["parse_duration", "register", "token_app"]
 
@@ -127,6 +127,7 @@ def server(
             )
 
         spec = federation_spec(ctx, federation, WORKLOAD_OPTIONS, build)
+        data_dir = writable_dir(data_dir, "--data-dir", mode=0o700)
         limits = HttpLimits(
             max_concurrent_uploads=max_uploads,
             ip_rate=rate,
@@ -171,6 +172,7 @@ def token_create(
 
     with friendly_errors():
         ttl = parse_duration(expires)
+        writable_dir(data_dir, "--data-dir", mode=0o700)
         db = Database.from_env(data_dir)
         try:
             db.upgrade()
