@@ -1,7 +1,7 @@
 """A run's per-round history on disk: ``history.json``, ``history.csv`` and ``history.png``.
 
 Written by ``qflare simulate --out`` after every evaluated round and by ``qflare demo --out`` as rounds
-are reported, each file replaced atomically (:func:`qflare.files.write_atomic`), so an interrupted run
+are reported (the plot at the end, or when the run is stopped), each file replaced atomically (:func:`qflare.files.write_atomic`), so an interrupted run
 leaves the rounds finished so far, never a torn file.
 """
 
@@ -79,11 +79,17 @@ def plot_history(rows: Sequence[Mapping[str, Any]], title: str) -> bytes:
     return buf.getvalue()
 
 
-def write_history(out: Path, document: Mapping[str, Any], rows: Sequence[Mapping[str, Any]], title: str) -> list[Path]:
-    """``out/history.json`` (``document``, which holds the rows), ``history.csv`` (the rows) and
-    ``history.png`` (:func:`plot_history`), each replaced atomically; returns their paths."""
-    paths = [out / name for name in HISTORY_FILES]
+def write_history(
+    out: Path, document: Mapping[str, Any], rows: Sequence[Mapping[str, Any]], title: str, *, plot: bool = True
+) -> list[Path]:
+    """``out/history.json`` (``document``, which holds the rows), ``history.csv`` (the rows) and, with
+    ``plot``, ``history.png`` (:func:`plot_history`), each replaced atomically; returns their paths.
+
+    Rendering the plot costs about a second on a busy 2-core machine (measured), so runs write it at
+    their end (or when stopped), and the JSON and CSV after every round."""
+    paths = [out / name for name in HISTORY_FILES[: 3 if plot else 2]]
     write_atomic(paths[0], json.dumps(document, indent=2))
     write_atomic(paths[1], _csv(rows))
-    write_atomic(paths[2], plot_history(rows, title))
+    if plot:
+        write_atomic(paths[2], plot_history(rows, title))
     return paths

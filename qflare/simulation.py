@@ -129,9 +129,9 @@ class SimulationResult:
             f"{c.get('devices')} devices, {c.get('per_round')}/round"
         )
 
-    def write(self, out: Path) -> list[Path]:
-        """history.json, history.csv, history.png and (when a round finished and the model is a registered
-        name) model.safetensors under ``out``, each replaced atomically."""
+    def write(self, out: Path, *, plot: bool = True) -> list[Path]:
+        """history.json, history.csv, history.png (with ``plot``) and (when a round finished and the model
+        is a registered name) model.safetensors under ``out``, each replaced atomically."""
         out.mkdir(parents=True, exist_ok=True)
         paths: list[Path] = []
         m, name = self.model, self.config.get("model")
@@ -150,7 +150,8 @@ class SimulationResult:
                     provenance=provenance,
                 )
             )
-        return write_history(out, self.to_json(), [asdict(r) for r in self.rounds], self.title()) + paths
+        rows = [asdict(r) for r in self.rounds]
+        return write_history(out, self.to_json(), rows, self.title(), plot=plot) + paths
 
 
 class _Workers:

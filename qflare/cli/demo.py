@@ -72,12 +72,12 @@ def demo(
         cfg = DemoConfig(spec, port=port, data_dir=data_dir)
     history: list[dict[str, Any]] = []
 
-    def save(interrupted: bool) -> list[Path]:
+    def save(interrupted: bool, plot: bool = True) -> list[Path]:
         if out_dir is None:
             return []
         doc = {"config": spec.to_json(), "rounds": history, "interrupted": interrupted}
         title = f"QFLARE demo · {spec.dataset} · {spec.strategy} · {devices} devices, {per_round}/round"
-        return write_history(out_dir, doc, history, title)
+        return write_history(out_dir, doc, history, title, plot=plot)
 
     console.print(
         f"[bold]qflare demo[/] · {dataset} · {model} · {devices} devices · {per_round}/round · {rounds} rounds · "
@@ -110,7 +110,7 @@ def demo(
                     shown.add(r)
                     history.append(dict(h))
                     with friendly_errors():
-                        save(False)
+                        save(False, plot=False)
                     progress.console.print(
                         f"[dim]{time.perf_counter() - t0:6.1f}s[/] round {r:3d}  accuracy "
                         f"[bold]{float(h['accuracy']):.4f}[/]  loss {float(h['loss']):.4f}"

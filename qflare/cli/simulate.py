@@ -172,7 +172,7 @@ def simulate(
             def on_checkpoint(partial: SimulationResult) -> None:
                 if out_dir is not None:
                     try:
-                        partial.write(out_dir)
+                        partial.write(out_dir, plot=False)  # the plot once, at the end
                     except OSError as exc:
                         raise ConfigError(f"--out {out_dir}: {exc.strerror or exc}", code="bad_path") from None
 
