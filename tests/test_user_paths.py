@@ -63,6 +63,8 @@ def test_simulate_out_writes_history_and_a_loadable_model(tmp_path: Path) -> Non
     assert result.exit_code == 0, result.output
     history = json.loads((tmp_path / "o" / "history.json").read_text())
     assert [r["round"] for r in history["rounds"]] == [1, 2] and history["interrupted"] is False
+    assert (tmp_path / "o" / "history.png").read_bytes().startswith(b"\x89PNG")
+    assert len((tmp_path / "o" / "history.csv").read_text().splitlines()) == 3
     info = read_model_info(tmp_path / "o" / "model.safetensors")
     assert info.provenance["round"] == "2" and info.provenance["model_sha256"] == history["rounds"][-1]["model_sha256"]
     net = qflare.load_model(tmp_path / "o" / "model.safetensors")
@@ -116,6 +118,7 @@ def test_first_ctrl_c_stops_after_the_current_step_and_keeps_the_finished_rounds
     assert "terminate called" not in err and "stopped after" in err
     history = json.loads((tmp_path / "o" / "history.json").read_text())
     assert history["interrupted"] is True and len(history["rounds"]) >= 1
+    assert (tmp_path / "o" / "history.png").exists()  # the plot is drawn when the run stops
     rounds = [r["round"] for r in history["rounds"]]
     assert rounds == list(range(1, len(rounds) + 1))
     info = read_model_info(tmp_path / "o" / "model.safetensors")
