@@ -16,20 +16,31 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from types import FrameType
+from typing import NoReturn
 
 from .common import err_console
 
-__all__ = ["EXIT_INTERRUPTED", "graceful_interrupt"]
+__all__ = ["EXIT_INTERRUPTED", "exit_interrupted", "graceful_interrupt"]
 
 EXIT_INTERRUPTED = 130
 """128 + SIGINT: what a shell reports for a command stopped by Ctrl-C."""
 
 
+def exit_interrupted() -> NoReturn:
+    """Flush the standard streams and leave with status 130 now, skipping the interpreter's teardown
+    (where a further Ctrl-C, or torch's threads, could still turn the exit into a signal or an abort)."""
+    for stream in (sys.stdout, sys.stderr):
+        with suppress(OSError, ValueError):
+            stream.flush()
+    os._exit(EXIT_INTERRUPTED)
+
+
 @contextmanager
 def graceful_interrupt(what: str = "the current round") -> Iterator[threading.Event]:
     """Within the block, SIGINT (and SIGTERM) set the yielded event and print one line; a second one
-    prints a line and exits the process with status 130 at once.  Outside the main thread, or after the
-    block, the previous handlers apply."""
+    prints a line and exits the process with status 130 at once.  After the block the previous handlers
+    apply again, unless an interrupt came: then every further one exits at once.  Outside the main
+    thread nothing is installed."""
     stop = threading.Event()
     if threading.current_thread() is not threading.main_thread():
         yield stop
@@ -43,14 +54,14 @@ def graceful_interrupt(what: str = "the current round") -> Iterator[threading.Ev
             )
             return
         err_console.print("[yellow]interrupted again[/]: stopping now; results written so far are kept")
-        for stream in (sys.stdout, sys.stderr):
-            with suppress(OSError, ValueError):
-                stream.flush()
-        os._exit(EXIT_INTERRUPTED)
+        exit_interrupted()
 
     previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield stop
     finally:
-        for sig, old in previous.items():
-            signal.signal(sig, old)
+        if not stop.is_set():
+            for sig, old in previous.items():
+                signal.signal(sig, old)
+        # Once interrupted, the handler stays: a later Ctrl-C (while the command writes its results or the
+        # interpreter shuts down) exits at once, rather than raising KeyboardInterrupt into the teardown.

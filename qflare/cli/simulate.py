@@ -18,7 +18,7 @@ from ..protocol.selection import SELECTORS
 from ..strategy import STRATEGIES
 from ..training import TrainConfig
 from .common import FEDERATION_HELP, console, err_console, federation_spec, friendly_errors, writable_dir
-from .interrupt import EXIT_INTERRUPTED, graceful_interrupt
+from .interrupt import exit_interrupted, graceful_interrupt
 
 if TYPE_CHECKING:
     from ..simulation import RoundRecord, SimulationResult
@@ -97,7 +97,8 @@ def simulate(
     ),
 ) -> None:
     """Run federated training of N devices in this process, through the real secure protocol."""
-    with friendly_errors():
+    # From the start: a Ctrl-C while the data set loads or devices enroll also stops cleanly.
+    with friendly_errors(), graceful_interrupt("the current step") as stop:
 
         def build() -> FederationSpec:
             return FederationSpec(
@@ -176,10 +177,7 @@ def simulate(
                     except OSError as exc:
                         raise ConfigError(f"--out {out_dir}: {exc.strerror or exc}", code="bad_path") from None
 
-            with graceful_interrupt("the current step") as stop:
-                result = run_simulation(
-                    cfg, on_round=on_round, on_start=on_start, stop=stop, on_checkpoint=on_checkpoint
-                )
+            result = run_simulation(cfg, on_round=on_round, on_start=on_start, stop=stop, on_checkpoint=on_checkpoint)
         if out_dir is not None:
             paths = result.write(out_dir)  # also when no round finished: the history says so
         if result.interrupted:
@@ -189,7 +187,7 @@ def simulate(
             )
             if json_:
                 print(json.dumps(result.to_json()))
-            raise typer.Exit(EXIT_INTERRUPTED)
+            exit_interrupted()  # everything is written: no teardown for a late Ctrl-C to turn into an abort
         if json_:
             print(json.dumps(result.to_json()))
         else:
