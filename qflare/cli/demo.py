@@ -41,8 +41,8 @@ def demo(
     data_root: Path | None = typer.Option(None, help="Folder holding the data set files."),
     out: Path | None = typer.Option(
         None,
-        help="Write history.json, history.csv, history.png (as rounds finish) and the final global model "
-        "(model.safetensors, signature-checked) here.",
+        help="Write history.json and history.csv here as rounds finish, and history.png and the final global "
+        "model (model.safetensors, signature-checked) at the end.",
     ),
 ) -> None:
     """Start a coordinator and N devices here and train federated over HTTP, every security feature on."""

@@ -90,7 +90,7 @@ def simulate(
     ),
     out: Path | None = typer.Option(
         None,
-        help="Write history.json, history.csv, history.png and the global model (model.safetensors) here, after every round.",
+        help="Write history.json, history.csv and the global model (model.safetensors) here after every round, and history.png at the end.",
     ),
     json_: bool = typer.Option(
         False, "--json", help="Print the history as one JSON object at the end instead of a table."
