@@ -3,6 +3,7 @@
 The public surface, pinned by ``tests/test_public_api.py``::
 
     from qflare import Device, Coordinator, InProcessTransport, HttpTransport, run_simulation, ...
+    net = qflare.load_model("out/model.safetensors")  # the trained global model as an nn.Module
 
 Subpackages hold the detail: :mod:`qflare.crypto`, :mod:`qflare.data`, :mod:`qflare.strategy`,
 :mod:`qflare.protocol`, :mod:`qflare.storage`,
@@ -18,6 +19,7 @@ from .data import ArrayDataset, load_dataset, partition, register_dataset
 from .device import DeviceClient
 from .errors import QflareError
 from .federation import FederationSpec
+from .model_file import load_model
 from .models import create_model, register_model
 from .plugins import load_plugins
 from .protocol import ClientSelector, Coordinator, CoordinatorConfig, Device, RoundConfig, register_selector
@@ -78,6 +80,7 @@ __all__ = [
     "encode_update",
     "evaluate",
     "load_dataset",
+    "load_model",
     "load_plugins",
     "partition",
     "register_dataset",

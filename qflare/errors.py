@@ -237,6 +237,9 @@ class ErrorCode(enum.StrEnum):
     MODEL_MISMATCH = "model_mismatch"
     ARCH_MISMATCH = "arch_mismatch"
     BAD_LOCAL_DATA = "bad_local_data"
+    # user paths and model files
+    BAD_PATH = "bad_path"
+    BAD_MODEL_FILE = "bad_model_file"
 
 
 class Retry(enum.Enum):
@@ -829,6 +832,14 @@ CODE_SPECS: Mapping[ErrorCode, CodeSpec] = MappingProxyType(
         ),
         _C.BAD_LOCAL_DATA: _spec(
             "a device's own data file or folder is unreadable, hostile or does not fit the model", _F, DataError
+        ),
+        _C.BAD_PATH: _spec(
+            "a path given on the command line cannot be used (not writable, parent is a file, ...)", _F, ConfigError
+        ),
+        _C.BAD_MODEL_FILE: _spec(
+            "a model file is unreadable, malformed, or names a model this installation does not have",
+            _F,
+            ValidationError,
         ),
     }
 )

@@ -15,9 +15,7 @@ one seed and worker count.
 
 from __future__ import annotations
 
-import csv
 import itertools
-import json
 import os
 import tempfile
 import threading
@@ -34,7 +32,9 @@ from .crypto import SigningKey, require_primitives
 from .data import load_dataset
 from .errors import ConfigError
 from .federation import FederationSpec
+from .history import write_history
 from .memory import release_free_memory, tune_heap
+from .model_file import MODEL_FILE_NAME, write_model_file
 from .models import create_model
 from .protocol import Coordinator, CoordinatorConfig, Device, RoundConfig
 from .protocol.provenance import export_ledger
@@ -48,6 +48,7 @@ from .wire import ParamLayout
 __all__ = [
     "Federation",
     "FederationFactory",
+    "FinalModel",
     "RoundProgress",
     "RoundRecord",
     "SimulationConfig",
@@ -116,12 +117,28 @@ class RoundProgress:
     total: int
 
 
+@dataclass(frozen=True)
+class FinalModel:
+    """The global model after the last evaluated round, and what it takes to rebuild its module."""
+
+    layout: ParamLayout
+    flat: torch.Tensor
+    round: int
+    sha256: str
+    """The content hash the coordinator signed ('' without the protocol)."""
+    input_shape: tuple[int, int, int]
+    num_classes: int
+
+
 @dataclass
 class SimulationResult:
     config: dict[str, Any]
     rounds: list[RoundRecord]
     wall_s: float
     startup_s: float
+    model: FinalModel | None = None
+    interrupted: bool = False
+    """True when the run was stopped (``stop`` set) before its last round."""
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -129,40 +146,39 @@ class SimulationResult:
             "rounds": [asdict(r) for r in self.rounds],
             "wall_s": self.wall_s,
             "startup_s": self.startup_s,
+            "interrupted": self.interrupted,
         }
 
-    def write(self, out: Path) -> list[Path]:
-        """history.json, history.csv and history.png (accuracy and loss per round) under ``out``."""
+    def title(self) -> str:
+        c = self.config
+        return (
+            f"QFLARE simulation · {c.get('dataset')} · {c.get('strategy')} · "
+            f"{c.get('devices')} devices, {c.get('per_round')}/round"
+        )
+
+    def write(self, out: Path, *, plot: bool = True) -> list[Path]:
+        """history.json, history.csv, history.png (with ``plot``) and (when a round finished and the model
+        is a registered name) model.safetensors under ``out``, each replaced atomically."""
         out.mkdir(parents=True, exist_ok=True)
-        paths = [out / "history.json", out / "history.csv", out / "history.png"]
-        paths[0].write_text(json.dumps(self.to_json(), indent=2))
-        with paths[1].open("w", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=list(asdict(self.rounds[0]).keys()) if self.rounds else ["round"])
-            writer.writeheader()
-            for r in self.rounds:
-                writer.writerow(asdict(r))
-        _plot(self.rounds, paths[2])
-        return paths
-
-
-def _plot(rounds: list[RoundRecord], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4))
-    xs = [r.round for r in rounds]
-    ax.plot(xs, [r.accuracy for r in rounds], "o-", color="tab:blue", label="test accuracy")
-    ax.set_xlabel("round")
-    ax.set_ylabel("accuracy", color="tab:blue")
-    ax2 = ax.twinx()
-    ax2.plot(xs, [r.loss for r in rounds], "s--", color="tab:red", label="test loss")
-    ax2.set_ylabel("loss", color="tab:red")
-    ax.set_title("QFLARE simulation")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+        paths: list[Path] = []
+        m, name = self.model, self.config.get("model")
+        if m is not None and isinstance(name, str):  # first: a history.json on disk implies its model is there
+            provenance = {"source": "qflare simulate", "round": str(m.round), "dataset": str(self.config["dataset"])}
+            if m.sha256:
+                provenance["model_sha256"] = m.sha256
+            paths.append(
+                write_model_file(
+                    out / MODEL_FILE_NAME,
+                    m.layout,
+                    m.flat,
+                    model=name,
+                    input_shape=m.input_shape,
+                    num_classes=m.num_classes,
+                    provenance=provenance,
+                )
+            )
+        rows = [asdict(r) for r in self.rounds]
+        return write_history(out, self.to_json(), rows, self.title(), plot=plot) + paths
 
 
 class _Workers:
@@ -338,11 +354,17 @@ def run_simulation(
     on_start: Callable[[int], None] | None = None,
     federation: FederationFactory | None = None,
     on_progress: Callable[[RoundProgress], None] | None = None,
+    stop: threading.Event | None = None,
+    on_checkpoint: Callable[[SimulationResult], None] | None = None,
 ) -> SimulationResult:
     """Run ``cfg``; ``federation`` replaces the in-process backends (e.g. devices talking to a server).
 
     ``on_progress`` is called from worker threads as devices finish training and evaluation chunks
-    finish, and from this thread as updates are submitted and rounds aggregated."""
+    finish, and from this thread as updates are submitted and rounds aggregated.
+    ``stop``: once set, no new device training starts; the trainings already running finish, the round
+    they belong to is abandoned, the last aggregated model is evaluated, and the result (``interrupted``
+    true) holds every round finished.  ``on_checkpoint`` is called after every evaluated round with the
+    result so far (history and that round's model), e.g. to write it to disk as the run goes."""
     t0 = time.perf_counter()
     spec = cfg.federation
     tune_heap()
@@ -407,6 +429,21 @@ def run_simulation(
         return [pool.pool.submit(eval_chunk, flat, lo, hi, number, len(spans)) for lo, hi in spans]
 
     records: list[RoundRecord] = []
+    final: list[FinalModel] = []
+
+    def stopping() -> bool:
+        return stop is not None and stop.is_set()
+
+    def partial() -> SimulationResult:
+        return SimulationResult(
+            _config_dict(cfg),
+            list(records),
+            time.perf_counter() - t0,
+            startup,
+            final[-1] if final else None,
+            stopping(),
+        )
+
     # (record, model to evaluate, its evaluation futures): evaluation of round r's model is queued
     # behind round r+1's training, so it fills the pool's idle tail instead of blocking the next round.
     pending: tuple[RoundRecord, torch.Tensor, list[Future]] | None = None
@@ -421,11 +458,14 @@ def run_simulation(
         rec.loss = sum(p[0] for p in results) / len(y_test)
         rec.accuracy = sum(p[1] for p in results) / len(y_test)
         records.append(rec)
+        final[:] = [FinalModel(layout, flat, rec.round, rec.model_sha256, train.input_shape, train.num_classes)]
         if on_round is not None:
             on_round(rec)
+        if on_checkpoint is not None:
+            on_checkpoint(partial())
 
     try:
-        while (opened := fed.open_round()) is not None:
+        while not stopping() and (opened := fed.open_round()) is not None:
             t_round = time.perf_counter()
             number, chosen = opened
             # Largest devices first: the shortest tail on the pool.  Submission stays in selection order.
@@ -435,13 +475,20 @@ def run_simulation(
             }
             if pending is not None:
                 pending = (pending[0], pending[1], submit_eval(pending[1], pending[0].round))
-            losses, examples = 0.0, 0
+            losses, examples, abandoned = 0.0, 0, False
             for i in chosen:
+                if stopping():  # the trainings already running finish; the round is given up
+                    abandoned = True
+                    for f in futures.values():
+                        f.cancel()
+                    break
                 sealed, result = futures[i].result()
                 fed.submit(i, sealed)
                 report(number, "submit", len(chosen))
                 losses += result.mean_loss * result.num_examples
                 examples += result.num_examples
+            if abandoned:
+                break
             finish_eval()
             release_free_memory()
             published = fed.published(number)
@@ -463,7 +510,7 @@ def run_simulation(
     finally:
         pool.pool.shutdown(wait=True, cancel_futures=True)
         fed.close()
-    return SimulationResult(_config_dict(cfg), records, time.perf_counter() - t0, startup)
+    return partial()
 
 
 def _config_dict(cfg: SimulationConfig) -> dict[str, Any]:

@@ -40,6 +40,7 @@ __all__ = [
     "UPDATE_TENSOR",
     "Blob",
     "ParamLayout",
+    "blob_metadata",
     "decode_blob",
     "encode_model",
     "encode_update",
@@ -337,6 +338,16 @@ def _parse_header(view: memoryview) -> tuple[dict[str, str], dict[str, _Entry], 
     if covered != data_len:
         raise _malformed(f"tensor data covers {covered} of {data_len} bytes")
     return dict(raw_md), entries, data_start
+
+
+def blob_metadata(data: bytes | bytearray | memoryview) -> dict[str, str]:
+    """The whole ``__metadata__`` map of a blob (``qflare_kind``, ``arch`` and the caller's keys), after
+    the same structural checks as :func:`decode_blob` (``malformed_blob``) and before any tensor is read."""
+    try:
+        view = memoryview(data).cast("B")
+    except TypeError as exc:
+        raise _malformed(f"not a contiguous bytes-like object ({exc})") from None
+    return _parse_header(view)[0]
 
 
 def _check_entry(name: str, entry: _Entry, shape: tuple[int, ...]) -> list[str]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -13,8 +14,10 @@ from pathlib import Path
 import psutil
 import pytest
 
+import qflare
 from qflare.demo import DemoConfig, DemoError
 from qflare.federation import FederationSpec
+from qflare.model_file import read_model_info
 from qflare.processes import ChildProcesses
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
@@ -30,7 +33,7 @@ def _env() -> dict[str, str]:
 
 def test_small_demo_runs_to_the_end(tmp_path: Path) -> None:
     out = subprocess.run(
-        [sys.executable, "-m", "qflare", "demo", *SMALL, "--data-dir", str(tmp_path)],
+        [sys.executable, "-m", "qflare", "demo", *SMALL, "--data-dir", str(tmp_path), "--out", str(tmp_path / "o")],
         capture_output=True,
         text=True,
         timeout=150,
@@ -41,6 +44,11 @@ def test_small_demo_runs_to_the_end(tmp_path: Path) -> None:
     assert "/metrics" in out.stdout
     effective = tomllib.loads((tmp_path / "config.toml").read_text(encoding="utf-8"))
     assert (effective["devices"], effective["per-round"], effective["strategy"]) == (3, 2, "fedavg")
+    history = json.loads((tmp_path / "o" / "history.json").read_text())
+    assert [h["round"] for h in history["rounds"]] == [1, 2] and history["interrupted"] is False
+    info = read_model_info(tmp_path / "o" / "model.safetensors")  # the coordinator's last model, checked
+    assert info.provenance["round"] == "2" and info.provenance["model_sha256"] == history["rounds"][-1]["model_sha256"]
+    qflare.load_model(tmp_path / "o" / "model.safetensors")
     logs = sorted(p.name for p in (tmp_path / "logs").iterdir())
     assert logs == ["device-0.log", "device-1.log", "device-2.log", "server.log"]
     assert (
@@ -54,7 +62,10 @@ def test_small_demo_runs_to_the_end(tmp_path: Path) -> None:
 
 def test_ctrl_c_stops_every_child(tmp_path: Path) -> None:
     demo = subprocess.Popen(
-        [sys.executable, "-m", "qflare", "demo", *SMALL, "--rounds", "50", "--data-dir", str(tmp_path)],
+        [
+            *(sys.executable, "-m", "qflare", "demo", *SMALL, "--rounds", "50"),
+            *("--data-dir", str(tmp_path), "--out", str(tmp_path / "o")),
+        ],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         env=_env(),
@@ -67,12 +78,16 @@ def test_ctrl_c_stops_every_child(tmp_path: Path) -> None:
             children = psutil.Process(demo.pid).children(recursive=True)
             assert demo.poll() is None, demo.stdout.read().decode() if demo.stdout else ""
         assert len(children) >= 4
-        time.sleep(2.0)  # real time: let the device processes get into their loops before SIGINT
+        while time.monotonic() < deadline and not (tmp_path / "o" / "history.json").exists():
+            time.sleep(0.2)  # real time: round 1 finishes in the child processes
         demo.send_signal(signal.SIGINT)
         assert demo.wait(30) == 130
         output = demo.stdout.read().decode() if demo.stdout else ""
-        assert "interrupted" in output
-        gone, alive = psutil.wait_procs(children, timeout=5)
+        assert "interrupted" in output and "Traceback" not in output
+        history = json.loads((tmp_path / "o" / "history.json").read_text())
+        assert history["interrupted"] is True and history["rounds"][0]["round"] == 1
+        assert int(read_model_info(tmp_path / "o" / "model.safetensors").provenance["round"]) >= 1
+        _gone, alive = psutil.wait_procs(children, timeout=5)
         assert not alive, [p.cmdline() for p in alive]
     finally:
         if demo.poll() is None:

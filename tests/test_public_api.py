@@ -39,6 +39,7 @@ EXPECTED = {
     "encode_update",
     "evaluate",
     "load_dataset",
+    "load_model",
     "load_plugins",
     "partition",
     "register_dataset",

@@ -9,7 +9,7 @@ from . import _plugins  # noqa: F401  (first: plugin names must exist before the
 
 # isort: on
 from ..plugins import load_plugins
-from . import bench, data, ledger, ops, simulate
+from . import bench, data, ledger, models, ops, simulate
 from . import client as client_cli
 from . import demo as demo_cli
 from . import server as server_cli
@@ -47,6 +47,7 @@ simulate.register(app)
 app.add_typer(data.app, name="data")
 app.add_typer(bench.app, name="bench")
 app.add_typer(ledger.app, name="ledger")
+app.add_typer(models.app, name="models")
 client_cli.register(app)
 demo_cli.register(app)
 server_cli.register(app)

@@ -52,7 +52,7 @@ from ..protocol import Route
 from ..transport import HttpTransport
 from ..transport.http import RetryPolicy, model_response_limit
 from . import options as opts
-from .common import FEDERATION_HELP, fail, federation_spec, friendly_errors
+from .common import FEDERATION_HELP, fail, federation_spec, friendly_errors, writable_dir
 
 __all__ = ["client", "register", "verify_receipts"]
 
@@ -286,7 +286,9 @@ def client(
                 spec = spec.replace(train=replace(spec.train, device=device))
             pin = server_key_id or (read_pin_file(server_key_file) if server_key_file else None)
             passphrase = os.environ.get(PASSPHRASE_ENV, "").encode() or None
-            state = DeviceState(state_dir or default_state_dir(index), passphrase=passphrase)
+            state = DeviceState(
+                writable_dir(state_dir or default_state_dir(index), "--state-dir", mode=0o700), passphrase=passphrase
+            )
             pinned, moved_to = _pin(state, pin)  # nothing is stored until the served key matched it
             retry = RetryPolicy(max_elapsed_s=min(5.0, max(0.5, patience / 4)))  # never overruns --patience much
             verify = str(ca_cert) if ca_cert else True

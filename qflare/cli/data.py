@@ -28,7 +28,7 @@ from ..data import (
     save_heatmap,
     summary,
 )
-from .common import console, friendly_errors
+from .common import console, friendly_errors, writable_dir, writable_file
 
 app = typer.Typer(help="Data sets and federated partitions.", no_args_is_help=True, rich_markup_mode=None)
 
@@ -49,6 +49,8 @@ def stats(
 ) -> None:
     """Print a per-device label table for a partition (and optionally save a heatmap)."""
     with friendly_errors():
+        if heatmap is not None:
+            writable_file(heatmap, "--heatmap")
         ds = load_dataset(dataset, "train", root=data_root)
         parts = partition(
             partition_, ds.labels.numpy(), devices, seed=seed, alpha=alpha, shards_per_device=shards_per_device
@@ -71,7 +73,7 @@ def download(
 ) -> None:
     """Download a data set from its mirrors, checking every file's SHA-256."""
     with friendly_errors():
-        target = dest or default_cache_dir() / dataset
+        target = writable_dir(dest or default_cache_dir() / dataset, "--dest")
         bar = Progress(
             TextColumn("[bold]{task.description}"),
             BarColumn(),

@@ -14,7 +14,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from . import options as opts
 from . import runconfig
-from .common import console, friendly_errors
+from .common import console, err_console, friendly_errors, writable_dir
+from .interrupt import EXIT_INTERRUPTED, graceful_interrupt
 
 __all__ = ["demo", "register"]
 
@@ -52,11 +53,17 @@ def demo(
     weight_decay: float = opts.WEIGHT_DECAY,
     prox_mu: float = opts.PROX_MU,
     max_grad_norm: float | None = opts.MAX_GRAD_NORM,
+    out: Path | None = typer.Option(
+        None,
+        help="Write history.json and history.csv here as rounds finish, and history.png and the final global "
+        "model (model.safetensors, signature-checked) at the end.",
+    ),
 ) -> None:
     """Start a coordinator and N devices here and train federated over HTTP, every security feature on."""
     signal.signal(signal.SIGTERM, _on_sigterm)
     # imported here: the demo launches the coordinator (qflare.server), which `qflare client` never loads
     from ..demo import DEMO_FEDERATION, DemoConfig, run_demo
+    from ..history import write_history
 
     with friendly_errors():
         per_round = min(5, devices) if per_round is None else per_round
@@ -85,9 +92,23 @@ def demo(
             data_root=opts.path_text(data_root),
         )
         opts.check_strategy(spec)
-        data_dir = (data_dir or Path(tempfile.mkdtemp(prefix="qflare-demo-"))).resolve()
+        out_dir = writable_dir(out, "--out") if out is not None else None
+        data_dir = (
+            writable_dir(data_dir, "--data-dir")
+            if data_dir is not None
+            else Path(tempfile.mkdtemp(prefix="qflare-demo-"))
+        ).resolve()
         cfg = DemoConfig(spec, port=port, data_dir=data_dir)
         effective = runconfig.write_effective(ctx, data_dir / "config.toml", {"per_round": per_round})
+    history: list[dict[str, Any]] = []
+
+    def save(interrupted: bool, plot: bool = True) -> list[Path]:
+        if out_dir is None:
+            return []
+        doc = {"config": spec.to_json(), "rounds": history, "interrupted": interrupted}
+        title = f"QFLARE demo · {spec.dataset} · {spec.strategy} · {devices} devices, {per_round}/round"
+        return write_history(out_dir, doc, history, title, plot=plot)
+
     console.print(
         f"[bold]qflare demo[/] · {dataset} · {model} · {devices} devices · {per_round}/round · {rounds} rounds · "
         f"{strategy} · ML-DSA-65 + ML-KEM-768/X25519 + AES-256-GCM"
@@ -118,6 +139,9 @@ def demo(
                 r = int(h.get("round", 0))
                 if r >= 1 and r not in shown:
                     shown.add(r)
+                    history.append(dict(h))
+                    with friendly_errors():
+                        save(False, plot=False)
                     progress.console.print(
                         f"[dim]{time.perf_counter() - t0:6.1f}s[/] round {r:3d}  accuracy "
                         f"[bold]{float(h['accuracy']):.4f}[/]  loss {float(h['loss']):.4f}"
@@ -135,11 +159,37 @@ def demo(
         except KeyboardInterrupt:
             progress.stop()
             console.print("[yellow]interrupted[/]: every coordinator and device process has been stopped")
-            raise typer.Exit(130) from None
+            with graceful_interrupt("writing the results") as stop:
+                stop.set()  # a further Ctrl-C exits at once
+                with friendly_errors():
+                    save(True)
+                    _write_model(out_dir, cfg.data_dir, interrupted=True)
+            raise typer.Exit(EXIT_INTERRUPTED) from None
+    with friendly_errors():
+        written = [*save(False), *_write_model(out_dir, result.data_dir, interrupted=False)]
+    if written:
+        console.print("wrote " + ", ".join(str(p) for p in written), highlight=False)
     console.print(
         f"final accuracy [bold green]{result.final_accuracy:.4f}[/] after {rounds} rounds in {result.wall_s:.1f} s"
     )
     console.print(f"data, database and logs: {result.data_dir}")
+
+
+def _write_model(out_dir: Path | None, data_dir: Path | None, *, interrupted: bool) -> list[Path]:
+    """The coordinator's latest published model, signature-checked, as ``out_dir/model.safetensors``."""
+    if out_dir is None or data_dir is None:
+        return []
+    from ..model_file import MODEL_FILE_NAME
+    from ..published import export_version, list_versions
+
+    trained = [v for v in list_versions(data_dir) if v.round_number is not None]
+    if not trained:  # stopped before the first round finished: no trained model to keep
+        err_console.print("no round finished: no model written")
+        return []
+    done = export_version(data_dir, trained[-1].version, out_dir / MODEL_FILE_NAME)
+    if interrupted:
+        err_console.print(f"kept the latest model: version {done.version} (round {done.round}) in {done.path}")
+    return [done.path]
 
 
 def register(app: typer.Typer) -> None:

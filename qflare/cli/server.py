@@ -18,7 +18,7 @@ from ..errors import ConfigError
 from ..federation import FederationSpec, suite_by_name
 from . import options as opts
 from . import runconfig
-from .common import FEDERATION_HELP, console, err_console, federation_spec, friendly_errors
+from .common import FEDERATION_HELP, console, err_console, federation_spec, friendly_errors, writable_dir
 
 if TYPE_CHECKING:
     from ..server.rotation import RotationResult
@@ -148,6 +148,7 @@ def server(
             return spec
 
         spec = federation_spec(ctx, federation, WORKLOAD_OPTIONS, build)
+        data_dir = writable_dir(data_dir, "--data-dir", mode=0o700)
         limits = HttpLimits(
             max_concurrent_uploads=max_uploads,
             ip_rate=rate,
@@ -196,6 +197,7 @@ def token_create(
 
     with friendly_errors():
         ttl = parse_duration(expires)
+        writable_dir(data_dir, "--data-dir", mode=0o700)
         db = Database.from_env(data_dir)
         try:
             db.upgrade()

@@ -10,14 +10,15 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from ..errors import ErrorCode
+from ..errors import ConfigError, ErrorCode
 from ..federation import FederationSpec, suite_by_name
 from . import options as opts
 from . import runconfig
-from .common import FEDERATION_HELP, console, err_console, fail, federation_spec, friendly_errors
+from .common import FEDERATION_HELP, console, err_console, fail, federation_spec, friendly_errors, writable_dir
+from .interrupt import exit_interrupted, graceful_interrupt
 
 if TYPE_CHECKING:
-    from ..simulation import RoundProgress, RoundRecord
+    from ..simulation import RoundProgress, RoundRecord, SimulationResult
 
 WORKLOAD_OPTIONS = (
     "dataset",
@@ -86,7 +87,9 @@ def simulate(
         help="Run the secure protocol (PQ sessions, signatures, database). --no-protocol aggregates training results directly: only to measure the protocol's cost.",
     ),
     out: Path | None = typer.Option(
-        None, help="Write history.json, history.csv, history.png and config.toml (the effective options) here."
+        None,
+        help="Write history.json, history.csv, the global model (model.safetensors) after every round, "
+        "config.toml (the effective options) at the start, and history.png at the end, here.",
     ),
     ledger: Path | None = typer.Option(
         None, help="Write the coordinator's provenance ledger export here (`qflare ledger verify` checks it)."
@@ -102,7 +105,8 @@ def simulate(
     ),
 ) -> None:
     """Run federated training of N devices in this process, through the real secure protocol."""
-    with friendly_errors():
+    # From the start: a Ctrl-C while the data set loads or devices enroll also stops cleanly.
+    with friendly_errors(), graceful_interrupt("the current step") as stop:
         rounds_of = min(10, devices) if per_round is None else per_round
 
         def build() -> FederationSpec:
@@ -137,6 +141,10 @@ def simulate(
             return spec
 
         spec = federation_spec(ctx, federation, WORKLOAD_OPTIONS, build)
+        out_dir = writable_dir(out, "--out") if out is not None else None
+        if out_dir is not None:
+            resolved = {} if federation is not None else {"per_round": spec.per_round}
+            config_path = runconfig.write_effective(ctx, out_dir / "config.toml", resolved)
         # imported here: the simulation loads the coordinator's storage, which `qflare client` never needs
         from ..simulation import SimulationConfig, run_simulation
         from ..tracking import open_trackers
@@ -219,9 +227,33 @@ def simulate(
                             f"round {r.round:3d}  accuracy {r.accuracy:.4f}  loss {r.loss:.4f}  {r.seconds:.2f}s{failed}"
                         )
 
-                result = run_simulation(cfg, on_round=on_round, on_start=on_start, on_progress=on_progress)
+                def on_checkpoint(partial: SimulationResult) -> None:
+                    if out_dir is not None:
+                        try:
+                            partial.write(out_dir, plot=False)  # the plot once, at the end
+                        except OSError as exc:
+                            raise ConfigError(f"--out {out_dir}: {exc.strerror or exc}", code="bad_path") from None
+
+                result = run_simulation(
+                    cfg,
+                    on_round=on_round,
+                    on_start=on_start,
+                    on_progress=on_progress,
+                    stop=stop,
+                    on_checkpoint=on_checkpoint,
+                )
         finally:
             trackers.close()
+        if out_dir is not None:
+            paths = [*result.write(out_dir), config_path]  # also when no round finished: the history says so
+        if result.interrupted:
+            where = f"; written to {out_dir}" if out_dir is not None else ""
+            err_console.print(
+                f"[yellow]stopped[/] after {len(result.rounds)} finished round(s){where}", highlight=False
+            )
+            if json_:
+                print(json.dumps(result.to_json()))
+            exit_interrupted()  # everything is written: no teardown for a late Ctrl-C to turn into an abort
         if json_:
             print(json.dumps(result.to_json()))
         else:
@@ -229,12 +261,8 @@ def simulate(
             console.print(
                 f"wall {result.wall_s:.1f} s (start-up {result.startup_s:.1f} s); final accuracy {result.rounds[-1].accuracy:.4f}"
             )
-        if out is not None:
-            paths = result.write(out)
-            resolved = {} if federation is not None else {"per_round": spec.per_round}
-            paths.append(runconfig.write_effective(ctx, out / "config.toml", resolved))
-            if not json_:
-                console.print("wrote " + ", ".join(str(p) for p in paths))
+        if out_dir is not None and not json_:
+            console.print("wrote " + ", ".join(str(p) for p in paths))
         if ledger is not None and not json_:
             console.print(f"wrote the provenance ledger to {ledger} (check it: qflare ledger verify {ledger})")
         if not any(r.published for r in result.rounds):

@@ -23,7 +23,7 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
@@ -112,6 +112,22 @@ class _OpenRound:
     @property
     def closing(self) -> bool:
         return self.result is not None or self.db_state != "open"
+
+
+MAX_REPORTED_LOSS = 1e6
+"""A device's reported training loss above this (or negative, or not a finite number) is ignored."""
+
+
+def mean_reported_loss(reports: Iterable[Mapping[str, object]]) -> float | None:
+    """The plain mean of the training losses devices reported (their signed ``loss`` metric), for the
+    history and plots only.  Device input: a value that is not a finite number in [0, MAX_REPORTED_LOSS]
+    is left out, and each device counts once whatever example count it claims; None when none is usable."""
+    values = []
+    for metrics in reports:
+        loss = metrics.get("loss") if isinstance(metrics, Mapping) else None
+        if isinstance(loss, int | float) and not isinstance(loss, bool) and 0.0 <= loss <= MAX_REPORTED_LOSS:
+            values.append(float(loss))
+    return sum(values) / len(values) if values else None
 
 
 def _utc(ts: float) -> datetime:
@@ -511,6 +527,9 @@ class RoundManager:
                 rnd.db_state = "aggregating"
             published = self._publish(self.model.version + 1, rnd.result, rnd.number)
             metrics: dict[str, object] = {"updates": len(rnd.accepted), "examples": rnd.aggregation.total_examples}
+            train_loss = mean_reported_loss(u.metrics for u in self._store.updates_for_round(rnd.number))
+            if train_loss is not None:
+                metrics["train_loss"] = train_loss
             if self._blobs is not None:  # optimiser moments / noise: a restart continues them
                 pipeline_state = encode_pipeline_state(self.strategy)
                 if pipeline_state is not None:

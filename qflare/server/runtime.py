@@ -27,6 +27,7 @@ from ..errors import ConfigError
 from ..federation import FederationSpec
 from ..models import create_model
 from ..protocol import Coordinator, CoordinatorConfig, PublishedModel, RoundConfig
+from ..published import Architecture
 from ..storage import BlobStore, Database, Store
 from ..storage.scrub import ScrubReport, verify_store
 from ..tracking import open_trackers
@@ -141,6 +142,9 @@ class ServerRuntime:
         torch.manual_seed(spec.seed)
         model = make_model()
         self.layout = ParamLayout.from_module(model)
+        if isinstance(spec.model, str):  # what `qflare models export` needs to rebuild the module
+            dataset = spec.dataset if isinstance(spec.dataset, str) else ""
+            Architecture(spec.model, dataset, shape, classes, self.layout.fingerprint).save(self.data_dir)
         self.evaluator: Evaluator | None = None
         if cfg.evaluate:
             self.evaluator = Evaluator(
@@ -349,6 +353,7 @@ class ServerRuntime:
                     "loss": ev.get("loss"),
                     "updates": m.metrics.get("updates"),
                     "examples": m.metrics.get("examples"),
+                    "train_loss": m.metrics.get("train_loss"),
                     "closed_at": at.isoformat() if at is not None else None,
                 }
             )
