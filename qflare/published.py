@@ -20,7 +20,7 @@ from typing import Any
 
 from .crypto import VerifyKey
 from .crypto.envelope import Field, MsgType, SignedEnvelope
-from .errors import ArchitectureMismatchError, AuthError, ConfigError, StaleModelError, ValidationError
+from .errors import ArchitectureMismatchError, AuthError, ConfigError, QflareError, StaleModelError, ValidationError
 from .files import write_atomic
 from .model_file import write_model_file
 from .models import create_model
@@ -29,7 +29,14 @@ from .storage import BlobStore, Database, Store
 from .storage.db import DATABASE_URL_ENV, SQLITE_FILENAME
 from .wire import ParamLayout, decode_blob, sha256_hex
 
-__all__ = ["ARCHITECTURE_FILE", "Architecture", "ExportedModel", "export_version", "list_versions"]
+__all__ = [
+    "ARCHITECTURE_FILE",
+    "Architecture",
+    "ExportedModel",
+    "export_version",
+    "ledger_entries_by_round",
+    "list_versions",
+]
 
 ARCHITECTURE_FILE = "model.json"
 _PUB_FILE = "coordinator.pub"
@@ -105,7 +112,28 @@ def list_versions(data_dir: Path) -> list[ModelRow]:
         db.dispose()
 
 
-def _coordinator_key(data_dir: Path, alg: str, key_id: str | None) -> VerifyKey:
+def ledger_entries_by_round(data_dir: Path) -> dict[int, tuple[int, str]]:
+    """``round -> (seq, entry_hash)`` of the provenance ledger's round entries in ``data_dir`` (read only):
+    the lineage ``qflare models list`` shows next to each version."""
+    db = _open_db(data_dir)
+    try:
+        store, found, after = Store(db), {}, 0
+        while page := store.ledger_entries(after_seq=after, limit=1000):
+            for row in page:
+                if row.kind == "round" and row.round_number is not None:
+                    found[row.round_number] = (row.seq, row.entry_hash)
+            after = page[-1].seq
+        return found
+    finally:
+        db.dispose()
+
+
+def _coordinator_keys(data_dir: Path, alg: str, key_id: str | None) -> list[VerifyKey]:
+    """The keys that may have signed a version: ``coordinator.pub``, and - after key rotations - every key
+    of the verified rotation chain in ``rotations.jsonl`` (a version published before a rotation is signed
+    by the key of its time).  ``key_id``, if given, must be one of them."""
+    from .server.rotation import load_chain  # reads and verifies rotations.jsonl (both signatures per record)
+
     path = Path(data_dir) / _PUB_FILE
     try:
         raw = bytes.fromhex(path.read_text(encoding="ascii", errors="replace").strip())
@@ -113,16 +141,32 @@ def _coordinator_key(data_dir: Path, alg: str, key_id: str | None) -> VerifyKey:
         raise ConfigError(f"{path}: {exc.strerror or exc}", code="no_server_key") from None
     except ValueError:
         raise ConfigError(f"{path} does not hold a hex public key", code="bad_key_file") from None
-    key = VerifyKey.from_bytes(alg, raw)
-    if key_id is not None and key.key_id != key_id.strip().lower():
-        raise AuthError(f"{path} holds key id {key.key_id}, not the pinned {key_id}", code="server_key_mismatch")
-    return key
+    current = VerifyKey.from_bytes(alg, raw)
+    chain = load_chain(Path(data_dir))
+    keys = [k for k in chain.keys if k.alg == alg] or [current]
+    if current.key_id not in {k.key_id for k in keys}:
+        raise ConfigError(
+            f"{path} holds key {current.key_id}, which is not the current key of rotations.jsonl",
+            code="rotation_incomplete",
+        )
+    if key_id is not None and key_id.strip().lower() not in {k.key_id for k in keys}:
+        raise AuthError(
+            f"{path} holds key id {current.key_id} (and its rotation chain no key {key_id}), not the pinned {key_id}",
+            code="server_key_mismatch",
+        )
+    return keys
 
 
 def _verified_blob(data_dir: Path, row: ModelRow, key_id: str | None) -> tuple[bytes, VerifyKey]:
     env = SignedEnvelope.parse(bytes(row.signature), expected_type=MsgType.GLOBAL_MODEL)
-    key = _coordinator_key(data_dir, env.suite.sig, key_id)
-    env.verify(key)
+    keys = _coordinator_keys(data_dir, env.suite.sig, key_id)
+    for key in reversed(keys):  # the current key first: most versions are signed by it
+        try:
+            env.verify(key)
+            break
+        except QflareError as exc:
+            if exc.code != "bad_signature" or key is keys[0]:
+                raise
     if env.get_int(Field.MODEL_VERSION) != row.version or env.get(Field.MODEL_HASH).hex() != row.model_hash:
         raise ValidationError(
             f"version {row.version}: the signature covers version {env.get_int(Field.MODEL_VERSION)} "

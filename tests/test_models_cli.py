@@ -58,8 +58,33 @@ def test_list_shows_every_version_with_lineage_and_metrics(trained_dir: tuple[Pa
     assert rows[1]["parent_sha256"] == rows[0]["model_sha256"]
     assert 0.0 <= rows[1]["metrics"]["eval"]["accuracy"] <= 1.0
     assert rows[1]["metrics"]["train_loss"] > 0  # mean of the two devices' reported losses
+    assert rows[0]["ledger_seq"] is None  # the initial model closes no round
+    assert rows[1]["ledger_seq"] == 1 and len(rows[1]["ledger_entry_sha256"]) == 64  # round 1's ledger entry
     table = runner.invoke(app, ["models", "list", "--data-dir", str(data_dir)])
     assert table.exit_code == 0 and rows[1]["model_sha256"][:10] in table.stdout
+    assert f"#1 {rows[1]['ledger_entry_sha256'][:10]}" in table.stdout
+
+
+def test_a_version_signed_before_a_key_rotation_still_exports(
+    trained_dir: tuple[Path, torch.Tensor], tmp_path: Path
+) -> None:
+    from qflare.server.rotation import rotate_key
+
+    data_dir = _copy(trained_dir[0], tmp_path / "rotated")
+    old_id = (data_dir / "coordinator.keyid").read_text().strip()
+    rotate_key(data_dir, reason="test")
+    out = tmp_path / "v1.safetensors"
+    # signed by the old key; the rotation chain (both signatures per record) vouches for it, and the old
+    # key id still names this coordinator
+    result = runner.invoke(
+        app, ["models", "export", "1", "--data-dir", str(data_dir), "--out", str(out), "--key-id", old_id]
+    )
+    assert result.exit_code == 0, result.output
+    assert old_id[:16] in result.stdout
+    wrong = runner.invoke(
+        app, ["models", "export", "1", "--data-dir", str(data_dir), "--out", str(out), "--key-id", "ab" * 32]
+    )
+    assert wrong.exit_code != 0 and "server_key_mismatch" in wrong.output
 
 
 def test_export_writes_the_signed_model_and_load_model_rebuilds_it(

@@ -68,21 +68,34 @@ def list_versions(
     data_dir: Path = typer.Option(default_data_dir(), help=DATA_DIR_HELP),
     json_: bool = typer.Option(False, "--json", help="Print one JSON list instead of a table."),
 ) -> None:
-    """List every published model version: version, round, hash, parent hash, created, metrics."""
+    """List every published model version: version, round, hash, parent hash, created, metrics, and the
+    round's provenance ledger entry (sequence number and hash; `qflare ledger export` writes the ledger)."""
+    from ..published import ledger_entries_by_round
     from ..published import list_versions as versions_in
 
     with friendly_errors():
         rows = versions_in(data_dir)
+        entries = ledger_entries_by_round(data_dir)
+
+    def entry_of(row: ModelRow) -> tuple[int, str] | None:
+        return None if row.round_number is None else entries.get(row.round_number)
+
     if json_:
-        print(json.dumps([_row_json(r) for r in rows]))
+        docs = []
+        for r in rows:
+            entry = entry_of(r)
+            docs.append({**_row_json(r), "ledger_seq": entry and entry[0], "ledger_entry_sha256": entry and entry[1]})
+        print(json.dumps(docs))
         return
     table = Table(title=f"model versions in {data_dir} (`--json` for full hashes and metrics)")
     for header, _ in COLUMNS:
         table.add_column(
             header, justify="right" if header in ("version", "round") else "left", no_wrap=header != "metrics"
         )
+    table.add_column("ledger entry", no_wrap=True)  # the round's signed provenance entry: seq and hash
     for row in rows:
-        table.add_row(*(cell(row) for _, cell in COLUMNS))
+        entry = entry_of(row)
+        table.add_row(*(cell(row) for _, cell in COLUMNS), "-" if entry is None else f"#{entry[0]} {entry[1][:10]}")
     console.print(table)
     if not rows:
         console.print("no model version has been published yet")
