@@ -15,6 +15,7 @@ The fingerprint is checked against the rebuilt module before any weight is loade
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +27,14 @@ from .files import write_atomic
 from .models import create_model, model_names
 from .wire import ParamLayout, blob_metadata, decode_blob, encode_model
 
-__all__ = ["MODEL_FILE_NAME", "ModelFileInfo", "load_model", "read_model_info", "write_model_file"]
+__all__ = [
+    "MODEL_FILE_NAME",
+    "ModelFileInfo",
+    "coordinator_blob_sha256",
+    "load_model",
+    "read_model_info",
+    "write_model_file",
+]
 
 MODEL_FILE_NAME = "model.safetensors"
 _MAX_FILE_BYTES = 4 << 30
@@ -124,3 +132,20 @@ def load_model(path: str | Path) -> torch.nn.Module:
     blob = decode_blob(data, layout, kind="model")
     layout.load_into(module, blob.flat)
     return module.eval()
+
+
+def coordinator_blob_sha256(path: str | Path, version: int) -> str:
+    """The SHA-256 of the blob a coordinator signs for these weights as model ``version``.
+
+    A model file carries extra metadata (model name, shape, provenance), so its own bytes hash differently
+    from the coordinator's GLOBAL_MODEL blob (whose metadata is the version alone).  This rebuilds that
+    blob from the file's weights - through :func:`load_model`, so the architecture is checked first - and
+    hashes it: what ``qflare ledger verify --model`` compares with the ledger's model hashes."""
+    p = Path(path)
+    data = _read(p)
+    info = _info(p, data)
+    if info.model.lower() not in model_names():
+        raise _bad(p, f"names model {info.model!r}, which is not registered here (known: {', '.join(model_names())})")
+    layout = ParamLayout.from_module(create_model(info.model, info.input_shape, info.num_classes))
+    flat = decode_blob(data, layout, kind="model").flat
+    return hashlib.sha256(encode_model(layout, flat, {"version": str(int(version))})).hexdigest()

@@ -378,6 +378,33 @@ def verify_file(
     return report, published
 
 
+def _model_file_match(path: Path, published: dict[str, ModelMatch]) -> ModelMatch | None:
+    """The entry naming the model whose weights a QFLARE model file holds (``qflare simulate --out``,
+    ``qflare models export``): its metadata names the round or version; the coordinator's blob for those
+    weights is rebuilt and hashed (:func:`qflare.model_file.coordinator_blob_sha256`).  None when the file
+    is not a model file or names no matching entry."""
+    from ..errors import QflareError
+    from ..model_file import coordinator_blob_sha256, read_model_info
+
+    try:
+        info = read_model_info(path)
+    except QflareError:
+        return None
+    wanted_version = info.provenance.get("version")
+    wanted_round = info.provenance.get("round")
+    for match in published.values():
+        if match.role != "published" or match.model_version is None:
+            continue
+        if str(match.model_version) != wanted_version and str(match.round_number) != wanted_round:
+            continue
+        try:
+            if coordinator_blob_sha256(path, match.model_version) == match.sha256:
+                return match
+        except QflareError as exc:
+            raise LedgerVerifyError("model", f"{path}: {exc}") from None
+    return None
+
+
 def verify_export(
     path: str | os.PathLike[str],
     *,
@@ -392,6 +419,8 @@ def verify_export(
         return report
     digest, version = _model_digest(Path(model))
     found = published.get(digest)
+    if found is None:  # a model file (qflare.load_model's format): the signed blob rebuilt from its weights
+        found = _model_file_match(Path(model), published)
     if found is not None:
         return dataclasses.replace(report, model=found)
     for match in published.values():
