@@ -40,6 +40,7 @@ __all__ = [
 PRECISIONS = ("fp32", "bf16", "auto")
 """The precisions a run may ask for (``auto``: bf16 where native, else fp32)."""
 
+_CPUINFO = Path("/proc/cpuinfo")
 _X86_BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
 _ARM_BF16_FLAGS = frozenset({"bf16"})
 
@@ -51,10 +52,10 @@ def check_precision(name: object) -> str:
     return name
 
 
-def _cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> frozenset[str]:
+def _cpu_flags() -> frozenset[str]:
     """The first processor's feature flags from ``/proc/cpuinfo`` (empty where it is not readable)."""
     try:
-        text = cpuinfo.read_text(encoding="ascii", errors="replace")
+        text = _CPUINFO.read_text(encoding="ascii", errors="replace")
     except OSError:
         return frozenset()
     for line in text.splitlines():

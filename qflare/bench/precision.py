@@ -3,7 +3,7 @@
     python qflare/bench/precision.py [threads]
 
 Times :class:`~qflare.training.LocalTrainer` (the code a device runs: channels-last, SGD, batch 32) on
-random 28x28 inputs after a warm-up call, and :func:`~qflare.training.evaluate` on 2,000 images, under
+random 28x28 inputs after a warm-up call, and :func:`~qflare.training.evaluate` on the same 640 images, under
 each precision; ``qflare bench fmnist-dir05 --precision bf16`` reports the same figures.
 """
 
@@ -43,7 +43,7 @@ def _one(precision: str, x: torch.Tensor, y: torch.Tensor, repeats: int) -> dict
 
 
 def step_timings(
-    precisions: Sequence[str] = ("fp32", "bf16"), *, examples: int = 2000, repeats: int = 3
+    precisions: Sequence[str] = ("fp32", "bf16"), *, examples: int = 640, repeats: int = 2
 ) -> dict[str, dict[str, Any]]:
     """Per precision: the best-of-``repeats`` mean time of a batch-32 training step over ``examples`` random
     images and the evaluation time per 1,000 images, on torch's current thread count."""
