@@ -140,7 +140,7 @@ def test_simulate_cli_reports_what_auto_chose(monkeypatch: pytest.MonkeyPatch, t
     config = json.loads((tmp_path / "a" / "history.json").read_text())["config"]
     assert config["precision"] == "fp32" and config["train"]["precision"] == "auto"
     assert config["precision_detail"] == "fp32 (auto: no native bf16 on cpu)"
-    assert "precision = \"auto\"" in (tmp_path / "a" / "config.toml").read_text()
+    assert 'precision = "auto"' in (tmp_path / "a" / "config.toml").read_text()
 
     spec_file = SPEC.replace(devices=4, per_round=2, rounds=1).save(tmp_path / "federation.json")
     result = runner.invoke(
@@ -159,3 +159,15 @@ def test_cli_refuses_an_unknown_precision(command: str, tmp_path: Path) -> None:
     assert result.exit_code != 0
     assert "--precision must be one of: fp32, bf16, auto, got 'fp16'" in result.output
     assert "Traceback" not in result.output
+
+
+def test_bench_auto_without_native_bf16_says_so_and_runs_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    from qflare.bench import fmnist
+
+    _native(monkeypatch, False)
+    monkeypatch.setattr(fmnist, "_simulate", lambda *a, **k: pytest.fail("must not run a second fp32 simulation"))
+    out = fmnist._precision_comparison("auto", 2, workers=0, data_root=None, fp32={}, bare={})
+    assert (out["requested"], out["resolved"], out["native_bf16"]) == ("auto", "fp32", False)
+    assert "nothing to compare" in out["note"] and "bare PyTorch loop" in out["speed_reference"]
+    result = runner.invoke(app, ["bench", "fmnist-dir05", "--precision", "fp16"])
+    assert result.exit_code != 0 and "unknown precision 'fp16'" in result.output
