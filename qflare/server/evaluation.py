@@ -3,9 +3,9 @@
 A single background thread owns one model instance and works through a queue, so publishing a round
 (which happens inside a device's request) never waits for an evaluation.  The forward pass runs in the
 federation's ``train.precision`` (``qflare server --precision``), resolved for the CPU; loss and accuracy
-are float32 either way.  Results are stored with the
-model version (``metrics["eval"]``), so ``/v1/status`` shows them after a restart; a model published
-but not yet evaluated when the server stopped is evaluated on the next start.
+are float32 either way.  Results are stored with the model version (``metrics["eval"]``), so
+``/v1/status`` shows them after a restart; a model published but not yet evaluated when the server
+stopped is evaluated on the next start.
 """
 
 from __future__ import annotations
