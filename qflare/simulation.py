@@ -36,12 +36,13 @@ from .history import write_history
 from .memory import release_free_memory, tune_heap
 from .model_file import MODEL_FILE_NAME, write_model_file
 from .models import create_model
+from .precision import Precision, resolve_precision
 from .protocol import Coordinator, CoordinatorConfig, Device, RoundConfig
 from .protocol.provenance import export_ledger
 from .protocol.selection import build_selector, check_selection
 from .storage import Database, Store
 from .strategy import ClientUpdate, RoundAggregation
-from .training import LocalTrainer, TrainConfig, TrainResult, client_seed, evaluate
+from .training import LocalTrainer, TrainConfig, TrainResult, client_seed, evaluate, resolve_device
 from .transport import InProcessTransport
 from .wire import ParamLayout
 
@@ -383,6 +384,7 @@ def run_simulation(
     model = make_model()
     layout = ParamLayout.from_module(model)
     pool = _Workers(workers, make_model, spec.train, layout)
+    precision = resolve_precision(spec.train.precision, resolve_device(spec.train.device))
     x_test, y_test = test.normalized(), test.labels
     backend: FederationFactory = federation or (_SecureFederation if cfg.protocol else _DirectFederation)
     fed = backend(cfg, layout, layout.module_to_flat(model))
@@ -418,7 +420,9 @@ def run_simulation(
     def eval_chunk(flat: torch.Tensor, lo: int, hi: int, number: int, total: int) -> tuple[float, int]:
         m = pool.eval_model()
         layout.load_into(m, flat)
-        loss, acc = evaluate(m, x_test[lo:hi], y_test[lo:hi], channels_last=spec.train.channels_last)
+        loss, acc = evaluate(
+            m, x_test[lo:hi], y_test[lo:hi], channels_last=spec.train.channels_last, precision=precision
+        )
         report(number, "eval", total)
         return loss * (hi - lo), round(acc * (hi - lo))
 
@@ -436,7 +440,7 @@ def run_simulation(
 
     def partial() -> SimulationResult:
         return SimulationResult(
-            _config_dict(cfg),
+            _config_dict(cfg, precision),
             list(records),
             time.perf_counter() - t0,
             startup,
@@ -513,8 +517,16 @@ def run_simulation(
     return partial()
 
 
-def _config_dict(cfg: SimulationConfig) -> dict[str, Any]:
-    """The federation's fields and this run's own settings, in one flat object."""
+def _config_dict(cfg: SimulationConfig, precision: Precision) -> dict[str, Any]:
+    """The federation's fields and this run's own settings, in one flat object; ``precision`` is what
+    ``train.precision`` resolved to here (``auto`` becomes ``fp32`` or ``bf16``), ``precision_detail`` why."""
     d = cfg.federation.to_json()
     del d["format"]
-    return {**d, "workers": cfg.workers, "eval_chunks": cfg.eval_chunks, "protocol": cfg.protocol}
+    return {
+        **d,
+        "workers": cfg.workers,
+        "eval_chunks": cfg.eval_chunks,
+        "protocol": cfg.protocol,
+        "precision": precision.name,
+        "precision_detail": precision.describe(),
+    }

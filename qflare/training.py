@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from .errors import ConfigError, NonFiniteError
+from .precision import Precision, check_precision, resolve_precision
 from .wire import ParamLayout
 
 __all__ = [
@@ -45,6 +46,9 @@ class TrainConfig:
     """Keep 4-D activations and conv weights in NHWC order: on CPU, oneDNN's convolutions run ~1.4x
     faster this way for the FedAvg CNN at batch 32 (``qflare/bench/eval_layout.py``).  Values are unchanged up
     to float rounding; the flat parameter vector is always in logical (NCHW) order."""
+    precision: str = "fp32"
+    """``fp32``, ``bf16`` (forward pass and loss under bfloat16 autocast) or ``auto`` (bf16 where the device
+    runs it natively): :mod:`qflare.precision`.  Weights, optimiser step and the update stay float32."""
 
     def __post_init__(self) -> None:
         if self.epochs < 1:
@@ -57,6 +61,7 @@ class TrainConfig:
             raise ConfigError("momentum, weight_decay and prox_mu must be >= 0")
         if self.max_grad_norm is not None and self.max_grad_norm <= 0:
             raise ConfigError("max_grad_norm must be > 0")
+        check_precision(self.precision)
 
 
 @dataclass
@@ -93,6 +98,7 @@ class LocalTrainer:
         if config.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # real API; missing from the stubs
         self.layout = layout or ParamLayout.from_module(self.model)
+        self.precision: Precision = resolve_precision(config.precision, self.device)
         self._loss = nn.CrossEntropyLoss()
 
     def train(
@@ -130,7 +136,8 @@ class LocalTrainer:
             for s in range(0, n, cfg.batch_size):
                 idx = order[s : s + cfg.batch_size]
                 opt.zero_grad(set_to_none=True)
-                loss = self._loss(model(x[idx]), y[idx])
+                with self.precision.autocast():  # bf16: the forward pass and loss; the weights stay float32
+                    loss = self._loss(model(x[idx]), y[idx]).float()
                 total = loss
                 if anchors is not None:
                     prox = sum(((p - a) ** 2).sum() for p, a in zip(params, anchors, strict=True))
@@ -158,13 +165,20 @@ class LocalTrainer:
 
 @torch.inference_mode()
 def evaluate(
-    model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, *, batch_size: int = 128, channels_last: bool = True
+    model: nn.Module,
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    batch_size: int = 128,
+    channels_last: bool = True,
+    precision: Precision | None = None,
 ) -> tuple[float, float]:
     """Mean cross-entropy loss and accuracy of ``model`` on normalised ``inputs``.
 
     Small batches in NHWC order are the fast path on CPU (the activations of a batch stay in cache):
     for the FedAvg CNN on 10k images, batch 128 channels-last took 1.4 s on one core against 3.0 s for
-    batch 1000 NCHW (``python qflare/bench/eval_layout.py``)."""
+    batch 1000 NCHW (``python qflare/bench/eval_layout.py``).  Under a bf16 ``precision`` the forward pass
+    runs in autocast and the logits are cast to float32 before the loss and the arg-max."""
     model.eval()
     if channels_last and inputs.dim() == 4:
         model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # real API; missing from the stubs
@@ -176,7 +190,12 @@ def evaluate(
     for s in range(0, n, batch_size):
         x = inputs[s : s + batch_size].to(dev)
         y = targets[s : s + batch_size].to(dev)
-        out = model(x)
+        if precision is None:
+            out = model(x)
+        else:
+            with precision.autocast():
+                out = model(x)
+            out = out.float()
         loss_sum += float(nn.functional.cross_entropy(out, y, reduction="sum"))
         correct += int((out.argmax(1) == y).sum())
     return loss_sum / n, correct / n

@@ -10,6 +10,7 @@ from rich.table import Table
 
 from ..data import DATASETS
 from ..models import model_names
+from ..precision import PRECISIONS
 from . import options as opts
 from .common import console, friendly_errors
 
@@ -33,18 +34,33 @@ def fmnist_dir05(
     rounds: int = typer.Option(30, min=1, help="Rounds for both runs."),
     workers: int = typer.Option(0, min=0, help="QFLARE training threads (0 = one per core)."),
     data_root: str | None = typer.Option(None, help="Fashion-MNIST folder (default: search the usual places)."),
+    precision: str = typer.Option(
+        "fp32",
+        help=f"Also run QFLARE in this precision next to fp32 and compare; {opts.choices(PRECISIONS)} "
+        "(fp32: the fp32 run only).",
+    ),
     json_: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
-    """QFLARE simulate vs a bare PyTorch loop on fmnist-dir05 (both in this invocation) + FedAvg bandwidth."""
+    """QFLARE simulate vs a bare PyTorch loop on fmnist-dir05 (both in this invocation) + FedAvg bandwidth;
+    with --precision bf16 (or auto), QFLARE in that precision too, against fp32 in the same invocation."""
     from ..bench.fmnist import run_fmnist_dir05
 
     with friendly_errors():
-        result = run_fmnist_dir05(rounds, workers=workers, data_root=data_root)
+        result = run_fmnist_dir05(rounds, workers=workers, data_root=data_root, precision=precision)
     if json_:
         print(json.dumps(result))
     else:
         _show(result, f"fmnist-dir05, {rounds} rounds")
-        console.print({"qflare": result["qflare"]["accuracy"], "bare": result["bare"]["accuracy"]})
+        curves = {"qflare": result["qflare"]["accuracy"], "bare": result["bare"]["accuracy"]}
+        prec = result.get("precision")
+        if prec is not None:
+            _show(prec, f"precision {prec['detail']} vs fp32")
+            if "run" in prec:
+                curves[f"qflare {prec['resolved']}"] = prec["run"]["accuracy"]
+                console.print(
+                    {"step_ms_one_thread": prec["step_ms_one_thread"], "meets_targets": prec["meets_targets"]}
+                )
+        console.print(curves)
 
 
 @app.command("crypto")

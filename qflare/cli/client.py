@@ -225,6 +225,7 @@ def client(
     device: str | None = typer.Option(
         None, help="Torch device for training: cpu, cuda, cuda:N or auto (default: the spec's, else cpu)."
     ),
+    precision: str | None = opts.PRECISION,
     threads: int = typer.Option(1, "--threads", "--workers", min=1, help="Torch intra-op threads."),
     max_rounds: int | None = typer.Option(None, min=1, help="Stop after this many acknowledged updates."),
     poll_interval: float = typer.Option(1.0, min=0.05, help="Seconds between task polls (jittered)."),
@@ -284,6 +285,7 @@ def client(
             spec = federation_spec(ctx, federation, WORKLOAD_OPTIONS, build)
             if device is not None:  # where this machine trains is its own business, not the workload's
                 spec = spec.replace(train=replace(spec.train, device=device))
+            spec = opts.with_precision(spec, precision)  # so is its precision: nothing on the wire depends on it
             pin = server_key_id or (read_pin_file(server_key_file) if server_key_file else None)
             passphrase = os.environ.get(PASSPHRASE_ENV, "").encode() or None
             state = DeviceState(
@@ -317,11 +319,15 @@ def client(
                     training_period_s=3600.0,
                     rekey=lambda: repin(state, transport.get_json),
                 )
+                trained_in = workload.trainer.precision
+                if trained_in.warning is not None:
+                    logging.getLogger("qflare.client").warning("%s", trained_in.warning)
                 logging.getLogger("qflare.client").info(
-                    "device %s... %s (%d examples), coordinator %s... at %s",
+                    "device %s... %s (%d examples, precision %s), coordinator %s... at %s",
                     dc.device_id[:16],
                     f"own data {data}" if data is not None else f"partition {index}/{spec.devices}",
                     len(workload.targets),
+                    trained_in.describe(),
                     pinned[:16],
                     server,
                 )

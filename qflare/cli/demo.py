@@ -53,6 +53,7 @@ def demo(
     weight_decay: float = opts.WEIGHT_DECAY,
     prox_mu: float = opts.PROX_MU,
     max_grad_norm: float | None = opts.MAX_GRAD_NORM,
+    precision: str | None = opts.PRECISION,
     out: Path | None = typer.Option(
         None,
         help="Write history.json and history.csv here as rounds finish, and history.png and the final global "
@@ -64,6 +65,8 @@ def demo(
     # imported here: the demo launches the coordinator (qflare.server), which `qflare client` never loads
     from ..demo import DEMO_FEDERATION, DemoConfig, run_demo
     from ..history import write_history
+    from ..precision import resolve_precision
+    from ..training import resolve_device
 
     with friendly_errors():
         per_round = min(5, devices) if per_round is None else per_round
@@ -88,10 +91,14 @@ def demo(
                 prox_mu=prox_mu,
                 max_grad_norm=max_grad_norm,
                 device=DEMO_FEDERATION.train.device,
+                precision=precision,
             ),
             data_root=opts.path_text(data_root),
         )
         opts.check_strategy(spec)
+        chosen = resolve_precision(spec.train.precision, resolve_device(spec.train.device))
+        if chosen.warning is not None:
+            err_console.print(f"[yellow]warning[/] {chosen.warning}", highlight=False)
         out_dir = writable_dir(out, "--out") if out is not None else None
         data_dir = (
             writable_dir(data_dir, "--data-dir")
@@ -105,13 +112,14 @@ def demo(
     def save(interrupted: bool, plot: bool = True) -> list[Path]:
         if out_dir is None:
             return []
-        doc = {"config": spec.to_json(), "rounds": history, "interrupted": interrupted}
+        config = {**spec.to_json(), "precision": chosen.name, "precision_detail": chosen.describe()}
+        doc = {"config": config, "rounds": history, "interrupted": interrupted}
         title = f"QFLARE demo · {spec.dataset} · {spec.strategy} · {devices} devices, {per_round}/round"
         return write_history(out_dir, doc, history, title, plot=plot)
 
     console.print(
         f"[bold]qflare demo[/] · {dataset} · {model} · {devices} devices · {per_round}/round · {rounds} rounds · "
-        f"{strategy} · ML-DSA-65 + ML-KEM-768/X25519 + AES-256-GCM"
+        f"{strategy} · {chosen.describe()} · ML-DSA-65 + ML-KEM-768/X25519 + AES-256-GCM"
     )
     console.print(f"effective configuration: {effective}")
     # auto_refresh=False: no display thread, so the children can be forked safely.

@@ -2,6 +2,9 @@
 
 Training options (``--epochs``, ``--batch-size``, ``--lr``, ``--momentum``, ``--weight-decay``,
 ``--prox-mu``, ``--max-grad-norm``) belong to the commands that train: simulate, client and demo.
+``--precision`` belongs to every command that trains or evaluates (simulate, client, demo, server); like
+``--device`` it is the process's own choice, so it may also override a ``--federation`` spec's value
+(:func:`with_precision`).
 Strategy options (``--strategy``, ``--server-lr``, ``--selector``) belong to the commands that
 aggregate: simulate, server and demo.  Options that take a registry name list its choices in their
 help (the plugins are loaded before this module is imported, see :mod:`qflare.cli._plugins`).
@@ -13,6 +16,7 @@ values into :class:`~qflare.training.TrainConfig` and strategy options, refusing
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import math
 from collections.abc import Iterable
@@ -25,6 +29,7 @@ from ..data import DATASETS, PARTITIONERS
 from ..errors import ConfigError, ErrorCode
 from ..federation import FederationSpec
 from ..models import model_names
+from ..precision import PRECISIONS, check_precision
 from ..protocol.selection import SELECTORS
 from ..strategy import STRATEGIES, strategy_factory
 from ..training import TrainConfig
@@ -39,6 +44,7 @@ __all__ = [
     "MODEL",
     "MOMENTUM",
     "PARTITION",
+    "PRECISION",
     "PROX_MU",
     "SELECTOR",
     "SERVER_LR",
@@ -50,6 +56,7 @@ __all__ = [
     "path_text",
     "strategy_args",
     "train_config",
+    "with_precision",
 ]
 
 
@@ -72,6 +79,14 @@ MOMENTUM: Any = typer.Option(0.0, min=0.0, help="Local SGD momentum.")
 WEIGHT_DECAY: Any = typer.Option(0.0, min=0.0, help="Local SGD weight decay.")
 PROX_MU: Any = typer.Option(0.0, min=0.0, help="FedProx proximal term mu (0 = off).")
 MAX_GRAD_NORM: Any = typer.Option(None, help="Clip each local gradient to this L2 norm (> 0; default: no clipping).")
+
+# ------------------------------------------------------------------ precision (simulate, client, demo, server)
+PRECISION: Any = typer.Option(
+    None,
+    help=f"Training/evaluation precision; {choices(PRECISIONS)}. bf16: forward pass under bfloat16 autocast, "
+    "weights, updates and aggregation stay float32; auto: bf16 only where the hardware has native bfloat16 "
+    "(default: the --federation spec's, else fp32).",
+)
 
 # ------------------------------------------------------------------ strategy (simulate, server, demo)
 STRATEGY: Any = typer.Option("fedavg", help=f"Aggregation strategy; {choices(STRATEGIES)}.")
@@ -97,6 +112,7 @@ def train_config(
     prox_mu: float,
     max_grad_norm: float | None,
     device: str = "cpu",
+    precision: str | None = None,
 ) -> TrainConfig:
     """The local training the training options describe (ConfigError naming the option otherwise)."""
     if epochs < 1 or batch_size < 1:
@@ -116,7 +132,22 @@ def train_config(
         prox_mu=prox_mu,
         max_grad_norm=max_grad_norm,
         device=device,
+        precision=_precision(precision) if precision is not None else "fp32",
     )
+
+
+def _precision(value: str) -> str:
+    try:
+        return check_precision(value)
+    except ConfigError:
+        raise ConfigError(f"--precision must be {choices(PRECISIONS)}, got {value!r}") from None
+
+
+def with_precision(spec: FederationSpec, precision: str | None) -> FederationSpec:
+    """``spec`` with ``--precision`` applied when given (a process's own choice, like ``--device``)."""
+    if precision is None:
+        return spec
+    return spec.replace(train=dataclasses.replace(spec.train, precision=_precision(precision)))
 
 
 def _takes(strategy: str, option: str) -> bool:

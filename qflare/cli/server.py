@@ -105,6 +105,7 @@ def server(
         None, help="Environment variable holding the passphrase of coordinator.key."
     ),
     no_eval: bool = typer.Option(False, "--no-eval", help="Do not evaluate published models on the test split."),
+    precision: str | None = opts.PRECISION,
     max_uploads: int = typer.Option(8, min=1, help="Update uploads read and processed at once."),
     rate: float = typer.Option(50.0, min=0.001, help="Requests per second allowed per client address (burst 4x)."),
     session_rate: float = typer.Option(10.0, min=0.001, help="Requests per second allowed per session (burst 4x)."),
@@ -147,7 +148,7 @@ def server(
             opts.check_strategy(spec)
             return spec
 
-        spec = federation_spec(ctx, federation, WORKLOAD_OPTIONS, build)
+        spec = opts.with_precision(federation_spec(ctx, federation, WORKLOAD_OPTIONS, build), precision)
         data_dir = writable_dir(data_dir, "--data-dir", mode=0o700)
         limits = HttpLimits(
             max_concurrent_uploads=max_uploads,
@@ -170,6 +171,10 @@ def server(
         effective = runconfig.write_effective(ctx, runtime.data_dir / "server-config.toml")
         console.print(f"qflare server · data dir {runtime.data_dir} · database {runtime.db.url}")
         console.print(f"effective configuration: {effective}")
+        if runtime.evaluator is not None:
+            console.print(f"evaluation precision: {runtime.evaluator.precision.describe()}", highlight=False)
+            if runtime.evaluator.precision.warning is not None:
+                err_console.print(f"[yellow]warning[/] {runtime.evaluator.precision.warning}", highlight=False)
         console.print(f"coordinator key id {runtime.identity.key_id}{' (new key)' if runtime.identity_created else ''}")
         if runtime.admin.created:
             console.print(

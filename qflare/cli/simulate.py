@@ -12,6 +12,8 @@ from rich.table import Table
 
 from ..errors import ConfigError, ErrorCode
 from ..federation import FederationSpec, suite_by_name
+from ..precision import resolve_precision
+from ..training import resolve_device
 from . import options as opts
 from . import runconfig
 from .common import FEDERATION_HELP, console, err_console, fail, federation_spec, friendly_errors, writable_dir
@@ -75,6 +77,7 @@ def simulate(
     prox_mu: float = opts.PROX_MU,
     max_grad_norm: float | None = opts.MAX_GRAD_NORM,
     device: str = typer.Option("cpu", help="Torch device for training: cpu, cuda, cuda:N or auto."),
+    precision: str | None = opts.PRECISION,
     workers: int = typer.Option(
         0, min=0, help="Training threads (0 = one per core; 1 = sequential with torch's default threads)."
     ),
@@ -140,7 +143,10 @@ def simulate(
             opts.check_strategy(spec)
             return spec
 
-        spec = federation_spec(ctx, federation, WORKLOAD_OPTIONS, build)
+        spec = opts.with_precision(federation_spec(ctx, federation, WORKLOAD_OPTIONS, build), precision)
+        chosen = resolve_precision(spec.train.precision, resolve_device(spec.train.device))
+        if chosen.warning is not None:
+            err_console.print(f"[yellow]warning[/] {chosen.warning}", highlight=False)
         out_dir = writable_dir(out, "--out") if out is not None else None
         if out_dir is not None:
             resolved = {} if federation is not None else {"per_round": spec.per_round}
@@ -158,7 +164,8 @@ def simulate(
             on_error=lambda m: err_console.print(f"[yellow]tracking[/] {m}", markup=True),
         )
         table = Table(
-            title=f"qflare simulate · {spec.dataset} · {spec.devices} devices · {spec.per_round}/round · {spec.strategy}"
+            title=f"qflare simulate · {spec.dataset} · {spec.devices} devices · {spec.per_round}/round · "
+            f"{spec.strategy} · {chosen.describe()}"
         )
         for col in ("round", "accuracy", "loss", "train loss", "examples", "seconds"):
             table.add_column(col, justify="right")

@@ -1,9 +1,11 @@
 """Server-side evaluation: each published global model is scored on the data set's test split.
 
 A single background thread owns one model instance and works through a queue, so publishing a round
-(which happens inside a device's request) never waits for an evaluation.  Results are stored with the
-model version (``metrics["eval"]``), so ``/v1/status`` shows them after a restart; a model published
-but not yet evaluated when the server stopped is evaluated on the next start.
+(which happens inside a device's request) never waits for an evaluation.  The forward pass runs in the
+federation's ``train.precision`` (``qflare server --precision``), resolved for the CPU; loss and accuracy
+are float32 either way.  Results are stored with the model version (``metrics["eval"]``), so
+``/v1/status`` shows them after a restart; a model published but not yet evaluated when the server
+stopped is evaluated on the next start.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from ..data import ArrayDataset
 from ..errors import QflareError
+from ..precision import Precision, resolve_precision
 from ..storage import BlobStore, Store
 from ..training import evaluate
 from ..wire import ParamLayout, decode_blob
@@ -40,7 +43,10 @@ class Evaluator:
         test: ArrayDataset,
         store: Store,
         on_result: Callable[[int, float, float], None] | None = None,
+        precision: str = "fp32",
     ) -> None:
+        self.precision: Precision = resolve_precision(precision, "cpu")
+        """What evaluation runs in (the model is evaluated on the CPU; ``auto`` resolves here)."""
         self._make_model, self._layout, self._store, self._on_result = make_model, layout, store, on_result
         self._inputs, self._targets = test.normalized(), test.labels
         self._queue: queue.Queue[_Item | None] = queue.Queue()  # None: stop
@@ -122,7 +128,7 @@ class Evaluator:
     def _evaluate(self, model: torch.nn.Module, round_number: int, version: int, flat: torch.Tensor) -> None:
         start = time.perf_counter()
         self._layout.load_into(model, flat)
-        loss, accuracy = evaluate(model, self._inputs, self._targets)
+        loss, accuracy = evaluate(model, self._inputs, self._targets, precision=self.precision)
         seconds = time.perf_counter() - start
         self._store.record_model_evaluation(
             version, {"accuracy": accuracy, "loss": loss, "examples": self.examples, "seconds": round(seconds, 4)}

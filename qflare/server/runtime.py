@@ -153,6 +153,7 @@ class ServerRuntime:
                 test=test,
                 store=self.store,
                 on_result=self._on_evaluation,
+                precision=spec.train.precision,
             )
         self.coordinator = Coordinator(
             layout=self.layout,
