@@ -260,18 +260,26 @@ def rotate_key(
     """Replace the coordinator's ML-DSA key with a new one and record the rotation, signed by both keys.
 
     Devices pinned to the old key follow the record (GET /v1/rotations) to the new key without
-    re-enrolling.  The old private key is deleted.  Restart the server afterwards: a running server
+    re-enrolling.  The record also goes into the provenance ledger (a key_rotation entry signed by both
+    keys), so the server's database must be reachable.  The old private key is deleted.  Restart the server afterwards: a running server
     keeps signing with the key it started with."""
     from ..server.rotation import rotate_key as rotate
+    from ..storage import Database, Store
 
     with friendly_errors():
-        result = rotate(
-            data_dir,
-            _passphrase(key_passphrase_env),
-            reason=reason,
-            revoke_old=revoke_old,
-            revoke_reason=revoke_reason,
-        )
+        db = Database.from_env(data_dir)
+        try:
+            db.upgrade()
+            result = rotate(
+                data_dir,
+                _passphrase(key_passphrase_env),
+                reason=reason,
+                revoke_old=revoke_old,
+                revoke_reason=revoke_reason,
+                ledger=Store(db),
+            )
+        finally:
+            db.dispose()
     _print_rotation(result, json_, f"coordinator key rotated: {result.old_key_id} -> {result.new_key_id}")
 
 
@@ -289,9 +297,15 @@ def revoke_key(
 
     Devices that follow the chain then refuse any rotation out of it.  Restart the server afterwards."""
     from ..server.rotation import revoke_key as revoke
+    from ..storage import Database, Store
 
     with friendly_errors():
-        result = revoke(data_dir, key_id, _passphrase(key_passphrase_env), reason=reason)
+        db = Database.from_env(data_dir)
+        try:
+            db.upgrade()
+            result = revoke(data_dir, key_id, _passphrase(key_passphrase_env), reason=reason, ledger=Store(db))
+        finally:
+            db.dispose()
     _print_rotation(result, json_, f"key {key_id.strip().lower()} revoked (signed by {result.new_key_id})")
 
 

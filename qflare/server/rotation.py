@@ -11,7 +11,9 @@ Files under the data directory (besides ``coordinator.key``/``.pub``/``.keyid``)
 A rotation is three durable steps, in this order: (1) the new key is saved as ``coordinator.key.next``;
 (2) the record(s) are appended to ``rotations.jsonl`` - **the commit point**; (3) ``coordinator.key.next``
 replaces ``coordinator.key`` (``os.replace``: the old private key is gone in the same step) and the pin
-files are rewritten.  :func:`recover` (run by every rotation and at every server start) finishes a
+files are rewritten; then, given the server's store, (4) the record(s) are appended to the provenance
+ledger, a rotation signed by both keys (:mod:`qflare.protocol.key_ledger`).  Records a crash left out of
+the ledger are appended, signed by the current key, before the next rotation and at server start.  :func:`recover` (run by every rotation and at every server start) finishes a
 rotation interrupted after step 2 and discards the half-made key of one interrupted before it, so the
 data directory never holds a key without its record nor a record without its key.
 
@@ -43,6 +45,7 @@ from ..crypto.rotation import (
     verify_chain,
 )
 from ..errors import ConfigError, ErrorCode, QflareError
+from ..protocol.key_ledger import KeyRecordSink, catch_up, record_new
 from .credentials import KEY_FILE, KEYID_FILE, PUB_FILE
 
 __all__ = [
@@ -235,13 +238,19 @@ def rotate_key(
     revoke_old: bool = False,
     revoke_reason: str = "compromised",
     clock: Callable[[], float] = time.time,
+    ledger: KeyRecordSink | None = None,
 ) -> RotationResult:
-    """Replace the coordinator key with a new one of the same algorithm and record it (see the module)."""
+    """Replace the coordinator key with a new one of the same algorithm and record it (see the module).
+
+    With ``ledger`` (the server's store), records a crash left out of the provenance ledger are
+    appended first, and the new records right after the commit point (signed by both keys)."""
     data_dir = Path(data_dir).expanduser()
     with _locked(data_dir):
         chain = recover(data_dir, passphrase)
         old = _current_key(data_dir, passphrase)
         check_key_matches_chain(old, chain)
+        if ledger is not None:
+            catch_up(ledger, chain, old, clock=clock)
         extra = 2 if revoke_old else 1
         if len(chain.records) + extra > MAX_CHAIN_RECORDS:
             raise ConfigError(
@@ -268,6 +277,8 @@ def rotate_key(
         new.save(data_dir / NEXT_KEY_FILE, passphrase)  # step 1
         _write_log(data_dir, final.records)  # step 2: the commit point
         _install_key(data_dir, passphrase, final)  # step 3
+        if ledger is not None:  # step 4 (a crash before it: catch_up at the next start appends them)
+            record_new(ledger, final, old, new, clock=clock)
     return RotationResult(old.key_id, new.key_id, added, final)
 
 
@@ -278,13 +289,17 @@ def revoke_key(
     *,
     reason: str = "compromised",
     clock: Callable[[], float] = time.time,
+    ledger: KeyRecordSink | None = None,
 ) -> RotationResult:
-    """Record that a former coordinator key (rotated away earlier) is revoked, signed by the current key."""
+    """Record that a former coordinator key (rotated away earlier) is revoked, signed by the current key
+    (and, with ``ledger``, append the revocation to the provenance ledger after the commit point)."""
     data_dir = Path(data_dir).expanduser()
     with _locked(data_dir):
         chain = recover(data_dir, passphrase)
         current = _current_key(data_dir, passphrase)
         check_key_matches_chain(current, chain)
+        if ledger is not None:
+            catch_up(ledger, chain, current, clock=clock)
         if len(chain.records) + 1 > MAX_CHAIN_RECORDS:
             raise ConfigError(
                 f"the rotation chain is full ({MAX_CHAIN_RECORDS} records)", code=ErrorCode.BAD_ROTATION_RECORD
@@ -302,4 +317,6 @@ def revoke_key(
         )
         final = verify_chain((*chain.records, record))
         _write_log(data_dir, final.records)
+        if ledger is not None:
+            record_new(ledger, final, current, current, clock=clock)
     return RotationResult(current.key_id, current.key_id, (record,), final)

@@ -27,6 +27,7 @@ from ..errors import ConfigError
 from ..federation import FederationSpec
 from ..models import create_model
 from ..protocol import Coordinator, CoordinatorConfig, PublishedModel, RoundConfig
+from ..protocol.key_ledger import catch_up
 from ..published import Architecture
 from ..storage import BlobStore, Database, Store
 from ..storage.scrub import ScrubReport, verify_store
@@ -99,6 +100,10 @@ class ServerRuntime:
                 self.data_dir, config.key_passphrase, config.federation.suite.sig
             )
             check_key_matches_chain(self.identity, self.rotations)
+            # before the round manager's recovery can sign a round entry with a key the ledger does not
+            # know yet: the rotation records a crash left out of the ledger go in first
+            for row in catch_up(self.store, self.rotations, self.identity):
+                _log.warning("ledger: appended key record entry %d (%s) left out by an interrupted rotation", row.seq, row.kind)
             self.admin: AdminToken = load_or_create_admin_token(self.data_dir, environ)
             self.metrics = ServerMetrics()
             self.trackers = open_trackers(
