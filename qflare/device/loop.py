@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from ..crypto import DEFAULT_SUITE, Field, MsgType, SignedEnvelope, Suite, VerifyKey
+from ..crypto.payloads import unpack_signed
 from ..errors import (
     AuthError,
     CircuitOpenError,
@@ -45,6 +46,7 @@ from ..errors import (
     StaleModelError,
 )
 from ..protocol import Device, Receipt, SignedUpdate, TaskInfo, Transport
+from .proofs import Awaiting, append_proof, append_proof_error, awaiting_proof
 from .state import DeviceState
 from .workload import Workload
 
@@ -93,6 +95,10 @@ class RunSummary:
     reason: str  # "finished", "max_rounds" or "stopped"
     rounds_trained: list[int] = field(default_factory=list)
     receipts: list[Receipt] = field(default_factory=list)
+    proofs: list[int] = field(default_factory=list)
+    """Rounds whose receipt proof (inclusion proof or left-out reason) was fetched and verified."""
+    proof_failures: list[int] = field(default_factory=list)
+    """Rounds whose proof the coordinator refused or that did not verify (logged, kept in proofs.jsonl)."""
     last_round: int = 0
     model_version: int = 0
     sessions: int = 0
@@ -145,6 +151,7 @@ class DeviceClient:
         self._seen_round = 0
         self._capped_logged = False
         self._rekey = rekey
+        self._awaiting: Awaiting | None = awaiting_proof(state)  # survives a restart (receipts.jsonl)
 
     @property
     def device_id(self) -> str:
@@ -253,6 +260,7 @@ class DeviceClient:
                 task = self.device.task()
                 summary.last_round, summary.model_version = task.round, task.model_version
                 self._check_rollback(task)
+                self._collect_proof(task, summary)
                 if task.state == "finished":
                     log.info("federation finished at model version %d", task.model_version)
                     summary.reason = "finished"
@@ -328,6 +336,59 @@ class DeviceClient:
         self.server_key = self.device.server_key = key
         self.device.reset_session()
 
+    def _collect_proof(self, task: TaskInfo, summary: RunSummary) -> None:
+        """Once the round of the last acknowledged update is over (the task names a later round, or no
+        round is open), fetch and verify its receipt proof -- one request per acknowledged round, on the
+        poll that shows the round over.  A round not closed yet is asked about again at the next poll;
+        a refusal or a proof that does not verify is logged as a security event and recorded in
+        ``proofs.jsonl`` (``verify-receipts`` then fails it); network failures propagate (retried)."""
+        awaiting = self._awaiting
+        if awaiting is None or (task.state == "open" and task.round <= awaiting.round):
+            return
+        chain = self.state.rotation_chain()
+        try:
+            verified, answer = self.device.fetch_proof(
+                awaiting.round,
+                awaiting.update_hash,
+                awaiting.examples,
+                former_keys={k.key_id: k for k in chain.keys[:-1]},
+                revoked=chain.revoked,
+            )
+        except QflareError as exc:
+            if exc.code == ErrorCode.ROUND_NOT_CLOSED or exc.retry is Retry.TRANSIENT or exc.unauthenticated:
+                raise  # asked again at a later poll
+            log.error(
+                "event=%s: round %d: no verified receipt proof for update %s...: [%s] %s",
+                exc.code,
+                awaiting.round,
+                awaiting.update_hash[:12],
+                exc.code,
+                exc,
+            )
+            append_proof_error(self.state, awaiting, exc)
+            summary.proof_failures.append(awaiting.round)
+            self._awaiting = None
+            return
+        append_proof(self.state, awaiting, verified, answer)
+        summary.proofs.append(awaiting.round)
+        self._awaiting = None
+        if verified.included:
+            log.info(
+                "round %d: inclusion proof verified: update %s... is leaf %d of %d in the signed entry (round %s)",
+                awaiting.round,
+                awaiting.update_hash[:12],
+                verified.proof.index if verified.proof is not None else -1,
+                verified.proof.size if verified.proof is not None else 0,
+                verified.outcome,
+            )
+        else:
+            log.warning(
+                "round %d: the signed ledger entry leaves update %s... out: %s",
+                awaiting.round,
+                awaiting.update_hash[:12],
+                verified.reason,
+            )
+
     def _check_rollback(self, task: TaskInfo) -> None:
         """Refuse a task older than what this device already accepted (StaleModelError ``model_rollback``)."""
         version, rnd = self.state.progress()
@@ -402,7 +463,9 @@ class DeviceClient:
             )
         receipt, ack = self.device.submit_signed(pending[0])
         self._pending = None
-        self.state.append_receipt(self.device_id, ack)
+        examples = _examples(pending[0])
+        self.state.append_receipt(self.device_id, ack, examples)
+        self._awaiting = Awaiting(receipt.round, receipt.update_hash, examples)
         self.state.record_progress(round=receipt.round)
         log.info(
             "round %d: update %s... acknowledged (%d in the round%s)",
@@ -412,6 +475,12 @@ class DeviceClient:
             ", duplicate" if receipt.duplicate else "",
         )
         return receipt
+
+
+def _examples(update: SignedUpdate) -> int:
+    """The example count this device signed in ``update``."""
+    envelope, _ = unpack_signed(update.payload)
+    return SignedEnvelope.parse(envelope, expected_type=MsgType.UPDATE).get_int(Field.NUM_EXAMPLES)
 
 
 def _transient_wait(exc: QflareError, backoff: float) -> float:

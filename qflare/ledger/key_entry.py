@@ -29,7 +29,6 @@ from qflare.crypto.identity import SigningKey, VerifyKey
 from qflare.crypto.rotation import ChainRecord, KeyRevocation, KeyRotation, parse_record
 from qflare.errors import MalformedError, QflareError
 
-from .canonical import is_hex32
 from .entry import KindSpec, LedgerEntry, TrustState, register_kind, untrusted_reason
 
 __all__ = [

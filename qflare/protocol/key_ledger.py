@@ -51,9 +51,7 @@ def _append(
             )
         held = [i for i, d in enumerate(digests) if d in present]
         if held != list(range(len(held))):  # what a crash leaves out is always the chain's tail
-            raise ConfigError(
-                "the ledger holds key records out of chain order", code=ErrorCode.ROTATION_INCOMPLETE
-            )
+            raise ConfigError("the ledger holds key records out of chain order", code=ErrorCode.ROTATION_INCOMPLETE)
         missing = records[len(held) :]
         seq, prev = (1, GENESIS_PREV) if head is None else (head.seq + 1, head.entry_hash)
         out: list[LedgerEntry] = []

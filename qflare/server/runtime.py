@@ -103,7 +103,9 @@ class ServerRuntime:
             # before the round manager's recovery can sign a round entry with a key the ledger does not
             # know yet: the rotation records a crash left out of the ledger go in first
             for row in catch_up(self.store, self.rotations, self.identity):
-                _log.warning("ledger: appended key record entry %d (%s) left out by an interrupted rotation", row.seq, row.kind)
+                _log.warning(
+                    "ledger: appended key record entry %d (%s) left out by an interrupted rotation", row.seq, row.kind
+                )
             self.admin: AdminToken = load_or_create_admin_token(self.data_dir, environ)
             self.metrics = ServerMetrics()
             self.trackers = open_trackers(
