@@ -76,7 +76,8 @@ def export(
     console.print(
         f"exported {summary.entries} entries ({summary.rounds} rounds) to {escape(str(out))}; "
         f"coordinator key id {summary.key_id}"
-        + (f" (then {summary.keys - 1} rotation(s), recorded in the ledger)" if summary.keys > 1 else "")
+        + (f" (then {summary.keys - 1} rotation(s), recorded in the ledger)" if summary.keys > 1 else ""),
+        soft_wrap=True,
     )
 
 
