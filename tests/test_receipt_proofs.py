@@ -130,7 +130,7 @@ def test_in_process_a_device_gets_and_checks_its_proof(tmp_path: Path) -> None:
     sent |= _submit(fed, [second])  # quorum: round 1 closes
     for dev in (first, second):
         digest, examples = sent[dev.device_id]
-        verified, raw = dev.fetch_proof(1, digest, examples)
+        verified, _ = dev.fetch_proof(1, digest, examples)
         assert verified.included and verified.round_number == 1 and verified.signers == (fed.identity.key_id,)
         assert verified.entry_hash == entry_of(fed.store.ledger_entry_for_round(1)).entry_hash  # type: ignore[arg-type]
     with pytest.raises(QflareError) as info:

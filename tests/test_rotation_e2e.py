@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
-from typer.testing import CliRunner
 from server_fixtures import SPEC, AppTransport, make_runtime
+from typer.testing import CliRunner
 
 from qflare.cli import app
 from qflare.crypto import DEFAULT_SUITE, MsgType, SignedEnvelope, SigningKey
