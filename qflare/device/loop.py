@@ -46,7 +46,7 @@ from ..errors import (
     StaleModelError,
 )
 from ..protocol import Device, Receipt, SignedUpdate, TaskInfo, Transport
-from .proofs import Awaiting, append_proof, append_proof_error, awaiting_proof
+from .proofs import Awaiting, awaiting_proof, collect
 from .state import DeviceState
 from .workload import Workload
 
@@ -338,56 +338,14 @@ class DeviceClient:
 
     def _collect_proof(self, task: TaskInfo, summary: RunSummary) -> None:
         """Once the round of the last acknowledged update is over (the task names a later round, or no
-        round is open), fetch and verify its receipt proof -- one request per acknowledged round, on the
-        poll that shows the round over.  A round not closed yet is asked about again at the next poll;
-        a refusal or a proof that does not verify is logged as a security event and recorded in
-        ``proofs.jsonl`` (``verify-receipts`` then fails it); network failures propagate (retried)."""
+        round is open), fetch, verify and keep its receipt proof (:func:`qflare.device.proofs.collect`):
+        one request per acknowledged round, on the poll that shows the round over."""
         awaiting = self._awaiting
         if awaiting is None or (task.state == "open" and task.round <= awaiting.round):
             return
-        chain = self.state.rotation_chain()
-        try:
-            verified, answer = self.device.fetch_proof(
-                awaiting.round,
-                awaiting.update_hash,
-                awaiting.examples,
-                former_keys={k.key_id: k for k in chain.keys[:-1]},
-                revoked=chain.revoked,
-            )
-        except QflareError as exc:
-            if exc.code == ErrorCode.ROUND_NOT_CLOSED or exc.retry is Retry.TRANSIENT or exc.unauthenticated:
-                raise  # asked again at a later poll
-            log.error(
-                "event=%s: round %d: no verified receipt proof for update %s...: [%s] %s",
-                exc.code,
-                awaiting.round,
-                awaiting.update_hash[:12],
-                exc.code,
-                exc,
-            )
-            append_proof_error(self.state, awaiting, exc)
-            summary.proof_failures.append(awaiting.round)
-            self._awaiting = None
-            return
-        append_proof(self.state, awaiting, verified, answer)
-        summary.proofs.append(awaiting.round)
+        verified = collect(self.device, self.state, awaiting)  # raises what is worth asking again
         self._awaiting = None
-        if verified.included:
-            log.info(
-                "round %d: inclusion proof verified: update %s... is leaf %d of %d in the signed entry (round %s)",
-                awaiting.round,
-                awaiting.update_hash[:12],
-                verified.proof.index if verified.proof is not None else -1,
-                verified.proof.size if verified.proof is not None else 0,
-                verified.outcome,
-            )
-        else:
-            log.warning(
-                "round %d: the signed ledger entry leaves update %s... out: %s",
-                awaiting.round,
-                awaiting.update_hash[:12],
-                verified.reason,
-            )
+        (summary.proofs if verified is not None else summary.proof_failures).append(awaiting.round)
 
     def _check_rollback(self, task: TaskInfo) -> None:
         """Refuse a task older than what this device already accepted (StaleModelError ``model_rollback``)."""

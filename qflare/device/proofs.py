@@ -19,6 +19,7 @@ through verified rotations, and checks that it concerns an update a stored recei
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -26,13 +27,23 @@ from pathlib import Path
 from typing import Any
 
 from ..crypto import VerifyKey
-from ..errors import AuthError, MalformedError, QflareError
+from ..errors import AuthError, ErrorCode, MalformedError, QflareError, Retry
+from ..protocol import Device
 from ..protocol.proofs import VerifiedProof, verify_answer
 from .state import DeviceState, ReceiptCheck
 
-__all__ = ["PROOFS_FILE", "Awaiting", "append_proof", "append_proof_error", "awaiting_proof", "verify_proofs"]
+__all__ = [
+    "PROOFS_FILE",
+    "Awaiting",
+    "append_proof",
+    "append_proof_error",
+    "awaiting_proof",
+    "collect",
+    "verify_proofs",
+]
 
 PROOFS_FILE = "proofs.jsonl"
+log = logging.getLogger("qflare.client")
 
 
 @dataclass(frozen=True)
@@ -112,6 +123,52 @@ def awaiting_proof(state: DeviceState) -> Awaiting | None:
         if isinstance(doc, dict) and doc.get("round") == rnd and doc.get("update_hash") == digest:
             return None
     return Awaiting(rnd, digest, examples)
+
+
+def collect(device: Device, state: DeviceState, awaiting: Awaiting) -> VerifiedProof | None:
+    """Fetch and verify the proof of ``awaiting`` (:meth:`Device.fetch_proof`, with the keys the device
+    followed through verified rotations and never a revoked one) and keep it; None when the coordinator
+    refused it or it did not verify (logged as a security event and recorded, so ``verify-receipts`` fails
+    it).  ``round_not_closed``, transient and unauthenticated failures are raised: asked again later."""
+    chain = state.rotation_chain()
+    try:
+        verified, answer = device.fetch_proof(
+            awaiting.round,
+            awaiting.update_hash,
+            awaiting.examples,
+            former_keys={k.key_id: k for k in chain.keys[:-1]},
+            revoked=chain.revoked,
+        )
+    except QflareError as exc:
+        if exc.code == ErrorCode.ROUND_NOT_CLOSED or exc.retry is Retry.TRANSIENT or exc.unauthenticated:
+            raise
+        log.error(
+            "event=%s: round %d: no verified receipt proof for update %s...: %s",
+            exc.code,
+            awaiting.round,
+            awaiting.update_hash[:12],
+            exc,
+        )
+        append_proof_error(state, awaiting, exc)
+        return None
+    append_proof(state, awaiting, verified, answer)
+    if verified.proof is not None:
+        log.info(
+            "round %d: inclusion proof verified: update %s... is leaf %d of %d of the signed entry (round %s)",
+            awaiting.round,
+            awaiting.update_hash[:12],
+            verified.proof.index,
+            verified.proof.size,
+            verified.outcome,
+        )
+    else:
+        log.warning(
+            "round %d: the signed ledger entry leaves update %s... out: %s",
+            awaiting.round,
+            awaiting.update_hash[:12],
+            verified.reason,
+        )
+    return verified
 
 
 def verify_proofs(

@@ -2,7 +2,8 @@
 
 For every entry, in file order: the line parses strictly; ``seq`` is the previous entry's + 1 (the
 first is 1) and ``prev`` is the previous entry's hash (the first: 64 zeros); every signature verifies
-under a trusted coordinator key (the header's key, which must equal ``pin`` when one is given); the
+under a coordinator key trusted at that point (the header's first key until a ``key_rotation`` entry
+moves the trust to its new key; ``pin`` must be one of the keys trusted along the way); the
 kind's own check passes (for a round: the Merkle root equals the listed updates', the round numbers
 increase, the parent model is the model the previous closed round published); and each update's
 signed envelope, where the export carries one, is the device's signature over exactly that update in
