@@ -32,7 +32,6 @@ from pathlib import Path
 from typing import TypeVar
 
 from ..crypto import DEFAULT_SUITE, Field, MsgType, SignedEnvelope, Suite, VerifyKey
-from ..crypto.payloads import unpack_signed
 from ..errors import (
     AuthError,
     CircuitOpenError,
@@ -145,6 +144,7 @@ class DeviceClient:
             clock=clock,
         )
         self._pending: tuple[SignedUpdate, str] | None = None  # (update, base model hash)
+        self._pending_examples = 0  # the example count the pending update signs (for its receipt proof)
         self._skipped: set[int] = set()
         self._trained: set[tuple[int, int]] = set()  # (round, model version): at most one training each
         self._trainings: collections.deque[float] = collections.deque()  # monotonic times, last period
@@ -413,6 +413,7 @@ class DeviceClient:
                 result.mean_loss,
             )
             pending = self._pending = (self.device.prepare_update(task, model, result), model.sha256)
+            self._pending_examples = result.num_examples
         else:
             log.info(
                 "round %d: resending update %s... whose acknowledgement was lost",
@@ -421,7 +422,7 @@ class DeviceClient:
             )
         receipt, ack = self.device.submit_signed(pending[0])
         self._pending = None
-        examples = _examples(pending[0])
+        examples = self._pending_examples
         self.state.append_receipt(self.device_id, ack, examples)
         self._awaiting = Awaiting(receipt.round, receipt.update_hash, examples)
         self.state.record_progress(round=receipt.round)
@@ -433,12 +434,6 @@ class DeviceClient:
             ", duplicate" if receipt.duplicate else "",
         )
         return receipt
-
-
-def _examples(update: SignedUpdate) -> int:
-    """The example count this device signed in ``update``."""
-    envelope, _ = unpack_signed(update.payload)
-    return SignedEnvelope.parse(envelope, expected_type=MsgType.UPDATE).get_int(Field.NUM_EXAMPLES)
 
 
 def _transient_wait(exc: QflareError, backoff: float) -> float:
