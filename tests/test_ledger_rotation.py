@@ -239,3 +239,52 @@ def test_the_store_gets_each_record_once_and_the_export_verifies(tmp_path: Path)
         export_ledger(fed.store, K1.public, out)  # without the former key: entry 1 has an unknown signer
     assert info.value.code == "config_error"
     assert dataclasses.asdict(summary)["keys"] == 2
+
+
+def test_rotate_key_with_the_ledger_crash_safe_and_never_next_to_a_running_server(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import os
+
+    import qflare.server.rotation as rotation_module
+    from qflare.server.credentials import load_or_create_identity
+    from qflare.server.rotation import recover, rotate_key, server_lock
+    from qflare.storage import Database, Store
+
+    old = load_or_create_identity(tmp_path, None, "ML-DSA-65")[0]
+    db = Database(f"sqlite:///{tmp_path}/qflare.db")
+    db.upgrade()
+    store = Store(db)
+    fd = server_lock(tmp_path)  # a server runs on this data directory
+    with pytest.raises(QflareError) as info:
+        rotate_key(tmp_path, ledger=store)
+    assert info.value.code == "rotation_incomplete" and "a server is running" in info.value.message
+    os.close(fd)
+    assert store.last_ledger_entry() is None and not (tmp_path / "rotations.jsonl").exists()
+
+    def crash(*args: object, **kwargs: object) -> None:
+        raise OSError("killed after the commit point, before the ledger append")
+
+    monkeypatch.setattr(rotation_module, "record_new", crash)
+    with pytest.raises(OSError):
+        rotate_key(tmp_path, ledger=store, revoke_old=True)
+    monkeypatch.undo()
+    assert store.last_ledger_entry() is None  # the rotation committed, the ledger has not heard of it
+    chain = recover(tmp_path, None)
+    new = SigningKey.load(tmp_path / "coordinator.key", None)
+    assert chain.current == new.public != old.public
+    rows = catch_up(store, chain, new)  # what the server does at start-up
+    assert [(r.kind, list(entry_of(r).body["signers"])) for r in rows] == [
+        ("key_rotation", [new.key_id]),
+        ("key_revocation", [new.key_id]),
+    ]
+    assert catch_up(store, chain, new) == []  # once
+    third = rotate_key(tmp_path, ledger=store)  # the next rotation: signed by both keys
+    rows = store.ledger_entries()
+    assert [r.kind for r in rows] == ["key_rotation", "key_revocation", "key_rotation"]
+    assert list(entry_of(rows[2]).body["signers"]) == [new.key_id, third.new_key_id]
+    out = tmp_path / "ledger.jsonl"
+    final = recover(tmp_path, None)
+    export_ledger(store, final.keys[-1], out, former_keys=final.keys[:-1])
+    assert verify_export(out, pin=old.key_id, workers=1).key_chain == tuple(k.key_id for k in final.keys)
+    db.dispose()

@@ -7,6 +7,7 @@ Files under the data directory (besides ``coordinator.key``/``.pub``/``.keyid``)
     coordinator.key.next     the new key while a rotation is in flight (PKCS#8, 0600)
     retired-keys/<id>.pub    the public key (hex) of every key rotated away (the chain holds it too)
     .rotate.lock             serialises concurrent ``rotate-key``/``revoke-key`` runs (flock)
+    .server.lock             held (shared flock) by every running server: a rotation refuses to run then
 
 A rotation is three durable steps, in this order: (1) the new key is saved as ``coordinator.key.next``;
 (2) the record(s) are appended to ``rotations.jsonl`` - **the commit point**; (3) ``coordinator.key.next``
@@ -52,12 +53,14 @@ __all__ = [
     "LOG_FILE",
     "NEXT_KEY_FILE",
     "RETIRED_DIR",
+    "SERVER_LOCK_FILE",
     "RotationResult",
     "check_key_matches_chain",
     "load_chain",
     "recover",
     "revoke_key",
     "rotate_key",
+    "server_lock",
 ]
 
 LOG_FILE, NEXT_KEY_FILE, RETIRED_DIR, LOCK_FILE = (
@@ -67,6 +70,23 @@ LOG_FILE, NEXT_KEY_FILE, RETIRED_DIR, LOCK_FILE = (
     ".rotate.lock",
 )
 _MAX_LOG_BYTES = 4 * 1024 * 1024
+SERVER_LOCK_FILE = ".server.lock"
+
+
+def server_lock(data_dir: Path) -> int:
+    """Take the running server's shared lock on ``data_dir`` (``.server.lock``); the descriptor, which
+    the server closes when it stops (the lock also ends with its process).  Shared: several runtimes of
+    one process (tests) may hold it; a rotation's exclusive attempt fails while any does."""
+    fd = os.open(Path(data_dir) / SERVER_LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise ConfigError(
+            f"a key rotation is running on {data_dir}: start the server when it is done",
+            code=ErrorCode.ROTATION_INCOMPLETE,
+        ) from None
+    return fd
 
 
 def _incomplete(message: str) -> ConfigError:
@@ -202,6 +222,7 @@ def recover(data_dir: Path, passphrase: bytes | None) -> ChainState:
 @contextmanager
 def _locked(data_dir: Path) -> Iterator[None]:
     fd = os.open(data_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
+    server = os.open(data_dir / SERVER_LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -209,8 +230,17 @@ def _locked(data_dir: Path) -> Iterator[None]:
             raise ConfigError(
                 f"another rotate-key or revoke-key is running on {data_dir}", code=ErrorCode.ROTATION_INCOMPLETE
             ) from None
+        try:  # held for the whole rotation: a server cannot start meanwhile either
+            fcntl.flock(server, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ConfigError(
+                f"a server is running on {data_dir}: stop it before rotating or revoking its key (a running "
+                "server keeps signing with the old key, and its ledger entries would not verify)",
+                code=ErrorCode.ROTATION_INCOMPLETE,
+            ) from None
         yield
     finally:
+        os.close(server)
         os.close(fd)
 
 

@@ -37,7 +37,7 @@ from .credentials import AdminToken, load_or_create_admin_token, load_or_create_
 from .evaluation import Evaluator
 from .limits import HttpLimits
 from .metrics import LiveFigures, ServerMetrics
-from .rotation import check_key_matches_chain
+from .rotation import check_key_matches_chain, server_lock
 from .rotation import recover as recover_rotation
 
 __all__ = ["ServerConfig", "ServerRuntime"]
@@ -89,7 +89,12 @@ class ServerRuntime:
         require_primitives(config.federation.suite)
         self.data_dir = Path(config.data_dir).expanduser().resolve()
         self.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        self.db = Database.from_env(self.data_dir, environ)
+        self._lock_fd: int | None = server_lock(self.data_dir)  # rotate-key refuses while it is held
+        try:
+            self.db = Database.from_env(self.data_dir, environ)
+        except BaseException:
+            self._release_lock()
+            raise
         try:
             self.db.upgrade()
             self.store = Store(self.db)
@@ -122,6 +127,7 @@ class ServerRuntime:
             if hasattr(self, "trackers"):
                 self.trackers.close()
             self.db.dispose()
+            self._release_lock()
             raise
         self.metrics.attach(LiveFigures(self.coordinator.rounds.status, self.store.count_updates, self._active_devices))
         self._stop = threading.Event()
@@ -217,6 +223,12 @@ class ServerRuntime:
         self.started = False
         self.trackers.close()
         self.db.dispose()
+        self._release_lock()
+
+    def _release_lock(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # closing the descriptor releases the flock
+            self._lock_fd = None
 
     def _run_loop(self) -> None:
         while not self._stop.wait(self.config.step_interval_s):
