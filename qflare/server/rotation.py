@@ -20,7 +20,8 @@ data directory never holds a key without its record nor a record without its key
 
 The old private key is not archived: a retired key that still exists could sign a rotation to an
 attacker's key (see docs/protocol.md, "Coordinator key rotation").  A running server keeps the key it
-started with: restart it after a rotation.
+started with, so a rotation refuses to run while one holds the data directory's ``.server.lock``
+(:func:`server_lock`): stop the server, rotate, start it.
 """
 
 from __future__ import annotations
