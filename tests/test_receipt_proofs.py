@@ -173,3 +173,26 @@ def test_a_device_left_out_by_krum_gets_the_reason(tmp_path: Path) -> None:
     with pytest.raises(QflareError) as info:
         dev.fetch_proof(1, h("other update"), sent[dev.device_id][1])
     assert info.value.code == "bad_inclusion_proof"
+
+
+def test_verify_answer_is_total_on_damaged_answers() -> None:
+    import random
+
+    entry = _entry()
+    good = answer_for(entry, DEVICES[2])
+    rng = random.Random(7)
+    for _ in range(300):
+        raw = bytearray(good)
+        for _ in range(rng.randint(1, 4)):
+            op = rng.random()
+            i = rng.randrange(len(raw))
+            if op < 0.5:
+                raw[i] = rng.randrange(256)
+            elif op < 0.75:
+                del raw[i : i + rng.randint(1, 40)]
+            else:
+                raw[i:i] = bytes(rng.randrange(256) for _ in range(rng.randint(1, 8)))
+        try:
+            _check(bytes(raw), 2)
+        except QflareError as exc:
+            assert exc.code == "bad_inclusion_proof"

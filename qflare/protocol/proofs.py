@@ -133,7 +133,22 @@ def verify_answer(
     """Device: check a proof answer about its update ``update_hash`` (``examples``) in ``round_number``
     (see the module docstring).  ``keys``: the coordinator keys it trusts by key id (pinned and former);
     ``revoked``: key ids it must never accept.  AuthError ``bad_inclusion_proof`` otherwise."""
-    entry, tail = _split(bytes(raw))
+    try:
+        return _verify(bytes(raw), round_number, device_id, update_hash, examples, keys, frozenset(revoked))
+    except (ValueError, TypeError, KeyError, IndexError) as exc:  # total: a hostile answer is a refusal
+        raise _bad(f"the proof answer is malformed: {type(exc).__name__}") from None
+
+
+def _verify(
+    raw: bytes,
+    round_number: int,
+    device_id: str,
+    update_hash: str,
+    examples: int,
+    keys: Mapping[str, VerifyKey],
+    revoked: frozenset[str],
+) -> VerifiedProof:
+    entry, tail = _split(raw)
     if entry.kind != "round" or entry.round_number != round_number:
         raise _bad(f"the entry is a {entry.kind} entry of round {entry.round_number}, not of round {round_number}")
     for key_id in entry.body["signers"]:
