@@ -240,6 +240,10 @@ class ErrorCode(enum.StrEnum):
     # user paths and model files
     BAD_PATH = "bad_path"
     BAD_MODEL_FILE = "bad_model_file"
+    # receipts with inclusion proofs
+    ROUND_NOT_CLOSED = "round_not_closed"
+    NO_LEDGER_ENTRY = "no_ledger_entry"
+    BAD_INCLUSION_PROOF = "bad_inclusion_proof"
 
 
 class Retry(enum.Enum):
@@ -840,6 +844,23 @@ CODE_SPECS: Mapping[ErrorCode, CodeSpec] = MappingProxyType(
             "a model file is unreadable, malformed, or names a model this installation does not have",
             _F,
             ValidationError,
+        ),
+        # receipts with inclusion proofs
+        _C.ROUND_NOT_CLOSED: _spec(
+            "a receipt proof was asked for a round that has not closed or failed yet: ask again once it has",
+            _T,
+            RoundError,
+        ),
+        _C.NO_LEDGER_ENTRY: _spec(
+            "the round has no provenance ledger entry (it closed before the ledger existed): no proof exists",
+            _F,
+            NotFoundError,
+        ),
+        _C.BAD_INCLUSION_PROOF: _spec(
+            "a receipt proof does not verify: not signed by the pinned (or a followed, unrevoked) coordinator key, "
+            "for another round, or the device's update is neither proven in updates_root nor listed as left out",
+            _F,
+            AuthError,
         ),
     }
 )

@@ -24,6 +24,7 @@ from qflare.crypto.payloads import AckStatus, SignedUpdate
 from qflare.device import DeviceClient, DeviceState
 from qflare.device.loop import MAX_WAIT_S
 from qflare.errors import (
+    AuthError,
     ErrorCode,
     MalformedError,
     PatienceExhaustedError,
@@ -89,7 +90,7 @@ class HostileDevice:
 
     def __init__(self, device_id: str, tasks: Callable[[int], TaskInfo]) -> None:
         self.device_id, self.tasks = device_id, tasks
-        self.polls = self.connects = self.fetches = self.submits = 0
+        self.polls = self.connects = self.fetches = self.submits = self.proofs = 0
         self.submit_error: QflareError | None = None
         self.connect_errors: list[QflareError] = []
 
@@ -115,6 +116,11 @@ class HostileDevice:
         if self.submit_error is not None:
             raise self.submit_error
         return Receipt(update.round, update.update_hash, 1), ack_for(self.device_id, update.round, update.update_hash)
+
+    def fetch_proof(self, round_number: int, update_hash: str, examples: int, **_: Any) -> Any:
+        """A hostile coordinator's receipt proof never verifies: the device records that and goes on."""
+        self.proofs += 1
+        raise AuthError("the proof does not verify", code="bad_inclusion_proof")
 
 
 def hostile_client(
@@ -176,12 +182,20 @@ def test_receipts_store_the_signed_ack_and_reverify(tmp_path: Path) -> None:
     client.run(max_rounds=3, poll_interval=0.0)
     lines = client.state.receipts()
     assert [r["round"] for r in lines] == [1, 2, 3]
-    assert all(set(r) == {"device_id", "round", "update_hash", "duplicate", "signed_at", "ack"} for r in lines)
+    assert all(
+        set(r) == {"device_id", "round", "update_hash", "duplicate", "signed_at", "ack", "examples"} for r in lines
+    )
     checks = client.state.verify_receipts(SERVER.public)
     assert [c.ok for c in checks] == [True, True, True]
     assert not any(c.ok for c in client.state.verify_receipts(SigningKey.generate("ML-DSA-65").public))
 
     runner = CliRunner()
+    # the hostile coordinator's receipt proofs (rounds 1 and 2, asked once each round was over) never
+    # verified: recorded, and verify-receipts fails them
+    failed = runner.invoke(app, ["client", "verify-receipts", "--state-dir", str(tmp_path / "dev")])
+    assert failed.exit_code == 1 and "3 of 3 receipts verify" in failed.output
+    assert "0 of 2 inclusion proofs verify" in failed.output and "bad_inclusion_proof" in failed.output
+    (tmp_path / "dev" / "proofs.jsonl").unlink()
     ok = runner.invoke(app, ["client", "verify-receipts", "--state-dir", str(tmp_path / "dev")])
     assert ok.exit_code == 0, ok.output
     assert "3 of 3 receipts verify" in ok.output

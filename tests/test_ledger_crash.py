@@ -129,3 +129,79 @@ def test_kill_9_during_round_close_leaves_ledger_and_models_consistent(
         model_file.write_bytes(blobs.get(store.get_model(2).model_hash))
         found = verify_export(out, model=model_file, workers=1).model
         assert found is not None and found.seq == 2
+
+
+_ROTATE_CHILD = textwrap.dedent(
+    """
+    import os, signal, sys
+    from pathlib import Path
+    sys.path.insert(0, {tests!r})
+    from protocol_fixtures import Federation
+    from qflare.server.credentials import load_or_create_identity
+    from qflare.storage import BlobStore, Database
+    import qflare.server.rotation as rotation
+    import qflare.storage.ledger as ledger_rows
+
+    tmp = Path({tmp!r})
+    server = tmp / "server"
+    server.mkdir()
+    identity = load_or_create_identity(server, None, "ML-DSA-65")[0]
+    fed = Federation(
+        tmp, n=2, per_round=2, rounds=3, blobs=BlobStore(tmp / "blobs"), database=Database({url!r}),
+        identity=identity,
+    )
+    fed.coordinator.rounds.open_next()
+    for k, dev in enumerate(fed.selected()):
+        task = dev.task()
+        dev.submit(dev.prepare_update(task, dev.fetch_model(task), fed.result(seed=k)))  # round 1 closes
+
+    def die(*a, **k):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    if {point!r} == "in_ledger_transaction":
+        real_insert = ledger_rows.insert_ledger
+
+        def insert_then_die(*a, **k):
+            real_insert(*a, **k)  # the key_rotation row is flushed, not committed
+            die()
+
+        ledger_rows.insert_ledger = insert_then_die
+    else:
+        rotation._install_key = die  # rotations.jsonl is committed; neither the key files nor the ledger
+    print("rotating", flush=True)
+    rotation.rotate_key(server, ledger=fed.store)
+    print("survived", flush=True)
+    """
+)
+
+
+@pytest.mark.parametrize("point", ["in_ledger_transaction", "after_log_commit"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_kill_9_during_rotate_key_leaves_the_rotation_in_the_ledger_once(
+    tmp_path: Path, backend: str, point: str
+) -> None:
+    from qflare.protocol.key_ledger import catch_up
+    from qflare.server.rotation import recover
+
+    with scratch(backend, tmp_path) as db:
+        url = db.engine.url.render_as_string(hide_password=False)
+        code = _ROTATE_CHILD.format(tests=str(Path(__file__).parent), tmp=str(tmp_path), url=url, point=point)
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path.cwd()), os.environ.get("PYTHONPATH", "")])}
+        child = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=240)
+        assert child.returncode == -9 and "rotating" in child.stdout and "survived" not in child.stdout, child.stderr
+
+        store = Store(db)
+        assert [r.kind for r in store.ledger_entries()] == ["round"]  # the rotation's entry never committed
+        server = tmp_path / "server"
+        chain = recover(server, None)  # what the next server start does first ...
+        old, new = chain.keys
+        assert SigningKey.load(server / "coordinator.key", None).public == new
+        current = SigningKey.load(server / "coordinator.key", None)
+        rows = catch_up(store, chain, current)  # ... then this, before the round manager recovers
+        assert [(r.seq, r.kind, list(entry_of(r).body["signers"])) for r in rows] == [(2, "key_rotation", [new.key_id])]
+        assert catch_up(store, chain, current) == []  # exactly once
+
+        out = tmp_path / "ledger.jsonl"
+        export_ledger(store, new, out, former_keys=[old])
+        report = verify_export(out, pin=old.key_id, workers=1)
+        assert (report.entries, report.rounds, report.key_chain) == (2, 1, (old.key_id, new.key_id))

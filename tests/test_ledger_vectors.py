@@ -108,3 +108,56 @@ def test_generator_check_passes() -> None:
     script = Path(__file__).parent / "vectors" / "make_ledger_vectors.py"
     done = subprocess.run([sys.executable, str(script), "--check"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
+
+
+def test_rotation_vectors(tmp_path: Path) -> None:
+    from qflare.crypto.rotation import ROTATION_OLD_CONTEXT, KeyRevocation, KeyRotation, parse_record
+
+    r = D["rotation"]
+    k = D["keys"]
+    new = SigningKey.from_seed(k["alg"], bytes.fromhex(r["new_key_seed"]))
+    assert new.key_id == r["new_key_id"]
+    export = VECTORS["recorded"]["rotation_export"].encode("ascii")
+    lines = export.splitlines()
+    assert lines[0].decode() == r["header_line"]
+    bodies = [json.loads(x)["body"] for x in lines[1:]]
+    assert [b["kind"] for b in bodies] == r["kinds"] and [b["signers"] for b in bodies] == r["signers"]
+    rotation = parse_record(bytes.fromhex(bodies[1]["record"]))
+    revocation = parse_record(bytes.fromhex(bodies[3]["record"]))
+    assert isinstance(rotation, KeyRotation) and isinstance(revocation, KeyRevocation)
+    assert rotation.body.hex() == r["rotation_signed_part"] and rotation.verify()
+    assert bodies[1]["record_sha256"] == hashlib.sha256(rotation.raw).hexdigest()
+    assert (revocation.sequence, revocation.revoked_key_id, revocation.signer_key_id, revocation.reason) == tuple(
+        r["revocation"].values()
+    )
+    path = tmp_path / "rotated.jsonl"
+    path.write_bytes(export)
+    report = verify_export(path, pin=k["coordinator_key_id"], workers=1)
+    assert report.key_chain == (k["coordinator_key_id"], new.key_id) and report.revoked == (k["coordinator_key_id"],)
+    # negative 1: round 2 re-signed by the old key; negative 2: the record's old signature made by the new key
+    old = SigningKey.from_seed(k["alg"], bytes.fromhex(k["coordinator_seed"]))
+    entry = LedgerEntry.parse(
+        canonical.encode(bodies[2]), [(new.key_id, bytes.fromhex(json.loads(lines[3])["sigs"][0][1]))]
+    )
+    body = dict(entry.body) | {"signers": [old.key_id]}
+    resigned = json.loads(lines[3]) | {"body": body}
+    raw = canonical.encode(body)
+    resigned |= {
+        "entry_hash": hashlib.sha256(raw).hexdigest(),
+        "sigs": [[old.key_id, old.sign(raw, b"qflare/v1/ledger-entry").hex()]],
+    }
+    fake = rotation.body + new.sign(rotation.body, ROTATION_OLD_CONTEXT) + rotation.new_signature
+    forged = json.loads(lines[2])
+    forged["body"] |= {"record": fake.hex(), "record_sha256": hashlib.sha256(fake).hexdigest()}
+    raw = canonical.encode(forged["body"])
+    forged |= {
+        "entry_hash": hashlib.sha256(raw).hexdigest(),
+        "sigs": [[key.key_id, key.sign(raw, b"qflare/v1/ledger-entry").hex()] for key in (old, new)],
+    }
+    for index, line, want in ((3, resigned, r["negative"][0]), (2, forged, r["negative"][1])):
+        changed = list(lines)
+        changed[index] = canonical.encode(line)
+        path.write_bytes(b"\n".join(changed) + b"\n")
+        with pytest.raises(LedgerVerifyError) as info:
+            verify_export(path, pin=k["coordinator_key_id"], workers=1)
+        assert info.value.seq == want["names_entry"], (want["change"], str(info.value))

@@ -20,6 +20,8 @@ from qflare.crypto.payloads import (
     SignedUpdate,
     open_global_model,
     open_model_request,
+    open_proof,
+    open_proof_request,
     open_receipt,
     open_task,
     open_task_request,
@@ -32,6 +34,7 @@ from qflare.device.announce import check_model, parse_announcement
 from qflare.device.state import pin_server_key, read_pin_file
 from qflare.models import create_model
 from qflare.protocol.messages import TaskInfo, encode_json
+from qflare.protocol.proofs import verify_answer
 from qflare.storage.identity import hash_token
 from qflare.wire import ParamLayout
 
@@ -197,6 +200,21 @@ def _open_with_recipe(
         assert open_task(receiver, frame) == pt
     elif name == "MODEL_REQUEST":
         assert open_model_request(receiver, frame) == json.loads(pt)["version"]
+    elif name == "PROOF_REQUEST":
+        assert open_proof_request(receiver, frame) == json.loads(pt)["round"]
+    elif name == "PROOF":
+        assert open_proof(receiver, frame, rnd) == pt
+        leaf = VECTORS["channel"]["proof_leaf"]
+        srv = SigningKey.from_seed("ML-DSA-65", x(envs["UPDATE_ACK"]["signer_seed"])).public
+        verified = verify_answer(
+            pt,
+            round_number=rnd,
+            device_id=leaf["device_key_id"],
+            update_hash=leaf["update_hash"],
+            examples=leaf["examples"],
+            keys={srv.key_id: srv},
+        )
+        assert verified.included and verified.proof is not None and verified.proof.size == 2
     elif name == "MODEL":
         model_hash = x(envs["GLOBAL_MODEL"]["fields"]["MODEL_HASH"]).hex()
         env, blob = open_global_model(receiver, signer("GLOBAL_MODEL").public, frame, rnd, model_hash)
@@ -257,6 +275,8 @@ def _apply(vec: dict[str, Any]) -> None:
             open_task_request(ch, data)
         elif fed == "open_model_request":
             open_model_request(ch, data)
+        elif fed == "open_proof_request":
+            open_proof_request(ch, data)
         else:
             vk = SigningKey.from_seed(p["key_alg"], x(p["key_seed"])).public
             if fed == "open_update":

@@ -10,7 +10,9 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 from server_fixtures import SPEC, AppTransport, make_runtime
+from typer.testing import CliRunner
 
+from qflare.cli import app
 from qflare.crypto import DEFAULT_SUITE, MsgType, SignedEnvelope, SigningKey
 from qflare.crypto.rotation import GENESIS_HASH, ROTATION_NEW_CONTEXT, sign_revocation, sign_rotation
 from qflare.device import DeviceClient, DeviceState, load_workload, repin
@@ -85,6 +87,24 @@ def test_device_follows_a_rotation_across_a_server_restart(tmp_path: Path) -> No
     # the restarted device process (a fresh DeviceClient on the same state) accepts its old enrollment
     again = DeviceClient(transport=transport, state=state, server_key=new_key, workload=workload)
     assert again.ensure_enrolled(None) is False
+    # round 1's proof was asked once round 2 was open: its entry is signed by the old key, now revoked
+    assert second.proof_failures == [1]
+    # the ledger: round 1 (old key), the rotation and the revocation (appended at the restart, signed by
+    # the new key: rotate_key ran without the database here), round 2 (new key); verifiable from the old pin
+    runner, out = CliRunner(), tmp_path / "ledger.jsonl"
+    exported = runner.invoke(app, ["ledger", "export", "--data-dir", str(server_dir), "--out", str(out)])
+    assert exported.exit_code == 0 and "1 rotation(s)" in " ".join(exported.output.split()), exported.output
+    lines = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [(x["kind"], x["body"]["signers"]) for x in lines[1:]] == [
+        ("round", [old_key_id]),
+        ("key_rotation", [new_key.key_id]),
+        ("key_revocation", [new_key.key_id]),
+        ("round", [new_key.key_id]),
+    ]
+    verified = runner.invoke(app, ["ledger", "verify", str(out), "--pin", old_key_id, "--json"])
+    assert verified.exit_code == 0, verified.output
+    report = json.loads(verified.stdout)
+    assert report["key_chain"] == [old_key_id, new_key.key_id] and report["revoked"] == [old_key_id]
 
 
 def _pinned_state(tmp_path: Path, key: SigningKey) -> DeviceState:

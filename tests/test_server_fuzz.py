@@ -62,7 +62,9 @@ OPERATIONS = [
     ("POST", "/v1/task"),
     ("POST", "/v1/model"),
     ("POST", "/v1/update"),
+    ("POST", "/v1/proof"),
     ("GET", "/v1/identity"),
+    ("GET", "/v1/rotations"),
     ("GET", "/v1/status"),
     ("GET", "/healthz"),
     ("GET", "/readyz"),
@@ -71,6 +73,7 @@ OPERATIONS = [
     ("POST", "/v1/admin/devices/{device_id}/revoke"),
     ("GET", "/v1/admin/devices"),
     ("GET", "/v1/admin/events"),
+    ("GET", "/v1/admin/rounds"),
 ]
 
 
@@ -84,7 +87,14 @@ def operations(fuzzed: Fuzzed) -> dict[tuple[str, str], Any]:
     return ops
 
 
-PUBLIC = {("GET", "/v1/identity"), ("GET", "/v1/status"), ("GET", "/healthz"), ("GET", "/readyz"), ("GET", "/metrics")}
+PUBLIC = {
+    ("GET", "/v1/identity"),
+    ("GET", "/v1/rotations"),
+    ("GET", "/v1/status"),
+    ("GET", "/healthz"),
+    ("GET", "/readyz"),
+    ("GET", "/metrics"),
+}
 
 
 def _newest_event_id(runtime: ServerRuntime) -> int:
@@ -190,7 +200,7 @@ def test_admin_route_authenticated(
     _assert_intact(fuzzed)
 
 
-@pytest.mark.parametrize("path", ["/v1/task", "/v1/model", "/v1/update"])
+@pytest.mark.parametrize("path", ["/v1/task", "/v1/model", "/v1/update", "/v1/proof"])
 def test_sessioned_route_with_a_live_session(path: str, fuzzed: Fuzzed, operations: dict[tuple[str, str], Any]) -> None:
     """Random frames under the device's real session id reach the channel: refused, never a 5xx."""
     session = fuzzed.device._session_id

@@ -18,7 +18,7 @@ import tenacity
 import torch
 import typer
 
-from ..crypto import Suite, VerifyKey
+from ..crypto import SigningKey, Suite, VerifyKey
 from ..data import load_local_data
 from ..data.local import DEFAULT_MAX_BYTES
 from ..device import (
@@ -35,6 +35,7 @@ from ..device import (
     read_pin_file,
 )
 from ..device.loop import Patience
+from ..device.proofs import verify_proofs
 from ..device.rekey import MAX_ROTATIONS_RESPONSE, ROTATIONS_PATH, repin
 from ..device.state import SUITES_BY_NAME
 from ..errors import (
@@ -49,6 +50,7 @@ from ..errors import (
 )
 from ..federation import FederationSpec
 from ..protocol import Route
+from ..protocol.proofs import MAX_ANSWER_BYTES
 from ..transport import HttpTransport
 from ..transport.http import RetryPolicy, model_response_limit
 from . import options as opts
@@ -309,6 +311,7 @@ def client(
                 workload = _workload(spec, index, data, announced, max_data_bytes)
                 check_model(announced, str(spec.model), workload.layout)
                 transport.limit_response(Route.MODEL, model_response_limit(workload.layout))
+                transport.limit_response(Route.PROOF, MAX_ANSWER_BYTES + 4096)  # + AEAD framing
                 dc = DeviceClient(
                     transport=transport,
                     state=state,
@@ -399,13 +402,23 @@ def verify_receipts(
         else:
             key, former = state.load_server_key(), state.former_server_keys()
         checks = state.verify_receipts(key, former=former)
+        device_id = SigningKey.load(state.key_path, passphrase).key_id if state.key_path.exists() else None
+        if device_id is not None:
+            revoked = sorted(state.rotation_chain().revoked)
+            checks += verify_proofs(state, key, device_id, former=former, revoked=revoked)
     bad = [c for c in checks if not c.ok]
     for c in checks:
         if json_:
             print(json.dumps(asdict(c)))
         elif not c.ok:
-            print(f"line {c.line}: round {c.round} update {str(c.update_hash)[:16]}...: FAILED {c.reason}")
-    summary = f"{len(checks) - len(bad)} of {len(checks)} receipts verify against coordinator {key.key_id[:16]}..."
+            where = "receipts.jsonl" if c.kind == "receipt" else "proofs.jsonl"
+            print(f"{where} line {c.line}: round {c.round} update {str(c.update_hash)[:16]}...: FAILED {c.reason}")
+    receipts = [c for c in checks if c.kind == "receipt"]
+    proofs = [c for c in checks if c.kind == "proof"]
+    summary = (
+        f"{sum(c.ok for c in receipts)} of {len(receipts)} receipts verify against coordinator {key.key_id[:16]}...; "
+        f"{sum(c.ok for c in proofs)} of {len(proofs)} inclusion proofs verify"
+    )
     print(summary, file=sys.stderr if json_ else sys.stdout)
     if bad:
         raise typer.Exit(1)

@@ -55,19 +55,29 @@ def export(
 ) -> None:
     """Write the ledger as JSON Lines: a header (coordinator and device public keys), then one entry per line."""
     from ..protocol.provenance import export_ledger
+    from ..server.rotation import load_chain
     from ..storage import Database, Store
 
     with friendly_errors():
         key = _coordinator_key(data_dir)
+        chain = load_chain(data_dir.expanduser())
+        if chain.current is not None and chain.current != key:
+            raise ConfigError(
+                "coordinator.pub is not the key the rotation log ends at: finish the rotation (start the server "
+                "once) before exporting",
+                code="rotation_incomplete",
+            )
         db = Database.from_env(data_dir)
         try:
             db.upgrade()
-            summary = export_ledger(Store(db), key, out, envelopes=envelopes)
+            summary = export_ledger(Store(db), key, out, envelopes=envelopes, former_keys=chain.keys[:-1])
         finally:
             db.dispose()
     console.print(
         f"exported {summary.entries} entries ({summary.rounds} rounds) to {escape(str(out))}; "
         f"coordinator key id {summary.key_id}"
+        + (f" (then {summary.keys - 1} rotation(s), recorded in the ledger)" if summary.keys > 1 else ""),
+        soft_wrap=True,
     )
 
 
@@ -103,6 +113,8 @@ def verify(
                     "head": report.head,
                     "coordinator_key_id": report.coordinator_key_id,
                     "pinned": report.pinned,
+                    "key_chain": list(report.key_chain),
+                    "revoked": list(report.revoked),
                     "device_signatures": report.device_signatures,
                     "missing_envelopes": report.missing_envelopes,
                     "model": None if report.model is None else report.model.__dict__,
@@ -116,6 +128,12 @@ def verify(
         f"coordinator key {report.coordinator_key_id} ({trust})",
         soft_wrap=True,
     )
+    if len(report.key_chain) > 1:
+        revoked = f"; revoked: {', '.join(report.revoked)}" if report.revoked else ""
+        console.print(
+            f"key rotations: {' -> '.join(report.key_chain)} (each signed by the old and the new key){revoked}",
+            soft_wrap=True,
+        )
     console.print(
         f"device signatures: {report.device_signatures} verified, {report.missing_envelopes} update(s) without "
         "an envelope in the export (not checked)"

@@ -265,18 +265,26 @@ def rotate_key(
     """Replace the coordinator's ML-DSA key with a new one and record the rotation, signed by both keys.
 
     Devices pinned to the old key follow the record (GET /v1/rotations) to the new key without
-    re-enrolling.  The old private key is deleted.  Restart the server afterwards: a running server
-    keeps signing with the key it started with."""
+    re-enrolling.  The record also goes into the provenance ledger (a key_rotation entry signed by both
+    keys), so the server's database must be reachable.  The old private key is deleted.  Run it with the
+    server stopped (it refuses while a server runs on the data directory), then start the server."""
     from ..server.rotation import rotate_key as rotate
+    from ..storage import Database, Store
 
     with friendly_errors():
-        result = rotate(
-            data_dir,
-            _passphrase(key_passphrase_env),
-            reason=reason,
-            revoke_old=revoke_old,
-            revoke_reason=revoke_reason,
-        )
+        db = Database.from_env(data_dir)
+        try:
+            db.upgrade()
+            result = rotate(
+                data_dir,
+                _passphrase(key_passphrase_env),
+                reason=reason,
+                revoke_old=revoke_old,
+                revoke_reason=revoke_reason,
+                ledger=Store(db),
+            )
+        finally:
+            db.dispose()
     _print_rotation(result, json_, f"coordinator key rotated: {result.old_key_id} -> {result.new_key_id}")
 
 
@@ -292,11 +300,18 @@ def revoke_key(
 ) -> None:
     """Record that a key rotated away earlier is revoked (signed by the current key).
 
-    Devices that follow the chain then refuse any rotation out of it.  Restart the server afterwards."""
+    Devices that follow the chain then refuse any rotation out of it.  Run it with the server stopped
+    (it refuses otherwise), then start the server."""
     from ..server.rotation import revoke_key as revoke
+    from ..storage import Database, Store
 
     with friendly_errors():
-        result = revoke(data_dir, key_id, _passphrase(key_passphrase_env), reason=reason)
+        db = Database.from_env(data_dir)
+        try:
+            db.upgrade()
+            result = revoke(data_dir, key_id, _passphrase(key_passphrase_env), reason=reason, ledger=Store(db))
+        finally:
+            db.dispose()
     _print_rotation(result, json_, f"key {key_id.strip().lower()} revoked (signed by {result.new_key_id})")
 
 
@@ -312,7 +327,7 @@ def _print_rotation(result: RotationResult, json_: bool, summary: str) -> None:
     for r in records:
         console.print(f"record #{r['sequence']} {r['kind']} sha256 {r['sha256']} ({r['reason'] or 'no reason'})")
     console.print(summary, soft_wrap=True)
-    err_console.print("[yellow]restart the server[/]: a running server keeps the key it started with")
+    err_console.print("[yellow]start the server[/]: it signs with the new key and serves the rotation chain")
 
 
 def register(app: typer.Typer) -> None:

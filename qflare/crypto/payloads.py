@@ -12,6 +12,9 @@ Channel frame types (the round value bound into each frame's AES-GCM AAD in brac
     MODEL        0x33 (version)  coordinator -> device, signed GLOBAL_MODEL envelope + model blob
     UPDATE       0x34 (round)    device -> coordinator, signed UPDATE envelope + update blob
     RECEIPT      0x35 (round)    coordinator -> device, signed UPDATE_ACK envelope + receipt JSON
+    PROOF_REQUEST 0x36 (0)       device -> coordinator, canonical JSON {"round": <int>}
+    PROOF        0x37 (round)    coordinator -> device, the round's signed ledger entry + the device's
+                                 inclusion proof or left-out reason (qflare.protocol.proofs)
 
 MODEL, UPDATE and RECEIPT frames carry a signed payload whose plaintext is::
 
@@ -60,6 +63,8 @@ __all__ = [
     "check_update_ack",
     "open_global_model",
     "open_model_request",
+    "open_proof",
+    "open_proof_request",
     "open_receipt",
     "open_signed_receipt",
     "open_task",
@@ -68,6 +73,8 @@ __all__ = [
     "pack_signed",
     "seal_model",
     "seal_model_request",
+    "seal_proof",
+    "seal_proof_request",
     "seal_receipt",
     "seal_task",
     "seal_task_request",
@@ -91,6 +98,8 @@ class Frame(enum.IntEnum):
     MODEL = 0x33
     UPDATE = 0x34
     RECEIPT = 0x35
+    PROOF_REQUEST = 0x36
+    PROOF = 0x37
 
 
 class AckStatus(enum.IntEnum):
@@ -184,15 +193,19 @@ def seal_model_request(channel: Channel, version: int) -> bytes:
 
 def open_model_request(channel: Channel, frame: bytes) -> int:
     """Coordinator: the model version a MODEL_REQUEST asks for (exactly ``{"version": <int >= 0>}``)."""
-    body = channel.open(Frame.MODEL_REQUEST, 0, frame)
+    return _small_json_int(channel.open(Frame.MODEL_REQUEST, 0, frame), "version", "model request")
+
+
+def _small_json_int(body: bytes, key: str, what: str) -> int:
+    """``{key: <int >= 0>}`` exactly, in at most 64 bytes (MalformedError otherwise)."""
     try:
         obj = json.loads(body.decode("utf-8")) if len(body) <= 64 else None
     except (ValueError, RecursionError):
         obj = None
-    version = obj.get("version") if isinstance(obj, dict) and len(obj) == 1 else None
-    if not isinstance(version, int) or isinstance(version, bool) or version < 0:
-        raise MalformedError('a model request must be {"version": <int >= 0>}', code="malformed")
-    return version
+    value = obj.get(key) if isinstance(obj, dict) and len(obj) == 1 else None
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise MalformedError(f'a {what} must be {{"{key}": <int >= 0>}}', code="malformed")
+    return value
 
 
 def sign_global_model(
@@ -487,3 +500,29 @@ def check_update_ack(env: SignedEnvelope, device_key_id: str, round: int, update
         return AckStatus(env.get_int(Field.STATUS))
     except ValueError:
         raise MalformedError(f"unknown ack status 0x{env.get_int(Field.STATUS):02x}", code="malformed") from None
+
+
+# ---------------------------------------------------------------------------- receipt proof
+def seal_proof_request(channel: Channel, round: int) -> bytes:
+    """Device: ask for the ledger entry of ``round`` and this device's inclusion proof in it."""
+    return channel.seal(Frame.PROOF_REQUEST, 0, canonical_json({"round": round}))
+
+
+def open_proof_request(channel: Channel, frame: bytes) -> int:
+    """Coordinator: the round a PROOF_REQUEST asks about (exactly ``{"round": <int >= 1>}``)."""
+    rnd = _small_json_int(channel.open(Frame.PROOF_REQUEST, 0, frame), "round", "proof request")
+    if rnd < 1:
+        raise MalformedError("a proof request names a round >= 1", code="malformed")
+    return rnd
+
+
+def seal_proof(channel: Channel, round: int, body: bytes) -> bytes:
+    """Coordinator: seal a proof answer (:func:`qflare.protocol.proofs.encode_answer`) as the PROOF frame
+    of ``round``."""
+    return channel.seal(Frame.PROOF, round, body)
+
+
+def open_proof(channel: Channel, frame: bytes, round: int) -> bytes:
+    """Device: open the PROOF frame of ``round`` (a frame for another round fails authentication);
+    checking what it holds is :func:`qflare.protocol.proofs.verify_answer`'s."""
+    return channel.open(Frame.PROOF, round, frame)

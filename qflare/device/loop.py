@@ -45,6 +45,7 @@ from ..errors import (
     StaleModelError,
 )
 from ..protocol import Device, Receipt, SignedUpdate, TaskInfo, Transport
+from .proofs import Awaiting, awaiting_proof, collect
 from .state import DeviceState
 from .workload import Workload
 
@@ -93,6 +94,10 @@ class RunSummary:
     reason: str  # "finished", "max_rounds" or "stopped"
     rounds_trained: list[int] = field(default_factory=list)
     receipts: list[Receipt] = field(default_factory=list)
+    proofs: list[int] = field(default_factory=list)
+    """Rounds whose receipt proof (inclusion proof or left-out reason) was fetched and verified."""
+    proof_failures: list[int] = field(default_factory=list)
+    """Rounds whose proof the coordinator refused or that did not verify (logged, kept in proofs.jsonl)."""
     last_round: int = 0
     model_version: int = 0
     sessions: int = 0
@@ -139,12 +144,14 @@ class DeviceClient:
             clock=clock,
         )
         self._pending: tuple[SignedUpdate, str] | None = None  # (update, base model hash)
+        self._pending_examples = 0  # the example count the pending update signs (for its receipt proof)
         self._skipped: set[int] = set()
         self._trained: set[tuple[int, int]] = set()  # (round, model version): at most one training each
         self._trainings: collections.deque[float] = collections.deque()  # monotonic times, last period
         self._seen_round = 0
         self._capped_logged = False
         self._rekey = rekey
+        self._awaiting: Awaiting | None = awaiting_proof(state)  # survives a restart (receipts.jsonl)
 
     @property
     def device_id(self) -> str:
@@ -253,6 +260,7 @@ class DeviceClient:
                 task = self.device.task()
                 summary.last_round, summary.model_version = task.round, task.model_version
                 self._check_rollback(task)
+                self._collect_proof(task, summary)
                 if task.state == "finished":
                     log.info("federation finished at model version %d", task.model_version)
                     summary.reason = "finished"
@@ -328,6 +336,17 @@ class DeviceClient:
         self.server_key = self.device.server_key = key
         self.device.reset_session()
 
+    def _collect_proof(self, task: TaskInfo, summary: RunSummary) -> None:
+        """Once the round of the last acknowledged update is over (the task names a later round, or no
+        round is open), fetch, verify and keep its receipt proof (:func:`qflare.device.proofs.collect`):
+        one request per acknowledged round, on the poll that shows the round over."""
+        awaiting = self._awaiting
+        if awaiting is None or (task.state == "open" and task.round <= awaiting.round):
+            return
+        verified = collect(self.device, self.state, awaiting)  # raises what is worth asking again
+        self._awaiting = None
+        (summary.proofs if verified is not None else summary.proof_failures).append(awaiting.round)
+
     def _check_rollback(self, task: TaskInfo) -> None:
         """Refuse a task older than what this device already accepted (StaleModelError ``model_rollback``)."""
         version, rnd = self.state.progress()
@@ -394,6 +413,7 @@ class DeviceClient:
                 result.mean_loss,
             )
             pending = self._pending = (self.device.prepare_update(task, model, result), model.sha256)
+            self._pending_examples = result.num_examples
         else:
             log.info(
                 "round %d: resending update %s... whose acknowledgement was lost",
@@ -402,7 +422,9 @@ class DeviceClient:
             )
         receipt, ack = self.device.submit_signed(pending[0])
         self._pending = None
-        self.state.append_receipt(self.device_id, ack)
+        examples = self._pending_examples
+        self.state.append_receipt(self.device_id, ack, examples)
+        self._awaiting = Awaiting(receipt.round, receipt.update_hash, examples)
         self.state.record_progress(round=receipt.round)
         log.info(
             "round %d: update %s... acknowledged (%d in the round%s)",

@@ -12,7 +12,11 @@ A state directory (mode 0700) holds:
   and the highest round it holds a signed receipt for: anything older is refused (no rollback);
 * ``receipts.jsonl`` - one line per update the coordinator acknowledged: the signed UPDATE_ACK
   envelope (``ack``, hex) and the values it signs (device, round, update hash, duplicate, time), so
-  every line can be re-verified against the pinned key (an audit trail, and proof of delivery).
+  every line can be re-verified against the pinned key (an audit trail, and proof of delivery), and the
+  example count the device signed in that update;
+* ``proofs.jsonl`` - after each such round, the coordinator's signed ledger entry of the round and the
+  Merkle inclusion proof of the update (or the reason it was left out), verified
+  (:mod:`qflare.device.proofs`).
 
 Pinning is never trust-on-first-use: the operator gives the key id out of band (``--server-key-id`` or
 the server's ``coordinator.keyid``/``coordinator.pub`` file), and the key served at ``/v1/identity``
@@ -134,13 +138,14 @@ def _write_private(path: Path, data: bytes) -> None:
 
 @dataclass(frozen=True)
 class ReceiptCheck:
-    """The outcome of re-verifying one line of ``receipts.jsonl``."""
+    """The outcome of re-verifying one line of ``receipts.jsonl`` (or, ``kind="proof"``, of ``proofs.jsonl``)."""
 
     line: int
     ok: bool
     round: int | None
     update_hash: str | None
     reason: str = ""
+    kind: str = "receipt"
 
 
 class DeviceState:
@@ -288,8 +293,9 @@ class DeviceState:
         return new
 
     # ------------------------------------------------------------------ receipts
-    def append_receipt(self, device_id: str, ack: bytes) -> dict[str, Any]:
-        """Store a verified UPDATE_ACK envelope and the values it signs (nothing unsigned); the line."""
+    def append_receipt(self, device_id: str, ack: bytes, examples: int | None = None) -> dict[str, Any]:
+        """Store a verified UPDATE_ACK envelope and the values it signs; the line.  ``examples`` is the
+        example count this device signed in the update (kept to check the round's inclusion proof)."""
         env = SignedEnvelope.parse(ack, expected_type=MsgType.UPDATE_ACK)
         line = {
             "device_id": env.get_key_id(Field.DEVICE_KEY_ID),
@@ -299,6 +305,8 @@ class DeviceState:
             "signed_at": env.get_int(Field.TIMESTAMP),
             "ack": ack.hex(),
         }
+        if examples is not None:
+            line["examples"] = int(examples)
         if line["device_id"] != device_id:
             raise AuthError("the acknowledgement names another device", code="bad_receipt")
         fd = os.open(self.receipts_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)

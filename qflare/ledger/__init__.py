@@ -3,6 +3,7 @@
 * :mod:`.canonical` - the one byte encoding of an entry body (canonical JSON).
 * :mod:`.entry` - :class:`LedgerEntry` (sign, parse, verify) and the registry of entry kinds.
 * :mod:`.round_entry` - the ``round`` kind (:class:`RoundRecord`).
+* :mod:`.key_entry` - the ``key_rotation`` / ``key_revocation`` kinds (coordinator key changes).
 * :mod:`.merkle` - RFC 9162 Merkle trees over a round's updates, inclusion proofs.
 * :mod:`.export` / :mod:`.verify` - the JSON Lines export and its offline verifier.
 
@@ -22,6 +23,7 @@ from .entry import (
     register_kind,
 )
 from .export import EXPORT_FORMAT, ExportHeader, entry_line, header_line, parse_entry_line
+from .key_entry import KEY_REVOCATION_KIND, KEY_ROTATION_KIND, key_record_entry, key_record_fields
 from .merkle import InclusionProof, inclusion_proof, leaf_hash, merkle_root, update_leaf, verify_inclusion
 from .round_entry import ROUND_KIND, LeftOut, RoundRecord, RoundUpdate, round_leaves
 from .verify import LedgerVerifyError, ModelMatch, VerifyReport, verify_export, verify_file
@@ -31,6 +33,8 @@ __all__ = [
     "EXPORT_FORMAT",
     "FORMAT_VERSION",
     "GENESIS_PREV",
+    "KEY_REVOCATION_KIND",
+    "KEY_ROTATION_KIND",
     "KINDS",
     "ROUND_KIND",
     "ExportHeader",
@@ -48,6 +52,8 @@ __all__ = [
     "entry_line",
     "header_line",
     "inclusion_proof",
+    "key_record_entry",
+    "key_record_fields",
     "leaf_hash",
     "merkle_root",
     "parse_entry_line",

@@ -47,6 +47,7 @@ __all__ = [
     "apply_kind",
     "check_trusted",
     "register_kind",
+    "untrusted_reason",
 ]
 
 FORMAT_VERSION = 1
@@ -67,6 +68,15 @@ class TrustState:
     """The highest round number an entry has recorded so far."""
     current_model: str | None = None
     """The model hash the last closed round published (the next round's parent)."""
+    key_chain: list[str] = field(default_factory=list)
+    """Every coordinator key id trusted so far, in order (the current one last); empty until the
+    verifier seeds it with the first trusted key."""
+    revoked: set[str] = field(default_factory=set)
+    """Coordinator key ids a ``key_revocation`` entry revoked: they may sign nothing after it."""
+    record_head: str = "0" * 64
+    """SHA-256 (hex) of the last key rotation/revocation record applied (64 zeros: none yet)."""
+    record_seq: int = 0
+    """Its sequence number in the coordinator's rotation chain (0: none yet)."""
 
 
 @dataclass(frozen=True)
@@ -87,6 +97,16 @@ class KindSpec:
     apply: Callable[[Mapping[str, Any], TrustState], None]
     about_round: bool = True
     """Whether ``round`` is an integer (True) or null (False) in entries of this kind."""
+    max_signers: int = 0
+    """The most keys that may sign an entry of this kind (0: exactly ``signers``)."""
+    trust: Callable[[Sequence[str], Mapping[str, Any], TrustState], None] | None = None
+    """Which signers are trusted for an entry of this kind, in ledger order, before ``apply``
+    (None: every signer must be a currently trusted coordinator key, :func:`check_trusted`).  A key
+    rotation entry may also be signed by the new key its embedded record introduces."""
+
+    @property
+    def signer_range(self) -> tuple[int, int]:
+        return self.signers, max(self.signers, self.max_signers)
 
 
 _KINDS: dict[str, KindSpec] = {}
@@ -97,7 +117,7 @@ def register_kind(spec: KindSpec) -> KindSpec:
     """Register an entry kind (ConfigError ``duplicate_name`` if the name is taken)."""
     if spec.name in _KINDS:
         raise ConfigError(f"ledger entry kind {spec.name!r} is already registered", code="duplicate_name")
-    if spec.fields & COMMON_FIELDS or not 1 <= spec.signers <= MAX_SIGNERS:
+    if spec.fields & COMMON_FIELDS or not 1 <= spec.signers <= spec.signer_range[1] <= MAX_SIGNERS:
         raise ConfigError(f"ledger entry kind {spec.name!r}: bad fields or signer count", code="config_error")
     _KINDS[spec.name] = spec
     return spec
@@ -133,13 +153,15 @@ def _check_common(body: Any) -> KindSpec:
     if not isinstance(time, int) or isinstance(time, bool) or time < 0:
         raise _bad("time must be a non-negative integer")
     signers = body["signers"]
+    low, high = spec.signer_range
     if (
         not isinstance(signers, list)
-        or len(signers) != spec.signers
+        or not low <= len(signers) <= high
         or not all(is_hex32(s) for s in signers)
         or len(set(signers)) != len(signers)
     ):
-        raise _bad(f"a {kind} entry names {spec.signers} distinct signer key id(s)")
+        count = str(low) if low == high else f"{low} to {high}"
+        raise _bad(f"a {kind} entry names {count} distinct signer key id(s)")
     return spec
 
 
@@ -234,8 +256,25 @@ def apply_kind(kind: str, summary: Mapping[str, Any], state: TrustState) -> None
     KINDS[kind].apply(summary, state)
 
 
-def check_trusted(signers: Sequence[str], state: TrustState) -> None:
-    """MalformedError unless every signer is a coordinator key trusted at this point of the ledger."""
+def check_trusted(
+    signers: Sequence[str], state: TrustState, kind: str | None = None, summary: Mapping[str, Any] | None = None
+) -> None:
+    """MalformedError unless the signers of an entry are trusted at this point of the ledger: by the
+    kind's own ``trust`` rule when it has one (given ``kind`` and its ``summary``), else every signer
+    must be a current coordinator key."""
+    spec = KINDS.get(kind) if kind is not None else None
+    if spec is not None and spec.trust is not None and summary is not None:
+        spec.trust(signers, summary, state)
+        return
     for key_id in signers:
         if key_id not in state.coordinator_keys:
-            raise _bad(f"signed by key {key_id[:16]}..., which is not trusted at this point of the ledger")
+            raise _bad(untrusted_reason(key_id, state))
+
+
+def untrusted_reason(key_id: str, state: TrustState) -> str:
+    """Why ``key_id`` may not sign here: revoked, rotated away, or never a coordinator key."""
+    if key_id in state.revoked:
+        return f"signed by key {key_id[:16]}..., which was revoked earlier in the ledger"
+    if key_id in state.key_chain:
+        return f"signed by key {key_id[:16]}..., which an earlier key_rotation entry rotated away"
+    return f"signed by key {key_id[:16]}..., which is not trusted at this point of the ledger"

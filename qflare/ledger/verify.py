@@ -2,7 +2,8 @@
 
 For every entry, in file order: the line parses strictly; ``seq`` is the previous entry's + 1 (the
 first is 1) and ``prev`` is the previous entry's hash (the first: 64 zeros); every signature verifies
-under a trusted coordinator key (the header's key, which must equal ``pin`` when one is given); the
+under a coordinator key trusted at that point (the header's first key until a ``key_rotation`` entry
+moves the trust to its new key; ``pin`` must be one of the keys trusted along the way); the
 kind's own check passes (for a round: the Merkle root equals the listed updates', the round numbers
 increase, the parent model is the model the previous closed round published); and each update's
 signed envelope, where the export carries one, is the device's signature over exactly that update in
@@ -80,6 +81,10 @@ class VerifyReport:
     head: str | None
     """The last entry's hash (None for an empty ledger)."""
     model: ModelMatch | None = None
+    key_chain: tuple[str, ...] = ()
+    """The coordinator key ids trusted along the ledger, in order (more than one after a rotation)."""
+    revoked: tuple[str, ...] = ()
+    """Coordinator key ids revoked by a key_revocation entry."""
 
 
 def _check_envelopes(entry: LedgerEntry, envelopes: Sequence[bytes | None], state: TrustState) -> tuple[int, int]:
@@ -322,13 +327,16 @@ def verify_file(
     except (QflareError, ValueError, TypeError, KeyError) as exc:
         reason = exc.message if isinstance(exc, QflareError) else str(exc)
         raise LedgerVerifyError("header (line 1)", reason, line=1) from None
-    if pin is not None and header.coordinator.key_id != pin.lower():
+    pinned = None if pin is None else pin.lower()
+    if pinned is not None and pinned not in {k.key_id for k in header.coordinator_keys}:
         raise LedgerVerifyError(
             "header (line 1)",
-            f"the coordinator key {header.coordinator.key_id[:16]}... is not the pinned key {pin[:16]}...",
+            f"the pinned key {pinned[:16]}... is not a coordinator key of this export "
+            f"(its first key is {header.coordinator.key_id[:16]}...)",
             line=1,
         )
     state = TrustState({header.coordinator.key_id: header.coordinator}, {k.key_id: k for k in header.devices})
+    state.key_chain.append(header.coordinator.key_id)
     prev, seq, rounds, checked, missing = GENESIS_PREV, 0, 0, 0, 0
     published: dict[str, ModelMatch] = {}
     for result in _results(source, header, body_start, default_workers(workers), check_envelopes):
@@ -345,7 +353,7 @@ def verify_file(
                 raise ValueError(f"seq is {result.seq}, expected {seq} (an entry is missing, extra or out of order)")
             if result.prev != prev:
                 raise ValueError("prev does not match the previous entry's hash (the chain is broken)")
-            check_trusted(result.signers, state)
+            check_trusted(result.signers, state, result.kind, result.summary)
             assert result.summary is not None
             apply_kind(result.kind, result.summary, state)
         except (QflareError, ValueError) as exc:
@@ -360,6 +368,12 @@ def verify_file(
                 published[parent] = ModelMatch(seq, result.round_number, None, parent, "parent")
             if model is not None:
                 published[model] = ModelMatch(seq, result.round_number, version, model)
+    if pinned is not None and pinned not in state.key_chain:
+        raise LedgerVerifyError(
+            "file",
+            f"the pinned key {pinned[:16]}... is neither the export's first coordinator key nor reached from it "
+            "by a key_rotation entry",
+        )
     if seq != header.entries:
         raise LedgerVerifyError(
             f"entry {seq + 1}" if seq < header.entries else "file",
@@ -371,6 +385,8 @@ def verify_file(
         rounds=rounds,
         coordinator_key_id=header.coordinator.key_id,
         pinned=pin is not None,
+        key_chain=tuple(state.key_chain),
+        revoked=tuple(sorted(state.revoked)),
         device_signatures=checked,
         missing_envelopes=missing,
         head=None if seq == 0 else prev,

@@ -40,6 +40,7 @@ from ..crypto import (
     Suite,
     VerifyKey,
     open_model_request,
+    open_proof_request,
     open_task_request,
     open_update,
     seal_model,
@@ -50,10 +51,13 @@ from ..crypto import (
 from ..crypto.envelope import u64
 from ..crypto.handshake import HELLO_FRESHNESS_S
 from ..crypto.identity import key_id_of
+from ..crypto.payloads import seal_proof
 from ..errors import (
     AuthError,
     ConfigError,
+    ErrorCode,
     MalformedError,
+    NotFoundError,
     OversizeError,
     PolicyError,
     ProtocolError,
@@ -72,6 +76,8 @@ from ..strategy import ClientUpdate, Pipeline
 from ..wire import ParamLayout, decode_blob
 from .budget import CryptoBudget, Work
 from .messages import Receipt, Route, TaskInfo
+from .proofs import answer_for
+from .provenance import entry_of
 from .records import DeviceRow
 from .rounds import PublishedModel, RoundConfig, RoundManager
 from .store import BlobSink, CoordinatorStore
@@ -279,6 +285,8 @@ class Coordinator:
                         out = self._task(sess, body)
                     elif route is Route.MODEL:
                         out = self._model(sess, body)
+                    elif route is Route.PROOF:
+                        out = self._proof(sess, body)
                     else:
                         out = self._update(sess, body)
                 except QflareError as exc:
@@ -521,6 +529,22 @@ class Coordinator:
         if version != model.version:
             raise StaleModelError(f"model version {version} is not the current {model.version}", code="stale_model")
         return seal_model(sess.channel, model.version, model.envelope, model.blob)
+
+    def _proof(self, sess: _Session, body: bytes) -> bytes:
+        """The round's signed ledger entry and this device's inclusion proof (or left-out reason) in it."""
+        number = open_proof_request(sess.channel, body)
+        row = self.store.ledger_entry_for_round(number)
+        if row is None:
+            stored = self.store.get_round(number)
+            if stored is None or stored.state not in ("closed", "failed"):
+                raise RoundError(
+                    f"round {number} has not closed yet: ask for its proof once it has", code=ErrorCode.ROUND_NOT_CLOSED
+                )
+            raise NotFoundError(
+                f"round {number} closed before the provenance ledger existed: it has no entry",
+                code=ErrorCode.NO_LEDGER_ENTRY,
+            )
+        return seal_proof(sess.channel, number, answer_for(entry_of(row), sess.device_id))
 
     def _update(self, sess: _Session, body: bytes) -> bytes:
         if len(body) > self.config.max_update_bytes:

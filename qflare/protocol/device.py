@@ -14,7 +14,7 @@ import hashlib
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from typing import Protocol, TypeVar
 
@@ -42,11 +42,12 @@ from ..crypto import (
     sign_update,
 )
 from ..crypto.envelope import u64
-from ..crypto.payloads import open_signed_receipt
+from ..crypto.payloads import open_proof, open_signed_receipt, seal_proof_request
 from ..errors import ArchitectureMismatchError, AuthError, SessionExpiredError, ValidationError
 from ..training import TrainResult
 from ..wire import ParamLayout, decode_blob, encode_update
 from .messages import Receipt, Route, TaskInfo
+from .proofs import VerifiedProof, verify_answer
 
 __all__ = ["Device", "GlobalModel", "SignedUpdate", "Transport"]
 
@@ -191,3 +192,35 @@ class Device:
         ):
             raise AuthError("receipt disagrees with the signed acknowledgement", code="bad_receipt")
         return receipt, ack
+
+    def fetch_proof(
+        self,
+        round_number: int,
+        update_hash: str,
+        examples: int,
+        *,
+        former_keys: Mapping[str, VerifyKey] | None = None,
+        revoked: Collection[str] = (),
+    ) -> tuple[VerifiedProof, bytes]:
+        """After ``round_number`` closed: fetch its signed ledger entry and this device's inclusion proof
+        (or left-out reason) for the update ``update_hash`` of ``examples`` examples, and verify them
+        (:func:`qflare.protocol.proofs.verify_answer`; AuthError ``bad_inclusion_proof``).  The entry may be
+        signed by the pinned key or by one of ``former_keys`` (keys this device followed a verified
+        rotation away from), never by a ``revoked`` key.  A round that has not closed yet is RoundError
+        ``round_not_closed``.  Returns the verified proof and the answer's bytes (to store and re-check)."""
+        keys = {**(former_keys or {}), self.server_key.key_id: self.server_key}
+        raw = self._call(
+            Route.PROOF,
+            lambda ch: seal_proof_request(ch, round_number),
+            lambda ch, reply: open_proof(ch, reply, round_number),
+        )
+        verified = verify_answer(
+            raw,
+            round_number=round_number,
+            device_id=self.identity.key_id,
+            update_hash=update_hash,
+            examples=examples,
+            keys=keys,
+            revoked=revoked,
+        )
+        return verified, raw

@@ -42,6 +42,7 @@ class Route(enum.StrEnum):
     TASK = "task"
     MODEL = "model"
     UPDATE = "update"
+    PROOF = "proof"
 
 
 MAX_COUNTER = 2**53 - 1

@@ -158,6 +158,9 @@ class ExportSummary:
     entries: int
     rounds: int
     key_id: str
+    """The header's ``coordinator``: the key trusted from the first entry on (what a verifier pins)."""
+    keys: int = 1
+    """How many coordinator keys the header lists (1 + the rotations)."""
 
 
 def export_ledger(
@@ -167,12 +170,18 @@ def export_ledger(
     *,
     envelopes: bool = True,
     page: int = 1000,
+    former_keys: Sequence[VerifyKey] = (),
 ) -> ExportSummary:
     """Write the whole ledger of ``store`` to ``out`` (docs/provenance.md, "Export"), atomically.
 
-    ``coordinator`` is the coordinator's public key; every enrolled device's key goes into the header.
-    With ``envelopes`` each round entry carries its updates' signed envelopes.  ConfigError
-    ``ledger_unverifiable`` if an entry is signed by a key other than ``coordinator``."""
+    ``coordinator`` is the coordinator's current public key and ``former_keys`` the keys it rotated
+    away from, oldest first (``ChainState.keys[:-1]`` of its rotation chain): the header's
+    ``coordinator`` is the oldest of them (trusted from the first entry; key_rotation entries lead the
+    verifier on) and ``coordinator_keys`` lists them all.  Every enrolled device's key goes into the
+    header.  With ``envelopes`` each round entry carries its updates' signed envelopes.  ConfigError
+    ``config_error`` if an entry is signed by a key that is none of these."""
+    chain = [*former_keys, coordinator]
+    allowed = {k.key_id for k in chain}
     target = Path(out)
     head = store.last_ledger_entry()
     count = 0 if head is None else head.seq
@@ -181,7 +190,7 @@ def export_ledger(
     rounds = 0
     try:
         with tmp.open("wb") as fh:
-            fh.write(header_line(coordinator, devices, count) + b"\n")
+            fh.write(header_line(chain[0], devices, count, chain) + b"\n")
             after = 0
             while after < count:
                 rows = store.ledger_entries(after_seq=after, limit=page)
@@ -191,11 +200,12 @@ def export_ledger(
                     if row.seq > count:
                         break
                     entry = entry_of(row)
-                    unknown = [k for k, _ in entry.signatures if k != coordinator.key_id]
+                    unknown = [k for k, _ in entry.signatures if k not in allowed]
                     if unknown:
                         raise ConfigError(
-                            f"ledger entry {row.seq} is signed by key {unknown[0][:16]}..., not by the coordinator "
-                            f"key {coordinator.key_id[:16]}... given for the export",
+                            f"ledger entry {row.seq} is signed by key {unknown[0][:16]}..., none of the "
+                            f"coordinator keys given for the export (current {coordinator.key_id[:16]}... and "
+                            f"{len(former_keys)} former)",
                             code="config_error",
                         )
                     stored: list[bytes | None] = []
@@ -215,4 +225,4 @@ def export_ledger(
         os.replace(tmp, target)
     finally:
         tmp.unlink(missing_ok=True)
-    return ExportSummary(count, rounds, coordinator.key_id)
+    return ExportSummary(count, rounds, chain[0].key_id, len(chain))

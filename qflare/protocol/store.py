@@ -8,7 +8,7 @@ transaction: it either happens completely or raises and changes nothing.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from datetime import datetime, timedelta
 from typing import Any, Protocol
 
@@ -56,6 +56,8 @@ class CoordinatorStore(Protocol):
     ) -> RoundRow: ...
 
     def current_round(self) -> RoundRow | None: ...
+
+    def get_round(self, round_number: int) -> RoundRow | None: ...
 
     def list_rounds(self, limit: int | None = None) -> list[RoundRow]: ...
 
@@ -115,6 +117,12 @@ class CoordinatorStore(Protocol):
     # -- provenance ledger ------------------------------------------------------------------
     def append_ledger(self, entry: LedgerEntry) -> LedgerRow:
         """Append an entry that closes no round; ReplayError ``ledger_conflict`` unless it extends the head."""
+        ...
+
+    def append_key_records(
+        self, build: Callable[[LedgerRow | None, frozenset[str]], Sequence[LedgerEntry]]
+    ) -> list[LedgerRow]:
+        """Append ``build(head, record hashes already in the ledger)`` under the ledger lock, one transaction."""
         ...
 
     def last_ledger_entry(self) -> LedgerRow | None: ...

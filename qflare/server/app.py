@@ -201,7 +201,7 @@ def create_app(runtime: ServerRuntime) -> FastAPI:
             return await call(route, request, body, session_id, media_type)
 
         endpoint: Callable[..., Awaitable[Response]]
-        if route in (Route.TASK, Route.MODEL):
+        if route in (Route.TASK, Route.MODEL, Route.PROOF):
 
             async def endpoint(request: Request, x_qflare_session: SessionHeader = None) -> Response:
                 return await serve(request, x_qflare_session)
@@ -228,6 +228,11 @@ def create_app(runtime: ServerRuntime) -> FastAPI:
     )
     protocol_route(Route.TASK, "Sealed task request -> sealed task")
     protocol_route(Route.MODEL, "Sealed model request -> sealed signed global model")
+    protocol_route(
+        Route.PROOF,
+        "Sealed proof request (a closed round) -> sealed signed ledger entry + this device's inclusion proof "
+        "or left-out reason",
+    )
 
     @app.post(
         "/v1/update",

@@ -7,17 +7,21 @@ Files under the data directory (besides ``coordinator.key``/``.pub``/``.keyid``)
     coordinator.key.next     the new key while a rotation is in flight (PKCS#8, 0600)
     retired-keys/<id>.pub    the public key (hex) of every key rotated away (the chain holds it too)
     .rotate.lock             serialises concurrent ``rotate-key``/``revoke-key`` runs (flock)
+    .server.lock             held (shared flock) by every running server: a rotation refuses to run then
 
 A rotation is three durable steps, in this order: (1) the new key is saved as ``coordinator.key.next``;
 (2) the record(s) are appended to ``rotations.jsonl`` - **the commit point**; (3) ``coordinator.key.next``
 replaces ``coordinator.key`` (``os.replace``: the old private key is gone in the same step) and the pin
-files are rewritten.  :func:`recover` (run by every rotation and at every server start) finishes a
+files are rewritten; then, given the server's store, (4) the record(s) are appended to the provenance
+ledger, a rotation signed by both keys (:mod:`qflare.protocol.key_ledger`).  Records a crash left out of
+the ledger are appended, signed by the current key, before the next rotation and at server start.  :func:`recover` (run by every rotation and at every server start) finishes a
 rotation interrupted after step 2 and discards the half-made key of one interrupted before it, so the
 data directory never holds a key without its record nor a record without its key.
 
 The old private key is not archived: a retired key that still exists could sign a rotation to an
 attacker's key (see docs/protocol.md, "Coordinator key rotation").  A running server keeps the key it
-started with: restart it after a rotation.
+started with, so a rotation refuses to run while one holds the data directory's ``.server.lock``
+(:func:`server_lock`): stop the server, rotate, start it.
 """
 
 from __future__ import annotations
@@ -43,18 +47,21 @@ from ..crypto.rotation import (
     verify_chain,
 )
 from ..errors import ConfigError, ErrorCode, QflareError
+from ..protocol.key_ledger import KeyRecordSink, catch_up, record_new
 from .credentials import KEY_FILE, KEYID_FILE, PUB_FILE
 
 __all__ = [
     "LOG_FILE",
     "NEXT_KEY_FILE",
     "RETIRED_DIR",
+    "SERVER_LOCK_FILE",
     "RotationResult",
     "check_key_matches_chain",
     "load_chain",
     "recover",
     "revoke_key",
     "rotate_key",
+    "server_lock",
 ]
 
 LOG_FILE, NEXT_KEY_FILE, RETIRED_DIR, LOCK_FILE = (
@@ -64,6 +71,23 @@ LOG_FILE, NEXT_KEY_FILE, RETIRED_DIR, LOCK_FILE = (
     ".rotate.lock",
 )
 _MAX_LOG_BYTES = 4 * 1024 * 1024
+SERVER_LOCK_FILE = ".server.lock"
+
+
+def server_lock(data_dir: Path) -> int:
+    """Take the running server's shared lock on ``data_dir`` (``.server.lock``); the descriptor, which
+    the server closes when it stops (the lock also ends with its process).  Shared: several runtimes of
+    one process (tests) may hold it; a rotation's exclusive attempt fails while any does."""
+    fd = os.open(Path(data_dir) / SERVER_LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise ConfigError(
+            f"a key rotation is running on {data_dir}: start the server when it is done",
+            code=ErrorCode.ROTATION_INCOMPLETE,
+        ) from None
+    return fd
 
 
 def _incomplete(message: str) -> ConfigError:
@@ -199,6 +223,7 @@ def recover(data_dir: Path, passphrase: bytes | None) -> ChainState:
 @contextmanager
 def _locked(data_dir: Path) -> Iterator[None]:
     fd = os.open(data_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
+    server = os.open(data_dir / SERVER_LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -206,8 +231,17 @@ def _locked(data_dir: Path) -> Iterator[None]:
             raise ConfigError(
                 f"another rotate-key or revoke-key is running on {data_dir}", code=ErrorCode.ROTATION_INCOMPLETE
             ) from None
+        try:  # held for the whole rotation: a server cannot start meanwhile either
+            fcntl.flock(server, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ConfigError(
+                f"a server is running on {data_dir}: stop it before rotating or revoking its key (a running "
+                "server keeps signing with the old key, and its ledger entries would not verify)",
+                code=ErrorCode.ROTATION_INCOMPLETE,
+            ) from None
         yield
     finally:
+        os.close(server)
         os.close(fd)
 
 
@@ -235,13 +269,19 @@ def rotate_key(
     revoke_old: bool = False,
     revoke_reason: str = "compromised",
     clock: Callable[[], float] = time.time,
+    ledger: KeyRecordSink | None = None,
 ) -> RotationResult:
-    """Replace the coordinator key with a new one of the same algorithm and record it (see the module)."""
+    """Replace the coordinator key with a new one of the same algorithm and record it (see the module).
+
+    With ``ledger`` (the server's store), records a crash left out of the provenance ledger are
+    appended first, and the new records right after the commit point (signed by both keys)."""
     data_dir = Path(data_dir).expanduser()
     with _locked(data_dir):
         chain = recover(data_dir, passphrase)
         old = _current_key(data_dir, passphrase)
         check_key_matches_chain(old, chain)
+        if ledger is not None:
+            catch_up(ledger, chain, old, clock=clock)
         extra = 2 if revoke_old else 1
         if len(chain.records) + extra > MAX_CHAIN_RECORDS:
             raise ConfigError(
@@ -268,6 +308,8 @@ def rotate_key(
         new.save(data_dir / NEXT_KEY_FILE, passphrase)  # step 1
         _write_log(data_dir, final.records)  # step 2: the commit point
         _install_key(data_dir, passphrase, final)  # step 3
+        if ledger is not None:  # step 4 (a crash before it: catch_up at the next start appends them)
+            record_new(ledger, final, old, new, clock=clock)
     return RotationResult(old.key_id, new.key_id, added, final)
 
 
@@ -278,13 +320,17 @@ def revoke_key(
     *,
     reason: str = "compromised",
     clock: Callable[[], float] = time.time,
+    ledger: KeyRecordSink | None = None,
 ) -> RotationResult:
-    """Record that a former coordinator key (rotated away earlier) is revoked, signed by the current key."""
+    """Record that a former coordinator key (rotated away earlier) is revoked, signed by the current key
+    (and, with ``ledger``, append the revocation to the provenance ledger after the commit point)."""
     data_dir = Path(data_dir).expanduser()
     with _locked(data_dir):
         chain = recover(data_dir, passphrase)
         current = _current_key(data_dir, passphrase)
         check_key_matches_chain(current, chain)
+        if ledger is not None:
+            catch_up(ledger, chain, current, clock=clock)
         if len(chain.records) + 1 > MAX_CHAIN_RECORDS:
             raise ConfigError(
                 f"the rotation chain is full ({MAX_CHAIN_RECORDS} records)", code=ErrorCode.BAD_ROTATION_RECORD
@@ -302,4 +348,6 @@ def revoke_key(
         )
         final = verify_chain((*chain.records, record))
         _write_log(data_dir, final.records)
+        if ledger is not None:
+            record_new(ledger, final, current, current, clock=clock)
     return RotationResult(current.key_id, current.key_id, (record,), final)

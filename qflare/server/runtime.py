@@ -27,6 +27,7 @@ from ..errors import ConfigError
 from ..federation import FederationSpec
 from ..models import create_model
 from ..protocol import Coordinator, CoordinatorConfig, PublishedModel, RoundConfig
+from ..protocol.key_ledger import catch_up
 from ..published import Architecture
 from ..storage import BlobStore, Database, Store
 from ..storage.scrub import ScrubReport, verify_store
@@ -36,7 +37,7 @@ from .credentials import AdminToken, load_or_create_admin_token, load_or_create_
 from .evaluation import Evaluator
 from .limits import HttpLimits
 from .metrics import LiveFigures, ServerMetrics
-from .rotation import check_key_matches_chain
+from .rotation import check_key_matches_chain, server_lock
 from .rotation import recover as recover_rotation
 
 __all__ = ["ServerConfig", "ServerRuntime"]
@@ -88,7 +89,12 @@ class ServerRuntime:
         require_primitives(config.federation.suite)
         self.data_dir = Path(config.data_dir).expanduser().resolve()
         self.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        self.db = Database.from_env(self.data_dir, environ)
+        self._lock_fd: int | None = server_lock(self.data_dir)  # rotate-key refuses while it is held
+        try:
+            self.db = Database.from_env(self.data_dir, environ)
+        except BaseException:
+            self._release_lock()
+            raise
         try:
             self.db.upgrade()
             self.store = Store(self.db)
@@ -99,6 +105,12 @@ class ServerRuntime:
                 self.data_dir, config.key_passphrase, config.federation.suite.sig
             )
             check_key_matches_chain(self.identity, self.rotations)
+            # before the round manager's recovery can sign a round entry with a key the ledger does not
+            # know yet: the rotation records a crash left out of the ledger go in first
+            for row in catch_up(self.store, self.rotations, self.identity):
+                _log.warning(
+                    "ledger: appended key record entry %d (%s) left out by an interrupted rotation", row.seq, row.kind
+                )
             self.admin: AdminToken = load_or_create_admin_token(self.data_dir, environ)
             self.metrics = ServerMetrics()
             self.trackers = open_trackers(
@@ -115,6 +127,7 @@ class ServerRuntime:
             if hasattr(self, "trackers"):
                 self.trackers.close()
             self.db.dispose()
+            self._release_lock()
             raise
         self.metrics.attach(LiveFigures(self.coordinator.rounds.status, self.store.count_updates, self._active_devices))
         self._stop = threading.Event()
@@ -211,6 +224,12 @@ class ServerRuntime:
         self.started = False
         self.trackers.close()
         self.db.dispose()
+        self._release_lock()
+
+    def _release_lock(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # closing the descriptor releases the flock
+            self._lock_fd = None
 
     def _run_loop(self) -> None:
         while not self._stop.wait(self.config.step_interval_s):

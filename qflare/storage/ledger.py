@@ -9,7 +9,8 @@ that close no round (the kinds that other features add).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import json
+from collections.abc import Callable, Sequence
 from datetime import datetime
 
 from sqlalchemy import select
@@ -22,7 +23,10 @@ from qflare.storage import tables as t
 from qflare.storage._base import StoreBase, finite_int
 from qflare.storage.records import LedgerRow
 
-__all__ = ["LedgerOps", "insert_ledger", "ledger_row"]
+__all__ = ["KEY_KINDS", "LedgerOps", "insert_ledger", "ledger_row"]
+
+KEY_KINDS = ("key_rotation", "key_revocation")
+"""The entry kinds that embed a coordinator key rotation chain record."""
 
 
 def ledger_row(row: t.LedgerEntry) -> LedgerRow:
@@ -84,6 +88,28 @@ class LedgerOps(StoreBase):
         try:
             with self._write() as s:
                 return insert_ledger(s, self._lock_table, entry, at)
+        except IntegrityError as exc:
+            raise ReplayError("ledger entry hash already present", code="ledger_conflict") from exc
+
+    def append_key_records(
+        self,
+        build: Callable[[LedgerRow | None, frozenset[str]], Sequence[LedgerEntry]],
+        *,
+        created_at: datetime | None = None,
+    ) -> list[LedgerRow]:
+        """Append the entries ``build(head, present)`` returns, in one transaction that holds the
+        ledger's table lock: ``head`` is the ledger head, ``present`` the ``record_sha256`` of every
+        key rotation/revocation entry already stored.  So a record goes in at most once, whoever else
+        appends concurrently (see :mod:`qflare.protocol.key_ledger`)."""
+        at = self._now(created_at, "created_at")
+        try:
+            with self._write() as s:
+                self._lock_table(s, "ledger_entries")
+                head = s.scalars(select(t.LedgerEntry).order_by(t.LedgerEntry.seq.desc()).limit(1)).first()
+                stmt = select(t.LedgerEntry.body).where(t.LedgerEntry.kind.in_(KEY_KINDS))
+                present = frozenset(str(json.loads(bytes(body))["record_sha256"]) for body in s.scalars(stmt))
+                entries = build(None if head is None else ledger_row(head), present)
+                return [insert_ledger(s, self._lock_table, entry, at) for entry in entries]
         except IntegrityError as exc:
             raise ReplayError("ledger entry hash already present", code="ledger_conflict") from exc
 

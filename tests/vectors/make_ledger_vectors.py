@@ -6,8 +6,9 @@
 Contents: canonical JSON encodings (and encodings that must be refused), Merkle roots and inclusion
 proofs, the 72-byte update leaf, a coordinator and two device keys from fixed seeds, a three-entry
 chain (closed, failed, closed round) with its exact body bytes and entry hashes, the complete export
-file of that chain with the devices' signed UPDATE envelopes, and negative vectors (a change to the
-export -> the entry the verifier must name).
+file of that chain with the devices' signed UPDATE envelopes, negative vectors (a change to the
+export -> the entry the verifier must name), and a second export with a coordinator key rotation and a
+revocation in the middle (``key_rotation`` / ``key_revocation`` entries).
 
 ML-DSA signing is hedged (randomised), so signatures -- the entries' and the envelopes' -- and the
 export lines that carry them are *recorded*: the test checks that they verify.  ``--check`` compares
@@ -27,6 +28,7 @@ sys.path.insert(0, str(ROOT))
 
 from qflare.crypto.envelope import Field, MsgType, SignedEnvelope, u64  # noqa: E402
 from qflare.crypto.identity import SigningKey  # noqa: E402
+from qflare.crypto.rotation import GENESIS_HASH, sign_revocation, sign_rotation  # noqa: E402
 from qflare.crypto.suite import DEFAULT_SUITE  # noqa: E402
 from qflare.ledger import (  # noqa: E402
     GENESIS_PREV,
@@ -38,6 +40,7 @@ from qflare.ledger import (  # noqa: E402
     entry_line,
     header_line,
     inclusion_proof,
+    key_record_entry,
     merkle_root,
     update_leaf,
 )
@@ -178,6 +181,7 @@ def envelope(dev: SigningKey, r: int, parent: str, u: RoundUpdate) -> bytes:
 
 
 def build() -> dict[str, Any]:
+    rotated = rotation_chain()
     coordinator, devices, records = chain()
     by_id = {d.key_id: d for d in devices}
     entries: list[dict[str, Any]] = []
@@ -230,9 +234,63 @@ def build() -> dict[str, Any]:
                 {"change": "delete line 4 (entry 3, the last)", "names_entry": 3},
                 {"change": "pin another key id", "names_entry": None},
             ],
+            "rotation": rotated["deterministic"],
         },
-        "recorded": {"export": "\n".join(lines) + "\n"},
+        "recorded": {"export": "\n".join(lines) + "\n", "rotation_export": rotated["export"]},
     }
+
+
+def rotation_chain() -> dict[str, Any]:
+    """A ledger with a key rotation in the middle: round 1 signed by the coordinator key, the rotation to a
+    second key (entry signed by both), round 2 signed by the new key, the old key's revocation (signed by
+    the new key).  Record bodies (the signed part) are deterministic; signatures are recorded."""
+    old, new = key("coordinator"), key("coordinator-2")
+    (dev,) = [key("device-a")]
+    rotation = sign_rotation(old, new, sequence=1, prev_hash=GENESIS_HASH, timestamp=T0 + 150, reason="yearly")
+    revocation = sign_revocation(
+        new, old.key_id, sequence=2, prev_hash=rotation.digest, timestamp=T0 + 260, reason="compromised"
+    )
+    m0, m1, m2 = digest("model/0"), digest("model/1"), digest("model/2")
+    rec1 = _record(1, "closed", m0, m1, [RoundUpdate(dev.key_id, digest("r/1/a"), 10)], [])
+    rec2 = _record(2, "closed", m1, m2, [RoundUpdate(dev.key_id, digest("r/2/a"), 12)], [])
+    entries: list[LedgerEntry] = []
+
+    def add(make: Any) -> None:
+        prev = entries[-1].entry_hash if entries else GENESIS_PREV
+        entries.append(make(len(entries) + 1, prev))
+
+    def round_of(rec: RoundRecord, signer: SigningKey) -> Any:
+        return lambda seq, prev: LedgerEntry.create(
+            "round", seq=seq, prev_hash=prev, round_number=rec.round_number, time=rec.closed,
+            fields=rec.fields(), keys=[signer],
+        )  # fmt: skip
+
+    add(round_of(rec1, old))
+    add(lambda seq, prev: key_record_entry(rotation, seq=seq, prev_hash=prev, time=T0 + 200, keys=[old, new]))
+    add(round_of(rec2, new))
+    add(lambda seq, prev: key_record_entry(revocation, seq=seq, prev_hash=prev, time=T0 + 300, keys=[new]))
+    header = header_line(old.public, [dev.public], len(entries), [old.public, new.public])
+    lines = [header] + [entry_line(e, [None] * len(e.body.get("updates", []))) for e in entries]
+    deterministic = {
+        "new_key_seed": seed("key/coordinator-2").hex(),
+        "new_key_id": new.key_id,
+        "rotation_signed_part": rotation.body.hex(),
+        # its signed part names the rotation record's hash, which covers (randomised) signatures
+        "revocation": {
+            "sequence": revocation.sequence,
+            "revoked_key_id": revocation.revoked_key_id,
+            "signer_key_id": revocation.signer_key_id,
+            "reason": revocation.reason,
+        },
+        "kinds": [e.kind for e in entries],
+        "signers": [list(e.body["signers"]) for e in entries],
+        "header_line": header.decode("ascii"),
+        "negative": [
+            {"change": "entry 3 (round 2) signed by the old key instead of the new one", "names_entry": 3},
+            {"change": "entry 2's record with the old key's signature replaced by the new key's", "names_entry": 2},
+        ],
+    }
+    return {"deterministic": deterministic, "export": b"\n".join(lines).decode("ascii") + "\n"}
 
 
 def main(argv: list[str]) -> int:

@@ -37,12 +37,15 @@ from qflare.crypto.payloads import (  # noqa: E402
     SignedUpdate,
     open_global_model,
     open_model_request,
+    open_proof_request,
     open_receipt,
     open_task_request,
     open_update,
     pack_signed,
     seal_model,
     seal_model_request,
+    seal_proof,
+    seal_proof_request,
     seal_receipt,
     seal_task,
     seal_task_request,
@@ -51,8 +54,10 @@ from qflare.crypto.payloads import (  # noqa: E402
 )
 from qflare.crypto.suite import DEFAULT_SUITE, HIGH_SUITE, Policy, Suite, sha256  # noqa: E402
 from qflare.errors import QflareError  # noqa: E402
+from qflare.ledger import GENESIS_PREV, LedgerEntry, LeftOut, RoundRecord, RoundUpdate  # noqa: E402
 from qflare.models import create_model  # noqa: E402
 from qflare.protocol.messages import encode_json  # noqa: E402
+from qflare.protocol.proofs import answer_for  # noqa: E402
 from qflare.wire import ParamLayout  # noqa: E402
 
 OUT = Path(__file__).with_name("protocol_v1.json")
@@ -324,6 +329,39 @@ def _signed(name: str) -> bytes:
     raise KeyError(name)
 
 
+PROOF_LEAF = {"update_hash": sha256(b"update").hex(), "examples": 7}
+
+
+def proof_answer() -> bytes:
+    """The PROOF answer for the vector device (key("device")) about round 4: a closed round entry, signed
+    by key("server"), listing its update and one other, and a third device left out."""
+    srv, dev = key("server"), key("device")
+    others = [sha256(b"other device").hex(), sha256(b"late device").hex()]
+    record = RoundRecord(
+        round_number=4,
+        outcome="closed",
+        reason=None,
+        parent_model=sha256(b"model v3").hex(),
+        model=sha256(b"model v4").hex(),
+        model_version=4,
+        updates=(
+            RoundUpdate(dev.key_id, PROOF_LEAF["update_hash"], PROOF_LEAF["examples"]),  # type: ignore[arg-type]
+            RoundUpdate(others[0], sha256(b"other update").hex(), 9),
+        ),
+        left_out=(LeftOut(others[1], None, "no_update"),),
+        quorum=3,
+        min_participants=2,
+        opened=1_700_000_000,
+        closed=1_700_000_060,
+        pipeline={"combine": "WeightedMean()"},
+    )
+    entry = LedgerEntry.create(
+        "round", seq=4, prev_hash=GENESIS_PREV.replace("0", "1"), round_number=4, time=1_700_000_060,
+        fields=record.fields(), keys=[srv],
+    )  # fmt: skip
+    return answer_for(entry, dev.key_id)
+
+
 def frames() -> dict[str, Any]:
     device = Channel(SID, C2S, S2C)  # device sends with c2s
     coord = Channel(SID, S2C, C2S)
@@ -335,6 +373,7 @@ def frames() -> dict[str, Any]:
         _signed("UPDATE_ACK accepted"),
     )
     update = SignedUpdate(4, pack_signed(update_env, b"update"), sha256(b"update").hex())
+    answer = proof_answer()
     # (sender, frame type, round, plaintext, the recipe that seals it)
     steps: list[tuple[str, Frame, int, bytes, Callable[[Channel], bytes]]] = [
         ("device", Frame.TASK_REQUEST, 0, b"", seal_task_request),
@@ -349,6 +388,8 @@ def frames() -> dict[str, Any]:
         ),
         ("device", Frame.UPDATE, 4, update.payload, lambda ch: seal_update(ch, update)),
         ("coordinator", Frame.RECEIPT, 4, pack_signed(ack, receipt), lambda ch: seal_receipt(ch, 4, ack, receipt)),
+        ("device", Frame.PROOF_REQUEST, 0, encode_json({"round": 4}), lambda ch: seal_proof_request(ch, 4)),
+        ("coordinator", Frame.PROOF, 4, answer, lambda ch: seal_proof(ch, 4, answer)),
     ]
     rows = []
     for sender, ft, rnd, pt, seal in steps:
@@ -368,7 +409,13 @@ def frames() -> dict[str, Any]:
                 "frame": h(frame),
             }
         )
-    return {"session_id": h(SID), "c2s": h(C2S), "s2c": h(S2C), "frames": rows}
+    return {
+        "session_id": h(SID),
+        "c2s": h(C2S),
+        "s2c": h(S2C),
+        "frames": rows,
+        "proof_leaf": {"device_key_id": key("device").key_id, **PROOF_LEAF},
+    }
 
 
 def signed_payload() -> dict[str, Any]:
@@ -428,6 +475,8 @@ def apply(vec: dict[str, Any]) -> None:
             open_task_request(ch, data)
         elif fed == "open_model_request":
             open_model_request(ch, data)
+        elif fed == "open_proof_request":
+            open_proof_request(ch, data)
         else:
             vk = SigningKey.from_seed(p["key_alg"], bytes.fromhex(p["key_seed"])).public
             if fed == "open_update":
@@ -768,6 +817,13 @@ def negatives() -> list[dict[str, Any]]:
             "MODEL_REQUEST with a boolean version",
             "open_model_request",
             request_frame(Frame.MODEL_REQUEST, b'{"version":true}'),
+            chan,
+        ),
+        ("PROOF_REQUEST for round 0", "open_proof_request", request_frame(Frame.PROOF_REQUEST, b'{"round":0}'), chan),
+        (
+            "PROOF_REQUEST with a string round",
+            "open_proof_request",
+            request_frame(Frame.PROOF_REQUEST, b'{"round":"4"}'),
             chan,
         ),
     ]
