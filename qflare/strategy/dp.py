@@ -43,7 +43,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from qflare.errors import ConfigError, ValidationError
+from qflare.errors import ConfigError, RoundError, ValidationError
 from qflare.strategy.accounting import ACCOUNTANTS, PrivacyAccountant, calibrate_noise_multiplier
 from qflare.strategy.base import Accumulator
 from qflare.strategy.pipeline import Pipeline, _pipeline, register_strategy
@@ -286,7 +286,7 @@ class _DPRound:
         if weight != 1.0:
             raise ValidationError(f"DP-FedAvg weighs every update 1, got weight {weight}", code="bad_weight")
         if self._result is not None:
-            raise ValidationError("this DP-FedAvg round was already released", code="round_closed")
+            raise RoundError("this DP-FedAvg round was already released", code="round_closed")
         norm = float(torch.linalg.vector_norm(delta.to(torch.float64)))
         if norm <= self._clip:
             self._sum.add_(delta)
