@@ -168,8 +168,10 @@ def test_the_preset_fixes_uniform_weighting_and_refuses_bad_configurations() -> 
         dp_fedavg(devices=10, per_round=5, rounds=3, noise_multiplier=1.0, weighting=ByExamples())
     with pytest.raises(ConfigError, match="not Uniform"):
         Pipeline(weighting=ByExamples(), combine=_mech())
-    with pytest.raises(ConfigError, match="secure aggregation|fixes"):
+    with pytest.raises(ConfigError, match="fixes secure_aggregation"):
         dp_fedavg(devices=10, per_round=5, rounds=3, noise_multiplier=1.0, secure_aggregation=True)
+    with pytest.raises(ConfigError, match="needs individual updates"):  # the server clips each update
+        Pipeline(checks=(), weighting=Uniform(), combine=_mech(), secure_aggregation=True)
     with pytest.raises(ConfigError, match="noise multiplier or a privacy budget"):
         dp_fedavg(devices=10, per_round=5, rounds=3)
     with pytest.raises(ConfigError, match="not even one round"):
@@ -258,8 +260,11 @@ def test_cli_dp_options(tmp_path) -> None:
     out = tmp_path / "run"
     ok = runner.invoke(
         app,
-        [*base, "--rounds", "5", "--strategy", "dp-fedavg", "--noise-multiplier", "1.0", "--dp-epsilon", str(budget)]
-        + ["--dp-quantile", "0", "--workers", "1", "--out", str(out)],
+        [
+            *base,
+            *("--rounds", "5", "--strategy", "dp-fedavg", "--noise-multiplier", "1.0", "--dp-epsilon", str(budget)),
+            *("--dp-quantile", "0", "--workers", "1", "--out", str(out)),
+        ],
     )
     assert ok.exit_code == 0, ok.output
     assert "privacy budget reached" in ok.output
@@ -267,3 +272,27 @@ def test_cli_dp_options(tmp_path) -> None:
     assert len(history["rounds"]) == 1 and history["rounds"][0]["epsilon"] == pytest.approx(_rdp_epsilon(1))
     assert "privacy budget" in history["stop_reason"]
     assert "epsilon" in (out / "history.csv").read_text().splitlines()[0]
+
+
+def test_bench_dp_refuses_bad_budgets_and_plots(tmp_path) -> None:
+    from qflare.bench.dp import plot_dp, run_dp_bench, write_dp_bench
+
+    with pytest.raises(ConfigError):
+        run_dp_bench([0.0])
+    bad = CliRunner().invoke(app, ["bench", "dp", "--epsilons", "two", "--out", str(tmp_path / "o")])
+    assert bad.exit_code != 0 and "--epsilons" in bad.output and "Traceback" not in bad.output
+    result = {
+        "workload": "fmnist-dir05",
+        "devices": 100,
+        "per_round": 10,
+        "rounds": 2,
+        "delta": 1e-5,
+        "runs": [
+            {"run": "fedavg (no DP)", "final_accuracy": 0.7, "epsilon_spent": None},
+            {"run": "a", "epsilon_budget": 2.0, "epsilon_spent": 1.9, "final_accuracy": 0.2, "noise_multiplier": 1.5},
+            {"run": "b", "epsilon_budget": 8.0, "epsilon_spent": 7.9, "final_accuracy": 0.4, "noise_multiplier": 0.7},
+        ],
+    }
+    assert plot_dp(result).startswith(b"\x89PNG")
+    paths = write_dp_bench(result, tmp_path / "out")
+    assert json.loads(paths[0].read_text())["runs"][1]["epsilon_spent"] == 1.9
