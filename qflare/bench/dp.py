@@ -3,7 +3,9 @@
 For each ε the noise multiplier is calibrated so that the planned rounds spend exactly the budget
 (``dp-fedavg`` with ``epsilon`` alone, δ fixed), the run is ``qflare simulate --federation`` as a child
 process, and the final test accuracy is recorded with the ε the accountant reports as spent.  A
-non-private FedAvg run of the same workload is the reference.  Writes ``dp.json`` and ``dp.png``.
+non-private FedAvg run of the same workload is the reference.  A run that fails (a device's local
+training diverging on a heavily noised model stops ``qflare simulate``) is recorded with its error and
+left out of the plot.  Writes ``dp.json`` and ``dp.png``.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ..errors import ConfigError
+from ..errors import ConfigError, QflareError
 from ..files import write_atomic
 from .fmnist import FMNIST_DIR05, _simulate
 
@@ -63,8 +65,13 @@ def run_dp_bench(
             strategy="dp-fedavg", strategy_args={"epsilon": float(eps), "delta": delta, "clip_norm": clip_norm}
         )
         mechanism = spec.build_strategy().combine
-        m, res = _simulate(spec, workers, [])
-        row = _row(f"dp-fedavg epsilon={eps:g}", res, m.wall_s)
+        label = f"dp-fedavg epsilon={eps:g}"
+        try:
+            m, res = _simulate(spec, workers, [])
+            row = _row(label, res, m.wall_s)
+        except QflareError as exc:  # e.g. local training diverging on a heavily noised model: recorded
+            row = {"run": label, "rounds_run": None, "final_accuracy": None, "epsilon_spent": None}
+            row.update(epsilon_unsampled=None, error=str(exc).strip().splitlines()[-1][:500])
         row.update(
             epsilon_budget=float(eps),
             noise_multiplier=round(float(getattr(mechanism, "noise_multiplier", float("nan"))), 4),
@@ -90,7 +97,7 @@ def plot_dp(result: dict[str, Any]) -> bytes:
     fig = Figure(figsize=(6.5, 4.0), dpi=100)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
-    private = [r for r in result["runs"] if r.get("epsilon_budget") is not None and r["final_accuracy"] is not None]
+    private = [r for r in result["runs"] if r.get("epsilon_budget") is not None and r.get("epsilon_spent") is not None]
     xs = [r["epsilon_spent"] for r in private]
     ys = [r["final_accuracy"] for r in private]
     ax.plot(xs, ys, "o-", color="tab:blue", label="DP-FedAvg (adaptive clipping)")

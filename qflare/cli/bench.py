@@ -239,7 +239,7 @@ def dp(
             "-" if eps is None else f"{eps:.3f}",
             "-" if r["epsilon_unsampled"] is None else f"{r['epsilon_unsampled']:.3f}",
             "-" if r["final_accuracy"] is None else f"{r['final_accuracy']:.4f}",
-            str(r["rounds_run"]),
+            str(r["rounds_run"]) if "error" not in r else f"failed: {r['error']}",
         )
     console.print(table)
     console.print("wrote " + ", ".join(str(p) for p in paths))
