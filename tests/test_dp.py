@@ -291,6 +291,7 @@ def test_bench_dp_refuses_bad_budgets_and_plots(tmp_path) -> None:
             {"run": "fedavg (no DP)", "final_accuracy": 0.7, "epsilon_spent": None},
             {"run": "a", "epsilon_budget": 2.0, "epsilon_spent": 1.9, "final_accuracy": 0.2, "noise_multiplier": 1.5},
             {"run": "b", "epsilon_budget": 8.0, "epsilon_spent": 7.9, "final_accuracy": 0.4, "noise_multiplier": 0.7},
+            {"run": "c", "epsilon_budget": 1.0, "epsilon_spent": None, "final_accuracy": None, "error": "nan"},
         ],
     }
     assert plot_dp(result).startswith(b"\x89PNG")

@@ -106,6 +106,10 @@ def plot_dp(result: dict[str, Any]) -> bytes:
     for r in result["runs"]:
         if r.get("epsilon_budget") is None and r["final_accuracy"] is not None:
             ax.axhline(r["final_accuracy"], color="tab:gray", linestyle="--", label=r["run"])
+    failed = [r for r in result["runs"] if r.get("error")]
+    if failed:  # a failed run has no point: say so on the figure rather than leave it out silently
+        text = "failed: " + "; ".join(f"{r['run']} ({r['error'][:60]})" for r in failed)
+        ax.text(0.01, 0.01, text, transform=ax.transAxes, fontsize=6, color="tab:red", wrap=True)
     ax.set_xscale("log")
     ax.set_xlabel(f"epsilon spent (delta={result['delta']:g})")
     ax.set_ylabel("final test accuracy")
