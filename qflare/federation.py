@@ -15,6 +15,7 @@ A spec travels to a child process as a JSON file (:meth:`FederationSpec.save`), 
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 import math
 import os
@@ -31,7 +32,7 @@ from .data.sources import DatasetLoader
 from .errors import ConfigError, QflareError
 from .models import ModelFactory
 from .protocol.selection import ClientSelector, SelectorFactory
-from .strategy.pipeline import Pipeline, StrategyFactory, build_strategy
+from .strategy.pipeline import Pipeline, StrategyFactory, build_strategy, strategy_factory
 from .training import TrainConfig
 
 __all__ = ["FORMAT", "FederationSpec", "suite_by_name"]
@@ -69,6 +70,8 @@ _NAMES = ("dataset", "model", "partition", "strategy", "selector")
 _OBJECTS_ALLOWED = ("dataset", "model", "strategy", "selector")
 """Fields that, in this process, may also hold the factory (or selector) itself instead of a registered name."""
 _SCALARS = (bool, int, float, str)
+_SHAPE = ("devices", "per_round", "rounds")
+"""Spec fields a strategy factory receives when its signature names them and the options do not."""
 
 
 @dataclass(frozen=True)
@@ -164,8 +167,22 @@ class FederationSpec:
     def build_strategy(self) -> Pipeline:
         """The strategy pipeline, checked against :attr:`smallest_round` (ConfigError ``too_few_updates``
         when its combine cannot work with that few updates, e.g. Krum's n > 2f + 2), so a federation
-        that could never aggregate is refused before it starts."""
-        pipeline = build_strategy(self.strategy, **dict(self.strategy_args))
+        that could never aggregate is refused before it starts.
+
+        A factory whose signature names ``devices``, ``per_round`` or ``rounds`` receives the spec's values
+        (DP-FedAvg's sampling rate, denominator and planned rounds); strategy options may not set them."""
+        args = dict(self.strategy_args)
+        factory = strategy_factory(self.strategy) if isinstance(self.strategy, str) else self.strategy
+        try:
+            params = inspect.signature(factory).parameters
+        except (TypeError, ValueError):
+            params = {}  # type: ignore[assignment]
+        for name in _SHAPE:  # a preset that needs the federation's shape (DP-FedAvg: q, m, rounds) gets it
+            if name in args:
+                raise ConfigError(f"strategy option {name!r} is the federation's own {name}; set it there")
+            if name in params:
+                args[name] = getattr(self, name)
+        pipeline = build_strategy(self.strategy, **args)
         pipeline.check_round_size(self.smallest_round)
         return pipeline
 

@@ -41,7 +41,7 @@ from .protocol import Coordinator, CoordinatorConfig, Device, RoundConfig
 from .protocol.provenance import export_ledger
 from .protocol.selection import build_selector, check_selection
 from .storage import Database, Store
-from .strategy import ClientUpdate, RoundAggregation
+from .strategy import ClientUpdate, PrivacySpent, RoundAggregation, privacy_of
 from .training import LocalTrainer, TrainConfig, TrainResult, client_seed, evaluate, resolve_device
 from .transport import InProcessTransport
 from .wire import ParamLayout
@@ -104,6 +104,11 @@ class RoundRecord:
     model_sha256: str
     published: bool = True
     """False when the round failed (its aggregate was refused): the global model stayed as it was."""
+    epsilon: float | None = None
+    """DP-FedAvg: the ε spent after this round (amplified by sampling); None without DP."""
+    epsilon_unsampled: float | None = None
+    """DP-FedAvg: the ε spent without amplification by sampling (who took part is known)."""
+    delta: float | None = None
 
 
 @dataclass(frozen=True)
@@ -140,6 +145,8 @@ class SimulationResult:
     model: FinalModel | None = None
     interrupted: bool = False
     """True when the run was stopped (``stop`` set) before its last round."""
+    stop_reason: str | None = None
+    """Why the federation ended before its planned rounds (DP-FedAvg's privacy budget), or None."""
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -148,6 +155,7 @@ class SimulationResult:
             "wall_s": self.wall_s,
             "startup_s": self.startup_s,
             "interrupted": self.interrupted,
+            "stop_reason": self.stop_reason,
         }
 
     def title(self) -> str:
@@ -228,6 +236,9 @@ class Federation(Protocol):
 
     def close(self) -> None: ...
 
+    # Optional (looked up with getattr; the remote federation of the benchmarks has neither):
+    # ``privacy() -> PrivacySpent | None`` after a round, ``stop_reason: str | None`` once finished.
+
 
 FederationFactory = Callable[["SimulationConfig", ParamLayout, torch.Tensor], Federation]
 
@@ -299,6 +310,14 @@ class _SecureFederation:
         m = self.coordinator.rounds.model
         return m.flat, m.sha256
 
+    def privacy(self) -> PrivacySpent | None:
+        mechanism = privacy_of(self.coordinator.rounds.strategy)
+        return None if mechanism is None else mechanism.spent()
+
+    @property
+    def stop_reason(self) -> str | None:
+        return self.coordinator.rounds.stop_reason
+
     def close(self) -> None:
         try:
             if self._ledger_out is not None:
@@ -317,12 +336,19 @@ class _DirectFederation:
         self._selector = build_selector(spec.selector)  # the same selector, over device indices
         self._flat, self._number = initial, 0
         self._agg: RoundAggregation | None = None
+        self._privacy = privacy_of(self._strategy)
+        self.stop_reason: str | None = None
 
     def open_round(self) -> tuple[int, list[int]] | None:
         if self._number >= self._spec.rounds:
             return None
-        self._number += 1
         k = min(self._spec.per_round, self._spec.devices)
+        if self._privacy is not None:  # as the coordinator does: stop before the round that exceeds the budget
+            self.stop_reason = self._privacy.budget_stop(k / self._spec.devices)
+            if self.stop_reason is not None:
+                return None
+            self._privacy.begin_round(k / self._spec.devices)
+        self._number += 1
         self._agg = self._strategy.begin(self._flat)
         candidates = [str(i) for i in range(self._spec.devices)]
         chosen = self._selector.select(self._number, candidates, k, self._spec.seed)
@@ -343,6 +369,9 @@ class _DirectFederation:
 
     def model(self) -> tuple[torch.Tensor, str]:
         return self._flat, ""
+
+    def privacy(self) -> PrivacySpent | None:
+        return None if self._privacy is None else self._privacy.spent()
 
     def close(self) -> None:
         return None
@@ -388,6 +417,7 @@ def run_simulation(
     x_test, y_test = test.normalized(), test.labels
     backend: FederationFactory = federation or (_SecureFederation if cfg.protocol else _DirectFederation)
     fed = backend(cfg, layout, layout.module_to_flat(model))
+    privacy: Callable[[], PrivacySpent | None] | None = getattr(fed, "privacy", None)
     startup = time.perf_counter() - t0
     if on_start is not None:
         on_start(spec.devices)
@@ -446,6 +476,7 @@ def run_simulation(
             startup,
             final[-1] if final else None,
             stopping(),
+            getattr(fed, "stop_reason", None),
         )
 
     # (record, model to evaluate, its evaluation futures): evaluation of round r's model is queued
@@ -508,6 +539,9 @@ def run_simulation(
                 digest,
                 published,
             )
+            spent = privacy() if privacy is not None else None
+            if spent is not None:
+                rec.epsilon, rec.epsilon_unsampled, rec.delta = spent.epsilon, spent.epsilon_unsampled, spent.delta
             pending = (rec, flat, [])
             report(number, "aggregated", 1)
         finish_eval()

@@ -112,7 +112,8 @@ def _options(*path: str) -> set[str]:
 
 
 TRAINING = {"--epochs", "--batch-size", "--lr", "--momentum", "--weight-decay", "--prox-mu", "--max-grad-norm"}
-STRATEGY = {"--strategy", "--server-lr", "--selector"}
+DP = {"--noise-multiplier", "--dp-epsilon", "--dp-delta", "--dp-clip", "--dp-quantile"}
+STRATEGY = {"--strategy", "--server-lr", "--selector", *DP}
 
 
 def test_training_and_strategy_options_are_shared() -> None:
@@ -121,6 +122,7 @@ def test_training_and_strategy_options_are_shared() -> None:
     for command in ("simulate", "server", "demo"):
         assert _options(command) >= STRATEGY, command
     assert not _options("server") & TRAINING  # the server does not train
+    assert not _options("client") & DP  # a device adds no central noise
 
 
 def test_messages_name_options_not_fields() -> None:

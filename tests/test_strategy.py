@@ -311,10 +311,21 @@ def test_incompatible_pipelines_refused() -> None:
 
 
 def test_registry() -> None:
-    expected = ("fedavg", "fedavgm", "fedadam", "fedyogi", "fedadagrad", "fedmedian", "fedtrimmedmean", "krum")
+    expected = (
+        "fedavg",
+        "fedavgm",
+        "fedadam",
+        "fedyogi",
+        "fedadagrad",
+        "fedmedian",
+        "fedtrimmedmean",
+        "krum",
+        "dp-fedavg",
+    )
     assert expected == STRATEGIES
     for name in STRATEGIES:
-        assert isinstance(build_strategy(name), Pipeline)
+        shape = {"devices": 10, "per_round": 5, "rounds": 3, "noise_multiplier": 1.0} if name == "dp-fedavg" else {}
+        assert isinstance(build_strategy(name, **shape), Pipeline)
     assert build_strategy("fedadam", server_lr=0.5).server_opt.lr == 0.5  # type: ignore[attr-defined]
     with pytest.raises(ConfigError, match="fedavg, fedavgm"):
         build_strategy("fedprox")

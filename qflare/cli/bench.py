@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import typer
 from rich.table import Table
 
 from ..data import DATASETS
+from ..errors import ConfigError
 from ..models import model_names
 from ..precision import PRECISIONS
 from . import options as opts
-from .common import console, friendly_errors
+from .common import console, friendly_errors, writable_dir
 
 app = typer.Typer(
     help="Benchmarks: figures and ratios, measured in this run.", no_args_is_help=True, rich_markup_mode=None
@@ -196,3 +198,64 @@ def ledger(
     else:
         _show(result, f"ledger verify: {rounds} rounds x {updates} updates")
         console.print({"envelope_sample": result["envelope_sample"], "meets_target": result["meets_target"]})
+
+
+def _epsilons(text: str) -> list[float]:
+    try:
+        values = [float(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise ConfigError(f"--epsilons must be a comma-separated list of numbers, got {text!r}") from None
+    if not values:
+        raise ConfigError("--epsilons must name at least one budget")
+    return values
+
+
+@app.command("dp")
+def dp(
+    epsilons: str = typer.Option("1,2,4,8,16", help="Privacy budgets to run, comma-separated (one run each)."),
+    rounds: int = typer.Option(30, min=1, help="Rounds of every run (the noise multiplier is calibrated to them)."),
+    delta: float = typer.Option(1e-5, help="Delta of every (epsilon, delta)."),
+    clip: float = typer.Option(1.0, help="Initial clip norm (adaptive clipping to the median norm moves it)."),
+    per_round: int = typer.Option(10, min=1, max=100, help="Devices a round (of fmnist-dir05's 100)."),
+    baseline: bool = typer.Option(True, help="Also run non-private FedAvg as the reference."),
+    workers: int = typer.Option(0, min=0, help="Training threads (0 = one per core)."),
+    data_root: str | None = typer.Option(None, help="Fashion-MNIST folder (default: search the usual places)."),
+    out: Path = typer.Option(Path("bench-dp"), help="Folder for dp.json and dp.png."),
+    json_: bool = typer.Option(False, "--json", help="Print one JSON object."),
+) -> None:
+    """Test accuracy against epsilon of DP-FedAvg on fmnist-dir05: one run per budget, the noise multiplier
+    calibrated so the rounds spend it; writes dp.json and dp.png (accuracy against epsilon)."""
+    from ..bench.dp import run_dp_bench, write_dp_bench
+
+    with friendly_errors():
+        budgets = _epsilons(epsilons)
+        folder = writable_dir(out, "--out")
+        result = run_dp_bench(
+            budgets,
+            rounds=rounds,
+            delta=delta,
+            clip_norm=clip,
+            per_round=per_round,
+            workers=workers,
+            data_root=data_root,
+            baseline=baseline,
+        )
+        paths = write_dp_bench(result, folder)
+    if json_:
+        print(json.dumps(result))
+        return
+    table = Table(title=f"DP-FedAvg on fmnist-dir05, {rounds} rounds, delta {delta:g}")
+    for col in ("run", "noise multiplier", "epsilon spent", "epsilon (no sampling)", "final accuracy", "rounds"):
+        table.add_column(col, justify="right")
+    for r in result["runs"]:
+        eps = r["epsilon_spent"]
+        table.add_row(
+            r["run"],
+            str(r.get("noise_multiplier", "-")),
+            "-" if eps is None else f"{eps:.3f}",
+            "-" if r["epsilon_unsampled"] is None else f"{r['epsilon_unsampled']:.3f}",
+            "-" if r["final_accuracy"] is None else f"{r['final_accuracy']:.4f}",
+            str(r["rounds_run"]) if "error" not in r else f"failed: {r['error']}",
+        )
+    console.print(table)
+    console.print("wrote " + ", ".join(str(p) for p in paths))

@@ -5,7 +5,8 @@ Training options (``--epochs``, ``--batch-size``, ``--lr``, ``--momentum``, ``--
 ``--precision`` belongs to every command that trains or evaluates (simulate, client, demo, server); like
 ``--device`` it is the process's own choice, so it may also override a ``--federation`` spec's value
 (:func:`with_precision`).
-Strategy options (``--strategy``, ``--server-lr``, ``--selector``) belong to the commands that
+Strategy options (``--strategy``, ``--server-lr``, ``--selector`` and DP-FedAvg's ``--noise-multiplier``,
+``--dp-epsilon``, ``--dp-delta``, ``--dp-clip``, ``--dp-quantile``) belong to the commands that
 aggregate: simulate, server and demo.  Options that take a registry name list its choices in their
 help (the plugins are loaded before this module is imported, see :mod:`qflare.cli._plugins`).
 
@@ -38,11 +39,16 @@ __all__ = [
     "BATCH_SIZE",
     "DATASET",
     "DATA_ROOT",
+    "DP_CLIP",
+    "DP_DELTA",
+    "DP_EPSILON",
+    "DP_QUANTILE",
     "EPOCHS",
     "LR",
     "MAX_GRAD_NORM",
     "MODEL",
     "MOMENTUM",
+    "NOISE_MULTIPLIER",
     "PARTITION",
     "PRECISION",
     "PROX_MU",
@@ -94,6 +100,31 @@ SERVER_LR: Any = typer.Option(
     None, help="Server learning rate, for strategies with a server optimiser (fedavgm, fedadam, fedyogi, fedadagrad)."
 )
 SELECTOR: Any = typer.Option("random", help=f"Client selection; {choices(SELECTORS)}.")
+NOISE_MULTIPLIER: Any = typer.Option(
+    None,
+    help="--strategy dp-fedavg: Gaussian noise multiplier z (noise std z x clip norm on the sum of clipped updates). "
+    "Without it, --dp-epsilon calibrates z so that --rounds rounds spend the budget.",
+)
+DP_EPSILON: Any = typer.Option(
+    None,
+    help="--strategy dp-fedavg: privacy budget epsilon at --dp-delta; training stops before the round that would "
+    "exceed it (a planned end: exit status 0, with the reason printed).",
+)
+DP_DELTA: Any = typer.Option(None, help="--strategy dp-fedavg: delta of the (epsilon, delta) reported (default 1e-5).")
+DP_CLIP: Any = typer.Option(None, help="--strategy dp-fedavg: (initial) L2 clip norm of each update (default 1.0).")
+DP_QUANTILE: Any = typer.Option(
+    None,
+    help="--strategy dp-fedavg: adaptive clipping's target quantile of update norms (default 0.5; 0 keeps "
+    "--dp-clip fixed).",
+)
+
+_DP_FLAGS = (
+    ("--noise-multiplier", "noise_multiplier"),
+    ("--dp-epsilon", "epsilon"),
+    ("--dp-delta", "delta"),
+    ("--dp-clip", "clip_norm"),
+    ("--dp-quantile", "target_quantile"),
+)
 
 
 def _finite(option: str, value: float, *, positive: bool = False) -> None:
@@ -157,20 +188,57 @@ def _takes(strategy: str, option: str) -> bool:
         return False
 
 
-def strategy_args(strategy: str, server_lr: float | None) -> dict[str, Any]:
-    """The preset options the strategy options give; an unknown strategy, or ``--server-lr`` for a
-    strategy without a server learning rate, is refused naming the options."""
+def strategy_args(
+    strategy: str,
+    server_lr: float | None,
+    *,
+    noise_multiplier: float | None = None,
+    dp_epsilon: float | None = None,
+    dp_delta: float | None = None,
+    dp_clip: float | None = None,
+    dp_quantile: float | None = None,
+) -> dict[str, Any]:
+    """The preset options the strategy options give; an unknown strategy, or an option the strategy does
+    not take (``--server-lr`` without a server learning rate, a DP option without ``dp-fedavg``), is
+    refused naming the options."""
     strategy_factory(strategy)  # unknown names: ConfigError listing the registered ones
-    if server_lr is None:
-        return {}
-    _finite("--server-lr", server_lr, positive=True)
-    if not _takes(strategy, "server_lr"):
-        takers = [name for name in STRATEGIES if _takes(name, "server_lr")]
+    args: dict[str, Any] = {}
+    if server_lr is not None:
+        _finite("--server-lr", server_lr, positive=True)
+        if not _takes(strategy, "server_lr"):
+            takers = [name for name in STRATEGIES if _takes(name, "server_lr")]
+            raise ConfigError(
+                f"--server-lr does not apply to --strategy {strategy}, which has no server learning rate; "
+                f"strategies that take it: {', '.join(takers)}"
+            )
+        args["server_lr"] = server_lr
+    given = dict(
+        zip((p for _, p in _DP_FLAGS), (noise_multiplier, dp_epsilon, dp_delta, dp_clip, dp_quantile), strict=True)
+    )
+    for flag, param in _DP_FLAGS:
+        value = given[param]
+        if value is None:
+            continue
+        if param == "target_quantile":
+            if not (isinstance(value, int | float) and math.isfinite(value) and 0 <= value < 1):
+                raise ConfigError(f"{flag} must be in [0, 1) (0: a fixed clip norm), got {value}")
+        elif param == "delta":
+            if not (isinstance(value, int | float) and 0 < value < 1):
+                raise ConfigError(f"{flag} must be in (0, 1), got {value}")
+        else:
+            _finite(flag, value, positive=True)
+        if not _takes(strategy, param):
+            takers = [name for name in STRATEGIES if _takes(name, param)]
+            raise ConfigError(
+                f"{flag} does not apply to --strategy {strategy}; strategies that take it: {', '.join(takers)}"
+            )
+        args[param] = value
+    if _takes(strategy, "noise_multiplier") and "noise_multiplier" not in args and "epsilon" not in args:
         raise ConfigError(
-            f"--server-lr does not apply to --strategy {strategy}, which has no server learning rate; "
-            f"strategies that take it: {', '.join(takers)}"
+            f"--strategy {strategy} needs --noise-multiplier, or --dp-epsilon to calibrate it (or both: "
+            "a fixed noise multiplier and a budget that stops training)"
         )
-    return {"server_lr": server_lr}
+    return args
 
 
 def check_per_round(per_round: int, devices: int) -> None:

@@ -36,6 +36,11 @@ WORKLOAD_OPTIONS = (
     "strategy",
     "selector",
     "server_lr",
+    "noise_multiplier",
+    "dp_epsilon",
+    "dp_delta",
+    "dp_clip",
+    "dp_quantile",
     "epochs",
     "batch_size",
     "lr",
@@ -69,6 +74,11 @@ def simulate(
     strategy: str = opts.STRATEGY,
     selector: str = opts.SELECTOR,
     server_lr: float | None = opts.SERVER_LR,
+    noise_multiplier: float | None = opts.NOISE_MULTIPLIER,
+    dp_epsilon: float | None = opts.DP_EPSILON,
+    dp_delta: float | None = opts.DP_DELTA,
+    dp_clip: float | None = opts.DP_CLIP,
+    dp_quantile: float | None = opts.DP_QUANTILE,
     epochs: int = opts.EPOCHS,
     batch_size: int = opts.BATCH_SIZE,
     lr: float = opts.LR,
@@ -127,7 +137,15 @@ def simulate(
                 seed=seed,
                 strategy=strategy,
                 selector=selector,
-                strategy_args=opts.strategy_args(strategy, server_lr),
+                strategy_args=opts.strategy_args(
+                    strategy,
+                    server_lr,
+                    noise_multiplier=noise_multiplier,
+                    dp_epsilon=dp_epsilon,
+                    dp_delta=dp_delta,
+                    dp_clip=dp_clip,
+                    dp_quantile=dp_quantile,
+                ),
                 train=opts.train_config(
                     epochs=epochs,
                     batch_size=batch_size,
@@ -228,10 +246,14 @@ def simulate(
                                 "round_seconds": r.seconds,
                             },
                         )
+                    if trackers and r.epsilon is not None and r.epsilon_unsampled is not None:
+                        trackers.log(r.round, {"epsilon": r.epsilon, "epsilon_unsampled": r.epsilon_unsampled})
                     if not json_:
                         failed = "" if r.published else "  [red]failed: the model stayed as it was[/]"
+                        spent = "" if r.epsilon is None else f"  epsilon {r.epsilon:.3f} (delta {r.delta:g})"
                         progress.console.print(
-                            f"round {r.round:3d}  accuracy {r.accuracy:.4f}  loss {r.loss:.4f}  {r.seconds:.2f}s{failed}"
+                            f"round {r.round:3d}  accuracy {r.accuracy:.4f}  loss {r.loss:.4f}  {r.seconds:.2f}s"
+                            f"{spent}{failed}"
                         )
 
                 def on_checkpoint(partial: SimulationResult) -> None:
@@ -261,6 +283,8 @@ def simulate(
             if json_:
                 print(json.dumps(result.to_json()))
             exit_interrupted()  # everything is written: no teardown for a late Ctrl-C to turn into an abort
+        if result.stop_reason is not None:  # a planned end (the privacy budget): exit status 0
+            err_console.print(f"[yellow]stopped before round {len(result.rounds) + 1}[/]: {result.stop_reason}")
         if json_:
             print(json.dumps(result.to_json()))
         else:

@@ -17,6 +17,7 @@ from ..crypto import SigningKey, VerifyKey
 from ..errors import ConfigError
 from ..ledger import GENESIS_PREV, LedgerEntry, LeftOut, RoundRecord, RoundUpdate, decimal, entry_line, header_line
 from ..strategy import Pipeline
+from ..strategy.dp import DPFedAvg, privacy_of
 from ..strategy.noise import GaussianNoise
 from ..strategy.transforms import ClipNorm
 from .records import LedgerRow, UpdateRow
@@ -47,8 +48,10 @@ def describe_pipeline(pipeline: Pipeline, num_updates: int) -> tuple[dict[str, A
 
     Parts are described by their ``repr``; the noise is described by its class name only, and its
     parameters go to the DP object *without* the noise seed (publishing it would let anyone subtract
-    the noise).  QFLARE runs no privacy accountant, so no (epsilon, delta) is claimed."""
+    the noise).  A bare noise part runs no privacy accountant, so it claims no (epsilon, delta); DP-FedAvg
+    (:mod:`qflare.strategy.dp`) records its round's release and the (epsilon, delta) spent after it."""
     noise = pipeline.noise
+    mechanism = privacy_of(pipeline)
     described: dict[str, Any] = {
         "checks": [repr(c) for c in pipeline.checks],
         "weighting": repr(pipeline.weighting),
@@ -59,6 +62,8 @@ def describe_pipeline(pipeline: Pipeline, num_updates: int) -> tuple[dict[str, A
         "secure_aggregation": pipeline.secure_aggregation,
         "max_model_abs": decimal(pipeline.max_model_abs),
     }
+    if mechanism is not None:
+        return described, _dp_fedavg(mechanism, num_updates)
     if noise is None:
         return described, None
     clips = [t.max_norm for t in pipeline.transforms if isinstance(t, ClipNorm)]
@@ -76,6 +81,44 @@ def describe_pipeline(pipeline: Pipeline, num_updates: int) -> tuple[dict[str, A
             applied_stddev=decimal(applied),
         )
     return described, dp
+
+
+def _dp_fedavg(mechanism: DPFedAvg, num_updates: int) -> dict[str, Any]:
+    """DP-FedAvg's object: the mechanism, this round's clip and noise, and the spent (epsilon, delta)."""
+    last = mechanism.last
+    spent = mechanism.spent()
+    dp: dict[str, Any] = {
+        "mechanism": "DPFedAvg",
+        "noised_updates": num_updates,
+        "noise_multiplier": decimal(mechanism.noise_multiplier),
+        "sum_noise_multiplier": decimal(mechanism.sum_noise_multiplier),
+        "expected_participants": mechanism.expected_participants,
+        "adaptive_clipping": None
+        if mechanism.target_quantile is None or mechanism.count_stddev is None
+        else {
+            "target_quantile": decimal(mechanism.target_quantile),
+            "clip_lr": decimal(mechanism.clip_lr),
+            "count_stddev": decimal(mechanism.count_stddev),
+        },
+        "accountant": mechanism.accountant.kind,
+        "epsilon": decimal(spent.epsilon),
+        "epsilon_unsampled": decimal(spent.epsilon_unsampled),
+        "delta": decimal(spent.delta),
+        "rounds_accounted": spent.rounds,
+        "budget": None if spent.budget is None else decimal(spent.budget),
+    }
+    if last is not None:
+        dp.update(
+            clip_norm=decimal(last.clip_norm),
+            next_clip_norm=decimal(last.next_clip_norm),
+            sum_stddev=decimal(last.sum_noise_stddev),
+            applied_stddev=decimal(last.applied_stddev),
+            sampling_rate=decimal(last.sampling_rate),
+            noised_unclipped_fraction=None
+            if last.noised_unclipped_fraction is None
+            else decimal(last.noised_unclipped_fraction),
+        )
+    return dp
 
 
 def round_record(

@@ -42,10 +42,11 @@ from ..errors import (
 )
 from ..ledger import LedgerEntry
 from ..strategy import ClientUpdate, Pipeline, RoundAggregation
+from ..strategy.dp import privacy_of
 from ..strategy.state import encode_pipeline_state, load_pipeline_state
 from ..wire import ParamLayout, decode_blob, encode_model
 from .provenance import QUORUM_NOT_REACHED, next_entry, round_record
-from .selection import ClientSelector, SelectorFactory, build_selector, check_selection
+from .selection import ClientSelector, RandomSelector, SelectorFactory, build_selector, check_selection
 from .store import BlobSink, CoordinatorStore
 
 __all__ = ["PublishedModel", "RoundConfig", "RoundManager"]
@@ -170,6 +171,14 @@ class RoundManager:
         self._clock, self._on_model = clock, on_model
         self._lock = threading.RLock()
         self._selector = build_selector(config.selector)
+        self._privacy = privacy_of(strategy)
+        if self._privacy is not None and not isinstance(self._selector, RandomSelector):
+            raise ConfigError(
+                f"DP-FedAvg's accounting assumes uniform sampling of the devices; selector {config.selector!r} is "
+                "not the built-in random one"
+            )
+        self.stop_reason: str | None = None
+        """Why the federation ended before its last round (the privacy budget), or None."""
         self._round: _OpenRound | None = None
         self._inflight: dict[str, int] = {}  # update digests being written and recorded (kept from GC)
         self._inflight_lock = threading.Lock()
@@ -247,6 +256,10 @@ class RoundManager:
                 return
             agg.add(ClientUpdate(upd.device_id, flat, upd.num_examples, dict(upd.metrics)))
             accepted[upd.device_id] = upd.update_hash
+        if self._privacy is not None:  # the candidates of the round's draw are gone: never under-charge it
+            active = len(self._store.list_devices(status="active"))
+            rate = len(row.selected_devices) / active if active else 1.0
+            self._privacy.begin_round(min(1.0, max(self._privacy.sampling_rate, rate)))
         deadline = row.deadline.timestamp()
         now = self._clock()
         if row.state == "open" and 0 < len(accepted) < row.min_participants and deadline <= now:
@@ -298,6 +311,15 @@ class RoundManager:
             if not active:
                 raise RoundError("no active devices to select", code="no_devices")
             k = min(self.config.per_round, len(active))
+            if self._privacy is not None:  # a budget stops the federation before the round that exceeds it
+                rate = k / len(active)
+                reason = self._privacy.budget_stop(rate)
+                if reason is not None:
+                    if self.stop_reason is None:
+                        _log.warning("round %d not opened: %s", number, reason)
+                    self.stop_reason, self.finished = reason, True
+                    return None
+                self._privacy.begin_round(rate)
             chosen = check_selection(
                 self._selector.select(number, tuple(active), k, self.config.seed), active, k, number
             )
@@ -460,6 +482,8 @@ class RoundManager:
             "model_version": self.model.version,
             "model_sha256": self.model.sha256,
             "rounds_total": self.config.rounds,
+            "privacy": None if self._privacy is None else self._privacy.spent().to_json(),
+            "stop_reason": self.stop_reason,
         }
 
     def tick(self) -> None:

@@ -1,8 +1,10 @@
 """Aggregation strategies composed from small parts: checks, weighting, transforms, combine, noise and
-a server optimiser (see :mod:`qflare.strategy.pipeline` for the presets and their papers)."""
+a server optimiser (see :mod:`qflare.strategy.pipeline` for the presets and their papers; DP-FedAvg,
+:mod:`qflare.strategy.dp`, registers as ``dp-fedavg``)."""
 
 from __future__ import annotations
 
+from qflare.strategy.accounting import ACCOUNTANTS, PrivacyAccountant, calibrate_noise_multiplier
 from qflare.strategy.base import (
     Accumulator,
     ClientUpdate,
@@ -15,6 +17,7 @@ from qflare.strategy.base import (
 )
 from qflare.strategy.checks import DEFAULT_MAX_ABS, ExampleCountCheck, FiniteCheck, MaxAbsBound, NormBound, ShapeCheck
 from qflare.strategy.combine import CoordinateMedian, Krum, ShareCappedMean, TrimmedMean, WeightedMean
+from qflare.strategy.dp import DPFedAvg, PrivacySpent, RoundRelease, dp_fedavg, privacy_of
 from qflare.strategy.noise import GaussianNoise
 from qflare.strategy.pipeline import (
     DEFAULT_MAX_EXAMPLES,
@@ -41,6 +44,7 @@ from qflare.strategy.transforms import ClipNorm
 from qflare.strategy.weighting import ByExamples, Uniform
 
 __all__ = [
+    "ACCOUNTANTS",
     "DEFAULT_MAX_ABS",
     "DEFAULT_MAX_EXAMPLES",
     "DEFAULT_MAX_MODEL_ABS",
@@ -51,6 +55,7 @@ __all__ = [
     "ClipNorm",
     "Combine",
     "CoordinateMedian",
+    "DPFedAvg",
     "ExampleCountCheck",
     "FiniteCheck",
     "GaussianNoise",
@@ -60,7 +65,10 @@ __all__ = [
     "NormBound",
     "Pipeline",
     "PreparedUpdate",
+    "PrivacyAccountant",
+    "PrivacySpent",
     "RoundAggregation",
+    "RoundRelease",
     "ServerAdagrad",
     "ServerAdam",
     "ServerMomentum",
@@ -77,6 +85,8 @@ __all__ = [
     "WeightedMean",
     "Weighting",
     "build_strategy",
+    "calibrate_noise_multiplier",
+    "dp_fedavg",
     "fedadagrad",
     "fedadam",
     "fedavg",
@@ -85,6 +95,7 @@ __all__ = [
     "fedtrimmedmean",
     "fedyogi",
     "krum",
+    "privacy_of",
     "register_strategy",
     "strategy_factory",
 ]

@@ -5,7 +5,8 @@ Recurrent Language Models"): clip each update to norm S (:class:`~qflare.strateg
 sum, add N(0, σ²) with σ = z·S, divide by the number of updates.
 
 **No calibration or privacy accounting happens here.**  The caller chooses ``stddev`` (σ) from its
-noise multiplier and clipping bound and tracks (ε, δ) with an accountant of its own.  The guarantee of
+noise multiplier and clipping bound and tracks (ε, δ) with an accountant of its own; the accounted
+mechanism is :mod:`qflare.strategy.dp` (``--strategy dp-fedavg``).  The guarantee of
 DP-FedAvg holds for uniform weighting with a fixed number of updates per round; with example-count
 weighting a device's influence on the mean is not bounded by S/n and σ must be chosen accordingly.
 """

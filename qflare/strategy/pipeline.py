@@ -124,6 +124,11 @@ class Pipeline:
         for role, part, protocol in kinds:
             if not isinstance(part, protocol):
                 raise ConfigError(f"{part!r} cannot serve as the {role}: it does not implement {protocol.__name__}")
+        if getattr(self.combine, "uniform_weights_only", False) and not isinstance(self.weighting, Uniform):
+            raise ConfigError(
+                f"{self.combine!r} weighs every update equally (its privacy guarantee depends on it); "
+                f"weighting {self.weighting!r} is not Uniform()"
+            )
         if not self.secure_aggregation:
             return
         inspecting = [c for c in self.checks if c.inspects_values]

@@ -1,4 +1,5 @@
-"""Persisting the stateful parts of a pipeline (server-optimiser moments, noise generator).
+"""Persisting the stateful parts of a pipeline (server-optimiser moments, noise generator, DP-FedAvg's
+clip norm and accounted rounds).
 
 A coordinator stores these bytes next to each published model, so a restarted server continues FedAvgM,
 FedAdam, FedYogi, FedAdagrad and central-DP noise exactly where they were instead of resetting them.
@@ -21,7 +22,7 @@ __all__ = ["encode_pipeline_state", "load_pipeline_state"]
 
 
 def _parts(pipeline: Pipeline) -> dict[str, Any]:
-    parts: dict[str, Any] = {"server_opt": pipeline.server_opt}
+    parts: dict[str, Any] = {"server_opt": pipeline.server_opt, "combine": pipeline.combine}
     if pipeline.noise is not None:
         parts["noise"] = pipeline.noise
     return {k: v for k, v in parts.items() if hasattr(v, "state_dict")}
