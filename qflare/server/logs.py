@@ -10,7 +10,6 @@ record the connection's protocol logs.
 from __future__ import annotations
 
 import logging
-import logging.config
 import sys
 from collections.abc import MutableMapping
 from typing import Any
@@ -49,22 +48,27 @@ def configure_logging(level: str = "info") -> None:
         from ..errors import ConfigError
 
         raise ConfigError(f"unknown log level {level!r}: use trace, debug, info, warning, error or critical")
-    logging.config.dictConfig(
-        {
-            "version": 1,
-            "disable_existing_loggers": False,
-            "formatters": {"qflare": {"format": LOG_FORMAT}},
-            "handlers": {"stderr": {"()": _CurrentStderrHandler, "formatter": "qflare"}},
-            "root": {"level": name, "handlers": ["stderr"]},
-            "loggers": {
-                # uvicorn's own loggers: no handlers of their own, records reach the root handler
-                "uvicorn": {"level": name, "handlers": [], "propagate": True},
-                "uvicorn.error": {"level": name, "handlers": [], "propagate": True},
-                "uvicorn.access": {"level": name, "handlers": [], "propagate": True},
-                **{q: {"level": "WARNING", "handlers": [], "propagate": True} for q in _QUIET},
-            },
-        }
-    )
+    # Not logging.config.dictConfig: it shuts down every handler that exists (closing the streams of
+    # foreign ones, e.g. absl's, which may be a test harness's capture), not only the root's.
+    formatter = logging.Formatter(LOG_FORMAT)
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    handler = _CurrentStderrHandler()
+    handler.setFormatter(formatter)
+    root.addHandler(handler)
+    root.setLevel(name)
+    # uvicorn's own loggers: no handlers of their own, records reach the root handler
+    for logger_name, logger_level in (
+        *((n, name) for n in ("uvicorn", "uvicorn.error", "uvicorn.access")),
+        *((q, "WARNING") for q in _QUIET),
+    ):
+        logger = logging.getLogger(logger_name)
+        for old in list(logger.handlers):
+            logger.removeHandler(old)
+        logger.setLevel(logger_level)
+        logger.propagate = True
+        logger.disabled = False
 
 
 class _PeerAdapter(logging.LoggerAdapter[logging.Logger]):
