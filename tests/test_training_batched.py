@@ -246,3 +246,21 @@ def test_simulate_cli_batched_devices(tmp_path):
     register_model("bn-mlp-test", lambda shape, k: _WithBatchNorm(), replace=True)
     refused = runner.invoke(app, [*args, "--model", "bn-mlp-test", "--rounds", "1", "--batched-devices"])
     assert refused.exit_code != 0 and "BatchNorm1d" in refused.output and "Traceback" not in refused.output
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
+def test_cuda_batched_updates_equal_the_per_device_loop(digits):
+    """On a GPU (benchmarks/gpu_batched.sh runs it): the MLP's updates, both paths on CUDA, momentum, weight
+    decay, prox and clipping on; matmuls in full float32 (no TF32), so the same tolerance holds."""
+    cfg = TrainConfig(lr=0.05, momentum=0.9, weight_decay=1e-3, prox_mu=0.1, max_grad_norm=1.0, device="cuda")
+    torch.manual_seed(0)
+    make = lambda: create_model("mlp", digits.input_shape, digits.num_classes)  # noqa: E731
+    model = make()
+    layout = ParamLayout.from_module(model)
+    flat = layout.module_to_flat(model)
+    jobs = _jobs(digits, 1)
+    ref = [LocalTrainer(make(), cfg, layout).train(flat, j.inputs, j.targets, seed=j.seed) for j in jobs]
+    got = BatchedTrainer(make(), cfg, layout, input_shape=digits.input_shape).train_round(flat, jobs)
+    for a, b in zip(ref, got, strict=True):
+        assert isinstance(b, TrainResult) and b.delta.device.type == "cpu"
+        _close(a, b, float(flat.abs().max()))
