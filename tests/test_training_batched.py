@@ -250,7 +250,7 @@ def test_simulate_cli_batched_devices(tmp_path):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
 def test_cuda_batched_updates_equal_the_per_device_loop(digits):
-    """On a GPU (benchmarks/gpu_batched.sh runs it): the MLP's updates, both paths on CUDA, momentum, weight
+    """On a GPU (qflare/bench/gpu_batched.sh runs it): the MLP's updates, both paths on CUDA, momentum, weight
     decay, prox and clipping on; matmuls in full float32 (no TF32), so the same tolerance holds."""
     cfg = TrainConfig(lr=0.05, momentum=0.9, weight_decay=1e-3, prox_mu=0.1, max_grad_norm=1.0, device="cuda")
     torch.manual_seed(0)

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU check of `--batched-devices` (issue 14), prepared to run in one go on a machine with a CUDA GPU:
-#   bash benchmarks/gpu_batched.sh            (from the repository root; about 2-4 minutes on an H200)
+#   bash qflare/bench/gpu_batched.sh           (from the repository root; about 2-4 minutes on an H200)
 # 1. the batched-vs-loop equality tests, now also on CUDA (tests/test_training_batched.py);
 # 2. `qflare bench batched-devices --device cuda --rounds 30`: fmnist-dir05 trained by the per-device loop,
 #    then with --batched-devices, on the GPU; target: batched_rounds_s <= 5 with the loop's accuracy curve.
