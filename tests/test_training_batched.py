@@ -264,3 +264,10 @@ def test_cuda_batched_updates_equal_the_per_device_loop(digits):
     for a, b in zip(ref, got, strict=True):
         assert isinstance(b, TrainResult) and b.delta.device.type == "cpu"
         _close(a, b, float(flat.abs().max()))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal where CUDA is missing")
+def test_bench_batched_devices_without_cuda_is_one_clear_line():
+    result = CliRunner().invoke(app, ["bench", "batched-devices", "--device", "cuda", "--rounds", "1"])
+    assert result.exit_code != 0 and "CUDA is not available" in result.output
+    assert "Traceback" not in result.output
