@@ -11,6 +11,12 @@ PyTorch releases the GIL inside its kernels, so the threads use the cores in par
 copy of the data set and of torch itself (one process: no second ~0.3 GB interpreter, no data copies).
 Updates are submitted in the coordinator's selection order, so results are identical run to run for
 one seed and worker count.
+
+With ``batched_devices`` the round's selected devices are trained together on the driver thread
+(:class:`~qflare.training_batched.BatchedTrainer`, one vectorised SGD loop for all of them — the fast
+path on a GPU), from the global model the round opened with; each device then runs its own protocol
+step on the pool (fetch and verify the signed model, seal and sign its update) with its precomputed
+result, which is only handed over when the model the device fetched is the one it was trained from.
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ import torch
 
 from .crypto import SigningKey, require_primitives
 from .data import load_dataset
-from .errors import ConfigError
+from .errors import ConfigError, TrainingError
 from .federation import FederationSpec
 from .history import write_history
 from .memory import release_free_memory, tune_heap
@@ -43,6 +49,7 @@ from .protocol.selection import build_selector, check_selection
 from .storage import Database, Store
 from .strategy import ClientUpdate, PrivacySpent, RoundAggregation, privacy_of
 from .training import LocalTrainer, TrainConfig, TrainResult, client_seed, evaluate, resolve_device
+from .training_batched import BatchedTrainer, DeviceJob
 from .transport import InProcessTransport
 from .wire import ParamLayout
 
@@ -74,6 +81,9 @@ class SimulationConfig:
     ledger_out: Path | None = None
     """Write the coordinator's provenance ledger export (``qflare ledger verify`` checks it) here when the
     run ends; the simulation's database is scratch, so this is the only copy.  Needs ``protocol``."""
+    batched_devices: bool = False
+    """Train each round's selected devices together (:class:`~qflare.training_batched.BatchedTrainer`)
+    instead of one per pool thread; the same updates to float32 rounding.  Meant for a GPU."""
 
     def __post_init__(self) -> None:
         if self.ledger_out is not None and not self.protocol:
@@ -397,6 +407,10 @@ def run_simulation(
     result so far (history and that round's model), e.g. to write it to disk as the run goes."""
     t0 = time.perf_counter()
     spec = cfg.federation
+    if cfg.batched_devices and federation is not None:
+        raise ConfigError(
+            "batched_devices trains from the in-process federation's model; it takes no federation factory"
+        )
     tune_heap()
     require_primitives(spec.suite)
     train = load_dataset(spec.dataset, "train", root=spec.data_root)
@@ -414,6 +428,14 @@ def run_simulation(
     layout = ParamLayout.from_module(model)
     pool = _Workers(workers, make_model, spec.train, layout)
     precision = resolve_precision(spec.train.precision, resolve_device(spec.train.device))
+    if cfg.batched_devices and precision.name != "fp32":
+        raise ConfigError(
+            f"--batched-devices trains in fp32 only; --precision {spec.train.precision} resolved to {precision.name} "
+            "here (use the per-device loop for bf16)"
+        )
+    batched = (
+        BatchedTrainer(make_model(), spec.train, layout, input_shape=train.input_shape) if cfg.batched_devices else None
+    )
     x_test, y_test = test.normalized(), test.labels
     backend: FederationFactory = federation or (_SecureFederation if cfg.protocol else _DirectFederation)
     fed = backend(cfg, layout, layout.module_to_flat(model))
@@ -434,10 +456,12 @@ def run_simulation(
                 del counts[number, stage]
         on_progress(RoundProgress(number, stage, done, total))
 
-    def train_device(i: int, number: int, total: int) -> tuple[Any, TrainResult]:
+    def train_device(i: int, number: int, total: int, pre: _Batched | None = None) -> tuple[Any, TrainResult]:
         idx = torch.from_numpy(parts[i])
 
         def fit(flat: torch.Tensor, rnd: int) -> TrainResult:
+            if pre is not None:
+                return pre.result(i, flat, rnd)
             return pool.trainer().train(
                 flat, train.normalized(idx), train.labels[idx], seed=client_seed(spec.seed, rnd, i)
             )
@@ -446,6 +470,15 @@ def run_simulation(
         result.delta = torch.empty(0)  # the prepared update carries it; don't hold two copies until submission
         report(number, "train", total)
         return prepared, result
+
+    def train_together(number: int, chosen: list[int]) -> _Batched:
+        assert batched is not None
+        flat, _ = fed.model()
+        jobs = []
+        for i in chosen:
+            idx = torch.from_numpy(parts[i])
+            jobs.append(DeviceJob(train.normalized(idx), train.labels[idx], client_seed(spec.seed, number, i)))
+        return _Batched(number, flat, dict(zip(chosen, batched.train_round(flat, jobs), strict=True)))
 
     def eval_chunk(flat: torch.Tensor, lo: int, hi: int, number: int, total: int) -> tuple[float, int]:
         m = pool.eval_model()
@@ -503,12 +536,17 @@ def run_simulation(
         while not stopping() and (opened := fed.open_round()) is not None:
             t_round = time.perf_counter()
             number, chosen = opened
+            pre = None
+            if batched is not None:  # the previous model's evaluation runs on the pool meanwhile
+                if pending is not None:
+                    pending = (pending[0], pending[1], submit_eval(pending[1], pending[0].round))
+                pre = train_together(number, chosen)
             # Largest devices first: the shortest tail on the pool.  Submission stays in selection order.
             futures = {
-                i: pool.pool.submit(train_device, i, number, len(chosen))
+                i: pool.pool.submit(train_device, i, number, len(chosen), pre)
                 for i in sorted(chosen, key=lambda i: -len(parts[i]))
             }
-            if pending is not None:
+            if pending is not None and not pending[2]:
                 pending = (pending[0], pending[1], submit_eval(pending[1], pending[0].round))
             losses, examples, abandoned = 0.0, 0, False
             for i in chosen:
@@ -551,6 +589,28 @@ def run_simulation(
     return partial()
 
 
+@dataclass(frozen=True)
+class _Batched:
+    """A round's results computed together, handed to each device's protocol step."""
+
+    number: int
+    trained_from: torch.Tensor
+    outcomes: dict[int, TrainResult | TrainingError]
+
+    def result(self, i: int, flat: torch.Tensor, rnd: int) -> TrainResult:
+        """Device ``i``'s result, only if the model it fetched (and verified) is the one it was trained from."""
+        same = flat.shape == self.trained_from.shape and torch.equal(flat.cpu(), self.trained_from.cpu())
+        if rnd != self.number or not same:
+            raise TrainingError(
+                f"device {i} fetched the model of round {rnd}, not the one its update was computed from "
+                f"(round {self.number}); the batched result is not used"
+            )
+        outcome = self.outcomes.pop(i)
+        if isinstance(outcome, TrainingError):
+            raise outcome
+        return outcome
+
+
 def _config_dict(cfg: SimulationConfig, precision: Precision) -> dict[str, Any]:
     """The federation's fields and this run's own settings, in one flat object; ``precision`` is what
     ``train.precision`` resolved to here (``auto`` becomes ``fp32`` or ``bf16``), ``precision_detail`` why."""
@@ -563,4 +623,5 @@ def _config_dict(cfg: SimulationConfig, precision: Precision) -> dict[str, Any]:
         "protocol": cfg.protocol,
         "precision": precision.name,
         "precision_detail": precision.describe(),
+        "batched_devices": cfg.batched_devices,
     }

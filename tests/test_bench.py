@@ -47,3 +47,13 @@ def test_crypto_contract():
     for key in ("handshake_ms_median", "seal_ms_median", "open_ms_median", "local_train_ms_median"):
         assert isinstance(res[key], (int, float)) and res[key] > 0, key
     assert res["payload_bytes"] == 6_653_480
+
+
+@pytest.mark.slow
+@needs_fmnist
+def test_batched_devices_contract():
+    res = _json("batched-devices", "--device", "cpu", "--rounds", "1")
+    for key in ("loop_rounds_s", "batched_rounds_s", "speedup", "loop_final_accuracy", "batched_final_accuracy"):
+        assert isinstance(res[key], (int, float)) and res[key] > 0, key
+    assert res["meets_target"] is None  # the target is judged on a GPU only
+    assert res["batched"]["accuracy"] and res["max_accuracy_gap"] < 0.02

@@ -99,6 +99,13 @@ def simulate(
         True,
         help="Run the secure protocol (PQ sessions, signatures, database). --no-protocol aggregates training results directly: only to measure the protocol's cost.",
     ),
+    batched_devices: bool = typer.Option(
+        False,
+        "--batched-devices",
+        help="Train each round's selected devices together (one vectorised SGD loop, torch.func) instead of one "
+        "per thread: the same updates to float32 rounding, meant for a GPU (--device cuda). Each device still "
+        "signs and seals its own update. Refuses models with BatchNorm, dropout or buffers.",
+    ),
     out: Path | None = typer.Option(
         None,
         help="Write history.json, history.csv, the global model (model.safetensors) after every round, "
@@ -173,12 +180,14 @@ def simulate(
         from ..simulation import SimulationConfig, run_simulation
         from ..tracking import open_trackers
 
-        cfg = SimulationConfig(spec, workers=workers, protocol=protocol, ledger_out=ledger)
+        cfg = SimulationConfig(
+            spec, workers=workers, protocol=protocol, ledger_out=ledger, batched_devices=batched_devices
+        )
         trackers = open_trackers(
             tensorboard=tensorboard,
             mlflow=mlflow,
             run_name=f"simulate-{spec.dataset}-{spec.strategy}-seed{spec.seed}",
-            params={"workers": workers, "protocol": protocol, **spec.to_json()},
+            params={"workers": workers, "protocol": protocol, "batched_devices": batched_devices, **spec.to_json()},
             on_error=lambda m: err_console.print(f"[yellow]tracking[/] {m}", markup=True),
         )
         table = Table(
