@@ -3,6 +3,13 @@ a server optimiser (see :mod:`qflare.strategy.pipeline` for the presets and thei
 
 from __future__ import annotations
 
+from qflare.strategy.aggregators import (
+    AGGREGATORS,
+    AggregatorContext,
+    AggregatorFactory,
+    apply_aggregator,
+    register_aggregator,
+)
 from qflare.strategy.base import (
     Accumulator,
     ClientUpdate,
@@ -13,9 +20,12 @@ from qflare.strategy.base import (
     UpdateCheck,
     Weighting,
 )
+from qflare.strategy.bulyan import Bulyan
 from qflare.strategy.checks import DEFAULT_MAX_ABS, ExampleCountCheck, FiniteCheck, MaxAbsBound, NormBound, ShapeCheck
 from qflare.strategy.combine import CoordinateMedian, Krum, ShareCappedMean, TrimmedMean, WeightedMean
+from qflare.strategy.fltrust import FLTrust, RootUpdate
 from qflare.strategy.noise import GaussianNoise
+from qflare.strategy.norm_bound import AdaptiveNormBound
 from qflare.strategy.pipeline import (
     DEFAULT_MAX_EXAMPLES,
     DEFAULT_MAX_MODEL_ABS,
@@ -41,17 +51,23 @@ from qflare.strategy.transforms import ClipNorm
 from qflare.strategy.weighting import ByExamples, Uniform
 
 __all__ = [
+    "AGGREGATORS",
     "DEFAULT_MAX_ABS",
     "DEFAULT_MAX_EXAMPLES",
     "DEFAULT_MAX_MODEL_ABS",
     "STRATEGIES",
     "Accumulator",
+    "AdaptiveNormBound",
+    "AggregatorContext",
+    "AggregatorFactory",
+    "Bulyan",
     "ByExamples",
     "ClientUpdate",
     "ClipNorm",
     "Combine",
     "CoordinateMedian",
     "ExampleCountCheck",
+    "FLTrust",
     "FiniteCheck",
     "GaussianNoise",
     "Krum",
@@ -60,6 +76,7 @@ __all__ = [
     "NormBound",
     "Pipeline",
     "PreparedUpdate",
+    "RootUpdate",
     "RoundAggregation",
     "ServerAdagrad",
     "ServerAdam",
@@ -76,6 +93,7 @@ __all__ = [
     "UpdateCheck",
     "WeightedMean",
     "Weighting",
+    "apply_aggregator",
     "build_strategy",
     "fedadagrad",
     "fedadam",
@@ -85,6 +103,7 @@ __all__ = [
     "fedtrimmedmean",
     "fedyogi",
     "krum",
+    "register_aggregator",
     "register_strategy",
     "strategy_factory",
 ]
