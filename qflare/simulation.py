@@ -30,17 +30,21 @@ import torch
 
 from .crypto import SigningKey, require_primitives
 from .data import load_dataset
+from .defense import AttackConfig, backdoor_success
+from .defense.record import DefenceLog
+from .defense.root import TrainedRoot, root_indices
 from .errors import ConfigError
 from .federation import FederationSpec
 from .history import write_history
+from .ledger.canonical import decode
 from .memory import release_free_memory, tune_heap
 from .model_file import MODEL_FILE_NAME, write_model_file
 from .models import create_model
 from .protocol import Coordinator, CoordinatorConfig, Device, RoundConfig
-from .protocol.provenance import export_ledger
+from .protocol.provenance import NO_UPDATE, NOT_COMBINED, export_ledger
 from .protocol.selection import build_selector, check_selection
 from .storage import Database, Store
-from .strategy import ClientUpdate, RoundAggregation
+from .strategy import ClientUpdate, Pipeline, RoundAggregation
 from .training import LocalTrainer, TrainConfig, TrainResult, client_seed, evaluate
 from .transport import InProcessTransport
 from .wire import ParamLayout
@@ -73,6 +77,9 @@ class SimulationConfig:
     ledger_out: Path | None = None
     """Write the coordinator's provenance ledger export (``qflare ledger verify`` checks it) here when the
     run ends; the simulation's database is scratch, so this is the only copy.  Needs ``protocol``."""
+    attack: AttackConfig | None = None
+    """Attacker devices (:mod:`qflare.defense.threat`); the history's ``defence`` section scores the
+    aggregator's detections against them."""
 
     def __post_init__(self) -> None:
         if self.ledger_out is not None and not self.protocol:
@@ -89,6 +96,10 @@ class SimulationConfig:
                 f"per_round ({spec.per_round}) cannot exceed devices ({spec.devices}): a round selects distinct devices"
             )
         spec.build_strategy()  # refuse now a strategy that cannot aggregate per_round updates
+        if self.attack is not None:
+            if not isinstance(self.attack, AttackConfig):
+                raise ConfigError(f"attack must be an AttackConfig, got {type(self.attack).__name__}")
+            self.attack.attackers(spec.devices)  # refuse a share that makes no attacker (or no honest device)
 
 
 @dataclass
@@ -139,15 +150,20 @@ class SimulationResult:
     model: FinalModel | None = None
     interrupted: bool = False
     """True when the run was stopped (``stop`` set) before its last round."""
+    defence: DefenceLog | None = None
+    """Per round: the updates refused or left out, the attackers selected, detection true/false positives."""
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        out = {
             "config": self.config,
             "rounds": [asdict(r) for r in self.rounds],
             "wall_s": self.wall_s,
             "startup_s": self.startup_s,
             "interrupted": self.interrupted,
         }
+        if self.defence is not None:
+            out["defence"] = self.defence.to_json()
+        return out
 
     def title(self) -> str:
         c = self.config
@@ -229,12 +245,26 @@ class Federation(Protocol):
 
 
 FederationFactory = Callable[["SimulationConfig", ParamLayout, torch.Tensor], Federation]
+RootFactory = Callable[[], TrainedRoot]
+"""Builds the coordinator's FLTrust root-update source (called only when the strategy needs one)."""
+
+
+def _with_root(pipeline: Pipeline, root: RootFactory | None) -> Pipeline:
+    if not pipeline.needs_root:
+        return pipeline
+    if root is None:
+        raise ConfigError(
+            "this aggregator needs the coordinator's root data, which this backend lacks", code="no_root_data"
+        )
+    return pipeline.with_root(root())
 
 
 class _SecureFederation:
     """The real thing: a Coordinator and N enrolled Devices with PQ sessions, over the in-process transport."""
 
-    def __init__(self, cfg: SimulationConfig, layout: ParamLayout, initial: torch.Tensor) -> None:
+    def __init__(
+        self, cfg: SimulationConfig, layout: ParamLayout, initial: torch.Tensor, root: RootFactory | None = None
+    ) -> None:
         spec = cfg.federation
         # The coordinator's database: SQLite in a scratch folder (RAM-backed where /dev/shm exists).
         self._scratch = tempfile.TemporaryDirectory(
@@ -245,7 +275,7 @@ class _SecureFederation:
         self.coordinator = Coordinator(
             layout=layout,
             initial_flat=initial,
-            strategy=spec.build_strategy(),
+            strategy=_with_root(spec.build_strategy(), root),
             identity=SigningKey.generate(spec.suite.sig),
             store=Store(self._db),
             # No deadline in a simulation: every selected device answers (a round may take long).
@@ -298,6 +328,19 @@ class _SecureFederation:
         m = self.coordinator.rounds.model
         return m.flat, m.sha256
 
+    def left_out(self, number: int) -> dict[int, str]:
+        """Device index -> reason, for the updates round ``number`` refused or did not combine (its
+        ledger entry's ``left_out``; devices that sent nothing are not included)."""
+        row = Store(self._db).ledger_entry_for_round(number)
+        if row is None:
+            return {}
+        body = decode(row.body)
+        out: dict[int, str] = {}
+        for device, _, reason in body.get("left_out", []):
+            if reason != NO_UPDATE and device in self._index:
+                out[self._index[device]] = str(reason)
+        return out
+
     def close(self) -> None:
         try:
             if self._ledger_out is not None:
@@ -310,9 +353,12 @@ class _SecureFederation:
 class _DirectFederation:
     """Same selection and aggregation without the protocol — only to measure what the protocol costs."""
 
-    def __init__(self, cfg: SimulationConfig, layout: ParamLayout, initial: torch.Tensor) -> None:
+    def __init__(
+        self, cfg: SimulationConfig, layout: ParamLayout, initial: torch.Tensor, root: RootFactory | None = None
+    ) -> None:
         spec = self._spec = cfg.federation
-        self._strategy = spec.build_strategy()
+        self._strategy = _with_root(spec.build_strategy(), root)
+        self._left_out: dict[int, dict[int, str]] = {}
         self._selector = build_selector(spec.selector)  # the same selector, over device indices
         self._flat, self._number = initial, 0
         self._agg: RoundAggregation | None = None
@@ -335,7 +381,12 @@ class _DirectFederation:
         assert self._agg is not None
         self._agg.add(update)
         if self._agg.count == min(self._spec.per_round, self._spec.devices):
-            self._flat, self._agg = self._agg.finish(), None
+            agg = self._agg
+            self._flat, self._agg = agg.finish(), None
+            self._left_out[self._number] = {int(d): NOT_COMBINED for d in agg.left_out}
+
+    def left_out(self, number: int) -> dict[int, str]:
+        return self._left_out.get(number, {})
 
     def published(self, number: int) -> bool:
         return self._agg is None  # finish() raises when it refuses the aggregate
@@ -384,8 +435,24 @@ def run_simulation(
     layout = ParamLayout.from_module(model)
     pool = _Workers(workers, make_model, spec.train, layout)
     x_test, y_test = test.normalized(), test.labels
-    backend: FederationFactory = federation or (_SecureFederation if cfg.protocol else _DirectFederation)
-    fed = backend(cfg, layout, layout.module_to_flat(model))
+    attack = cfg.attack
+    attackers = attack.attackers(spec.devices) if attack is not None else frozenset()
+    if attack is not None:
+        attack.check_classes(train.num_classes)
+    defence = DefenceLog(attackers)
+
+    def make_root() -> TrainedRoot:
+        # FLTrust's root data: 100 seeded examples of the test split, the coordinator's own evaluation
+        # data (every train example belongs to some device).  They stay in the evaluation (1% of it).
+        idx = root_indices(len(y_test), seed=spec.seed)
+        trainer = LocalTrainer(make_model(), spec.train, layout)
+        return TrainedRoot(trainer, x_test[idx], y_test[idx], seed=spec.seed)
+
+    initial = layout.module_to_flat(model)
+    if federation is not None:
+        fed = federation(cfg, layout, initial)
+    else:
+        fed = (_SecureFederation if cfg.protocol else _DirectFederation)(cfg, layout, initial, make_root)
     startup = time.perf_counter() - t0
     if on_start is not None:
         on_start(spec.devices)
@@ -402,13 +469,27 @@ def run_simulation(
                 del counts[number, stage]
         on_progress(RoundProgress(number, stage, done, total))
 
-    def train_device(i: int, number: int, total: int) -> tuple[Any, TrainResult]:
+    def train_device(
+        i: int, number: int, total: int, benign: dict[int, torch.Tensor] | None = None, wait: tuple[Future, ...] = ()
+    ) -> tuple[Any, TrainResult]:
         idx = torch.from_numpy(parts[i])
 
         def fit(flat: torch.Tensor, rnd: int) -> TrainResult:
-            return pool.trainer().train(
-                flat, train.normalized(idx), train.labels[idx], seed=client_seed(spec.seed, rnd, i)
-            )
+            seed = client_seed(spec.seed, rnd, i)
+            x, y = train.normalized(idx), train.labels[idx]
+            if attack is None or i not in attackers:
+                result = pool.trainer().train(flat, x, y, seed=seed)
+                if benign is not None:  # the colluding attackers of a full-knowledge attack read it
+                    benign[i] = result.delta.clone()
+                return result
+            if attack.poisons_data:
+                x, y = attack.poison_data(x, y, train.num_classes, seed=seed)
+            result = pool.trainer().train(flat, x, y, seed=seed)
+            for f in wait:  # the round's benign trainings (queued before this one: no deadlock)
+                f.result()
+            seen = [benign[j] for j in sorted(benign)] if benign is not None else []
+            result.delta = attack.poison_update(result.delta, seed=seed, benign=seen)
+            return result
 
         prepared, result = fed.work(i, fit)
         result.delta = torch.empty(0)  # the prepared update carries it; don't hold two copies until submission
@@ -442,6 +523,7 @@ def run_simulation(
             startup,
             final[-1] if final else None,
             stopping(),
+            defence,
         )
 
     # (record, model to evaluate, its evaluation futures): evaluation of round r's model is queued
@@ -469,10 +551,19 @@ def run_simulation(
             t_round = time.perf_counter()
             number, chosen = opened
             # Largest devices first: the shortest tail on the pool.  Submission stays in selection order.
-            futures = {
-                i: pool.pool.submit(train_device, i, number, len(chosen))
-                for i in sorted(chosen, key=lambda i: -len(parts[i]))
-            }
+            order = sorted(chosen, key=lambda i: -len(parts[i]))
+            if attack is not None and attack.needs_benign:
+                # Full knowledge: attackers train after the benign devices and see their updates.
+                seen: dict[int, torch.Tensor] = {}
+                futures = {
+                    i: pool.pool.submit(train_device, i, number, len(chosen), seen) for i in order if i not in attackers
+                }
+                wait = tuple(futures.values())
+                for i in order:
+                    if i in attackers:
+                        futures[i] = pool.pool.submit(train_device, i, number, len(chosen), seen, wait)
+            else:
+                futures = {i: pool.pool.submit(train_device, i, number, len(chosen)) for i in order}
             if pending is not None:
                 pending = (pending[0], pending[1], submit_eval(pending[1], pending[0].round))
             losses, examples, abandoned = 0.0, 0, False
@@ -493,6 +584,8 @@ def run_simulation(
             release_free_memory()
             published = fed.published(number)
             flat, digest = fed.model()
+            left_out = getattr(fed, "left_out", None)
+            defence.record(number, chosen, left_out(number) if left_out is not None else {})
             rec = RoundRecord(
                 number,
                 float("nan"),
@@ -510,6 +603,12 @@ def run_simulation(
     finally:
         pool.pool.shutdown(wait=True, cancel_futures=True)
         fed.close()
+    if attack is not None and attack.name == "backdoor" and final:
+        m = make_model()
+        layout.load_into(m, final[-1].flat)
+        defence.extra["backdoor_success"] = backdoor_success(
+            m, x_test, y_test, target=attack.target, channels_last=spec.train.channels_last
+        )
     return partial()
 
 
@@ -517,4 +616,5 @@ def _config_dict(cfg: SimulationConfig) -> dict[str, Any]:
     """The federation's fields and this run's own settings, in one flat object."""
     d = cfg.federation.to_json()
     del d["format"]
-    return {**d, "workers": cfg.workers, "eval_chunks": cfg.eval_chunks, "protocol": cfg.protocol}
+    attack = None if cfg.attack is None else cfg.attack.to_json()
+    return {**d, "workers": cfg.workers, "eval_chunks": cfg.eval_chunks, "protocol": cfg.protocol, "attack": attack}
