@@ -46,6 +46,8 @@ def demo(
     strategy: str = opts.STRATEGY,
     selector: str = opts.SELECTOR,
     server_lr: float | None = opts.SERVER_LR,
+    aggregator: str = opts.AGGREGATOR,
+    byzantine: int | None = opts.BYZANTINE,
     epochs: int = opts.EPOCHS,
     batch_size: int = opts.BATCH_SIZE,
     lr: float = opts.LR,
@@ -79,6 +81,8 @@ def demo(
             strategy=strategy,
             selector=selector,
             strategy_args=opts.strategy_args(strategy, server_lr),
+            aggregator=aggregator,
+            byzantine=byzantine,
             train=opts.train_config(
                 epochs=epochs,
                 batch_size=batch_size,
@@ -91,7 +95,7 @@ def demo(
             ),
             data_root=opts.path_text(data_root),
         )
-        opts.check_strategy(spec)
+        opts.check_strategy(spec, root_data=False)
         out_dir = writable_dir(out, "--out") if out is not None else None
         data_dir = (
             writable_dir(data_dir, "--data-dir")

@@ -37,6 +37,8 @@ WORKLOAD_OPTIONS = (
     "strategy",
     "selector",
     "server_lr",
+    "aggregator",
+    "byzantine",
     "seed",
     "round_timeout",
     "suite",
@@ -92,6 +94,8 @@ def server(
     strategy: str = opts.STRATEGY,
     selector: str = opts.SELECTOR,
     server_lr: float | None = opts.SERVER_LR,
+    aggregator: str = opts.AGGREGATOR,
+    byzantine: int | None = opts.BYZANTINE,
     seed: int = typer.Option(0, min=0, help="Seed of the initial model and of device selection."),
     round_timeout: float = typer.Option(600.0, min=1.0, help="Seconds before a round's deadline."),
     suite: str = typer.Option(
@@ -140,11 +144,13 @@ def server(
                 strategy=strategy,
                 selector=selector,
                 strategy_args=opts.strategy_args(strategy, server_lr),
+                aggregator=aggregator,
+                byzantine=byzantine,
                 seed=seed,
                 round_timeout_s=round_timeout,
                 suite=suite_by_name(suite),
             )
-            opts.check_strategy(spec)
+            opts.check_strategy(spec, root_data=False)
             return spec
 
         spec = federation_spec(ctx, federation, WORKLOAD_OPTIONS, build)

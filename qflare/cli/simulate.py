@@ -10,6 +10,7 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from ..defense import ATTACKS, AttackConfig
 from ..errors import ConfigError, ErrorCode
 from ..federation import FederationSpec, suite_by_name
 from . import options as opts
@@ -34,6 +35,8 @@ WORKLOAD_OPTIONS = (
     "strategy",
     "selector",
     "server_lr",
+    "aggregator",
+    "byzantine",
     "epochs",
     "batch_size",
     "lr",
@@ -67,6 +70,15 @@ def simulate(
     strategy: str = opts.STRATEGY,
     selector: str = opts.SELECTOR,
     server_lr: float | None = opts.SERVER_LR,
+    aggregator: str = opts.AGGREGATOR,
+    byzantine: int | None = opts.BYZANTINE,
+    attack: str | None = typer.Option(
+        None,
+        help=f"Simulate attacker devices that run the real protocol; one of: {', '.join(ATTACKS)} (docs/defences.md).",
+    ),
+    malicious: float | None = typer.Option(
+        None, help="With --attack: the share of devices that attack, 0 < share < 1 (default 0.2)."
+    ),
     epochs: int = opts.EPOCHS,
     batch_size: int = opts.BATCH_SIZE,
     lr: float = opts.LR,
@@ -125,6 +137,8 @@ def simulate(
                 strategy=strategy,
                 selector=selector,
                 strategy_args=opts.strategy_args(strategy, server_lr),
+                aggregator=aggregator,
+                byzantine=byzantine,
                 train=opts.train_config(
                     epochs=epochs,
                     batch_size=batch_size,
@@ -149,7 +163,12 @@ def simulate(
         from ..simulation import SimulationConfig, run_simulation
         from ..tracking import open_trackers
 
-        cfg = SimulationConfig(spec, workers=workers, protocol=protocol, ledger_out=ledger)
+        threat = None
+        if attack is not None:
+            threat = AttackConfig(attack, malicious=0.2 if malicious is None else malicious, seed=spec.seed)
+        elif malicious is not None:
+            raise ConfigError("--malicious needs --attack", code="bad_attack")
+        cfg = SimulationConfig(spec, workers=workers, protocol=protocol, ledger_out=ledger, attack=threat)
         trackers = open_trackers(
             tensorboard=tensorboard,
             mlflow=mlflow,
@@ -159,6 +178,7 @@ def simulate(
         )
         table = Table(
             title=f"qflare simulate · {spec.dataset} · {spec.devices} devices · {spec.per_round}/round · {spec.strategy}"
+            + ("" if spec.aggregator == "none" else f" · {spec.aggregator}")
         )
         for col in ("round", "accuracy", "loss", "train loss", "examples", "seconds"):
             table.add_column(col, justify="right")
@@ -261,6 +281,15 @@ def simulate(
             console.print(
                 f"wall {result.wall_s:.1f} s (start-up {result.startup_s:.1f} s); final accuracy {result.rounds[-1].accuracy:.4f}"
             )
+            if threat is not None and result.defence is not None:
+                d = result.defence.summary()
+                extra = result.defence.extra.get("backdoor_success")
+                console.print(
+                    f"attack {threat.name}: {len(result.defence.attackers)} attacker(s); flagged attackers "
+                    f"{d['true_positives']}, flagged honest {d['false_positives']}, missed {d['false_negatives']}"
+                    + (f"; backdoor success {extra:.4f}" if extra is not None else ""),
+                    highlight=False,
+                )
         if out_dir is not None and not json_:
             console.print("wrote " + ", ".join(str(p) for p in paths))
         if ledger is not None and not json_:
