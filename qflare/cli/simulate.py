@@ -155,6 +155,13 @@ def simulate(
             return spec
 
         spec = federation_spec(ctx, federation, WORKLOAD_OPTIONS, build)
+        threat = None
+        if attack is not None:
+            threat = AttackConfig(attack, malicious=0.2 if malicious is None else malicious, seed=spec.seed)
+        elif malicious is not None:
+            raise ConfigError("--malicious needs --attack", code="bad_attack")
+        if threat is not None:
+            threat.attackers(spec.devices)  # a share that makes no attacker (or no honest device) is refused now
         out_dir = writable_dir(out, "--out") if out is not None else None
         if out_dir is not None:
             resolved = {} if federation is not None else {"per_round": spec.per_round}
@@ -163,11 +170,6 @@ def simulate(
         from ..simulation import SimulationConfig, run_simulation
         from ..tracking import open_trackers
 
-        threat = None
-        if attack is not None:
-            threat = AttackConfig(attack, malicious=0.2 if malicious is None else malicious, seed=spec.seed)
-        elif malicious is not None:
-            raise ConfigError("--malicious needs --attack", code="bad_attack")
         cfg = SimulationConfig(spec, workers=workers, protocol=protocol, ledger_out=ledger, attack=threat)
         trackers = open_trackers(
             tensorboard=tensorboard,
