@@ -13,7 +13,7 @@ from ..data import DATASETS
 from ..errors import ConfigError
 from ..models import model_names
 from . import options as opts
-from .common import console, friendly_errors, writable_dir
+from .common import console, err_console, friendly_errors, writable_dir
 
 app = typer.Typer(
     help="Benchmarks: figures and ratios, measured in this run.", no_args_is_help=True, rich_markup_mode=None
@@ -210,9 +210,8 @@ def defenses(
             raise ConfigError("--attacks and --aggregators each need at least one name")
         png_path = writable_dir(png.parent if str(png.parent) else Path("."), "--png") / png.name
 
-        def progress(attack: str, agg: str, acc: float) -> None:
-            if not json_:
-                console.print(f"{agg:>16} · {attack:<10} accuracy {acc:.4f}", highlight=False)
+        def progress(attack: str, agg: str, acc: float) -> None:  # on stderr with --json: stdout is the JSON
+            (err_console if json_ else console).print(f"{agg:>16} · {attack:<10} accuracy {acc:.4f}", highlight=False)
 
         result = run_defences(
             rounds,
