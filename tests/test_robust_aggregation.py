@@ -16,6 +16,7 @@ from qflare.strategy import (
     AggregatorContext,
     Bulyan,
     ClientUpdate,
+    Combine,
     CoordinateMedian,
     FLTrust,
     Krum,
@@ -188,9 +189,9 @@ def test_spec_checks_each_rule_requirement_and_travels() -> None:
 def test_other_modules_can_register_a_wrapper_by_name() -> None:
     seen: list[AggregatorContext] = []
 
-    def factory(ctx: AggregatorContext, inner: object) -> object:
+    def factory(ctx: AggregatorContext, inner: Combine) -> Combine:
         seen.append(ctx)
-        return AdaptiveNormBound(inner, 3.0)  # type: ignore[arg-type]
+        return AdaptiveNormBound(inner, 3.0)
 
     register_aggregator("test-wrapper", factory, wraps=True, uniform=False, replace=True)
     assert "test-wrapper" in AGGREGATORS

@@ -134,10 +134,8 @@ def apply_aggregator(pipeline: Pipeline, expr: str, context: AggregatorContext) 
     if [name for name, _ in parts] == ["none"]:
         return pipeline
     combine, uniform = aggregator_combine(expr, context, pipeline.combine)
-    changes: dict[str, object] = {"combine": combine}
-    if uniform:
-        changes["weighting"] = Uniform()
-    return dataclasses.replace(pipeline, **changes)
+    weighting = Uniform() if uniform else pipeline.weighting
+    return dataclasses.replace(pipeline, combine=combine, weighting=weighting)
 
 
 def _f(context: AggregatorContext) -> int:
