@@ -133,3 +133,22 @@ def test_server_and_demo_refuse_fltrust_without_root_data() -> None:
         opts.check_strategy(spec, root_data=False)
     assert info.value.code == "no_root_data"
     assert set(ATTACKS) == {"sign-flip", "scale", "gaussian", "label-flip", "backdoor", "min-max"}
+
+
+def test_bench_defences_sizes_f_per_rule_and_draws_the_table() -> None:
+    from qflare.bench.defenses import _spec_for, defences_table_png
+
+    base = _spec(per_round=10)
+    assert _spec_for(base, "multi-krum").f == 2
+    assert _spec_for(base, "bulyan").f == 1  # 4*2 + 3 > 10: the largest f Bulyan allows at n = 10
+    result = {
+        "workload": "custom",
+        "rounds": 1,
+        "malicious": 0.2,
+        "aggregators": ["none", "bulyan"],
+        "attacks": ["scale"],
+        "clean_accuracy": {"none": 0.8, "bulyan": 0.7},
+        "accuracy": {"scale": {"none": 0.1, "bulyan": 0.6}},
+        "backdoor_success": {},
+    }
+    assert defences_table_png(result).startswith(b"\x89PNG")
