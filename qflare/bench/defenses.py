@@ -92,7 +92,7 @@ def run_defences(
         "malicious": malicious,
         "attacks": list(attacks),
         "aggregators": list(aggregators),
-        "byzantine": {agg: spec.f for agg, spec in specs.items()},
+        "byzantine": {agg: (None if agg == "none" else spec.f) for agg, spec in specs.items()},
         "clean_reference": {"aggregator": "none" if "none" in clean else "best", "accuracy": reference},
         "clean_accuracy": clean,
         "accuracy": accuracy,
@@ -121,8 +121,8 @@ def defences_table_png(result: dict[str, Any]) -> bytes:
     ax = fig.add_subplot()
     ax.axis("off")
     ax.set_title(
-        f"{result['workload']}, {result['rounds']} rounds, {100 * result['malicious']:.0f}% attackers: "
-        "final accuracy % (last row: backdoor success %)",
+        f"{result['workload']}, {result['rounds']} rounds, {100 * result['malicious']:.0f}% attackers: final accuracy %"
+        + (" (last row: backdoor success %)" if result["backdoor_success"] else ""),
         fontsize=9,
     )
     table = ax.table(cellText=cells, rowLabels=[r[0] for r in rows], colLabels=aggs, loc="center")
