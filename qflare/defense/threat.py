@@ -8,7 +8,7 @@ training step differs.  Two kinds of attack:
 * *model poisoning* (``sign-flip``, ``scale``, ``gaussian``, ``min-max``): the device trains honestly,
   then rewrites the update before sealing it:
 
-  - ``sign-flip``: −Δ (Damaskinos et al. 2018; Li et al. 2019 "RSA");
+  - ``sign-flip``: −Δ (Li et al. 2019, "RSA: Byzantine-Robust Stochastic Aggregation Methods");
   - ``scale``: λ·Δ, λ = ``scale`` (10 by default): a boosted, model-replacement style update
     (Bagdasaryan et al. 2020);
   - ``gaussian``: Δ replaced by N(0, σ²) noise, σ = ``noise_std`` (Fang et al. 2020);
