@@ -244,6 +244,10 @@ class ErrorCode(enum.StrEnum):
     ROUND_NOT_CLOSED = "round_not_closed"
     NO_LEDGER_ENTRY = "no_ledger_entry"
     BAD_INCLUSION_PROOF = "bad_inclusion_proof"
+    # robust aggregation and attack simulation
+    NO_ROOT_DATA = "no_root_data"
+    NO_TRUSTED_UPDATES = "no_trusted_updates"
+    BAD_ATTACK = "bad_attack"
 
 
 class Retry(enum.Enum):
@@ -862,6 +866,15 @@ CODE_SPECS: Mapping[ErrorCode, CodeSpec] = MappingProxyType(
             _F,
             AuthError,
         ),
+        _C.NO_ROOT_DATA: _spec(
+            "the aggregator (FLTrust) needs server-side root data that this coordinator does not have", _F, ConfigError
+        ),
+        _C.NO_TRUSTED_UPDATES: _spec(
+            "FLTrust gave every update of the round a trust score of 0; the round is not aggregated",
+            _R,
+            ValidationError,
+        ),
+        _C.BAD_ATTACK: _spec("a simulated attack's options are invalid or do not fit the federation", _F, ConfigError),
     }
 )
 """The meaning, classes and retry meaning of every :class:`ErrorCode`."""

@@ -32,6 +32,7 @@ from .data.sources import DatasetLoader
 from .errors import ConfigError, QflareError
 from .models import ModelFactory
 from .protocol.selection import ClientSelector, SelectorFactory
+from .strategy.aggregators import AggregatorContext, apply_aggregator, default_byzantine
 from .strategy.pipeline import Pipeline, StrategyFactory, build_strategy, strategy_factory
 from .training import TrainConfig
 
@@ -103,6 +104,11 @@ class FederationSpec:
     strategy: str | StrategyFactory = "fedavg"
     strategy_args: Mapping[str, Any] = field(default_factory=dict)
     """Options of the strategy preset, e.g. ``{"server_lr": 0.1}`` (JSON scalars only)."""
+    aggregator: str = "none"
+    """A robust aggregation rule composed onto ``strategy`` (:mod:`qflare.strategy.aggregators`), e.g.
+    ``multi-krum``, ``bulyan``, ``fltrust``, ``norm-bound+median``; ``none`` keeps the strategy's combine."""
+    byzantine: int | None = None
+    """f, the Byzantine updates per round the aggregator must tolerate (None: ⌈0.2 × smallest_round⌉)."""
     suite: Suite = DEFAULT_SUITE
     selector: str | ClientSelector | SelectorFactory = "random"
     """Who takes part in each round: a registered client selector (``random``: a seeded uniform sample)."""
@@ -136,6 +142,14 @@ class FederationSpec:
         mp = self.min_participants
         if mp is not None and (isinstance(mp, bool) or not isinstance(mp, int) or not 1 <= mp <= self.per_round):
             raise ConfigError(f"min_participants must be between 1 and per_round ({self.per_round}), got {mp!r}")
+        if not isinstance(self.aggregator, str) or not self.aggregator.strip():
+            raise ConfigError(f"aggregator must be a registered aggregator name, got {self.aggregator!r}")
+        f = self.byzantine
+        if f is not None and (isinstance(f, bool) or not isinstance(f, int) or not 0 <= f < self.smallest_round):
+            raise ConfigError(
+                f"byzantine (f) must be an integer in [0, {self.smallest_round}) for rounds of {self.smallest_round} "
+                f"update(s), got {f!r}"
+            )
         if not isinstance(self.train, TrainConfig):
             raise ConfigError(f"train must be a TrainConfig, got {type(self.train).__name__}")
         if not isinstance(self.suite, Suite):
@@ -183,8 +197,14 @@ class FederationSpec:
             if name in params:
                 args[name] = getattr(self, name)
         pipeline = build_strategy(self.strategy, **args)
+        pipeline = apply_aggregator(pipeline, self.aggregator, AggregatorContext(self.smallest_round, self.f))
         pipeline.check_round_size(self.smallest_round)
         return pipeline
+
+    @property
+    def f(self) -> int:
+        """The Byzantine updates per round the aggregator tolerates: ``byzantine``, else ⌈0.2 × smallest_round⌉."""
+        return self.byzantine if self.byzantine is not None else default_byzantine(self.smallest_round)
 
     def replace(self, **changes: Any) -> FederationSpec:
         """A copy with ``changes`` applied (validated again)."""

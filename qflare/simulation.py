@@ -36,18 +36,22 @@ import torch
 
 from .crypto import SigningKey, require_primitives
 from .data import load_dataset
+from .defense import AttackConfig, backdoor_success
+from .defense.record import DefenceLog
+from .defense.root import TrainedRoot, root_indices
 from .errors import ConfigError, TrainingError
 from .federation import FederationSpec
 from .history import write_history
+from .ledger.canonical import decode
 from .memory import release_free_memory, tune_heap
 from .model_file import MODEL_FILE_NAME, write_model_file
 from .models import create_model
 from .precision import Precision, resolve_precision
 from .protocol import Coordinator, CoordinatorConfig, Device, RoundConfig
-from .protocol.provenance import export_ledger
+from .protocol.provenance import NO_UPDATE, NOT_COMBINED, export_ledger
 from .protocol.selection import build_selector, check_selection
 from .storage import Database, Store
-from .strategy import ClientUpdate, PrivacySpent, RoundAggregation, privacy_of
+from .strategy import ClientUpdate, Pipeline, PrivacySpent, RoundAggregation, privacy_of
 from .training import LocalTrainer, TrainConfig, TrainResult, client_seed, evaluate, resolve_device
 from .training_batched import BatchedTrainer, DeviceJob
 from .transport import InProcessTransport
@@ -84,6 +88,9 @@ class SimulationConfig:
     batched_devices: bool = False
     """Train each round's selected devices together (:class:`~qflare.training_batched.BatchedTrainer`)
     instead of one per pool thread; the same updates to float32 rounding.  Meant for a GPU."""
+    attack: AttackConfig | None = None
+    """Attacker devices (:mod:`qflare.defense.threat`); the history's ``defence`` section scores the
+    aggregator's detections against them."""
 
     def __post_init__(self) -> None:
         if self.ledger_out is not None and not self.protocol:
@@ -100,6 +107,10 @@ class SimulationConfig:
                 f"per_round ({spec.per_round}) cannot exceed devices ({spec.devices}): a round selects distinct devices"
             )
         spec.build_strategy()  # refuse now a strategy that cannot aggregate per_round updates
+        if self.attack is not None:
+            if not isinstance(self.attack, AttackConfig):
+                raise ConfigError(f"attack must be an AttackConfig, got {type(self.attack).__name__}")
+            self.attack.attackers(spec.devices)  # refuse a share that makes no attacker (or no honest device)
 
 
 @dataclass
@@ -157,9 +168,11 @@ class SimulationResult:
     """True when the run was stopped (``stop`` set) before its last round."""
     stop_reason: str | None = None
     """Why the federation ended before its planned rounds (DP-FedAvg's privacy budget), or None."""
+    defence: DefenceLog | None = None
+    """Per round: the updates refused or left out, the attackers selected, detection true/false positives."""
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        out = {
             "config": self.config,
             "rounds": [asdict(r) for r in self.rounds],
             "wall_s": self.wall_s,
@@ -167,6 +180,9 @@ class SimulationResult:
             "interrupted": self.interrupted,
             "stop_reason": self.stop_reason,
         }
+        if self.defence is not None:
+            out["defence"] = self.defence.to_json()
+        return out
 
     def title(self) -> str:
         c = self.config
@@ -251,12 +267,26 @@ class Federation(Protocol):
 
 
 FederationFactory = Callable[["SimulationConfig", ParamLayout, torch.Tensor], Federation]
+RootFactory = Callable[[], TrainedRoot]
+"""Builds the coordinator's FLTrust root-update source (called only when the strategy needs one)."""
+
+
+def _with_root(pipeline: Pipeline, root: RootFactory | None) -> Pipeline:
+    if not pipeline.needs_root:
+        return pipeline
+    if root is None:
+        raise ConfigError(
+            "this aggregator needs the coordinator's root data, which this backend lacks", code="no_root_data"
+        )
+    return pipeline.with_root(root())
 
 
 class _SecureFederation:
     """The real thing: a Coordinator and N enrolled Devices with PQ sessions, over the in-process transport."""
 
-    def __init__(self, cfg: SimulationConfig, layout: ParamLayout, initial: torch.Tensor) -> None:
+    def __init__(
+        self, cfg: SimulationConfig, layout: ParamLayout, initial: torch.Tensor, root: RootFactory | None = None
+    ) -> None:
         spec = cfg.federation
         # The coordinator's database: SQLite in a scratch folder (RAM-backed where /dev/shm exists).
         self._scratch = tempfile.TemporaryDirectory(
@@ -267,7 +297,7 @@ class _SecureFederation:
         self.coordinator = Coordinator(
             layout=layout,
             initial_flat=initial,
-            strategy=spec.build_strategy(),
+            strategy=_with_root(spec.build_strategy(), root),
             identity=SigningKey.generate(spec.suite.sig),
             store=Store(self._db),
             # No deadline in a simulation: every selected device answers (a round may take long).
@@ -328,6 +358,19 @@ class _SecureFederation:
     def stop_reason(self) -> str | None:
         return self.coordinator.rounds.stop_reason
 
+    def left_out(self, number: int) -> dict[int, str]:
+        """Device index -> reason, for the updates round ``number`` refused or did not combine (its
+        ledger entry's ``left_out``; devices that sent nothing are not included)."""
+        row = Store(self._db).ledger_entry_for_round(number)
+        if row is None:
+            return {}
+        body = decode(row.body)
+        out: dict[int, str] = {}
+        for device, _, reason in body.get("left_out", []):
+            if reason != NO_UPDATE and device in self._index:
+                out[self._index[device]] = str(reason)
+        return out
+
     def close(self) -> None:
         try:
             if self._ledger_out is not None:
@@ -340,9 +383,12 @@ class _SecureFederation:
 class _DirectFederation:
     """Same selection and aggregation without the protocol — only to measure what the protocol costs."""
 
-    def __init__(self, cfg: SimulationConfig, layout: ParamLayout, initial: torch.Tensor) -> None:
+    def __init__(
+        self, cfg: SimulationConfig, layout: ParamLayout, initial: torch.Tensor, root: RootFactory | None = None
+    ) -> None:
         spec = self._spec = cfg.federation
-        self._strategy = spec.build_strategy()
+        self._strategy = _with_root(spec.build_strategy(), root)
+        self._left_out: dict[int, dict[int, str]] = {}
         self._selector = build_selector(spec.selector)  # the same selector, over device indices
         self._flat, self._number = initial, 0
         self._agg: RoundAggregation | None = None
@@ -372,7 +418,12 @@ class _DirectFederation:
         assert self._agg is not None
         self._agg.add(update)
         if self._agg.count == min(self._spec.per_round, self._spec.devices):
-            self._flat, self._agg = self._agg.finish(), None
+            agg = self._agg
+            self._flat, self._agg = agg.finish(), None
+            self._left_out[self._number] = {int(d): NOT_COMBINED for d in agg.left_out}
+
+    def left_out(self, number: int) -> dict[int, str]:
+        return self._left_out.get(number, {})
 
     def published(self, number: int) -> bool:
         return self._agg is None  # finish() raises when it refuses the aggregate
@@ -428,6 +479,8 @@ def run_simulation(
     layout = ParamLayout.from_module(model)
     pool = _Workers(workers, make_model, spec.train, layout)
     precision = resolve_precision(spec.train.precision, resolve_device(spec.train.device))
+    if cfg.batched_devices and cfg.attack is not None:
+        raise ConfigError("--batched-devices cannot simulate attacks (--attack): use the per-device loop")
     if cfg.batched_devices and precision.name != "fp32":
         raise ConfigError(
             f"--batched-devices trains in fp32 only; --precision {spec.train.precision} resolved to {precision.name} "
@@ -437,8 +490,24 @@ def run_simulation(
         BatchedTrainer(make_model(), spec.train, layout, input_shape=train.input_shape) if cfg.batched_devices else None
     )
     x_test, y_test = test.normalized(), test.labels
-    backend: FederationFactory = federation or (_SecureFederation if cfg.protocol else _DirectFederation)
-    fed = backend(cfg, layout, layout.module_to_flat(model))
+    attack = cfg.attack
+    attackers = attack.attackers(spec.devices) if attack is not None else frozenset()
+    if attack is not None:
+        attack.check_classes(train.num_classes)
+    defence = DefenceLog(attackers)
+
+    def make_root() -> TrainedRoot:
+        # FLTrust's root data: 100 seeded examples of the test split, the coordinator's own evaluation
+        # data (every train example belongs to some device).  They stay in the evaluation (1% of it).
+        idx = root_indices(len(y_test), seed=spec.seed)
+        trainer = LocalTrainer(make_model(), spec.train, layout)
+        return TrainedRoot(trainer, x_test[idx], y_test[idx], seed=spec.seed)
+
+    initial = layout.module_to_flat(model)
+    if federation is not None:
+        fed = federation(cfg, layout, initial)
+    else:
+        fed = (_SecureFederation if cfg.protocol else _DirectFederation)(cfg, layout, initial, make_root)
     privacy: Callable[[], PrivacySpent | None] | None = getattr(fed, "privacy", None)
     startup = time.perf_counter() - t0
     if on_start is not None:
@@ -456,15 +525,34 @@ def run_simulation(
                 del counts[number, stage]
         on_progress(RoundProgress(number, stage, done, total))
 
-    def train_device(i: int, number: int, total: int, pre: _Batched | None = None) -> tuple[Any, TrainResult]:
+    def train_device(
+        i: int,
+        number: int,
+        total: int,
+        pre: _Batched | None = None,
+        benign: dict[int, torch.Tensor] | None = None,
+        wait: tuple[Future, ...] = (),
+    ) -> tuple[Any, TrainResult]:
         idx = torch.from_numpy(parts[i])
 
         def fit(flat: torch.Tensor, rnd: int) -> TrainResult:
-            if pre is not None:
+            if pre is not None:  # computed together with the round's other devices (no attack: refused)
                 return pre.result(i, flat, rnd)
-            return pool.trainer().train(
-                flat, train.normalized(idx), train.labels[idx], seed=client_seed(spec.seed, rnd, i)
-            )
+            seed = client_seed(spec.seed, rnd, i)
+            x, y = train.normalized(idx), train.labels[idx]
+            if attack is None or i not in attackers:
+                result = pool.trainer().train(flat, x, y, seed=seed)
+                if benign is not None:  # the colluding attackers of a full-knowledge attack read it
+                    benign[i] = result.delta.clone()
+                return result
+            if attack.poisons_data:
+                x, y = attack.poison_data(x, y, train.num_classes, seed=seed)
+            result = pool.trainer().train(flat, x, y, seed=seed)
+            for f in wait:  # the round's benign trainings (queued before this one: no deadlock)
+                f.result()
+            seen = [benign[j] for j in sorted(benign)] if benign is not None else []
+            result.delta = attack.poison_update(result.delta, seed=seed, benign=seen)
+            return result
 
         prepared, result = fed.work(i, fit)
         result.delta = torch.empty(0)  # the prepared update carries it; don't hold two copies until submission
@@ -510,6 +598,7 @@ def run_simulation(
             final[-1] if final else None,
             stopping(),
             getattr(fed, "stop_reason", None),
+            defence,
         )
 
     # (record, model to evaluate, its evaluation futures): evaluation of round r's model is queued
@@ -542,10 +631,21 @@ def run_simulation(
                     pending = (pending[0], pending[1], submit_eval(pending[1], pending[0].round))
                 pre = train_together(number, chosen)
             # Largest devices first: the shortest tail on the pool.  Submission stays in selection order.
-            futures = {
-                i: pool.pool.submit(train_device, i, number, len(chosen), pre)
-                for i in sorted(chosen, key=lambda i: -len(parts[i]))
-            }
+            order = sorted(chosen, key=lambda i: -len(parts[i]))
+            if attack is not None and attack.needs_benign:
+                # Full knowledge: attackers train after the benign devices and see their updates.
+                seen: dict[int, torch.Tensor] = {}
+                futures = {
+                    i: pool.pool.submit(train_device, i, number, len(chosen), None, seen)
+                    for i in order
+                    if i not in attackers
+                }
+                wait = tuple(futures.values())
+                for i in order:
+                    if i in attackers:
+                        futures[i] = pool.pool.submit(train_device, i, number, len(chosen), None, seen, wait)
+            else:
+                futures = {i: pool.pool.submit(train_device, i, number, len(chosen), pre) for i in order}
             if pending is not None and not pending[2]:
                 pending = (pending[0], pending[1], submit_eval(pending[1], pending[0].round))
             losses, examples, abandoned = 0.0, 0, False
@@ -566,6 +666,8 @@ def run_simulation(
             release_free_memory()
             published = fed.published(number)
             flat, digest = fed.model()
+            left_out = getattr(fed, "left_out", None)
+            defence.record(number, chosen, left_out(number) if left_out is not None else {})
             rec = RoundRecord(
                 number,
                 float("nan"),
@@ -586,6 +688,12 @@ def run_simulation(
     finally:
         pool.pool.shutdown(wait=True, cancel_futures=True)
         fed.close()
+    if attack is not None and attack.name == "backdoor" and final:
+        m = make_model()
+        layout.load_into(m, final[-1].flat)
+        defence.extra["backdoor_success"] = backdoor_success(
+            m, x_test, y_test, target=attack.target, channels_last=spec.train.channels_last
+        )
     return partial()
 
 
@@ -616,6 +724,7 @@ def _config_dict(cfg: SimulationConfig, precision: Precision) -> dict[str, Any]:
     ``train.precision`` resolved to here (``auto`` becomes ``fp32`` or ``bf16``), ``precision_detail`` why."""
     d = cfg.federation.to_json()
     del d["format"]
+    attack = None if cfg.attack is None else cfg.attack.to_json()
     return {
         **d,
         "workers": cfg.workers,
@@ -624,4 +733,5 @@ def _config_dict(cfg: SimulationConfig, precision: Precision) -> dict[str, Any]:
         "precision": precision.name,
         "precision_detail": precision.describe(),
         "batched_devices": cfg.batched_devices,
+        "attack": attack,
     }

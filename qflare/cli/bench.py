@@ -14,7 +14,7 @@ from ..errors import ConfigError
 from ..models import model_names
 from ..precision import PRECISIONS
 from . import options as opts
-from .common import console, friendly_errors, writable_dir
+from .common import console, err_console, friendly_errors, writable_dir
 
 app = typer.Typer(
     help="Benchmarks: figures and ratios, measured in this run.", no_args_is_help=True, rich_markup_mode=None
@@ -289,3 +289,53 @@ def dp(
         )
     console.print(table)
     console.print("wrote " + ", ".join(str(p) for p in paths))
+
+
+@app.command("defenses")
+def defenses(
+    rounds: int = typer.Option(30, min=1, help="Rounds of every run."),
+    attacks: str = typer.Option(
+        "sign-flip,scale,gaussian,label-flip,backdoor,min-max", help="Comma-separated attacks (docs/defences.md)."
+    ),
+    aggregators: str = typer.Option(
+        "none,median,trimmed-mean,multi-krum,bulyan,fltrust,norm-bound", help="Comma-separated --aggregator values."
+    ),
+    malicious: float = typer.Option(0.2, help="Share of attacking devices."),
+    workers: int = typer.Option(0, min=0, help="Training threads (0 = one per core)."),
+    data_root: str | None = typer.Option(None, help="Fashion-MNIST folder (default: search the usual places)."),
+    png: Path = typer.Option(Path("defenses.png"), help="Where to write the table as a PNG."),
+    json_: bool = typer.Option(False, "--json", help="Print one JSON object."),
+) -> None:
+    """Attack x defence on fmnist-dir05: final accuracy, detection precision/recall, backdoor success and
+    each defence's clean accuracy; one simulation per cell (expensive: see docs/defences.md)."""
+    from ..bench.defenses import run_defences, write_png
+
+    with friendly_errors():
+        names = [a.strip() for a in attacks.split(",") if a.strip()]
+        aggs = [a.strip() for a in aggregators.split(",") if a.strip()]
+        if not names or not aggs:
+            raise ConfigError("--attacks and --aggregators each need at least one name")
+        png_path = writable_dir(png.parent if str(png.parent) else Path("."), "--png") / png.name
+
+        def progress(attack: str, agg: str, acc: float) -> None:  # on stderr with --json: stdout is the JSON
+            (err_console if json_ else console).print(f"{agg:>16} · {attack:<10} accuracy {acc:.4f}", highlight=False)
+
+        result = run_defences(
+            rounds,
+            attacks=names,
+            aggregators=aggs,
+            malicious=malicious,
+            workers=workers,
+            data_root=data_root,
+            on_cell=progress,
+        )
+        try:
+            write_png(result, png_path)
+        except OSError as exc:
+            raise ConfigError(f"--png {png_path}: {exc.strerror or exc}", code="bad_path") from None
+    if json_:
+        print(json.dumps(result))
+    else:
+        _show(result, f"defences, fmnist-dir05, {rounds} rounds")
+        console.print(result["accuracy"])
+        console.print(f"wrote {png_path}")

@@ -51,6 +51,8 @@ def demo(
     dp_delta: float | None = opts.DP_DELTA,
     dp_clip: float | None = opts.DP_CLIP,
     dp_quantile: float | None = opts.DP_QUANTILE,
+    aggregator: str = opts.AGGREGATOR,
+    byzantine: int | None = opts.BYZANTINE,
     epochs: int = opts.EPOCHS,
     batch_size: int = opts.BATCH_SIZE,
     lr: float = opts.LR,
@@ -95,6 +97,8 @@ def demo(
                 dp_clip=dp_clip,
                 dp_quantile=dp_quantile,
             ),
+            aggregator=aggregator,
+            byzantine=byzantine,
             train=opts.train_config(
                 epochs=epochs,
                 batch_size=batch_size,
@@ -108,7 +112,7 @@ def demo(
             ),
             data_root=opts.path_text(data_root),
         )
-        opts.check_strategy(spec)
+        opts.check_strategy(spec, root_data=False)
         chosen = resolve_precision(spec.train.precision, resolve_device(spec.train.device))
         if chosen.warning is not None:
             err_console.print(f"[yellow]warning[/] {chosen.warning}", highlight=False)

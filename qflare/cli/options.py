@@ -32,11 +32,13 @@ from ..federation import FederationSpec
 from ..models import model_names
 from ..precision import PRECISIONS, check_precision
 from ..protocol.selection import SELECTORS
-from ..strategy import STRATEGIES, strategy_factory
+from ..strategy import AGGREGATORS, STRATEGIES, strategy_factory
 from ..training import TrainConfig
 
 __all__ = [
+    "AGGREGATOR",
     "BATCH_SIZE",
+    "BYZANTINE",
     "DATASET",
     "DATA_ROOT",
     "DP_CLIP",
@@ -60,6 +62,7 @@ __all__ = [
     "check_strategy",
     "choices",
     "path_text",
+    "root_data_refusal",
     "strategy_args",
     "train_config",
     "with_precision",
@@ -124,6 +127,16 @@ _DP_FLAGS = (
     ("--dp-delta", "delta"),
     ("--dp-clip", "clip_norm"),
     ("--dp-quantile", "target_quantile"),
+)
+AGGREGATOR: Any = typer.Option(
+    "none",
+    help=f"Robust aggregation rule composed onto --strategy (its server optimiser kept); {choices(AGGREGATORS)}; "
+    "wrappers combine with '+', e.g. norm-bound+multi-krum (docs/defences.md).",
+)
+BYZANTINE: Any = typer.Option(
+    None,
+    min=0,
+    help="f, the Byzantine updates per round --aggregator must tolerate (default: 20% of a round, rounded up).",
 )
 
 
@@ -250,20 +263,36 @@ def check_per_round(per_round: int, devices: int) -> None:
         )
 
 
-def check_strategy(spec: FederationSpec) -> None:
+def check_strategy(spec: FederationSpec, *, root_data: bool = True) -> None:
     """Build the spec's strategy and check it against the rounds asked for, in option names: a strategy
-    that cannot aggregate ``--per-round`` (or ``--min-participants``) updates is refused before the run."""
+    that cannot aggregate ``--per-round`` (or ``--min-participants``) updates is refused before the run,
+    and so is an aggregator that needs root data (FLTrust) where ``root_data`` is False."""
     try:
-        spec.build_strategy()
+        pipeline = spec.build_strategy()
     except ConfigError as exc:
         if exc.code != ErrorCode.TOO_FEW_UPDATES:
             raise
         flag = "--min-participants" if spec.min_participants else "--per-round"
+        what = f"--strategy {spec.strategy}"
+        advice = f"raise {flag} or choose another --strategy"
+        if spec.aggregator != "none":
+            what += f" --aggregator {spec.aggregator} (f = {spec.f})"
+            advice = f"raise {flag}, lower --byzantine, or choose another --aggregator"
         raise ConfigError(
-            f"--strategy {spec.strategy} cannot aggregate rounds of {flag} {spec.smallest_round}: {exc.message}; "
-            f"raise {flag} or choose another --strategy",
+            f"{what} cannot aggregate rounds of {flag} {spec.smallest_round}: {exc.message}; {advice}",
             code="too_few_updates",
         ) from None
+    if pipeline.needs_root and not root_data:
+        raise ConfigError(root_data_refusal(spec.aggregator), code="no_root_data")
+
+
+def root_data_refusal(aggregator: str) -> str:
+    """Why a coordinator without root data refuses ``aggregator`` (FLTrust), and what to do instead."""
+    return (
+        f"--aggregator {aggregator} needs server-side root data (FLTrust trains the global model on a clean data "
+        "set of the coordinator's own every round), which `qflare server` (and so `qflare demo`) does not have: "
+        "its evaluation split is never trained on; use it with `qflare simulate`, or choose another --aggregator"
+    )
 
 
 def path_text(path: Path | None) -> str | None:

@@ -42,6 +42,8 @@ WORKLOAD_OPTIONS = (
     "dp_delta",
     "dp_clip",
     "dp_quantile",
+    "aggregator",
+    "byzantine",
     "seed",
     "round_timeout",
     "suite",
@@ -102,6 +104,8 @@ def server(
     dp_delta: float | None = opts.DP_DELTA,
     dp_clip: float | None = opts.DP_CLIP,
     dp_quantile: float | None = opts.DP_QUANTILE,
+    aggregator: str = opts.AGGREGATOR,
+    byzantine: int | None = opts.BYZANTINE,
     seed: int = typer.Option(0, min=0, help="Seed of the initial model and of device selection."),
     round_timeout: float = typer.Option(600.0, min=1.0, help="Seconds before a round's deadline."),
     suite: str = typer.Option(
@@ -159,11 +163,13 @@ def server(
                     dp_clip=dp_clip,
                     dp_quantile=dp_quantile,
                 ),
+                aggregator=aggregator,
+                byzantine=byzantine,
                 seed=seed,
                 round_timeout_s=round_timeout,
                 suite=suite_by_name(suite),
             )
-            opts.check_strategy(spec)
+            opts.check_strategy(spec, root_data=False)
             return spec
 
         spec = opts.with_precision(federation_spec(ctx, federation, WORKLOAD_OPTIONS, build), precision)

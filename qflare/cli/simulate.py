@@ -10,6 +10,7 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from ..defense import ATTACKS, AttackConfig
 from ..errors import ConfigError, ErrorCode
 from ..federation import FederationSpec, suite_by_name
 from ..precision import resolve_precision
@@ -41,6 +42,8 @@ WORKLOAD_OPTIONS = (
     "dp_delta",
     "dp_clip",
     "dp_quantile",
+    "aggregator",
+    "byzantine",
     "epochs",
     "batch_size",
     "lr",
@@ -79,6 +82,15 @@ def simulate(
     dp_delta: float | None = opts.DP_DELTA,
     dp_clip: float | None = opts.DP_CLIP,
     dp_quantile: float | None = opts.DP_QUANTILE,
+    aggregator: str = opts.AGGREGATOR,
+    byzantine: int | None = opts.BYZANTINE,
+    attack: str | None = typer.Option(
+        None,
+        help=f"Simulate attacker devices that run the real protocol; one of: {', '.join(ATTACKS)} (docs/defences.md).",
+    ),
+    malicious: float | None = typer.Option(
+        None, help="With --attack: the share of devices that attack, 0 < share < 1 (default 0.2)."
+    ),
     epochs: int = opts.EPOCHS,
     batch_size: int = opts.BATCH_SIZE,
     lr: float = opts.LR,
@@ -153,6 +165,8 @@ def simulate(
                     dp_clip=dp_clip,
                     dp_quantile=dp_quantile,
                 ),
+                aggregator=aggregator,
+                byzantine=byzantine,
                 train=opts.train_config(
                     epochs=epochs,
                     batch_size=batch_size,
@@ -172,6 +186,13 @@ def simulate(
         chosen = resolve_precision(spec.train.precision, resolve_device(spec.train.device))
         if chosen.warning is not None:
             err_console.print(f"[yellow]warning[/] {chosen.warning}", highlight=False)
+        threat = None
+        if attack is not None:
+            threat = AttackConfig(attack, malicious=0.2 if malicious is None else malicious, seed=spec.seed)
+        elif malicious is not None:
+            raise ConfigError("--malicious needs --attack", code="bad_attack")
+        if threat is not None:
+            threat.attackers(spec.devices)  # a share that makes no attacker (or no honest device) is refused now
         out_dir = writable_dir(out, "--out") if out is not None else None
         if out_dir is not None:
             resolved = {} if federation is not None else {"per_round": spec.per_round}
@@ -181,7 +202,12 @@ def simulate(
         from ..tracking import open_trackers
 
         cfg = SimulationConfig(
-            spec, workers=workers, protocol=protocol, ledger_out=ledger, batched_devices=batched_devices
+            spec,
+            workers=workers,
+            protocol=protocol,
+            ledger_out=ledger,
+            batched_devices=batched_devices,
+            attack=threat,
         )
         trackers = open_trackers(
             tensorboard=tensorboard,
@@ -192,7 +218,9 @@ def simulate(
         )
         table = Table(
             title=f"qflare simulate · {spec.dataset} · {spec.devices} devices · {spec.per_round}/round · "
-            f"{spec.strategy} · {chosen.describe()}"
+            f"{spec.strategy}"
+            + ("" if spec.aggregator == "none" else f" · {spec.aggregator}")
+            + f" · {chosen.describe()}"
         )
         for col in ("round", "accuracy", "loss", "train loss", "examples", "seconds"):
             table.add_column(col, justify="right")
@@ -301,6 +329,15 @@ def simulate(
             console.print(
                 f"wall {result.wall_s:.1f} s (start-up {result.startup_s:.1f} s); final accuracy {result.rounds[-1].accuracy:.4f}"
             )
+            if threat is not None and result.defence is not None:
+                d = result.defence.summary()
+                extra = result.defence.extra.get("backdoor_success")
+                console.print(
+                    f"attack {threat.name}: {len(result.defence.attackers)} attacker(s); flagged attackers "
+                    f"{d['true_positives']}, flagged honest {d['false_positives']}, missed {d['false_negatives']}"
+                    + (f"; backdoor success {extra:.4f}" if extra is not None else ""),
+                    highlight=False,
+                )
         if out_dir is not None and not json_:
             console.print("wrote " + ", ".join(str(p) for p in paths))
         if ledger is not None and not json_:

@@ -168,10 +168,17 @@ class ServerRuntime:
                 on_result=self._on_evaluation,
                 precision=spec.train.precision,
             )
+        strategy = spec.build_strategy()
+        if strategy.needs_root:  # FLTrust: this coordinator has no root data it may train on
+            raise ConfigError(
+                f"aggregator {spec.aggregator!r} needs server-side root data to train on every round, which a "
+                "server coordinator does not have (its test split only evaluates); run it in `qflare simulate`",
+                code="no_root_data",
+            )
         self.coordinator = Coordinator(
             layout=self.layout,
             initial_flat=self.layout.module_to_flat(model),
-            strategy=spec.build_strategy(),
+            strategy=strategy,
             identity=self.identity,
             store=self.store,
             rounds=RoundConfig(

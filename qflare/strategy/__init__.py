@@ -5,6 +5,13 @@ a server optimiser (see :mod:`qflare.strategy.pipeline` for the presets and thei
 from __future__ import annotations
 
 from qflare.strategy.accounting import ACCOUNTANTS, PrivacyAccountant, calibrate_noise_multiplier
+from qflare.strategy.aggregators import (
+    AGGREGATORS,
+    AggregatorContext,
+    AggregatorFactory,
+    apply_aggregator,
+    register_aggregator,
+)
 from qflare.strategy.base import (
     Accumulator,
     ClientUpdate,
@@ -15,10 +22,13 @@ from qflare.strategy.base import (
     UpdateCheck,
     Weighting,
 )
+from qflare.strategy.bulyan import Bulyan
 from qflare.strategy.checks import DEFAULT_MAX_ABS, ExampleCountCheck, FiniteCheck, MaxAbsBound, NormBound, ShapeCheck
 from qflare.strategy.combine import CoordinateMedian, Krum, ShareCappedMean, TrimmedMean, WeightedMean
 from qflare.strategy.dp import DPFedAvg, PrivacySpent, RoundRelease, dp_fedavg, privacy_of
+from qflare.strategy.fltrust import FLTrust, RootUpdate
 from qflare.strategy.noise import GaussianNoise
+from qflare.strategy.norm_bound import AdaptiveNormBound
 from qflare.strategy.pipeline import (
     DEFAULT_MAX_EXAMPLES,
     DEFAULT_MAX_MODEL_ABS,
@@ -45,11 +55,16 @@ from qflare.strategy.weighting import ByExamples, Uniform
 
 __all__ = [
     "ACCOUNTANTS",
+    "AGGREGATORS",
     "DEFAULT_MAX_ABS",
     "DEFAULT_MAX_EXAMPLES",
     "DEFAULT_MAX_MODEL_ABS",
     "STRATEGIES",
     "Accumulator",
+    "AdaptiveNormBound",
+    "AggregatorContext",
+    "AggregatorFactory",
+    "Bulyan",
     "ByExamples",
     "ClientUpdate",
     "ClipNorm",
@@ -57,6 +72,7 @@ __all__ = [
     "CoordinateMedian",
     "DPFedAvg",
     "ExampleCountCheck",
+    "FLTrust",
     "FiniteCheck",
     "GaussianNoise",
     "Krum",
@@ -67,6 +83,7 @@ __all__ = [
     "PreparedUpdate",
     "PrivacyAccountant",
     "PrivacySpent",
+    "RootUpdate",
     "RoundAggregation",
     "RoundRelease",
     "ServerAdagrad",
@@ -84,6 +101,7 @@ __all__ = [
     "UpdateCheck",
     "WeightedMean",
     "Weighting",
+    "apply_aggregator",
     "build_strategy",
     "calibrate_noise_multiplier",
     "dp_fedavg",
@@ -96,6 +114,7 @@ __all__ = [
     "fedyogi",
     "krum",
     "privacy_of",
+    "register_aggregator",
     "register_strategy",
     "strategy_factory",
 ]

@@ -24,7 +24,15 @@ import torch
 
 from qflare.errors import ConfigError, ValidationError
 
-__all__ = ["CoordinateMedian", "Krum", "ShareCappedMean", "TrimmedMean", "WeightedMean"]
+__all__ = [
+    "CoordinateMedian",
+    "Krum",
+    "ShareCappedMean",
+    "TrimmedMean",
+    "WeightedMean",
+    "krum_scores",
+    "pairwise_sq_distances",
+]
 
 _CHUNK_ELEMENTS = 1 << 24  # bound on the (n × columns) block the buffering rules sort at once
 
@@ -292,6 +300,31 @@ class TrimmedMean:
         return None
 
 
+def pairwise_sq_distances(deltas: list[torch.Tensor]) -> torch.Tensor:
+    """The (n, n) float64 matrix of squared L2 distances between the deltas, from their Gram matrix
+    accumulated over column blocks (bounded temporary memory); the diagonal is 0."""
+    n = len(deltas)
+    gram = torch.zeros(n, n, dtype=torch.float64)
+    step = max(1, _CHUNK_ELEMENTS // n)
+    for start in range(0, deltas[0].numel(), step):
+        block = torch.stack([d[start : start + step] for d in deltas]).double()
+        gram.addmm_(block, block.T)
+    sq = gram.diagonal()
+    dist = (sq[:, None] + sq[None, :] - 2 * gram).clamp_(min=0)
+    dist.fill_diagonal_(0.0)
+    return dist
+
+
+def krum_scores(dist: torch.Tensor, f: int) -> torch.Tensor:
+    """Krum's score of each of the n updates whose squared distances are ``dist``: the sum of its
+    squared distances to its n - f - 2 nearest other updates (at least 1, Blanchard et al. 2017)."""
+    n = dist.shape[0]
+    others = dist.clone()
+    others.fill_diagonal_(math.inf)
+    neighbours = max(1, min(n - 1, n - f - 2))
+    return others.sort(dim=1).values[:, :neighbours].sum(dim=1)
+
+
 class _KrumAccumulator(_BufferAccumulator):
     def __init__(self, dim: int, krum: Krum) -> None:
         super().__init__(dim, self._select_and_average)
@@ -309,17 +342,8 @@ class _KrumAccumulator(_BufferAccumulator):
             raise ValidationError(
                 f"Multi-Krum with m={m}, f={f} needs at least m+f={m + f} updates, got {n}", code="too_few_updates"
             )
-        # Pairwise squared distances from the Gram matrix, accumulated in float64 over column blocks.
-        gram = torch.zeros(n, n, dtype=torch.float64)
-        step = max(1, _CHUNK_ELEMENTS // n)
-        for start in range(0, self._dim, step):
-            block = torch.stack([d[start : start + step] for d in deltas]).double()
-            gram.addmm_(block, block.T)
-        sq = gram.diagonal()
-        dist = (sq[:, None] + sq[None, :] - 2 * gram).clamp_(min=0)
-        dist.fill_diagonal_(math.inf)
-        neighbours = n - f - 2
-        scores = dist.sort(dim=1).values[:, :neighbours].sum(dim=1)
+        dist = pairwise_sq_distances(deltas)
+        scores = krum_scores(dist, f)
         order = torch.sort(scores, stable=True).indices[:m]
         self.selected = tuple(int(i) for i in order)
         self.scores = tuple(float(s) for s in scores)

@@ -13,10 +13,14 @@ end — combine, noise, server optimiser.  Presets:
 ``fedtrimmedmean``    coordinate-wise β-trimmed mean (Yin et al. 2018)
 ``krum``              Krum / Multi-Krum (Blanchard et al. 2017)
 ====================  =====================================================================
+
+Robust combines (Bulyan, FLTrust, adaptive norm bounding, ...) are composed onto any preset by name
+with :func:`qflare.strategy.aggregators.apply_aggregator` (``--aggregator``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -38,6 +42,7 @@ from qflare.strategy.base import (
 )
 from qflare.strategy.checks import DEFAULT_MAX_ABS, ExampleCountCheck, FiniteCheck, MaxAbsBound, ShapeCheck, max_abs
 from qflare.strategy.combine import CoordinateMedian, Krum, ShareCappedMean, TrimmedMean, WeightedMean
+from qflare.strategy.fltrust import RootUpdate
 from qflare.strategy.server_opt import ServerAdagrad, ServerAdam, ServerMomentum, ServerSGD, ServerYogi
 from qflare.strategy.weighting import ByExamples, Uniform
 
@@ -101,6 +106,18 @@ class Pipeline:
     secure_aggregation: bool = False
     max_model_abs: float = DEFAULT_MAX_MODEL_ABS
     """:meth:`RoundAggregation.finish` refuses a new global model with a weight beyond this (or not finite)."""
+    root: RootUpdate | None = None
+    """The server's own update on its root data, for a combine that needs one (FLTrust): attach it with
+    :meth:`with_root`; without it such a pipeline refuses to open a round (code ``no_root_data``)."""
+
+    @property
+    def needs_root(self) -> bool:
+        """True when the combine needs a root update (:class:`~qflare.strategy.fltrust.FLTrust`)."""
+        return bool(getattr(self.combine, "needs_root_update", False))
+
+    def with_root(self, root: RootUpdate) -> Pipeline:
+        """This pipeline (the same parts) with ``root`` as its root-update source."""
+        return dataclasses.replace(self, root=root)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "checks", tuple(self.checks))
@@ -121,6 +138,8 @@ class Pipeline:
         ]
         if self.noise is not None:
             kinds.append(("noise", self.noise, Noise))
+        if self.root is not None:
+            kinds.append(("root update", self.root, RootUpdate))
         for role, part, protocol in kinds:
             if not isinstance(part, protocol):
                 raise ConfigError(f"{part!r} cannot serve as the {role}: it does not implement {protocol.__name__}")
@@ -189,15 +208,45 @@ class RoundAggregation:
         self._pipeline = pipeline
         self._global = global_flat
         self._dim = global_flat.numel()
-        self._acc: Accumulator = pipeline.combine.start(self._dim)
+        self._acc: Accumulator = self._start(pipeline, global_flat)
         self._devices: set[str] = set()
+        self._order: list[str] = []
         self._total_examples = 0
         self._finished = False
         self._largest: tuple[float, str] | None = None  # (largest |Δ_i|, device) over committed updates
 
+    @staticmethod
+    def _start(pipeline: Pipeline, global_flat: torch.Tensor) -> Accumulator:
+        dim = global_flat.numel()
+        if not pipeline.needs_root:
+            return pipeline.combine.start(dim)
+        if pipeline.root is None:
+            raise ConfigError(
+                f"{pipeline.combine!r} needs the server's root update, but this pipeline has no root data source",
+                code="no_root_data",
+            )
+        root = pipeline.root.update(global_flat)
+        start: Callable[..., Accumulator] = pipeline.combine.start
+        return start(dim, root_update=root)
+
     @property
     def dim(self) -> int:
         return self._dim
+
+    @property
+    def committed(self) -> tuple[str, ...]:
+        """The devices whose updates were folded in, in commit order (the accumulator's indices)."""
+        return tuple(self._order)
+
+    @property
+    def left_out(self) -> frozenset[str]:
+        """After :meth:`finish`: committed devices the combine did not use (its ``selected`` leaves them
+        out: Krum, Bulyan, FLTrust's zero-trust updates); empty for combines that use every update."""
+        chosen = getattr(self._acc, "selected", None)
+        if not self._finished or not isinstance(chosen, tuple):
+            return frozenset()
+        used = {self._order[i] for i in chosen if 0 <= i < len(self._order)}
+        return frozenset(self._order) - used
 
     @property
     def count(self) -> int:
@@ -258,6 +307,7 @@ class RoundAggregation:
             )
         self._acc.add(prepared.delta, prepared.weight)
         self._devices.add(prepared.device_id)
+        self._order.append(prepared.device_id)
         self._total_examples += prepared.num_examples
         if self._largest is None or not prepared.largest <= self._largest[0]:  # NaN wins
             self._largest = (prepared.largest, prepared.device_id)
