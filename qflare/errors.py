@@ -240,6 +240,8 @@ class ErrorCode(enum.StrEnum):
     # user paths and model files
     BAD_PATH = "bad_path"
     BAD_MODEL_FILE = "bad_model_file"
+    # adaptive threat detection
+    QUARANTINED = "quarantined"
 
 
 class Retry(enum.Enum):
@@ -840,6 +842,11 @@ CODE_SPECS: Mapping[ErrorCode, CodeSpec] = MappingProxyType(
             "a model file is unreadable, malformed, or names a model this installation does not have",
             _F,
             ValidationError,
+        ),
+        _C.QUARANTINED: _spec(
+            "the device is quarantined (its updates are not taken, it is not selected) until an operator reinstates it",
+            _D,
+            PolicyError,
         ),
     }
 )
