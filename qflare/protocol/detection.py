@@ -50,7 +50,7 @@ QUARANTINED = "quarantined"
 class DetectionConfig:
     """Parameters of the detector (docs/defences.md explains each and its default)."""
 
-    k: float = 4.0
+    k: float = 3.5
     """An update is anomalous beyond median + k · MADn of its round's values (z-score > k)."""
     min_updates: int = 5
     """Rounds with fewer updates are not judged (robust statistics of 4 values mean little)."""
@@ -58,7 +58,7 @@ class DetectionConfig:
     """Weight of the newest clean update in a device's direction history (an exponential moving average)."""
     forgetting: float = 0.9
     """Each judged update first multiplies a device's clean/flagged counts by this (older rounds fade)."""
-    quarantine_below: float = 0.5
+    quarantine_below: float = 0.35
     """Quarantine a device whose reputation falls below this..."""
     min_observations: int = 3
     """...once at least this many of its updates were judged."""

@@ -33,6 +33,7 @@ from ..crypto import MsgType, SignedEnvelope, SigningKey, Suite, sign_global_mod
 from ..errors import (
     ConfigError,
     ErrorCode,
+    PolicyError,
     QflareError,
     RoundError,
     StaleModelError,
@@ -363,6 +364,8 @@ class RoundManager:
         if rnd is None:
             return count, True
         try:
+            if self._store.device_status(update.device_id) == "quarantined":
+                raise PolicyError(f"device {update.device_id[:16]}... is quarantined", code="quarantined")
             _check_metrics(update.metrics)
             prepared = rnd.aggregation.check(update)
         except QflareError as exc:  # a signed update of a selected device, refused: the ledger says so
@@ -582,9 +585,12 @@ class RoundManager:
     def reinstate(self, device_id: str) -> None:
         """An operator's reinstatement of a quarantined device: selectable again, reputation afresh."""
         with self._lock:
+            before = self._store.device_status(device_id)
             self._store.reinstate_device(device_id)
             if self.detector is not None:
                 self.detector.reinstate(device_id)
+        if before == "quarantined":
+            self._store.record_security_event("reinstated", "an operator reinstated the device", device_id=device_id)
 
     def _fail(self, rnd: _OpenRound, reason: str) -> None:
         """Mark the round failed, with its ledger entry in the same transaction; the next round opens."""

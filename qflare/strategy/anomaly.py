@@ -7,8 +7,8 @@ For the round's updates Δ_1..Δ_n (n >= ``min_updates``):
 
 * **norm**: an honest device's update norm grows with its local step count, i.e. with its data size n_i
   (measured on digits with Dirichlet α = 0.1: norms spread 9x across honest devices, norm per example
-  only 3x).  So the round's own relation is fitted: r_i = log‖Δ_i‖ − β · log n_i, with β the Theil–Sen
-  slope (median of pairwise slopes, clamped to [0, 2]) of log norm against log n over the round, and
+  only 3x).  So the round's own relation is fitted: r_i = log‖Δ_i‖ − β · log n_i, with β Siegel's
+  repeated-median slope (clamped to [0, 2]) of log norm against log n over the round, and
   z_norm_i = (r_i − median(r)) / MADn(r) (upper side only: an update unusually *large* for its size).
 * **direction**: c_i = cos(Δ_i, m), m the coordinate-wise median of the round's updates;
   z_dir_i = (median(c) − c_i) / MADn(c) (lower side only: pointing away from the round).  Only used
@@ -72,16 +72,21 @@ def robust_z(values: Sequence[float]) -> list[float]:
 
 
 def size_slope(log_norms: Sequence[float], log_sizes: Sequence[float]) -> float:
-    """Theil–Sen slope of log norm against log example count, clamped to [0, 2] (0 when all sizes are equal)."""
-    slopes = [
-        (log_norms[j] - log_norms[i]) / (log_sizes[j] - log_sizes[i])
-        for i in range(len(log_sizes))
-        for j in range(i + 1, len(log_sizes))
-        if abs(log_sizes[j] - log_sizes[i]) > 1e-9
-    ]
-    if not slopes:
+    """Siegel's repeated-median slope of log norm against log example count (for each point the median of
+    its slopes to the others, then the median of those: robust to almost half the points being outliers),
+    clamped to [0, 2]; 0 when all sizes are equal."""
+    per_point: list[float] = []
+    for i in range(len(log_sizes)):
+        slopes = [
+            (log_norms[j] - log_norms[i]) / (log_sizes[j] - log_sizes[i])
+            for j in range(len(log_sizes))
+            if abs(log_sizes[j] - log_sizes[i]) > 1e-9
+        ]
+        if slopes:
+            per_point.append(float(torch.tensor(slopes, dtype=torch.float64).median()))
+    if not per_point:
         return 0.0
-    return min(max(float(torch.tensor(slopes, dtype=torch.float64).median()), 0.0), 2.0)
+    return min(max(float(torch.tensor(per_point, dtype=torch.float64).median()), 0.0), 2.0)
 
 
 def score_round(
