@@ -154,7 +154,9 @@ def test_admin_quarantine_and_reinstatement(tmp_path: Path) -> None:
         dev.connect()  # a quarantined device still holds a session: it is only never selected
         assert runtime.store.security_events(limit=5, reason="quarantined")[0].device_id == dev.device_id
         back = client.post(url + "/reinstate", headers=admin(runtime))
-        assert back.status_code == 200 and back.json()["status"] == "active" and back.json()["quarantine_reason"] is None
+        assert (
+            back.status_code == 200 and back.json()["status"] == "active" and back.json()["quarantine_reason"] is None
+        )
         client.post(url + "/revoke", json={"reason": "lost"}, headers=admin(runtime))
         again = client.post(url + "/reinstate", headers=admin(runtime))
         assert again.status_code == 403 and again.json()["code"] == "revoked"

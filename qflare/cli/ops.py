@@ -255,7 +255,10 @@ def quarantine(
         data = fetch(
             server, f"/v1/admin/devices/{_path_id(device_id)}/quarantine", _need(admin_token), post={"reason": reason}
         )
-    print(json.dumps(data)) if json_ else console.print(escape(_device_line(data)))
+    if json_:
+        print(json.dumps(data))
+    else:
+        console.print(escape(_device_line(data)))
 
 
 def reinstate(
@@ -267,7 +270,10 @@ def reinstate(
     """Reinstate a quarantined device: selectable again, its reputation starts afresh (admin token)."""
     with friendly_errors():
         data = fetch(server, f"/v1/admin/devices/{_path_id(device_id)}/reinstate", _need(admin_token), post={})
-    print(json.dumps(data)) if json_ else console.print(escape(_device_line(data)))
+    if json_:
+        print(json.dumps(data))
+    else:
+        console.print(escape(_device_line(data)))
 
 
 def _path_id(device_id: str) -> str:
