@@ -18,7 +18,7 @@ from qflare.ledger import LedgerEntry
 from qflare.models import create_model
 from qflare.protocol import Coordinator, CoordinatorConfig, Device, RoundConfig
 from qflare.protocol.detection import ANOMALOUS, QUARANTINED, DetectionConfig, Detector, reputation_detection
-from qflare.storage import Database, Store
+from qflare.storage import BlobStore, Database, Store
 from qflare.strategy import fedavg
 from qflare.strategy.anomaly import robust_z, score_round
 from qflare.training import LocalTrainer, TrainConfig, TrainResult, client_seed
@@ -112,7 +112,13 @@ class _Scenario:
     """Digits, Dirichlet(0.1) over 20 devices, all selected each round, through the real protocol.  Devices
     0-3 are persistent attackers: their trainer's update is sign-flipped and scaled by 4."""
 
-    def __init__(self, tmp: Path, clock: FakeClock | None = None, min_participants: int | None = None) -> None:
+    def __init__(
+        self,
+        tmp: Path,
+        clock: FakeClock | None = None,
+        min_participants: int | None = None,
+        blobs: BlobStore | None = None,
+    ) -> None:
         torch.set_num_threads(1)
         self.db = Database(f"sqlite:///{tmp}/coordinator.db")
         self.db.upgrade()
@@ -125,22 +131,11 @@ class _Scenario:
         model = create_model("mlp", data.input_shape, data.num_classes)
         self.layout = ParamLayout.from_module(model)
         self.trainer = LocalTrainer(model, TrainConfig(epochs=1, lr=0.05), self.layout)
-        self.coordinator = Coordinator(
-            layout=self.layout,
-            initial_flat=self.layout.module_to_flat(model),
-            strategy=fedavg(),
-            identity=SigningKey.generate(),
-            store=self.store,
-            rounds=RoundConfig(
-                rounds=ROUNDS,
-                per_round=N_DEVICES,
-                min_participants=min_participants,
-                seed=0,
-                detection=DetectionConfig(),
-            ),
-            config=CoordinatorConfig(crypto_ops_per_s=None, liveness_window_s=None),
-            clock=self.clock,
-        )
+        self.blobs = blobs
+        self.initial = self.layout.module_to_flat(model)
+        self.identity = SigningKey.generate()
+        self.min_participants = min_participants
+        self.coordinator = self.start_coordinator()
         transport = InProcessTransport(self.coordinator)
         self.devices: list[Device] = []
         for token in self.coordinator.create_tokens(N_DEVICES, ttl_s=600):
@@ -155,6 +150,25 @@ class _Scenario:
             dev.connect()
             self.devices.append(dev)
         self.index = {d.device_id: i for i, d in enumerate(self.devices)}
+
+    def start_coordinator(self) -> Coordinator:
+        return Coordinator(
+            layout=self.layout,
+            initial_flat=self.initial,
+            strategy=fedavg(),
+            identity=self.identity,
+            store=self.store,
+            rounds=RoundConfig(
+                rounds=ROUNDS,
+                per_round=N_DEVICES,
+                min_participants=self.min_participants,
+                seed=0,
+                detection=DetectionConfig(),
+            ),
+            config=CoordinatorConfig(crypto_ops_per_s=None, liveness_window_s=None),
+            clock=self.clock,
+            blobs=self.blobs,
+        )
 
     def train(self, i: int, flat: torch.Tensor, number: int) -> TrainResult:
         idx = torch.from_numpy(self.parts[i])
@@ -274,3 +288,14 @@ def test_operator_quarantine_refuses_updates_and_reinstatement_restores(tmp_path
         coordinator.reinstate(revoked)
     with pytest.raises(RevokedError):
         coordinator.quarantine(revoked, "x")
+
+
+def test_reputations_survive_a_restart(tmp_path: Path) -> None:
+    sc = _Scenario(tmp_path, blobs=BlobStore(tmp_path / "blobs"))
+    for _ in range(2):
+        sc.run_round()
+    before = {i: sc.coordinator.rounds.detector.reputation(d.device_id) for i, d in enumerate(sc.devices)}  # type: ignore[union-attr]
+    assert all(before[i] < 0.5 for i in ATTACKERS) and before[10] > 0.5
+    restarted = sc.start_coordinator().rounds.detector
+    assert restarted is not None
+    assert {i: restarted.reputation(d.device_id) for i, d in enumerate(sc.devices)} == before
