@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -14,10 +15,11 @@ from qflare.crypto import SigningKey
 from qflare.data import load_dataset
 from qflare.data.partition import partition
 from qflare.errors import ConfigError, PolicyError, RevokedError, ValidationError
-from qflare.ledger import LedgerEntry
+from qflare.ledger import LedgerEntry, verify_export
 from qflare.models import create_model
 from qflare.protocol import Coordinator, CoordinatorConfig, Device, RoundConfig
 from qflare.protocol.detection import ANOMALOUS, QUARANTINED, DetectionConfig, Detector, reputation_detection
+from qflare.protocol.provenance import export_ledger
 from qflare.storage import BlobStore, Database, Store
 from qflare.strategy import fedavg
 from qflare.strategy.anomaly import robust_z, score_round
@@ -191,11 +193,13 @@ class _Scenario:
     def status(self, i: int) -> str | None:
         return self.store.device_status(self.devices[i].device_id)
 
-    def ledger_left_out(self, number: int) -> dict[int, str]:
+    def ledger_body(self, number: int) -> dict[str, Any]:
         row = self.store.ledger_entry_for_round(number)
         assert row is not None
-        body = LedgerEntry.parse(row.body, row.signatures).body
-        return {self.index[d]: reason for d, _, reason in body["left_out"]}
+        return dict(LedgerEntry.parse(row.body, row.signatures).body)
+
+    def ledger_left_out(self, number: int) -> dict[int, str]:
+        return {self.index[d]: reason for d, _, reason in self.ledger_body(number)["left_out"]}
 
 
 @pytest.fixture(scope="module")
@@ -228,11 +232,14 @@ def test_persistent_attackers_are_quarantined_and_no_honest_device(scenario: _Sc
     assert {scenario.index[e.device_id] for e in events if e.device_id} == set(ATTACKERS)
 
 
-def test_left_out_reasons_reach_the_ledger_and_quarantined_devices_are_not_selected(scenario: _Scenario) -> None:
+def test_left_out_reasons_reach_the_ledger_and_quarantined_devices_are_not_selected(
+    scenario: _Scenario, tmp_path: Path
+) -> None:
     seen: dict[int, set[str]] = {}
     honest_updates = honest_left_out = 0
     for number in range(1, ROUNDS + 1):
         left = scenario.ledger_left_out(number)
+        assert scenario.ledger_body(number)["reason"] is None  # closed rounds, whatever was left out
         for i, reason in left.items():
             seen.setdefault(i, set()).add(reason)
         rnd = scenario.store.list_rounds()[number - 1]
@@ -248,6 +255,9 @@ def test_left_out_reasons_reach_the_ledger_and_quarantined_devices_are_not_selec
     # an honest non-IID update is now and then an outlier of its round and left out; never quarantined
     assert all(reasons == {ANOMALOUS} for i, reasons in seen.items() if i not in ATTACKERS), seen
     assert honest_left_out <= 0.05 * honest_updates, (honest_left_out, honest_updates)
+    out = tmp_path / "ledger.jsonl"  # the entries with left-out updates verify offline
+    export_ledger(scenario.store, scenario.coordinator.public_key, out)
+    assert verify_export(out, workers=1).rounds == ROUNDS
     verdicts = scenario.coordinator.rounds.verdicts
     assert set(verdicts) == set(range(1, ROUNDS + 1)) and all(v.judged for v in verdicts.values())
 

@@ -108,8 +108,8 @@ def round_record(
         if used is None or row.device_id in used:
             updates.append(RoundUpdate(row.device_id, row.update_hash, row.num_examples))
         else:
-            reason = (flagged or {}).get(row.device_id, NOT_COMBINED)
-            left.append(LeftOut(row.device_id, row.update_hash, reason))
+            why = (flagged or {}).get(row.device_id, NOT_COMBINED)
+            left.append(LeftOut(row.device_id, row.update_hash, why))
     recorded = {row.device_id for row in rows}
     for device in selected:
         if device in recorded:
