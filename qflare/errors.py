@@ -248,6 +248,8 @@ class ErrorCode(enum.StrEnum):
     NO_ROOT_DATA = "no_root_data"
     NO_TRUSTED_UPDATES = "no_trusted_updates"
     BAD_ATTACK = "bad_attack"
+    # adaptive threat detection
+    QUARANTINED = "quarantined"
 
 
 class Retry(enum.Enum):
@@ -875,6 +877,11 @@ CODE_SPECS: Mapping[ErrorCode, CodeSpec] = MappingProxyType(
             ValidationError,
         ),
         _C.BAD_ATTACK: _spec("a simulated attack's options are invalid or do not fit the federation", _F, ConfigError),
+        _C.QUARANTINED: _spec(
+            "the device is quarantined (its updates are not taken, it is not selected) until an operator reinstates it",
+            _D,
+            PolicyError,
+        ),
     }
 )
 """The meaning, classes and retry meaning of every :class:`ErrorCode`."""

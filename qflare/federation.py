@@ -31,6 +31,7 @@ from .data.partition import partition
 from .data.sources import DatasetLoader
 from .errors import ConfigError, QflareError
 from .models import ModelFactory
+from .protocol.detection import DetectionConfig, reputation_detection
 from .protocol.selection import ClientSelector, SelectorFactory
 from .strategy.aggregators import AggregatorContext, apply_aggregator, default_byzantine
 from .strategy.pipeline import Pipeline, StrategyFactory, build_strategy, strategy_factory
@@ -112,6 +113,9 @@ class FederationSpec:
     suite: Suite = DEFAULT_SUITE
     selector: str | ClientSelector | SelectorFactory = "random"
     """Who takes part in each round: a registered client selector (``random``: a seeded uniform sample)."""
+    detection: Mapping[str, Any] | None = None
+    """Adaptive threat detection (docs/defences.md): None = off; a mapping of
+    :class:`~qflare.protocol.detection.DetectionConfig` options (``{}``: on, with the defaults)."""
 
     def __post_init__(self) -> None:
         for name in _NAMES:
@@ -160,6 +164,17 @@ class FederationSpec:
             if not isinstance(key, str) or not isinstance(value, _SCALARS):
                 raise ConfigError(f"strategy option {key!r} must be a name with a number, string or bool value")
         object.__setattr__(self, "strategy_args", dict(self.strategy_args))  # a private copy
+        if self.detection is not None:
+            if not isinstance(self.detection, Mapping) or not all(
+                isinstance(k, str) and isinstance(v, _SCALARS) for k, v in self.detection.items()
+            ):
+                raise ConfigError("detection must be None or a mapping of option name to number")
+            object.__setattr__(self, "detection", dict(self.detection))
+            self.detection_config()  # refuse bad options now
+
+    def detection_config(self) -> DetectionConfig | None:
+        """The :class:`DetectionConfig` of :attr:`detection` (None when detection is off)."""
+        return None if self.detection is None else reputation_detection(**dict(self.detection))
 
     def partitions(self, labels: np.ndarray) -> list[np.ndarray]:
         """Every device's example indices into ``labels``: the one draw simulation, devices and servers share."""
@@ -224,6 +239,7 @@ class FederationSpec:
                 )
         out["train"] = dataclasses.asdict(self.train)
         out["strategy_args"] = dict(self.strategy_args)
+        out["detection"] = None if self.detection is None else dict(self.detection)
         out["suite"] = self.suite.name
         return out
 

@@ -308,6 +308,7 @@ class _SecureFederation:
                 seed=spec.seed,
                 round_timeout_s=_NO_DEADLINE_S,
                 selector=spec.selector,
+                detection=spec.detection_config(),
             ),
             # In-process devices are all present, and only the selected ones talk during a round: no budget
             # for public-key work and no liveness narrowing of the selection (the seed alone decides it).

@@ -112,6 +112,26 @@ def test_operator_errors_are_one_line(finished: Federation) -> None:
     assert reply.status_code == 422 and reply.json()["code"] == "validation_error"
 
 
+def test_quarantine_and_reinstate_from_the_command_line(finished: Federation) -> None:
+    fed = finished
+    code, out = cli(fed, "devices", "--json")
+    device = json.loads(out)["devices"][0]["device_id"]
+    code, out = cli(fed, "quarantine", device, "--reason", "drill", "--json")
+    assert code == 0 and json.loads(out)["status"] == "quarantined"
+    code, out = cli(fed, "devices", "--status", "quarantined", "--json")
+    assert code == 0 and [d["device_id"] for d in json.loads(out)["devices"]] == [device]
+    code, out = cli(fed, "events", "--kind", "quarantined", "--json")
+    assert code == 0 and json.loads(out)["events"][0]["device_id"] == device
+    code, out = cli(fed, "reinstate", device)
+    assert code == 0 and f"device {device}: active" in out
+    code, out = cli(fed, "reinstate", "not-a-device")
+    assert code == 2 and "64 lowercase hex" in out and len(out.strip().splitlines()) == 1
+    code, out = cli(fed, "reinstate", device, token="wrong-token-wrong-token")
+    assert code == 2 and "admin_required" in out
+    code, out = cli(fed, "devices", "--status", "active", "--json")
+    assert device in {d["device_id"] for d in json.loads(out)["devices"]}
+
+
 def test_server_log_is_one_format_and_names_peers(finished: Federation) -> None:
     fed = finished
     with socket.create_connection(("127.0.0.1", fed.port), timeout=5) as sock:

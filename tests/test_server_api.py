@@ -137,3 +137,30 @@ def test_admin_device_listing_and_revocation(tmp_path: Path) -> None:
         assert events.status_code == 200 and len(events.json()["events"]) <= 5
         too_many = client.get("/v1/admin/events?limit=100000", headers=admin(runtime))
         assert too_many.status_code == 422 and too_many.json()["code"] == "validation_error"
+
+
+def test_admin_quarantine_and_reinstatement(tmp_path: Path) -> None:
+    runtime = make_runtime(tmp_path)
+    with TestClient(create_app(runtime)) as client:
+        dev = new_device(client)
+        dev.enroll(runtime.coordinator.create_tokens(1)[0])
+        url = f"/v1/admin/devices/{dev.device_id}"
+        assert client.post(url + "/quarantine", json={"reason": "probe"}).status_code == 401  # no token: refused
+        done = client.post(url + "/quarantine", json={"reason": "probe"}, headers=admin(runtime))
+        assert done.status_code == 200
+        assert done.json()["status"] == "quarantined" and done.json()["quarantine_reason"] == "operator: probe"
+        listed = client.get("/v1/admin/devices?status=quarantined", headers=admin(runtime)).json()
+        assert [d["device_id"] for d in listed["devices"]] == [dev.device_id]
+        dev.connect()  # a quarantined device still holds a session: it is only never selected
+        assert runtime.store.security_events(limit=5, reason="quarantined")[0].device_id == dev.device_id
+        back = client.post(url + "/reinstate", headers=admin(runtime))
+        assert (
+            back.status_code == 200 and back.json()["status"] == "active" and back.json()["quarantine_reason"] is None
+        )
+        client.post(url + "/revoke", json={"reason": "lost"}, headers=admin(runtime))
+        again = client.post(url + "/reinstate", headers=admin(runtime))
+        assert again.status_code == 403 and again.json()["code"] == "revoked"
+        bad = client.post(url + "/quarantine", json={"reason": ""}, headers=admin(runtime))
+        assert bad.status_code == 422 and bad.json()["code"] == "validation_error"
+        unknown = client.post("/v1/admin/devices/" + "0" * 64 + "/reinstate", headers=admin(runtime))
+        assert unknown.status_code == 404 and unknown.json()["code"] == "unknown_device"

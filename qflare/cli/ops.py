@@ -1,6 +1,7 @@
-"""The operator's view of a running server: ``qflare status``, ``devices``, ``events``, ``rounds``.
+"""The operator's view of a running server: ``qflare status``, ``devices``, ``events``, ``rounds``, and the
+two actions on a device that threat detection calls for: ``qflare quarantine ID`` and ``qflare reinstate ID``.
 
-Each command reads one endpoint of the server's HTTP API (``/v1/status`` or the admin routes
+Each command calls one endpoint of the server's HTTP API (``/v1/status`` or the admin routes
 ``/v1/admin/...`` with the admin token) and prints a rich table, or the server's JSON with ``--json``.
 A wrong token, a refusal or an unreachable server is one line and exit status 2.
 """
@@ -38,8 +39,16 @@ _TOKEN = typer.Option(
 _JSON = typer.Option(False, "--json", help="Print the server's JSON answer instead of a table.")
 
 
-def fetch(server: str, path: str, token: str | None, params: dict[str, Any] | None = None) -> dict[str, Any]:
-    """GET ``server + path`` and return its JSON object; a refusal is raised as its QflareError."""
+def fetch(
+    server: str,
+    path: str,
+    token: str | None,
+    params: dict[str, Any] | None = None,
+    *,
+    post: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """GET ``server + path`` (POST ``post`` as JSON when given) and return its JSON object; a refusal is
+    raised as its QflareError."""
     if not server.startswith(("http://", "https://")):
         raise ConfigError(f"--server {server!r} must be an http:// or https:// URL")
     headers = {"Authorization": f"Bearer {token}"} if token else {}
@@ -47,7 +56,7 @@ def fetch(server: str, path: str, token: str | None, params: dict[str, Any] | No
     try:
         with (
             httpx.Client(timeout=httpx.Timeout(10.0), follow_redirects=False) as client,
-            client.stream("GET", url, params=params, headers=headers) as resp,
+            client.stream("GET" if post is None else "POST", url, params=params, headers=headers, json=post) as resp,
         ):
             body = b""
             for chunk in resp.iter_bytes():
@@ -131,7 +140,7 @@ def status(server: str = _SERVER, admin_token: str | None = _TOKEN, json_: bool 
 def devices(
     server: str = _SERVER,
     admin_token: str | None = _TOKEN,
-    status_: str | None = typer.Option(None, "--status", help="Only active or revoked devices."),
+    status_: str | None = typer.Option(None, "--status", help="Only active, quarantined or revoked devices."),
     limit: int = typer.Option(1000, min=1, max=10_000, help="At most this many devices."),
     json_: bool = _JSON,
 ) -> None:
@@ -145,7 +154,7 @@ def devices(
         print(json.dumps(data))
         return
     table = Table(title=f"devices ({len(_rows(data, 'devices'))} of {_cell(data.get('total'))})")
-    for col in ("device id", "status", "signature", "enrolled at", "revoked at", "reason"):
+    for col in ("device id", "status", "signature", "enrolled at", "revoked/quarantined at", "reason"):
         table.add_column(col)
     for d in _rows(data, "devices"):
         table.add_row(
@@ -153,8 +162,8 @@ def devices(
             _cell(d.get("status")),
             _cell(d.get("sig_alg")),
             _cell(d.get("enrolled_at")),
-            _cell(d.get("revoked_at")),
-            _cell(d.get("revoked_reason")),
+            _cell(d.get("revoked_at") or d.get("quarantined_at")),
+            _cell(d.get("revoked_reason") or d.get("quarantine_reason")),
         )
     console.print(table)
 
@@ -226,8 +235,58 @@ def rounds(
     console.print(table)
 
 
+def _device_line(data: dict[str, Any]) -> str:
+    line = f"device {_cell(data.get('device_id'))}: {_cell(data.get('status'))}"
+    if data.get("quarantine_reason"):
+        line += f" ({_cell(data.get('quarantine_reason'))})"
+    return line
+
+
+def quarantine(
+    device_id: str = typer.Argument(..., help="The device's id (as `qflare devices` lists it)."),
+    reason: str = typer.Option(..., "--reason", help="Why (stored with the device and in the security event)."),
+    server: str = _SERVER,
+    admin_token: str | None = _TOKEN,
+    json_: bool = _JSON,
+) -> None:
+    """Quarantine a device: it stays enrolled and connected but is not selected, and its updates are refused,
+    until `qflare reinstate` (admin token)."""
+    with friendly_errors():
+        data = fetch(
+            server, f"/v1/admin/devices/{_path_id(device_id)}/quarantine", _need(admin_token), post={"reason": reason}
+        )
+    if json_:
+        print(json.dumps(data))
+    else:
+        console.print(escape(_device_line(data)))
+
+
+def reinstate(
+    device_id: str = typer.Argument(..., help="The quarantined device's id."),
+    server: str = _SERVER,
+    admin_token: str | None = _TOKEN,
+    json_: bool = _JSON,
+) -> None:
+    """Reinstate a quarantined device: selectable again, its reputation starts afresh (admin token)."""
+    with friendly_errors():
+        data = fetch(server, f"/v1/admin/devices/{_path_id(device_id)}/reinstate", _need(admin_token), post={})
+    if json_:
+        print(json.dumps(data))
+    else:
+        console.print(escape(_device_line(data)))
+
+
+def _path_id(device_id: str) -> str:
+    """A device id as a URL path segment: ids are 64 hex characters; anything else is refused here."""
+    if len(device_id) != 64 or any(c not in "0123456789abcdef" for c in device_id):
+        raise ConfigError(f"a device id is 64 lowercase hex characters, got {device_id[:80]!r}")
+    return device_id
+
+
 def register(app: typer.Typer) -> None:
     app.command("status")(status)
     app.command("devices")(devices)
     app.command("events")(events)
     app.command("rounds")(rounds)
+    app.command("quarantine")(quarantine)
+    app.command("reinstate")(reinstate)

@@ -254,6 +254,15 @@ class Coordinator:
             for sid in [s for s, v in self._sessions.items() if v.device_id == device_id]:
                 del self._sessions[sid]
 
+    def quarantine(self, device_id: str, reason: str) -> None:
+        """An operator's quarantine: the device stays connected but is not selected and its updates are
+        refused (code ``quarantined``) until :meth:`reinstate`; recorded as a security event."""
+        self.rounds.quarantine(device_id, reason)
+
+    def reinstate(self, device_id: str) -> None:
+        """Undo a quarantine: the device is selectable again and its reputation starts afresh."""
+        self.rounds.reinstate(device_id)
+
     # ------------------------------------------------------------------ dispatch
     def handle(
         self, route: Route | str, body: bytes, *, session_id: str | None = None, remote: str | None = None
@@ -376,7 +385,7 @@ class Coordinator:
             device = self.store.get_device(device_id) if row.used_by_device == device_id else None
             if device is None:
                 raise TokenError("enrollment token already used", code="token_used")
-            if not device.active:
+            if not device.usable:
                 exc = RevokedError(f"device {device_id[:16]}... is revoked", code="revoked")
                 exc.device_id = device_id
                 raise exc
@@ -392,7 +401,7 @@ class Coordinator:
         row = self.store.get_device(key_id)
         if row is None:
             return None
-        if row.status != "active":
+        if not row.usable:  # a quarantined device may still connect: it is only never selected
             exc = RevokedError(f"device {key_id[:16]}... is revoked", code="revoked")
             exc.device_id = key_id  # known, though no session is: the security event names the device
             raise exc
@@ -499,7 +508,7 @@ class Coordinator:
         status = self.store.device_status(sess.device_id)
         if status is None:
             raise UnknownDeviceError("device is no longer enrolled", code="unknown_device")
-        if status != "active":
+        if status not in ("active", "quarantined"):
             raise RevokedError("device has been revoked", code="revoked")
 
     # ------------------------------------------------------------------ round endpoints

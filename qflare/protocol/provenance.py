@@ -133,6 +133,7 @@ def round_record(
     combined: Sequence[str] | None,
     refused: Mapping[str, tuple[str, str]],
     selected: Sequence[str],
+    flagged: Mapping[str, str] | None = None,
     quorum: int,
     min_participants: int,
     opened: int,
@@ -141,7 +142,8 @@ def round_record(
 ) -> RoundRecord:
     """The record of one round.  ``rows`` are its recorded updates in acceptance order; ``combined`` the
     device ids the combine used (None: all of ``rows``); ``refused`` device -> (update hash, error code)
-    for updates this process refused in the round."""
+    for updates this process refused in the round; ``flagged`` device -> reason (``anomalous``,
+    ``quarantined``) for recorded updates that threat detection kept out of the combine."""
     used = None if combined is None else set(combined)
     updates: list[RoundUpdate] = []
     left: list[LeftOut] = []
@@ -149,7 +151,8 @@ def round_record(
         if used is None or row.device_id in used:
             updates.append(RoundUpdate(row.device_id, row.update_hash, row.num_examples))
         else:
-            left.append(LeftOut(row.device_id, row.update_hash, NOT_COMBINED))
+            why = (flagged or {}).get(row.device_id, NOT_COMBINED)
+            left.append(LeftOut(row.device_id, row.update_hash, why))
     recorded = {row.device_id for row in rows}
     for device in selected:
         if device in recorded:

@@ -32,10 +32,19 @@ class DeviceRow:
     revoked_at: datetime | None
     revoked_reason: str | None
     enrollment_record: bytes
+    quarantined_at: datetime | None = None
+    quarantine_reason: str | None = None
+    """Why threat detection (or an operator) quarantined the device, while it is quarantined."""
 
     @property
     def active(self) -> bool:
         return self.status == "active"
+
+    @property
+    def usable(self) -> bool:
+        """Not revoked: an active or a quarantined device may hold sessions (a quarantined one is only
+        not selected, and its updates are refused)."""
+        return self.status in ("active", "quarantined")
 
 
 @dataclass(frozen=True, slots=True)

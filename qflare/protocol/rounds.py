@@ -33,6 +33,7 @@ from ..crypto import MsgType, SignedEnvelope, SigningKey, Suite, sign_global_mod
 from ..errors import (
     ConfigError,
     ErrorCode,
+    PolicyError,
     QflareError,
     RoundError,
     StaleModelError,
@@ -41,10 +42,11 @@ from ..errors import (
     WrongRoundError,
 )
 from ..ledger import LedgerEntry
-from ..strategy import ClientUpdate, Pipeline, RoundAggregation
+from ..strategy import ClientUpdate, Pipeline, PreparedUpdate, RoundAggregation
 from ..strategy.dp import privacy_of
 from ..strategy.state import encode_pipeline_state, load_pipeline_state
 from ..wire import ParamLayout, decode_blob, encode_model
+from .detection import QUARANTINED, DetectionConfig, Detector, RoundVerdict
 from .provenance import QUORUM_NOT_REACHED, next_entry, round_record
 from .selection import ClientSelector, RandomSelector, SelectorFactory, build_selector, check_selection
 from .store import BlobSink, CoordinatorStore
@@ -71,8 +73,14 @@ class RoundConfig:
     selector: str | ClientSelector | SelectorFactory = "random"
     """Who takes part in each round: a registered selector name (see
     :func:`~qflare.protocol.selection.register_selector`), a selector, or a factory of one."""
+    detection: DetectionConfig | None = None
+    """Adaptive threat detection (docs/defences.md): when set, a round's updates are held and judged
+    when it closes, before any is folded in; anomalous ones are left out and persistent offenders
+    quarantined.  None: every valid update is folded in as it arrives."""
 
     def __post_init__(self) -> None:
+        if self.detection is not None and not isinstance(self.detection, DetectionConfig):
+            raise ConfigError(f"detection must be a DetectionConfig or None, got {type(self.detection).__name__}")
         if self.rounds < 1 or self.per_round < 1:
             raise ConfigError("rounds and per_round must be >= 1")
         if self.min_participants is not None and not 1 <= self.min_participants <= self.per_round:
@@ -109,6 +117,14 @@ class _OpenRound:
     result: torch.Tensor | None = None  # the aggregate, once computed (kept while publication is retried)
     refused: dict[str, tuple[str, str]] = field(default_factory=dict)
     """device id -> (update hash, error code) of updates this process refused in the round (ledger left_out)."""
+    held: dict[str, tuple[torch.Tensor, PreparedUpdate]] = field(default_factory=dict)
+    """With detection: device id -> (its delta as sent, the checked update), judged at close."""
+    verdict: RoundVerdict | None = None
+    """With detection: the verdict, once the round was judged."""
+    left_out: dict[str, str] = field(default_factory=dict)
+    """With detection: device id -> reason of acknowledged updates not folded in (ledger left_out)."""
+    committed: list[str] | None = None
+    """With detection: the device ids folded in, in order (None: all of ``accepted``, in order)."""
 
     @property
     def closing(self) -> bool:
@@ -179,6 +195,9 @@ class RoundManager:
             )
         self.stop_reason: str | None = None
         """Why the federation ended before its last round (the privacy budget), or None."""
+        self.detector = Detector(config.detection) if config.detection is not None else None
+        self.verdicts: dict[int, RoundVerdict] = {}
+        """With detection: the verdicts of the latest rounds this process judged (at most 1000), by round."""
         self._round: _OpenRound | None = None
         self._inflight: dict[str, int] = {}  # update digests being written and recorded (kept from GC)
         self._inflight_lock = threading.Lock()
@@ -209,6 +228,9 @@ class RoundManager:
         state = row.metrics.get("server_state")
         if isinstance(state, str):
             load_pipeline_state(self.strategy, self._blobs.get(state))
+        detection_state = row.metrics.get("detection_state")
+        if self.detector is not None and isinstance(detection_state, str):
+            self.detector.load_state(self._blobs.get(detection_state))
         envelope = bytes(row.signature)
         try:
             SignedEnvelope.open(envelope, self._identity.public, expected_type=MsgType.GLOBAL_MODEL)
@@ -225,6 +247,7 @@ class RoundManager:
         assert self._blobs is not None
         agg = self.strategy.begin(self.model.flat)
         accepted: dict[str, str] = {}
+        held: dict[str, tuple[torch.Tensor, PreparedUpdate]] = {}
         recorded = self._store.updates_for_round(row.round_number)
         for upd in recorded:
             try:
@@ -254,7 +277,11 @@ class RoundManager:
                 )
                 self._fail(broken, str(exc.code))
                 return
-            agg.add(ClientUpdate(upd.device_id, flat, upd.num_examples, dict(upd.metrics)))
+            restored = ClientUpdate(upd.device_id, flat, upd.num_examples, dict(upd.metrics))
+            if self.detector is not None:
+                held[upd.device_id] = (flat, agg.check(restored))
+            else:
+                agg.add(restored)
             accepted[upd.device_id] = upd.update_hash
         if self._privacy is not None:  # the candidates of the round's draw are gone: never under-charge it
             active = len(self._store.list_devices(status="active"))
@@ -282,6 +309,7 @@ class RoundManager:
             accepted,
             opened=row.opened_at.timestamp(),
             db_state=row.state,
+            held=held,
         )
         if row.state == "aggregating" or len(accepted) >= row.quorum:
             # crashed between quorum and publication, or after the last update: finish the job
@@ -358,6 +386,8 @@ class RoundManager:
         if rnd is None:
             return count, True
         try:
+            if self._store.device_status(update.device_id) == "quarantined":
+                raise PolicyError(f"device {update.device_id[:16]}... is quarantined", code="quarantined")
             _check_metrics(update.metrics)
             prepared = rnd.aggregation.check(update)
         except QflareError as exc:  # a signed update of a selected device, refused: the ledger says so
@@ -387,7 +417,10 @@ class RoundManager:
                 except BaseException:
                     self._discard_blob(update_hash)
                     raise
-                rnd.aggregation.commit(prepared)
+                if self.detector is not None:  # judged with the whole round when it closes
+                    rnd.held[update.device_id] = (update.delta, prepared)
+                else:
+                    rnd.aggregation.commit(prepared)
                 rnd.accepted[update.device_id] = update_hash
                 count = len(rnd.accepted)
                 if count >= rnd.quorum:
@@ -506,10 +539,10 @@ class RoundManager:
         the store refuses it, and the transaction carrying it, if the head moved meanwhile)."""
         rows = {u.device_id: u for u in self._store.updates_for_round(rnd.number)}
         order = [rows[d] for d in rnd.accepted if d in rows] + [u for d, u in rows.items() if d not in rnd.accepted]
-        combined: list[str] | None = None
+        in_order = list(rnd.accepted) if rnd.committed is None else rnd.committed
+        combined: list[str] | None = None if rnd.committed is None else list(rnd.committed)
         chosen = getattr(rnd.aggregation.accumulator, "selected", None)  # Krum / Multi-Krum's picks
         if published is not None and isinstance(chosen, tuple) and chosen:
-            in_order = list(rnd.accepted)
             combined = [in_order[i] for i in chosen if 0 <= i < len(in_order)]
         now = self._clock()
         record = round_record(
@@ -522,6 +555,7 @@ class RoundManager:
             rows=order,
             combined=combined,
             refused=rnd.refused,
+            flagged=rnd.left_out,
             selected=rnd.selected,
             quorum=rnd.quorum,
             min_participants=rnd.min_participants,
@@ -530,6 +564,57 @@ class RoundManager:
             pipeline=self.strategy,
         )
         return next_entry(self._store.last_ledger_entry(), record, self._identity, int(now))
+
+    def _judge(self, rnd: _OpenRound) -> None:
+        """Detection at close: leave out the updates of devices quarantined meanwhile (by an operator),
+        judge the others, quarantine the devices the verdict names, fold in the rest in acceptance order.
+        Raises ConfigError ``too_few_updates`` (the round fails) when what is left cannot be combined."""
+        assert self.detector is not None
+        verdict = rnd.verdict
+        if verdict is None:  # judged once: a retry after a storage failure reuses the verdict
+            judged: list[tuple[str, torch.Tensor, int]] = []
+            for device in rnd.accepted:
+                if self._store.device_status(device) == "quarantined":
+                    rnd.left_out[device] = QUARANTINED
+                elif device in rnd.held:
+                    delta, prepared = rnd.held[device]
+                    judged.append((device, delta, prepared.num_examples))
+            verdict = rnd.verdict = self.detector.judge(rnd.number, judged)
+            self.verdicts[rnd.number] = verdict
+            while len(self.verdicts) > 1000:
+                del self.verdicts[min(self.verdicts)]
+            rnd.left_out.update(verdict.left_out)
+        for device in verdict.quarantined:
+            if self._store.device_status(device) != "active":
+                continue
+            self.quarantine(
+                device,
+                f"round {rnd.number}: anomalous update ({verdict.scores[device].why}); reputation "
+                f"{verdict.reputation[device]:.3f} < {self.detector.config.quarantine_below}",
+            )
+        rnd.committed = [d for d in rnd.accepted if d not in rnd.left_out and d in rnd.held]
+        self.strategy.check_round_size(len(rnd.committed))
+        for device in rnd.committed:
+            rnd.aggregation.commit(rnd.held[device][1])
+        rnd.held.clear()
+        if rnd.left_out:
+            _log.warning("round %d: left out %s", rnd.number, {d[:16]: r for d, r in rnd.left_out.items()})
+
+    def quarantine(self, device_id: str, reason: str) -> None:
+        """Quarantine a device (no longer selected, its updates refused) and record the security event."""
+        self._store.quarantine_device(device_id, reason)
+        self._store.record_security_event(QUARANTINED, reason[:2000], device_id=device_id)
+        _log.warning("device %s... quarantined: %s", device_id[:16], reason)
+
+    def reinstate(self, device_id: str) -> None:
+        """An operator's reinstatement of a quarantined device: selectable again, reputation afresh."""
+        with self._lock:
+            before = self._store.device_status(device_id)
+            self._store.reinstate_device(device_id)
+            if self.detector is not None:
+                self.detector.reinstate(device_id)
+        if before == "quarantined":
+            self._store.record_security_event("reinstated", "an operator reinstated the device", device_id=device_id)
 
     def _fail(self, rnd: _OpenRound, reason: str) -> None:
         """Mark the round failed, with its ledger entry in the same transaction; the next round opens."""
@@ -545,19 +630,27 @@ class RoundManager:
         written the round stays aggregating with its result kept, and :meth:`tick` tries again."""
         try:
             if rnd.result is None:
+                if self.detector is not None and rnd.committed is None:
+                    self._judge(rnd)
                 rnd.result = rnd.aggregation.finish()
             if rnd.db_state == "open":
                 self._store.set_round_state(rnd.number, "open", "aggregating")
                 rnd.db_state = "aggregating"
             published = self._publish(self.model.version + 1, rnd.result, rnd.number)
-            metrics: dict[str, object] = {"updates": len(rnd.accepted), "examples": rnd.aggregation.total_examples}
-            train_loss = mean_reported_loss(u.metrics for u in self._store.updates_for_round(rnd.number))
+            folded = len(rnd.accepted) if rnd.committed is None else len(rnd.committed)
+            metrics: dict[str, object] = {"updates": folded, "examples": rnd.aggregation.total_examples}
+            if rnd.left_out:
+                metrics["left_out"] = dict(sorted(rnd.left_out.items()))
+            rows = [u for u in self._store.updates_for_round(rnd.number) if u.device_id not in rnd.left_out]
+            train_loss = mean_reported_loss(u.metrics for u in rows)
             if train_loss is not None:
                 metrics["train_loss"] = train_loss
             if self._blobs is not None:  # optimiser moments / noise: a restart continues them
                 pipeline_state = encode_pipeline_state(self.strategy)
                 if pipeline_state is not None:
                     metrics["server_state"] = self._blobs.put(pipeline_state)[0]
+                if self.detector is not None:  # reputations: a restart keeps them
+                    metrics["detection_state"] = self._blobs.put(self.detector.encode_state())[0]
             entry = self._ledger_entry(rnd, None, published)
             self._store.publish_model(
                 rnd.number, published.version, published.sha256, published.envelope, metrics, ledger=entry

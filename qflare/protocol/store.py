@@ -40,6 +40,14 @@ class CoordinatorStore(Protocol):
 
     def revoke_device(self, device_id: str, reason: str) -> DeviceRow: ...
 
+    def quarantine_device(self, device_id: str, reason: str) -> DeviceRow:
+        """Active -> quarantined (kept if already quarantined; RevokedError if revoked)."""
+        ...
+
+    def reinstate_device(self, device_id: str) -> DeviceRow:
+        """Quarantined -> active (an active device is left as it is; RevokedError if revoked)."""
+        ...
+
     def add_session(
         self, session_id: str, device_id: str, expires_at: datetime, *, created_at: datetime | None = None
     ) -> SessionRow: ...

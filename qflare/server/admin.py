@@ -1,5 +1,5 @@
-"""Administrator routes (``/v1/admin/...``): mint enrollment tokens, revoke devices, read the audit trail
-(devices, security events filtered by reason/device/time, rounds).  Every listing has a bounded page size.
+"""Administrator routes (``/v1/admin/...``): mint enrollment tokens, revoke, quarantine and reinstate devices,
+read the audit trail (devices, security events filtered by reason/device/time, rounds).  Every listing has a bounded page size.
 
 Every route needs ``Authorization: Bearer <admin token>`` (compared in constant time); a missing token
 is 401, a wrong one 403, both with code ``admin_required`` and both recorded as security events.  The
@@ -24,7 +24,7 @@ from .gate import RequestGate
 from .limits import require_media_type
 from .runtime import ServerRuntime
 
-__all__ = ["RevokeRequest", "TokenRequest", "admin_router"]
+__all__ = ["QuarantineRequest", "RevokeRequest", "TokenRequest", "admin_router"]
 
 _bearer = HTTPBearer(auto_error=False, description="The admin token (QFLARE_ADMIN_TOKEN or DATA_DIR/admin.token)")
 _MAX_TTL_S = 365 * 24 * 3600.0
@@ -39,6 +39,11 @@ class TokenRequest(BaseModel):
 
 
 class RevokeRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    reason: str = Field(min_length=1, max_length=2000)
+
+
+class QuarantineRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     reason: str = Field(min_length=1, max_length=2000)
 
@@ -67,6 +72,8 @@ def _device(d: DeviceRow) -> dict[str, Any]:
         "enrolled_at": _iso(d.enrolled_at),
         "revoked_at": _iso(d.revoked_at),
         "revoked_reason": d.revoked_reason,
+        "quarantined_at": _iso(d.quarantined_at),
+        "quarantine_reason": d.quarantine_reason,
     }
 
 
@@ -143,10 +150,43 @@ def admin_router(runtime: ServerRuntime, gate: RequestGate) -> APIRouter:
 
         return _device(await run_in_threadpool(work))
 
+    @router.post(
+        "/devices/{device_id}/quarantine",
+        summary="Quarantine a device (it stays connected but is not selected; its updates are refused)",
+        openapi_extra=_json_body(QuarantineRequest),
+    )
+    async def quarantine(device_id: str, request: Request) -> dict[str, Any]:
+        require_media_type(request, _JSON)
+        req: QuarantineRequest = _parse(QuarantineRequest, await gate.body(request, small))
+
+        def work() -> DeviceRow:
+            if store.get_device(device_id) is None:
+                raise NotFoundError(f"no device {device_id[:80]!r} is enrolled", code="unknown_device")
+            coordinator.quarantine(device_id, f"operator: {req.reason}")
+            row = store.get_device(device_id)
+            assert row is not None
+            return row
+
+        return _device(await run_in_threadpool(work))
+
+    @router.post(
+        "/devices/{device_id}/reinstate", summary="Reinstate a quarantined device (its reputation starts afresh)"
+    )
+    async def reinstate(device_id: str) -> dict[str, Any]:
+        def work() -> DeviceRow:
+            if store.get_device(device_id) is None:
+                raise NotFoundError(f"no device {device_id[:80]!r} is enrolled", code="unknown_device")
+            coordinator.reinstate(device_id)
+            row = store.get_device(device_id)
+            assert row is not None
+            return row
+
+        return _device(await run_in_threadpool(work))
+
     @router.get("/devices", summary="Enrolled devices (oldest first, at most `limit`)")
     async def devices(
         limit: Annotated[int, Query(ge=1, le=10_000)] = 1000,
-        status: Annotated[Literal["active", "revoked"] | None, Query()] = None,
+        status: Annotated[Literal["active", "revoked", "quarantined"] | None, Query()] = None,
     ) -> dict[str, Any]:
         rows = await run_in_threadpool(store.list_devices, status)
         return {"devices": [_device(d) for d in rows[:limit]], "total": len(rows)}

@@ -72,7 +72,11 @@ class _LiveCollector(Collector):
         yield CounterMetricFamily(
             "qflare_updates_accepted", "Updates accepted and recorded, all rounds.", value=updates
         )
-        yield GaugeMetricFamily("qflare_devices_active", "Enrolled devices that are not revoked.", value=devices)
+        yield GaugeMetricFamily(
+            "qflare_devices_active",
+            "Enrolled devices that are active (neither revoked nor quarantined).",
+            value=devices,
+        )
 
 
 class _EvalCollector(Collector):

@@ -189,6 +189,7 @@ class ServerRuntime:
                 seed=spec.seed,
                 min_devices=cfg.min_devices,
                 selector=spec.selector,
+                detection=spec.detection_config(),
             ),
             config=CoordinatorConfig(
                 suite=spec.suite, session_lifetime_s=cfg.session_lifetime_s, max_update_bytes=cfg.max_update_bytes

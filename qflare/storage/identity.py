@@ -26,6 +26,7 @@ from qflare.storage.records import DeviceRow, SessionRow, TokenRow, snapshot
 __all__ = ["IdentityOps", "hash_token", "key_id"]
 
 _MAX_TOKENS_PER_CALL = 10_000
+_USABLE = ("active", "quarantined")  # may hold sessions; only an active device is selected
 
 
 def hash_token(token: str) -> str:
@@ -192,12 +193,43 @@ class IdentityOps(StoreBase):
                 raise UnknownDeviceError(f"unknown device {device_id}")
             if row.status != "revoked":
                 row.status, row.revoked_at, row.revoked_reason = "revoked", at, reason
+                row.quarantined_at, row.quarantine_reason = None, None
                 s.execute(
                     update(t.Session)
                     .where(t.Session.device_id == device_id, t.Session.closed_at.is_(None))
                     .values(closed_at=at)
                     .execution_options(synchronize_session=False)
                 )
+                s.flush()
+            return snapshot(DeviceRow, row)
+
+    def quarantine_device(self, device_id: str, reason: str, *, now: datetime | None = None) -> DeviceRow:
+        """Quarantine an active device (not selected, updates refused; sessions kept).  Quarantining a
+        quarantined device keeps the first record; a revoked one raises RevokedError."""
+        check_nonempty(reason, "reason", 2000)
+        at = self._now(now)
+        with self._write() as s:
+            row = s.get(t.Device, device_id, with_for_update=True)
+            if row is None:
+                raise UnknownDeviceError(f"unknown device {device_id}")
+            if row.status == "revoked":
+                raise RevokedError(f"device {device_id} is revoked")
+            if row.status == "active":
+                row.status, row.quarantined_at, row.quarantine_reason = "quarantined", at, reason
+                s.flush()
+            return snapshot(DeviceRow, row)
+
+    def reinstate_device(self, device_id: str) -> DeviceRow:
+        """Make a quarantined device active again.  An active device is left as it is; a revoked one
+        raises RevokedError (revocation is final)."""
+        with self._write() as s:
+            row = s.get(t.Device, device_id, with_for_update=True)
+            if row is None:
+                raise UnknownDeviceError(f"unknown device {device_id}")
+            if row.status == "revoked":
+                raise RevokedError(f"device {device_id} is revoked: only a quarantined device can be reinstated")
+            if row.status == "quarantined":
+                row.status, row.quarantined_at, row.quarantine_reason = "active", None, None
                 s.flush()
             return snapshot(DeviceRow, row)
 
@@ -229,7 +261,7 @@ class IdentityOps(StoreBase):
                 device = s.get(t.Device, device_id, with_for_update={"read": True})
                 if device is None:
                     raise UnknownDeviceError(f"unknown device {device_id}")
-                if device.status != "active":
+                if device.status not in _USABLE:
                     raise RevokedError(f"device {device_id} is revoked")
                 if s.get(t.Session, session_id) is not None:
                     raise ReplayError(f"session {session_id} exists", code="session_exists")
@@ -259,7 +291,7 @@ class IdentityOps(StoreBase):
             if row is None:
                 raise SessionExpiredError("unknown session", code="unknown_session")
             device = s.get(t.Device, row.device_id)
-            if device is None or device.status != "active":
+            if device is None or device.status not in _USABLE:
                 raise RevokedError(f"device {row.device_id} is revoked")
             if row.closed_at is not None:
                 raise SessionExpiredError("session closed", code="session_closed")

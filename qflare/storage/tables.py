@@ -53,7 +53,7 @@ NAMING_CONVENTION: dict[str, str] = {
     "pk": "pk_%(table_name)s",
 }
 
-DEVICE_STATUSES: tuple[str, ...] = ("active", "revoked")
+DEVICE_STATUSES: tuple[str, ...] = ("active", "revoked", "quarantined")
 ROUND_STATES: tuple[str, ...] = ("open", "aggregating", "closed", "failed")
 
 _HASH = String(128)  # hex digests (SHA-256 today; room for SHA3-512)
@@ -112,6 +112,8 @@ class Device(Base):
     revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     revoked_reason: Mapped[str | None] = mapped_column(Text)
     enrollment_record: Mapped[bytes] = mapped_column(LargeBinary)
+    quarantined_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    quarantine_reason: Mapped[str | None] = mapped_column(Text)
 
 
 class EnrollmentToken(Base):

@@ -279,6 +279,8 @@ class TrainingOps(StoreBase):
         device = s.get(t.Device, device_id)
         if device is None:
             raise UnknownDeviceError(f"unknown device {device_id}")
+        if device.status == "quarantined":
+            raise PolicyError(f"device {device_id} is quarantined", code="quarantined")
         if device.status != "active":
             raise RevokedError(f"device {device_id} is revoked")
         if rnd.selected_devices and device_id not in rnd.selected_devices:
@@ -319,14 +321,15 @@ class TrainingOps(StoreBase):
             return snapshot(RoundRow, row)
 
     def referenced_blobs(self) -> set[str]:
-        """Every blob digest the database refers to: update blobs, model blobs and server-state blobs."""
+        """Every blob digest the database refers to: update blobs, model blobs, server-state and detector-state blobs."""
         with self._read() as s:
             found = set(s.scalars(select(t.Update.update_hash)))
             for model_hash, metrics in s.execute(select(t.ModelVersion.model_hash, t.ModelVersion.metrics)):
                 found.add(model_hash)
-                state = (metrics or {}).get("server_state")
-                if isinstance(state, str):
-                    found.add(state)
+                for key in ("server_state", "detection_state"):
+                    state = (metrics or {}).get(key)
+                    if isinstance(state, str):
+                        found.add(state)
             return found
 
     def updates_for_round(self, round_number: int) -> list[UpdateRow]:
