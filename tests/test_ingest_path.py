@@ -296,3 +296,45 @@ def test_kill_9_between_commit_batches_loses_no_acknowledged_update(tmp_path: Pa
     rnd = restarted.coordinator.rounds.current
     assert rnd is not None and set(rnd.accepted.items()) == acked  # and folded in again at the restart
     assert all(BlobStore(tmp_path / "blobs").check(h) is None for _, h in acked)
+
+
+def test_a_retry_of_an_update_waiting_for_its_commit_waits_and_is_acknowledged_as_a_duplicate(tmp_path: Path) -> None:
+    import torch
+
+    from qflare.strategy import ClientUpdate
+
+    fed = Federation(tmp_path, n=2, per_round=2)
+    rm = fed.coordinator.rounds
+    rnd = rm.open_next()
+    assert rnd is not None
+    device = rnd.selected[0]
+    update = ClientUpdate(device, torch.zeros(fed.layout.numel), 5, {})
+    digest = hashlib.sha256(b"an update").hexdigest()
+    entered, release = threading.Event(), threading.Event()
+    real = fed.store.record_update
+
+    def slow(*args, **kwargs):  # type: ignore[no-untyped-def]
+        entered.set()
+        assert release.wait(10)
+        return real(*args, **kwargs)
+
+    fed.store.record_update = slow  # type: ignore[method-assign]
+    results: list[tuple[int, bool]] = []
+
+    def accept() -> None:
+        results.append(rm.accept(update, digest, rnd.base.sha256, b"sig", b"blob", round_number=rnd.number))
+
+    first = threading.Thread(target=accept)
+    first.start()
+    assert entered.wait(10)
+    assert device in rnd.pending and device not in rnd.accepted  # not acknowledged before the commit
+    retry = threading.Thread(target=accept)
+    retry.start()
+    retry.join(0.3)
+    assert retry.is_alive() and results == []  # the retry waits for the first commit
+    rm.tick()
+    release.set()
+    first.join(10)
+    retry.join(10)
+    assert sorted(results) == [(1, False), (1, True)] and fed.store.count_updates(1) == 1
+    assert not rnd.pending and rnd.accepted == {device: digest}

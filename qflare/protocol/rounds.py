@@ -340,9 +340,11 @@ class RoundManager:
         """Record and fold in one verified update signed for ``round_number``; (accepted count, duplicate?).
 
         Idempotent per (round, device).  The expensive per-update work (checks, writing the blob) runs
-        outside the round lock so that concurrent uploads overlap; recording and folding in are done under
-        it, after re-checking that the round and the device's slot are still as they were.  Once an update
-        is recorded it is acknowledged, whatever happens to the aggregation that it completes.
+        outside the round lock so that concurrent uploads overlap.  Under the lock the update is admitted
+        again and the device's slot held; its row is then written by a group commit (one transaction for
+        the uploads waiting at that moment, outside the round lock), and only once that has committed is
+        it folded in, under the lock, in the order recorded, and acknowledged.  Once an update is recorded
+        it is acknowledged, whatever happens to the aggregation that it completes.
 
         Everything that can refuse the update is checked before its blob is written; a refusal that
         still comes after the write (a race: revocation, the deadline) removes the blob again unless
@@ -366,11 +368,12 @@ class RoundManager:
             if self._blobs is not None:
                 self._blobs.put(blob, expected_sha256=update_hash)
             slot: threading.Event | None = None
+            held: _OpenRound | None = None
             try:
                 again, count = self._reserve(update, update_hash, round_number, base_hash)
                 if again is None:
                     return count, True  # the same update won a race with its own retry
-                slot = again.pending[update.device_id]
+                held, slot = again, again.pending[update.device_id]
                 record = NewUpdate(
                     rnd.number,
                     update.device_id,
@@ -384,8 +387,9 @@ class RoundManager:
                 return self._commits.submit(_Pending(again, record, prepared))
             except BaseException:
                 with self._lock:
-                    if slot is not None and rnd.pending.get(update.device_id) is slot:  # never reached the flush
-                        del rnd.pending[update.device_id]
+                    if held is not None and slot is not None and held.pending.get(update.device_id) is slot:
+                        # it never reached the flush: free the device's slot
+                        del held.pending[update.device_id]
                         slot.set()
                     self._discard_blob(update_hash)
                 raise
@@ -446,22 +450,27 @@ class RoundManager:
             for item, outcome in zip(batch, outcomes, strict=True):
                 rnd, device = item.round, item.record.device_id
                 event = rnd.pending.pop(device, None)
-                if isinstance(outcome, BaseException):
-                    results.append(outcome)
-                else:
+                try:
+                    if isinstance(outcome, BaseException):
+                        results.append(outcome)
+                        continue
                     rnd.aggregation.commit(item.prepared)
                     rnd.accepted[device] = item.record.update_hash
                     results.append((len(rnd.accepted), False))
                     if len(rnd.accepted) >= rnd.quorum and not any(r is rnd for r in closing):
                         closing.append(rnd)
-                if event is not None:
-                    event.set()
+                except Exception as exc:  # recorded but not folded in: the device's retry folds it in
+                    _log.exception("round %d: folding in the update of %s failed", rnd.number, device[:16])
+                    results.append(exc)
+                finally:
+                    if event is not None:
+                        event.set()
             for rnd in closing:
                 if self._round is rnd and not rnd.pending and not rnd.closing:
                     try:  # the batch is recorded and acknowledged, whatever happens to the aggregation
                         self._close(rnd)
                     except Exception:
-                        _log.exception("round %d: closing after quorum failed; the next tick retries", rnd.number)
+                        _log.exception("round %d: closing after quorum failed", rnd.number)
         return results
 
     def _discard_blob(self, digest: str) -> None:
