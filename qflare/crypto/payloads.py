@@ -53,6 +53,7 @@ from qflare.errors import (
     ValidationError,
     WrongRoundError,
 )
+from qflare.hashed import HashedBytes
 
 __all__ = [
     "AckStatus",
@@ -143,14 +144,17 @@ def _envelope(channel: Channel, env_bytes: bytes, msg_type: MsgType, max_envelop
     return env
 
 
-def _check_payload(env: SignedEnvelope, payload: memoryview, hash_field: Field) -> None:
+def _check_payload(env: SignedEnvelope, payload: memoryview, hash_field: Field) -> HashedBytes:
+    """The payload with its SHA-256 (computed once, here) when it matches the signed size and hash."""
     if env.get_int(Field.PAYLOAD_SIZE) != len(payload):
         raise ValidationError(
             f"payload is {len(payload)} bytes, its signed size is {env.get_int(Field.PAYLOAD_SIZE)}",
             code="payload_mismatch",
         )
-    if sha256(payload) != env.get(hash_field):
+    hashed = HashedBytes.of(payload)
+    if bytes.fromhex(hashed.sha256) != env.get(hash_field):
         raise ValidationError("payload SHA-256 differs from the signed hash", code="hash_mismatch")
+    return hashed
 
 
 def _digest(hex_digest: str) -> bytes:
@@ -301,6 +305,9 @@ class OpenedUpdate:
 
     envelope: SignedEnvelope
     blob: memoryview
+    hashed: HashedBytes | None = None
+    """The blob with the SHA-256 :func:`open_update` computed over it while checking it against the
+    envelope (the blob store writes it without hashing it again); None when not made by open_update."""
 
     @property
     def device_key_id(self) -> str:
@@ -424,8 +431,8 @@ def open_update(
         raise WrongRoundError(f"update signed for round {env.get_int(Field.ROUND)}, expected {round}")
     if base_model_hash is not None and env.get(Field.BASE_MODEL_HASH).hex() != base_model_hash:
         raise StaleModelError("update was trained on another base model", code="stale_model")
-    _check_payload(env, blob, Field.UPDATE_HASH)
-    return OpenedUpdate(env, blob)
+    hashed = _check_payload(env, blob, Field.UPDATE_HASH)
+    return OpenedUpdate(env, hashed.data, hashed)
 
 
 # ---------------------------------------------------------------------------- receipt

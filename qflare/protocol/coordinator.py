@@ -574,7 +574,7 @@ class Coordinator:
             digest,
             opened.base_model_hash,
             opened.signature,
-            opened.blob,
+            opened.hashed if opened.hashed is not None else opened.blob,  # hashed once, in open_update
             round_number=rnd.number,
             envelope=opened.envelope.raw,
         )

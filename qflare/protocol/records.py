@@ -14,6 +14,7 @@ __all__ = [
     "DeviceRow",
     "LedgerRow",
     "ModelRow",
+    "NewUpdate",
     "RoundRow",
     "SecurityEventRow",
     "SessionRow",
@@ -81,6 +82,20 @@ class RoundRow:
     opened_at: datetime
     closed_at: datetime | None
     result_model_hash: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class NewUpdate:
+    """An update to record (the arguments of ``record_update``), one entry of ``record_updates``."""
+
+    round_number: int
+    device_id: str
+    update_hash: str
+    base_model_hash: str
+    num_examples: int
+    signature: bytes
+    metrics: dict[str, Any]
+    envelope: bytes | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -26,6 +26,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import Any
 
 import torch
 
@@ -41,13 +42,16 @@ from ..errors import (
     ValidationError,
     WrongRoundError,
 )
+from ..hashed import HashedBytes
 from ..ledger import LedgerEntry
 from ..strategy import ClientUpdate, Pipeline, PreparedUpdate, RoundAggregation
 from ..strategy.dp import privacy_of
 from ..strategy.state import encode_pipeline_state, load_pipeline_state
 from ..wire import ParamLayout, decode_blob, encode_model
+from .commits import GroupCommit
 from .detection import QUARANTINED, DetectionConfig, Detector, RoundVerdict
 from .provenance import QUORUM_NOT_REACHED, next_entry, round_record
+from .records import NewUpdate
 from .selection import ClientSelector, RandomSelector, SelectorFactory, build_selector, check_selection
 from .store import BlobSink, CoordinatorStore
 
@@ -125,10 +129,23 @@ class _OpenRound:
     """With detection: device id -> reason of acknowledged updates not folded in (ledger left_out)."""
     committed: list[str] | None = None
     """With detection: the device ids folded in, in order (None: all of ``accepted``, in order)."""
+    pending: dict[str, threading.Event] = field(default_factory=dict)
+    """device id -> set once its update, admitted and waiting for the group commit, is recorded or refused."""
 
     @property
     def closing(self) -> bool:
         return self.result is not None or self.db_state != "open"
+
+
+@dataclass(frozen=True)
+class _Pending:
+    """An admitted update waiting for the group commit: its round, its row, its checked aggregation input."""
+
+    round: _OpenRound
+    record: NewUpdate
+    prepared: Any
+    delta: torch.Tensor
+    """The delta as sent (detection judges it with the whole round at close)."""
 
 
 MAX_REPORTED_LOSS = 1e6
@@ -201,6 +218,7 @@ class RoundManager:
         self._round: _OpenRound | None = None
         self._inflight: dict[str, int] = {}  # update digests being written and recorded (kept from GC)
         self._inflight_lock = threading.Lock()
+        self._commits: GroupCommit[_Pending, tuple[int, bool]] = GroupCommit(self._record_batch)
         self.finished = False
         latest = store.latest_model()
         if latest is None:
@@ -366,7 +384,7 @@ class RoundManager:
         update_hash: str,
         base_hash: str,
         signature: bytes,
-        blob: bytes | memoryview,
+        blob: bytes | memoryview | HashedBytes,
         *,
         round_number: int,
         envelope: bytes | None = None,
@@ -374,13 +392,17 @@ class RoundManager:
         """Record and fold in one verified update signed for ``round_number``; (accepted count, duplicate?).
 
         Idempotent per (round, device).  The expensive per-update work (checks, writing the blob) runs
-        outside the round lock so that concurrent uploads overlap; recording and folding in are done under
-        it, after re-checking that the round and the device's slot are still as they were.  Once an update
-        is recorded it is acknowledged, whatever happens to the aggregation that it completes.
+        outside the round lock so that concurrent uploads overlap.  Under the lock the update is admitted
+        again and the device's slot held; its row is then written by a group commit (one transaction for
+        the uploads waiting at that moment, outside the round lock), and only once that has committed is
+        it folded in, under the lock, in the order recorded, and acknowledged.  Once an update is recorded
+        it is acknowledged, whatever happens to the aggregation that it completes.
 
         Everything that can refuse the update is checked before its blob is written; a refusal that
         still comes after the write (a race: revocation, the deadline) removes the blob again unless
         something else refers to it.  ``envelope`` is the exact signed UPDATE envelope, stored with it.
+        ``blob`` as :class:`~qflare.hashed.HashedBytes` (what :func:`~qflare.crypto.open_update` verified)
+        is written without being hashed again; its digest must be ``update_hash``.
         """
         rnd, count = self._admit(update, update_hash, round_number, base_hash)
         if rnd is None:
@@ -399,33 +421,32 @@ class RoundManager:
         try:
             if self._blobs is not None:
                 self._blobs.put(blob, expected_sha256=update_hash)
-            with self._lock:
-                try:
-                    again, count = self._admit(update, update_hash, round_number, base_hash)
-                    if again is None:
-                        return count, True  # the same update won a race with its own retry
-                    self._store.record_update(
-                        rnd.number,
-                        update.device_id,
-                        update_hash,
-                        base_hash,
-                        update.num_examples,
-                        signature,
-                        update.metrics,
-                        envelope=envelope,
-                    )
-                except BaseException:
+            slot: threading.Event | None = None
+            held: _OpenRound | None = None
+            try:
+                again, count = self._reserve(update, update_hash, round_number, base_hash)
+                if again is None:
+                    return count, True  # the same update won a race with its own retry
+                held, slot = again, again.pending[update.device_id]
+                record = NewUpdate(
+                    rnd.number,
+                    update.device_id,
+                    update_hash,
+                    base_hash,
+                    update.num_examples,
+                    signature,
+                    update.metrics,
+                    envelope,
+                )
+                return self._commits.submit(_Pending(again, record, prepared, update.delta))
+            except BaseException:
+                with self._lock:
+                    if held is not None and slot is not None and held.pending.get(update.device_id) is slot:
+                        # it never reached the flush: free the device's slot
+                        del held.pending[update.device_id]
+                        slot.set()
                     self._discard_blob(update_hash)
-                    raise
-                if self.detector is not None:  # judged with the whole round when it closes
-                    rnd.held[update.device_id] = (update.delta, prepared)
-                else:
-                    rnd.aggregation.commit(prepared)
-                rnd.accepted[update.device_id] = update_hash
-                count = len(rnd.accepted)
-                if count >= rnd.quorum:
-                    self._close(rnd)
-                return count, False
+                raise
         finally:
             with self._inflight_lock:
                 left = self._inflight[update_hash] - 1
@@ -433,6 +454,81 @@ class RoundManager:
                     self._inflight[update_hash] = left
                 else:
                     del self._inflight[update_hash]
+
+    def _reserve(
+        self, update: ClientUpdate, update_hash: str, round_number: int, base_hash: str
+    ) -> tuple[_OpenRound | None, int]:
+        """Admit the update again, under the round lock, and hold the device's slot until its group commit
+        is done; while another update of the device holds it, wait for that one first."""
+        while True:
+            with self._lock:
+                rnd, count = self._admit(update, update_hash, round_number, base_hash)
+                if rnd is None:
+                    return None, count
+                busy = rnd.pending.get(update.device_id)
+                if busy is None:
+                    rnd.pending[update.device_id] = threading.Event()
+                    return rnd, count
+            busy.wait()
+
+    def _record_batch(self, batch: list[_Pending]) -> list[tuple[int, bool] | BaseException]:
+        """The group commit's flush: record the batch in one transaction, then, under the round lock and
+        in the order recorded (= the order a restart folds them in), fold each recorded update into its
+        round.  Runs in one upload's thread at a time, outside the round lock while it writes."""
+        outcomes: list[Any]
+        try:
+            if len(batch) == 1:
+                u = batch[0].record
+                try:
+                    outcomes = [
+                        self._store.record_update(
+                            u.round_number,
+                            u.device_id,
+                            u.update_hash,
+                            u.base_model_hash,
+                            u.num_examples,
+                            u.signature,
+                            u.metrics,
+                            envelope=u.envelope,
+                        )
+                    ]
+                except QflareError as exc:
+                    outcomes = [exc]
+            else:
+                outcomes = list(self._store.record_updates([p.record for p in batch]))
+        except BaseException as exc:  # the transaction failed: none is recorded
+            outcomes = [exc] * len(batch)
+        results: list[tuple[int, bool] | BaseException] = []
+        closing: list[_OpenRound] = []
+        with self._lock:
+            for item, outcome in zip(batch, outcomes, strict=True):
+                rnd, device = item.round, item.record.device_id
+                event = rnd.pending.pop(device, None)
+                try:
+                    if isinstance(outcome, BaseException):
+                        results.append(outcome)
+                        continue
+                    if self.detector is not None:  # judged with the whole round when it closes
+                        rnd.held[device] = (item.delta, item.prepared)
+                    else:
+                        rnd.aggregation.commit(item.prepared)
+                    rnd.accepted[device] = item.record.update_hash
+                    results.append((len(rnd.accepted), False))
+                    if len(rnd.accepted) >= rnd.quorum and not any(r is rnd for r in closing):
+                        closing.append(rnd)
+                except Exception as exc:  # recorded but not folded in: the device's retry folds it in
+                    _log.exception("round %d: folding in the update of %s failed", rnd.number, device[:16])
+                    results.append(exc)
+                finally:
+                    if event is not None:
+                        event.set()
+            for rnd in closing:
+                if self._round is rnd and not rnd.pending and not rnd.closing:
+                    try:  # the batch is recorded and acknowledged, whatever happens to the aggregation
+                        self._close(rnd)
+                    except Exception:
+                        _log.exception("round %d: closing after quorum failed", rnd.number)
+        return results
 
     def _discard_blob(self, digest: str) -> None:
         """Remove a just-written update blob that was not recorded (under the round lock), unless another
@@ -527,8 +623,8 @@ class RoundManager:
             if rnd is not None and rnd.closing:
                 self._close(rnd)
                 return
-            if rnd is None or self._clock() < rnd.deadline:
-                return
+            if rnd is None or self._clock() < rnd.deadline or rnd.pending:
+                return  # updates being recorded are folded in first (the store refuses them past the deadline)
             if len(rnd.accepted) >= rnd.min_participants:
                 self._close(rnd)
             else:

@@ -12,8 +12,20 @@ from collections.abc import Callable, Iterator, Sequence
 from datetime import datetime, timedelta
 from typing import Any, Protocol
 
+from ..errors import QflareError
+from ..hashed import HashedBytes
 from ..ledger import LedgerEntry
-from .records import DeviceRow, LedgerRow, ModelRow, RoundRow, SecurityEventRow, SessionRow, TokenRow, UpdateRow
+from .records import (
+    DeviceRow,
+    LedgerRow,
+    ModelRow,
+    NewUpdate,
+    RoundRow,
+    SecurityEventRow,
+    SessionRow,
+    TokenRow,
+    UpdateRow,
+)
 
 __all__ = ["BlobSink", "CoordinatorStore"]
 
@@ -88,6 +100,11 @@ class CoordinatorStore(Protocol):
         envelope: bytes | None = None,
     ) -> tuple[UpdateRow, bool]: ...
 
+    def record_updates(self, batch: Sequence[NewUpdate]) -> list[tuple[UpdateRow, bool] | QflareError]:
+        """Several ``record_update`` in one transaction (a group commit): one outcome per entry, its
+        result or the QflareError refusing it; raises (recording none) if the transaction fails."""
+        ...
+
     def extend_round_deadline(self, round_number: int, deadline: datetime) -> RoundRow: ...
 
     def referenced_blobs(self) -> set[str]: ...
@@ -157,7 +174,9 @@ class BlobSink(Protocol):
     cannot write; ``get`` verifies the hash on read; ``digests`` lists what is stored; ``delete``
     removes one blob (garbage collection of blobs no row refers to)."""
 
-    def put(self, data: bytes | memoryview, expected_sha256: str | None = None) -> tuple[str, int]: ...
+    def put(self, data: bytes | memoryview | HashedBytes, expected_sha256: str | None = None) -> tuple[str, int]:
+        """``data`` as :class:`~qflare.hashed.HashedBytes`: written under its carried digest, not hashed again."""
+        ...
 
     def get(self, sha256: str) -> bytes: ...
 

@@ -3,7 +3,9 @@
 A blob lives at ``root/ab/cdef...`` where ``abcdef...`` is the SHA-256 hex of its bytes.  Writes
 stream into a temporary file in ``root`` (same file system) while hashing, are fsynced, then
 atomically renamed into place, so a reader sees either nothing or the complete blob, and concurrent
-puts of the same content are harmless.  Reads re-hash and refuse corrupted content.
+puts of the same content are harmless.  Reads re-hash and refuse corrupted content.  Bytes handed over
+as :class:`~qflare.hashed.HashedBytes` (hashed once by whoever verified them) are written under their
+carried digest without a second hash.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from pathlib import Path
 from typing import BinaryIO, Literal
 
 from qflare.errors import BlobNotFoundError, OversizeError, StorageFullError, ValidationError
+from qflare.hashed import HashedBytes
 
 __all__ = ["DEFAULT_CHUNK_SIZE", "BlobNotFoundError", "BlobStore"]
 
@@ -95,7 +98,7 @@ class BlobStore:
 
     def put_stream(
         self,
-        chunks: Iterable[bytes | memoryview],
+        chunks: Iterable[bytes | memoryview] | HashedBytes,
         expected_sha256: str | None = None,
         max_bytes: int | None = None,
     ) -> tuple[str, int]:
@@ -105,13 +108,23 @@ class BlobStore:
         ``expected_sha256`` raises ValidationError("hash_mismatch"); a write the file system refuses
         (full disk, I/O error) raises StorageFullError and sets :attr:`write_error`.  On any failure, including an
         exception from ``chunks`` itself, the temporary file is removed and nothing is stored.
+
+        ``chunks`` given as :class:`~qflare.hashed.HashedBytes` are written under their carried digest
+        without being hashed again (the update path hashes each update once, when it verifies it); a
+        digest given any other way is always checked against the bytes.
         """
         expected = None if expected_sha256 is None else _digest(expected_sha256)
         if max_bytes is not None and max_bytes < 0:
             raise ValueError("max_bytes must be >= 0")
-        source = _Source(chunks)
+        if not isinstance(chunks, HashedBytes):
+            return self._put(_Source(chunks), expected, max_bytes, None)
+        if expected is not None and chunks.sha256 != expected:
+            raise ValidationError(f"content hashes to {chunks.sha256}, expected {expected}", code="hash_mismatch")
+        return self._put(_Source([chunks.data]), expected, max_bytes, chunks.sha256)
+
+    def _put(self, source: _Source, expected: str | None, max_bytes: int | None, known: str | None) -> tuple[str, int]:
         try:
-            stored = self._put_stream(source, expected, max_bytes)
+            stored = self._put_stream(source, expected, max_bytes, known)
         except OSError as exc:  # ENOSPC, EDQUOT, EIO, EROFS: a typed, retryable refusal; nothing is stored
             if source.failed:
                 raise  # the caller's chunks failed (a client went away), not our storage
@@ -123,12 +136,13 @@ class BlobStore:
         return stored
 
     def _put_stream(
-        self, chunks: Iterable[bytes | memoryview], expected: str | None, max_bytes: int | None
+        self, chunks: Iterable[bytes | memoryview], expected: str | None, max_bytes: int | None, known: str | None
     ) -> tuple[str, int]:
+        """``known``: the chunks' digest computed by :class:`~qflare.hashed.HashedBytes` (not hashed again)."""
         fd, tmp_name = tempfile.mkstemp(prefix=_TEMP_PREFIX, suffix=_TEMP_SUFFIX, dir=self.root)
         tmp = Path(tmp_name)
         try:
-            hasher = hashlib.sha256()
+            hasher = None if known is not None else hashlib.sha256()
             size = 0
             with os.fdopen(fd, "wb") as out:
                 for chunk in chunks:
@@ -137,11 +151,12 @@ class BlobStore:
                     size += len(chunk)
                     if max_bytes is not None and size > max_bytes:
                         raise OversizeError(f"blob exceeds {max_bytes} bytes")
-                    hasher.update(chunk)
+                    if hasher is not None:
+                        hasher.update(chunk)
                     out.write(chunk)
                 out.flush()
                 os.fsync(out.fileno())
-            digest = hasher.hexdigest()
+            digest = hasher.hexdigest() if hasher is not None else str(known)
             if expected is not None and digest != expected:
                 raise ValidationError(f"content hashes to {digest}, expected {expected}", code="hash_mismatch")
             dest = self.root / digest[:2] / digest[2:]
@@ -178,9 +193,14 @@ class BlobStore:
         return None
 
     def put(
-        self, data: bytes | memoryview, expected_sha256: str | None = None, max_bytes: int | None = None
+        self,
+        data: bytes | memoryview | HashedBytes,
+        expected_sha256: str | None = None,
+        max_bytes: int | None = None,
     ) -> tuple[str, int]:
-        return self.put_stream([data], expected_sha256=expected_sha256, max_bytes=max_bytes)
+        """Store ``data`` (see :meth:`put_stream`; :class:`~qflare.hashed.HashedBytes` are not hashed again)."""
+        chunks: Iterable[bytes | memoryview] | HashedBytes = data if isinstance(data, HashedBytes) else [data]
+        return self.put_stream(chunks, expected_sha256=expected_sha256, max_bytes=max_bytes)
 
     # -- reading ------------------------------------------------------------------------------
 

@@ -20,8 +20,10 @@ from qflare.errors import (
     ValidationError,
 )
 from qflare.storage import tables as t
-from qflare.storage._base import StoreBase, check_nonempty, finite_int, require_aware
+from qflare.storage._base import Clock, StoreBase, check_nonempty, finite_int, require_aware, utc_now
+from qflare.storage.db import Database
 from qflare.storage.records import DeviceRow, SessionRow, TokenRow, snapshot
+from qflare.storage.status_cache import ActiveDeviceCache
 
 __all__ = ["IdentityOps", "hash_token", "key_id"]
 
@@ -40,6 +42,10 @@ def key_id(public_key: bytes) -> str:
 
 
 class IdentityOps(StoreBase):
+    def __init__(self, db: Database, *, clock: Clock = utc_now) -> None:
+        super().__init__(db, clock=clock)
+        self._active_devices = ActiveDeviceCache()
+
     # -- enrollment tokens --------------------------------------------------------------------
 
     def create_tokens(self, count: int, ttl: timedelta, label: str = "", *, now: datetime | None = None) -> list[str]:
@@ -169,8 +175,12 @@ class IdentityOps(StoreBase):
             return None if row is None else snapshot(DeviceRow, row)
 
     def device_status(self, device_id: str) -> str | None:
-        """Just the device's status ("active"/"revoked"), None if unknown: the per-message check, one
-        indexed Core query instead of an ORM load."""
+        """Just the device's status ("active"/"revoked"), None if unknown: the per-message check.  A
+        device read as active is remembered until :meth:`revoke_device` revokes it (see
+        :mod:`qflare.storage.status_cache`); otherwise one indexed Core query."""
+        return self._active_devices.status(device_id, self._read_device_status)
+
+    def _read_device_status(self, device_id: str) -> str | None:
         with self.db.connect(write=False) as conn:
             return conn.execute(select(t.Device.status).where(t.Device.device_id == device_id)).scalar_one_or_none()
 
@@ -187,6 +197,13 @@ class IdentityOps(StoreBase):
         """Revoke a device and close its open sessions.  Revoking twice keeps the first record."""
         check_nonempty(reason, "reason", 2000)
         at = self._now(now)
+        self._active_devices.forget(device_id)  # before the write and once it has committed: see status_cache
+        try:
+            return self._revoke(device_id, reason, at)
+        finally:
+            self._active_devices.forget(device_id)
+
+    def _revoke(self, device_id: str, reason: str, at: datetime) -> DeviceRow:
         with self._write() as s:
             row = s.get(t.Device, device_id, with_for_update=True)
             if row is None:

@@ -12,6 +12,7 @@ from sqlalchemy.orm import Session
 
 from qflare.errors import (
     PolicyError,
+    QflareError,
     ReplayError,
     RevokedError,
     RoundError,
@@ -30,7 +31,7 @@ from qflare.storage._base import (
     require_aware,
 )
 from qflare.storage.ledger import insert_ledger
-from qflare.storage.records import ModelRow, RoundRow, UpdateRow, snapshot
+from qflare.storage.records import ModelRow, NewUpdate, RoundRow, UpdateRow, snapshot
 
 __all__ = ["ROUND_FIELDS", "ROUND_TRANSITIONS", "TrainingOps"]
 
@@ -214,26 +215,11 @@ class TrainingOps(StoreBase):
         ``(existing, False)``; a different hash for the same (round, device) raises
         ReplayError("duplicate_submission").
         """
-        check_nonempty(update_hash, "update_hash", 128)
-        check_nonempty(base_model_hash, "base_model_hash", 128)
-        finite_int(num_examples, "num_examples", 0)
-        if not isinstance(signature, bytes | bytearray) or not signature:
-            raise ValidationError("signature must be non-empty bytes")
-        if envelope is not None and (
-            not isinstance(envelope, bytes | bytearray) or not bytes(envelope).endswith(bytes(signature))
-        ):
-            raise ValidationError("envelope must be the signed bytes ending with the signature")
-        clean = check_json(metrics, "metrics")
-        args = (
-            round_number,
-            device_id,
-            update_hash,
-            base_model_hash,
-            num_examples,
-            bytes(signature),
-            clean,
+        args = self._update_args(
+            NewUpdate(
+                round_number, device_id, update_hash, base_model_hash, num_examples, signature, metrics, envelope
+            ),
             self._now(now),
-            None if envelope is None else bytes(envelope),
         )
         try:
             with self._write() as s:
@@ -243,6 +229,65 @@ class TrainingOps(StoreBase):
             # finds it and answers idempotently (or with duplicate_submission).
             with self._write() as s:
                 return self._record_update(s, *args)
+
+    def record_updates(self, batch: Sequence[NewUpdate]) -> list[tuple[UpdateRow, bool] | QflareError]:
+        """:meth:`record_update` for several updates in ONE transaction: one commit (one fsync) for the
+        batch, a group commit.  Each entry's outcome is what ``record_update`` would give it, its result
+        or the QflareError refusing it (a refused entry writes nothing; the others are still recorded).
+        Nothing of the batch is durable before this returns; a failure of the transaction itself (full
+        disk, database down) raises and records none of them."""
+        at = self._now()
+        prepared: list[tuple[Any, ...] | QflareError] = []
+        for entry in batch:
+            try:
+                prepared.append(self._update_args(entry, at))
+            except QflareError as exc:
+                prepared.append(exc)
+        outcomes: list[tuple[UpdateRow, bool] | QflareError] = []
+        try:
+            with self._write() as s:
+                for args in prepared:
+                    if isinstance(args, QflareError):
+                        outcomes.append(args)
+                        continue
+                    try:
+                        outcomes.append(self._record_update(s, *args))
+                    except QflareError as exc:  # raised before its row is added: the others go on
+                        outcomes.append(exc)
+        except IntegrityError:  # another writer inserted one of these rows meanwhile: each on its own
+            outcomes = [args if isinstance(args, QflareError) else self._record_alone(args) for args in prepared]
+        return outcomes
+
+    def _record_alone(self, args: tuple[Any, ...]) -> tuple[UpdateRow, bool] | QflareError:
+        try:
+            with self._write() as s:
+                return self._record_update(s, *args)
+        except QflareError as exc:
+            return exc
+
+    def _update_args(self, u: NewUpdate, at: datetime) -> tuple[Any, ...]:
+        check_nonempty(u.update_hash, "update_hash", 128)
+        check_nonempty(u.base_model_hash, "base_model_hash", 128)
+        finite_int(u.num_examples, "num_examples", 0)
+        if not isinstance(u.signature, bytes | bytearray) or not u.signature:
+            raise ValidationError("signature must be non-empty bytes")
+        if u.envelope is not None and (
+            not isinstance(u.envelope, bytes | bytearray) or not bytes(u.envelope).endswith(bytes(u.signature))
+        ):
+            raise ValidationError("envelope must be the signed bytes ending with the signature")
+        clean = check_json(u.metrics, "metrics")
+        envelope = None if u.envelope is None else bytes(u.envelope)
+        return (
+            u.round_number,
+            u.device_id,
+            u.update_hash,
+            u.base_model_hash,
+            u.num_examples,
+            bytes(u.signature),
+            clean,
+            at,
+            envelope,
+        )
 
     def _record_update(
         self,
