@@ -98,6 +98,8 @@ def test_frame_types_are_the_protocols() -> None:
         ("MODEL", 0x33),
         ("UPDATE", 0x34),
         ("RECEIPT", 0x35),
+        ("PROOF_REQUEST", 0x36),
+        ("PROOF", 0x37),
     ]
     assert messages.Frame is Frame
     assert [(s.name, int(s)) for s in AckStatus] == [("ACCEPTED", 0), ("DUPLICATE", 1)]

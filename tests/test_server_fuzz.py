@@ -71,6 +71,8 @@ OPERATIONS = [
     ("GET", "/metrics"),
     ("POST", "/v1/admin/tokens"),
     ("POST", "/v1/admin/devices/{device_id}/revoke"),
+    ("POST", "/v1/admin/devices/{device_id}/quarantine"),
+    ("POST", "/v1/admin/devices/{device_id}/reinstate"),
     ("GET", "/v1/admin/devices"),
     ("GET", "/v1/admin/events"),
     ("GET", "/v1/admin/rounds"),
@@ -164,6 +166,7 @@ def _assert_intact(fuzzed: Fuzzed) -> None:
 CONSTRAINED = [
     ("POST", "/v1/admin/tokens"),
     ("POST", "/v1/admin/devices/{device_id}/revoke"),
+    ("POST", "/v1/admin/devices/{device_id}/quarantine"),
     ("GET", "/v1/admin/events"),
 ]
 CASES = [(m, p, GenerationMode.POSITIVE) for m, p in OPERATIONS] + [

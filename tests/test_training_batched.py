@@ -33,6 +33,7 @@ from qflare.cli import app
 from qflare.data import load_dataset
 from qflare.errors import ConfigError, NonFiniteError, TrainingError
 from qflare.federation import FederationSpec
+from qflare.models import _REGISTRY as _MODELS
 from qflare.models import create_model, register_model
 from qflare.simulation import SimulationConfig, _Batched, run_simulation
 from qflare.training import LocalTrainer, TrainConfig, TrainResult, client_seed
@@ -40,6 +41,12 @@ from qflare.training_batched import BatchedTrainer, DeviceJob
 from qflare.wire import ParamLayout
 
 REL_TOL = 1e-5
+CNN_TOL = 5e-4
+"""The CNN with momentum over two epochs: float32 reductions that differ by an ulp (vmap's batched
+convolution against the loop's) can flip a ReLU or a max-pool choice, and momentum carries that on; in a
+full-suite run (other tests' thread settings) one element differed by 6.7e-5 at weight scale 0.2.  5e-4
+of the weight scale is still far below one SGD step's change, so a masking, shuffle or optimiser bug
+still fails."""
 
 # Unequal devices: 5 examples (one partial batch) up to 150 (five batches); offsets into digits' train set.
 DEVICES = [(0, 37), (40, 150), (200, 64), (300, 5), (320, 101)]
@@ -67,11 +74,11 @@ def _jobs(train, rnd: int) -> list[DeviceJob]:
     return [DeviceJob(x[o : o + n], y[o : o + n], client_seed(0, rnd, d)) for d, (o, n) in enumerate(DEVICES)]
 
 
-def _close(a: TrainResult, b: TrainResult | TrainingError, scale: float) -> None:
+def _close(a: TrainResult, b: TrainResult | TrainingError, scale: float, tol: float = REL_TOL) -> None:
     assert isinstance(b, TrainResult), b
     assert (b.num_examples, b.steps) == (a.num_examples, a.steps)
-    assert float((a.delta - b.delta).abs().max()) <= REL_TOL * scale
-    assert b.mean_loss == pytest.approx(a.mean_loss, rel=REL_TOL)
+    assert float((a.delta - b.delta).abs().max()) <= tol * scale
+    assert b.mean_loss == pytest.approx(a.mean_loss, rel=tol)
 
 
 def _case_id(case: tuple[str, TrainConfig, int]) -> str:
@@ -95,7 +102,7 @@ def test_batched_updates_equal_the_per_device_loop(digits, case):
         got = batched.train_round(flat, jobs)
         scale = float(flat.abs().max())
         for a, b in zip(ref, got, strict=True):
-            _close(a, b, scale)
+            _close(a, b, scale, REL_TOL if model_name == "mlp" else CNN_TOL)
         total = sum(r.num_examples for r in ref)
         flat = flat + sum(r.delta * (r.num_examples / total) for r in ref)
 
@@ -243,8 +250,12 @@ def test_simulate_cli_batched_devices(tmp_path):
     assert result.exit_code == 0, result.output
     hist = json.loads(result.output.strip().splitlines()[-1])
     assert hist["config"]["batched_devices"] is True and len(hist["rounds"]) == 2
+    saved = _MODELS.snapshot()
     register_model("bn-mlp-test", lambda shape, k: _WithBatchNorm(), replace=True)
-    refused = runner.invoke(app, [*args, "--model", "bn-mlp-test", "--rounds", "1", "--batched-devices"])
+    try:
+        refused = runner.invoke(app, [*args, "--model", "bn-mlp-test", "--rounds", "1", "--batched-devices"])
+    finally:
+        _MODELS.restore(saved)  # other tests list the registered models
     assert refused.exit_code != 0 and "BatchNorm1d" in refused.output and "Traceback" not in refused.output
 
 

@@ -225,16 +225,20 @@ class IdentityOps(StoreBase):
         quarantined device keeps the first record; a revoked one raises RevokedError."""
         check_nonempty(reason, "reason", 2000)
         at = self._now(now)
-        with self._write() as s:
-            row = s.get(t.Device, device_id, with_for_update=True)
-            if row is None:
-                raise UnknownDeviceError(f"unknown device {device_id}")
-            if row.status == "revoked":
-                raise RevokedError(f"device {device_id} is revoked")
-            if row.status == "active":
-                row.status, row.quarantined_at, row.quarantine_reason = "quarantined", at, reason
-                s.flush()
-            return snapshot(DeviceRow, row)
+        self._active_devices.forget(device_id)  # the cache holds "active" only: forget it, as revocation does
+        try:
+            with self._write() as s:
+                row = s.get(t.Device, device_id, with_for_update=True)
+                if row is None:
+                    raise UnknownDeviceError(f"unknown device {device_id}")
+                if row.status == "revoked":
+                    raise RevokedError(f"device {device_id} is revoked")
+                if row.status == "active":
+                    row.status, row.quarantined_at, row.quarantine_reason = "quarantined", at, reason
+                    s.flush()
+                return snapshot(DeviceRow, row)
+        finally:
+            self._active_devices.forget(device_id)
 
     def reinstate_device(self, device_id: str) -> DeviceRow:
         """Make a quarantined device active again.  An active device is left as it is; a revoked one
