@@ -39,7 +39,7 @@ from .server_proc import ServerSpec
 
 __all__ = ["drive", "run_network_bench"]
 
-TARGET_OVERHEAD_PCT = 10.0
+TARGET_OVERHEAD_PCT = 5.0
 
 
 def drive(cfg: SimulationConfig, *, max_uploads: int = 8) -> dict[str, Any]:
