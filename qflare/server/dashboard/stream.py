@@ -52,6 +52,9 @@ class LiveState:
             by_status[d.status] = by_status.get(d.status, 0) + 1
         status["devices"] = by_status
         status["updates_total"] = rt.store.count_updates()
+        latest = rt.store.current_round()
+        status["last_round"] = latest.round_number if latest is not None else None
+        status["last_round_state"] = latest.state if latest is not None else None
         return status
 
     def read(self) -> dict[str, Any]:

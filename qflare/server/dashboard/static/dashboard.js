@@ -99,7 +99,8 @@
   const charts = {};
 
   function renderStatus(s) {
-    say("ov-round", s.round === null ? "none yet" : `${s.round} of ${s.rounds_total}`);
+    const current = s.round === null ? s.last_round : s.round;
+    say("ov-round", current === null ? "none yet" : `${current} of ${s.rounds_total}`);
     say("ov-state", s.state);
     say("ov-accepted", s.round === null ? "–" : `${s.accepted} of ${s.selected} selected`);
     say("ov-deadline", s.deadline_in_s === null ? "–" : `${Math.round(s.deadline_in_s)} s`);
@@ -107,7 +108,8 @@
     const d = s.devices || {};
     say("ov-devices", `${d.active || 0} active, ${d.quarantined || 0} quarantined, ${d.revoked || 0} revoked`);
     say("ov-updates", String(s.updates_total));
-    const done = s.state === "finished" ? s.rounds_total : Math.max(0, (s.round || 1) - 1);
+    const closedLast = s.last_round_state === "closed" || s.last_round_state === "failed";
+    const done = s.state === "finished" ? s.rounds_total : Math.max(0, (s.last_round || 0) - (closedLast ? 0 : 1));
     const progress = $("ov-progress");
     progress.max = Math.max(1, s.rounds_total);
     progress.value = done;
@@ -131,7 +133,7 @@
       width,
       height: 260,
       scales: { x: { time: false } },
-      axes: [{ label: "round" }, { scale: series[0].scale, label: series[0].label }, { scale: series[1].scale, label: series[1].label, side: 1, grid: { show: false } }],
+      axes: [{ label: "round", incrs: [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000], values: (u, ticks) => ticks.map((t) => String(t)) }, { scale: series[0].scale, label: series[0].label }, { scale: series[1].scale, label: series[1].label, side: 1, grid: { show: false } }],
       series: [{ label: "round" }, ...series],
     };
     charts[key] = new uPlot(opts, data, target);
