@@ -274,3 +274,21 @@ def test_stream_sends_the_live_state(world: World) -> None:
         assert next(lines) == "event: update"
         data = next(lines)
     assert data.startswith("data: ") and '"changed": ["overview"' in data and '"state": "waiting"' in data
+
+
+def test_operator_password_command(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from typer.testing import CliRunner
+
+    from qflare.cli import app
+
+    monkeypatch.setenv("QFLARE_TEST_PW", "a long enough operator password")
+    ok = CliRunner().invoke(
+        app, ["server", "operator-password", "--data-dir", str(tmp_path), "--password-env", "QFLARE_TEST_PW"]
+    )
+    assert ok.exit_code == 0, ok.output
+    assert (tmp_path / "operator.password").read_text().startswith("$argon2id$")
+    monkeypatch.setenv("QFLARE_TEST_PW", "short")
+    bad = CliRunner().invoke(
+        app, ["server", "operator-password", "--data-dir", str(tmp_path), "--password-env", "QFLARE_TEST_PW"]
+    )
+    assert bad.exit_code != 0 and "12..1024" in bad.output
