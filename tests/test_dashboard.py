@@ -14,7 +14,7 @@ import pytest
 from fastapi.testclient import TestClient
 from server_fixtures import admin, make_runtime, new_device
 
-from qflare.errors import TokenError
+from qflare.errors import QflareError, TokenError
 from qflare.server import ServerRuntime, create_app
 from qflare.server.dashboard import write_password_file
 from qflare.server.dashboard.auth import SESSION_COOKIE, csrf_token
@@ -227,7 +227,12 @@ def test_token_lifecycle_and_revocation(world: World) -> None:
     victim = hashlib.sha256(plain[0].encode()).hexdigest()
     resp = c.post(f"/dashboard/api/tokens/{victim}/revoke", headers={"X-CSRF-Token": token})
     assert resp.status_code == 200 and resp.json()["state"] == "revoked"
-    with pytest.raises(TokenError) as info:
+    device = new_device(c)
+    with pytest.raises(QflareError) as refused:  # a device presenting it over the protocol
+        device.enroll(plain[0])
+    assert refused.value.code == "token_revoked" and w.runtime.store.list_devices() == []
+    assert len(events(w, "token_revoked")) == 1
+    with pytest.raises(TokenError) as info:  # and the store's own atomic re-check
         w.runtime.store.consume_token(plain[0], "d" * 64)
     assert info.value.code == "token_revoked"
     w.runtime.store.consume_token(plain[1], "e" * 64)  # the other still works
@@ -292,3 +297,39 @@ def test_operator_password_command(tmp_path: Path, monkeypatch: pytest.MonkeyPat
         app, ["server", "operator-password", "--data-dir", str(tmp_path), "--password-env", "QFLARE_TEST_PW"]
     )
     assert bad.exit_code != 0 and "12..1024" in bad.output
+
+
+def test_hostile_dashboard_input_is_answered_never_5xx(tmp_path: Path) -> None:
+    from urllib.parse import quote
+
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    runtime = make_runtime(tmp_path)
+    types = ["application/json", "application/x-www-form-urlencoded", "text/plain", "", "multipart/form-data"]
+    with TestClient(create_app(runtime), base_url=BASE) as c:
+        token = login(c, runtime.admin.value)
+
+        @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+        @given(
+            body=st.binary(max_size=300),
+            ctype=st.sampled_from(types),
+            part=st.text(max_size=40),
+            q=st.text(max_size=80),
+        )
+        def probe(body: bytes, ctype: str, part: str, q: str) -> None:
+            headers = {"Content-Type": ctype, "X-CSRF-Token": token}
+            segment = quote(part, safe="")
+            for resp in (
+                c.post("/dashboard/login", content=body, headers={"Content-Type": ctype}),
+                c.post("/dashboard/api/tokens", content=body, headers=headers),
+                c.post(f"/dashboard/api/devices/{segment}/revoke", content=body, headers=headers),
+                c.post(f"/dashboard/api/tokens/{segment}/revoke", content=body, headers=headers),
+                c.get("/dashboard/api/events", params={"reason": q, "since": q, "device_id": q}),
+                c.get(f"/dashboard/api/rounds/{segment}"),
+                c.get(f"/dashboard/static/{quote(part, safe='/')}"),
+                c.get("/dashboard/api/devices", cookies={SESSION_COOKIE: quote(q, safe="")}),
+            ):
+                assert resp.status_code < 500, (str(resp.request.url), resp.status_code, resp.text[:200])
+
+        probe()
