@@ -267,6 +267,17 @@ def test_data_routes_show_the_database(world: World) -> None:
     assert c.get("/dashboard/api/events", params={"device_id": "f" * 64}).json()["events"] == []
     assert c.get("/dashboard/api/events", params={"since": "not a time"}).status_code == 422
     assert c.get("/dashboard/api/ledger").json()["lineage"][0]["version"] == 0
+    # quarantine and reinstate through the dashboard (its CSRF token), as the admin API would
+    token = re.search(r'name="csrf-token" content="([^"]+)"', c.get("/dashboard").text)
+    assert token
+    target, csrf = devices[1].device_id, {"X-CSRF-Token": token.group(1)}
+    resp = c.post(f"/dashboard/api/devices/{target}/quarantine", json={"reason": "odd updates"}, headers=csrf)
+    assert resp.status_code == 200 and resp.json()["status"] == "quarantined"
+    assert resp.json()["quarantine_reason"] == "operator: odd updates"
+    resp = c.post(f"/dashboard/api/devices/{target}/reinstate", headers=csrf)
+    assert resp.status_code == 200 and resp.json()["status"] == "active"
+    resp = c.post(f"/dashboard/api/devices/{'0' * 64}/revoke", json={"reason": "x"}, headers=csrf)
+    assert resp.status_code == 404 and resp.json()["code"] == "unknown_device"
 
 
 def test_stream_sends_the_live_state(world: World) -> None:

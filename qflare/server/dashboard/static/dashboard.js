@@ -219,6 +219,7 @@
 
   async function loadDevices() {
     const data = await getJSON("/dashboard/api/devices");
+    say("suite", data.suite);
     fill(
       "devices",
       data.devices,
