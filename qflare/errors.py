@@ -250,6 +250,9 @@ class ErrorCode(enum.StrEnum):
     BAD_ATTACK = "bad_attack"
     # adaptive threat detection
     QUARANTINED = "quarantined"
+    TOKEN_REVOKED = "token_revoked"
+    LOGIN_FAILED = "login_failed"
+    CSRF_FAILED = "csrf_failed"
 
 
 class Retry(enum.Enum):
@@ -881,6 +884,17 @@ CODE_SPECS: Mapping[ErrorCode, CodeSpec] = MappingProxyType(
             "the device is quarantined (its updates are not taken, it is not selected) until an operator reinstates it",
             _D,
             PolicyError,
+        ),
+        _C.TOKEN_REVOKED: _spec("the enrollment token was revoked by an operator before it was used", _F, TokenError),
+        _C.LOGIN_FAILED: _spec(
+            "a dashboard login presented a wrong admin token or operator password (recorded; rate-limited per address)",
+            _F,
+            AdminAuthError,
+        ),
+        _C.CSRF_FAILED: _spec(
+            "a state-changing dashboard request lacked its session's CSRF token (or sent a wrong one); nothing changed",
+            _F,
+            AdminAuthError,
         ),
     }
 )

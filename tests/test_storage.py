@@ -66,7 +66,7 @@ def test_migrations_match_models_and_round_trip(
     monkeypatch.chdir(tmp_path)  # no alembic.ini anywhere near the CWD
     assert empty_db.current_revision() is None
     empty_db.upgrade()
-    assert empty_db.current_revision() == "0004"
+    assert empty_db.current_revision() == "0005"
     with empty_db.connect() as conn:
         tables = set(inspect(conn).get_table_names())
     assert tables == set(t.Base.metadata.tables) | {"alembic_version"}

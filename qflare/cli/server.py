@@ -273,6 +273,27 @@ def verify_store(
         raise typer.Exit(1)
 
 
+@server_app.command("operator-password")
+def operator_password(
+    data_dir: Path = typer.Option(default_data_dir(), help="The server's data directory."),
+    password_env: str = typer.Option(
+        "", "--password-env", help="Read the password from this environment variable instead of a prompt."
+    ),
+) -> None:
+    """Set the dashboard's operator password: its argon2id hash goes to DATA_DIR/operator.password (0600).
+
+    The admin token keeps working at the login form; restart the server for a new password to take effect."""
+    from ..server.dashboard import write_password_file
+
+    with friendly_errors():
+        if password_env:
+            password = os.environ.get(password_env, "")
+        else:
+            password = typer.prompt("Operator password", hide_input=True, confirmation_prompt=True)
+        path = write_password_file(Path(data_dir).expanduser(), password)
+    console.print(f"operator password hash written to {path}; restart the server to use it")
+
+
 @server_app.command("rotate-key")
 def rotate_key(
     data_dir: Path = typer.Option(default_data_dir(), help="The server's data directory (holds coordinator.key)."),

@@ -390,6 +390,8 @@ class Coordinator:
                 exc.device_id = device_id
                 raise exc
             return device
+        if row.revoked_at is not None:  # an operator revoked it before it was used (the dashboard)
+            raise TokenError("enrollment token revoked", code="token_revoked")
         if row.expires_at.timestamp() <= self._clock():
             raise TokenError("enrollment token expired", code="token_expired")
         if self.store.device_status(device_id) is not None:

@@ -56,6 +56,7 @@ class TokenRow:
     used_at: datetime | None
     used_by_device: str | None
     label: str
+    revoked_at: datetime | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -19,12 +19,24 @@ from pydantic import ValidationError as PydanticValidationError
 from starlette.concurrency import run_in_threadpool
 
 from ..errors import AdminAuthError, NotFoundError, ValidationError
-from ..storage import DeviceRow, RoundRow, SecurityEventRow
+from ..storage import DeviceRow, SecurityEventRow
 from .gate import RequestGate
 from .limits import require_media_type
 from .runtime import ServerRuntime
+from .views import device_view as _device
+from .views import event_view as _event
+from .views import rounds_view
 
-__all__ = ["QuarantineRequest", "RevokeRequest", "TokenRequest", "admin_router"]
+__all__ = [
+    "QuarantineRequest",
+    "RevokeRequest",
+    "TokenRequest",
+    "admin_router",
+    "parse_json",
+    "quarantine_device",
+    "reinstate_device",
+    "revoke_device",
+]
 
 _bearer = HTTPBearer(auto_error=False, description="The admin token (QFLARE_ADMIN_TOKEN or DATA_DIR/admin.token)")
 _MAX_TTL_S = 365 * 24 * 3600.0
@@ -52,7 +64,7 @@ def _json_body(model: type[BaseModel]) -> dict[str, Any]:
     return {"requestBody": {"required": True, "content": {_JSON: {"schema": model.model_json_schema()}}}}
 
 
-def _parse(model: type[BaseModel], body: bytes) -> Any:
+def parse_json(model: type[BaseModel], body: bytes) -> Any:
     try:
         return model.model_validate_json(body)
     except PydanticValidationError as exc:
@@ -60,52 +72,36 @@ def _parse(model: type[BaseModel], body: bytes) -> Any:
         raise ValidationError("; ".join(parts), code="validation_error") from None
 
 
-def _iso(at: datetime | None) -> str | None:
-    return at.isoformat() if at is not None else None
+def _enrolled(runtime: ServerRuntime, device_id: str) -> None:
+    if runtime.store.get_device(device_id) is None:
+        raise NotFoundError(f"no device {device_id[:80]!r} is enrolled", code="unknown_device")
 
 
-def _device(d: DeviceRow) -> dict[str, Any]:
-    return {
-        "device_id": d.device_id,
-        "sig_alg": d.sig_alg,
-        "status": d.status,
-        "enrolled_at": _iso(d.enrolled_at),
-        "revoked_at": _iso(d.revoked_at),
-        "revoked_reason": d.revoked_reason,
-        "quarantined_at": _iso(d.quarantined_at),
-        "quarantine_reason": d.quarantine_reason,
-    }
+def _reread(runtime: ServerRuntime, device_id: str) -> DeviceRow:
+    row = runtime.store.get_device(device_id)
+    assert row is not None
+    return row
 
 
-def _event(e: SecurityEventRow) -> dict[str, Any]:
-    return {
-        "id": e.id,
-        "at": _iso(e.at),
-        "reason": e.reason,
-        "detail": e.detail,
-        "device_id": e.device_id,
-        "session_id": e.session_id,
-        "remote_addr": e.remote_addr,
-    }
+def revoke_device(runtime: ServerRuntime, device_id: str, reason: str) -> DeviceRow:
+    """Revoke an enrolled device (its sessions end at once); NotFoundError ``unknown_device`` otherwise."""
+    _enrolled(runtime, device_id)
+    runtime.coordinator.revoke(device_id, reason)
+    return _reread(runtime, device_id)
 
 
-def _round(r: RoundRow, models: dict[int, dict[str, Any]]) -> dict[str, Any]:
-    metrics = models.get(r.round_number, {})
-    ev = metrics.get("eval")
-    return {
-        "round": r.round_number,
-        "state": r.state,
-        "selected": len(r.selected_devices),
-        "min_participants": r.min_participants,
-        "updates": metrics.get("updates"),
-        "examples": metrics.get("examples"),
-        "accuracy": ev.get("accuracy") if isinstance(ev, dict) else None,
-        "loss": ev.get("loss") if isinstance(ev, dict) else None,
-        "opened_at": _iso(r.opened_at),
-        "closed_at": _iso(r.closed_at),
-        "seconds": (r.closed_at - r.opened_at).total_seconds() if r.closed_at is not None else None,
-        "result_model_sha256": r.result_model_hash,
-    }
+def quarantine_device(runtime: ServerRuntime, device_id: str, reason: str) -> DeviceRow:
+    """An operator's quarantine of an enrolled device (recorded as ``operator: <reason>``)."""
+    _enrolled(runtime, device_id)
+    runtime.coordinator.quarantine(device_id, f"operator: {reason}")
+    return _reread(runtime, device_id)
+
+
+def reinstate_device(runtime: ServerRuntime, device_id: str) -> DeviceRow:
+    """Reinstate a quarantined device (its reputation starts afresh)."""
+    _enrolled(runtime, device_id)
+    runtime.coordinator.reinstate(device_id)
+    return _reread(runtime, device_id)
 
 
 def admin_router(runtime: ServerRuntime, gate: RequestGate) -> APIRouter:
@@ -126,7 +122,7 @@ def admin_router(runtime: ServerRuntime, gate: RequestGate) -> APIRouter:
     @router.post("/tokens", summary="Mint one-time enrollment tokens", openapi_extra=_json_body(TokenRequest))
     async def create_tokens(request: Request) -> dict[str, Any]:
         require_media_type(request, _JSON)
-        req: TokenRequest = _parse(TokenRequest, await gate.body(request, small))
+        req: TokenRequest = parse_json(TokenRequest, await gate.body(request, small))
         tokens = await run_in_threadpool(coordinator.create_tokens, req.count, req.ttl_s, req.label)
         expires = datetime.now(UTC) + timedelta(seconds=req.ttl_s)
         return {"tokens": tokens, "expires_at": expires.isoformat(), "label": req.label}
@@ -138,17 +134,9 @@ def admin_router(runtime: ServerRuntime, gate: RequestGate) -> APIRouter:
     )
     async def revoke(device_id: str, request: Request) -> dict[str, Any]:
         require_media_type(request, _JSON)
-        req: RevokeRequest = _parse(RevokeRequest, await gate.body(request, small))
+        req: RevokeRequest = parse_json(RevokeRequest, await gate.body(request, small))
 
-        def work() -> DeviceRow:
-            if store.get_device(device_id) is None:
-                raise NotFoundError(f"no device {device_id[:80]!r} is enrolled", code="unknown_device")
-            coordinator.revoke(device_id, req.reason)
-            row = store.get_device(device_id)
-            assert row is not None
-            return row
-
-        return _device(await run_in_threadpool(work))
+        return _device(await run_in_threadpool(revoke_device, runtime, device_id, req.reason))
 
     @router.post(
         "/devices/{device_id}/quarantine",
@@ -157,31 +145,15 @@ def admin_router(runtime: ServerRuntime, gate: RequestGate) -> APIRouter:
     )
     async def quarantine(device_id: str, request: Request) -> dict[str, Any]:
         require_media_type(request, _JSON)
-        req: QuarantineRequest = _parse(QuarantineRequest, await gate.body(request, small))
+        req: QuarantineRequest = parse_json(QuarantineRequest, await gate.body(request, small))
 
-        def work() -> DeviceRow:
-            if store.get_device(device_id) is None:
-                raise NotFoundError(f"no device {device_id[:80]!r} is enrolled", code="unknown_device")
-            coordinator.quarantine(device_id, f"operator: {req.reason}")
-            row = store.get_device(device_id)
-            assert row is not None
-            return row
-
-        return _device(await run_in_threadpool(work))
+        return _device(await run_in_threadpool(quarantine_device, runtime, device_id, req.reason))
 
     @router.post(
         "/devices/{device_id}/reinstate", summary="Reinstate a quarantined device (its reputation starts afresh)"
     )
     async def reinstate(device_id: str) -> dict[str, Any]:
-        def work() -> DeviceRow:
-            if store.get_device(device_id) is None:
-                raise NotFoundError(f"no device {device_id[:80]!r} is enrolled", code="unknown_device")
-            coordinator.reinstate(device_id)
-            row = store.get_device(device_id)
-            assert row is not None
-            return row
-
-        return _device(await run_in_threadpool(work))
+        return _device(await run_in_threadpool(reinstate_device, runtime, device_id))
 
     @router.get("/devices", summary="Enrolled devices (oldest first, at most `limit`)")
     async def devices(
@@ -208,11 +180,6 @@ def admin_router(runtime: ServerRuntime, gate: RequestGate) -> APIRouter:
 
     @router.get("/rounds", summary="The newest rounds (at most `limit`), oldest first, with their results")
     async def rounds(limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> dict[str, Any]:
-        def work() -> list[dict[str, Any]]:
-            rows = store.list_rounds(limit)
-            models = {m.round_number: dict(m.metrics) for m in store.list_models() if m.round_number is not None}
-            return [_round(r, models) for r in rows]
-
-        return {"rounds": await run_in_threadpool(work)}
+        return {"rounds": await run_in_threadpool(rounds_view, store, limit)}
 
     return router

@@ -30,6 +30,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ..errors import ErrorCode, QflareError, RateLimitedError, StorageFullError
 from ..protocol import Route
 from .admin import admin_router
+from .dashboard import dashboard_router
 from .gate import SESSION_HEADER, RequestGate, remote_of
 from .limits import declared_length
 from .metrics import CONTENT_TYPE, ServerMetrics
@@ -307,4 +308,5 @@ def create_app(runtime: ServerRuntime) -> FastAPI:
         return Response(await run_in_threadpool(metrics.render), media_type=CONTENT_TYPE)
 
     app.include_router(admin_router(runtime, gate))
+    app.include_router(dashboard_router(runtime, gate))
     return app

@@ -7,7 +7,7 @@ import secrets
 from datetime import datetime, timedelta
 from typing import Any, cast
 
-from sqlalchemy import CursorResult, select, update
+from sqlalchemy import CursorResult, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -91,6 +91,7 @@ class IdentityOps(StoreBase):
             .where(
                 t.EnrollmentToken.token_hash == token_hash,
                 t.EnrollmentToken.used_at.is_(None),
+                t.EnrollmentToken.revoked_at.is_(None),
                 t.EnrollmentToken.expires_at > at,
             )
             .values(used_at=at, used_by_device=device_id)
@@ -103,7 +104,36 @@ class IdentityOps(StoreBase):
             raise TokenError("unknown enrollment token", code="token_unknown")
         if row.used_at is not None:
             raise TokenError("enrollment token already used", code="token_used")
+        if row.revoked_at is not None:
+            raise TokenError("enrollment token revoked", code="token_revoked")
         raise TokenError("enrollment token expired", code="token_expired")
+
+    def list_tokens(self, limit: int = 200) -> list[TokenRow]:
+        """The newest ``limit`` tokens (hashes and metadata only: plaintexts are never stored), newest first."""
+        finite_int(limit, "limit", 0)
+        with self._read() as s:
+            stmt = (
+                select(t.EnrollmentToken)
+                .order_by(t.EnrollmentToken.created_at.desc(), t.EnrollmentToken.token_hash)
+                .limit(limit)
+            )
+            return [snapshot(TokenRow, r) for r in s.scalars(stmt)]
+
+    def revoke_token(self, token_hash: str, *, now: datetime | None = None) -> TokenRow:
+        """Revoke an unused token by its hash.  Revoking twice keeps the first time; a used token cannot be
+        revoked (TokenError ``token_used``); an unknown hash is TokenError ``token_unknown``."""
+        check_nonempty(token_hash, "token_hash", 64)
+        at = self._now(now)
+        with self._write() as s:
+            row = s.get(t.EnrollmentToken, token_hash, with_for_update=True)
+            if row is None:
+                raise TokenError("unknown enrollment token", code="token_unknown")
+            if row.used_at is not None:
+                raise TokenError("enrollment token already used: revoke the device instead", code="token_used")
+            if row.revoked_at is None:
+                row.revoked_at = at
+                s.flush()
+            return snapshot(TokenRow, row)
 
     # -- devices ------------------------------------------------------------------------------
 
@@ -260,6 +290,19 @@ class IdentityOps(StoreBase):
             if status is not None:
                 stmt = stmt.where(t.Device.status == status)
             return [snapshot(DeviceRow, r) for r in s.scalars(stmt)]
+
+    def last_seen(self) -> dict[str, datetime]:
+        """Per device, the latest time it opened a session (handshake) or sent an update: its last contact."""
+        with self._read() as s:
+            seen: dict[str, datetime] = {}
+            for table_key, column in (
+                (t.Session.device_id, t.Session.created_at),
+                (t.Update.device_id, t.Update.received_at),
+            ):
+                for device, at in s.execute(select(table_key, func.max(column)).group_by(table_key)):
+                    if at is not None and (device not in seen or at > seen[device]):
+                        seen[device] = at
+            return seen
 
     # -- sessions -----------------------------------------------------------------------------
 

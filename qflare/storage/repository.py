@@ -13,13 +13,14 @@ from qflare.storage.audit import AuditOps
 from qflare.storage.db import Database
 from qflare.storage.identity import IdentityOps, hash_token, key_id
 from qflare.storage.ledger import LedgerOps
+from qflare.storage.operators import OperatorOps
 from qflare.storage.training import ROUND_TRANSITIONS, TrainingOps
 
 __all__ = ["ROUND_TRANSITIONS", "Clock", "Store", "hash_token", "key_id", "utc_now"]
 
 
-class Store(IdentityOps, TrainingOps, AuditOps, LedgerOps):
-    """Tokens, devices, sessions, rounds, updates, model versions, security events, ledger."""
+class Store(IdentityOps, TrainingOps, AuditOps, LedgerOps, OperatorOps):
+    """Tokens, devices, sessions, rounds, updates, model versions, security events, ledger, operator sessions."""
 
     def __init__(self, db: Database, *, clock: Clock = utc_now) -> None:
         super().__init__(db, clock=clock)

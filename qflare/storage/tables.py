@@ -38,6 +38,7 @@ __all__ = [
     "EnrollmentToken",
     "LedgerEntry",
     "ModelVersion",
+    "OperatorSession",
     "Round",
     "SecurityEvent",
     "Session",
@@ -125,6 +126,8 @@ class EnrollmentToken(Base):
     used_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     used_by_device: Mapped[str | None] = mapped_column(_DEVICE_ID)
     label: Mapped[str] = mapped_column(String(200))
+    revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    """When an operator revoked the (unused) token; a revoked token no longer enrolls anyone."""
 
 
 class Session(Base):
@@ -222,3 +225,17 @@ class LedgerEntry(Base):
     body: Mapped[bytes] = mapped_column(LargeBinary)
     signatures: Mapped[list[list[str]]] = mapped_column(JSON)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
+class OperatorSession(Base):
+    """A dashboard login (qflare.server.dashboard): only the SHA-256 of the random session id is stored,
+    so a copy of the database cannot be replayed as a cookie."""
+
+    __tablename__ = "operator_sessions"
+
+    id_hash: Mapped[str] = mapped_column(String(64), primary_key=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
+    closed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    remote_addr: Mapped[str | None] = mapped_column(String(64))
+    method: Mapped[str] = mapped_column(String(16))
