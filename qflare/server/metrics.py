@@ -27,7 +27,7 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 _log = logging.getLogger("qflare.server")
 ROUND_PHASES = ("waiting", "open", "aggregating", "finished")
 """The round state machine's phases (``/v1/status`` ``state``), each a ``qflare_round_phase`` series."""
-CRYPTO_OPS = ("enroll_verify", "handshake_respond", "handshake_finish", "update_open", "update_ack")
+CRYPTO_OPS = ("enroll_verify", "enroll_sign", "handshake_respond", "handshake_finish", "update_open", "update_ack")
 """The coordinator's timed cryptographic steps (``qflare_crypto_seconds{op}``, see docs/operations.md)."""
 
 
@@ -133,6 +133,21 @@ class _EvalCollector(Collector):
         yield GaugeMetricFamily("qflare_eval_round", "Round of the newest evaluated model.", value=float(rnd))
 
 
+class _WithoutCreated(Collector):
+    """The registry's families without their ``*_created`` samples: in the 0.0.4 text format
+    prometheus-client writes each as a gauge family of its own, one per counter and histogram, which
+    no dashboard or alert here reads (the process-wide switch, ``disable_created_metrics``, would change
+    every registry of an embedding process)."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self._registry = registry
+
+    def collect(self) -> Iterator[Metric]:
+        for metric in self._registry.collect():
+            metric.samples = [s for s in metric.samples if not s.name.endswith("_created")]
+            yield metric
+
+
 class ServerMetrics:
     """The server's metrics; :meth:`render` is the ``/metrics`` body."""
 
@@ -231,4 +246,4 @@ class ServerMetrics:
 
     def render(self) -> bytes:
         """Prometheus text exposition (reads the database: call it off the event loop)."""
-        return generate_latest(self.registry)
+        return generate_latest(_WithoutCreated(self.registry))
