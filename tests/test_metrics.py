@@ -63,7 +63,7 @@ def test_metrics_through_a_round(tmp_path: Path) -> None:
         assert value(before, "qflare_upload_slots") == runtime.config.http.max_concurrent_uploads
         tokens = client.post("/v1/admin/tokens", json={"count": 3, "ttl_s": 600}, headers=admin(runtime)).json()
         devices = [new_device(client) for _ in range(3)]
-        for dev, token in zip(devices, tokens["tokens"]):
+        for dev, token in zip(devices, tokens["tokens"], strict=True):
             dev.enroll(token)
             dev.connect()
         wait_for(lambda: client.get("/v1/status").json()["state"] == "open")

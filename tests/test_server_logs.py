@@ -78,7 +78,7 @@ def test_round_and_request_ids_in_process(tmp_path: Path) -> None:
         with TestClient(create_app(runtime)) as client:
             tokens = client.post("/v1/admin/tokens", json={"count": 3}, headers=admin(runtime)).json()["tokens"]
             devices = [new_device(client) for _ in range(3)]
-            for dev, token in zip(devices, tokens):
+            for dev, token in zip(devices, tokens, strict=True):
                 dev.enroll(token)
                 dev.connect()
             wait_for(lambda: client.get("/v1/status").json()["state"] == "open")
