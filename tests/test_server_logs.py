@@ -4,6 +4,7 @@ round carry its number and records made while serving a request carry that reque
 
 from __future__ import annotations
 
+import contextvars
 import json
 import logging
 import re
@@ -38,6 +39,10 @@ class _Capture(logging.Handler):
 
 
 def test_json_formatter_fields() -> None:
+    contextvars.Context().run(_formatter_fields)  # a fresh context: nothing bound by another test
+
+
+def _formatter_fields() -> None:
     fmt = JsonFormatter()
     record = logging.LogRecord("qflare.server", logging.INFO, __file__, 1, "round %d open", (4,), None)
     assert set(json.loads(fmt.format(record))) == {"time", "level", "logger", "message"}

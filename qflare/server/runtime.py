@@ -293,14 +293,17 @@ class ServerRuntime:
         self._last_error = ""
         if rnd is not None and rnd.number != self._last_round:
             self._last_round = rnd.number
-            bind_round(rnd.number)  # this thread's later records carry the round
-            _log.info(
-                "round %d open: %d device(s) selected, model v%d, deadline in %.0f s",
-                rnd.number,
-                len(rnd.selected),
-                rnd.base.version,
-                rnd.deadline - time.time(),
-            )
+            reset = bind_round(rnd.number)
+            try:
+                _log.info(
+                    "round %d open: %d device(s) selected, model v%d, deadline in %.0f s",
+                    rnd.number,
+                    len(rnd.selected),
+                    rnd.base.version,
+                    rnd.deadline - time.time(),
+                )
+            finally:
+                reset()
 
     def _on_model(self, model: PublishedModel) -> None:
         """Called by the round state machine (inside its lock) for each published model."""
