@@ -17,6 +17,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -307,3 +308,110 @@ def test_alerts_and_dashboard_query_documented_series() -> None:
     grafana = compose()["services"]["grafana"]
     assert f"./grafana/dashboards:{path}:ro" in grafana["volumes"]
     assert grafana["environment"]["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"] == f"{path}/{DASHBOARD.name}"
+
+
+# ---------------------------------------------------------------------------------------------- read-only root
+
+_READ_ONLY = r"""
+set -e
+# this mount namespace only: every mount read-only, then /tmp (the tmpfs and data volume stand-in) writable
+awk '{print $2}' /proc/self/mounts | grep -v -E '^/(proc|sys|dev)(/|$)' | sort -u | while read -r m; do
+  mount -o remount,bind,ro "$m" 2>/dev/null || true
+done
+mount --bind /tmp /tmp
+mount -o remount,bind,rw /tmp
+if touch "$PROBE" 2>/dev/null; then echo "the root file system is still writable" >&2; exit 3; fi
+exec "$@"
+"""
+
+
+def _mount_namespace_available() -> bool:
+    unshare = shutil.which("unshare")
+    if unshare is None:
+        return False
+    proc = subprocess.run(
+        [unshare, "-m", "--propagation", "private", "sh", "-c", "mount -o remount,bind,ro / && exit 0"],
+        capture_output=True,
+        timeout=30,
+    )
+    return proc.returncode == 0
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_server_runs_on_a_read_only_root_file_system(tmp_path: Path) -> None:
+    """``qflare server`` with the image's environment (Dockerfile ENV) in a private mount namespace where
+    everything but /tmp is read-only: it starts, migrates its database, creates its keys, is ready, mints
+    tokens (database writes) and serves /metrics, and stops cleanly.  Stands in for the container's
+    ``read_only: true`` (run as root here: this interpreter lives under /root, which uid 10001 cannot read)."""
+    if not _mount_namespace_available():
+        pytest.skip("needs unshare -m and mount (root on Linux) to make a read-only root file system")
+    from qflare.processes import free_port
+
+    port, token = free_port(), "read-only-root-admin-token"
+    if not str(tmp_path.resolve()).startswith("/tmp/"):
+        pytest.skip(f"the data directory must be under /tmp (the writable mount), not {tmp_path}")
+    data_dir = tmp_path / "data"
+    probe = Path(sys.executable).resolve().parent / ".qflare-write-probe"
+    env = {k: v for k, v in docker_env().items() if k != "PATH" and k != DATASETS_ENV}
+    env.update(
+        PATH=f"{Path(sys.executable).parent}:/usr/bin:/bin",
+        PYTHONPATH=str(ROOT),
+        PROBE=str(probe),
+        **{ADMIN_TOKEN_ENV: token},
+    )
+    assert env["HOME"].startswith("/tmp") and env["XDG_CACHE_HOME"].startswith("/tmp")
+    command = [
+        shutil.which("unshare") or "unshare",
+        "-m",
+        "--propagation",
+        "private",
+        "sh",
+        "-c",
+        _READ_ONLY,
+        "sh",
+        sys.executable,
+        "-m",
+        "qflare",
+        "server",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--data-dir",
+        str(data_dir),
+        "--dataset",
+        "digits",
+        "--model",
+        "mlp",
+        "--no-eval",
+    ]
+    log = tmp_path / "server.log"
+    import httpx
+
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
+        try:
+            url = f"http://127.0.0.1:{port}"
+            deadline = time.monotonic() + 180
+            while True:
+                assert proc.poll() is None, log.read_text(encoding="utf-8", errors="replace")
+                try:
+                    if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                assert time.monotonic() < deadline, "not ready in 180 s"
+                time.sleep(0.2)
+            minted = httpx.post(
+                f"{url}/v1/admin/tokens", json={"count": 2}, headers={"Authorization": f"Bearer {token}"}, timeout=10
+            )
+            assert minted.status_code == 200 and len(minted.json()["tokens"]) == 2
+            assert "qflare_devices_active 0.0" in httpx.get(f"{url}/metrics", timeout=10).text
+        finally:
+            proc.terminate()
+            rc = proc.wait(60)
+    text = log.read_text(encoding="utf-8", errors="replace")
+    assert rc in (0, -15), text
+    assert "Read-only file system" not in text and not probe.exists()
+    assert (data_dir / "coordinator.key").is_file() and (data_dir / "qflare.db").is_file()
