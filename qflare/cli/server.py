@@ -23,8 +23,10 @@ from .common import FEDERATION_HELP, console, err_console, federation_spec, frie
 if TYPE_CHECKING:
     from ..server.rotation import RotationResult
 
-__all__ = ["parse_duration", "register", "token_app"]
+__all__ = ["LOG_FORMAT_ENV", "parse_duration", "register", "token_app"]
 
+LOG_FORMAT_ENV = "QFLARE_LOG_FORMAT"
+"""Environment variable that sets ``--log-format`` (containers set it rather than the command line)."""
 _UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 _DURATION = re.compile(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([smhd]?)\s*")
 WORKLOAD_OPTIONS = (
@@ -124,6 +126,12 @@ def server(
     rate: float = typer.Option(50.0, min=0.001, help="Requests per second allowed per client address (burst 4x)."),
     session_rate: float = typer.Option(10.0, min=0.001, help="Requests per second allowed per session (burst 4x)."),
     log_level: str = typer.Option("info", help="uvicorn and qflare log level."),
+    log_format: str = typer.Option(
+        "text",
+        envvar=LOG_FORMAT_ENV,
+        help="Log format of uvicorn's and qflare's records: text, or json (one object a line, with request "
+        "and round ids).",
+    ),
     tensorboard: Path | None = typer.Option(
         None, help="Write TensorBoard event files (per-round scalars) here; needs pip install 'qflare[tracking]'."
     ),
@@ -140,7 +148,7 @@ def server(
     from ..server.logs import configure_logging
 
     with friendly_errors():
-        configure_logging(log_level)
+        configure_logging(log_level, log_format)
 
         def build() -> FederationSpec:
             if min_participants is not None and min_participants > per_round:

@@ -20,7 +20,8 @@ import hashlib
 import math
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
@@ -204,6 +205,10 @@ class Coordinator:
         self.event_filter: Callable[[str, str, str | None, str | None], str | None] | None = None
         """When set, every security event passes it first: ``(reason, detail, remote, device_id)`` ->
         the detail to record, or None to record nothing (the HTTP server throttles floods with it)."""
+        self.on_crypto: Callable[[str, float], None] | None = None
+        """When set, called with ``(step, seconds)`` after each timed cryptographic step, refused or not:
+        ``enroll_verify``, ``enroll_sign``, ``handshake_respond``, ``handshake_finish``, ``update_open``,
+        ``update_ack`` (the server's ``qflare_crypto_seconds``)."""
         self.rounds = RoundManager(
             layout=layout,
             initial_flat=initial_flat,
@@ -239,6 +244,16 @@ class Coordinator:
             in_session = {s.device_id for s in self._sessions.values() if not s.channel.expired()}
         live = [d for d in active if d in in_session or self._last_seen.get(d, -math.inf) >= cutoff]
         return live or list(active)
+
+    @contextmanager
+    def _timed(self, step: str) -> Iterator[None]:
+        observer = self.on_crypto
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            if observer is not None:
+                observer(step, time.perf_counter() - start)
 
     def _seen(self, device_id: str) -> None:
         self._last_seen[device_id] = self._clock()
@@ -346,7 +361,8 @@ class Coordinator:
         enrolled = self._check_token(token, device_id)
         self._spend(Work.ENROLLMENT)
         key = VerifyKey.from_bytes(suite.sig, raw)
-        env.verify(key)  # proof of possession of the signing key
+        with self._timed("enroll_verify"):
+            env.verify(key)  # proof of possession of the signing key
         if enrolled is not None:
             self._seen(device_id)
             stored = enrolled.enrollment_record
@@ -361,6 +377,10 @@ class Coordinator:
         return record
 
     def _enrollment_record(self, key: VerifyKey, now: int) -> bytes:
+        with self._timed("enroll_sign"):
+            return self._sign_enrollment_record(key, now)
+
+    def _sign_enrollment_record(self, key: VerifyKey, now: int) -> bytes:
         return SignedEnvelope.sign(
             self.config.suite,
             MsgType.ENROLL_RECORD,
@@ -424,7 +444,8 @@ class Coordinator:
             admit=lambda _device: self._spend(Work.HANDSHAKE),
             seen=self._hellos,
         )
-        reply = hs.respond(body)
+        with self._timed("handshake_respond"):
+            reply = hs.respond(body)
         key = hashlib.sha256(reply).hexdigest()
         now = self._clock()
         with self._lock:
@@ -461,7 +482,8 @@ class Coordinator:
         started, hs = entry
         if now - started > self.config.handshake_timeout_s:
             raise SessionExpiredError("handshake took too long", code="handshake_expired")
-        channel = hs.finish(body[32:])
+        with self._timed("handshake_finish"):
+            channel = hs.finish(body[32:])
         key = hs.device_key
         assert key is not None
         sid = channel.session_id.hex()
@@ -563,7 +585,8 @@ class Coordinator:
         rnd = self.rounds.current
         if rnd is None:
             raise WrongRoundError("no round is open", code="wrong_round")
-        opened = open_update(sess.channel, sess.key, body, rnd.number, base_model_hash=rnd.base.sha256)
+        with self._timed("update_open"):
+            opened = open_update(sess.channel, sess.key, body, rnd.number, base_model_hash=rnd.base.sha256)
         examples = opened.num_examples
         if not 1 <= examples <= _MAX_EXAMPLES:
             raise ValidationError(f"example count {examples} is outside 1..{_MAX_EXAMPLES}", code="bad_example_count")
@@ -581,6 +604,7 @@ class Coordinator:
             envelope=opened.envelope.raw,
         )
         status = AckStatus.DUPLICATE if duplicate else AckStatus.ACCEPTED
-        ack = sign_update_ack(self.identity, sess.channel.suite, opened, status, int(self._clock()))
         receipt = Receipt(rnd.number, digest, count, duplicate)
-        return seal_receipt(sess.channel, rnd.number, ack, receipt.to_bytes())
+        with self._timed("update_ack"):
+            ack = sign_update_ack(self.identity, sess.channel.suite, opened, status, int(self._clock()))
+            return seal_receipt(sess.channel, rnd.number, ack, receipt.to_bytes())

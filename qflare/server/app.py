@@ -33,6 +33,7 @@ from .admin import admin_router
 from .dashboard import dashboard_router
 from .gate import SESSION_HEADER, RequestGate, remote_of
 from .limits import declared_length
+from .logs import REQUEST_ID_HEADER, bind_request
 from .metrics import CONTENT_TYPE, ServerMetrics
 from .runtime import ServerRuntime
 
@@ -62,6 +63,7 @@ _PROTOCOL_RESPONSES: dict[int | str, dict[str, Any]] = {
     **{s: _ERROR for s in (400, 401, 403, 408, 409, 411, 413, 415, 422, 429)},
 }
 _HTTP_CODES = {404: ErrorCode.NOT_FOUND, 405: ErrorCode.METHOD_NOT_ALLOWED}
+_HANDSHAKE_STEPS = {Route.HELLO: "hello", Route.FINISH: "finish"}
 SessionHeader = Annotated[str | None, Header(alias=SESSION_HEADER, description="Session id (hex) from the handshake")]
 
 ASGIApp = Callable[
@@ -80,11 +82,19 @@ _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"
 
 
 class _RequestMetrics:
-    """Counts and times every HTTP response by route template (not raw path), method and status: every
-    label takes a bounded set of values (an unknown path is ``unmatched``, an unknown method ``OTHER``)."""
+    """Counts and times every HTTP response, and its body bytes in and out, by route template (not raw
+    path), method and status: every label takes a bounded set of values (an unknown path is ``unmatched``,
+    an unknown method ``OTHER``).  It also binds the request id and the open round to the request's log
+    records (:func:`~qflare.server.logs.bind_request`) and answers the id in ``X-Request-Id``."""
 
-    def __init__(self, app: ASGIApp, metrics: ServerMetrics, known_paths: Callable[[], set[str]]) -> None:
-        self.app, self.metrics, self._known_paths = app, metrics, known_paths
+    def __init__(
+        self,
+        app: ASGIApp,
+        metrics: ServerMetrics,
+        known_paths: Callable[[], set[str]],
+        open_round: Callable[[], int | None],
+    ) -> None:
+        self.app, self.metrics, self._known_paths, self._open_round = app, metrics, known_paths, open_round
         self._known: set[str] | None = None
 
     def _label(self, scope: MutableMapping[str, Any]) -> str:
@@ -100,21 +110,35 @@ class _RequestMetrics:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        status, start = 500, time.perf_counter()
+        status, start, received, sent = 500, time.perf_counter(), 0, 0
+        request_id, unbind = bind_request(self._open_round())
+
+        async def receive_wrapper() -> Any:
+            nonlocal received
+            message = await receive()
+            if message.get("type") == "http.request":
+                received += len(message.get("body", b""))
+            return message
 
         async def send_wrapper(message: MutableMapping[str, Any]) -> None:
-            nonlocal status
+            nonlocal status, sent
             if message["type"] == "http.response.start":
                 status = int(message["status"])
+                message["headers"] = [*message.get("headers", ()), (REQUEST_ID_HEADER, request_id.encode("ascii"))]
+            elif message["type"] == "http.response.body":
+                sent += len(message.get("body", b""))
             await send(message)
 
         try:
-            await self.app(scope, receive, send_wrapper)
+            await self.app(scope, receive_wrapper, send_wrapper)
         finally:
+            unbind()
             route, method = self._label(scope), scope.get("method", "")
             method = method if method in _METHODS else "OTHER"
             self.metrics.requests.labels(route, method, str(status)).inc()
             self.metrics.request_seconds.labels(route, method).observe(time.perf_counter() - start)
+            self.metrics.received_bytes.labels(route).inc(received)
+            self.metrics.sent_bytes.labels(route).inc(sent)
 
 
 def create_app(runtime: ServerRuntime) -> FastAPI:
@@ -123,6 +147,7 @@ def create_app(runtime: ServerRuntime) -> FastAPI:
     limits = runtime.config.http
     gate = RequestGate(limits, runtime.store, metrics)
     coordinator.event_filter = gate.throttled  # the coordinator's refusals share the gate's flood bound
+    metrics.upload_slots.set(limits.max_concurrent_uploads)
     small, update_limit = limits.small_body_bytes, limits.update_body_bytes(runtime.config.max_update_bytes)
 
     @asynccontextmanager
@@ -144,7 +169,10 @@ def create_app(runtime: ServerRuntime) -> FastAPI:
     )
     app.state.runtime, app.state.gate = runtime, gate
     app.add_middleware(
-        _RequestMetrics, metrics=metrics, known_paths=lambda: {str(getattr(r, "path", "")) for r in app.routes}
+        _RequestMetrics,
+        metrics=metrics,
+        known_paths=lambda: {str(getattr(r, "path", "")) for r in app.routes},
+        open_round=runtime.open_round,
     )
 
     @app.exception_handler(QflareError)
@@ -201,16 +229,28 @@ def create_app(runtime: ServerRuntime) -> FastAPI:
             body = await gate.body(request, small, session_id)
             return await call(route, request, body, session_id, media_type)
 
+        async def counted(request: Request, session_id: str | None) -> Response:
+            step = _HANDSHAKE_STEPS.get(route)
+            if step is None:
+                return await serve(request, session_id)
+            try:
+                response = await serve(request, session_id)
+            except QflareError:
+                metrics.handshakes.labels(step, "refused").inc()
+                raise
+            metrics.handshakes.labels(step, "ok").inc()
+            return response
+
         endpoint: Callable[..., Awaitable[Response]]
         if route in (Route.TASK, Route.MODEL, Route.PROOF):
 
             async def endpoint(request: Request, x_qflare_session: SessionHeader = None) -> Response:
-                return await serve(request, x_qflare_session)
+                return await counted(request, x_qflare_session)
 
         else:
 
             async def endpoint(request: Request) -> Response:
-                return await serve(request, None)
+                return await counted(request, None)
 
         endpoint.__name__ = "protocol_" + route.value.replace("/", "_")
         app.post(
@@ -244,7 +284,13 @@ def create_app(runtime: ServerRuntime) -> FastAPI:
         tags=["protocol"],
     )
     async def protocol_update(request: Request, x_qflare_session: SessionHeader = None) -> Response:
-        session = x_qflare_session
+        try:
+            return await receive_update(request, x_qflare_session)
+        except QflareError as exc:
+            metrics.updates_refused.labels(exc.code).inc()
+            raise
+
+    async def receive_update(request: Request, session: str | None) -> Response:
         await gate.admit(request, session)
         await gate.media_type(request, _OCTETS, session)
         try:  # from the headers alone, before a slot is taken or a byte is read

@@ -25,6 +25,7 @@ from ..precision import Precision, resolve_precision
 from ..storage import BlobStore, Store
 from ..training import evaluate
 from ..wire import ParamLayout, decode_blob
+from .logs import bind_round
 
 __all__ = ["Evaluator"]
 
@@ -115,11 +116,13 @@ class Evaluator:
             if item is None:
                 return
             round_number, version, flat = item
+            reset = bind_round(round_number)  # the records of this evaluation carry its round
             try:
                 self._evaluate(model, round_number, version, flat)
             except (QflareError, SQLAlchemyError, RuntimeError) as exc:
                 _log.error("evaluation of model version %d failed: %s", version, exc)
             finally:
+                reset()
                 with self._cond:
                     self._busy -= 1
                     self._queued.discard(version)

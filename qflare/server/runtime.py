@@ -36,6 +36,7 @@ from ..wire import ParamLayout
 from .credentials import AdminToken, load_or_create_admin_token, load_or_create_identity
 from .evaluation import Evaluator
 from .limits import HttpLimits
+from .logs import bind_round
 from .metrics import LiveFigures, ServerMetrics
 from .rotation import check_key_matches_chain, server_lock
 from .rotation import recover as recover_rotation
@@ -129,7 +130,17 @@ class ServerRuntime:
             self.db.dispose()
             self._release_lock()
             raise
-        self.metrics.attach(LiveFigures(self.coordinator.rounds.status, self.store.count_updates, self._active_devices))
+        self.coordinator.on_crypto = self.metrics.observe_crypto
+        self.metrics.attach(
+            LiveFigures(
+                round_status=self.coordinator.rounds.status,
+                updates_accepted=self.store.count_updates,
+                active_devices=self._active_devices,
+                quarantined_devices=lambda: len(self.store.list_devices(status="quarantined")),
+                round_opened=self._round_opened,
+                pending_handshakes=lambda: self.coordinator.pending_handshakes,
+            )
+        )
         self._stop = threading.Event()
         self._loop: threading.Thread | None = None
         self._maintenance: threading.Thread | None = None
@@ -282,17 +293,28 @@ class ServerRuntime:
         self._last_error = ""
         if rnd is not None and rnd.number != self._last_round:
             self._last_round = rnd.number
-            _log.info(
-                "round %d open: %d device(s) selected, model v%d, deadline in %.0f s",
-                rnd.number,
-                len(rnd.selected),
-                rnd.base.version,
-                rnd.deadline - time.time(),
-            )
+            reset = bind_round(rnd.number)
+            try:
+                _log.info(
+                    "round %d open: %d device(s) selected, model v%d, deadline in %.0f s",
+                    rnd.number,
+                    len(rnd.selected),
+                    rnd.base.version,
+                    rnd.deadline - time.time(),
+                )
+            finally:
+                reset()
 
     def _on_model(self, model: PublishedModel) -> None:
         """Called by the round state machine (inside its lock) for each published model."""
         number = model.version if model.round_number is None else model.round_number
+        reset = bind_round(number)  # the records below carry the round they are about
+        try:
+            self._published(model, number)
+        finally:
+            reset()
+
+    def _published(self, model: PublishedModel, number: int) -> None:
         row = self.store.get_round(number)
         seconds = None
         if row is not None and row.closed_at is not None:
@@ -323,6 +345,15 @@ class ServerRuntime:
             self.trackers.log(round_number, {"accuracy": accuracy, "loss": loss})
 
     # ------------------------------------------------------------------ read-only views
+    def open_round(self) -> int | None:
+        """Number of the round in progress (read without the round lock: one attribute read), or None."""
+        rnd = self.coordinator.rounds.current
+        return None if rnd is None else rnd.number
+
+    def _round_opened(self) -> float | None:
+        rnd = self.coordinator.rounds.current
+        return None if rnd is None else rnd.opened
+
     def _active_devices(self) -> int:
         return len(self.store.list_devices(status="active"))
 
