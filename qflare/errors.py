@@ -250,6 +250,10 @@ class ErrorCode(enum.StrEnum):
     BAD_ATTACK = "bad_attack"
     # adaptive threat detection
     QUARANTINED = "quarantined"
+    # secure aggregation (qflare/secagg)
+    SECAGG_ABORTED = "secagg_aborted"
+    UNMASK_REFUSED = "unmask_refused"
+    BAD_SHARE = "bad_share"
 
 
 class Retry(enum.Enum):
@@ -881,6 +885,24 @@ CODE_SPECS: Mapping[ErrorCode, CodeSpec] = MappingProxyType(
             "the device is quarantined (its updates are not taken, it is not selected) until an operator reinstates it",
             _D,
             PolicyError,
+        ),
+        _C.SECAGG_ABORTED: _spec(
+            "a secure-aggregation round cannot complete: fewer devices or shares remain than its threshold "
+            "(no aggregate is produced)",
+            _S,
+            RoundError,
+        ),
+        _C.UNMASK_REFUSED: _spec(
+            "a device refuses an unmask request that asks for both kinds of share of one peer, or that contradicts "
+            "what it saw in the round",
+            _D,
+            ProtocolError,
+        ),
+        _C.BAD_SHARE: _spec(
+            "a secret share does not match the commitment its dealer signed, or cannot be decoded",
+            _R,
+            AuthError,
+            MalformedError,
         ),
     }
 )
