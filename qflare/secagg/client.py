@@ -109,7 +109,7 @@ class _State:
     channel_seed: bytes
     publics: dict[int, tuple[bytes, bytes]] = field(default_factory=dict)  # peer -> (channel, mask) public
     held: dict[int, _Held] = field(default_factory=dict)
-    answered: tuple[bytes, bytes] | None = None  # (request hash, response)
+    answered: tuple[bytes, bytes] | None = None  # (SHA-256 of the signed request body, response)
 
 
 class SecAggClient:
@@ -285,15 +285,16 @@ class SecAggClient:
     def unmask(self, request: bytes) -> bytes:
         """UNMASK_RESPONSE to the coordinator's signed request (answered once; the same request again gets
         the same answer)."""
-        digest = sha256(request) if isinstance(request, (bytes, bytearray)) else b""
-        if self._s.phase is ClientPhase.DONE and self._s.answered is not None:
-            if self._s.answered[0] == digest:
-                return self._s.answered[1]
-            raise ProtocolError("an unmask request was already answered this round", code=ErrorCode.UNMASK_REFUSED)
-        self._expect(ClientPhase.MASKED)
+        if self._s.phase is not ClientPhase.DONE:
+            self._expect(ClientPhase.MASKED)
         msg = SecAggMessage.parse(request, expected=SecAggMsg.UNMASK_REQUEST)
         check_header(msg, self.config)
         msg.verify(self.config.coordinator)
+        asked = sha256(msg.body)  # what is asked, whatever (randomised) signature it carries
+        if self._s.answered is not None:
+            if self._s.answered[0] == asked:
+                return self._s.answered[1]
+            raise ProtocolError("an unmask request was already answered this round", code=ErrorCode.UNMASK_REFUSED)
         survivors = set(decode_indices(msg.get(F.SURVIVORS), "survivors"))
         dropped = set(decode_indices(msg.get(F.DROPPED), "dropped"))
         both = survivors & dropped
@@ -318,11 +319,11 @@ class SecAggClient:
             SecAggMsg.UNMASK_RESPONSE,
             {
                 F.FROM: self.index.to_bytes(4, "big"),
-                F.REQUEST_HASH: digest,
+                F.REQUEST_HASH: sha256(msg.raw),
                 F.SHARES: encode_share_records(records),
             },
         )
-        self._s.answered = (digest, raw)
+        self._s.answered = (asked, raw)
         self._s.phase = ClientPhase.DONE
         return raw
 

@@ -39,6 +39,7 @@ is MalformedError, oversize input OversizeError.
 from __future__ import annotations
 
 import enum
+import itertools
 import struct
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -337,7 +338,7 @@ class ShareRecord:
 
 
 def _increasing(values: Sequence[int], what: str) -> None:
-    for a, b in zip(values, values[1:], strict=False):
+    for a, b in itertools.pairwise(values):
         if a >= b:
             raise MalformedError(f"{what} must be strictly increasing", code="malformed")
     if values and values[0] < 1:

@@ -125,8 +125,12 @@ class SecAggServer:
         return RoundError(f"secure aggregation aborted: {why}", code=ErrorCode.SECAGG_ABORTED)
 
     def _need(self, members: frozenset[int], what: str) -> None:
-        if len(members) < self.config.params.t:
-            raise self._abort(f"{len(members)} devices {what}, threshold is {self.config.params.t}")
+        """Abort unless ``t`` devices of ``members`` each keep ``t`` neighbours in ``members`` (a device with
+        fewer cannot share its secrets ``t``-of-its-neighbours and refuses to go on)."""
+        t = self.config.params.t
+        viable = [u for u in members if len(self._graph[u] & members) >= t]
+        if len(viable) < t:
+            raise self._abort(f"{len(viable)} of the devices that {what} keep {t} neighbours, threshold is {t}")
 
     def _signed(self, raw: bytes, mt: SecAggMsg, allowed: frozenset[int] | range) -> tuple[SecAggMessage, int]:
         msg = SecAggMessage.parse(raw, expected=mt)

@@ -22,7 +22,7 @@ from collections.abc import Iterable, Mapping
 
 from qflare.errors import AuthError, ConfigError, ErrorCode, MalformedError, RoundError
 
-__all__ = ["MAX_INDEX", "P", "SECRET_LEN", "SHARE_LEN", "decode_share", "encode_share", "reconstruct", "split"]
+__all__ = ["MAX_INDEX", "SECRET_LEN", "SHARE_LEN", "P", "decode_share", "encode_share", "reconstruct", "split"]
 
 P = 2**521 - 1
 SECRET_LEN = 32
