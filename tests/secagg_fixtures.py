@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from qflare.crypto.identity import SigningKey
-from qflare.secagg import QuantSpec, RoundConfig, SecAggClient, SecAggParams, SecAggResult, SecAggServer, quantize
+from qflare.secagg import QuantSpec, SecAggClient, SecAggConfig, SecAggParams, SecAggResult, SecAggServer, quantize
 from qflare.secagg.prg import Vector
 
 
@@ -19,8 +19,8 @@ def identity(i: int) -> SigningKey:
     return SigningKey.from_seed("ML-DSA-65", i.to_bytes(32, "big"))
 
 
-def make_config(n: int, k: int, t: int, length: int = 50, round_: int = 1, seed: bytes = b"\x07" * 32) -> RoundConfig:
-    return RoundConfig(
+def make_config(n: int, k: int, t: int, length: int = 50, round_: int = 1, seed: bytes = b"\x07" * 32) -> SecAggConfig:
+    return SecAggConfig(
         round=round_,
         params=SecAggParams(n, k, t),
         graph_seed=seed,
@@ -33,7 +33,7 @@ def make_config(n: int, k: int, t: int, length: int = 50, round_: int = 1, seed:
 
 @dataclass
 class Round:
-    config: RoundConfig
+    config: SecAggConfig
     server: SecAggServer
     clients: dict[int, SecAggClient]
     inputs: dict[int, tuple[np.ndarray, int]]
@@ -47,7 +47,7 @@ class Round:
         return acc
 
 
-def start(config: RoundConfig, rng: np.random.Generator | None = None) -> Round:
+def start(config: SecAggConfig, rng: np.random.Generator | None = None) -> Round:
     rng = rng or np.random.default_rng(int.from_bytes(os.urandom(4), "big"))
     n = config.params.n
     clients = {i: SecAggClient(config, i, identity(i)) for i in range(1, n + 1)}
@@ -88,7 +88,7 @@ def unmask(r: Round, drop: Collection[int] = ()) -> SecAggResult:
 
 
 def run(
-    config: RoundConfig,
+    config: SecAggConfig,
     *,
     drop_advertise: Collection[int] = (),
     drop_share: Collection[int] = (),

@@ -339,3 +339,24 @@ def defenses(
         _show(result, f"defences, fmnist-dir05, {rounds} rounds")
         console.print(result["accuracy"])
         console.print(f"wrote {png_path}")
+
+
+@app.command("secagg")
+def secagg(
+    devices: int = typer.Option(100, min=3, max=1000, help="Devices in the round."),
+    dropout: float = typer.Option(
+        0.1, min=0.0, max=0.9, help="Fraction of devices that drop before their masked input (also tolerated)."
+    ),
+    seed: int = typer.Option(0, help="Seed of the updates, weights and who drops."),
+    json_: bool = typer.Option(False, "--json", help="Print one JSON object."),
+) -> None:
+    """One post-quantum secure-aggregation round of the FedAvg CNN's size against plaintext FedAvg of the
+    same updates: exact match, bytes sent per device, device and coordinator compute."""
+    from ..bench.secagg import run_secagg_bench
+
+    with friendly_errors():
+        result = run_secagg_bench(devices, dropout, seed=seed)
+    if json_:
+        print(json.dumps(result))
+    else:
+        _show(result, f"secure aggregation, {devices} devices, {dropout:.0%} dropout")

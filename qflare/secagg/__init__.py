@@ -11,7 +11,7 @@ See docs/secure-aggregation.md.
 from __future__ import annotations
 
 from qflare.secagg.client import ClientPhase, SecAggClient
-from qflare.secagg.keys import RoundConfig
+from qflare.secagg.keys import SecAggConfig
 from qflare.secagg.params import SecAggParams, choose
 from qflare.secagg.quantize import QuantSpec, dequantize, quantize
 from qflare.secagg.server import SecAggResult, SecAggServer, ServerPhase
@@ -19,8 +19,8 @@ from qflare.secagg.server import SecAggResult, SecAggServer, ServerPhase
 __all__ = [
     "ClientPhase",
     "QuantSpec",
-    "RoundConfig",
     "SecAggClient",
+    "SecAggConfig",
     "SecAggParams",
     "SecAggResult",
     "SecAggServer",

@@ -43,7 +43,7 @@ from qflare.errors import (
 from qflare.secagg.graph import neighbours
 from qflare.secagg.keys import (
     KEM_SEED_LEN,
-    RoundConfig,
+    SecAggConfig,
     kem_from_seed,
     mask_kem,
     open_sealed,
@@ -81,7 +81,7 @@ class ClientPhase(enum.StrEnum):
     DONE = "done"
 
 
-def check_header(msg: SecAggMessage, config: RoundConfig) -> None:
+def check_header(msg: SecAggMessage, config: SecAggConfig) -> None:
     """WrongRoundError unless ``msg`` is for this round and configuration (replays across rounds)."""
     if msg.suite != config.suite:
         raise WrongRoundError("message is for another suite", code=ErrorCode.WRONG_ROUND)
@@ -115,7 +115,7 @@ class _State:
 class SecAggClient:
     """Device ``index`` (1..n) of the round ``config``, signing with its identity key."""
 
-    def __init__(self, config: RoundConfig, index: int, identity: SigningKey, *, _state: _State | None = None) -> None:
+    def __init__(self, config: SecAggConfig, index: int, identity: SigningKey, *, _state: _State | None = None) -> None:
         if index not in config.roster:
             raise ConfigError(f"index {index} is not in the roster", code=ErrorCode.BAD_INDEX)
         if config.roster[index] != identity.public:
@@ -346,7 +346,7 @@ class SecAggClient:
         return json.dumps(doc, sort_keys=True)
 
     @classmethod
-    def from_json(cls, config: RoundConfig, identity: SigningKey, text: str) -> SecAggClient:
+    def from_json(cls, config: SecAggConfig, identity: SigningKey, text: str) -> SecAggClient:
         """Resume from :meth:`to_json`; ValidationError if it is not such a state for this round."""
         try:
             doc = json.loads(text)

@@ -1,6 +1,6 @@
 """A round's public configuration, the per-round secrets of a device, and the sealed pair channel.
 
-**Round configuration and session.**  :class:`RoundConfig` is what every participant knows before the
+**Round configuration and session.**  :class:`SecAggConfig` is what every participant knows before the
 round: round number, suite, ``(n, k, t)``, graph seed, quantisation, vector length, the roster (index ->
 ML-DSA identity key of each device) and the coordinator's key.  ``session`` is SHA-256 over all of it;
 every phase message carries and is checked against it, so nothing replays across rounds or
@@ -49,7 +49,7 @@ from qflare.secagg.quantize import QuantSpec
 
 __all__ = [
     "KEM_SEED_LEN",
-    "RoundConfig",
+    "SecAggConfig",
     "kem_from_seed",
     "mask_kem",
     "open_sealed",
@@ -63,7 +63,7 @@ _U32 = struct.Struct(">I")
 
 
 @dataclass(frozen=True)
-class RoundConfig:
+class SecAggConfig:
     """Everything public about one secure-aggregation round (see the module docs)."""
 
     round: int
@@ -119,19 +119,19 @@ def kem_from_seed(suite: Suite, seed: bytes) -> EphemeralKem:
     return EphemeralKem.unsafe_from_seeds(suite, seed[:64], seed[64:] if suite.x25519 else None)
 
 
-def mask_kem(config: RoundConfig, msk: bytes) -> EphemeralKem:
+def mask_kem(config: SecAggConfig, msk: bytes) -> EphemeralKem:
     """Device's mask KEM key pair, derived from its pairwise master key (rebuildable from its shares)."""
     return kem_from_seed(config.suite, hkdf_sha256(msk, config.session, b"qflare/secagg/v1/mask-kem", KEM_SEED_LEN))
 
 
-def pair_seed(config: RoundConfig, msk_low: bytes, low: int, high: int) -> bytes:
+def pair_seed(config: SecAggConfig, msk_low: bytes, low: int, high: int) -> bytes:
     """``r_{low,high}``: the mask seed of an edge, chosen by its lower index from its master key."""
     if not low < high:
         raise ConfigError("the lower index chooses the pair seed", code=ErrorCode.BAD_ARGUMENT)
     return hkdf_sha256(msk_low, config.session, b"qflare/secagg/v1/pair" + _U32.pack(low) + _U32.pack(high))
 
 
-def self_mask_seed(config: RoundConfig, b: bytes) -> bytes:
+def self_mask_seed(config: SecAggConfig, b: bytes) -> bytes:
     return hkdf_sha256(b, config.session, b"qflare/secagg/v1/self-mask")
 
 
@@ -140,7 +140,7 @@ def _transcript(purpose: bytes, session: bytes, sender: int, recipient: int, pub
 
 
 def seal_to(
-    config: RoundConfig, purpose: bytes, sender: int, recipient: int, recipient_public: bytes, plaintext: bytes
+    config: SecAggConfig, purpose: bytes, sender: int, recipient: int, recipient_public: bytes, plaintext: bytes
 ) -> tuple[bytes, bytes]:
     """Encapsulate to ``recipient_public`` and seal ``plaintext``: ``(ciphertext, sealed)``."""
     ct, shared = encapsulate(config.suite, recipient_public)
@@ -150,7 +150,7 @@ def seal_to(
 
 
 def open_sealed(
-    config: RoundConfig, purpose: bytes, sender: int, recipient: int, kem: EphemeralKem, ct: bytes, sealed: bytes
+    config: SecAggConfig, purpose: bytes, sender: int, recipient: int, kem: EphemeralKem, ct: bytes, sealed: bytes
 ) -> bytes:
     """Decapsulate ``ct`` with the recipient's ``kem`` and open ``sealed``; AuthError ``bad_mac`` if forged."""
     shared = kem.decapsulate(ct)

@@ -41,7 +41,7 @@ from qflare.errors import (
 )
 from qflare.secagg.client import check_header
 from qflare.secagg.graph import neighbours
-from qflare.secagg.keys import RoundConfig, mask_kem, open_sealed, pair_seed, self_mask_seed
+from qflare.secagg.keys import SecAggConfig, mask_kem, open_sealed, pair_seed, self_mask_seed
 from qflare.secagg.messages import (
     ManifestEntry,
     SecAggField,
@@ -101,7 +101,7 @@ class _Collected:
 class SecAggServer:
     """One round of secure aggregation as the coordinator runs it (``key`` signs the unmask request)."""
 
-    def __init__(self, config: RoundConfig, key: SigningKey) -> None:
+    def __init__(self, config: SecAggConfig, key: SigningKey) -> None:
         if key.public != config.coordinator:
             raise ConfigError("key is not the round's coordinator key", code=ErrorCode.BAD_ARGUMENT)
         self.config = config
