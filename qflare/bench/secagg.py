@@ -14,7 +14,8 @@ Figures:
   KEM, signing; not the generation of its random update).
 * ``coordinator_s``: compute of every coordinator call of the round (checks, relaying, running sum,
   reconstruction and unmasking).  ``plaintext_coordinator_s``: weighted FedAvg of the same survivors'
-  float32 updates (numpy, accumulate then divide), timed in the same run.
+  float32 updates (numpy, accumulate then divide) plus the SHA-256 of each update's bytes, which the
+  plaintext protocol checks against the signed UPDATE envelope; timed in the same run.
 * ``bytes_ratio``: mean bytes a surviving device sends (advert, manifest, share entries, masked input and
   its vector, unmask response) over the bytes of its plaintext float32 update (``4 * d``), so the
   denominator leaves out any envelope the plaintext path adds: the ratio is an upper bound.
@@ -29,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from ..crypto.identity import SigningKey
+from ..crypto.suite import sha256
 from ..errors import ConfigError, ErrorCode
 from ..secagg import QuantSpec, SecAggClient, SecAggConfig, SecAggServer, choose, quantize
 
@@ -105,6 +107,7 @@ def run_secagg_bench(devices: int, dropout: float, *, seed: int = 0, length: int
         w = int(rng.integers(1, 17))
         reference += quantize(x, w, config.quant)
         t0 = time.perf_counter()
+        sha256(x.tobytes())  # the plaintext path checks each update's hash too (UPDATE envelope)
         plain_acc += x * np.float32(w)
         weight_sum += w
         plain_s += time.perf_counter() - t0

@@ -13,6 +13,8 @@ Arithmetic is numpy uint32, which wraps modulo 2^32 by definition.
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import numpy.typing as npt
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
@@ -26,20 +28,31 @@ Vector = npt.NDArray[np.uint32]
 _ZERO_CTR = bytes(16)
 
 
+_local = threading.local()
+
+
 def _keystream(seed: bytes, n: int) -> Vector:
+    """The keystream as a view of a per-thread buffer, valid until the next call in this thread.
+
+    The zero input and the output buffer are reused between calls of one size: allocating two fresh
+    6.65 MB buffers per mask costs more than the AES itself (page faults; 19.5 ms vs 2.5 ms per mask
+    measured on a loaded 2-core VM)."""
     if not isinstance(seed, (bytes, bytearray)) or len(seed) != SEED_LEN:
         raise ConfigError(f"a mask seed is {SEED_LEN} bytes", code=ErrorCode.BAD_SEED)
     if n < 0:
         raise ConfigError("mask length must be >= 0", code=ErrorCode.BAD_ARGUMENT)
+    bufs: tuple[int, bytes, bytearray] | None = getattr(_local, "bufs", None)
+    if bufs is None or bufs[0] != n:
+        bufs = (n, bytes(4 * n), bytearray(4 * n + 15))  # update_into wants block-size slack
+        _local.bufs = bufs
     enc = Cipher(algorithms.AES(bytes(seed)), modes.CTR(_ZERO_CTR)).encryptor()
-    out = bytearray(4 * n + 15)  # update_into wants block-size slack
-    enc.update_into(bytes(4 * n), out)
-    return np.frombuffer(out, dtype="<u4", count=n).astype(np.uint32, copy=False)
+    enc.update_into(bufs[1], bufs[2])
+    return np.frombuffer(bufs[2], dtype="<u4", count=n).astype(np.uint32, copy=False)
 
 
 def mask(seed: bytes, n: int) -> Vector:
-    """The mask vector of ``seed``: ``n`` words of Z_{2^32}."""
-    return _keystream(seed, n)
+    """The mask vector of ``seed``: ``n`` words of Z_{2^32} (a new array)."""
+    return _keystream(seed, n).copy()
 
 
 def add_mask(acc: Vector, seed: bytes) -> None:

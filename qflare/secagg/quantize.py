@@ -71,12 +71,14 @@ def quantize(values: npt.NDArray[np.floating], weight: int, spec: QuantSpec) -> 
     """The ``len(values) + 1`` words a device masks (its weighted fixed-point update, then its weight)."""
     if isinstance(weight, bool) or not isinstance(weight, int) or not 1 <= weight <= spec.max_weight:
         raise ValidationError(f"weight must be an integer in 1..{spec.max_weight}", code=ErrorCode.BAD_WEIGHT)
-    x = np.asarray(values, dtype=np.float64).reshape(-1)
+    x = np.array(values, dtype=np.float64).reshape(-1)  # a copy: worked on in place below
     if not np.isfinite(x).all():
         raise ValidationError("update has NaN or Inf", code=ErrorCode.NON_FINITE)
-    scaled = np.rint(np.clip(x, -spec.clip, spec.clip) * (weight * spec.scale)).astype(np.int64)
+    np.clip(x, -spec.clip, spec.clip, out=x)
+    x *= weight * spec.scale
+    np.rint(x, out=x)
     out = np.empty(x.shape[0] + 1, dtype=np.uint32)
-    out[:-1] = scaled.astype(np.uint32)  # two's complement wrap of the (bounded) signed value
+    out[:-1] = x.astype(np.int64).astype(np.uint32)  # two's complement wrap of the (bounded) signed value
     out[-1] = weight
     return out
 
