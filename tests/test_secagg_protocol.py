@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Callable
 from typing import Any
@@ -12,7 +13,7 @@ from secagg_fixtures import advertise, identity, make_config, mask, run, share, 
 
 from qflare.crypto.suite import sha256
 from qflare.errors import ErrorCode, QflareError
-from qflare.secagg import ClientPhase, SecAggClient, ServerPhase
+from qflare.secagg import ClientPhase, SecAggClient, SecAggServer, ServerPhase
 from qflare.secagg.messages import (
     SecAggField,
     SecAggMessage,
@@ -331,3 +332,61 @@ def test_device_state_survives_a_restart_in_every_phase() -> None:
     other = make_config(5, 4, 3, round_=9)
     refused("wrong_round", SecAggClient.from_json, other, identity(1), r.clients[1].to_json())
     refused("bad_json", SecAggClient.from_json, r.config, identity(1), "{}")
+
+
+def test_a_restarted_coordinator_resumes_every_phase_and_never_unmasks_twice() -> None:
+    r = start(make_config(6, 5, 3))
+
+    def restart() -> None:
+        state, total = r.server.snapshot()
+        r.server = SecAggServer.restore(r.config, identity(0), state, total)
+
+    restart()
+    for c in r.clients.values():
+        r.server.receive_advert(c.advertise())
+        restart()
+    r.server.close_advertise()
+    restart()
+    for i in r.clients:
+        if i != 6:  # 6 drops before sharing
+            r.server.receive_shares(*r.clients[i].share_keys(r.server.adverts_for(i)))
+            restart()
+    r.server.close_shares()
+    restart()
+    for i in range(1, 5):  # 5 drops before its masked input
+        x, w = r.inputs[i]
+        r.server.receive_masked(*r.clients[i].masked_input(r.server.shares_for(i), x, w))
+        restart()
+    request = r.server.close_masked()
+    restart()
+    assert r.server.phase is ServerPhase.UNMASK
+    refused("bad_transition", r.server.close_masked)  # the survivor set is fixed across the restart
+    for i in range(1, 5):
+        r.server.receive_unmask(r.clients[i].unmask(request))
+        restart()
+    res = r.server.finish()
+    assert np.array_equal(res.total, r.expected_total(range(1, 5)))
+    restart()
+    assert r.server.phase is ServerPhase.DONE
+    refused("bad_transition", r.server.finish)
+
+
+def test_a_restored_state_is_checked_again() -> None:
+    r = _masked_round()
+    state, total = r.server.snapshot()
+    doc = json.loads(state)
+    flipped = bytearray.fromhex(doc["adverts"][0])
+    flipped[-1] ^= 1
+    doc["adverts"][0] = flipped.hex()
+    refused("bad_signature", SecAggServer.restore, r.config, identity(0), json.dumps(doc), total)
+    refused("bad_json", SecAggServer.restore, r.config, identity(0), "[]", total)
+    refused("bad_json", SecAggServer.restore, r.config, identity(0), state, total[:-4])
+    other = make_config(6, 5, 3, round_=7)
+    refused("bad_json", SecAggServer.restore, other, identity(0), state, total)
+    aborted = start(make_config(4, 3, 3))
+    for c in list(aborted.clients.values())[:2]:
+        aborted.server.receive_advert(c.advertise())
+    refused("secagg_aborted", aborted.server.close_advertise)
+    back = SecAggServer.restore(aborted.config, identity(0), *aborted.server.snapshot())
+    assert back.phase is ServerPhase.ABORTED
+    refused("bad_transition", back.finish)

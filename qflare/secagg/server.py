@@ -13,6 +13,12 @@ when fewer than ``t`` devices remain, or when a device's mask cannot be removed 
 shares; the round is then ABORTED and no aggregate exists.  ``finish`` runs once: a second call is refused
 (the coordinator never unmasks twice).
 
+Persistence: :meth:`SecAggServer.snapshot` gives the round's state as JSON plus the running sum's bytes,
+:meth:`SecAggServer.restore` rebuilds it by re-checking every recorded message (signatures, sets,
+commitments) with the same code that accepted it.  The survivor set and the signed unmask request are
+part of the state from ``close_masked`` on, so a restarted coordinator cannot close the masked phase
+again with another set; a round restored as DONE or ABORTED refuses ``finish``.
+
 The coordinator never holds a device's update in the clear: it adds masked vectors into one running sum
 (mod 2^32) as they arrive, then subtracts the self masks of U3 and the pair masks between U3 and the
 devices of ``U2 - U3`` (rebuilt from their pairwise master keys).
@@ -21,6 +27,7 @@ devices of ``U2 - U3`` (rebuilt from their pairwise master keys).
 from __future__ import annotations
 
 import enum
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -259,6 +266,78 @@ class SecAggServer:
         for dealer, kind, value in got:
             self._c.shares.setdefault((dealer, kind), {})[sender] = value
         self._c.responses[sender] = msg.raw
+
+    # -- persistence -----------------------------------------------------------------------------------
+    def snapshot(self) -> tuple[str, bytes]:
+        """``(state JSON, running sum bytes)``: every accepted message and the phase."""
+        c = self._c
+        doc = {
+            "version": 1,
+            "session": self.config.session.hex(),
+            "phase": self.phase.value,
+            "adverts": [c.adverts[i].raw.hex() for i in sorted(c.adverts)],
+            "shares": [
+                [c.shared[i].manifest.hex(), [c.shared[i].entries[to].raw.hex() for to in sorted(c.shared[i].entries)]]
+                for i in sorted(c.shared)
+            ],
+            "masked": [c.masked[i].hex() for i in sorted(c.masked)],
+            "request": None if self._request is None else self._request.hex(),
+            "responses": [c.responses[i].hex() for i in sorted(c.responses)],
+        }
+        return json.dumps(doc), self._sum.astype("<u4", copy=False).tobytes()
+
+    @classmethod
+    def restore(cls, config: SecAggConfig, key: SigningKey, state: str, total: bytes) -> SecAggServer:
+        """The coordinator of :meth:`snapshot`'s round after a restart (every message checked again)."""
+        try:
+            doc = json.loads(state)
+            if doc["version"] != 1 or bytes.fromhex(doc["session"]) != config.session:
+                raise ValidationError("saved state is for another round", code=ErrorCode.BAD_JSON)
+            phase = ServerPhase(doc["phase"])
+            adverts = [bytes.fromhex(a) for a in doc["adverts"]]
+            shares = [(bytes.fromhex(m), [bytes.fromhex(e) for e in es]) for m, es in doc["shares"]]
+            masked = [bytes.fromhex(m) for m in doc["masked"]]
+            request = None if doc["request"] is None else bytes.fromhex(doc["request"])
+            responses = [bytes.fromhex(r) for r in doc["responses"]]
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise ValidationError(f"not a secure-aggregation round state: {exc}", code=ErrorCode.BAD_JSON) from None
+        s = cls(config, key)
+        if phase is ServerPhase.ABORTED:
+            s.phase = phase
+            return s
+        order = list(ServerPhase)
+        for raw in adverts:
+            s.receive_advert(raw)
+        if order.index(phase) > order.index(ServerPhase.ADVERTISE):
+            s.close_advertise()
+        for manifest, entries in shares:
+            s.receive_shares(manifest, entries)
+        if order.index(phase) > order.index(ServerPhase.SHARE_KEYS):
+            s.close_shares()
+        if len(total) != 4 * (config.length + 1) or (not masked and any(total)):
+            raise ValidationError("saved running sum does not fit the round", code=ErrorCode.BAD_JSON)
+        for raw in masked:
+            msg, sender = s._signed(raw, SecAggMsg.MASKED_INPUT, s.u2)
+            s._c.masked[sender] = msg.raw
+        s._sum = np.frombuffer(total, dtype="<u4").astype(np.uint32)
+        if order.index(phase) > order.index(ServerPhase.MASKED_INPUT):
+            if request is None:
+                raise ValidationError("saved state past the masked phase has no request", code=ErrorCode.BAD_JSON)
+            s.u3 = frozenset(s._c.masked)
+            msg = SecAggMessage.parse(request, expected=SecAggMsg.UNMASK_REQUEST)
+            check_header(msg, config)
+            msg.verify(config.coordinator)
+            if msg.get(F.SURVIVORS) != encode_indices(sorted(s.u3)) or msg.get(F.DROPPED) != encode_indices(
+                sorted(s.u2 - s.u3)
+            ):
+                raise ValidationError("saved unmask request names other sets", code=ErrorCode.BAD_JSON)
+            s._request = request
+            s.phase = ServerPhase.UNMASK
+            for raw in responses:
+                s.receive_unmask(raw)
+        if phase is ServerPhase.DONE:
+            s.phase = ServerPhase.DONE
+        return s
 
     def finish(self) -> SecAggResult:
         """Remove the masks and return the aggregate (once; ``secagg_aborted`` if shares are missing)."""
