@@ -23,8 +23,11 @@ Figures:
 
 from __future__ import annotations
 
+import io
+import json
 import os
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -32,9 +35,10 @@ import numpy as np
 from ..crypto.identity import SigningKey
 from ..crypto.suite import sha256
 from ..errors import ConfigError, ErrorCode
+from ..files import write_atomic
 from ..secagg import QuantSpec, SecAggClient, SecAggConfig, SecAggServer, choose, quantize
 
-__all__ = ["fedavg_cnn_size", "run_secagg_bench"]
+__all__ = ["fedavg_cnn_size", "plot_secagg", "run_secagg_bench", "run_secagg_scaling", "write_secagg_scaling"]
 
 TARGETS = {"bytes_ratio": 1.05, "coordinator_s_n100_dropout10": 2.0, "device_s": 0.5}
 
@@ -157,3 +161,56 @@ def run_secagg_bench(devices: int, dropout: float, *, seed: int = 0, length: int
         else None,
     }
     return out
+
+
+def run_secagg_scaling(
+    devices: list[int], dropouts: list[float], *, seed: int = 0, length: int | None = None
+) -> dict[str, Any]:
+    """:func:`run_secagg_bench` for every ``(n, dropout)``, one after the other."""
+    runs = [run_secagg_bench(n, f, seed=seed, length=length) for f in dropouts for n in devices]
+    return {"runs": runs, "targets": TARGETS}
+
+
+def plot_secagg(result: dict[str, Any]) -> bytes:
+    """A PNG: coordinator, plaintext-coordinator and device seconds against n (left), bytes ratio (right)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(10.0, 4.0), dpi=100)
+    FigureCanvasAgg(fig)
+    ax_t, ax_b = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
+    styles = ["o-", "s--", "^:", "d-."]
+    for j, f in enumerate(sorted({r["dropout"] for r in result["runs"]})):
+        runs = sorted((r for r in result["runs"] if r["dropout"] == f), key=lambda r: r["devices"])
+        ns = [r["devices"] for r in runs]
+        style = styles[j % len(styles)]
+        for key, color in (
+            ("coordinator_s", "tab:red"),
+            ("plaintext_coordinator_s", "tab:gray"),
+            ("device_s", "tab:blue"),
+        ):
+            ax_t.plot(ns, [r[key] for r in runs], style, color=color, label=f"{key}, dropout {f:.0%}")
+        ax_b.plot(ns, [r["bytes_ratio"] for r in runs], style, color="tab:green", label=f"dropout {f:.0%}")
+    ax_t.axhline(TARGETS["coordinator_s_n100_dropout10"], color="tab:red", linewidth=0.5, linestyle="--")
+    ax_t.axhline(TARGETS["device_s"], color="tab:blue", linewidth=0.5, linestyle="--")
+    ax_b.axhline(TARGETS["bytes_ratio"], color="tab:green", linewidth=0.5, linestyle="--", label="target")
+    ax_t.set_xlabel("devices n")
+    ax_t.set_ylabel("seconds (compute)")
+    ax_t.legend(fontsize=6)
+    ax_b.set_xlabel("devices n")
+    ax_b.set_ylabel("bytes sent per device, secure / plaintext")
+    ax_b.legend(fontsize=7)
+    fig.suptitle("secure aggregation, FedAvg CNN (1,663,370 parameters)", fontsize=10)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return buf.getvalue()
+
+
+def write_secagg_scaling(result: dict[str, Any], out: Path) -> list[Path]:
+    """``secagg.json`` and ``secagg.png`` under ``out`` (each replaced atomically)."""
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [out / "secagg.json", out / "secagg.png"]
+    write_atomic(paths[0], (json.dumps(result, indent=2) + "\n").encode())
+    write_atomic(paths[1], plot_secagg(result))
+    return paths
