@@ -244,3 +244,21 @@ def test_ring_order_is_uniform_enough() -> None:
     chi2 = sum((c - 500) ** 2 / 500 for c in counts)
     assert chi2 < 30.0  # 7 dof: p < 1e-4 beyond this
     assert math.isfinite(chi2)
+
+
+@pytest.mark.parametrize(("population", "marked", "draws"), [(9, 3, 4), (20, 5, 8), (30, 0, 5), (12, 12, 6)])
+def test_tail_bound_is_the_exact_hypergeometric_tail(population: int, marked: int, draws: int) -> None:
+    from qflare.secagg.params import _tail_bound
+
+    total = math.comb(population, draws)
+
+    def tail(c: int) -> float:  # P[X > c], exact
+        hi = min(marked, draws)
+        return (
+            sum(math.comb(marked, x) * math.comb(population - marked, draws - x) for x in range(c + 1, hi + 1)) / total
+        )
+
+    for log2_budget in (-1.0, -5.0, -20.0):
+        c = _tail_bound(population, marked, draws, log2_budget)
+        assert tail(c) <= 2.0**log2_budget
+        assert c == 0 or tail(c - 1) > 2.0**log2_budget

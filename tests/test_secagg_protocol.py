@@ -390,3 +390,26 @@ def test_a_restored_state_is_checked_again() -> None:
     back = SecAggServer.restore(aborted.config, identity(0), *aborted.server.snapshot())
     assert back.phase is ServerPhase.ABORTED
     refused("bad_transition", back.finish)
+
+
+def test_the_coordinator_refuses_a_manifest_that_skips_a_neighbour() -> None:
+    r = start(make_config(5, 4, 3))
+    advertise(r)
+    manifest, entries = r.clients[1].share_keys(r.server.adverts_for(1))
+    refused("malformed", r.server.receive_shares, manifest, entries[:-1])
+    shorter = r.clients[2].share_keys(r.server.adverts_for(2)[:-1])  # device 2 skips neighbour 5
+    refused("malformed", r.server.receive_shares, *shorter)
+    r.server.receive_shares(manifest, entries)
+    refused("not_selected", r.server.shares_for, 1)  # nothing is relayed before the phase closes
+
+
+def test_a_device_refuses_adverts_from_non_neighbours() -> None:
+    cfg = make_config(12, 4, 3)
+    r = start(cfg)
+    adverts = {i: c.advertise() for i, c in r.clients.items()}
+    outsider = next(i for i in range(2, 13) if i not in r.clients[1].neighbours)
+    mine = [adverts[i] for i in sorted(r.clients[1].neighbours)]
+    refused("unmask_refused", r.clients[1].share_keys, [*mine, adverts[outsider]])
+    refused("duplicate_submission", r.clients[1].share_keys, [*mine, mine[0]])
+    refused("secagg_aborted", r.clients[1].share_keys, mine[:2])  # fewer than t neighbours
+    assert r.clients[1].phase is ClientPhase.ADVERTISED
