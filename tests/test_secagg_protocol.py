@@ -413,3 +413,18 @@ def test_a_device_refuses_adverts_from_non_neighbours() -> None:
     refused("duplicate_submission", r.clients[1].share_keys, [*mine, mine[0]])
     refused("secagg_aborted", r.clients[1].share_keys, mine[:2])  # fewer than t neighbours
     assert r.clients[1].phase is ClientPhase.ADVERTISED
+
+
+def test_unmasking_on_several_threads_gives_the_same_sum() -> None:
+    r = start(make_config(9, 8, 5))
+    advertise(r)
+    share(r)
+    mask(r, {8, 9})
+    assert r.request is not None
+    for i in range(1, 8):
+        r.server.receive_unmask(r.clients[i].unmask(r.request))
+    state, total = r.server.snapshot()
+    results = [SecAggServer.restore(r.config, identity(0), state, total, workers=w).finish() for w in (1, 2, 3, 64)]
+    for res in results:
+        assert np.array_equal(res.total, r.expected_total(range(1, 8)))
+    refused("bad_argument", lambda: SecAggServer(r.config, identity(0), workers=0))

@@ -29,6 +29,7 @@ from __future__ import annotations
 import enum
 import json
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -106,13 +107,18 @@ class _Collected:
 
 
 class SecAggServer:
-    """One round of secure aggregation as the coordinator runs it (``key`` signs the unmask request)."""
+    """One round of secure aggregation as the coordinator runs it (``key`` signs the unmask request;
+    ``workers`` threads regenerate the masks to remove; default 1: on the shared 2-core VM two threads
+    were slower, 0.49-0.64 s against 0.29-0.45 s for ``finish`` at n = 40 with 20% dropout)."""
 
-    def __init__(self, config: SecAggConfig, key: SigningKey) -> None:
+    def __init__(self, config: SecAggConfig, key: SigningKey, *, workers: int | None = None) -> None:
         if key.public != config.coordinator:
             raise ConfigError("key is not the round's coordinator key", code=ErrorCode.BAD_ARGUMENT)
         self.config = config
         self._key = key
+        self.workers = 1 if workers is None else workers
+        if not 1 <= self.workers <= 64:
+            raise ConfigError("workers must be in 1..64", code=ErrorCode.BAD_ARGUMENT)
         self._graph: Mapping[int, frozenset[int]] = neighbours(config.params, config.graph_seed)
         self.phase = ServerPhase.ADVERTISE
         self._c = _Collected()
@@ -287,7 +293,9 @@ class SecAggServer:
         return json.dumps(doc), self._sum.astype("<u4", copy=False).tobytes()
 
     @classmethod
-    def restore(cls, config: SecAggConfig, key: SigningKey, state: str, total: bytes) -> SecAggServer:
+    def restore(
+        cls, config: SecAggConfig, key: SigningKey, state: str, total: bytes, *, workers: int | None = None
+    ) -> SecAggServer:
         """The coordinator of :meth:`snapshot`'s round after a restart (every message checked again)."""
         try:
             doc = json.loads(state)
@@ -301,7 +309,7 @@ class SecAggServer:
             responses = [bytes.fromhex(r) for r in doc["responses"]]
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise ValidationError(f"not a secure-aggregation round state: {exc}", code=ErrorCode.BAD_JSON) from None
-        s = cls(config, key)
+        s = cls(config, key, workers=workers)
         if phase is ServerPhase.ABORTED:
             s.phase = phase
             return s
@@ -360,10 +368,10 @@ class SecAggServer:
 
     def _unmask(self, dropped: list[int]) -> SecAggResult:
         t = self.config.params.t
-        total = self._sum.copy()
+        removals: list[tuple[bytes, bool]] = []  # (seed, True: add its mask back / False: subtract it)
         for u in sorted(self.u3):
             b = reconstruct(self._c.shares[(u, ShareKind.SELF_MASK)], t)
-            sub_mask(total, self_mask_seed(self.config, b))
+            removals.append((self_mask_seed(self.config, b), False))
         for u in dropped:
             if not self._graph[u] & self.u3:
                 continue
@@ -373,10 +381,28 @@ class SecAggServer:
                 raise AuthError(f"device {u}'s rebuilt key is not the one it advertised", code=ErrorCode.BAD_SHARE)
             for v in sorted(self._graph[u] & self.u3):
                 if u < v:  # u chose r_uv; v subtracted it
-                    add_mask(total, pair_seed(self.config, msk, u, v))
+                    removals.append((pair_seed(self.config, msk, u, v), True))
                 else:  # v chose r_vu and sealed it to u's mask key; v added it
                     entry = self._c.shared[v].entries[u]
                     r = open_sealed(self.config, b"pair", v, u, kem, entry.get(F.CT_MASK), entry.get(F.SEALED_PAIR))
-                    sub_mask(total, r)
+                    removals.append((r, False))
+        total = self._sum.copy()
+        for part in self._mask_sums(removals):
+            np.add(total, part, out=total)
         mean, weight_sum = dequantize(total, len(self.u3), self.config.quant)
         return SecAggResult(total, mean, weight_sum, tuple(sorted(self.u3)), tuple(dropped))
+
+    def _mask_sums(self, removals: list[tuple[bytes, bool]]) -> list[Vector]:
+        """Partial sums of the signed masks, over ``workers`` threads (AES-CTR and numpy release the GIL)."""
+        chunks = [removals[i :: self.workers] for i in range(self.workers) if removals[i :: self.workers]]
+
+        def run(chunk: list[tuple[bytes, bool]]) -> Vector:
+            acc: Vector = np.zeros(self.config.length + 1, dtype=np.uint32)
+            for seed, add in chunk:
+                (add_mask if add else sub_mask)(acc, seed)
+            return acc
+
+        if len(chunks) <= 1:
+            return [run(c) for c in chunks]
+        with ThreadPoolExecutor(max_workers=len(chunks), thread_name_prefix="qflare-unmask") as pool:
+            return list(pool.map(run, chunks))
