@@ -128,3 +128,69 @@ def test_build_refuses_wrong_fields_and_signing_rules() -> None:
         )
     with pytest.raises(ConfigError):
         SecAggMessage.build(cfg.suite, SecAggMsg.UNMASK_REQUEST, {**base, F.SURVIVORS: bytes(4), F.DROPPED: b""}, None)
+
+
+def test_hostile_inputs_only_ever_raise_typed_errors() -> None:
+    """Random garbage, truncations and splices at every entry point: QflareError, never anything else."""
+    import contextlib
+    import random
+
+    rnd = random.Random(7)
+    r = start(make_config(4, 3, 2, length=8))
+    adverts = {i: c.advertise() for i, c in r.clients.items()}
+
+    def mutations(raw: bytes) -> list[object]:
+        cut = rnd.randrange(len(raw))
+        return [
+            b"",
+            raw[:cut],
+            raw + rnd.randbytes(5),
+            raw[:cut] + rnd.randbytes(rnd.randrange(1, 64)) + raw[cut:],
+            rnd.randbytes(len(raw)),
+            None,
+            "text",
+            bytearray(raw[:cut]),
+        ]
+
+    def only_typed(fn: object, *args: object) -> None:
+        with contextlib.suppress(QflareError):
+            fn(*args)  # type: ignore[operator]
+
+    for bad in mutations(adverts[1]):
+        only_typed(r.server.receive_advert, bad)
+        only_typed(r.clients[2].share_keys, [bad])
+    for raw in adverts.values():
+        r.server.receive_advert(raw)
+    r.server.close_advertise()
+    manifest, entries = r.clients[1].share_keys(r.server.adverts_for(1))
+    for bad in mutations(manifest):
+        only_typed(r.server.receive_shares, bad, entries)
+    for bad in mutations(entries[0]):
+        only_typed(r.server.receive_shares, manifest, [bad, *entries[1:]])
+    r.server.receive_shares(manifest, entries)
+    for i in (2, 3, 4):
+        r.server.receive_shares(*r.clients[i].share_keys(r.server.adverts_for(i)))
+    r.server.close_shares()
+    relayed = r.server.shares_for(1)
+    for bad in mutations(relayed[0][1]):
+        only_typed(r.clients[1].masked_input, [(relayed[0][0], bad), *relayed[1:]], np.zeros(8), 1)
+    env, blob = r.clients[1].masked_input(relayed, *r.inputs[1])
+    for bad in mutations(env):
+        only_typed(r.server.receive_masked, bad, blob)
+    for bad in mutations(blob):
+        only_typed(r.server.receive_masked, env, bad)
+    r.server.receive_masked(env, blob)
+    for i in (2, 3, 4):
+        x, w = r.inputs[i]
+        r.server.receive_masked(*r.clients[i].masked_input(r.server.shares_for(i), x, w))
+    request = r.server.close_masked()
+    for bad in mutations(request):
+        only_typed(r.clients[1].unmask, bad)
+    answer = r.clients[1].unmask(request)
+    for bad in mutations(answer):
+        only_typed(r.server.receive_unmask, bad)
+    r.server.receive_unmask(answer)
+    for i in (2, 3, 4):
+        r.server.receive_unmask(r.clients[i].unmask(request))
+    res = r.server.finish()  # the hostile inputs left no trace: the round completes exactly
+    assert np.array_equal(res.total, r.expected_total(range(1, 5)))

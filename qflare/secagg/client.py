@@ -222,7 +222,7 @@ class SecAggClient:
     def _open_entry(self, manifest_raw: bytes, entry_raw: bytes) -> tuple[int, _Held]:
         msg, peer = self._from_peer(manifest_raw, SecAggMsg.MANIFEST, set(self._s.publics))
         mine = [e for e in decode_entries(msg.get(F.ENTRIES)) if e.to == self.index]
-        if len(mine) != 1 or mine[0].digest != sha256(entry_raw):
+        if not isinstance(entry_raw, bytes) or len(mine) != 1 or mine[0].digest != sha256(entry_raw):
             raise AuthError(f"share entry from {peer} is not the one its manifest signs", code=ErrorCode.BAD_SHARE)
         entry = SecAggMessage.parse(entry_raw, expected=SecAggMsg.SHARE)
         check_header(entry, self.config)

@@ -194,7 +194,7 @@ class SecAggServer:
             raise MalformedError(f"device {sender} must share with exactly {want}", code=ErrorCode.MALFORMED)
         by_to: dict[int, SecAggMessage] = {}
         for e, raw in zip(listed, entries, strict=True):
-            if sha256(raw) != e.digest:
+            if not isinstance(raw, bytes) or sha256(raw) != e.digest:
                 raise AuthError(f"share entry {sender}->{e.to} is not the one signed", code=ErrorCode.BAD_SHARE)
             entry = SecAggMessage.parse(raw, expected=SecAggMsg.SHARE)
             check_header(entry, self.config)
@@ -223,7 +223,7 @@ class SecAggServer:
         self._expect(ServerPhase.MASKED_INPUT)
         msg, sender = self._signed(raw, SecAggMsg.MASKED_INPUT, self.u2)
         words = self.config.length + 1
-        if msg.get_int(F.LENGTH) != words or len(vector) != 4 * words:
+        if not isinstance(vector, bytes) or msg.get_int(F.LENGTH) != words or len(vector) != 4 * words:
             raise ValidationError(f"masked input must be {words} words", code=ErrorCode.BAD_SHAPE)
         if sha256(vector) != msg.get(F.VECTOR_HASH):
             raise ValidationError("masked input does not hash to its signed digest", code=ErrorCode.HASH_MISMATCH)
