@@ -428,3 +428,18 @@ def test_unmasking_on_several_threads_gives_the_same_sum() -> None:
     for res in results:
         assert np.array_equal(res.total, r.expected_total(range(1, 8)))
     refused("bad_argument", lambda: SecAggServer(r.config, identity(0), workers=0))
+
+
+def test_an_advert_with_an_unusable_kem_key_is_refused() -> None:
+    cfg = make_config(4, 3, 2)
+    r = start(cfg)
+    msg = SecAggMessage.parse(r.clients[1].advertise(), expected=SecAggMsg.ADVERTISE)
+    fields = dict(msg.fields)
+    public = bytearray(fields[F.MASK_PUBLIC])
+    public[-32:] = bytes(32)  # X25519 all-zero point: low order
+    fields[F.MASK_PUBLIC] = bytes(public)
+    signed = SecAggMessage.build(cfg.suite, SecAggMsg.ADVERTISE, fields, identity(1)).raw
+    refused("bad_kem_share", r.server.receive_advert, signed)
+    fields[F.MASK_PUBLIC] = b"\xff" * len(public)  # ML-KEM coefficients out of range
+    signed = SecAggMessage.build(cfg.suite, SecAggMsg.ADVERTISE, fields, identity(1)).raw
+    refused("malformed", r.server.receive_advert, signed)

@@ -50,6 +50,7 @@ from qflare.secagg.quantize import QuantSpec
 __all__ = [
     "KEM_SEED_LEN",
     "SecAggConfig",
+    "check_kem_public",
     "kem_from_seed",
     "mask_kem",
     "open_sealed",
@@ -110,6 +111,12 @@ class SecAggConfig:
         """SHA-256 binding every public parameter of the round."""
         value: bytes = self.__dict__["_session"]
         return value
+
+
+def check_kem_public(suite: Suite, public: bytes) -> None:
+    """MalformedError unless ``public`` is a hybrid KEM public key one can encapsulate to (a trial
+    encapsulation: ML-KEM's key check and X25519's low-order-point refusal)."""
+    encapsulate(suite, public)
 
 
 def kem_from_seed(suite: Suite, seed: bytes) -> EphemeralKem:

@@ -49,7 +49,7 @@ from qflare.errors import (
 )
 from qflare.secagg.client import check_header
 from qflare.secagg.graph import neighbours
-from qflare.secagg.keys import SecAggConfig, mask_kem, open_sealed, pair_seed, self_mask_seed
+from qflare.secagg.keys import SecAggConfig, check_kem_public, mask_kem, open_sealed, pair_seed, self_mask_seed
 from qflare.secagg.messages import (
     ManifestEntry,
     SecAggField,
@@ -168,6 +168,9 @@ class SecAggServer:
         self._expect(ServerPhase.ADVERTISE)
         msg, sender = self._signed(raw, SecAggMsg.ADVERTISE, range(1, self.config.params.n + 1))
         if self._first({k: v.raw for k, v in self._c.adverts.items()}, sender, msg.raw):
+            # a key nobody can encapsulate to would make every neighbour's share_keys fail: refuse it here
+            check_kem_public(self.config.suite, msg.get(F.CHANNEL_PUBLIC))
+            check_kem_public(self.config.suite, msg.get(F.MASK_PUBLIC))
             self._c.adverts[sender] = msg
 
     def close_advertise(self) -> None:
