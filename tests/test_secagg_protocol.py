@@ -443,3 +443,15 @@ def test_an_advert_with_an_unusable_kem_key_is_refused() -> None:
     fields[F.MASK_PUBLIC] = b"\xff" * len(public)  # ML-KEM coefficients out of range
     signed = SecAggMessage.build(cfg.suite, SecAggMsg.ADVERTISE, fields, identity(1)).raw
     refused("malformed", r.server.receive_advert, signed)
+
+
+def test_a_doomed_round_aborts_before_any_share_is_revealed() -> None:
+    r = start(make_config(12, 4, 3))
+    advertise(r)
+    share(r)
+    two = sorted(r.clients[1].neighbours)[:2]  # device 1 keeps 2 < t neighbours that send masked inputs
+    with pytest.raises(QflareError) as info:
+        mask(r, set(two))
+    assert info.value.code is ErrorCode.SECAGG_ABORTED
+    assert r.request is None and r.server.phase is ServerPhase.ABORTED
+    assert all(c.phase is ClientPhase.MASKED for i, c in r.clients.items() if i not in two)

@@ -235,10 +235,16 @@ class SecAggServer:
             self._c.masked[sender] = msg.raw
 
     def close_masked(self) -> bytes:
-        """The signed UNMASK_REQUEST (survivors U3, dropped U2 - U3) for every device of U3."""
+        """The signed UNMASK_REQUEST (survivors U3, dropped U2 - U3) for every device of U3; aborts instead
+        when some secret that must be rebuilt has fewer than ``t`` holders left in U3."""
         self._expect(ServerPhase.MASKED_INPUT)
         self.u3 = frozenset(self._c.masked)
         self._need(self.u3, "sent masked inputs")
+        t = self.config.params.t
+        for u in sorted(self.u2):  # a secret that could not be rebuilt: abort before any share is revealed
+            holders = len(self._graph[u] & self.u3)
+            if (u in self.u3 or holders) and holders < t:
+                raise self._abort(f"device {u} keeps {holders} neighbours that sent masked inputs, threshold is {t}")
         fields = {
             F.ROUND: self.config.round.to_bytes(8, "big"),
             F.SESSION: self.config.session,
