@@ -58,6 +58,7 @@ from qflare.secagg.messages import (
     SecAggMsg,
     ShareKind,
     ShareRecord,
+    check_header,
     decode_entries,
     decode_indices,
     encode_entries,
@@ -68,7 +69,7 @@ from qflare.secagg.prg import Vector, add_mask, sub_mask
 from qflare.secagg.quantize import quantize
 from qflare.secagg.shamir import SHARE_LEN, encode_share, split
 
-__all__ = ["ClientPhase", "SecAggClient", "check_header"]
+__all__ = ["ClientPhase", "SecAggClient"]
 
 F = SecAggField
 
@@ -79,17 +80,6 @@ class ClientPhase(enum.StrEnum):
     SHARED = "shared"
     MASKED = "masked"
     DONE = "done"
-
-
-def check_header(msg: SecAggMessage, config: SecAggConfig) -> None:
-    """WrongRoundError unless ``msg`` is for this round and configuration (replays across rounds)."""
-    if msg.suite != config.suite:
-        raise WrongRoundError("message is for another suite", code=ErrorCode.WRONG_ROUND)
-    if msg.get_int(F.ROUND) != config.round or msg.get(F.SESSION) != config.session:
-        raise WrongRoundError(
-            f"message is for round {msg.get_int(F.ROUND)} / another session, not round {config.round}",
-            code=ErrorCode.WRONG_ROUND,
-        )
 
 
 @dataclass

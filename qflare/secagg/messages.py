@@ -48,7 +48,8 @@ from types import MappingProxyType
 from qflare.crypto.identity import SigningKey, VerifyKey
 from qflare.crypto.kem import kem_ciphertext_len, kem_public_len
 from qflare.crypto.suite import SUITE_WIRE_LEN, Suite, sha256
-from qflare.errors import BadSignatureError, ConfigError, ErrorCode, MalformedError, OversizeError
+from qflare.errors import BadSignatureError, ConfigError, ErrorCode, MalformedError, OversizeError, WrongRoundError
+from qflare.secagg.keys import SecAggConfig
 from qflare.secagg.params import MAX_DEVICES
 from qflare.secagg.shamir import SHARE_LEN
 
@@ -65,6 +66,7 @@ __all__ = [
     "SecAggMsg",
     "ShareKind",
     "ShareRecord",
+    "check_header",
     "context_for",
     "decode_entries",
     "decode_indices",
@@ -313,6 +315,17 @@ class SecAggMessage:
 
     def get_int(self, tag: SecAggField) -> int:
         return int.from_bytes(self.fields[tag], "big")
+
+
+def check_header(msg: SecAggMessage, config: SecAggConfig) -> None:
+    """WrongRoundError unless ``msg`` is for this round and configuration (replays across rounds)."""
+    if msg.suite != config.suite:
+        raise WrongRoundError("message is for another suite", code=ErrorCode.WRONG_ROUND)
+    if msg.get_int(SecAggField.ROUND) != config.round or msg.get(SecAggField.SESSION) != config.session:
+        raise WrongRoundError(
+            f"message is for round {msg.get_int(SecAggField.ROUND)} / another session, not round {config.round}",
+            code=ErrorCode.WRONG_ROUND,
+        )
 
 
 def share_commitment(session: bytes, kind: ShareKind, dealer: int, holder: int, share: bytes) -> bytes:

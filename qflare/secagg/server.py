@@ -47,7 +47,6 @@ from qflare.errors import (
     RoundError,
     ValidationError,
 )
-from qflare.secagg.client import check_header
 from qflare.secagg.graph import neighbours
 from qflare.secagg.keys import SecAggConfig, check_kem_public, mask_kem, open_sealed, pair_seed, self_mask_seed
 from qflare.secagg.messages import (
@@ -56,6 +55,7 @@ from qflare.secagg.messages import (
     SecAggMessage,
     SecAggMsg,
     ShareKind,
+    check_header,
     decode_entries,
     decode_share_records,
     encode_indices,
