@@ -41,13 +41,17 @@ def _keystream(seed: bytes, n: int) -> Vector:
         raise ConfigError(f"a mask seed is {SEED_LEN} bytes", code=ErrorCode.BAD_SEED)
     if n < 0:
         raise ConfigError("mask length must be >= 0", code=ErrorCode.BAD_ARGUMENT)
-    bufs: tuple[int, bytes, bytearray] | None = getattr(_local, "bufs", None)
-    if bufs is None or bufs[0] != n:
-        bufs = (n, bytes(4 * n), bytearray(4 * n + 15))  # update_into wants block-size slack
-        _local.bufs = bufs
+    cache: dict[int, tuple[bytes, bytearray]] | None = getattr(_local, "bufs", None)
+    if cache is None:
+        cache = _local.bufs = {}
+    bufs = cache.get(n)
+    if bufs is None:
+        if len(cache) >= 2:  # a model-sized buffer and a small one (the graph's stream) are what is used
+            cache.pop(next(iter(cache)))
+        bufs = cache[n] = (bytes(4 * n), bytearray(4 * n + 15))  # update_into wants block-size slack
     enc = Cipher(algorithms.AES(bytes(seed)), modes.CTR(_ZERO_CTR)).encryptor()
-    enc.update_into(bufs[1], bufs[2])
-    return np.frombuffer(bufs[2], dtype="<u4", count=n).astype(np.uint32, copy=False)
+    enc.update_into(bufs[0], bufs[1])
+    return np.frombuffer(bufs[1], dtype="<u4", count=n).astype(np.uint32, copy=False)
 
 
 def mask(seed: bytes, n: int) -> Vector:
