@@ -455,3 +455,24 @@ def test_a_doomed_round_aborts_before_any_share_is_revealed() -> None:
     assert info.value.code is ErrorCode.SECAGG_ABORTED
     assert r.request is None and r.server.phase is ServerPhase.ABORTED
     assert all(c.phase is ClientPhase.MASKED for i, c in r.clients.items() if i not in two)
+
+
+def test_the_session_binds_every_public_parameter() -> None:
+    import dataclasses
+
+    from qflare.secagg import QuantSpec, SecAggParams
+
+    base = make_config(5, 4, 3)
+    variants = [
+        dataclasses.replace(base, round=2),
+        dataclasses.replace(base, params=SecAggParams(5, 4, 4)),
+        dataclasses.replace(base, graph_seed=b"\x08" * 32),
+        dataclasses.replace(base, quant=QuantSpec(clip=0.5)),
+        dataclasses.replace(base, quant=QuantSpec(max_weight=8)),
+        dataclasses.replace(base, length=51),
+        dataclasses.replace(base, roster={**base.roster, 5: identity(9).public}),
+        dataclasses.replace(base, coordinator=identity(9).public),
+    ]
+    sessions = {base.session, *(v.session for v in variants)}
+    assert len(sessions) == len(variants) + 1
+    assert make_config(5, 4, 3).session == base.session

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import MappingProxyType
 
 from cryptography.exceptions import InvalidTag
@@ -75,6 +75,8 @@ class SecAggConfig:
     roster: Mapping[int, VerifyKey]
     coordinator: VerifyKey
     suite: Suite = DEFAULT_SUITE
+    session: bytes = field(init=False, repr=False)
+    """SHA-256 binding every public parameter of the round (computed)."""
 
     def __post_init__(self) -> None:
         if not 0 <= self.round < 2**63:
@@ -104,13 +106,7 @@ class SecAggConfig:
                 *(self.roster[i].key_id_bytes for i in range(1, p.n + 1)),
             ]
         )
-        object.__setattr__(self, "_session", sha256(material))
-
-    @property
-    def session(self) -> bytes:
-        """SHA-256 binding every public parameter of the round."""
-        value: bytes = self.__dict__["_session"]
-        return value
+        object.__setattr__(self, "session", sha256(material))
 
 
 def check_kem_public(suite: Suite, public: bytes) -> None:
