@@ -253,6 +253,10 @@ class ErrorCode(enum.StrEnum):
     TOKEN_REVOKED = "token_revoked"
     LOGIN_FAILED = "login_failed"
     CSRF_FAILED = "csrf_failed"
+    # secure aggregation (qflare/secagg)
+    SECAGG_ABORTED = "secagg_aborted"
+    UNMASK_REFUSED = "unmask_refused"
+    BAD_SHARE = "bad_share"
 
 
 class Retry(enum.Enum):
@@ -895,6 +899,24 @@ CODE_SPECS: Mapping[ErrorCode, CodeSpec] = MappingProxyType(
             "a state-changing dashboard request lacked its session's CSRF token (or sent a wrong one); nothing changed",
             _F,
             AdminAuthError,
+        ),
+        _C.SECAGG_ABORTED: _spec(
+            "a secure-aggregation round cannot complete: fewer devices or shares remain than its threshold "
+            "(no aggregate is produced)",
+            _S,
+            RoundError,
+        ),
+        _C.UNMASK_REFUSED: _spec(
+            "a device refuses an unmask request that asks for both kinds of share of one peer, or that contradicts "
+            "what it saw in the round",
+            _D,
+            ProtocolError,
+        ),
+        _C.BAD_SHARE: _spec(
+            "a secret share does not match the commitment its dealer signed, or cannot be decoded",
+            _R,
+            AuthError,
+            MalformedError,
         ),
     }
 )

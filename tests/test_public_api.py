@@ -60,8 +60,9 @@ def test_subpackages_declare_their_surface():
     import qflare.crypto
     import qflare.data
     import qflare.protocol
+    import qflare.secagg
     import qflare.strategy
     import qflare.transport
 
-    for mod in (qflare.crypto, qflare.data, qflare.protocol, qflare.strategy, qflare.transport):
+    for mod in (qflare.crypto, qflare.data, qflare.protocol, qflare.secagg, qflare.strategy, qflare.transport):
         assert mod.__all__ and all(hasattr(mod, n) for n in mod.__all__), mod.__name__

@@ -339,3 +339,54 @@ def defenses(
         _show(result, f"defences, fmnist-dir05, {rounds} rounds")
         console.print(result["accuracy"])
         console.print(f"wrote {png_path}")
+
+
+@app.command("secagg")
+def secagg(
+    devices: int = typer.Option(100, min=3, max=1000, help="Devices in the round."),
+    dropout: float = typer.Option(
+        0.1, min=0.0, max=0.9, help="Fraction of devices that drop before their masked input (also tolerated)."
+    ),
+    seed: int = typer.Option(0, help="Seed of the updates, weights and who drops."),
+    json_: bool = typer.Option(False, "--json", help="Print one JSON object."),
+) -> None:
+    """One post-quantum secure-aggregation round of the FedAvg CNN's size against plaintext FedAvg of the
+    same updates: exact match, bytes sent per device, device and coordinator compute."""
+    from ..bench.secagg import run_secagg_bench
+
+    with friendly_errors():
+        result = run_secagg_bench(devices, dropout, seed=seed)
+    if json_:
+        print(json.dumps(result))
+    else:
+        _show(result, f"secure aggregation, {devices} devices, {dropout:.0%} dropout")
+
+
+@app.command("secagg-scaling")
+def secagg_scaling(
+    devices: str = typer.Option("10,50,100,200", help="Device counts, comma-separated (one round each)."),
+    dropouts: str = typer.Option("0,0.1", help="Dropout fractions, comma-separated."),
+    seed: int = typer.Option(0, help="Seed of the updates, weights and who drops."),
+    out: Path = typer.Option(Path("bench-secagg"), help="Folder for secagg.json and secagg.png."),
+    json_: bool = typer.Option(False, "--json", help="Print one JSON object."),
+) -> None:
+    """`bench secagg` for every device count and dropout; writes secagg.json and secagg.png (figures against n)."""
+    from ..bench.secagg import run_secagg_scaling, write_secagg_scaling
+
+    with friendly_errors():
+        try:
+            ns = [int(x) for x in devices.split(",") if x.strip()]
+            fs = [float(x) for x in dropouts.split(",") if x.strip()]
+        except ValueError:
+            raise ConfigError("--devices and --dropouts are comma-separated numbers") from None
+        if not ns or not fs or any(not 3 <= n <= 1000 for n in ns) or any(not 0 <= f < 1 for f in fs):
+            raise ConfigError("--devices in 3..1000 and --dropouts in [0, 1), at least one each")
+        folder = writable_dir(out, "--out")
+        result = run_secagg_scaling(ns, fs, seed=seed)
+        paths = write_secagg_scaling(result, folder)
+    if json_:
+        print(json.dumps(result))
+        return
+    for r in result["runs"]:
+        _show(r, f"secure aggregation, {r['devices']} devices, {r['dropout']:.0%} dropout")
+    console.print("wrote " + ", ".join(str(p) for p in paths))

@@ -1,0 +1,105 @@
+"""Shamir t-of-n secret sharing of 32-byte secrets over the prime field GF(2^521 - 1).
+
+A secret ``s`` (32 bytes, read as a big-endian integer ``< 2^256``) is the constant term of a random
+polynomial ``f`` of degree ``t - 1`` whose other coefficients are uniform in the field; share ``i`` is
+``f(i)`` for a participant index ``i`` in ``1..MAX_INDEX``.  Any ``t`` shares give ``s`` back by Lagrange
+interpolation at 0; any ``t - 1`` shares are independent of ``s`` (perfect secrecy, because the field is
+larger than the secret space and the coefficients are uniform).
+
+Why 2^521 - 1: a Mersenne prime (so the modulus is known prime without a certificate) larger than 2^256,
+so every 32-byte secret is a field element without reduction and a share is 66 bytes.  Coefficients
+come from ``secrets.randbelow`` (the OS CSPRNG).  No maintained library fits: pycryptodome's
+``Crypto.Protocol.SecretSharing.Shamir`` shares 16-byte secrets over GF(2^128) only, and would be a new
+dependency for two splits and one Lagrange formula.
+
+Encoding of a share: its value as 66 bytes big-endian; a value ``>= P`` is refused (one valid encoding).
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Iterable, Mapping
+
+from qflare.errors import AuthError, ConfigError, ErrorCode, MalformedError, RoundError
+
+__all__ = ["MAX_INDEX", "SECRET_LEN", "SHARE_LEN", "P", "decode_share", "encode_share", "reconstruct", "split"]
+
+P = 2**521 - 1
+SECRET_LEN = 32
+SHARE_LEN = 66  # ceil(521 / 8)
+MAX_INDEX = 2**32 - 1  # participant indices are u32 on the wire, never 0 (f(0) is the secret)
+
+
+def _check_threshold(threshold: int, count: int) -> None:
+    if not 1 <= threshold <= count:
+        raise ConfigError(f"threshold must be in 1..{count}, got {threshold}", code=ErrorCode.BAD_ARGUMENT)
+
+
+def _check_indices(indices: Iterable[int]) -> list[int]:
+    out = list(indices)
+    if len(set(out)) != len(out):
+        raise ConfigError("share indices must be distinct", code=ErrorCode.BAD_ARGUMENT)
+    for i in out:
+        if not isinstance(i, int) or isinstance(i, bool) or not 1 <= i <= MAX_INDEX:
+            raise ConfigError(f"share index {i!r} not in 1..{MAX_INDEX}", code=ErrorCode.BAD_ARGUMENT)
+    return out
+
+
+def split(secret: bytes, threshold: int, indices: Iterable[int]) -> dict[int, int]:
+    """Shares ``{index: f(index)}`` of a 32-byte ``secret``; any ``threshold`` of them recover it."""
+    if not isinstance(secret, (bytes, bytearray)) or len(secret) != SECRET_LEN:
+        raise ConfigError(f"secret must be {SECRET_LEN} bytes", code=ErrorCode.BAD_ARGUMENT)
+    xs = _check_indices(indices)
+    _check_threshold(threshold, len(xs))
+    coeffs = [int.from_bytes(secret, "big")] + [secrets.randbelow(P) for _ in range(threshold - 1)]
+    out: dict[int, int] = {}
+    for x in xs:
+        acc = 0
+        for c in reversed(coeffs):  # Horner
+            acc = (acc * x + c) % P
+        out[x] = acc
+    return out
+
+
+def reconstruct(shares: Mapping[int, int], threshold: int) -> bytes:
+    """The secret from exactly ``threshold`` shares (the first ``threshold`` by index are used).
+
+    Fewer shares is a ValidationError (``secagg_aborted``); a result that is not a 32-byte secret means a
+    share was wrong (``bad_share``).  Shares should be checked against their commitments first.
+    """
+    xs = _check_indices(shares)
+    if len(xs) < threshold:
+        raise RoundError(f"{len(xs)} shares cannot recover a {threshold}-of-n secret", code=ErrorCode.SECAGG_ABORTED)
+    pts = sorted(xs)[:threshold]
+    for x in pts:
+        if not 0 <= shares[x] < P:
+            raise MalformedError("share value outside the field", code=ErrorCode.BAD_SHARE)
+    num_all = 1
+    for x in pts:
+        num_all = num_all * x % P
+    acc = 0
+    for xi in pts:
+        num = num_all * pow(xi, -1, P) % P  # product of the other x_j
+        den = 1
+        for xj in pts:
+            if xj != xi:
+                den = den * (xj - xi) % P
+        acc = (acc + shares[xi] * num * pow(den, -1, P)) % P
+    if acc >= 2 ** (8 * SECRET_LEN):
+        raise AuthError("shares do not interpolate to a 32-byte secret", code=ErrorCode.BAD_SHARE)
+    return acc.to_bytes(SECRET_LEN, "big")
+
+
+def encode_share(value: int) -> bytes:
+    if not 0 <= value < P:
+        raise ConfigError("share value outside the field", code=ErrorCode.BAD_ARGUMENT)
+    return value.to_bytes(SHARE_LEN, "big")
+
+
+def decode_share(data: bytes) -> int:
+    if len(data) != SHARE_LEN:
+        raise MalformedError(f"a share is {SHARE_LEN} bytes, got {len(data)}", code=ErrorCode.BAD_SHARE)
+    value = int.from_bytes(data, "big")
+    if value >= P:
+        raise MalformedError("share value outside the field", code=ErrorCode.BAD_SHARE)
+    return value
