@@ -14,10 +14,15 @@ import ctypes
 import ctypes.util
 from typing import Any
 
-__all__ = ["release_free_memory", "tune_heap"]
+__all__ = ["SERVER_ARENAS", "limit_arenas", "release_free_memory", "tune_heap"]
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
+_M_ARENA_MAX = -8
+
+#: malloc arenas for a coordinator server (docs/performance.md, "Server memory under ingest"): each
+#: upload thread otherwise keeps its own arena of freed update-sized buffers (the trim threshold is high).
+SERVER_ARENAS = 2
 
 
 def _load_libc() -> Any:
@@ -38,6 +43,14 @@ def tune_heap(mmap_threshold: int = 32 * 1024 * 1024, trim_threshold: int = 4 * 
     return bool(_LIBC.mallopt(_M_MMAP_THRESHOLD, mmap_threshold)) and bool(
         _LIBC.mallopt(_M_TRIM_THRESHOLD, trim_threshold)
     )
+
+
+def limit_arenas(count: int) -> bool:
+    """Cap glibc's malloc arenas for this process (effective for threads that allocate afterwards; call
+    before starting threads); True when applied."""
+    if count < 1:
+        raise ValueError(f"arena count must be >= 1, got {count}")
+    return _LIBC is not None and bool(_LIBC.mallopt(_M_ARENA_MAX, count))
 
 
 def release_free_memory() -> None:

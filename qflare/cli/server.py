@@ -16,6 +16,7 @@ from ..config import default_data_dir
 from ..data import DATASETS
 from ..errors import ConfigError
 from ..federation import FederationSpec, suite_by_name
+from ..memory import SERVER_ARENAS, limit_arenas
 from . import options as opts
 from . import runconfig
 from .common import FEDERATION_HELP, console, err_console, federation_spec, friendly_errors, writable_dir
@@ -148,6 +149,7 @@ def server(
     from ..server.logs import configure_logging
 
     with friendly_errors():
+        limit_arenas(SERVER_ARENAS)  # before any thread allocates: bounds RSS under concurrent uploads
         configure_logging(log_level, log_format)
 
         def build() -> FederationSpec:
