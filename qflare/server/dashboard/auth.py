@@ -25,6 +25,7 @@ from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatc
 from starlette.requests import Request
 
 from ...errors import AdminAuthError, ConfigError, ErrorCode
+from ...files import write_atomic
 from ...storage import Store
 from ..credentials import AdminToken
 from ..limits import RateDecision, RateLimiter
@@ -56,18 +57,7 @@ def write_password_file(data_dir: Path, password: str) -> Path:
     if not isinstance(password, str) or not _MIN_PASSWORD <= len(password) <= _MAX_SECRET:
         raise ConfigError(f"the operator password must be {_MIN_PASSWORD}..{_MAX_SECRET} characters")
     data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    path = data_dir / PASSWORD_FILE
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600)
-    try:
-        with os.fdopen(fd, "w", encoding="ascii") as fh:
-            fh.write(PasswordHasher().hash(password) + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return write_atomic(data_dir / PASSWORD_FILE, PasswordHasher().hash(password) + "\n", mode=0o600)
 
 
 def _read_password_hash(data_dir: Path) -> str | None:
