@@ -107,6 +107,11 @@ class SimulationConfig:
                 f"per_round ({spec.per_round}) cannot exceed devices ({spec.devices}): a round selects distinct devices"
             )
         spec.build_strategy()  # refuse now a strategy that cannot aggregate per_round updates
+        if not self.protocol and spec.detection_config() is not None:
+            raise ConfigError(
+                "threat detection (--aggregator reputation) runs in the coordinator's round manager; "
+                "--no-protocol has none"
+            )
         if self.attack is not None:
             if not isinstance(self.attack, AttackConfig):
                 raise ConfigError(f"attack must be an AttackConfig, got {type(self.attack).__name__}")
@@ -262,8 +267,9 @@ class Federation(Protocol):
 
     def close(self) -> None: ...
 
-    # Optional (looked up with getattr; the remote federation of the benchmarks has neither):
-    # ``privacy() -> PrivacySpent | None`` after a round, ``stop_reason: str | None`` once finished.
+    # Optional (looked up with getattr; the remote federation of the benchmarks has none of them):
+    # ``privacy() -> PrivacySpent | None`` after a round, ``stop_reason: str | None`` once finished,
+    # ``left_out(round) -> {device: reason}`` and ``quarantined(round) -> [device]`` for the defence log.
 
 
 FederationFactory = Callable[["SimulationConfig", ParamLayout, torch.Tensor], Federation]
@@ -371,6 +377,11 @@ class _SecureFederation:
             if reason != NO_UPDATE and device in self._index:
                 out[self._index[device]] = str(reason)
         return out
+
+    def quarantined(self, number: int) -> list[int]:
+        """Device indices that round ``number``'s detection verdict quarantined (none without detection)."""
+        verdict = self.coordinator.rounds.verdicts.get(number)
+        return [] if verdict is None else [self._index[d] for d in verdict.quarantined if d in self._index]
 
     def close(self) -> None:
         try:
@@ -668,7 +679,13 @@ def run_simulation(
             published = fed.published(number)
             flat, digest = fed.model()
             left_out = getattr(fed, "left_out", None)
-            defence.record(number, chosen, left_out(number) if left_out is not None else {})
+            quarantined = getattr(fed, "quarantined", None)
+            defence.record(
+                number,
+                chosen,
+                left_out(number) if left_out is not None else {},
+                quarantined(number) if quarantined is not None else (),
+            )
             rec = RoundRecord(
                 number,
                 float("nan"),
