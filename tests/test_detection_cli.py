@@ -150,3 +150,13 @@ def test_persistent_attackers_are_quarantined_by_round_10_and_no_honest_device(a
         assert rnd["true_positives"] == len(rnd["left_out"]) and rnd["false_positives"] == 0
         quarantined_so_far |= set(rnd["quarantined"])
     assert quarantined_so_far == attackers
+
+
+def test_no_honest_non_iid_device_is_quarantined_without_attackers(tmp_path: Path) -> None:
+    out = tmp_path / "clean"
+    result = run("simulate", *SCENARIO[:-2], "--rounds", "10", "--aggregator", "reputation", "--out", str(out))
+    assert result.exit_code == 0, result.output
+    defence = json.loads((out / "history.json").read_text())["defence"]
+    assert defence["attackers"] == [] and defence["detection"]["quarantined"] == {}
+    left_out = sum(len(r["left_out"]) for r in defence["rounds"])
+    assert left_out <= 0.05 * 20 * 10, left_out  # an honest outlier may be left out now and then, rarely
