@@ -193,6 +193,18 @@ class DPFedAvg:
             f"clip={adaptive}, accountant={self.accountant.kind})"
         )
 
+    def noise_to_signal(self, dim: int) -> float:
+        """Expected norm of the noise added to one round's published mean, in clip norms: z_Δ · √dim / m.
+
+        Every clipped update has norm at most C, so the mean's signal is at most C; the noise on the mean
+        is N(0, (z_Δ C / m)²) on each of ``dim`` coordinates, norm ≈ z_Δ C √dim / m.  Above 1 the noise
+        outweighs anything the round could learn; far above 1 (fmnist-dir05's CNN at ε = 8: ~80) the
+        global model is a random walk whose weights grow every round until local training on it diverges
+        (docs/defences.md, "Why small federations cannot train under DP")."""
+        if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
+            raise ConfigError(f"DP-FedAvg: a model dimension is a positive integer, got {dim!r}")
+        return self.sum_noise_multiplier * math.sqrt(dim) / self.expected_participants
+
     # ------------------------------------------------------------------ budget
     def spent(self) -> PrivacySpent:
         return PrivacySpent(
