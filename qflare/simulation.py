@@ -688,7 +688,7 @@ def run_simulation(
                         f"{exc.message} (round {number}, device {i}). DP-FedAvg adds noise of norm about "
                         f"{noise_to_signal:.3g} clip norms to every round's mean (z·sqrt(parameters)/per_round): "
                         "the global model is a random walk whose weights grow until local training diverges on "
-                        "it. More devices a round, a smaller model or a larger epsilon lower it "
+                        "it. More devices a round or a larger epsilon lower it "
                         "(docs/defences.md, 'Why small federations cannot train under DP')",
                         code=exc.code,
                     ) from exc
