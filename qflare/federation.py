@@ -33,7 +33,8 @@ from .errors import ConfigError, QflareError
 from .models import ModelFactory
 from .protocol.detection import DetectionConfig, reputation_detection
 from .protocol.selection import ClientSelector, SelectorFactory
-from .strategy.aggregators import AggregatorContext, apply_aggregator, default_byzantine
+from .strategy.aggregators import AggregatorContext, aggregator_detection, apply_aggregator, default_byzantine
+from .strategy.dp import privacy_of
 from .strategy.pipeline import Pipeline, StrategyFactory, build_strategy, strategy_factory
 from .training import TrainConfig
 
@@ -107,14 +108,16 @@ class FederationSpec:
     """Options of the strategy preset, e.g. ``{"server_lr": 0.1}`` (JSON scalars only)."""
     aggregator: str = "none"
     """A robust aggregation rule composed onto ``strategy`` (:mod:`qflare.strategy.aggregators`), e.g.
-    ``multi-krum``, ``bulyan``, ``fltrust``, ``norm-bound+median``; ``none`` keeps the strategy's combine."""
+    ``multi-krum``, ``bulyan``, ``fltrust``, ``norm-bound+median``; ``none`` keeps the strategy's combine.
+    ``reputation`` (alone or as a wrapper: ``reputation+multi-krum``) turns on :attr:`detection`."""
     byzantine: int | None = None
     """f, the Byzantine updates per round the aggregator must tolerate (None: ⌈0.2 × smallest_round⌉)."""
     suite: Suite = DEFAULT_SUITE
     selector: str | ClientSelector | SelectorFactory = "random"
     """Who takes part in each round: a registered client selector (``random``: a seeded uniform sample)."""
     detection: Mapping[str, Any] | None = None
-    """Adaptive threat detection (docs/defences.md): None = off; a mapping of
+    """Adaptive threat detection (docs/defences.md): None = off, unless :attr:`aggregator` names
+    ``reputation`` (then on with the defaults); a mapping of
     :class:`~qflare.protocol.detection.DetectionConfig` options (``{}``: on, with the defaults)."""
 
     def __post_init__(self) -> None:
@@ -173,8 +176,11 @@ class FederationSpec:
             self.detection_config()  # refuse bad options now
 
     def detection_config(self) -> DetectionConfig | None:
-        """The :class:`DetectionConfig` of :attr:`detection` (None when detection is off)."""
-        return None if self.detection is None else reputation_detection(**dict(self.detection))
+        """The :class:`DetectionConfig` of :attr:`detection`, or its defaults when only :attr:`aggregator`
+        asks for detection (``reputation``); None when detection is off."""
+        if self.detection is not None:
+            return reputation_detection(**dict(self.detection))
+        return reputation_detection() if aggregator_detection(self.aggregator) else None
 
     def partitions(self, labels: np.ndarray) -> list[np.ndarray]:
         """Every device's example indices into ``labels``: the one draw simulation, devices and servers share."""
@@ -212,6 +218,20 @@ class FederationSpec:
             if name in params:
                 args[name] = getattr(self, name)
         pipeline = build_strategy(self.strategy, **args)
+        if privacy_of(pipeline) is not None and (
+            self.aggregator.strip().lower() != "none" or self.detection_config() is not None
+        ):
+            # the DP guarantee is the combine's (clip, noise, fixed denominator): another combine would drop
+            # it, and a filter that leaves updates out by comparing them with the others' (or quarantine,
+            # which changes who is sampled) breaks its sensitivity and sampling analysis
+            what = (
+                f"--aggregator {self.aggregator}" if self.aggregator.strip().lower() != "none" else "threat detection"
+            )
+            raise ConfigError(
+                f"--strategy dp-fedavg cannot be combined with {what}: its privacy guarantee rests on its own combine "
+                "(clip, noise, fixed denominator) and on uniform sampling, which a robust rule, a detector that leaves "
+                "updates out by comparing them with the others, or quarantine would break; use --aggregator none"
+            )
         pipeline = apply_aggregator(pipeline, self.aggregator, AggregatorContext(self.smallest_round, self.f))
         pipeline.check_round_size(self.smallest_round)
         return pipeline

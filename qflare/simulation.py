@@ -39,7 +39,7 @@ from .data import load_dataset
 from .defense import AttackConfig, backdoor_success
 from .defense.record import DefenceLog
 from .defense.root import TrainedRoot, root_indices
-from .errors import ConfigError, TrainingError
+from .errors import ConfigError, TrainingError, ValidationError
 from .federation import FederationSpec
 from .history import write_history
 from .ledger.canonical import decode
@@ -51,7 +51,7 @@ from .protocol import Coordinator, CoordinatorConfig, Device, RoundConfig
 from .protocol.provenance import NO_UPDATE, NOT_COMBINED, export_ledger
 from .protocol.selection import build_selector, check_selection
 from .storage import Database, Store
-from .strategy import ClientUpdate, Pipeline, PrivacySpent, RoundAggregation, privacy_of
+from .strategy import ClientUpdate, DPFedAvg, Pipeline, PrivacySpent, RoundAggregation, privacy_of
 from .training import LocalTrainer, TrainConfig, TrainResult, client_seed, evaluate, resolve_device
 from .training_batched import BatchedTrainer, DeviceJob
 from .transport import InProcessTransport
@@ -107,6 +107,11 @@ class SimulationConfig:
                 f"per_round ({spec.per_round}) cannot exceed devices ({spec.devices}): a round selects distinct devices"
             )
         spec.build_strategy()  # refuse now a strategy that cannot aggregate per_round updates
+        if not self.protocol and spec.detection_config() is not None:
+            raise ConfigError(
+                "threat detection (--aggregator reputation) runs in the coordinator's round manager; "
+                "--no-protocol has none"
+            )
         if self.attack is not None:
             if not isinstance(self.attack, AttackConfig):
                 raise ConfigError(f"attack must be an AttackConfig, got {type(self.attack).__name__}")
@@ -262,8 +267,9 @@ class Federation(Protocol):
 
     def close(self) -> None: ...
 
-    # Optional (looked up with getattr; the remote federation of the benchmarks has neither):
-    # ``privacy() -> PrivacySpent | None`` after a round, ``stop_reason: str | None`` once finished.
+    # Optional (looked up with getattr; the remote federation of the benchmarks has none of them):
+    # ``privacy() -> PrivacySpent | None`` after a round, ``stop_reason: str | None`` once finished,
+    # ``left_out(round) -> {device: reason}`` and ``quarantined(round) -> [device]`` for the defence log.
 
 
 FederationFactory = Callable[["SimulationConfig", ParamLayout, torch.Tensor], Federation]
@@ -351,6 +357,10 @@ class _SecureFederation:
         m = self.coordinator.rounds.model
         return m.flat, m.sha256
 
+    @property
+    def mechanism(self) -> DPFedAvg | None:
+        return privacy_of(self.coordinator.rounds.strategy)
+
     def privacy(self) -> PrivacySpent | None:
         mechanism = privacy_of(self.coordinator.rounds.strategy)
         return None if mechanism is None else mechanism.spent()
@@ -371,6 +381,11 @@ class _SecureFederation:
             if reason != NO_UPDATE and device in self._index:
                 out[self._index[device]] = str(reason)
         return out
+
+    def quarantined(self, number: int) -> list[int]:
+        """Device indices that round ``number``'s detection verdict quarantined (none without detection)."""
+        verdict = self.coordinator.rounds.verdicts.get(number)
+        return [] if verdict is None else [self._index[d] for d in verdict.quarantined if d in self._index]
 
     def close(self) -> None:
         try:
@@ -394,6 +409,7 @@ class _DirectFederation:
         self._flat, self._number = initial, 0
         self._agg: RoundAggregation | None = None
         self._privacy = privacy_of(self._strategy)
+        self.mechanism = self._privacy
         self.stop_reason: str | None = None
 
     def open_round(self) -> tuple[int, list[int]] | None:
@@ -510,6 +526,8 @@ def run_simulation(
     else:
         fed = (_SecureFederation if cfg.protocol else _DirectFederation)(cfg, layout, initial, make_root)
     privacy: Callable[[], PrivacySpent | None] | None = getattr(fed, "privacy", None)
+    mechanism: DPFedAvg | None = getattr(fed, "mechanism", None)
+    noise_to_signal = None if mechanism is None else mechanism.noise_to_signal(layout.numel)
     startup = time.perf_counter() - t0
     if on_start is not None:
         on_start(spec.devices)
@@ -591,8 +609,11 @@ def run_simulation(
         return stop is not None and stop.is_set()
 
     def partial() -> SimulationResult:
+        config = _config_dict(cfg, precision)
+        if noise_to_signal is not None:  # DP-FedAvg: the noise on a round's mean, in clip norms
+            config["dp_noise_to_signal"] = noise_to_signal
         return SimulationResult(
-            _config_dict(cfg, precision),
+            config,
             list(records),
             time.perf_counter() - t0,
             startup,
@@ -656,8 +677,21 @@ def run_simulation(
                     for f in futures.values():
                         f.cancel()
                     break
-                sealed, result = futures[i].result()
-                fed.submit(i, sealed)
+                try:
+                    sealed, result = futures[i].result()
+                    fed.submit(i, sealed)
+                except (TrainingError, ValidationError) as exc:  # non-finite loss, or an update out of bounds
+                    finish_eval()  # the rounds before this one are evaluated and checkpointed (history written)
+                    if noise_to_signal is None or noise_to_signal <= 1:
+                        raise
+                    raise type(exc)(
+                        f"{exc.message} (round {number}, device {i}). DP-FedAvg adds noise of norm about "
+                        f"{noise_to_signal:.3g} clip norms to every round's mean (z·sqrt(parameters)/per_round): "
+                        "the global model is a random walk whose weights grow until local training diverges on "
+                        "it. More devices a round or a larger epsilon lower it "
+                        "(docs/defences.md, 'Why small federations cannot train under DP')",
+                        code=exc.code,
+                    ) from exc
                 report(number, "submit", len(chosen))
                 losses += result.mean_loss * result.num_examples
                 examples += result.num_examples
@@ -668,7 +702,13 @@ def run_simulation(
             published = fed.published(number)
             flat, digest = fed.model()
             left_out = getattr(fed, "left_out", None)
-            defence.record(number, chosen, left_out(number) if left_out is not None else {})
+            quarantined = getattr(fed, "quarantined", None)
+            defence.record(
+                number,
+                chosen,
+                left_out(number) if left_out is not None else {},
+                quarantined(number) if quarantined is not None else (),
+            )
             rec = RoundRecord(
                 number,
                 float("nan"),

@@ -48,6 +48,22 @@ def test_a_scaled_update_is_anomalous_and_honest_spread_is_not() -> None:
     assert [s.anomalous for s in scores] == [i == 3 for i in range(len(sizes))] and scores[3].why == "norm"
 
 
+def test_a_norm_flag_needs_a_material_ratio_not_only_a_small_mad() -> None:
+    # honest updates that follow the size relation closely make MADn tiny: a device 1.5x its predicted
+    # size is then many MADs out (the honest non-IID outliers measured on digits reached 1.89x, z 5.9)
+    g = torch.Generator().manual_seed(5)
+    deltas = [torch.randn(400, generator=g) for _ in range(12)]
+    deltas = [d / d.norm() * (1 + 0.01 * i) for i, d in enumerate(deltas)]
+    deltas[4] = deltas[4] * 1.5
+    scores = score_round(deltas, [None] * 12, [50] * 12, k=3.5)
+    assert scores[4].z_norm > 3.5 and 1.4 < scores[4].norm_ratio < 1.6 and not scores[4].anomalous
+    deltas[4] = deltas[4] * 2  # 3x: both unusual and material
+    scores = score_round(deltas, [None] * 12, [50] * 12, k=3.5)
+    assert scores[4].anomalous and scores[4].why == "norm"
+    strict = score_round(deltas, [None] * 12, [50] * 12, k=3.5, min_norm_ratio=4.0)
+    assert not strict[4].anomalous
+
+
 def test_direction_counts_only_when_the_round_has_one() -> None:
     g = torch.Generator().manual_seed(1)
     common = torch.randn(500, generator=g) * 3
@@ -70,7 +86,14 @@ def test_never_more_than_a_minority_is_flagged() -> None:
 def test_detection_config_is_checked() -> None:
     with pytest.raises(ConfigError, match="unknown detection option"):
         reputation_detection(kk=3)
-    for bad in ({"k": float("nan")}, {"k": 0.5}, {"quarantine_below": 2}, {"min_updates": 2}, {"k": True}):
+    for bad in (
+        {"k": float("nan")},
+        {"k": 0.5},
+        {"min_norm_ratio": 0.5},
+        {"quarantine_below": 2},
+        {"min_updates": 2},
+        {"k": True},
+    ):
         with pytest.raises(ConfigError):
             reputation_detection(**bad)
     with pytest.raises(ConfigError, match="detection must be"):

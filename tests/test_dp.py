@@ -11,7 +11,7 @@ import torch
 from typer.testing import CliRunner
 
 from qflare.cli import app
-from qflare.errors import ConfigError
+from qflare.errors import ConfigError, TrainingError, ValidationError
 from qflare.federation import FederationSpec
 from qflare.simulation import SimulationConfig, run_simulation
 from qflare.strategy import (
@@ -297,3 +297,50 @@ def test_bench_dp_refuses_bad_budgets_and_plots(tmp_path) -> None:
     assert plot_dp(result).startswith(b"\x89PNG")
     paths = write_dp_bench(result, tmp_path / "out")
     assert json.loads(paths[0].read_text())["runs"][1]["epsilon_spent"] == 1.9
+
+
+# ------------------------------------------------------------------ why small federations diverge under DP
+def test_noise_to_signal_is_the_noise_norm_on_the_mean_in_clip_norms() -> None:
+    mech = _mech(clip_norm=0.5, noise_multiplier=2.0, expected_participants=4)
+    dim = 40_000
+    mean = _release(mech, [torch.zeros(dim)])  # no signal: the published mean is the noise / m
+    assert float(mean.norm()) / 0.5 == pytest.approx(mech.noise_to_signal(dim), rel=0.02)
+    with pytest.raises(ConfigError):
+        mech.noise_to_signal(0)
+    # The root cause of the NaN runs of `qflare bench dp` at epsilon 8: fmnist-dir05's CNN (1,663,370
+    # parameters), 10 devices a round.  The noise on each round's mean is ~80 clip norms, the signal at most 1.
+    spec = FederationSpec(
+        devices=100, per_round=10, rounds=2, strategy="dp-fedavg", strategy_args={"epsilon": 8.0, "delta": 1e-5}
+    )
+    dp = privacy_of(spec.build_strategy())
+    assert dp is not None and 70 < dp.noise_to_signal(1_663_370) < 90
+
+
+def _diverging(rounds: int = 3) -> FederationSpec:
+    # digits + MLP, 2 devices a round and z = 20: the noise on a round's mean is ~2,700 clip norms, the weights
+    # blow up and the next round's local training produces an update far out of bounds (or a NaN loss)
+    return FederationSpec(
+        dataset="digits",
+        model="mlp",
+        devices=20,
+        per_round=2,
+        rounds=rounds,
+        strategy="dp-fedavg",
+        strategy_args={"noise_multiplier": 20.0, "seed": 0},
+    )
+
+
+def test_a_run_destroyed_by_dp_noise_fails_saying_why() -> None:
+    with pytest.raises((TrainingError, ValidationError)) as info:
+        run_simulation(SimulationConfig(_diverging(), workers=1, protocol=False))
+    text = str(info.value)
+    assert "round 2" in text and "DP-FedAvg adds noise of norm about" in text and "clip norms" in text
+
+
+def test_bench_dp_keeps_the_rounds_a_failed_run_finished() -> None:
+    from qflare.bench.dp import _simulate_private
+
+    row = _simulate_private(_diverging(), workers=1)
+    assert row["failed_in_round"] == 2 and row["final_accuracy"] is None and len(row["accuracy"]) == 1
+    assert row["noise_to_signal"] > 1000 and "DP-FedAvg adds noise" in row["error"]
+    assert row["error"].startswith("error [")

@@ -24,7 +24,16 @@ from .fmnist import FMNIST_DIR05
 
 __all__ = ["DEFAULT_DEFENCES", "defences_table_png", "run_defences"]
 
-DEFAULT_DEFENCES: tuple[str, ...] = ("none", "median", "trimmed-mean", "multi-krum", "bulyan", "fltrust", "norm-bound")
+DEFAULT_DEFENCES: tuple[str, ...] = (
+    "none",
+    "median",
+    "trimmed-mean",
+    "multi-krum",
+    "bulyan",
+    "fltrust",
+    "norm-bound",
+    "reputation",
+)
 
 
 def _spec_for(base: FederationSpec, aggregator: str) -> FederationSpec:
@@ -62,6 +71,7 @@ def run_defences(
     specs = {agg: _spec_for(spec0, agg) for agg in aggregators}
     t0 = time.perf_counter()
     clean: dict[str, float] = {}
+    clean_flags: dict[str, dict[str, int]] = {}
     accuracy: dict[str, dict[str, float]] = {a: {} for a in attacks}
     detection: dict[str, dict[str, dict[str, float | None]]] = {a: {} for a in attacks}
     backdoor: dict[str, float] = {}
@@ -74,11 +84,19 @@ def run_defences(
                 on_cell(attack or "clean", agg, acc)
             if attack is None:
                 clean[agg] = acc
+                assert result.defence is not None  # every flag of a clean run is a false positive
+                fp = result.defence.summary()
+                clean_flags[agg] = {"false_positives": fp["false_positives"], "quarantined": fp["quarantined_honest"]}
                 continue
             accuracy[attack][agg] = acc
             assert result.defence is not None
             summary = result.defence.summary()
-            detection[attack][agg] = {"precision": summary["precision"], "recall": summary["recall"]}
+            detection[attack][agg] = {
+                "precision": summary["precision"],
+                "recall": summary["recall"],
+                "quarantined_attackers": summary["quarantined_attackers"],
+                "quarantined_honest": summary["quarantined_honest"],
+            }
             if "backdoor_success" in result.defence.extra:
                 backdoor[agg] = result.defence.extra["backdoor_success"]
     reference = clean.get("none", max(clean.values()))
@@ -95,6 +113,7 @@ def run_defences(
         "byzantine": {agg: (None if agg == "none" else spec.f) for agg, spec in specs.items()},
         "clean_reference": {"aggregator": "none" if "none" in clean else "best", "accuracy": reference},
         "clean_accuracy": clean,
+        "clean_flags": clean_flags,
         "accuracy": accuracy,
         "detection": detection,
         "backdoor_success": backdoor,

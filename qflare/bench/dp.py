@@ -3,9 +3,12 @@
 For each ε the noise multiplier is calibrated so that the planned rounds spend exactly the budget
 (``dp-fedavg`` with ``epsilon`` alone, δ fixed), the run is ``qflare simulate --federation`` as a child
 process, and the final test accuracy is recorded with the ε the accountant reports as spent.  A
-non-private FedAvg run of the same workload is the reference.  A run that fails (a device's local
-training diverging on a heavily noised model stops ``qflare simulate``) is recorded with its error and
-left out of the plot.  Writes ``dp.json`` and ``dp.png``.
+non-private FedAvg run of the same workload is the reference.  Each row has ``noise_to_signal``, the
+expected norm of the noise on a round's mean in clip norms (z_Δ · √parameters / per_round): far above 1
+the model is a random walk and local training eventually diverges on it.  A run that fails that way (a
+device's loss or update becomes non-finite, which stops ``qflare simulate``) is recorded with its error,
+the round it failed in and the accuracies of the rounds it finished, and marked on the plot.  Writes
+``dp.json`` and ``dp.png``.
 """
 
 from __future__ import annotations
@@ -13,13 +16,17 @@ from __future__ import annotations
 import io
 import json
 import math
+import sys
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError, QflareError
+from ..federation import FederationSpec
 from ..files import write_atomic
-from .fmnist import FMNIST_DIR05, _simulate
+from .fmnist import FMNIST_DIR05, _last_json, _simulate
+from .procs import run_measured
 
 __all__ = ["plot_dp", "run_dp_bench", "write_dp_bench"]
 
@@ -37,8 +44,30 @@ def _row(label: str, res: dict[str, Any], wall_s: float) -> dict[str, Any]:
         "delta": last.get("delta"),
         "accuracy": [round(r["accuracy"], 4) for r in hist],
         "stop_reason": res.get("stop_reason"),
+        "noise_to_signal": res.get("config", {}).get("dp_noise_to_signal"),
         "wall_s": round(wall_s, 1),
     }
+
+
+def _simulate_private(spec: FederationSpec, workers: int) -> dict[str, Any]:
+    """``qflare simulate --federation`` on ``spec`` as a measured subprocess: its row, also when it fails
+    (then with the rounds it finished, read from the history it wrote after each round, and the error)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = spec.save(Path(tmp) / "federation.json")
+        out = Path(tmp) / "out"
+        cmd = [sys.executable, "-m", "qflare", "simulate", "--federation", str(path)]
+        m = run_measured([*cmd, "--workers", str(workers), "--json", "--out", str(out)])
+        try:
+            return _row("", _last_json(m, "qflare simulate"), m.wall_s)
+        except QflareError as exc:
+            history = out / "history.json"
+            done = json.loads(history.read_text()) if history.exists() else {"rounds": []}
+            row = _row("", done, m.wall_s)
+            row.update(final_accuracy=None, failed_in_round=len(done["rounds"]) + 1)
+            text = str(exc)
+            text = text[text.rfind("error [") :] if "error [" in text else text.strip().splitlines()[-1]
+            row["error"] = " ".join(text.split())[:600]  # the CLI's error line, unwrapped
+            return row
 
 
 def run_dp_bench(
@@ -65,14 +94,9 @@ def run_dp_bench(
             strategy="dp-fedavg", strategy_args={"epsilon": float(eps), "delta": delta, "clip_norm": clip_norm}
         )
         mechanism = spec.build_strategy().combine
-        label = f"dp-fedavg epsilon={eps:g}"
-        try:
-            m, res = _simulate(spec, workers, [])
-            row = _row(label, res, m.wall_s)
-        except QflareError as exc:  # e.g. local training diverging on a heavily noised model: recorded
-            row = {"run": label, "rounds_run": None, "final_accuracy": None, "epsilon_spent": None}
-            row.update(epsilon_unsampled=None, error=str(exc).strip().splitlines()[-1][:500])
+        row = _simulate_private(spec, workers)
         row.update(
+            run=f"dp-fedavg epsilon={eps:g}",
             epsilon_budget=float(eps),
             noise_multiplier=round(float(getattr(mechanism, "noise_multiplier", float("nan"))), 4),
         )
@@ -97,7 +121,13 @@ def plot_dp(result: dict[str, Any]) -> bytes:
     fig = Figure(figsize=(6.5, 4.0), dpi=100)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
-    private = [r for r in result["runs"] if r.get("epsilon_budget") is not None and r.get("epsilon_spent") is not None]
+    private = [
+        r
+        for r in result["runs"]
+        if r.get("epsilon_budget") is not None
+        and r.get("epsilon_spent") is not None
+        and r.get("final_accuracy") is not None
+    ]
     xs = [r["epsilon_spent"] for r in private]
     ys = [r["final_accuracy"] for r in private]
     ax.plot(xs, ys, "o-", color="tab:blue", label="DP-FedAvg (adaptive clipping)")

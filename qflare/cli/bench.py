@@ -298,7 +298,8 @@ def defenses(
         "sign-flip,scale,gaussian,label-flip,backdoor,min-max", help="Comma-separated attacks (docs/defences.md)."
     ),
     aggregators: str = typer.Option(
-        "none,median,trimmed-mean,multi-krum,bulyan,fltrust,norm-bound", help="Comma-separated --aggregator values."
+        "none,median,trimmed-mean,multi-krum,bulyan,fltrust,norm-bound,reputation",
+        help="Comma-separated --aggregator values.",
     ),
     malicious: float = typer.Option(0.2, help="Share of attacking devices."),
     workers: int = typer.Option(0, min=0, help="Training threads (0 = one per core)."),

@@ -131,7 +131,8 @@ _DP_FLAGS = (
 AGGREGATOR: Any = typer.Option(
     "none",
     help=f"Robust aggregation rule composed onto --strategy (its server optimiser kept); {choices(AGGREGATORS)}; "
-    "wrappers combine with '+', e.g. norm-bound+multi-krum (docs/defences.md).",
+    "wrappers combine with '+', e.g. norm-bound+multi-krum; reputation turns on threat detection "
+    "(reputation+multi-krum) (docs/defences.md).",
 )
 BYZANTINE: Any = typer.Option(
     None,

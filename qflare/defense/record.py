@@ -5,7 +5,8 @@ refused or left out of the combination (the round's ledger ``left_out``, reason 
 ``no_update``) is *flagged*; a flagged attacker is a true positive, a flagged honest device a false
 positive, an attacker whose update was combined a false negative.  Rules that combine every update
 (mean, median, trimmed mean, norm bounding) flag nothing: their precision is undefined (None) and their
-recall 0.
+recall 0.  With threat detection (``--aggregator reputation``) each round also names the devices its
+verdict quarantined, and the totals the round each device was quarantined in.
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ class RoundDefence:
     true_positives: int
     false_positives: int
     false_negatives: int
+    quarantined: list[int] = field(default_factory=list)
+    """Devices this round's detection verdict quarantined (threat detection only)."""
 
 
 @dataclass
@@ -38,7 +41,9 @@ class DefenceLog:
     extra: dict[str, Any] = field(default_factory=dict)
     """Run-level figures (e.g. ``backdoor_success``)."""
 
-    def record(self, number: int, selected: Iterable[int], left_out: Mapping[int, str]) -> RoundDefence:
+    def record(
+        self, number: int, selected: Iterable[int], left_out: Mapping[int, str], quarantined: Iterable[int] = ()
+    ) -> RoundDefence:
         chosen = set(selected)
         bad = sorted(chosen & self.attackers)
         flagged = set(left_out)
@@ -49,6 +54,7 @@ class DefenceLog:
             true_positives=len(flagged & set(bad)),
             false_positives=len(flagged - set(bad)),
             false_negatives=len(set(bad) - flagged),
+            quarantined=sorted(set(quarantined)),
         )
         self.rounds.append(rec)
         return rec
@@ -57,12 +63,16 @@ class DefenceLog:
         tp = sum(r.true_positives for r in self.rounds)
         fp = sum(r.false_positives for r in self.rounds)
         fn = sum(r.false_negatives for r in self.rounds)
+        quarantined = {str(d): r.round for r in self.rounds for d in r.quarantined}
         return {
             "true_positives": tp,
             "false_positives": fp,
             "false_negatives": fn,
             "precision": tp / (tp + fp) if tp + fp else None,
             "recall": tp / (tp + fn) if tp + fn else None,
+            "quarantined": quarantined,
+            "quarantined_attackers": sum(int(d) in self.attackers for d in quarantined),
+            "quarantined_honest": sum(int(d) not in self.attackers for d in quarantined),
         }
 
     def to_json(self) -> dict[str, Any]:

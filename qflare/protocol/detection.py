@@ -52,6 +52,9 @@ class DetectionConfig:
 
     k: float = 3.5
     """An update is anomalous beyond median + k · MADn of its round's values (z-score > k)."""
+    min_norm_ratio: float = 2.0
+    """...and, for the norm score, only if it is at least this many times the norm the round's size
+    relation predicts for its example count (a small MADn must not turn small differences into flags)."""
     min_updates: int = 5
     """Rounds with fewer updates are not judged (robust statistics of 4 values mean little)."""
     history_decay: float = 0.5
@@ -73,6 +76,7 @@ class DetectionConfig:
             return float(value)
 
         number("k", 1.0, 100.0)
+        number("min_norm_ratio", 1.0, 1e6)
         number("history_decay", 0.0, 1.0)
         number("forgetting", 0.0, 1.0)
         number("quarantine_below", 0.0, 1.0)
@@ -140,7 +144,13 @@ class Detector:
         if len(updates) < cfg.min_updates:
             return RoundVerdict(round_number, False)
         history = [self._direction.get(device) for device, _, _ in updates]
-        scores = score_round([d for _, d, _ in updates], history, [n for _, _, n in updates], k=cfg.k)
+        scores = score_round(
+            [d for _, d, _ in updates],
+            history,
+            [n for _, _, n in updates],
+            k=cfg.k,
+            min_norm_ratio=cfg.min_norm_ratio,
+        )
         left: dict[str, str] = {}
         quarantined: list[str] = []
         reputation: dict[str, float] = {}

@@ -9,6 +9,7 @@ from qflare.strategy.aggregators import (
     AGGREGATORS,
     AggregatorContext,
     AggregatorFactory,
+    aggregator_detection,
     apply_aggregator,
     register_aggregator,
 )
@@ -101,6 +102,7 @@ __all__ = [
     "UpdateCheck",
     "WeightedMean",
     "Weighting",
+    "aggregator_detection",
     "apply_aggregator",
     "build_strategy",
     "calibrate_noise_multiplier",

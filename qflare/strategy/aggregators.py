@@ -17,7 +17,14 @@ Bulyan's n >= 4f + 3, ...) that round size cannot meet is refused when the pipel
 (:meth:`~qflare.strategy.pipeline.Pipeline.check_round_size`, code ``too_few_updates``).
 
 Built-in names: ``none``, ``median``, ``trimmed-mean``, ``krum``, ``multi-krum``, ``bulyan``, ``fltrust``,
-``norm-bound``.  :func:`register_aggregator` adds more (a plugin, or another QFLARE module).
+``norm-bound``, ``reputation``.  :func:`register_aggregator` adds more (a plugin, or another QFLARE module).
+
+``reputation`` is a wrapper that leaves the combine as it is and turns on adaptive threat detection
+(:mod:`qflare.protocol.detection`: per-round anomaly scores, reputation, quarantine): the round manager
+judges a round's updates when it closes and folds in only the ones it keeps, so ``reputation+multi-krum``
+runs Multi-Krum on the updates the detector kept.  Being a filter ahead of any combine, a detection rule
+may stand anywhere in the expression: ``multi-krum+reputation`` is the same.  :func:`aggregator_detection` says whether an
+expression asks for it (a rule registered with ``detection=True``).
 """
 
 from __future__ import annotations
@@ -44,6 +51,7 @@ __all__ = [
     "AggregatorEntry",
     "AggregatorFactory",
     "aggregator_combine",
+    "aggregator_detection",
     "apply_aggregator",
     "default_byzantine",
     "register_aggregator",
@@ -85,6 +93,8 @@ class AggregatorEntry:
     """True: the rule wraps ``inner`` and may stand left of a ``+``."""
     uniform: bool
     """True: the rule is unweighted, so the pipeline's weighting becomes ``Uniform``."""
+    detection: bool = False
+    """True: the rule asks the round manager for adaptive threat detection (``reputation``)."""
 
 
 _REGISTRY: Registry[AggregatorEntry] = Registry("aggregator")
@@ -93,12 +103,19 @@ AGGREGATORS: Sequence[str] = RegisteredNames(_REGISTRY)
 
 
 def register_aggregator(
-    name: str, factory: AggregatorFactory, *, wraps: bool = False, uniform: bool = True, replace: bool = False
+    name: str,
+    factory: AggregatorFactory,
+    *,
+    wraps: bool = False,
+    uniform: bool = True,
+    detection: bool = False,
+    replace: bool = False,
 ) -> None:
-    """Register ``factory`` under ``name`` (case-insensitive); see the module docstring for ``wraps``."""
+    """Register ``factory`` under ``name`` (case-insensitive); see the module docstring for ``wraps`` and
+    ``detection``."""
     if not callable(factory):
         raise ConfigError(f"aggregator {name!r}: the factory must be callable, got {type(factory).__name__}")
-    _REGISTRY.register(name, AggregatorEntry(factory, wraps, uniform), replace=replace)
+    _REGISTRY.register(name, AggregatorEntry(factory, wraps, uniform, detection), replace=replace)
 
 
 def _parts(expr: str) -> list[tuple[str, AggregatorEntry]]:
@@ -108,7 +125,8 @@ def _parts(expr: str) -> list[tuple[str, AggregatorEntry]]:
     parts = [(_REGISTRY.canonical(n), _REGISTRY.get(n)) for n in names]
     if len(parts) > 1 and any(name == "none" for name, _ in parts):
         raise ConfigError(f"aggregator {expr!r}: 'none' cannot be combined with other rules")
-    for name, entry in parts[:-1]:
+    combines = [(name, entry) for name, entry in parts if not entry.detection]  # detection filters stand anywhere
+    for name, entry in combines[:-1]:
         if not entry.wraps:
             raise ConfigError(
                 f"aggregator {expr!r}: {name!r} is a base rule, so it can only stand last; "
@@ -126,6 +144,11 @@ def aggregator_combine(expr: str, context: AggregatorContext, base: Combine) -> 
             raise ConfigError(f"aggregator {expr!r}: a factory returned {built!r}, which is not a Combine")
         combine, uniform = built, uniform or entry.uniform
     return combine, uniform
+
+
+def aggregator_detection(expr: str) -> bool:
+    """Whether ``expr`` names a rule that turns on adaptive threat detection (``reputation``)."""
+    return any(entry.detection for _, entry in _parts(expr))
 
 
 def apply_aggregator(pipeline: Pipeline, expr: str, context: AggregatorContext) -> Pipeline:
@@ -157,14 +180,16 @@ def _multi_krum(context: AggregatorContext, _: Combine) -> Combine:
     return Krum(context.byzantine, max(1, context.round_size - context.byzantine))
 
 
-for _name, _factory, _wraps, _uniform in (
-    ("none", lambda c, inner: inner, False, False),
-    ("median", lambda c, _: CoordinateMedian(), False, True),
-    ("trimmed-mean", _trimmed, False, True),
-    ("krum", lambda c, _: Krum(_f(c), 1), False, True),
-    ("multi-krum", _multi_krum, False, True),
-    ("bulyan", lambda c, _: Bulyan(_f(c)), False, True),
-    ("fltrust", lambda c, _: FLTrust(), False, True),
-    ("norm-bound", lambda c, inner: AdaptiveNormBound(inner), True, False),
+for _name, _factory, _wraps, _uniform, _detection in (
+    ("none", lambda c, inner: inner, False, False, False),
+    ("median", lambda c, _: CoordinateMedian(), False, True, False),
+    ("trimmed-mean", _trimmed, False, True, False),
+    ("krum", lambda c, _: Krum(_f(c), 1), False, True, False),
+    ("multi-krum", _multi_krum, False, True, False),
+    ("bulyan", lambda c, _: Bulyan(_f(c)), False, True, False),
+    ("fltrust", lambda c, _: FLTrust(), False, True, False),
+    ("norm-bound", lambda c, inner: AdaptiveNormBound(inner), True, False, False),
+    # the detector filters the round's updates before the combine runs; the combine itself is unchanged
+    ("reputation", lambda c, inner: inner, True, False, True),
 ):
-    register_aggregator(_name, _factory, wraps=_wraps, uniform=_uniform)
+    register_aggregator(_name, _factory, wraps=_wraps, uniform=_uniform, detection=_detection)
