@@ -300,8 +300,9 @@ class SecAggServer:
         return self.consistency_proof()
 
     def consistency_proof(self) -> list[bytes]:
-        """The collected CONSISTENCY signatures, by signer (what ``SecAggClient.unmask`` takes)."""
-        return [self._c.signatures[i] for i in sorted(self._c.signatures)]
+        """What ``SecAggClient.unmask`` takes: ``params.quorum`` CONSISTENCY signatures (the lowest signer
+        indices; a quorum is all a device needs, and each signature is ~3.4 kB to download)."""
+        return [self._c.signatures[i] for i in sorted(self._c.signatures)[: self.config.params.quorum]]
 
     @property
     def request(self) -> bytes | None:
