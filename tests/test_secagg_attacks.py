@@ -109,7 +109,8 @@ def _per_device_attack(n: int, k: int, t: int, v: int, sacrificial: set[int], ho
 
 @pytest.mark.parametrize(
     ("n", "k", "t", "v", "sacrificial"),
-    [(20, 6, 4, 5, set()), (8, 7, 4, 1, {7, 8})],  # sparse, as choose() makes; complete with t-2 ignored
+    # sparse as choose() makes them; complete, the coordinator ignoring t - 2 adverts
+    [(20, 6, 4, 5, set()), (50, 22, 14, 7, set()), (8, 7, 4, 1, {7, 8})],
 )
 @pytest.mark.parametrize("honest_first", [False, True])
 def test_per_device_unmask_requests_recover_no_input(
