@@ -50,10 +50,13 @@ def _request(r: Round, survivors: list[int], dropped: list[int]) -> bytes:
 # -- 1. per-device unmask requests (the reviewer's attack) ----------------------------------------------
 
 
-def _per_device_attack(n: int, k: int, t: int, v: int, sacrificial: set[int], honest_first: bool) -> tuple[int, bool]:
+def _per_device_attack(
+    n: int, k: int, t: int, v: int, sacrificial: set[int], honest_first: bool
+) -> tuple[int, bool, set[str]]:
     """The coordinator sends each device w its own request, survivors {w, v} + padding that holds no
     neighbour of w, dropped N(w) - {v}: so every w gives v's self-mask share and the pairwise-key share of
-    every other neighbour.  Returns (devices that answered, whether v's exact input was recovered)."""
+    every other neighbour.  Returns (devices that answered, whether v's exact input was recovered, the
+    last word of each refusal)."""
     r = start(make_config(n, k, t, length=64))
     advertise(r, drop=sacrificial)
     share(r)
@@ -70,10 +73,12 @@ def _per_device_attack(n: int, k: int, t: int, v: int, sacrificial: set[int], ho
     u = srv.u2
     shares: dict[tuple[int, ShareKind], dict[int, int]] = {}
     answered = 0
+    reasons: set[str] = set()
     for w in sorted(u - {v}):
         free = [f for f in range(1, n + 1) if f not in (graph[w] & u) and f not in (w, v)]
         free.sort(key=lambda f: f in u)
-        survivors = sorted({w, v, *free[: max(0, t - 2)]})
+        # padded to the quorum where the graph allows it, so the size check alone does not refuse it
+        survivors = sorted({w, v, *free[: max(0, t - 2, r.config.params.quorum - 2)]})
         request = _request(r, survivors, sorted((graph[w] & u) - set(survivors)))
         # the best the coordinator can relay: w's own signature on its set (if w gives one) and the real proof
         proof = [*(r.proof or [])]
@@ -85,6 +90,7 @@ def _per_device_attack(n: int, k: int, t: int, v: int, sacrificial: set[int], ho
             raw = r.clients[w].unmask(request, proof)
         except QflareError as exc:
             assert exc.code is ErrorCode.UNMASK_REFUSED, exc
+            reasons.add(str(exc).split(" ")[-1])
             continue
         answered += 1
         resp = SecAggMessage.parse(raw, expected=SecAggMsg.UNMASK_RESPONSE)
@@ -102,9 +108,9 @@ def _per_device_attack(n: int, k: int, t: int, v: int, sacrificial: set[int], ho
                 kem = mask_kem(r.config, msk)
                 sub_mask(y, open_sealed(r.config, b"pair", v, peer, kem, e.get(F.CT_MASK), e.get(F.SEALED_PAIR)))
     except (KeyError, QflareError):
-        return answered, False
+        return answered, False, reasons
     x, wt = r.inputs[v]
-    return answered, bool(np.array_equal(y, quantize(x, wt, r.config.quant)))
+    return answered, bool(np.array_equal(y, quantize(x, wt, r.config.quant))), reasons
 
 
 @pytest.mark.parametrize(
@@ -119,9 +125,13 @@ def test_per_device_unmask_requests_recover_no_input(
     """Before the consistency round every device answered its own request and v's input came out exactly
     (the review's proof of concept); now no honest device answers a request whose survivor set lacks a
     quorum of signatures, so nothing is revealed (each refusal is ``unmask_refused``)."""
-    answered, recovered = _per_device_attack(n, k, t, v, sacrificial, honest_first)
+    answered, recovered, reasons = _per_device_attack(n, k, t, v, sacrificial, honest_first)
     assert answered == 0
     assert not recovered
+    if k < n - 1:  # sparse: the sets are padded to the quorum, so the signatures are what refuses them
+        assert reasons == ({"signed"} if honest_first else {"must"})  # "...not signed" / "..., N must"
+    else:  # complete, 2 adverts ignored: no set without w's other neighbours reaches the quorum's size
+        assert reasons == {"devices"}
 
 
 def test_two_survivor_sets_cannot_both_reach_a_quorum() -> None:
