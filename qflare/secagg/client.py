@@ -496,7 +496,9 @@ class SecAggClient:
             raise ValidationError("not a secure-aggregation device state (type or size)", code=ErrorCode.BAD_JSON)
         try:
             doc = json.loads(text)
-            if doc["version"] != 2 or bytes.fromhex(doc["session"]) != config.session:
+            if doc["version"] != 2:
+                raise ValidationError(f"device state version {doc['version']!r}, not 2", code=ErrorCode.BAD_JSON)
+            if bytes.fromhex(doc["session"]) != config.session:
                 raise WrongRoundError("saved state is for another round", code=ErrorCode.WRONG_ROUND)
             state = _State(
                 ClientPhase(doc["phase"]),
