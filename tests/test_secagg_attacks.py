@@ -9,6 +9,8 @@ from typing import Any
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from secagg_fixtures import Round, advertise, identity, make_config, mask, share, sign, start, unmask
 
 from qflare.errors import ErrorCode, QflareError
@@ -323,3 +325,47 @@ def test_a_rebuilt_self_mask_seed_must_match_the_advertised_commitment() -> None
     share(r)
     mask(r)
     refused("bad_share", unmask, r)
+
+
+# -- saved device state: any JSON-ish text is a typed refusal or a state that passes every check ----------
+
+_DONE_STATE: dict[str, Any] = {}
+
+
+def _done_state() -> tuple[Any, str]:
+    if not _DONE_STATE:
+        r = start(make_config(4, 3, 2, length=8))
+        advertise(r)
+        share(r)
+        mask(r)
+        unmask(r)
+        _DONE_STATE["r"] = r
+    r = _DONE_STATE["r"]
+    return r.config, r.clients[1].to_json()
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(max_size=20),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=20,
+)
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    key=st.sampled_from(["version", "phase", "b", "answered", "signed", "held", "publics", "index", "masked"]),
+    value=json_values,
+)
+def test_an_edited_device_state_is_refused_with_a_typed_error(key: str, value: Any) -> None:
+    config, text = _done_state()
+    doc = json.loads(text)
+    if doc[key] == value:
+        return
+    doc[key] = value
+    try:
+        back = SecAggClient.from_json(config, identity(1), json.dumps(doc))
+    except QflareError as exc:
+        assert exc.code in (ErrorCode.BAD_JSON, ErrorCode.WRONG_ROUND, ErrorCode.BAD_INDEX), exc
+        return
+    # what loads is still a state that answers once: DONE with its answer, and nothing secret in it
+    assert back.phase is ClientPhase.DONE and back._s.answered is not None and back._s.b is None

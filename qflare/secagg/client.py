@@ -7,10 +7,11 @@ where it was), and each phase runs once.  The state between calls is :meth:`SecA
 (it holds the round's secrets: store it like the device key, mode 0600) and
 :meth:`SecAggClient.from_json` resumes it.
 
-**Hard requirement: persist before you send.**  ``masked_input``, ``consistency`` and ``unmask`` each
-release something that must never be released twice in two versions (a second masked vector under the
-same masks is a two-time pad; a second survivor set signed breaks the consistency argument; a second
-unmask answer reveals the other share kind).  The device records what it released in its state, so the
+**Hard requirement: persist before you send.**  ``share_keys``, ``masked_input``, ``consistency`` and
+``unmask`` each release something that must never be released twice in two versions (a second sharing
+dealt with fresh polynomials; a second masked vector under the same masks is a two-time pad; a second
+survivor set signed breaks the consistency argument; a second unmask answer reveals the other share
+kind).  The device records what it released in its state, so the
 caller must write :meth:`SecAggClient.to_json` durably (fsync) *before* the returned bytes leave the
 device: pass ``persist=`` (called with the new state; if it raises, nothing is returned) or call
 ``to_json`` yourself.  A device restored from a state older than what it sent is outside the model.
@@ -176,8 +177,9 @@ class SecAggClient:
         return raw
 
     # -- phase 2 ---------------------------------------------------------------------------------------
-    def share_keys(self, adverts: Sequence[bytes]) -> tuple[bytes, list[bytes]]:
-        """``(MANIFEST, SHARE entries)`` for the neighbours whose signed adverts were relayed."""
+    def share_keys(self, adverts: Sequence[bytes], *, persist: Persist | None = None) -> tuple[bytes, list[bytes]]:
+        """``(MANIFEST, SHARE entries)`` for the neighbours whose signed adverts were relayed (persist the
+        state before sending: a device re-run from ADVERTISED would deal a second, independent sharing)."""
         self._expect(ClientPhase.ADVERTISED)
         assert self._s.b is not None and self._s.msk is not None
         publics: dict[int, tuple[bytes, bytes]] = {}
@@ -222,7 +224,7 @@ class SecAggClient:
         raw = self._sign(SecAggMsg.MANIFEST, {F.FROM: me.to_bytes(4, "big"), F.ENTRIES: encode_entries(manifest)})
         self._s.publics = publics
         self._s.phase = ClientPhase.SHARED
-        return raw, entries
+        return self._release(raw, persist), entries
 
     # -- phase 3 ---------------------------------------------------------------------------------------
     def _open_entry(self, manifest_raw: bytes, entry_raw: bytes) -> tuple[int, _Held]:
