@@ -369,3 +369,13 @@ def test_an_edited_device_state_is_refused_with_a_typed_error(key: str, value: A
         return
     # what loads is still a state that answers once: DONE with its answer, and nothing secret in it
     assert back.phase is ClientPhase.DONE and back._s.answered is not None and back._s.b is None
+
+
+def test_a_survivor_set_smaller_than_the_quorum_aborts_before_any_request() -> None:
+    r = start(make_config(10, 9, 3))  # t = 3 alone would let 5 survivors through; the quorum is 6
+    advertise(r)
+    share(r)
+    with pytest.raises(QflareError) as info:
+        mask(r, {6, 7, 8, 9, 10})
+    assert info.value.code is ErrorCode.SECAGG_ABORTED and "quorum" in str(info.value)
+    assert r.request is None
