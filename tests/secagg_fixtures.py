@@ -38,6 +38,7 @@ class Round:
     clients: dict[int, SecAggClient]
     inputs: dict[int, tuple[np.ndarray, int]]
     request: bytes | None = None
+    proof: list[bytes] | None = None
 
     def expected_total(self, survivors: Collection[int]) -> Vector:
         acc = np.zeros(self.config.length + 1, dtype=np.uint32)
@@ -79,11 +80,22 @@ def mask(r: Round, drop: Collection[int] = ()) -> None:
     r.request = r.server.close_masked()
 
 
-def unmask(r: Round, drop: Collection[int] = ()) -> SecAggResult:
+def sign(r: Round, drop: Collection[int] = ()) -> None:
+    """The consistency round: every device of U3 not in ``drop`` signs U3; the proof is collected."""
     assert r.request is not None
     for i in sorted(r.server.u3):
         if i not in drop:
-            r.server.receive_unmask(r.clients[i].unmask(r.request))
+            r.server.receive_consistency(r.clients[i].consistency(r.request))
+    r.proof = r.server.close_consistency()
+
+
+def unmask(r: Round, drop: Collection[int] = ()) -> SecAggResult:
+    if r.proof is None:
+        sign(r)
+    assert r.request is not None and r.proof is not None
+    for i in sorted(r.server.u3):
+        if i not in drop:
+            r.server.receive_unmask(r.clients[i].unmask(r.request, r.proof))
     return r.server.finish()
 
 

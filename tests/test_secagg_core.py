@@ -262,3 +262,14 @@ def test_tail_bound_is_the_exact_hypergeometric_tail(population: int, marked: in
         c = _tail_bound(population, marked, draws, log2_budget)
         assert tail(c) <= 2.0**log2_budget
         assert c == 0 or tail(c - 1) > 2.0**log2_budget
+
+
+def test_choose_records_the_tolerated_corruptions_and_the_quorum() -> None:
+    p = choose(100, dropout=0.1, corruption=0.1)
+    assert (p.corrupt, p.quorum) == (10, 56)
+    assert SecAggParams(8, 7, 4).quorum == 5  # corrupt defaults to 0: a plain majority
+    with pytest.raises(ConfigError):
+        SecAggParams(5, 4, 3, corrupt=5)
+    with pytest.raises(ConfigError) as info:  # 55 devices left cannot sign: more than (100 + 20) / 2 must
+        choose(100, dropout=0.45, corruption=0.2)
+    assert "sign the survivor set" in str(info.value)

@@ -42,7 +42,11 @@ def samples() -> dict[SecAggMsg, tuple[bytes, object]]:
         r.server.receive_masked(*r.clients[i].masked_input(r.server.shares_for(i), x, w))
     request = r.server.close_masked()
     out[SecAggMsg.UNMASK_REQUEST] = (request, identity(0).public)
-    out[SecAggMsg.UNMASK_RESPONSE] = (r.clients[2].unmask(request), identity(2).public)
+    for i in (1, 2, 3):
+        r.server.receive_consistency(r.clients[i].consistency(request))
+    proof = r.server.close_consistency()
+    out[SecAggMsg.CONSISTENCY] = (proof[1], identity(2).public)
+    out[SecAggMsg.UNMASK_RESPONSE] = (r.clients[2].unmask(request, proof), identity(2).public)
     return out
 
 
@@ -185,12 +189,24 @@ def test_hostile_inputs_only_ever_raise_typed_errors() -> None:
         r.server.receive_masked(*r.clients[i].masked_input(r.server.shares_for(i), x, w))
     request = r.server.close_masked()
     for bad in mutations(request):
+        only_typed(r.clients[1].consistency, bad)
         only_typed(r.clients[1].unmask, bad)
-    answer = r.clients[1].unmask(request)
+    signature = r.clients[1].consistency(request)
+    for bad in mutations(signature):
+        only_typed(r.server.receive_consistency, bad)
+    r.server.receive_consistency(signature)
+    for i in (2, 3, 4):
+        r.server.receive_consistency(r.clients[i].consistency(request))
+    proof = r.server.close_consistency()
+    for bad in mutations(proof[1]):
+        only_typed(r.clients[1].unmask, request, [proof[0], bad, *proof[2:]])
+    for bad in (None, b"", "text", proof[0], [None], [proof[0], 5], [b"x"] * 10_000, {1: proof[0]}):
+        only_typed(r.clients[1].unmask, request, bad)  # the list itself garbled
+    answer = r.clients[1].unmask(request, proof)
     for bad in mutations(answer):
         only_typed(r.server.receive_unmask, bad)
     r.server.receive_unmask(answer)
     for i in (2, 3, 4):
-        r.server.receive_unmask(r.clients[i].unmask(request))
+        r.server.receive_unmask(r.clients[i].unmask(request, proof))
     res = r.server.finish()  # the hostile inputs left no trace: the round completes exactly
     assert np.array_equal(res.total, r.expected_total(range(1, 5)))

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from secagg_fixtures import advertise, identity, make_config, mask, run, share, start, unmask
+from secagg_fixtures import advertise, identity, make_config, mask, run, share, sign, start, unmask
 
 from qflare.crypto.suite import sha256
 from qflare.errors import ErrorCode, QflareError
@@ -120,6 +120,30 @@ def test_a_single_masked_input_looks_uniform() -> None:
     assert d < math.sqrt(-math.log(1e-6 / 2) / 2) / math.sqrt(u.size)
     # and the unmasked quantised input (all zeros but the weight) is nothing like it
     assert np.count_nonzero(words[:-1]) > 0.99 * (words.size - 1)
+    # each mask kind alone hides the input: without the self mask, or without the pair masks, still uniform
+    from qflare.secagg.keys import self_mask_seed
+    from qflare.secagg.prg import add_mask, sub_mask
+
+    assert c._s.b is not None
+    without_self = words.astype(np.uint32)
+    sub_mask(without_self, self_mask_seed(r.config, c._s.b))
+    without_pairs = words.astype(np.uint32)
+    for peer, h in c._s.held.items():
+        (sub_mask if peer > 1 else add_mask)(without_pairs, h.pair_seed)
+    for rest in (without_self, without_pairs):
+        assert _looks_uniform(rest)
+    both = without_self.copy()
+    for peer, h in c._s.held.items():
+        (sub_mask if peer > 1 else add_mask)(both, h.pair_seed)
+    assert not _looks_uniform(both)  # the check can fail: with both removed only the zero input is left
+
+
+def _looks_uniform(words: np.ndarray) -> bool:
+    counts = np.bincount(words >> 24, minlength=256)
+    expected = words.size / 256
+    chi2 = float(((counts - expected) ** 2 / expected).sum())
+    k, z = 255, 4.75
+    return chi2 < k * (1 - 2 / (9 * k) + z * math.sqrt(2 / (9 * k))) ** 3
 
 
 # -- what an honest device refuses ------------------------------------------------------------------------
@@ -143,21 +167,34 @@ def _masked_round() -> Any:
     return r
 
 
+def _signed_by(r: Any, request: bytes, signers: list[int]) -> list[bytes]:
+    return [r.clients[i].consistency(request) for i in signers]
+
+
 def test_a_device_refuses_to_reveal_both_share_kinds_of_one_peer() -> None:
     r = _masked_round()
     c = r.clients[1]
+    assert r.config.params.quorum == 4
     for bad in (
         _request(r.config, [1, 2, 3, 4, 5, 6], [2]),  # 2 both survived and dropped
         _request(r.config, [2, 3, 4, 5, 6], [1]),  # this device "dropped"
         _request(r.config, [1, 2, 3], [4, 5]),  # leaves out 6
         _request(r.config, [1, 2], [3, 4, 5, 6]),  # fewer than t survivors
+        _request(r.config, [1, 2, 3], [4, 5, 6]),  # fewer than the quorum
     ):
+        refused("unmask_refused", c.consistency, bad)
         refused("unmask_refused", c.unmask, bad)
         assert c.phase is ClientPhase.MASKED
-    first = c.unmask(_request(r.config, [1, 2, 3, 4], [5, 6]))
+    good = _request(r.config, [1, 2, 3, 4], [5, 6])
+    refused("unmask_refused", c.unmask, good)  # not signed by anyone yet
+    proof = _signed_by(r, good, [1, 2, 3, 4])
+    refused("unmask_refused", c.unmask, good, proof[:3])  # 3 signatures < quorum 4
+    refused("unmask_refused", c.unmask, good, [*proof[:3], proof[2]])  # a signer counted twice
+    first = c.unmask(good, proof)
     assert c.unmask(_request(r.config, [1, 2, 3, 4], [5, 6])) == first  # a retry gets the same answer
     # asking again with 5 now a survivor would give its self-mask share after its pairwise share: refused
-    refused("unmask_refused", c.unmask, _request(r.config, [1, 2, 3, 4, 5], [6]))
+    refused("unmask_refused", c.unmask, _request(r.config, [1, 2, 3, 4, 5], [6]), proof)
+    refused("unmask_refused", c.consistency, _request(r.config, [1, 2, 3, 4, 5], [6]))  # signs one set
     kinds = {
         rec.peer: rec.kind
         for rec in decode_share_records(SecAggMessage.parse(first, expected=SecAggMsg.UNMASK_RESPONSE).get(F.SHARES))
@@ -241,7 +278,8 @@ def test_the_coordinator_refuses_shares_that_break_their_commitment() -> None:
     r = _masked_round()
     request = r.request
     assert request is not None
-    honest = r.clients[1].unmask(request)
+    sign(r)
+    honest = r.clients[1].unmask(request, r.proof)
     msg = SecAggMessage.parse(honest, expected=SecAggMsg.UNMASK_RESPONSE)
     records = decode_share_records(msg.get(F.SHARES))
     value = int.from_bytes(records[0].share, "big")
@@ -257,7 +295,7 @@ def test_the_coordinator_refuses_shares_that_break_their_commitment() -> None:
     refused("bad_share", r.server.receive_unmask, wrong_kind)
     r.server.receive_unmask(honest)
     for i in range(2, 7):
-        r.server.receive_unmask(r.clients[i].unmask(request))
+        r.server.receive_unmask(r.clients[i].unmask(request, r.proof))
     res = r.server.finish()
     assert np.array_equal(res.total, r.expected_total(range(1, 7)))
 
@@ -267,7 +305,8 @@ def test_masked_inputs_do_not_replay_across_rounds_or_change() -> None:
     advertise(r2)
     share(r2)
     x, w = r1.inputs[1]
-    refused("bad_transition", r1.clients[2].masked_input, r1.server.shares_for(2), x, w)  # each phase runs once
+    # each phase runs once: another update under the same masks is refused
+    refused("duplicate_submission", r1.clients[2].masked_input, r1.server.shares_for(2), x, w)
     env, blob = r2.clients[1].masked_input(r2.server.shares_for(1), x, w)
     old_env = SecAggMessage.build(
         r1.config.suite,
@@ -323,7 +362,13 @@ def test_device_state_survives_a_restart_in_every_phase() -> None:
         reload(i)
     request = r.server.close_masked()
     for i in r.clients:
-        answer = r.clients[i].unmask(request)
+        signature = r.clients[i].consistency(request)
+        reload(i)
+        assert r.clients[i].consistency(request) == signature
+        r.server.receive_consistency(signature)
+    proof = r.server.close_consistency()
+    for i in r.clients:
+        answer = r.clients[i].unmask(request, proof)
         reload(i)
         assert r.clients[i].unmask(request) == answer
         r.server.receive_unmask(answer)
@@ -359,10 +404,16 @@ def test_a_restarted_coordinator_resumes_every_phase_and_never_unmasks_twice() -
         restart()
     request = r.server.close_masked()
     restart()
-    assert r.server.phase is ServerPhase.UNMASK
+    assert r.server.phase is ServerPhase.CONSISTENCY and r.server.request == request
     refused("bad_transition", r.server.close_masked)  # the survivor set is fixed across the restart
     for i in range(1, 5):
-        r.server.receive_unmask(r.clients[i].unmask(request))
+        r.server.receive_consistency(r.clients[i].consistency(request))
+        restart()
+    proof = r.server.close_consistency()
+    restart()
+    assert r.server.phase is ServerPhase.UNMASK and r.server.consistency_proof() == proof
+    for i in range(1, 5):
+        r.server.receive_unmask(r.clients[i].unmask(request, proof))
         restart()
     res = r.server.finish()
     assert np.array_equal(res.total, r.expected_total(range(1, 5)))
@@ -420,9 +471,10 @@ def test_unmasking_on_several_threads_gives_the_same_sum() -> None:
     advertise(r)
     share(r)
     mask(r, {8, 9})
+    sign(r)
     assert r.request is not None
     for i in range(1, 8):
-        r.server.receive_unmask(r.clients[i].unmask(r.request))
+        r.server.receive_unmask(r.clients[i].unmask(r.request, r.proof))
     state, total = r.server.snapshot()
     results = [SecAggServer.restore(r.config, identity(0), state, total, workers=w).finish() for w in (1, 2, 3, 64)]
     for res in results:

@@ -17,8 +17,12 @@ Figures:
   float32 updates (numpy, accumulate then divide) plus the SHA-256 of each update's bytes, which the
   plaintext protocol checks against the signed UPDATE envelope; timed in the same run.
 * ``bytes_ratio``: mean bytes a surviving device sends (advert, manifest, share entries, masked input and
-  its vector, unmask response) over the bytes of its plaintext float32 update (``4 * d``), so the
-  denominator leaves out any envelope the plaintext path adds: the ratio is an upper bound.
+  its vector, consistency signature, unmask response) over the bytes of its plaintext float32 update
+  (``4 * d``), so the denominator leaves out any envelope the plaintext path adds: the ratio is an upper
+  bound.  ``bytes_received_per_device`` counts what is relayed to it (adverts, share entries, the request
+  and the consistency signatures); ``consistency_bytes_sent_per_device`` /
+  ``consistency_bytes_received_per_device`` are the consistency round's part (one signature sent, every
+  signature of the quorum or more received).
 """
 
 from __future__ import annotations
@@ -68,6 +72,7 @@ def run_secagg_bench(devices: int, dropout: float, *, seed: int = 0, length: int
     )
     drop = {int(i) + 1 for i in rng.choice(devices, round(dropout * devices), replace=False)}
     coord = 0.0
+    consistency_sent = 0
     dev_s = dict.fromkeys(range(1, devices + 1), 0.0)
     sent = dict.fromkeys(range(1, devices + 1), 0)
     received = dict.fromkeys(range(1, devices + 1), 0)
@@ -123,7 +128,17 @@ def run_secagg_bench(devices: int, dropout: float, *, seed: int = 0, length: int
         if i in drop:
             continue
         received[i] += len(request)
-        answer = timed_dev(i, c.unmask, request)
+        signature = timed_dev(i, c.consistency, request)
+        sent[i] += len(signature)
+        consistency_sent = len(signature)
+        timed_coord(server.receive_consistency, signature)
+    proof = timed_coord(server.close_consistency)
+    consistency_received = sum(map(len, proof))
+    for i, c in clients.items():
+        if i in drop:
+            continue
+        received[i] += consistency_received
+        answer = timed_dev(i, c.unmask, request, proof)
         sent[i] += len(answer)
         timed_coord(server.receive_unmask, answer)
     result = timed_coord(server.finish)
@@ -148,6 +163,9 @@ def run_secagg_bench(devices: int, dropout: float, *, seed: int = 0, length: int
         "bytes_sent_per_device": float(np.mean([sent[i] for i in survivors])),
         "bytes_received_per_device": float(np.mean([received[i] for i in survivors])),
         "plaintext_bytes_per_device": plaintext_bytes,
+        "consistency_bytes_sent_per_device": consistency_sent,
+        "consistency_bytes_received_per_device": consistency_received,
+        "quorum": params.quorum,
         "device_s": float(np.mean(device_times)),
         "device_s_max": float(np.max(device_times)),
         "coordinator_s": coord,

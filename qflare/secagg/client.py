@@ -1,10 +1,22 @@
-"""A device's side of a secure-aggregation round: four phases, each one call.
+"""A device's side of a secure-aggregation round: five steps, each one call.
 
-``advertise()`` → ``share_keys(adverts)`` → ``masked_input(relayed, update, weight)`` → ``unmask(request)``.
+``advertise()`` → ``share_keys(adverts)`` → ``masked_input(relayed, update, weight)`` →
+``consistency(request)`` → ``unmask(request, signatures)``.
 Each call checks everything it receives before it changes any state (a refused call leaves the device
 where it was), and each phase runs once.  The state between calls is :meth:`SecAggClient.to_json`
 (it holds the round's secrets: store it like the device key, mode 0600) and
 :meth:`SecAggClient.from_json` resumes it.
+
+**Hard requirement: persist before you send.**  ``share_keys``, ``masked_input``, ``consistency`` and
+``unmask`` each release something that must never be released twice in two versions (a second sharing
+dealt with fresh polynomials; a second masked vector under the same masks is a two-time pad; a second
+survivor set signed breaks the consistency argument; a second unmask answer reveals the other share
+kind).  The device records what it released in its state, so the
+caller must write :meth:`SecAggClient.to_json` durably (fsync) *before* the returned bytes leave the
+device: pass ``persist=`` (called with the new state; if it raises, nothing is returned) or call
+``to_json`` yourself.  A device restored from a state older than what it sent is outside the model.
+Resumed in MASKED, ``masked_input`` with the same update returns the same bytes (another update is
+refused); resumed after signing or answering, the same request gets the same bytes again.
 
 What an honest device refuses (``unmask_refused`` unless noted):
 * adverts, manifests or requests not signed by the roster key (``bad_signature``), for another round or
@@ -12,16 +24,18 @@ What an honest device refuses (``unmask_refused`` unless noted):
 * shares that do not open (``bad_mac``), whose digest or commitment does not match (``bad_share``);
 * an unmask request that names a peer both as survivor and as dropped (it would reveal both the
   self-mask share and the pairwise-key share of that peer), leaves out a peer it holds shares of, says
-  this device dropped, names fewer than ``t`` survivors, or differs from a request already answered.
+  this device dropped, names fewer than ``t`` or than the quorum survivors, or differs from a request
+  already answered;
+* a survivor set to sign other than the one it already signed (it signs one per round), and an unmask
+  request whose survivor set is not the one it signed or does not come with valid signatures on it from
+  more than ``(n + corrupt) / 2`` roster devices of that set (the consistency check of Bonawitz et al.
+  2017: any two such sets share an honest signer, so every honest device answers for the same set).
 """
 
 from __future__ import annotations
 
-import enum
-import json
 import secrets
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -34,12 +48,15 @@ from qflare.errors import (
     AuthError,
     ConfigError,
     ErrorCode,
+    MalformedError,
     ProtocolError,
     ReplayError,
     RoundError,
     ValidationError,
-    WrongRoundError,
 )
+from qflare.secagg.device_state import ClientPhase, decode_state, encode_state
+from qflare.secagg.device_state import DeviceState as _State
+from qflare.secagg.device_state import Held as _Held
 from qflare.secagg.graph import neighbours
 from qflare.secagg.keys import (
     KEM_SEED_LEN,
@@ -49,6 +66,7 @@ from qflare.secagg.keys import (
     open_sealed,
     pair_seed,
     seal_to,
+    self_mask_commitment,
     self_mask_seed,
 )
 from qflare.secagg.messages import (
@@ -64,6 +82,7 @@ from qflare.secagg.messages import (
     encode_entries,
     encode_share_records,
     share_commitment,
+    survivors_hash,
 )
 from qflare.secagg.prg import Vector, add_mask, sub_mask
 from qflare.secagg.quantize import quantize
@@ -72,34 +91,22 @@ from qflare.secagg.shamir import SHARE_LEN, encode_share, split
 __all__ = ["ClientPhase", "SecAggClient"]
 
 F = SecAggField
+Persist = Callable[[str], None]
 
 
-class ClientPhase(enum.StrEnum):
-    NEW = "new"
-    ADVERTISED = "advertised"
-    SHARED = "shared"
-    MASKED = "masked"
-    DONE = "done"
-
-
-@dataclass
-class _Held:
-    """What a neighbour dealt this device: its two shares, and the edge's pair seed."""
-
-    self_share: bytes
-    pair_share: bytes
-    pair_seed: bytes
-
-
-@dataclass
-class _State:
-    phase: ClientPhase
-    b: bytes
-    msk: bytes
-    channel_seed: bytes
-    publics: dict[int, tuple[bytes, bytes]] = field(default_factory=dict)  # peer -> (channel, mask) public
-    held: dict[int, _Held] = field(default_factory=dict)
-    answered: tuple[bytes, bytes] | None = None  # (SHA-256 of the signed request body, response)
+def _bytes_list(value: object, what: str, *, pairs: bool = False) -> list[Any]:
+    """``value`` as a list of bytes (or of byte pairs); MalformedError otherwise (hostile caller input)."""
+    if not isinstance(value, (list, tuple)):
+        raise MalformedError(f"{what} must be a list", code=ErrorCode.MALFORMED)
+    for item in value:
+        ok = (
+            isinstance(item, (list, tuple)) and len(item) == 2 and all(isinstance(x, bytes) for x in item)
+            if pairs
+            else isinstance(item, bytes)
+        )
+        if not ok:
+            raise MalformedError(f"{what} must hold {'pairs of ' if pairs else ''}bytes", code=ErrorCode.MALFORMED)
+    return list(value)
 
 
 class SecAggClient:
@@ -117,8 +124,9 @@ class SecAggClient:
         self._s = _state or _State(
             ClientPhase.NEW, secrets.token_bytes(32), secrets.token_bytes(32), secrets.token_bytes(KEM_SEED_LEN)
         )
-        self._channel: EphemeralKem = kem_from_seed(config.suite, self._s.channel_seed)
-        self._mask: EphemeralKem = mask_kem(config, self._s.msk)
+        seed, msk = self._s.channel_seed, self._s.msk
+        self._channel: EphemeralKem | None = None if seed is None else kem_from_seed(config.suite, seed)
+        self._mask: EphemeralKem | None = None if msk is None else mask_kem(config, msk)
 
     @property
     def phase(self) -> ClientPhase:
@@ -131,6 +139,11 @@ class SecAggClient:
     def _expect(self, phase: ClientPhase) -> None:
         if self._s.phase is not phase:
             raise RoundError(f"device is in phase {self._s.phase}, not {phase}", code=ErrorCode.BAD_TRANSITION)
+
+    def _release(self, raw: bytes, persist: Persist | None) -> bytes:
+        if persist is not None:
+            persist(self.to_json())
+        return raw
 
     def _sign(self, mt: SecAggMsg, fields: dict[SecAggField, bytes]) -> bytes:
         base = {F.ROUND: self.config.round.to_bytes(8, "big"), F.SESSION: self.config.session}
@@ -147,25 +160,30 @@ class SecAggClient:
 
     # -- phase 1 ---------------------------------------------------------------------------------------
     def advertise(self) -> bytes:
-        """ADVERTISE: this round's channel and mask public keys, signed by the identity key."""
+        """ADVERTISE: this round's channel and mask public keys and a commitment to the self-mask seed,
+        signed by the identity key."""
         self._expect(ClientPhase.NEW)
+        assert self._channel is not None and self._mask is not None and self._s.b is not None
         raw = self._sign(
             SecAggMsg.ADVERTISE,
             {
                 F.FROM: self.index.to_bytes(4, "big"),
                 F.CHANNEL_PUBLIC: self._channel.public_bytes(),
                 F.MASK_PUBLIC: self._mask.public_bytes(),
+                F.SELF_COMMIT: self_mask_commitment(self.config, self.index, self._s.b),
             },
         )
         self._s.phase = ClientPhase.ADVERTISED
         return raw
 
     # -- phase 2 ---------------------------------------------------------------------------------------
-    def share_keys(self, adverts: Sequence[bytes]) -> tuple[bytes, list[bytes]]:
-        """``(MANIFEST, SHARE entries)`` for the neighbours whose signed adverts were relayed."""
+    def share_keys(self, adverts: Sequence[bytes], *, persist: Persist | None = None) -> tuple[bytes, list[bytes]]:
+        """``(MANIFEST, SHARE entries)`` for the neighbours whose signed adverts were relayed (persist the
+        state before sending: a device re-run from ADVERTISED would deal a second, independent sharing)."""
         self._expect(ClientPhase.ADVERTISED)
+        assert self._s.b is not None and self._s.msk is not None
         publics: dict[int, tuple[bytes, bytes]] = {}
-        for raw in adverts:
+        for raw in _bytes_list(adverts, "adverts"):
             msg, peer = self._from_peer(raw, SecAggMsg.ADVERTISE, self._neighbours)
             if peer in publics:
                 raise ReplayError(f"two adverts from {peer}", code=ErrorCode.DUPLICATE_SUBMISSION)
@@ -206,10 +224,11 @@ class SecAggClient:
         raw = self._sign(SecAggMsg.MANIFEST, {F.FROM: me.to_bytes(4, "big"), F.ENTRIES: encode_entries(manifest)})
         self._s.publics = publics
         self._s.phase = ClientPhase.SHARED
-        return raw, entries
+        return self._release(raw, persist), entries
 
     # -- phase 3 ---------------------------------------------------------------------------------------
     def _open_entry(self, manifest_raw: bytes, entry_raw: bytes) -> tuple[int, _Held]:
+        assert self._channel is not None and self._mask is not None and self._s.msk is not None
         msg, peer = self._from_peer(manifest_raw, SecAggMsg.MANIFEST, set(self._s.publics))
         mine = [e for e in decode_entries(msg.get(F.ENTRIES)) if e.to == self.index]
         if not isinstance(entry_raw, bytes) or len(mine) != 1 or mine[0].digest != sha256(entry_raw):
@@ -236,55 +255,74 @@ class SecAggClient:
             r = pair_seed(self.config, self._s.msk, self.index, peer)
         return peer, _Held(s_self, s_pair, r)
 
+    def _masked_vector(self, update: npt.NDArray[np.floating], weight: int, held: dict[int, _Held]) -> bytes:
+        assert self._s.b is not None
+        try:
+            size = np.asarray(update).size
+        except (TypeError, ValueError):  # ragged nested lists and the like
+            size = -1
+        if size != self.config.length:
+            raise ValidationError(
+                f"update has {size} values, round takes {self.config.length}", code=ErrorCode.BAD_SHAPE
+            )
+        y: Vector = quantize(update, weight, self.config.quant)
+        add_mask(y, self_mask_seed(self.config, self._s.b))
+        for peer, h in held.items():
+            (add_mask if self.index < peer else sub_mask)(y, h.pair_seed)
+        return y.astype("<u4", copy=False).tobytes()
+
     def masked_input(
-        self, relayed: Sequence[tuple[bytes, bytes]], update: npt.NDArray[np.floating], weight: int
+        self,
+        relayed: Sequence[tuple[bytes, bytes]],
+        update: npt.NDArray[np.floating],
+        weight: int,
+        *,
+        persist: Persist | None = None,
     ) -> tuple[bytes, bytes]:
-        """``(MASKED_INPUT, vector bytes)``: the quantised update plus self mask plus pair masks."""
+        """``(MASKED_INPUT, vector bytes)``: the quantised update plus self mask plus pair masks.
+
+        Persist the state (``persist=`` or :meth:`to_json`) before sending.  Called again in MASKED (after a
+        restart), it returns the same message and vector for the same update and refuses any other
+        (``duplicate_submission``): the same masks never cover two updates."""
+        if self._s.phase is ClientPhase.MASKED and self._s.masked is not None:
+            sent = SecAggMessage.parse(self._s.masked, expected=SecAggMsg.MASKED_INPUT)
+            blob = self._masked_vector(update, weight, self._s.held)
+            if sha256(blob) != sent.get(F.VECTOR_HASH):
+                raise ReplayError(
+                    "a masked input of another update was already produced this round",
+                    code=ErrorCode.DUPLICATE_SUBMISSION,
+                )
+            return self._s.masked, blob
         self._expect(ClientPhase.SHARED)
         held: dict[int, _Held] = {}
-        for manifest_raw, entry_raw in relayed:
+        for manifest_raw, entry_raw in _bytes_list(relayed, "relayed shares", pairs=True):
             peer, h = self._open_entry(manifest_raw, entry_raw)
             if peer in held:
                 raise ReplayError(f"two share entries from {peer}", code=ErrorCode.DUPLICATE_SUBMISSION)
             held[peer] = h
         if len(held) < self.config.params.t:
             raise RoundError(f"only {len(held)} neighbours shared keys", code=ErrorCode.SECAGG_ABORTED)
-        if np.asarray(update).size != self.config.length:
-            raise ValidationError(
-                f"update has {np.asarray(update).size} values, round takes {self.config.length}",
-                code=ErrorCode.BAD_SHAPE,
-            )
-        y: Vector = quantize(update, weight, self.config.quant)
-        add_mask(y, self_mask_seed(self.config, self._s.b))
-        for peer, h in held.items():
-            (add_mask if self.index < peer else sub_mask)(y, h.pair_seed)
-        blob = y.astype("<u4", copy=False).tobytes()
+        blob = self._masked_vector(update, weight, held)
         raw = self._sign(
             SecAggMsg.MASKED_INPUT,
             {
                 F.FROM: self.index.to_bytes(4, "big"),
                 F.VECTOR_HASH: sha256(blob),
-                F.LENGTH: y.shape[0].to_bytes(8, "big"),
+                F.LENGTH: (len(blob) // 4).to_bytes(8, "big"),
             },
         )
         self._s.held = held
+        self._s.masked = raw
+        self._s.channel_seed = None  # the shares are opened: the channel key is no longer needed
+        self._channel = None
         self._s.phase = ClientPhase.MASKED
-        return raw, blob
+        return self._release(raw, persist), blob
 
-    # -- phase 4 ---------------------------------------------------------------------------------------
-    def unmask(self, request: bytes) -> bytes:
-        """UNMASK_RESPONSE to the coordinator's signed request (answered once; the same request again gets
-        the same answer)."""
-        if self._s.phase is not ClientPhase.DONE:
-            self._expect(ClientPhase.MASKED)
+    # -- phase 4: consistency check --------------------------------------------------------------------
+    def _check_request(self, request: bytes) -> tuple[SecAggMessage, set[int], set[int]]:
         msg = SecAggMessage.parse(request, expected=SecAggMsg.UNMASK_REQUEST)
         check_header(msg, self.config)
         msg.verify(self.config.coordinator)
-        asked = sha256(msg.body)  # what is asked, whatever (randomised) signature it carries
-        if self._s.answered is not None:
-            if self._s.answered[0] == asked:
-                return self._s.answered[1]
-            raise ProtocolError("an unmask request was already answered this round", code=ErrorCode.UNMASK_REFUSED)
         survivors = set(decode_indices(msg.get(F.SURVIVORS), "survivors"))
         dropped = set(decode_indices(msg.get(F.DROPPED), "dropped"))
         both = survivors & dropped
@@ -294,11 +332,82 @@ class SecAggClient:
             )
         if self.index not in survivors:
             raise ProtocolError("request says this device dropped", code=ErrorCode.UNMASK_REFUSED)
-        if len(survivors) < self.config.params.t or max(survivors | dropped) > self.config.params.n:
+        p = self.config.params
+        if len(survivors) < max(p.t, p.quorum) or max(survivors | dropped) > p.n:
             raise ProtocolError("request names too few survivors or unknown devices", code=ErrorCode.UNMASK_REFUSED)
         missing = set(self._s.held) - survivors - dropped
         if missing:
             raise ProtocolError(f"request leaves out peers {sorted(missing)[:5]}", code=ErrorCode.UNMASK_REFUSED)
+        return msg, survivors, dropped
+
+    def consistency(self, request: bytes, *, persist: Persist | None = None) -> bytes:
+        """CONSISTENCY: this device's signature on the survivor set of the coordinator's signed request.
+
+        Signed at most once per round, for a set containing this device; the same set again gets the same
+        bytes, another set is refused.  Persist the state before sending (see the module docs)."""
+        if self._s.signed is not None:
+            msg = SecAggMessage.parse(request, expected=SecAggMsg.UNMASK_REQUEST)
+            check_header(msg, self.config)
+            msg.verify(self.config.coordinator)
+            asked = survivors_hash(self.config.session, decode_indices(msg.get(F.SURVIVORS), "survivors"))
+            if asked != self._s.signed[0]:
+                raise ProtocolError("another survivor set was already signed", code=ErrorCode.UNMASK_REFUSED)
+            return self._s.signed[1]
+        self._expect(ClientPhase.MASKED)
+        _, survivors, _ = self._check_request(request)
+        digest = survivors_hash(self.config.session, sorted(survivors))
+        raw = self._sign(SecAggMsg.CONSISTENCY, {F.FROM: self.index.to_bytes(4, "big"), F.SURVIVORS_HASH: digest})
+        self._s.signed = (digest, raw)
+        return self._release(raw, persist)
+
+    def _check_proof(self, digest: bytes, survivors: set[int], signatures: Sequence[bytes]) -> None:
+        quorum = self.config.params.quorum
+        sigs = _bytes_list(signatures, "consistency signatures")
+        if len(sigs) > self.config.params.n:
+            raise ProtocolError("more consistency signatures than devices", code=ErrorCode.UNMASK_REFUSED)
+        signers: set[int] = set()
+        for raw in sigs:
+            msg = SecAggMessage.parse(raw, expected=SecAggMsg.CONSISTENCY)
+            check_header(msg, self.config)
+            signer = msg.get_int(F.FROM)
+            if signer not in survivors or signer in signers:
+                raise ProtocolError(
+                    f"consistency signature of {signer}: not a survivor or repeated", code=ErrorCode.UNMASK_REFUSED
+                )
+            if msg.get(F.SURVIVORS_HASH) != digest:
+                raise ProtocolError(f"device {signer} signed another survivor set", code=ErrorCode.UNMASK_REFUSED)
+            msg.verify(self.config.roster[signer])
+            signers.add(signer)
+        if len(signers) < quorum:
+            raise ProtocolError(
+                f"{len(signers)} devices signed the survivor set, {quorum} must", code=ErrorCode.UNMASK_REFUSED
+            )
+
+    # -- phase 5 ---------------------------------------------------------------------------------------
+    def unmask(self, request: bytes, signatures: Sequence[bytes] = (), *, persist: Persist | None = None) -> bytes:
+        """UNMASK_RESPONSE to the coordinator's signed request, given the relayed CONSISTENCY signatures on
+        its survivor set (answered once; the same request again gets the same answer).
+
+        Refused (``unmask_refused``) unless the request names exactly the survivor set this device signed
+        in :meth:`consistency` and ``signatures`` holds valid signatures on it from at least
+        ``config.params.quorum`` distinct devices of that set.  The answer is recorded in the state, which
+        then keeps nothing but it: persist it (``persist=`` or :meth:`to_json`) before sending."""
+        if self._s.phase is ClientPhase.DONE:
+            msg = SecAggMessage.parse(request, expected=SecAggMsg.UNMASK_REQUEST)
+            check_header(msg, self.config)
+            msg.verify(self.config.coordinator)
+            assert self._s.answered is not None
+            if self._s.answered[0] == sha256(msg.body):
+                return self._s.answered[1]
+            raise ProtocolError("an unmask request was already answered this round", code=ErrorCode.UNMASK_REFUSED)
+        self._expect(ClientPhase.MASKED)
+        msg, survivors, _ = self._check_request(request)
+        digest = survivors_hash(self.config.session, sorted(survivors))
+        if self._s.signed is None or self._s.signed[0] != digest:
+            raise ProtocolError(
+                "request names a survivor set this device has not signed", code=ErrorCode.UNMASK_REFUSED
+            )
+        self._check_proof(digest, survivors, signatures)
         records = [
             ShareRecord(peer, ShareKind.SELF_MASK, h.self_share)
             if peer in survivors
@@ -313,52 +422,19 @@ class SecAggClient:
                 F.SHARES: encode_share_records(records),
             },
         )
-        self._s.answered = (asked, raw)
-        self._s.phase = ClientPhase.DONE
-        return raw
+        # keep only what re-sends this answer: every secret, share and seed of the round is dropped
+        self._s = _State(ClientPhase.DONE, None, None, None, answered=(sha256(msg.body), raw), signed=self._s.signed)
+        self._channel = self._mask = None
+        return self._release(raw, persist)
 
     # -- persistence -----------------------------------------------------------------------------------
     def to_json(self) -> str:
-        """The device's round state (secrets included) as JSON."""
-        s = self._s
-        doc: dict[str, Any] = {
-            "version": 1,
-            "session": self.config.session.hex(),
-            "index": self.index,
-            "phase": s.phase.value,
-            "b": s.b.hex(),
-            "msk": s.msk.hex(),
-            "channel_seed": s.channel_seed.hex(),
-            "publics": {str(p): [c.hex(), m.hex()] for p, (c, m) in s.publics.items()},
-            "held": {str(p): [h.self_share.hex(), h.pair_share.hex(), h.pair_seed.hex()] for p, h in s.held.items()},
-            "answered": None if s.answered is None else [s.answered[0].hex(), s.answered[1].hex()],
-        }
-        return json.dumps(doc, sort_keys=True)
+        """The device's round state (secrets included until DONE) as JSON (:mod:`qflare.secagg.device_state`)."""
+        return encode_state(self._s, self.config.session, self.index)
 
     @classmethod
     def from_json(cls, config: SecAggConfig, identity: SigningKey, text: str) -> SecAggClient:
-        """Resume from :meth:`to_json`; ValidationError if it is not such a state for this round."""
-        try:
-            doc = json.loads(text)
-            if doc["version"] != 1 or bytes.fromhex(doc["session"]) != config.session:
-                raise WrongRoundError("saved state is for another round", code=ErrorCode.WRONG_ROUND)
-            state = _State(
-                ClientPhase(doc["phase"]),
-                bytes.fromhex(doc["b"]),
-                bytes.fromhex(doc["msk"]),
-                bytes.fromhex(doc["channel_seed"]),
-                {int(p): (bytes.fromhex(c), bytes.fromhex(m)) for p, (c, m) in doc["publics"].items()},
-                {
-                    int(p): _Held(bytes.fromhex(a), bytes.fromhex(b), bytes.fromhex(c))
-                    for p, (a, b, c) in doc["held"].items()
-                },
-                None
-                if doc["answered"] is None
-                else (bytes.fromhex(doc["answered"][0]), bytes.fromhex(doc["answered"][1])),
-            )
-            index = int(doc["index"])
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:
-            raise ValidationError(f"not a secure-aggregation device state: {exc}", code=ErrorCode.BAD_JSON) from None
-        if len(state.b) != 32 or len(state.msk) != 32 or len(state.channel_seed) != KEM_SEED_LEN:
-            raise ValidationError("secure-aggregation state has secrets of the wrong size", code=ErrorCode.BAD_JSON)
+        """Resume from :meth:`to_json`; ValidationError (``bad_json``) if it is not such a state for this
+        round, e.g. DONE without the answer it gave."""
+        state, index = decode_state(text, config.session)
         return cls(config, index, identity, _state=state)

@@ -56,6 +56,7 @@ __all__ = [
     "open_sealed",
     "pair_seed",
     "seal_to",
+    "self_mask_commitment",
     "self_mask_seed",
 ]
 
@@ -99,7 +100,7 @@ class SecAggConfig:
                 b"qflare/secagg/v1/session",
                 self.round.to_bytes(8, "big"),
                 self.suite.to_bytes(),
-                struct.pack(">IIIQ", p.n, p.k, p.t, self.length),
+                struct.pack(">IIIIQ", p.n, p.k, p.t, p.corrupt, self.length),
                 self.graph_seed,
                 struct.pack(">dII", q.clip, q.max_devices, q.max_weight),
                 self.coordinator.key_id_bytes,
@@ -136,6 +137,12 @@ def pair_seed(config: SecAggConfig, msk_low: bytes, low: int, high: int) -> byte
 
 def self_mask_seed(config: SecAggConfig, b: bytes) -> bytes:
     return hkdf_sha256(b, config.session, b"qflare/secagg/v1/self-mask")
+
+
+def self_mask_commitment(config: SecAggConfig, index: int, b: bytes) -> bytes:
+    """SHA-256 commitment to device ``index``'s self-mask seed (in its signed advert; ``b`` is 256 fresh
+    bits, so the commitment hides it): the coordinator checks a rebuilt ``b`` against it."""
+    return sha256(b"qflare/secagg/v1/self-mask-commit", config.session, _U32.pack(index), b)
 
 
 def _transcript(purpose: bytes, session: bytes, sender: int, recipient: int, public: bytes, ct: bytes) -> bytes:

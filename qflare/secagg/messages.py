@@ -15,7 +15,8 @@ Layout (integers big-endian)::
 Message types and their fields (in this order):
 
 * ADVERTISE (device, signed by its identity key): ROUND u64, SESSION 32, FROM u32, CHANNEL_PUBLIC and
-  MASK_PUBLIC (hybrid KEM public keys: ML-KEM encapsulation key || X25519 public).
+  MASK_PUBLIC (hybrid KEM public keys: ML-KEM encapsulation key || X25519 public), SELF_COMMIT (SHA-256
+  commitment to the self-mask seed, :func:`qflare.secagg.keys.self_mask_commitment`).
 * SHARE (device -> one neighbour, relayed; *unsigned*, bound by its SHA-256 in the sender's manifest):
   ROUND, SESSION, FROM, TO, CT_CHANNEL (KEM ciphertext to the recipient's channel key), SEALED_SHARES
   (AES-256-GCM of the two 66-byte Shamir shares, self-mask seed then pairwise key: 148 bytes), and,
@@ -30,6 +31,8 @@ Message types and their fields (in this order):
   increasing, disjoint; DROPPED may be empty).
 * UNMASK_RESPONSE (device, signed): ROUND, SESSION, FROM, REQUEST_HASH (SHA-256 of the request bytes),
   SHARES = records of 71 bytes, strictly increasing by peer: ``peer u32 | kind u8 | share 66``.
+* CONSISTENCY (device, signed; the consistency-check round): ROUND, SESSION, FROM, SURVIVORS_HASH
+  (:func:`survivors_hash` of the survivor set the device signs; a device signs one set per round).
 
 Every field is required (except the SHARE pair fields, whose presence the indices decide), appears once,
 in schema order, with an exact or bounded length, so each message has one valid encoding; anything else
@@ -75,6 +78,7 @@ __all__ = [
     "encode_indices",
     "encode_share_records",
     "share_commitment",
+    "survivors_hash",
 ]
 
 MAGIC = b"QSA"
@@ -96,6 +100,7 @@ class SecAggMsg(enum.IntEnum):
     MASKED_INPUT = 0x43
     UNMASK_REQUEST = 0x44
     UNMASK_RESPONSE = 0x45
+    CONSISTENCY = 0x46
 
 
 class SecAggField(enum.IntEnum):
@@ -116,6 +121,8 @@ class SecAggField(enum.IntEnum):
     DROPPED = 0x0F
     REQUEST_HASH = 0x10
     SHARES = 0x11
+    SELF_COMMIT = 0x12
+    SURVIVORS_HASH = 0x13
 
 
 class ShareKind(enum.IntEnum):
@@ -166,17 +173,20 @@ _SPECS: Mapping[SecAggField, _Spec] = MappingProxyType(
         S.DROPPED: _Spec(unit=4, min_len=0, max_len=4 * MAX_DEVICES),
         S.REQUEST_HASH: _H,
         S.SHARES: _Spec(unit=SHARE_RECORD_LEN, min_len=0, max_len=SHARE_RECORD_LEN * MAX_DEVICES),
+        S.SELF_COMMIT: _H,
+        S.SURVIVORS_HASH: _H,
     }
 )
 _BASE = (S.ROUND, S.SESSION)
 SCHEMAS: Mapping[SecAggMsg, tuple[SecAggField, ...]] = MappingProxyType(
     {
-        SecAggMsg.ADVERTISE: (*_BASE, S.FROM, S.CHANNEL_PUBLIC, S.MASK_PUBLIC),
+        SecAggMsg.ADVERTISE: (*_BASE, S.FROM, S.CHANNEL_PUBLIC, S.MASK_PUBLIC, S.SELF_COMMIT),
         SecAggMsg.SHARE: (*_BASE, S.FROM, S.TO, S.CT_CHANNEL, S.SEALED_SHARES, S.CT_MASK, S.SEALED_PAIR),
         SecAggMsg.MANIFEST: (*_BASE, S.FROM, S.ENTRIES),
         SecAggMsg.MASKED_INPUT: (*_BASE, S.FROM, S.VECTOR_HASH, S.LENGTH),
         SecAggMsg.UNMASK_REQUEST: (*_BASE, S.SURVIVORS, S.DROPPED),
         SecAggMsg.UNMASK_RESPONSE: (*_BASE, S.FROM, S.REQUEST_HASH, S.SHARES),
+        SecAggMsg.CONSISTENCY: (*_BASE, S.FROM, S.SURVIVORS_HASH),
     }
 )
 _PAIR_FIELDS = frozenset({S.CT_MASK, S.SEALED_PAIR})
@@ -333,6 +343,11 @@ def share_commitment(session: bytes, kind: ShareKind, dealer: int, holder: int, 
     return sha256(
         b"qflare/secagg/v1/commit", session, bytes([kind]), _U32.pack(dealer), _U32.pack(holder), bytes(share)
     )
+
+
+def survivors_hash(session: bytes, survivors: Sequence[int]) -> bytes:
+    """What a device signs in the consistency round: the session and the survivor set U3."""
+    return sha256(b"qflare/secagg/v1/survivors", session, encode_indices(sorted(survivors)))
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,12 @@ and require
 * security: ``2t > k + C_max``.  An honest device answers one kind of share per peer, a corrupted one
   both; to get both the self-mask seed and the pairwise key of a device the coordinator needs ``t`` of
   each, i.e. ``2t <= (k - C) + 2C``.  Also implies ``t > C_max``: the corrupted alone never reach ``t``.
+  This holds only when every honest device answers for **one and the same** survivor set: against a
+  malicious coordinator that is what the consistency round gives (a device answers only a request naming
+  the survivor set signed by more than ``(n + corrupt) / 2`` devices, :attr:`SecAggParams.quorum`; any
+  two such sets share an honest signer, and an honest device signs one set).  Without that round a
+  coordinator that sends each device its own survivor set recovers single inputs
+  (docs/secure-aggregation.md, section 6).
 * correctness: ``t <= k - D_max``.  Enough neighbours remain to answer at the unmask phase.
 
 * connectivity (sparse graphs only): the server learns the sum of each connected component of the
@@ -25,7 +31,9 @@ and require
 
 ``choose`` returns the smallest even ``k`` (Harary graphs have even degree) that admits such a ``t``,
 with ``t = floor((k + C_max) / 2) + 1``, falling back to the complete graph, and refuses
-(``ConfigError``) when even that cannot satisfy both.  For the complete graph the bounds are exact
+(``ConfigError``) when even that cannot satisfy both, or when the devices left after ``floor(delta n)``
+dropouts cannot reach the consistency quorum.  It records ``corrupt = floor(gamma * n)``, the number of
+corrupted devices the round tolerates, which sets that quorum.  For the complete graph the bounds are exact
 counts (``C = floor(gamma * n)``, ``D = floor(delta * n)``).
 """
 
@@ -46,11 +54,14 @@ MAX_DEVICES = 10_000
 
 @dataclass(frozen=True)
 class SecAggParams:
-    """``n`` devices, each sharing ``t``-of-``k`` among its ``k`` neighbours."""
+    """``n`` devices, each sharing ``t``-of-``k`` among its ``k`` neighbours; at most ``corrupt`` of them
+    colluding with the coordinator (``choose`` sets it; built by hand it defaults to 0: no colluding
+    devices, and the consistency quorum is then a plain majority)."""
 
     n: int
     k: int
     t: int
+    corrupt: int = 0
 
     def __post_init__(self) -> None:
         if not 2 <= self.n <= MAX_DEVICES:
@@ -59,10 +70,18 @@ class SecAggParams:
             raise ConfigError("k must be even and in 2..n-2, or n-1", code=ErrorCode.BAD_ARGUMENT)
         if not 1 <= self.t <= self.k:
             raise ConfigError(f"t must be in 1..k={self.k}", code=ErrorCode.BAD_ARGUMENT)
+        if isinstance(self.corrupt, bool) or not isinstance(self.corrupt, int) or not 0 <= self.corrupt < self.n:
+            raise ConfigError(f"corrupt must be in 0..{self.n - 1}", code=ErrorCode.BAD_ARGUMENT)
 
     @property
     def complete(self) -> bool:
         return self.k == self.n - 1
+
+    @property
+    def quorum(self) -> int:
+        """Signatures on one survivor set a device needs before it unmasks: more than ``(n + corrupt) / 2``,
+        so any two sets with a quorum share more than ``corrupt`` signers, at least one of them honest."""
+        return (self.n + self.corrupt) // 2 + 1
 
 
 @lru_cache(maxsize=4096)
@@ -113,12 +132,19 @@ def choose(
         raise ConfigError("dropout and corruption are fractions in [0, 1)", code=ErrorCode.BAD_ARGUMENT)
     if not 1 <= sigma <= 256 or not 1 <= eta_log2 <= 256:
         raise ConfigError("sigma and eta_log2 must be in 1..256", code=ErrorCode.BAD_ARGUMENT)
+    corrupt = math.floor(corruption * n)
+    if n - math.floor(dropout * n) < (n + corrupt) // 2 + 1:
+        raise ConfigError(
+            f"with {dropout:.0%} dropout too few of {n} devices remain to sign the survivor set "
+            f"(more than (n + {corrupt}) / 2 must)",
+            code=ErrorCode.BAD_ARGUMENT,
+        )
     candidates = [*range(2, n - 1, 2), n - 1]
     for k in candidates:
         c_max, d_max = _bounds(n, k, dropout, corruption, sigma, eta_log2)
         t = (k + c_max) // 2 + 1
         if t <= k - d_max and (k == n - 1 or _log2_gap_probability(n, k, dropout + corruption) <= -sigma):
-            return SecAggParams(n, k, t)
+            return SecAggParams(n, k, t, corrupt=corrupt)
     raise ConfigError(
         f"no threshold tolerates {dropout:.0%} dropout and {corruption:.0%} corruption with {n} devices "
         "(need 2t > k + C and t <= k - D)",

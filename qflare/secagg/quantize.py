@@ -71,7 +71,10 @@ def quantize(values: npt.NDArray[np.floating], weight: int, spec: QuantSpec) -> 
     """The ``len(values) + 1`` words a device masks (its weighted fixed-point update, then its weight)."""
     if isinstance(weight, bool) or not isinstance(weight, int) or not 1 <= weight <= spec.max_weight:
         raise ValidationError(f"weight must be an integer in 1..{spec.max_weight}", code=ErrorCode.BAD_WEIGHT)
-    x = np.array(values, dtype=np.float64).reshape(-1)  # a copy: worked on in place below
+    try:
+        x = np.array(values, dtype=np.float64).reshape(-1)  # a copy: worked on in place below
+    except (TypeError, ValueError, OverflowError):
+        raise ValidationError("update is not an array of numbers", code=ErrorCode.BAD_SHAPE) from None
     if not np.isfinite(x).all():
         raise ValidationError("update has NaN or Inf", code=ErrorCode.NON_FINITE)
     np.clip(x, -spec.clip, spec.clip, out=x)

@@ -2,8 +2,15 @@
 
 Phases (``SecAggServer.phase``)::
 
-    ADVERTISE --close_advertise--> SHARE_KEYS --close_shares--> MASKED_INPUT --close_masked--> UNMASK
-        --finish--> DONE            (any close/finish with too few devices or shares --> ABORTED)
+    ADVERTISE --close_advertise--> SHARE_KEYS --close_shares--> MASKED_INPUT --close_masked--> CONSISTENCY
+        --close_consistency--> UNMASK --finish--> DONE
+                                    (any close/finish with too few devices or shares --> ABORTED)
+
+The consistency round (Bonawitz et al. 2017, malicious-server variant): ``close_masked`` signs the
+request naming U3; every device of U3 signs U3 (CONSISTENCY) and the coordinator relays the signatures
+(``close_consistency``, ``consistency_proof``) with the request; a device answers the request only with
+valid signatures on that U3 from ``params.quorum`` (more than ``(n + corrupt) / 2``) devices, so every
+honest device answers for the one same U3.
 
 ``U1 ⊇ U2 ⊇ U3`` are the devices whose advert, shares and masked input were accepted.  Every message is
 checked before anything is recorded (signature under the roster key, round and session, sender in the
@@ -48,7 +55,15 @@ from qflare.errors import (
     ValidationError,
 )
 from qflare.secagg.graph import neighbours
-from qflare.secagg.keys import SecAggConfig, check_kem_public, mask_kem, open_sealed, pair_seed, self_mask_seed
+from qflare.secagg.keys import (
+    SecAggConfig,
+    check_kem_public,
+    mask_kem,
+    open_sealed,
+    pair_seed,
+    self_mask_commitment,
+    self_mask_seed,
+)
 from qflare.secagg.messages import (
     ManifestEntry,
     SecAggField,
@@ -60,6 +75,7 @@ from qflare.secagg.messages import (
     decode_share_records,
     encode_indices,
     share_commitment,
+    survivors_hash,
 )
 from qflare.secagg.prg import Vector, add_mask, sub_mask
 from qflare.secagg.quantize import dequantize
@@ -74,6 +90,7 @@ class ServerPhase(enum.StrEnum):
     ADVERTISE = "advertise"
     SHARE_KEYS = "share_keys"
     MASKED_INPUT = "masked_input"
+    CONSISTENCY = "consistency"
     UNMASK = "unmask"
     DONE = "done"
     ABORTED = "aborted"
@@ -102,6 +119,7 @@ class _Collected:
     adverts: dict[int, SecAggMessage] = field(default_factory=dict)
     shared: dict[int, _Shared] = field(default_factory=dict)
     masked: dict[int, bytes] = field(default_factory=dict)  # sender -> MASKED_INPUT bytes
+    signatures: dict[int, bytes] = field(default_factory=dict)  # signer -> CONSISTENCY bytes
     responses: dict[int, bytes] = field(default_factory=dict)
     shares: dict[tuple[int, ShareKind], dict[int, int]] = field(default_factory=dict)  # (dealer, kind) -> {holder: y}
 
@@ -193,6 +211,8 @@ class SecAggServer:
             return
         listed = decode_entries(msg.get(F.ENTRIES))
         want = sorted(self._graph[sender] & self.u1)
+        if not isinstance(entries, (list, tuple)):
+            raise MalformedError("share entries must be a list of bytes", code=ErrorCode.MALFORMED)
         if [e.to for e in listed] != want or len(entries) != len(listed):
             raise MalformedError(f"device {sender} must share with exactly {want}", code=ErrorCode.MALFORMED)
         by_to: dict[int, SecAggMessage] = {}
@@ -235,11 +255,15 @@ class SecAggServer:
             self._c.masked[sender] = msg.raw
 
     def close_masked(self) -> bytes:
-        """The signed UNMASK_REQUEST (survivors U3, dropped U2 - U3) for every device of U3; aborts instead
-        when some secret that must be rebuilt has fewer than ``t`` holders left in U3."""
+        """The signed UNMASK_REQUEST (survivors U3, dropped U2 - U3) for every device of U3, which each signs
+        U3 with :meth:`SecAggClient.consistency`; aborts instead when fewer than ``params.quorum`` devices
+        are in U3 or some secret that must be rebuilt has fewer than ``t`` holders left in U3."""
         self._expect(ServerPhase.MASKED_INPUT)
         self.u3 = frozenset(self._c.masked)
         self._need(self.u3, "sent masked inputs")
+        quorum = self.config.params.quorum
+        if len(self.u3) < quorum:
+            raise self._abort(f"{len(self.u3)} devices sent masked inputs, the consistency quorum is {quorum}")
         t = self.config.params.t
         for u in sorted(self.u2):  # a secret that could not be rebuilt: abort before any share is revealed
             holders = len(self._graph[u] & self.u3)
@@ -252,14 +276,44 @@ class SecAggServer:
             F.DROPPED: encode_indices(sorted(self.u2 - self.u3)),
         }
         self._request = SecAggMessage.build(self.config.suite, SecAggMsg.UNMASK_REQUEST, fields, self._key).raw
-        self.phase = ServerPhase.UNMASK
+        self.phase = ServerPhase.CONSISTENCY
         return self._request
 
-    # -- phase 4 ---------------------------------------------------------------------------------------
+    # -- phase 4: consistency check --------------------------------------------------------------------
+    def receive_consistency(self, raw: bytes) -> None:
+        """A device's signature on U3 (checked: signed by a device of U3, over this round's U3)."""
+        self._expect(ServerPhase.CONSISTENCY)
+        msg, sender = self._signed(raw, SecAggMsg.CONSISTENCY, self.u3)
+        if msg.get(F.SURVIVORS_HASH) != survivors_hash(self.config.session, sorted(self.u3)):
+            raise ValidationError(f"device {sender} signed another survivor set", code=ErrorCode.HASH_MISMATCH)
+        if self._first(self._c.signatures, sender, msg.raw):
+            self._c.signatures[sender] = msg.raw
+
+    def close_consistency(self) -> list[bytes]:
+        """The CONSISTENCY signatures to relay with the request to every signer; aborts with fewer than
+        ``params.quorum`` of them (no device would answer)."""
+        self._expect(ServerPhase.CONSISTENCY)
+        quorum = self.config.params.quorum
+        if len(self._c.signatures) < quorum:
+            raise self._abort(f"{len(self._c.signatures)} devices signed the survivor set, quorum is {quorum}")
+        self.phase = ServerPhase.UNMASK
+        return self.consistency_proof()
+
+    def consistency_proof(self) -> list[bytes]:
+        """What ``SecAggClient.unmask`` takes: ``params.quorum`` CONSISTENCY signatures (the lowest signer
+        indices; a quorum is all a device needs, and each signature is ~3.4 kB to download)."""
+        return [self._c.signatures[i] for i in sorted(self._c.signatures)[: self.config.params.quorum]]
+
+    @property
+    def request(self) -> bytes | None:
+        """The signed UNMASK_REQUEST once ``close_masked`` has run (relayed again after a restart)."""
+        return self._request
+
+    # -- phase 5 ---------------------------------------------------------------------------------------
     def receive_unmask(self, raw: bytes) -> None:
         self._expect(ServerPhase.UNMASK)
         assert self._request is not None
-        msg, sender = self._signed(raw, SecAggMsg.UNMASK_RESPONSE, self.u3)
+        msg, sender = self._signed(raw, SecAggMsg.UNMASK_RESPONSE, frozenset(self._c.signatures))
         if not self._first(self._c.responses, sender, msg.raw):
             return
         if msg.get(F.REQUEST_HASH) != sha256(self._request):
@@ -287,7 +341,7 @@ class SecAggServer:
         """``(state JSON, running sum bytes)``: every accepted message and the phase."""
         c = self._c
         doc = {
-            "version": 1,
+            "version": 2,
             "session": self.config.session.hex(),
             "phase": self.phase.value,
             "adverts": [c.adverts[i].raw.hex() for i in sorted(c.adverts)],
@@ -297,6 +351,7 @@ class SecAggServer:
             ],
             "masked": [c.masked[i].hex() for i in sorted(c.masked)],
             "request": None if self._request is None else self._request.hex(),
+            "signatures": [c.signatures[i].hex() for i in sorted(c.signatures)],
             "responses": [c.responses[i].hex() for i in sorted(c.responses)],
         }
         return json.dumps(doc), self._sum.astype("<u4", copy=False).tobytes()
@@ -306,17 +361,20 @@ class SecAggServer:
         cls, config: SecAggConfig, key: SigningKey, state: str, total: bytes, *, workers: int | None = None
     ) -> SecAggServer:
         """The coordinator of :meth:`snapshot`'s round after a restart (every message checked again)."""
+        if not isinstance(state, str) or not isinstance(total, bytes):
+            raise ValidationError("a round state is JSON text and the running sum bytes", code=ErrorCode.BAD_JSON)
         try:
             doc = json.loads(state)
-            if doc["version"] != 1 or bytes.fromhex(doc["session"]) != config.session:
+            if doc["version"] != 2 or bytes.fromhex(doc["session"]) != config.session:
                 raise ValidationError("saved state is for another round", code=ErrorCode.BAD_JSON)
             phase = ServerPhase(doc["phase"])
             adverts = [bytes.fromhex(a) for a in doc["adverts"]]
             shares = [(bytes.fromhex(m), [bytes.fromhex(e) for e in es]) for m, es in doc["shares"]]
             masked = [bytes.fromhex(m) for m in doc["masked"]]
             request = None if doc["request"] is None else bytes.fromhex(doc["request"])
+            signatures = [bytes.fromhex(r) for r in doc["signatures"]]
             responses = [bytes.fromhex(r) for r in doc["responses"]]
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        except (KeyError, TypeError, ValueError, AttributeError, RecursionError) as exc:
             raise ValidationError(f"not a secure-aggregation round state: {exc}", code=ErrorCode.BAD_JSON) from None
         s = cls(config, key, workers=workers)
         if phase is ServerPhase.ABORTED:
@@ -349,7 +407,11 @@ class SecAggServer:
             ):
                 raise ValidationError("saved unmask request names other sets", code=ErrorCode.BAD_JSON)
             s._request = request
-            s.phase = ServerPhase.UNMASK
+            s.phase = ServerPhase.CONSISTENCY
+            for raw in signatures:
+                s.receive_consistency(raw)
+        if order.index(phase) > order.index(ServerPhase.CONSISTENCY):
+            s.close_consistency()
             for raw in responses:
                 s.receive_unmask(raw)
         if phase is ServerPhase.DONE:
@@ -380,6 +442,8 @@ class SecAggServer:
         removals: list[tuple[bytes, bool]] = []  # (seed, True: add its mask back / False: subtract it)
         for u in sorted(self.u3):
             b = reconstruct(self._c.shares[(u, ShareKind.SELF_MASK)], t)
+            if self_mask_commitment(self.config, u, b) != self._c.adverts[u].get(F.SELF_COMMIT):
+                raise AuthError(f"device {u}'s rebuilt self-mask seed is not the one it committed to", code="bad_share")
             removals.append((self_mask_seed(self.config, b), False))
         for u in dropped:
             if not self._graph[u] & self.u3:

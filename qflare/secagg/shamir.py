@@ -67,6 +67,8 @@ def reconstruct(shares: Mapping[int, int], threshold: int) -> bytes:
     Fewer shares is a ValidationError (``secagg_aborted``); a result that is not a 32-byte secret means a
     share was wrong (``bad_share``).  Shares should be checked against their commitments first.
     """
+    if isinstance(threshold, bool) or not isinstance(threshold, int) or threshold < 1:
+        raise ConfigError(f"threshold must be an integer >= 1, got {threshold!r}", code=ErrorCode.BAD_ARGUMENT)
     xs = _check_indices(shares)
     if len(xs) < threshold:
         raise RoundError(f"{len(xs)} shares cannot recover a {threshold}-of-n secret", code=ErrorCode.SECAGG_ABORTED)
