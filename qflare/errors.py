@@ -253,6 +253,8 @@ class ErrorCode(enum.StrEnum):
     TOKEN_REVOKED = "token_revoked"
     LOGIN_FAILED = "login_failed"
     CSRF_FAILED = "csrf_failed"
+    # simulation backends
+    DEVICE_HOST_FAILED = "device_host_failed"
 
 
 class Retry(enum.Enum):
@@ -895,6 +897,11 @@ CODE_SPECS: Mapping[ErrorCode, CodeSpec] = MappingProxyType(
             "a state-changing dashboard request lacked its session's CSRF token (or sent a wrong one); nothing changed",
             _F,
             AdminAuthError,
+        ),
+        _C.DEVICE_HOST_FAILED: _spec(
+            "a simulation's device host (a Ray actor) died or failed outside the protocol; the run stops",
+            _F,
+            TrainingError,
         ),
     }
 )
