@@ -268,7 +268,7 @@ class Federation(Protocol):
     # Optional (looked up with getattr; the remote federation of the benchmarks has neither):
     # ``privacy() -> PrivacySpent | None`` after a round, ``stop_reason: str | None`` once finished,
     # ``driver_threads: int``: the worker threads its ``work`` calls need to keep it busy (the pool
-    # gets at least that many).
+    # gets at least that many), ``backend_info: dict[str, Any]``: recorded in the result's config.
 
 
 FederationFactory = Callable[["SimulationConfig", ParamLayout, torch.Tensor], Federation]
@@ -623,9 +623,11 @@ def run_simulation(
     def stopping() -> bool:
         return stop is not None and stop.is_set()
 
+    backend_info: dict[str, Any] = getattr(fed, "backend_info", {})
+
     def partial() -> SimulationResult:
         return SimulationResult(
-            _config_dict(cfg, precision),
+            {**_config_dict(cfg, precision), **backend_info},
             list(records),
             time.perf_counter() - t0,
             startup,

@@ -269,6 +269,7 @@ class RayFederation(CoordinatorSide):
             raise
         self.driver_threads = 2 * len(self._hosts)
         """Two devices queued per host: a host starts its next device while the driver relays the last one's."""
+        self.backend_info: dict[str, Any] = {"backend": "ray", "ray_hosts": len(self._hosts)}
 
     # ------------------------------------------------------------------ start-up
     def _start(self, ray: ModuleType, options: RayOptions) -> None:
