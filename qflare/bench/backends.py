@@ -3,7 +3,9 @@
 :func:`run_backends`: fmnist-dir05 with ``qflare simulate --backend thread`` and then ``--backend ray``,
 each as a measured child process (wall time, peak RSS summed over its process tree - for Ray that
 includes its GCS, raylet and worker processes), with the load average around each run (the machine may
-be shared) and whether the two runs published the same models round by round.
+be shared) and whether the two runs published the same models round by round; optionally the Flower
+reference (``flower_reference.py``, Flower 1.42's simulation engine on Ray, in its own environment),
+measured the same way.
 
 :func:`run_ray_scale`: many enrolled devices (each with its own ML-DSA identity and session in a Ray
 actor), ``per_round`` of them a round, in this process: enrollment time, the device hosts' memory per
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import os
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -21,7 +24,8 @@ import torch
 from ..federation import FederationSpec
 from ..simulation import SimulationConfig, run_simulation
 from ..wire import ParamLayout
-from .fmnist import FMNIST_DIR05, _simulate, _summary
+from .fmnist import FMNIST_DIR05, _last_json, _simulate, _summary
+from .procs import run_measured
 
 __all__ = ["run_backends", "run_ray_scale"]
 
@@ -30,10 +34,21 @@ def _load() -> float:
     return round(os.getloadavg()[0], 2)
 
 
+def flower_reference_path() -> Path:
+    """The Flower reference runs as a script by path, in Flower's own environment (imports nothing of QFLARE)."""
+    return Path(__file__).resolve().parent / "flower_reference.py"
+
+
 def run_backends(
-    rounds: int = 30, *, workers: int = 0, data_root: str | None = None, backends: tuple[str, ...] = ("thread", "ray")
+    rounds: int = 30,
+    *,
+    workers: int = 0,
+    data_root: str | None = None,
+    backends: tuple[str, ...] = ("thread", "ray"),
+    flower_python: str | None = None,
 ) -> dict[str, Any]:
-    """fmnist-dir05 on each backend, one after the other, on the same seed."""
+    """fmnist-dir05 on each backend, one after the other, on the same seed; with ``flower_python`` (a Python
+    with ``flwr[simulation]==1.42.*`` and torch) also the Flower reference, with as many Ray CPUs."""
     spec = FMNIST_DIR05.replace(rounds=rounds, data_root=data_root)
     runs: dict[str, dict[str, Any]] = {}
     for name in backends:
@@ -45,6 +60,13 @@ def run_backends(
             "load_avg_1m_after": _load(),
             "model_sha256": [r["model_sha256"] for r in res["rounds"]],
         }
+    if flower_python is not None:
+        cmd = [flower_python, str(flower_reference_path()), "--rounds", str(rounds), "--json"]
+        cmd += ["--cpus", str(workers or os.cpu_count() or 1)] + (["--data", data_root] if data_root else [])
+        before = _load()
+        m = run_measured(cmd)
+        res = _last_json(m, "Flower reference")
+        runs["flower"] = {**_summary(m, res), "load_avg_1m_before": before, "load_avg_1m_after": _load()}
     out: dict[str, Any] = {"workload": "fmnist-dir05", "rounds": rounds, "cpus": os.cpu_count()}
     for name, r in runs.items():
         out[f"{name}_wall_s"] = r["wall_s"]
@@ -52,8 +74,8 @@ def run_backends(
         out[f"{name}_mean_round_s"] = r["mean_round_s"]
         out[f"{name}_peak_rss_mb"] = r["peak_rss_mb"]
         out[f"{name}_final_accuracy"] = r["final_accuracy"]
-    if len(runs) > 1:
-        hashes = [r["model_sha256"] for r in runs.values()]
+    hashes = [r["model_sha256"] for r in runs.values() if "model_sha256" in r]
+    if len(hashes) > 1:
         out["bit_identical"] = all(h == hashes[0] for h in hashes)
     out["runs"] = runs
     return out

@@ -348,16 +348,22 @@ def backends(
         0, min=0, help="Training threads (thread) and device-host actors (ray); 0 = one per core."
     ),
     data_root: str | None = typer.Option(None, help="Fashion-MNIST folder (default: search the usual places)."),
+    flower_python: str | None = typer.Option(
+        None,
+        help="Also run the Flower reference (qflare/bench/flower_reference.py) with this Python, one that has "
+        "flwr[simulation]==1.42.* and torch (a separate environment).",
+    ),
     json_: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
     """fmnist-dir05 with `qflare simulate --backend thread` and then `--backend ray` (child processes, in this
-    invocation): wall time, peak RSS of each process tree, load average, and whether the models are identical."""
+    invocation): wall time, peak RSS of each process tree, load average, and whether the models are identical;
+    with --flower-python, Flower 1.42 on Ray too."""
     from ..bench.backends import run_backends
     from ..simulation_ray import require_ray
 
     with friendly_errors():
         require_ray()
-        result = run_backends(rounds, workers=workers, data_root=data_root)
+        result = run_backends(rounds, workers=workers, data_root=data_root, flower_python=flower_python)
     if json_:
         print(json.dumps(result))
     else:
