@@ -39,12 +39,12 @@ _ARGS: dict[str, Any] = {"data": "/usr/share/datasets/fashion-mnist", "seed": 0}
 
 
 def _data() -> dict[str, Any]:
-    """The data set, normalised, and the partition: loaded once per process (driver and each Ray actor)."""
+    """The training set (uint8) and the partition: loaded once per process (each Ray actor)."""
     if not _DATA:
         d = Path(str(_ARGS["data"]))
         x = torch.from_numpy(bare.read_idx(d / "train-images-idx3-ubyte.gz", 16).reshape(-1, 1, 28, 28).copy())
         y = torch.from_numpy(bare.read_idx(d / "train-labels-idx1-ubyte.gz", 8).astype(np.int64))
-        _DATA["x"] = (x.float() / 255 - bare.MEAN) / bare.STD
+        _DATA["x"] = x  # uint8: each client normalises its own examples (as QFLARE does), not the whole set
         _DATA["y"] = y
         _DATA["parts"] = bare.dirichlet_partition(y.numpy(), 100, 0.5, int(_ARGS["seed"]))
     return _DATA
@@ -67,7 +67,7 @@ class Client(NumPyClient):  # type: ignore[misc]
         torch.set_num_threads(1)
         data = _data()
         idx = torch.from_numpy(data["parts"][self.pid])
-        x, y = data["x"][idx], data["y"][idx]
+        x, y = (data["x"][idx].float() / 255 - bare.MEAN) / bare.STD, data["y"][idx]
         model = bare.CNN()
         _set(model, parameters)
         model.train()
