@@ -268,6 +268,7 @@ class RayFederation(CoordinatorSide):
         self._started = False
         self._hosts: list[Any] = []
         self.spawn_stats: list[HostStats] = []
+        self.enroll_s = 0.0
         self.final_stats: list[HostStats] = []
         """The hosts' processes when the federation closed (their peak RSS covers the rounds)."""
         try:
@@ -312,7 +313,11 @@ class RayFederation(CoordinatorSide):
 
     def _spawn(self, ray: ModuleType, cfg: SimulationConfig, layout: ParamLayout, options: RayOptions) -> None:
         spec = cfg.federation
-        hosts = min(spec.devices, options.hosts or max(1, int(ray.cluster_resources().get("CPU", 1))))
+        cpus = int(ray.cluster_resources().get("CPU", 0))
+        if options.hosts > cpus or cpus < 1:  # each host takes one CPU: the rest would wait for one forever
+            need = max(options.hosts, 1)
+            raise ConfigError(f"{need} device host(s) (--workers) need as many CPUs; the Ray cluster has {cpus}")
+        hosts = min(spec.devices, options.hosts or max(1, cpus))
         train = load_dataset(spec.dataset, "train", root=spec.data_root)
         parts = spec.partitions(train.labels.numpy())
         # Two malloc arenas from the process's start (Ray's own threads included): with glibc's default of

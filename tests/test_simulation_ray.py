@@ -33,13 +33,19 @@ def ray_session():
     ray.shutdown()
 
 
-def _federation(ray_session):
+def _federation(ray_session, hosts: int = 2):
     from qflare.simulation_ray import RayFederation, RayOptions
 
     torch.manual_seed(SPEC.seed)
     model = create_model(SPEC.model, (1, 8, 8), 10)
     layout = ParamLayout.from_module(model)
-    return RayFederation(SimulationConfig(SPEC), layout, layout.module_to_flat(model), RayOptions(hosts=2))
+    return RayFederation(SimulationConfig(SPEC), layout, layout.module_to_flat(model), RayOptions(hosts=hosts))
+
+
+@pytest.mark.slow
+def test_more_hosts_than_the_cluster_has_cpus_is_refused_not_a_hang(ray_session):
+    with pytest.raises(ConfigError, match=r"3 device host\(s\) \(--workers\) need as many CPUs; the Ray cluster has 2"):
+        _federation(ray_session, hosts=3)
 
 
 @pytest.mark.slow
