@@ -257,6 +257,8 @@ class ErrorCode(enum.StrEnum):
     SECAGG_ABORTED = "secagg_aborted"
     UNMASK_REFUSED = "unmask_refused"
     BAD_SHARE = "bad_share"
+    # simulation backends
+    DEVICE_HOST_FAILED = "device_host_failed"
 
 
 class Retry(enum.Enum):
@@ -917,6 +919,11 @@ CODE_SPECS: Mapping[ErrorCode, CodeSpec] = MappingProxyType(
             _R,
             AuthError,
             MalformedError,
+        ),
+        _C.DEVICE_HOST_FAILED: _spec(
+            "a simulation's device host (a Ray actor) died or failed outside the protocol; the run stops",
+            _F,
+            TrainingError,
         ),
     }
 )

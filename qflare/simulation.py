@@ -58,6 +58,7 @@ from .transport import InProcessTransport
 from .wire import ParamLayout
 
 __all__ = [
+    "CoordinatorSide",
     "Federation",
     "FederationFactory",
     "FinalModel",
@@ -254,7 +255,9 @@ class Federation(Protocol):
 
     def work(self, i: int, train: Callable[[torch.Tensor, int], TrainResult]) -> tuple[Any, TrainResult]:
         """Device ``i``'s part of the round, run on a worker thread: get the model, ``train(flat, round)``,
-        and return what :meth:`submit` sends, with the training result."""
+        and return what :meth:`submit` sends, with the training result.  A backend whose devices train
+        where they live (:mod:`qflare.simulation_ray`) trains them there, with the same seeds and data, and
+        does not call ``train``."""
 
     def submit(self, i: int, prepared: Any) -> None:
         """Send device ``i``'s prepared update (called in selection order on the driver thread)."""
@@ -269,7 +272,9 @@ class Federation(Protocol):
 
     # Optional (looked up with getattr; the remote federation of the benchmarks has none of them):
     # ``privacy() -> PrivacySpent | None`` after a round, ``stop_reason: str | None`` once finished,
-    # ``left_out(round) -> {device: reason}`` and ``quarantined(round) -> [device]`` for the defence log.
+    # ``left_out(round) -> {device: reason}`` and ``quarantined(round) -> [device]`` for the defence log,
+    # ``driver_threads: int``: the worker threads its ``work`` calls need to keep it busy (the pool
+    # gets at least that many), ``backend_info: dict[str, Any]``: recorded in the result's config.
 
 
 FederationFactory = Callable[["SimulationConfig", ParamLayout, torch.Tensor], Federation]
@@ -287,8 +292,11 @@ def _with_root(pipeline: Pipeline, root: RootFactory | None) -> Pipeline:
     return pipeline.with_root(root())
 
 
-class _SecureFederation:
-    """The real thing: a Coordinator and N enrolled Devices with PQ sessions, over the in-process transport."""
+class CoordinatorSide:
+    """The coordinator half of a protocol federation, in this process: a :class:`Coordinator` over a scratch
+    SQLite database, with the :class:`Federation` methods that only need it.  The backends that enroll
+    real :class:`Device` objects (here over the in-process transport; in :mod:`qflare.simulation_ray` in
+    Ray actors) add the devices and register each one's index in :attr:`index`, in enrollment order."""
 
     def __init__(
         self, cfg: SimulationConfig, layout: ParamLayout, initial: torch.Tensor, root: RootFactory | None = None
@@ -299,56 +307,39 @@ class _SecureFederation:
             prefix="qflare-sim-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None
         )
         self._db = Database(f"sqlite:///{self._scratch.name}/coordinator.db")
-        self._db.upgrade()
-        self.coordinator = Coordinator(
-            layout=layout,
-            initial_flat=initial,
-            strategy=_with_root(spec.build_strategy(), root),
-            identity=SigningKey.generate(spec.suite.sig),
-            store=Store(self._db),
-            # No deadline in a simulation: every selected device answers (a round may take long).
-            rounds=RoundConfig(
-                rounds=spec.rounds,
-                per_round=spec.per_round,
-                min_participants=spec.min_participants,
-                seed=spec.seed,
-                round_timeout_s=_NO_DEADLINE_S,
-                selector=spec.selector,
-                detection=spec.detection_config(),
-            ),
-            # In-process devices are all present, and only the selected ones talk during a round: no budget
-            # for public-key work and no liveness narrowing of the selection (the seed alone decides it).
-            config=CoordinatorConfig(suite=spec.suite, crypto_ops_per_s=None, liveness_window_s=None),
-        )
-        transport = InProcessTransport(self.coordinator)
-        self.devices: list[Device] = []
-        for token in self.coordinator.create_tokens(spec.devices, ttl_s=600, label="simulation"):
-            dev = Device(
-                transport=transport,
-                identity=SigningKey.generate(spec.suite.sig),
-                server_key=self.coordinator.public_key,
+        try:
+            self._db.upgrade()
+            self.coordinator = Coordinator(
                 layout=layout,
-                suite=spec.suite,
+                initial_flat=initial,
+                strategy=_with_root(spec.build_strategy(), root),
+                identity=SigningKey.generate(spec.suite.sig),
+                store=Store(self._db),
+                # No deadline in a simulation: every selected device answers (a round may take long).
+                rounds=RoundConfig(
+                    rounds=spec.rounds,
+                    per_round=spec.per_round,
+                    min_participants=spec.min_participants,
+                    seed=spec.seed,
+                    round_timeout_s=_NO_DEADLINE_S,
+                    selector=spec.selector,
+                    detection=spec.detection_config(),
+                ),
+                # Simulated devices are all present, and only the selected ones talk during a round: no budget
+                # for public-key work and no liveness narrowing of the selection (the seed alone decides it).
+                config=CoordinatorConfig(suite=spec.suite, crypto_ops_per_s=None, liveness_window_s=None),
             )
-            dev.enroll(token)
-            dev.connect()
-            self.devices.append(dev)
-        self._index = {d.device_id: i for i, d in enumerate(self.devices)}
+        except BaseException:
+            self._db.dispose()
+            self._scratch.cleanup()
+            raise
+        self.index: dict[str, int] = {}
+        """Device id -> device index."""
         self._ledger_out = cfg.ledger_out
 
     def open_round(self) -> tuple[int, list[int]] | None:
         rnd = self.coordinator.rounds.open_next()
-        return None if rnd is None else (rnd.number, [self._index[d] for d in rnd.selected])
-
-    def work(self, i: int, train: Callable[[torch.Tensor, int], TrainResult]) -> tuple[Any, TrainResult]:
-        dev = self.devices[i]
-        task = dev.task()
-        gm = dev.fetch_model(task)
-        result = train(gm.flat, task.round)
-        return dev.prepare_update(task, gm, result), result
-
-    def submit(self, i: int, sealed: Any) -> None:
-        self.devices[i].submit(sealed)
+        return None if rnd is None else (rnd.number, [self.index[d] for d in rnd.selected])
 
     def published(self, number: int) -> bool:
         return self.coordinator.rounds.model.round_number == number
@@ -378,22 +369,64 @@ class _SecureFederation:
         body = decode(row.body)
         out: dict[int, str] = {}
         for device, _, reason in body.get("left_out", []):
-            if reason != NO_UPDATE and device in self._index:
-                out[self._index[device]] = str(reason)
+            if reason != NO_UPDATE and device in self.index:
+                out[self.index[device]] = str(reason)
         return out
 
     def quarantined(self, number: int) -> list[int]:
         """Device indices that round ``number``'s detection verdict quarantined (none without detection)."""
         verdict = self.coordinator.rounds.verdicts.get(number)
-        return [] if verdict is None else [self._index[d] for d in verdict.quarantined if d in self._index]
+        return [] if verdict is None else [self.index[d] for d in verdict.quarantined if d in self.index]
 
     def close(self) -> None:
         try:
             if self._ledger_out is not None:
                 export_ledger(Store(self._db), self.coordinator.public_key, self._ledger_out)
         finally:
-            self._db.dispose()
-            self._scratch.cleanup()
+            self.discard()
+
+    def discard(self) -> None:
+        """Drop the scratch database without exporting anything (a federation that failed to start)."""
+        self._db.dispose()
+        self._scratch.cleanup()
+
+
+class _SecureFederation(CoordinatorSide):
+    """The real thing: a Coordinator and N enrolled Devices with PQ sessions, over the in-process transport."""
+
+    def __init__(
+        self, cfg: SimulationConfig, layout: ParamLayout, initial: torch.Tensor, root: RootFactory | None = None
+    ) -> None:
+        super().__init__(cfg, layout, initial, root)
+        spec = cfg.federation
+        transport = InProcessTransport(self.coordinator)
+        self.devices: list[Device] = []
+        try:
+            for token in self.coordinator.create_tokens(spec.devices, ttl_s=600, label="simulation"):
+                dev = Device(
+                    transport=transport,
+                    identity=SigningKey.generate(spec.suite.sig),
+                    server_key=self.coordinator.public_key,
+                    layout=layout,
+                    suite=spec.suite,
+                )
+                dev.enroll(token)
+                dev.connect()
+                self.devices.append(dev)
+        except BaseException:
+            self.discard()
+            raise
+        self.index = {d.device_id: i for i, d in enumerate(self.devices)}
+
+    def work(self, i: int, train: Callable[[torch.Tensor, int], TrainResult]) -> tuple[Any, TrainResult]:
+        dev = self.devices[i]
+        task = dev.task()
+        gm = dev.fetch_model(task)
+        result = train(gm.flat, task.round)
+        return dev.prepare_update(task, gm, result), result
+
+    def submit(self, i: int, sealed: Any) -> None:
+        self.devices[i].submit(sealed)
 
 
 class _DirectFederation:
@@ -494,7 +527,6 @@ def run_simulation(
     torch.manual_seed(spec.seed)
     model = make_model()
     layout = ParamLayout.from_module(model)
-    pool = _Workers(workers, make_model, spec.train, layout)
     precision = resolve_precision(spec.train.precision, resolve_device(spec.train.device))
     if cfg.batched_devices and cfg.attack is not None:
         raise ConfigError("--batched-devices cannot simulate attacks (--attack): use the per-device loop")
@@ -525,6 +557,7 @@ def run_simulation(
         fed = federation(cfg, layout, initial)
     else:
         fed = (_SecureFederation if cfg.protocol else _DirectFederation)(cfg, layout, initial, make_root)
+    pool = _Workers(max(workers, getattr(fed, "driver_threads", 0)), make_model, spec.train, layout)
     privacy: Callable[[], PrivacySpent | None] | None = getattr(fed, "privacy", None)
     mechanism: DPFedAvg | None = getattr(fed, "mechanism", None)
     noise_to_signal = None if mechanism is None else mechanism.noise_to_signal(layout.numel)
@@ -608,12 +641,14 @@ def run_simulation(
     def stopping() -> bool:
         return stop is not None and stop.is_set()
 
+    backend_info: dict[str, Any] = getattr(fed, "backend_info", {})
+
     def partial() -> SimulationResult:
         config = _config_dict(cfg, precision)
         if noise_to_signal is not None:  # DP-FedAvg: the noise on a round's mean, in clip norms
             config["dp_noise_to_signal"] = noise_to_signal
         return SimulationResult(
-            config,
+            {**config, **backend_info},
             list(records),
             time.perf_counter() - t0,
             startup,

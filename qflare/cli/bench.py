@@ -391,3 +391,60 @@ def secagg_scaling(
     for r in result["runs"]:
         _show(r, f"secure aggregation, {r['devices']} devices, {r['dropout']:.0%} dropout")
     console.print("wrote " + ", ".join(str(p) for p in paths))
+
+
+@app.command("backends")
+def backends(
+    rounds: int = typer.Option(30, min=1, help="Rounds for each run."),
+    workers: int = typer.Option(
+        0, min=0, help="Training threads (thread) and device-host actors (ray); 0 = one per core."
+    ),
+    data_root: str | None = typer.Option(None, help="Fashion-MNIST folder (default: search the usual places)."),
+    flower_python: str | None = typer.Option(
+        None,
+        help="Also run the Flower reference (qflare/bench/flower_reference.py) with this Python, one that has "
+        "flwr[simulation]==1.42.* and torch (a separate environment).",
+    ),
+    json_: bool = typer.Option(False, "--json", help="Print one JSON object."),
+) -> None:
+    """fmnist-dir05 with `qflare simulate --backend thread` and then `--backend ray` (child processes, in this
+    invocation): wall time, peak RSS of each process tree, load average, and whether the models are identical;
+    with --flower-python, Flower 1.42 on Ray too."""
+    from ..bench.backends import run_backends
+    from ..simulation_ray import require_ray
+
+    with friendly_errors():
+        require_ray()
+        result = run_backends(rounds, workers=workers, data_root=data_root, flower_python=flower_python)
+    if json_:
+        print(json.dumps(result))
+    else:
+        _show(result, f"simulation backends on fmnist-dir05, {rounds} rounds")
+
+
+@app.command("ray-scale")
+def ray_scale(
+    devices: int = typer.Option(1000, min=1, help="Enrolled devices (each its own ML-DSA identity and session)."),
+    per_round: int = typer.Option(100, min=1, help="Devices a round."),
+    rounds: int = typer.Option(2, min=1, help="Rounds."),
+    workers: int = typer.Option(0, min=0, help="Device-host actors (0 = one per CPU Ray offers)."),
+    ray_address: str | None = opts.RAY_ADDRESS,
+    data_root: str | None = typer.Option(None, help="Fashion-MNIST folder (default: search the usual places)."),
+    json_: bool = typer.Option(False, "--json", help="Print one JSON object."),
+) -> None:
+    """The Ray backend with many enrolled devices (fmnist-dir05's data and model): enrollment time, the device
+    hosts' memory per idle enrolled device, and round times."""
+    from ..bench.backends import run_ray_scale
+    from ..simulation_ray import require_ray
+
+    with friendly_errors():
+        require_ray()
+        opts.check_per_round(per_round, devices)
+        result = run_ray_scale(
+            devices, per_round=per_round, rounds=rounds, hosts=workers, address=ray_address, data_root=data_root
+        )
+    if json_:
+        print(json.dumps(result))
+    else:
+        _show(result, f"Ray backend, {devices} devices, {per_round} a round")
+        console.print({"round_s": result["round_s"]})

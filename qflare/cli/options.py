@@ -37,6 +37,7 @@ from ..training import TrainConfig
 
 __all__ = [
     "AGGREGATOR",
+    "BACKEND",
     "BATCH_SIZE",
     "BYZANTINE",
     "DATASET",
@@ -54,10 +55,12 @@ __all__ = [
     "PARTITION",
     "PRECISION",
     "PROX_MU",
+    "RAY_ADDRESS",
     "SELECTOR",
     "SERVER_LR",
     "STRATEGY",
     "WEIGHT_DECAY",
+    "check_backend",
     "check_per_round",
     "check_strategy",
     "choices",
@@ -79,6 +82,19 @@ DATASET: Any = typer.Option("fashion-mnist", help=f"Data set; {choices(DATASETS)
 DATA_ROOT: Any = typer.Option(None, help="Folder holding the data set files (default: search the usual places).")
 MODEL: Any = typer.Option("fedavg-cnn", help=f"Model (the same on server and devices); {choices(model_names())}.")
 PARTITION: Any = typer.Option("dirichlet", help=f"How the data set is split among devices; {choices(PARTITIONERS)}.")
+
+# ------------------------------------------------------------------ simulation backend (simulate)
+BACKEND: Any = typer.Option(
+    "thread",
+    help="Where the simulated devices run: thread (this process, a pool of --workers threads) or ray (Ray actors, "
+    "--workers of them, 0 = one per CPU Ray offers; the coordinator stays here; needs pip install 'qflare[ray]'). "
+    "Same seed, bit-identical models.",
+)
+RAY_ADDRESS: Any = typer.Option(
+    None,
+    help="With --backend ray: join this existing Ray cluster (host:6379 or ray://host:10001) instead of starting a "
+    "local Ray (qflare and the data set must be on its nodes).",
+)
 
 # ------------------------------------------------------------------ training (simulate, client, demo)
 EPOCHS: Any = typer.Option(1, min=1, help="Local epochs per round.")
@@ -294,6 +310,18 @@ def root_data_refusal(aggregator: str) -> str:
         "set of the coordinator's own every round), which `qflare server` (and so `qflare demo`) does not have: "
         "its evaluation split is never trained on; use it with `qflare simulate`, or choose another --aggregator"
     )
+
+
+def check_backend(backend: str, ray_address: str | None, *, batched_devices: bool, protocol: bool) -> None:
+    """Refuse a ``--backend`` that is not a backend, and options that do not go with the one chosen."""
+    if backend not in ("thread", "ray"):
+        raise ConfigError(f"--backend must be thread or ray, got {backend!r}")
+    if ray_address is not None and backend != "ray":
+        raise ConfigError("--ray-address needs --backend ray")
+    if backend == "ray" and batched_devices:
+        raise ConfigError("--batched-devices trains in this process: it needs --backend thread")
+    if backend == "ray" and not protocol:
+        raise ConfigError("--backend ray always runs the protocol: --no-protocol needs --backend thread")
 
 
 def path_text(path: Path | None) -> str | None:

@@ -101,8 +101,13 @@ def simulate(
     device: str = typer.Option("cpu", help="Torch device for training: cpu, cuda, cuda:N or auto."),
     precision: str | None = opts.PRECISION,
     workers: int = typer.Option(
-        0, min=0, help="Training threads (0 = one per core; 1 = sequential with torch's default threads)."
+        0,
+        min=0,
+        help="Training threads (0 = one per core; 1 = sequential with torch's default threads); with --backend ray, "
+        "device-host actors (0 = one per CPU Ray offers).",
     ),
+    backend: str = opts.BACKEND,
+    ray_address: str | None = opts.RAY_ADDRESS,
     suite: str = typer.Option(
         "default",
         help="Crypto suite: default (ML-DSA-65 + ML-KEM-768 + X25519) or high (ML-DSA-87 + ML-KEM-1024 + X25519).",
@@ -198,8 +203,15 @@ def simulate(
             resolved = {} if federation is not None else {"per_round": spec.per_round}
             config_path = runconfig.write_effective(ctx, out_dir / "config.toml", resolved)
         # imported here: the simulation loads the coordinator's storage, which `qflare client` never needs
-        from ..simulation import SimulationConfig, run_simulation
+        from ..simulation import FederationFactory, SimulationConfig, run_simulation
         from ..tracking import open_trackers
+
+        opts.check_backend(backend, ray_address, batched_devices=batched_devices, protocol=protocol)
+        backend_factory: FederationFactory | None = None
+        if backend == "ray":
+            from ..simulation_ray import RayOptions, ray_federation
+
+            backend_factory = ray_federation(RayOptions(address=ray_address, hosts=workers))
 
         cfg = SimulationConfig(
             spec,
@@ -213,7 +225,13 @@ def simulate(
             tensorboard=tensorboard,
             mlflow=mlflow,
             run_name=f"simulate-{spec.dataset}-{spec.strategy}-seed{spec.seed}",
-            params={"workers": workers, "protocol": protocol, "batched_devices": batched_devices, **spec.to_json()},
+            params={
+                "workers": workers,
+                "backend": backend,
+                "protocol": protocol,
+                "batched_devices": batched_devices,
+                **spec.to_json(),
+            },
             on_error=lambda m: err_console.print(f"[yellow]tracking[/] {m}", markup=True),
         )
         table = Table(
@@ -307,6 +325,7 @@ def simulate(
                     on_progress=on_progress,
                     stop=stop,
                     on_checkpoint=on_checkpoint,
+                    federation=backend_factory,
                 )
         finally:
             trackers.close()

@@ -1,0 +1,124 @@
+"""`qflare simulate --backend ray`: devices in Ray actors, the coordinator in the driver, bit-identical models."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from qflare.cli import app
+from qflare.errors import ConfigError, ErrorCode, RoundError, TrainingError
+from qflare.federation import FederationSpec
+from qflare.models import create_model
+from qflare.simulation import SimulationConfig, run_simulation
+from qflare.training import TrainConfig
+from qflare.wire import ParamLayout
+
+runner = CliRunner()
+SPEC = FederationSpec(
+    dataset="digits", model="mlp", devices=8, per_round=4, rounds=3, alpha=1.0, seed=3, train=TrainConfig(lr=0.1)
+)
+ARGS = ["simulate", "--dataset", "digits", "--model", "mlp", "--devices", "8", "--per-round", "4", "--rounds", "2"]
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    """One small local Ray for the module (the backend joins a Ray that is already up, and leaves it up)."""
+    ray = pytest.importorskip("ray", reason="the Ray backend needs pip install 'qflare[ray]'")
+    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=128 * 1024 * 1024, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+def _federation(ray_session, hosts: int = 2):
+    from qflare.simulation_ray import RayFederation, RayOptions
+
+    torch.manual_seed(SPEC.seed)
+    model = create_model(SPEC.model, (1, 8, 8), 10)
+    layout = ParamLayout.from_module(model)
+    return RayFederation(SimulationConfig(SPEC), layout, layout.module_to_flat(model), RayOptions(hosts=hosts))
+
+
+@pytest.mark.slow
+def test_more_hosts_than_the_cluster_has_cpus_is_refused_not_a_hang(ray_session):
+    with pytest.raises(ConfigError, match=r"3 device host\(s\) \(--workers\) need as many CPUs; the Ray cluster has 2"):
+        _federation(ray_session, hosts=3)
+
+
+@pytest.mark.slow
+def test_ray_backend_is_bit_identical_to_the_thread_backend(ray_session):
+    from qflare.simulation_ray import RayOptions, ray_federation
+
+    threads = run_simulation(SimulationConfig(SPEC, workers=2))
+    actors = run_simulation(SimulationConfig(SPEC, workers=2), federation=ray_federation(RayOptions(hosts=2)))
+    assert [r.model_sha256 for r in actors.rounds] == [r.model_sha256 for r in threads.rounds]
+    assert len({r.model_sha256 for r in actors.rounds}) == 3  # every round published a new model
+    for a, t in zip(actors.rounds, threads.rounds, strict=True):
+        assert (a.accuracy, a.loss, a.train_loss, a.examples) == (t.accuracy, t.loss, t.train_loss, t.examples)
+    assert actors.model is not None and threads.model is not None
+    assert torch.equal(actors.model.flat, threads.model.flat)
+    assert actors.config["backend"] == "ray" and actors.config["ray_hosts"] == 2
+    # another seed gives another federation: the comparison can fail
+    other = run_simulation(SimulationConfig(SPEC.replace(seed=4), workers=2), federation=ray_federation())
+    assert other.rounds[-1].model_sha256 != threads.rounds[-1].model_sha256
+
+
+@pytest.mark.slow
+def test_cli_backend_ray_records_the_backend(ray_session):
+    result = runner.invoke(app, [*ARGS, "--backend", "ray", "--workers", "2", "--json"])
+    assert result.exit_code == 0, result.output
+    hist = json.loads(result.output.strip().splitlines()[-1])
+    assert [r["round"] for r in hist["rounds"]] == [1, 2]
+    assert hist["config"]["backend"] == "ray" and hist["config"]["ray_hosts"] == 2
+
+
+@pytest.mark.slow
+def test_host_failures_surface_as_typed_errors(ray_session):
+    fed = _federation(ray_session)
+    try:
+        assert len(fed.index) == SPEC.devices  # every device enrolled, each under its own identity
+        # Outside a round a device still fetches the model and trains (as in the thread backend) ...
+        prepared, result = fed.work(0, lambda flat, rnd: pytest.fail("the Ray backend trains in its actors"))
+        assert result.num_examples > 0 and result.delta.numel() == 0
+        # ... but the coordinator refuses its update: the refusal reaches the device as its typed error,
+        # and the driver the same way.
+        with pytest.raises(RoundError):
+            fed.submit(0, prepared)
+        # A failure outside the protocol (here: submitting again, with nothing prepared) is device_host_failed.
+        with pytest.raises(TrainingError) as failed:
+            fed.submit(0, prepared)
+        assert failed.value.code == ErrorCode.DEVICE_HOST_FAILED and "KeyError" in failed.value.message
+        # A host that dies: its devices' operations fail typed, not with Ray's exception.
+        ray_session.kill(fed._hosts[0])
+        with pytest.raises(TrainingError) as died:
+            fed.work(2, lambda flat, rnd: pytest.fail("unreachable"))
+        assert died.value.code == ErrorCode.DEVICE_HOST_FAILED and "died" in died.value.message
+    finally:
+        fed.close()
+
+
+def test_backend_ray_without_ray_is_a_config_error_naming_the_extra(monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)  # import ray -> ImportError
+    from qflare.simulation_ray import ray_federation
+
+    with pytest.raises(ConfigError, match=r"qflare\[ray\]"):
+        ray_federation()
+    result = runner.invoke(app, [*ARGS, "--backend", "ray"])
+    assert result.exit_code == 2 and "qflare[ray]" in result.output
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--backend", "gpu"], "--backend must be thread or ray"),
+        (["--ray-address", "127.0.0.1:6379"], "--ray-address needs --backend ray"),
+        (["--backend", "ray", "--batched-devices"], "--batched-devices"),
+        (["--backend", "ray", "--no-protocol"], "--no-protocol"),
+    ],
+)
+def test_backend_options_that_do_not_fit_are_refused(extra, message):
+    result = runner.invoke(app, [*ARGS, *extra])
+    assert result.exit_code == 2 and message in result.output
