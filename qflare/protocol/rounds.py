@@ -30,15 +30,18 @@ from typing import Any
 
 import torch
 
-from ..crypto import MsgType, SignedEnvelope, SigningKey, Suite, sign_global_model
+from ..crypto import MsgType, SignedEnvelope, SigningKey, Suite, VerifyKey, sign_global_model
+from ..crypto.payloads import Frame
 from ..errors import (
     ConfigError,
     ErrorCode,
     PolicyError,
+    ProtocolError,
     QflareError,
     RoundError,
     StaleModelError,
     StorageFullError,
+    UnknownDeviceError,
     ValidationError,
     WrongRoundError,
 )
@@ -50,8 +53,10 @@ from ..strategy.state import encode_pipeline_state, load_pipeline_state
 from ..wire import ParamLayout, decode_blob, encode_model
 from .commits import GroupCommit
 from .detection import QUARANTINED, DetectionConfig, Detector, RoundVerdict
+from .messages import Route
 from .provenance import QUORUM_NOT_REACHED, next_entry, round_record
-from .records import NewUpdate
+from .records import NewUpdate, RoundRow
+from .secure_round import SecAggSettings, SecureRound, apply_mean, check_secure_pipeline, lost_round_record
 from .selection import ClientSelector, RandomSelector, SelectorFactory, build_selector, check_selection
 from .store import BlobSink, CoordinatorStore
 
@@ -81,6 +86,8 @@ class RoundConfig:
     """Adaptive threat detection (docs/defences.md): when set, a round's updates are held and judged
     when it closes, before any is folded in; anomalous ones are left out and persistent offenders
     quarantined.  None: every valid update is folded in as it arrives."""
+    secagg: SecAggSettings = field(default_factory=SecAggSettings)
+    """How secure-aggregation rounds run (only when the pipeline says ``secure_aggregation``)."""
 
     def __post_init__(self) -> None:
         if self.detection is not None and not isinstance(self.detection, DetectionConfig):
@@ -131,6 +138,8 @@ class _OpenRound:
     """With detection: the device ids folded in, in order (None: all of ``accepted``, in order)."""
     pending: dict[str, threading.Event] = field(default_factory=dict)
     """device id -> set once its update, admitted and waiting for the group commit, is recorded or refused."""
+    secure: SecureRound | None = None
+    """A secure-aggregation round (:mod:`qflare.protocol.secure_round`): no plaintext update is taken."""
 
     @property
     def closing(self) -> bool:
@@ -213,6 +222,11 @@ class RoundManager:
         self.stop_reason: str | None = None
         """Why the federation ended before its last round (the privacy budget), or None."""
         self.detector = Detector(config.detection) if config.detection is not None else None
+        self._weighting: str | None = None
+        if strategy.secure_aggregation:
+            self._weighting = check_secure_pipeline(strategy, config.per_round)
+            if self.detector is not None:
+                raise ConfigError("threat detection reads individual updates, which secure aggregation hides")
         self.verdicts: dict[int, RoundVerdict] = {}
         """With detection: the verdicts of the latest rounds this process judged (at most 1000), by round."""
         self._round: _OpenRound | None = None
@@ -261,6 +275,9 @@ class RoundManager:
         if row is None or row.state not in ("open", "aggregating"):
             last = self._store.list_rounds(limit=1)
             self.finished = bool(last) and last[0].round_number >= self.config.rounds and last[0].state == "closed"
+            return
+        if self._weighting is not None:  # a secure round's state was in memory only: it cannot go on
+            self._fail_lost_secure_round(row)
             return
         assert self._blobs is not None
         agg = self.strategy.begin(self.model.flat)
@@ -333,6 +350,18 @@ class RoundManager:
             # crashed between quorum and publication, or after the last update: finish the job
             self._close(self._round)
 
+    def _fail_lost_secure_round(self, row: RoundRow) -> None:
+        """A restart found a secure round open: its phase state died with the process, so it fails
+        (``secagg_aborted``; nothing was unmasked) with its ledger entry, and the next round opens."""
+        _log.error("round %d: secure aggregation state lost at restart; the round fails", row.round_number)
+        self._store.record_security_event(
+            ErrorCode.SECAGG_ABORTED, f"round {row.round_number}: secure-aggregation state lost at restart"
+        )
+        now = int(self._clock())
+        record = lost_round_record(row, self.model.sha256, now, self.strategy)
+        entry = next_entry(self._store.last_ledger_entry(), record, self._identity, now)
+        self._store.set_round_state(row.round_number, row.state, "failed", ledger=entry)
+
     # ------------------------------------------------------------------ rounds
     @property
     def current(self) -> _OpenRound | None:
@@ -372,11 +401,71 @@ class RoundManager:
             minimum = min(self.config.min_participants or k, k)
             opened = self._clock()
             deadline = opened + self.config.round_timeout_s
+            secure = None
+            if self._weighting is not None:  # before anything is stored: a refusal opens nothing
+                secure = SecureRound.open(
+                    number=number,
+                    selected=chosen,
+                    keys={d: self._device_key(d) for d in chosen},
+                    identity=self._identity,
+                    suite=self._suite,
+                    length=self.layout.numel,
+                    weighting=self._weighting,
+                    settings=self.config.secagg,
+                    round_timeout_s=self.config.round_timeout_s,
+                    now=opened,
+                )
+                deadline = secure.phase_deadline
             self._store.open_round(number, self.model.sha256, chosen, minimum, k, _utc(deadline))
             self._round = _OpenRound(
                 number, chosen, k, minimum, deadline, self.model, self.strategy.begin(self.model.flat), {}, opened
             )
+            self._round.secure = secure
             return self._round
+
+    def _device_key(self, device_id: str) -> VerifyKey:
+        row = self._store.get_device(device_id)
+        if row is None:
+            raise UnknownDeviceError(f"device {device_id[:16]}... is not enrolled", code="unknown_device")
+        return VerifyKey.from_bytes(row.sig_alg, row.sig_public_key)
+
+    def secure_message(
+        self, device_id: str, route: Route, round_number: int, parts: list[bytes]
+    ) -> tuple[Frame, list[bytes]]:
+        """Serve one secure-aggregation request of ``device_id`` (already authenticated by its session):
+        the reply frame and its parts.  A message that completes its phase advances the round, up to
+        the publication of the aggregate."""
+        with self._lock:
+            rnd = self._round
+            if rnd is None or rnd.number != round_number:
+                raise WrongRoundError(f"round {round_number} is not the open round")
+            secure = rnd.secure
+            if secure is None:
+                raise ProtocolError(f"round {rnd.number} is not a secure-aggregation round", code="secagg_mismatch")
+            if route is Route.SECAGG_CONFIG:
+                return Frame.SECAGG_CONFIG, [secure.config_json(device_id)]
+            if route is Route.SECAGG_RELAY:
+                return Frame.SECAGG_RELAY, secure.relay(device_id, parts[0])
+            if rnd.closing:
+                raise RoundError(f"round {rnd.number} is being published", code="round_not_open")
+            secure.receive(device_id, route, parts)
+            self._secure_advance(rnd)
+            return Frame.SECAGG_ACK, []
+
+    def _secure_advance(self, rnd: _OpenRound) -> None:
+        """Close the secure round's complete or expired phases; fail it when it aborts, publish its
+        aggregate once unmasked.  Under the round lock."""
+        assert rnd.secure is not None
+        try:
+            result = rnd.secure.advance(self._clock())
+        except QflareError as exc:
+            _log.warning("round %d: secure aggregation aborted [%s]: %s", rnd.number, exc.code, exc)
+            self._fail(rnd, str(exc.code))
+            return
+        rnd.deadline = rnd.secure.phase_deadline
+        if result is not None:
+            rnd.accepted = {rnd.secure.selected[i - 1]: rnd.secure.vector_hashes[i] for i in result.survivors}
+            self._close(rnd)
 
     def accept(
         self,
@@ -585,6 +674,11 @@ class RoundManager:
                 return None, len(rnd.accepted)
             if rnd.closing:
                 raise RoundError(f"round {rnd.number} is being aggregated", code="round_not_open")
+            if rnd.secure is not None:
+                raise ProtocolError(
+                    f"round {rnd.number} runs secure aggregation: it takes masked inputs, not updates",
+                    code="secagg_mismatch",
+                )
             if previous is None:
                 return rnd, len(rnd.accepted)
             raise ValidationError("a different update was already accepted for this round", code="duplicate_submission")
@@ -623,6 +717,9 @@ class RoundManager:
             if rnd is not None and rnd.closing:
                 self._close(rnd)
                 return
+            if rnd is not None and rnd.secure is not None:
+                self._secure_advance(rnd)
+                return
             if rnd is None or self._clock() < rnd.deadline or rnd.pending:
                 return  # updates being recorded are folded in first (the store refuses them past the deadline)
             if len(rnd.accepted) >= rnd.min_participants:
@@ -633,6 +730,19 @@ class RoundManager:
     def _ledger_entry(self, rnd: _OpenRound, reason: str | None, published: PublishedModel | None) -> LedgerEntry:
         """The round's signed ledger entry, chained to the stored head (read now, under the round lock;
         the store refuses it, and the transaction carrying it, if the head moved meanwhile)."""
+        if rnd.secure is not None:
+            closed = int(self._clock())
+            secure = rnd.secure.record(
+                outcome="closed" if published is not None else "failed",
+                reason=reason,
+                parent_model=rnd.base.sha256,
+                model=None if published is None else published.sha256,
+                model_version=None if published is None else published.version,
+                opened=int(rnd.opened),
+                closed=closed,
+                pipeline=self.strategy,
+            )
+            return next_entry(self._store.last_ledger_entry(), secure, self._identity, closed)
         rows = {u.device_id: u for u in self._store.updates_for_round(rnd.number)}
         order = [rows[d] for d in rnd.accepted if d in rows] + [u for d, u in rows.items() if d not in rnd.accepted]
         in_order = list(rnd.accepted) if rnd.committed is None else rnd.committed
@@ -726,9 +836,12 @@ class RoundManager:
         written the round stays aggregating with its result kept, and :meth:`tick` tries again."""
         try:
             if rnd.result is None:
-                if self.detector is not None and rnd.committed is None:
-                    self._judge(rnd)
-                rnd.result = rnd.aggregation.finish()
+                if rnd.secure is not None:
+                    rnd.result = apply_mean(self.strategy, rnd.base.flat, rnd.secure.mean(), len(rnd.accepted))
+                else:
+                    if self.detector is not None and rnd.committed is None:
+                        self._judge(rnd)
+                    rnd.result = rnd.aggregation.finish()
             if rnd.db_state == "open":
                 self._store.set_round_state(rnd.number, "open", "aggregating")
                 rnd.db_state = "aggregating"

@@ -128,6 +128,11 @@ class SecAggServer:
         self.u2: frozenset[int] = frozenset()
         self.u3: frozenset[int] = frozenset()
 
+    @property
+    def request(self) -> bytes | None:
+        """The signed UNMASK_REQUEST, once :meth:`close_masked` made it (what every survivor answers)."""
+        return self._request
+
     # -- helpers ---------------------------------------------------------------------------------------
     def _expect(self, phase: ServerPhase) -> None:
         if self.phase is not phase:
