@@ -116,6 +116,10 @@ class FederationSpec:
     detection: Mapping[str, Any] | None = None
     """Adaptive threat detection (docs/defences.md): None = off; a mapping of
     :class:`~qflare.protocol.detection.DetectionConfig` options (``{}``: on, with the defaults)."""
+    secure_aggregation: bool = False
+    """Post-quantum secure aggregation (docs/secure-aggregation.md): the coordinator sees only masked
+    updates and learns their weighted sum; the strategy runs with ``secure_aggregation=True`` (its
+    example-weighted mean, central noise and server optimiser; nothing that reads single updates)."""
 
     def __post_init__(self) -> None:
         for name in _NAMES:
@@ -158,6 +162,8 @@ class FederationSpec:
             raise ConfigError(f"train must be a TrainConfig, got {type(self.train).__name__}")
         if not isinstance(self.suite, Suite):
             raise ConfigError(f"suite must be a Suite, got {type(self.suite).__name__}")
+        if not isinstance(self.secure_aggregation, bool):
+            raise ConfigError(f"secure_aggregation must be true or false, got {self.secure_aggregation!r}")
         if not isinstance(self.strategy_args, Mapping):
             raise ConfigError("strategy_args must be a mapping of option name to value")
         for key, value in self.strategy_args.items():
@@ -211,6 +217,10 @@ class FederationSpec:
                 raise ConfigError(f"strategy option {name!r} is the federation's own {name}; set it there")
             if name in params:
                 args[name] = getattr(self, name)
+        if self.secure_aggregation:
+            if "secure_aggregation" in args:
+                raise ConfigError("strategy option 'secure_aggregation' is the federation's own; set it there")
+            args["secure_aggregation"] = True
         pipeline = build_strategy(self.strategy, **args)
         pipeline = apply_aggregator(pipeline, self.aggregator, AggregatorContext(self.smallest_round, self.f))
         pipeline.check_round_size(self.smallest_round)

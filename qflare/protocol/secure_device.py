@@ -110,6 +110,7 @@ class SecureParticipant:
 
     def __init__(self, device: Device, round_number: int, *, state: str | None = None) -> None:
         self.device, self.round = device, round_number
+        self.sent_masked = False
         raw = self._exchange(Route.SECAGG_CONFIG, Frame.SECAGG_CONFIG_REQUEST, [], Frame.SECAGG_CONFIG, 1, 1)[0]
         self.config, index, self.weighting = parse_config(device, round_number, raw)
         if state is None:
@@ -156,15 +157,24 @@ class SecureParticipant:
             return 1
         return max(1, min(int(num_examples), self.config.quant.max_weight))
 
-    def masked_input(self, delta: torch.Tensor, num_examples: int) -> None:
-        """Quantise, mask and send the trained ``delta`` (weighted by :meth:`weight`)."""
+    def mask(self, delta: torch.Tensor, num_examples: int) -> list[bytes]:
+        """``[MASKED_INPUT, vector]``: the trained ``delta`` quantised (weighted by :meth:`weight`) and
+        masked with the shares the coordinator relays (sent by :meth:`send_masked`)."""
         flat = self._relay(RELAY_SHARES)
         if len(flat) % 2:
             raise MalformedError("relayed shares come in (manifest, entry) pairs", code="malformed")
         pairs = list(zip(flat[0::2], flat[1::2], strict=True))
         update = delta.detach().to("cpu", torch.float32).numpy().astype(np.float64)
         raw, vector = self.client.masked_input(pairs, update, self.weight(num_examples))
-        self._send(Route.SECAGG_MASKED, Frame.SECAGG_MASKED, [raw, vector])
+        return [raw, vector]
+
+    def send_masked(self, parts: list[bytes]) -> None:
+        self._send(Route.SECAGG_MASKED, Frame.SECAGG_MASKED, parts)
+        self.sent_masked = True
+
+    def masked_input(self, delta: torch.Tensor, num_examples: int) -> None:
+        """Quantise, mask and send the trained ``delta``: :meth:`mask` then :meth:`send_masked`."""
+        self.send_masked(self.mask(delta, num_examples))
 
     def unmask(self) -> None:
         relayed = self._relay(RELAY_REQUEST)
