@@ -175,30 +175,104 @@ def test_plaintext_task_bytes_are_unchanged_and_secure_ones_parse():
         assert info.value.code == "bad_task"
 
 
-def test_restart_mid_secure_round_fails_it_cleanly(tmp_path, clock):
+def restart(fed: Federation, blobs, clock) -> None:
+    """A new coordinator process over the same store (the devices re-handshake on their next request)."""
     from qflare.protocol import Coordinator, RoundConfig
-    from qflare.storage import BlobStore
 
-    blobs = BlobStore(tmp_path / "blobs")
-    fed = secure_fed(tmp_path, clock, n=4, blobs=blobs)
-    fed.coordinator.rounds.open_next()
-    for d in fed.selected():
-        SecureParticipant.for_task(d, d.task()).advertise()
-    restarted = Coordinator(
+    fed.coordinator = Coordinator(
         layout=fed.layout,
         initial_flat=fed.coordinator.rounds.model.flat,
         strategy=fedavg(secure_aggregation=True),
         identity=fed.identity,
         store=fed.store,
-        rounds=RoundConfig(rounds=3, per_round=4, seed=0),
+        rounds=RoundConfig(rounds=3, per_round=len(fed.devices), seed=0),
         blobs=blobs,
         clock=clock,
     )
-    assert restarted.rounds.current is None
-    assert fed.store.get_round(1).state == "failed"
-    body = decode(fed.store.ledger_entry_for_round(1).body)
-    assert body["reason"] == "secagg_aborted"
-    assert restarted.rounds.open_next().number == 2
+    fed.transport.inner.coordinator = fed.coordinator
+
+
+def test_restart_in_every_phase_resumes_the_round(tmp_path, clock):
+    from qflare.storage import BlobStore
+
+    blobs = BlobStore(tmp_path / "blobs")
+    fed = secure_fed(tmp_path, clock, n=5, blobs=blobs)
+    base = fed.coordinator.rounds.model.flat.clone()
+    fed.coordinator.rounds.open_next()
+    parts = [SecureParticipant.for_task(d, d.task()) for d in fed.selected()]
+    restart(fed, blobs, clock)
+    for p in parts:
+        p.advertise()
+    restart(fed, blobs, clock)
+    assert fed.coordinator.rounds.current.secure.phase.value == "share_keys"
+    for p in parts:
+        p.share_keys()
+        restart(fed, blobs, clock)  # after every accepted message, too
+    deltas = {}
+    for k, p in enumerate(parts):
+        r = fed.result(seed=k, n=5 + k)
+        deltas[k] = r.delta
+        p.masked_input(r.delta, r.num_examples)
+        restart(fed, blobs, clock)
+    assert fed.coordinator.rounds.current.secure.phase.value == "unmask"
+    for p in parts[:2]:
+        p.unmask()
+    restart(fed, blobs, clock)
+    for p in parts[2:]:
+        p.unmask()
+    rm = fed.coordinator.rounds
+    assert rm.model.version == 1 and fed.store.get_round(1).state == "closed"
+    bound = 5 / (2 * parts[0].config.quant.scale * sum(5 + k for k in deltas)) + 1e-6
+    assert (rm.model.flat - (base + weighted_mean(deltas))).abs().max().item() <= bound
+    assert decode(fed.store.ledger_entry_for_round(1).body)["left_out"] == []
+
+
+def test_restart_after_the_unmasking_began_fails_the_round(tmp_path, clock):
+    from qflare.storage import BlobStore
+
+    blobs = BlobStore(tmp_path / "blobs")
+    fed = secure_fed(tmp_path, clock, n=4, blobs=blobs)
+    fed.coordinator.rounds.open_next()
+    parts = [SecureParticipant.for_task(d, d.task()) for d in fed.selected()]
+    for p in parts:
+        p.advertise()
+    for p in parts:
+        p.share_keys()
+    for k, p in enumerate(parts):
+        p.masked_input(fed.result(seed=k).delta, 5)
+    for p in parts[:3]:
+        p.unmask()
+    stored = fed.store.get_secagg_round(1)
+    assert stored is not None and stored.unmasking_at is None
+    # a crash between storing "unmasking" and the publication: what the coordinator stores before finish()
+    fed.store.save_secagg_round(
+        1, config=stored.config, state=stored.state, total=None, phase_deadline=stored.phase_deadline, unmasking=True
+    )
+    restart(fed, blobs, clock)
+    assert fed.coordinator.rounds.current is None
+    assert fed.store.get_round(1).state == "failed" and fed.coordinator.rounds.model.version == 0
+    assert decode(fed.store.ledger_entry_for_round(1).body)["reason"] == "secagg_aborted"
+    assert "secagg_aborted" in fed.events()
+    assert fed.coordinator.rounds.open_next().number == 2
+
+
+def test_restart_with_a_damaged_state_fails_the_round_cleanly(tmp_path, clock):
+    from qflare.storage import BlobStore
+
+    blobs = BlobStore(tmp_path / "blobs")
+    fed = secure_fed(tmp_path, clock, n=4, blobs=blobs)
+    fed.coordinator.rounds.open_next()
+    parts = [SecureParticipant.for_task(d, d.task()) for d in fed.selected()]
+    for p in parts:
+        p.advertise()
+    stored = fed.store.get_secagg_round(1)
+    damaged = stored.state.replace('"adverts": ["', '"adverts": ["00', 1)
+    fed.store.save_secagg_round(
+        1, config=stored.config, state=damaged, total=None, phase_deadline=stored.phase_deadline
+    )
+    restart(fed, blobs, clock)
+    assert fed.coordinator.rounds.current is None and fed.store.get_round(1).state == "failed"
+    assert decode(fed.store.ledger_entry_for_round(1).body)["reason"] == "secagg_aborted"
 
 
 def test_raw_relay_request_is_total(tmp_path, clock):

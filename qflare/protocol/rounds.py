@@ -276,8 +276,8 @@ class RoundManager:
             last = self._store.list_rounds(limit=1)
             self.finished = bool(last) and last[0].round_number >= self.config.rounds and last[0].state == "closed"
             return
-        if self._weighting is not None:  # a secure round's state was in memory only: it cannot go on
-            self._fail_lost_secure_round(row)
+        if self._weighting is not None:
+            self._resume_secure_round(row)
             return
         assert self._blobs is not None
         agg = self.strategy.begin(self.model.flat)
@@ -350,12 +350,44 @@ class RoundManager:
             # crashed between quorum and publication, or after the last update: finish the job
             self._close(self._round)
 
-    def _fail_lost_secure_round(self, row: RoundRow) -> None:
-        """A restart found a secure round open: its phase state died with the process, so it fails
-        (``secagg_aborted``; nothing was unmasked) with its ledger entry, and the next round opens."""
-        _log.error("round %d: secure aggregation state lost at restart; the round fails", row.round_number)
+    def _resume_secure_round(self, row: RoundRow) -> None:
+        """A restart found a secure round open: resume it from its stored state, every message checked
+        again; fail it (``secagg_aborted``) when there is none, when it cannot be restored, or when the
+        unmasking had begun (the result died with the process: the masks are never removed twice)."""
+        stored = self._store.get_secagg_round(row.round_number)
+        why = "no stored state" if stored is None else "the unmasking had begun" if stored.unmasking_at else None
+        if stored is not None and why is None:
+            try:
+                secure = SecureRound.resume(
+                    row,
+                    stored,
+                    keys={d: self._device_key(d) for d in row.selected_devices},
+                    identity=self._identity,
+                    suite=self._suite,
+                )
+            except QflareError as exc:
+                why = f"its stored state does not restore ({exc.code}: {exc})"
+            else:
+                secure.stored, secure.persist = True, self._persist_secure
+                self._round = _OpenRound(
+                    row.round_number,
+                    tuple(row.selected_devices),
+                    row.quorum,
+                    row.min_participants,
+                    secure.phase_deadline,
+                    self.model,
+                    self.strategy.begin(self.model.flat),
+                    {},
+                    opened=row.opened_at.timestamp(),
+                    db_state=row.state,
+                )
+                self._round.secure = secure
+                _log.warning("round %d: secure round resumed in phase %s", row.round_number, secure.phase.value)
+                self._secure_advance(self._round)
+                return
+        _log.error("round %d: secure round cannot resume (%s); it fails", row.round_number, why)
         self._store.record_security_event(
-            ErrorCode.SECAGG_ABORTED, f"round {row.round_number}: secure-aggregation state lost at restart"
+            ErrorCode.SECAGG_ABORTED, f"round {row.round_number}: secure round not resumed at restart: {why}"[:2000]
         )
         now = int(self._clock())
         record = lost_round_record(row, self.model.sha256, now, self.strategy)
@@ -421,7 +453,26 @@ class RoundManager:
                 number, chosen, k, minimum, deadline, self.model, self.strategy.begin(self.model.flat), {}, opened
             )
             self._round.secure = secure
+            if secure is not None:
+                secure.persist = self._persist_secure
+                try:
+                    self._persist_secure(secure, True, False)
+                except StorageFullError as exc:  # retried with the next message; a restart fails the round
+                    _log.warning("round %d: the secure round's state could not be stored: %s", number, exc)
             return self._round
+
+    def _persist_secure(self, secure: SecureRound, total: bool, unmasking: bool) -> None:
+        """Store ``secure``'s state (its running sum when it changed or was never stored)."""
+        state, summed = secure.server.snapshot()
+        self._store.save_secagg_round(
+            secure.number,
+            config=secure.public_doc(),
+            state=state,
+            total=summed if total or not secure.stored else None,
+            phase_deadline=_utc(secure.phase_deadline),
+            unmasking=unmasking,
+        )
+        secure.stored = True
 
     def _device_key(self, device_id: str) -> VerifyKey:
         row = self._store.get_device(device_id)
@@ -448,7 +499,7 @@ class RoundManager:
                 return Frame.SECAGG_RELAY, secure.relay(device_id, parts[0])
             if rnd.closing:
                 raise RoundError(f"round {rnd.number} is being published", code="round_not_open")
-            secure.receive(device_id, route, parts)
+            secure.accept(device_id, route, parts)
             self._secure_advance(rnd)
             return Frame.SECAGG_ACK, []
 

@@ -30,9 +30,10 @@ Nothing of a secure round is persisted here: a coordinator restarted mid-round f
 from __future__ import annotations
 
 import json
+import logging
 import math
 import secrets
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -42,13 +43,15 @@ from ..crypto import SigningKey, Suite, VerifyKey
 from ..crypto.payloads import Frame
 from ..errors import ConfigError, ErrorCode, MalformedError, ProtocolError, QflareError, RoundError, ValidationError
 from ..ledger import LeftOut, RoundRecord, RoundUpdate
-from ..secagg import QuantSpec, SecAggConfig, SecAggResult, SecAggServer, ServerPhase, choose
+from ..secagg import QuantSpec, SecAggConfig, SecAggParams, SecAggResult, SecAggServer, ServerPhase, choose
 from ..secagg.messages import SecAggField, SecAggMessage, SecAggMsg
 from ..strategy import Pipeline
 from ..strategy.weighting import ByExamples, Uniform
 from .messages import Route
 from .provenance import describe_pipeline, round_record
-from .records import RoundRow
+from .records import RoundRow, SecAggRoundRow
+
+_log = logging.getLogger("qflare.rounds")
 
 __all__ = [
     "NO_ADVERT",
@@ -179,6 +182,7 @@ class SecureRound:
     config: SecAggConfig
     weighting: str
     server: SecAggServer
+    identity: SigningKey
     phase_timeout_s: float
     phase_deadline: float
     answered: set[int] = field(default_factory=set)
@@ -188,6 +192,11 @@ class SecureRound:
     refused: dict[str, str] = field(default_factory=dict)
     """Device id -> code of its last refused phase message (ledger left_out)."""
     result: SecAggResult | None = None
+    stored: bool = False
+    """Whether a state of the round (with its running sum) is in the store."""
+    persist: Callable[[SecureRound, bool, bool], None] | None = None
+    """Called with (round, running sum changed?, about to unmask?) after each accepted message and
+    phase close, and before the masks are removed; it raising stops the unmasking."""
 
     @classmethod
     def open(
@@ -222,7 +231,88 @@ class SecureRound:
             suite=suite,
         )
         timeout = settings.phase_timeout_s or round_timeout_s
-        return cls(number, tuple(selected), config, weighting, SecAggServer(config, identity), timeout, now + timeout)
+        server = SecAggServer(config, identity)
+        return cls(number, tuple(selected), config, weighting, server, identity, timeout, now + timeout)
+
+    # -- persistence -------------------------------------------------------------------------------------
+    def public_doc(self) -> dict[str, object]:
+        """The public configuration to store (the roster is the round's selection, the keys enrolled)."""
+        c = self.config
+        return {
+            "n": c.params.n,
+            "k": c.params.k,
+            "t": c.params.t,
+            "graph_seed": c.graph_seed.hex(),
+            "clip": c.quant.clip,
+            "max_devices": c.quant.max_devices,
+            "max_weight": c.quant.max_weight,
+            "length": c.length,
+            "weighting": self.weighting,
+            "phase_timeout_s": self.phase_timeout_s,
+        }
+
+    @classmethod
+    def resume(
+        cls,
+        row: RoundRow,
+        stored: SecAggRoundRow,
+        *,
+        keys: Mapping[str, VerifyKey],
+        identity: SigningKey,
+        suite: Suite,
+    ) -> SecureRound:
+        """The round a restart finds in the store, every stored message checked again
+        (:meth:`SecAggServer.restore`); ValidationError ``bad_json`` when the state does not fit."""
+        doc = stored.config
+        try:
+            config = SecAggConfig(
+                round=row.round_number,
+                params=SecAggParams(int(doc["n"]), int(doc["k"]), int(doc["t"])),
+                graph_seed=bytes.fromhex(str(doc["graph_seed"])),
+                quant=QuantSpec(float(doc["clip"]), int(doc["max_devices"]), int(doc["max_weight"])),
+                length=int(doc["length"]),
+                roster={i + 1: keys[d] for i, d in enumerate(row.selected_devices)},
+                coordinator=identity.public,
+                suite=suite,
+            )
+            weighting, timeout = str(doc["weighting"]), float(doc["phase_timeout_s"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValidationError(
+                f"stored secure round {row.round_number} does not fit: {exc}", code="bad_json"
+            ) from None
+        server = SecAggServer.restore(config, identity, stored.state, stored.total)
+        secure = cls(
+            row.round_number,
+            tuple(row.selected_devices),
+            config,
+            weighting,
+            server,
+            identity,
+            timeout,
+            stored.phase_deadline.timestamp(),
+        )
+        secure._derive()
+        return secure
+
+    def _derive(self) -> None:
+        """``answered`` and ``vector_hashes`` from the server's accepted messages (after a restore)."""
+        self.answered = set(self.server.received())
+        self.vector_hashes = {
+            i: SecAggMessage.parse(raw, expected=SecAggMsg.MASKED_INPUT).get(SecAggField.VECTOR_HASH).hex()
+            for i, raw in self.server.masked_inputs().items()
+        }
+
+    def checkpoint(self) -> tuple[str, bytes]:
+        return self.server.snapshot()
+
+    def rollback(self, checkpoint: tuple[str, bytes]) -> None:
+        """Back to ``checkpoint`` (a message whose state could not be stored is not accepted)."""
+        self.server = SecAggServer.restore(self.config, self.identity, *checkpoint)
+        self._derive()
+
+    def _save(self, total: bool = False, unmasking: bool = False) -> None:
+        if self.persist is not None:
+            self.persist(self, total, unmasking)
 
     # -- views -------------------------------------------------------------------------------------------
     @property
@@ -287,6 +377,18 @@ class SecureRound:
         raise MalformedError("a relay request is one byte: 1, 2 or 3", code="malformed")
 
     # -- messages ----------------------------------------------------------------------------------------
+    def accept(self, device_id: str, route: Route, parts: list[bytes]) -> None:
+        """:meth:`receive`, and store the new state in the same step: when it cannot be stored the
+        message is not accepted (the round goes back to where it was) and the error is raised."""
+        before = self.checkpoint() if self.persist is not None else None
+        self.receive(device_id, route, parts)
+        try:
+            self._save(total=route is Route.SECAGG_MASKED)
+        except BaseException:
+            if before is not None:
+                self.rollback(before)
+            raise
+
     def receive(self, device_id: str, route: Route, parts: list[bytes]) -> None:
         """Accept one device's phase message (every check of :class:`SecAggServer`; a refusal changes
         nothing and is remembered for the ledger)."""
@@ -335,12 +437,17 @@ class SecureRound:
             elif s.phase is ServerPhase.MASKED_INPUT:
                 s.close_masked()
             elif s.phase is ServerPhase.UNMASK:
+                self._save(unmasking=True)  # stored before any mask is removed: never unmasked twice
                 self.result = s.finish()
                 return self.result
             else:  # DONE without a result, or ABORTED: nothing more can come of this round
                 raise RoundError(f"round {self.number} is {s.phase.value}", code=ErrorCode.SECAGG_ABORTED)
             self.answered = set()
             self.phase_deadline = now + self.phase_timeout_s
+            try:
+                self._save()
+            except QflareError as exc:  # the phase is closed in memory; a restart resumes the stored one
+                _log.warning("round %d: the close of a phase could not be stored: %s", self.number, exc)
         return self.result
 
     def mean(self) -> torch.Tensor:
