@@ -30,8 +30,7 @@ from typing import Any
 
 import torch
 
-from ..crypto import MsgType, SignedEnvelope, SigningKey, Suite, VerifyKey, sign_global_model
-from ..crypto.payloads import Frame
+from ..crypto import MsgType, SignedEnvelope, SigningKey, Suite, sign_global_model
 from ..errors import (
     ConfigError,
     ErrorCode,
@@ -41,7 +40,6 @@ from ..errors import (
     RoundError,
     StaleModelError,
     StorageFullError,
-    UnknownDeviceError,
     ValidationError,
     WrongRoundError,
 )
@@ -53,10 +51,10 @@ from ..strategy.state import encode_pipeline_state, load_pipeline_state
 from ..wire import ParamLayout, decode_blob, encode_model
 from .commits import GroupCommit
 from .detection import QUARANTINED, DetectionConfig, Detector, RoundVerdict
-from .messages import Route
 from .provenance import QUORUM_NOT_REACHED, next_entry, round_record
-from .records import NewUpdate, RoundRow
-from .secure_round import SecAggSettings, SecureRound, apply_mean, check_secure_pipeline, lost_round_record
+from .records import NewUpdate
+from .secure_manager import SecureRoundOps
+from .secure_round import SecAggSettings, SecureRound, apply_mean, check_secure_pipeline
 from .selection import ClientSelector, RandomSelector, SelectorFactory, build_selector, check_selection
 from .store import BlobSink, CoordinatorStore
 
@@ -187,8 +185,9 @@ def _check_metrics(metrics: dict[str, float]) -> None:
         raise ValidationError("update metrics contain a NUL character", code="bad_json")
 
 
-class RoundManager:
-    """Owns the current round and the current global model.  Thread-safe."""
+class RoundManager(SecureRoundOps):
+    """Owns the current round and the current global model.  Thread-safe.  Secure-aggregation rounds
+    are run by :class:`~qflare.protocol.secure_manager.SecureRoundOps`."""
 
     def __init__(
         self,
@@ -350,50 +349,6 @@ class RoundManager:
             # crashed between quorum and publication, or after the last update: finish the job
             self._close(self._round)
 
-    def _resume_secure_round(self, row: RoundRow) -> None:
-        """A restart found a secure round open: resume it from its stored state, every message checked
-        again; fail it (``secagg_aborted``) when there is none, when it cannot be restored, or when the
-        unmasking had begun (the result died with the process: the masks are never removed twice)."""
-        stored = self._store.get_secagg_round(row.round_number)
-        why = "no stored state" if stored is None else "the unmasking had begun" if stored.unmasking_at else None
-        if stored is not None and why is None:
-            try:
-                secure = SecureRound.resume(
-                    row,
-                    stored,
-                    keys={d: self._device_key(d) for d in row.selected_devices},
-                    identity=self._identity,
-                    suite=self._suite,
-                )
-            except QflareError as exc:
-                why = f"its stored state does not restore ({exc.code}: {exc})"
-            else:
-                secure.stored, secure.persist = True, self._persist_secure
-                self._round = _OpenRound(
-                    row.round_number,
-                    tuple(row.selected_devices),
-                    row.quorum,
-                    row.min_participants,
-                    secure.phase_deadline,
-                    self.model,
-                    self.strategy.begin(self.model.flat),
-                    {},
-                    opened=row.opened_at.timestamp(),
-                    db_state=row.state,
-                )
-                self._round.secure = secure
-                _log.warning("round %d: secure round resumed in phase %s", row.round_number, secure.phase.value)
-                self._secure_advance(self._round)
-                return
-        _log.error("round %d: secure round cannot resume (%s); it fails", row.round_number, why)
-        self._store.record_security_event(
-            ErrorCode.SECAGG_ABORTED, f"round {row.round_number}: secure round not resumed at restart: {why}"[:2000]
-        )
-        now = int(self._clock())
-        record = lost_round_record(row, self.model.sha256, now, self.strategy)
-        entry = next_entry(self._store.last_ledger_entry(), record, self._identity, now)
-        self._store.set_round_state(row.round_number, row.state, "failed", ledger=entry)
-
     # ------------------------------------------------------------------ rounds
     @property
     def current(self) -> _OpenRound | None:
@@ -433,90 +388,16 @@ class RoundManager:
             minimum = min(self.config.min_participants or k, k)
             opened = self._clock()
             deadline = opened + self.config.round_timeout_s
-            secure = None
-            if self._weighting is not None:  # before anything is stored: a refusal opens nothing
-                secure = SecureRound.open(
-                    number=number,
-                    selected=chosen,
-                    keys={d: self._device_key(d) for d in chosen},
-                    identity=self._identity,
-                    suite=self._suite,
-                    length=self.layout.numel,
-                    weighting=self._weighting,
-                    settings=self.config.secagg,
-                    round_timeout_s=self.config.round_timeout_s,
-                    now=opened,
-                )
+            secure = self._new_secure_round(number, chosen, opened)  # before anything is stored
+            if secure is not None:
                 deadline = secure.phase_deadline
             self._store.open_round(number, self.model.sha256, chosen, minimum, k, _utc(deadline))
             self._round = _OpenRound(
                 number, chosen, k, minimum, deadline, self.model, self.strategy.begin(self.model.flat), {}, opened
             )
-            self._round.secure = secure
             if secure is not None:
-                secure.persist = self._persist_secure
-                try:
-                    self._persist_secure(secure, True, False)
-                except StorageFullError as exc:  # retried with the next message; a restart fails the round
-                    _log.warning("round %d: the secure round's state could not be stored: %s", number, exc)
+                self._start_secure_round(self._round, secure)
             return self._round
-
-    def _persist_secure(self, secure: SecureRound, total: bool, unmasking: bool) -> None:
-        """Store ``secure``'s state (its running sum when it changed or was never stored)."""
-        state, summed = secure.server.snapshot()
-        self._store.save_secagg_round(
-            secure.number,
-            config=secure.public_doc(),
-            state=state,
-            total=summed if total or not secure.stored else None,
-            phase_deadline=_utc(secure.phase_deadline),
-            unmasking=unmasking,
-        )
-        secure.stored = True
-
-    def _device_key(self, device_id: str) -> VerifyKey:
-        row = self._store.get_device(device_id)
-        if row is None:
-            raise UnknownDeviceError(f"device {device_id[:16]}... is not enrolled", code="unknown_device")
-        return VerifyKey.from_bytes(row.sig_alg, row.sig_public_key)
-
-    def secure_message(
-        self, device_id: str, route: Route, round_number: int, parts: list[bytes]
-    ) -> tuple[Frame, list[bytes]]:
-        """Serve one secure-aggregation request of ``device_id`` (already authenticated by its session):
-        the reply frame and its parts.  A message that completes its phase advances the round, up to
-        the publication of the aggregate."""
-        with self._lock:
-            rnd = self._round
-            if rnd is None or rnd.number != round_number:
-                raise WrongRoundError(f"round {round_number} is not the open round")
-            secure = rnd.secure
-            if secure is None:
-                raise ProtocolError(f"round {rnd.number} is not a secure-aggregation round", code="secagg_mismatch")
-            if route is Route.SECAGG_CONFIG:
-                return Frame.SECAGG_CONFIG, [secure.config_json(device_id)]
-            if route is Route.SECAGG_RELAY:
-                return Frame.SECAGG_RELAY, secure.relay(device_id, parts[0])
-            if rnd.closing:
-                raise RoundError(f"round {rnd.number} is being published", code="round_not_open")
-            secure.accept(device_id, route, parts)
-            self._secure_advance(rnd)
-            return Frame.SECAGG_ACK, []
-
-    def _secure_advance(self, rnd: _OpenRound) -> None:
-        """Close the secure round's complete or expired phases; fail it when it aborts, publish its
-        aggregate once unmasked.  Under the round lock."""
-        assert rnd.secure is not None
-        try:
-            result = rnd.secure.advance(self._clock())
-        except QflareError as exc:
-            _log.warning("round %d: secure aggregation aborted [%s]: %s", rnd.number, exc.code, exc)
-            self._fail(rnd, str(exc.code))
-            return
-        rnd.deadline = rnd.secure.phase_deadline
-        if result is not None:
-            rnd.accepted = {rnd.secure.selected[i - 1]: rnd.secure.vector_hashes[i] for i in result.survivors}
-            self._close(rnd)
 
     def accept(
         self,
@@ -782,18 +663,7 @@ class RoundManager:
         """The round's signed ledger entry, chained to the stored head (read now, under the round lock;
         the store refuses it, and the transaction carrying it, if the head moved meanwhile)."""
         if rnd.secure is not None:
-            closed = int(self._clock())
-            secure = rnd.secure.record(
-                outcome="closed" if published is not None else "failed",
-                reason=reason,
-                parent_model=rnd.base.sha256,
-                model=None if published is None else published.sha256,
-                model_version=None if published is None else published.version,
-                opened=int(rnd.opened),
-                closed=closed,
-                pipeline=self.strategy,
-            )
-            return next_entry(self._store.last_ledger_entry(), secure, self._identity, closed)
+            return self._secure_entry(rnd, reason, published)
         rows = {u.device_id: u for u in self._store.updates_for_round(rnd.number)}
         order = [rows[d] for d in rnd.accepted if d in rows] + [u for d, u in rows.items() if d not in rnd.accepted]
         in_order = list(rnd.accepted) if rnd.committed is None else rnd.committed
