@@ -143,12 +143,12 @@ def test_phase_messages_out_of_phase_or_under_another_index_are_refused(tmp_path
     a, b = [SecureParticipant.for_task(d, d.task()) for d in fed.selected()[:2]]
     raw = a.client.advertise()
     with pytest.raises(QflareError) as info:  # b relays a's signed advert through its own session
-        b._send(Route.SECAGG_ADVERTISE, Frame.SECAGG_ADVERTISE, [raw])
+        b.send(Route.SECAGG_ADVERTISE, Frame.SECAGG_ADVERTISE, [raw])
     assert info.value.code == "secagg_mismatch"
     with pytest.raises(QflareError) as info:  # a masked input in the advertise phase
-        a._send(Route.SECAGG_MASKED, Frame.SECAGG_MASKED, [raw, b"\0" * 8])
+        a.send(Route.SECAGG_MASKED, Frame.SECAGG_MASKED, [raw, b"\0" * 8])
     assert info.value.code == "secagg_mismatch"
-    a._send(Route.SECAGG_ADVERTISE, Frame.SECAGG_ADVERTISE, [raw])
+    a.send(Route.SECAGG_ADVERTISE, Frame.SECAGG_ADVERTISE, [raw])
     assert a.device.task().submitted
     assert fed.events().count("secagg_mismatch") == 2
 

@@ -136,20 +136,20 @@ class SecureParticipant:
             lambda ch, data: open_parts(ch, reply, self.round, data, min_parts=fewest, max_parts=most),
         )
 
-    def _send(self, route: Route, frame: Frame, parts: list[bytes]) -> None:
+    def send(self, route: Route, frame: Frame, parts: list[bytes]) -> None:
         self._exchange(route, frame, parts, Frame.SECAGG_ACK, 0, 0)
 
-    def _relay(self, what: int) -> list[bytes]:
+    def relay(self, what: int) -> list[bytes]:
         return self._exchange(
             Route.SECAGG_RELAY, Frame.SECAGG_RELAY_REQUEST, [bytes([what])], Frame.SECAGG_RELAY, 0, 2 * MAX_DEVICES
         )
 
     def advertise(self) -> None:
-        self._send(Route.SECAGG_ADVERTISE, Frame.SECAGG_ADVERTISE, [self.client.advertise()])
+        self.send(Route.SECAGG_ADVERTISE, Frame.SECAGG_ADVERTISE, [self.client.advertise()])
 
     def share_keys(self) -> None:
-        manifest, entries = self.client.share_keys(self._relay(RELAY_ADVERTS))
-        self._send(Route.SECAGG_SHARES, Frame.SECAGG_SHARES, [manifest, *entries])
+        manifest, entries = self.client.share_keys(self.relay(RELAY_ADVERTS))
+        self.send(Route.SECAGG_SHARES, Frame.SECAGG_SHARES, [manifest, *entries])
 
     def weight(self, num_examples: int) -> int:
         """This device's integer weight: 1 (uniform), else its example count capped at the round's maximum."""
@@ -160,7 +160,7 @@ class SecureParticipant:
     def mask(self, delta: torch.Tensor, num_examples: int) -> list[bytes]:
         """``[MASKED_INPUT, vector]``: the trained ``delta`` quantised (weighted by :meth:`weight`) and
         masked with the shares the coordinator relays (sent by :meth:`send_masked`)."""
-        flat = self._relay(RELAY_SHARES)
+        flat = self.relay(RELAY_SHARES)
         if len(flat) % 2:
             raise MalformedError("relayed shares come in (manifest, entry) pairs", code="malformed")
         pairs = list(zip(flat[0::2], flat[1::2], strict=True))
@@ -169,7 +169,7 @@ class SecureParticipant:
         return [raw, vector]
 
     def send_masked(self, parts: list[bytes]) -> None:
-        self._send(Route.SECAGG_MASKED, Frame.SECAGG_MASKED, parts)
+        self.send(Route.SECAGG_MASKED, Frame.SECAGG_MASKED, parts)
         self.sent_masked = True
 
     def masked_input(self, delta: torch.Tensor, num_examples: int) -> None:
@@ -177,7 +177,7 @@ class SecureParticipant:
         self.send_masked(self.mask(delta, num_examples))
 
     def unmask(self) -> None:
-        relayed = self._relay(RELAY_REQUEST)
+        relayed = self.relay(RELAY_REQUEST)
         if len(relayed) != 1:
             raise MalformedError("the coordinator relays exactly one unmask request", code="malformed")
-        self._send(Route.SECAGG_UNMASK, Frame.SECAGG_UNMASK, [self.client.unmask(relayed[0])])
+        self.send(Route.SECAGG_UNMASK, Frame.SECAGG_UNMASK, [self.client.unmask(relayed[0])])
