@@ -179,7 +179,7 @@ class CoordinatorStore(Protocol):
         total: bytes | None,
         phase_deadline: datetime,
         unmasking: bool = False,
-    ) -> SecAggRoundRow:
+    ) -> None:
         """Write an open secure round's state (one transaction; ``total`` None keeps the stored sum;
         ``unmasking`` stamps, once, that the masks are about to be removed)."""
         ...

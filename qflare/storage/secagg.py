@@ -23,10 +23,10 @@ class SecAggOps(StoreBase):
         total: bytes | None,
         phase_deadline: datetime,
         unmasking: bool = False,
-    ) -> SecAggRoundRow:
+    ) -> None:
         """Write the state of OPEN secure round ``round_number`` in one transaction (``total`` None keeps
-        the stored running sum; ``unmasking`` stamps ``unmasking_at``, which is never cleared).  RoundError
-        ``round_state_conflict`` unless the round is open."""
+        the stored running sum, which is then not read either; ``unmasking`` stamps ``unmasking_at``, which
+        is never cleared).  RoundError ``round_state_conflict`` unless the round is open."""
         due = require_aware(phase_deadline, "phase_deadline")
         doc = check_json(config, "config")
         if not isinstance(state, str):
@@ -42,26 +42,25 @@ class SecAggOps(StoreBase):
             if row is None:
                 if total is None:
                     raise ValidationError("the first state of a secure round carries its running sum")
-                row = t.SecAggRound(
-                    round_number=round_number,
-                    config=doc,
-                    state=state,
-                    total=total,
-                    phase_deadline=due,
-                    unmasking_at=now if unmasking else None,
-                    updated_at=now,
+                s.add(
+                    t.SecAggRound(
+                        round_number=round_number,
+                        config=doc,
+                        state=state,
+                        total=total,
+                        phase_deadline=due,
+                        unmasking_at=now if unmasking else None,
+                        updated_at=now,
+                    )
                 )
-                s.add(row)
-            else:
-                if row.config != doc:
-                    raise ValidationError("a secure round's configuration does not change")
-                row.state, row.phase_deadline, row.updated_at = state, due, now
-                if total is not None:
-                    row.total = total
-                if unmasking and row.unmasking_at is None:
-                    row.unmasking_at = now
-            s.flush()
-            return snapshot(SecAggRoundRow, row)
+                return
+            if row.config != doc:
+                raise ValidationError("a secure round's configuration does not change")
+            row.state, row.phase_deadline, row.updated_at = state, due, now
+            if total is not None:
+                row.total = total
+            if unmasking and row.unmasking_at is None:
+                row.unmasking_at = now
 
     def get_secagg_round(self, round_number: int) -> SecAggRoundRow | None:
         with self._read() as s:

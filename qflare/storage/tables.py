@@ -254,7 +254,7 @@ class SecAggRound(Base):
     round_number: Mapped[int] = mapped_column(ForeignKey("rounds.round_number"), primary_key=True)
     config: Mapped[dict[str, Any]] = mapped_column(JSON)
     state: Mapped[str] = mapped_column(Text)
-    total: Mapped[bytes] = mapped_column(LargeBinary)
+    total: Mapped[bytes] = mapped_column(LargeBinary, deferred=True)  # loaded when read, not when rewritten
     phase_deadline: Mapped[datetime] = mapped_column(UTCDateTime)
     unmasking_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime)
