@@ -81,6 +81,14 @@ def test_secure_round_publishes_the_weighted_mean_within_the_bound(tmp_path, clo
     assert (rm.model.flat - (base + weighted_mean(deltas))).abs().max().item() <= bound
     # the coordinator stored no update: it never had one
     assert fed.store.count_updates(1) == 0
+    assert fed.store.get_model(1).metrics["secure_aggregation"] == {
+        "n": N,
+        "k": parts[0].config.params.k,
+        "t": parts[0].config.params.t,
+        "survivors": N,
+        "dropped": 0,
+        "weight_sum": sum(5 + k for k in deltas),
+    }
     body = decode(fed.store.ledger_entry_for_round(1).body)
     assert body["outcome"] == "closed" and body["pipeline"]["secure_aggregation"] is True
     assert len(body["updates"]) == N and all(u[2] == 0 for u in body["updates"])

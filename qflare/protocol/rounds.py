@@ -771,6 +771,8 @@ class RoundManager(SecureRoundOps):
             metrics: dict[str, object] = {"updates": folded, "examples": rnd.aggregation.total_examples}
             if rnd.left_out:
                 metrics["left_out"] = dict(sorted(rnd.left_out.items()))
+            if rnd.secure is not None:
+                metrics["secure_aggregation"] = rnd.secure.summary()
             rows = [u for u in self._store.updates_for_round(rnd.number) if u.device_id not in rnd.left_out]
             train_loss = mean_reported_loss(u.metrics for u in rows)
             if train_loss is not None:

@@ -450,6 +450,20 @@ class SecureRound:
                 _log.warning("round %d: the close of a phase could not be stored: %s", self.number, exc)
         return self.result
 
+    def summary(self) -> dict[str, int]:
+        """What the round's model metrics record: (n, k, t), survivors, dropped, the sum of the weights
+        (the coordinator learns it; no single weight)."""
+        assert self.result is not None
+        p = self.config.params
+        return {
+            "n": p.n,
+            "k": p.k,
+            "t": p.t,
+            "survivors": len(self.result.survivors),
+            "dropped": len(self.result.dropped),
+            "weight_sum": self.result.weight_sum,
+        }
+
     def mean(self) -> torch.Tensor:
         assert self.result is not None
         return torch.from_numpy(np.ascontiguousarray(self.result.mean, dtype=np.float32))
