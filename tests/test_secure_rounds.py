@@ -307,3 +307,31 @@ def test_part_lists_are_parsed_strictly():
         assert info.value.code in ("malformed", "truncated")
     with pytest.raises(QflareError):
         unpack_parts(pack_parts([b"a", b"b"]), max_parts=1)
+
+
+def test_tampered_masked_input_is_refused_and_recorded(tmp_path, clock):
+    fed = secure_fed(tmp_path, clock, n=4)
+    fed.coordinator.rounds.open_next()
+    parts = [SecureParticipant.for_task(d, d.task()) for d in fed.selected()]
+    for p in parts:
+        p.advertise()
+    for p in parts:
+        p.share_keys()
+    masked = [p.mask(fed.result(seed=k).delta, 5) for k, p in enumerate(parts)]
+    bad = bytearray(masked[0][1])
+    bad[7] ^= 1
+    with pytest.raises(QflareError) as info:
+        parts[0].send_masked([masked[0][0], bytes(bad)])
+    assert info.value.code == "hash_mismatch"
+    with pytest.raises(QflareError) as info:  # one word short
+        parts[0].send_masked([masked[0][0], masked[0][1][:-4]])
+    assert info.value.code == "bad_shape"
+    events = [e for e in fed.store.security_events(limit=10) if e.reason in ("hash_mismatch", "bad_shape")]
+    assert {e.device_id for e in events} == {parts[0].device.device_id}
+    assert not parts[0].device.task().submitted
+    for p, m in zip(parts, masked, strict=True):  # the genuine ones are still accepted
+        p.send_masked(m)
+    for p in parts:
+        p.unmask()
+    assert fed.coordinator.rounds.model.version == 1
+    assert decode(fed.store.ledger_entry_for_round(1).body)["left_out"] == []
