@@ -335,3 +335,9 @@ def test_tampered_masked_input_is_refused_and_recorded(tmp_path, clock):
         p.unmask()
     assert fed.coordinator.rounds.model.version == 1
     assert decode(fed.store.ledger_entry_for_round(1).body)["left_out"] == []
+    # each device proves, from the signed ledger entry, that its masked vector was summed
+    import hashlib
+
+    for p, m in zip(parts, masked, strict=True):
+        verified, _ = p.device.fetch_proof(1, hashlib.sha256(m[1]).hexdigest(), 0)
+        assert verified.included
