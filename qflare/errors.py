@@ -257,6 +257,7 @@ class ErrorCode(enum.StrEnum):
     SECAGG_ABORTED = "secagg_aborted"
     UNMASK_REFUSED = "unmask_refused"
     BAD_SHARE = "bad_share"
+    SECAGG_MISMATCH = "secagg_mismatch"
 
 
 class Retry(enum.Enum):
@@ -917,6 +918,12 @@ CODE_SPECS: Mapping[ErrorCode, CodeSpec] = MappingProxyType(
             _R,
             AuthError,
             MalformedError,
+        ),
+        _C.SECAGG_MISMATCH: _spec(
+            "a message that does not fit the open round: a plaintext update to a secure-aggregation round, a "
+            "secure-aggregation message to a plaintext round, or a phase message outside its phase",
+            _D,
+            ProtocolError,
         ),
     }
 )

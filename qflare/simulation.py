@@ -49,6 +49,7 @@ from .models import create_model
 from .precision import Precision, resolve_precision
 from .protocol import Coordinator, CoordinatorConfig, Device, RoundConfig
 from .protocol.provenance import NO_UPDATE, NOT_COMBINED, export_ledger
+from .protocol.secure_device import SecureParticipant
 from .protocol.selection import build_selector, check_selection
 from .storage import Database, Store
 from .strategy import ClientUpdate, DPFedAvg, Pipeline, PrivacySpent, RoundAggregation, privacy_of
@@ -95,6 +96,8 @@ class SimulationConfig:
     def __post_init__(self) -> None:
         if self.ledger_out is not None and not self.protocol:
             raise ConfigError("ledger_out needs the protocol: --no-protocol writes no ledger")
+        if getattr(self.federation, "secure_aggregation", False) and not self.protocol:
+            raise ConfigError("secure aggregation runs over the protocol: it cannot be combined with --no-protocol")
         if not isinstance(self.federation, FederationSpec):
             raise ConfigError(f"federation must be a FederationSpec, got {type(self.federation).__name__}")
         if self.workers < 0:
@@ -335,20 +338,41 @@ class _SecureFederation:
             self.devices.append(dev)
         self._index = {d.device_id: i for i, d in enumerate(self.devices)}
         self._ledger_out = cfg.ledger_out
+        self._secure: dict[int, SecureParticipant] = {}  # a secure round's devices, by index
 
     def open_round(self) -> tuple[int, list[int]] | None:
         rnd = self.coordinator.rounds.open_next()
-        return None if rnd is None else (rnd.number, [self._index[d] for d in rnd.selected])
+        if rnd is None:
+            return None
+        chosen = [self._index[d] for d in rnd.selected]
+        self._secure = {}
+        if rnd.secure is not None:  # the key phases, before anyone trains (every device answers here)
+            self._secure = {i: SecureParticipant(self.devices[i], rnd.number) for i in chosen}
+            for p in self._secure.values():
+                p.advertise()
+            for p in self._secure.values():
+                p.share_keys()
+        return rnd.number, chosen
 
     def work(self, i: int, train: Callable[[torch.Tensor, int], TrainResult]) -> tuple[Any, TrainResult]:
         dev = self.devices[i]
         task = dev.task()
         gm = dev.fetch_model(task)
         result = train(gm.flat, task.round)
+        secure = self._secure.get(i)
+        if secure is not None:  # masked on the worker thread, sent in selection order by submit()
+            return secure.mask(result.delta, result.num_examples), result
         return dev.prepare_update(task, gm, result), result
 
     def submit(self, i: int, sealed: Any) -> None:
-        self.devices[i].submit(sealed)
+        secure = self._secure.get(i)
+        if secure is None:
+            self.devices[i].submit(sealed)
+            return
+        secure.send_masked(sealed)
+        if all(p.sent_masked for p in self._secure.values()):  # the last one closed the masked phase
+            for p in self._secure.values():
+                p.unmask()
 
     def published(self, number: int) -> bool:
         return self.coordinator.rounds.model.round_number == number

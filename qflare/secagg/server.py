@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import enum
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -145,6 +145,26 @@ class SecAggServer:
         self.u1: frozenset[int] = frozenset()
         self.u2: frozenset[int] = frozenset()
         self.u3: frozenset[int] = frozenset()
+
+    @property
+    def request(self) -> bytes | None:
+        """The signed UNMASK_REQUEST, once :meth:`close_masked` made it (what every survivor answers)."""
+        return self._request
+
+    def received(self) -> frozenset[int]:
+        """The devices whose message of the current phase was accepted (none once DONE or ABORTED)."""
+        c = self._c
+        by_phase: dict[ServerPhase, Iterable[int]] = {
+            ServerPhase.ADVERTISE: c.adverts,
+            ServerPhase.SHARE_KEYS: c.shared,
+            ServerPhase.MASKED_INPUT: c.masked,
+            ServerPhase.UNMASK: c.responses,
+        }
+        return frozenset(by_phase.get(self.phase, ()))
+
+    def masked_inputs(self) -> dict[int, bytes]:
+        """Sender -> its accepted signed MASKED_INPUT (without the vector, which is in the running sum)."""
+        return dict(self._c.masked)
 
     # -- helpers ---------------------------------------------------------------------------------------
     def _expect(self, phase: ServerPhase) -> None:
