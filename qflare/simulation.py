@@ -371,6 +371,8 @@ class _SecureFederation:
             return
         secure.send_masked(sealed)
         if all(p.sent_masked for p in self._secure.values()):  # the last one closed the masked phase
+            for p in self._secure.values():  # the consistency round: each signs the survivor set
+                p.consistency()
             for p in self._secure.values():
                 p.unmask()
 

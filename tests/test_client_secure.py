@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import stat
 import threading
 import time
@@ -26,17 +27,21 @@ from qflare.wire import ParamLayout
 N = 4
 
 
-class LoseFirstMaskedAck:
-    """Checks the state file is private while the masked input is in flight, then loses its first answer."""
+class LoseFirstAck:
+    """Checks the state file is private while a ``route`` message is in flight, and that it already holds
+    the message (outbox) and the client state that released it; then loses its first answer."""
 
-    def __init__(self, inner: InProcessTransport, state_dir: Path) -> None:
-        self.inner, self.state_dir, self.lost, self.modes = inner, state_dir, 0, []
+    def __init__(self, inner: InProcessTransport, state_dir: Path, route: Route) -> None:
+        self.inner, self.state_dir, self.route = inner, state_dir, route
+        self.lost, self.modes, self.docs = 0, [], []
 
     def request(self, route: Route, body: bytes, session_id: str | None = None) -> bytes:
-        if route is Route.SECAGG_MASKED:
-            self.modes.append(stat.S_IMODE((self.state_dir / SECAGG_STATE).stat().st_mode))
+        if route is self.route:
+            path = self.state_dir / SECAGG_STATE
+            self.modes.append(stat.S_IMODE(path.stat().st_mode))
+            self.docs.append(json.loads(path.read_text()))
         reply = self.inner.request(route, body, session_id)
-        if route is Route.SECAGG_MASKED and self.lost == 0:
+        if route is self.route and self.lost == 0:
             self.lost += 1
             raise ServerUnavailableError("connection reset while reading the answer")
         return reply
@@ -65,13 +70,14 @@ def test_device_loops_run_secure_rounds(tmp_path: Path) -> None:
         with lock:
             coord.rounds.step()
 
-    clients, flaky = [], None
+    clients, flaky = [], []
     for i, token in enumerate(coord.create_tokens(N)):
         state = DeviceState(tmp_path / f"dev{i}")
         key, suite = pin_server_key(identity_doc(coord.public_key), state.pin(coord.public_key.key_id))
         transport = InProcessTransport(coord)
-        if i == 0:
-            transport = flaky = LoseFirstMaskedAck(transport, state.dir)
+        if i < 2:  # device 0 loses its first masked-input answer, device 1 its first consistency answer
+            transport = LoseFirstAck(transport, state.dir, (Route.SECAGG_MASKED, Route.SECAGG_CONSISTENCY)[i])
+            flaky.append(transport)
         c = DeviceClient(
             transport=transport, state=state, server_key=key, workload=load_workload(spec, i), suite=suite, sleep=sleep
         )
@@ -97,7 +103,15 @@ def test_device_loops_run_secure_rounds(tmp_path: Path) -> None:
     for i in range(N):
         assert summaries[i].reason == "finished" and summaries[i].rounds_trained == [1, 2]
         assert not (clients[i].state.dir / SECAGG_STATE).exists()  # the round's secrets left the disk
-    assert flaky is not None and flaky.lost == 1 and set(flaky.modes) == {0o600}
+    for f in flaky:
+        assert f.lost == 1 and set(f.modes) == {0o600}
+        assert all(d["outbox"][0] == f.route.value for d in f.docs)
+    # in each round the signature on U3 was in the stored client state before it was sent (the lost
+    # answer's message had been accepted: the task then says submitted, and nothing is sent again)
+    assert len(flaky[1].docs) == 2
+    for doc in flaky[1].docs:
+        signed = json.loads(doc["client"])["signed"]
+        assert signed is not None and signed[1] == doc["outbox"][1][0]
     for rnd in (1, 2):
         body = decode(store.ledger_entry_for_round(rnd).body)
         assert body["outcome"] == "closed" and len(body["updates"]) == N

@@ -27,8 +27,8 @@ def secure_fed(tmp_path, clock, n: int = N, **kw) -> Federation:
 
 
 def run_round(fed: Federation, *, drop: dict[str, set[int]] | None = None, clock: FakeClock | None = None):
-    """Drive every selected device through the four phases; ``drop[phase]`` = device positions that stop
-    before that phase ("advertise", "share", "masked", "unmask").  Between phases, when someone dropped,
+    """Drive every selected device through the five phases; ``drop[phase]`` = device positions that stop
+    before that phase ("advertise", "share", "masked", "consistency", "unmask").  Between phases, when someone dropped,
     the clock passes the phase deadline and the coordinator ticks.  Returns (participants, deltas)."""
     drop = drop or {}
     fed.coordinator.rounds.open_next()
@@ -59,6 +59,7 @@ def run_round(fed: Federation, *, drop: dict[str, set[int]] | None = None, clock
         p.masked_input(fed_result.delta, fed_result.num_examples)
 
     phase("masked", masked)
+    phase("consistency", lambda k, p: p.consistency())
     phase("unmask", lambda k, p: p.unmask())
     return parts, deltas
 
@@ -175,8 +176,9 @@ def test_plaintext_task_bytes_are_unchanged_and_secure_ones_parse():
     plain = TaskInfo(3, "open", True, "00" * 32, 2, 5.0, False)
     assert b"secagg" not in plain.to_bytes()
     assert TaskInfo.from_bytes(plain.to_bytes()) == plain
-    secure = TaskInfo(3, "open", True, "00" * 32, 2, 5.0, False, "unmask")
-    assert TaskInfo.from_bytes(secure.to_bytes()) == secure
+    for phase in ("consistency", "unmask"):
+        secure = TaskInfo(3, "open", True, "00" * 32, 2, 5.0, False, phase)
+        assert TaskInfo.from_bytes(secure.to_bytes()) == secure
     for bad in ("nonsense", "x" * 100):
         with pytest.raises(QflareError) as info:
             TaskInfo.from_bytes(TaskInfo(3, "open", True, "00" * 32, 2, 5.0, False, bad).to_bytes())
@@ -222,6 +224,11 @@ def test_restart_in_every_phase_resumes_the_round(tmp_path, clock):
         deltas[k] = r.delta
         p.masked_input(r.delta, r.num_examples)
         restart(fed, blobs, clock)
+    assert fed.coordinator.rounds.current.secure.phase.value == "consistency"
+    assert all(p.device.task().secagg == "consistency" for p in parts)
+    for p in parts:
+        p.consistency()
+        restart(fed, blobs, clock)
     assert fed.coordinator.rounds.current.secure.phase.value == "unmask"
     for p in parts[:2]:
         p.unmask()
@@ -248,6 +255,8 @@ def test_restart_after_the_unmasking_began_fails_the_round(tmp_path, clock):
         p.share_keys()
     for k, p in enumerate(parts):
         p.masked_input(fed.result(seed=k).delta, 5)
+    for p in parts:
+        p.consistency()
     for p in parts[:3]:
         p.unmask()
     stored = fed.store.get_secagg_round(1)
@@ -332,6 +341,8 @@ def test_tampered_masked_input_is_refused_and_recorded(tmp_path, clock):
     for p, m in zip(parts, masked, strict=True):  # the genuine ones are still accepted
         p.send_masked(m)
     for p in parts:
+        p.consistency()
+    for p in parts:
         p.unmask()
     assert fed.coordinator.rounds.model.version == 1
     assert decode(fed.store.ledger_entry_for_round(1).body)["left_out"] == []
@@ -341,3 +352,81 @@ def test_tampered_masked_input_is_refused_and_recorded(tmp_path, clock):
     for p, m in zip(parts, masked, strict=True):
         verified, _ = p.device.fetch_proof(1, hashlib.sha256(m[1]).hexdigest(), 0)
         assert verified.included
+
+
+def test_dropout_in_the_consistency_phase_completes_while_the_quorum_holds(tmp_path, clock):
+    fed = secure_fed(tmp_path, clock)  # n = 8: quorum 5 of the survivors must sign U3
+    base = fed.coordinator.rounds.model.flat.clone()
+    parts, deltas = run_round(fed, drop={"consistency": {5}}, clock=clock)
+    rm = fed.coordinator.rounds
+    assert parts[0].config.params.quorum == 5
+    assert rm.model.version == 1 and len(deltas) == N  # device 5 sent its masked input: it still counts
+    bound = N / (2 * parts[0].config.quant.scale * sum(5 + k for k in deltas)) + 1e-6
+    assert (rm.model.flat - (base + weighted_mean(deltas))).abs().max().item() <= bound
+    assert decode(fed.store.ledger_entry_for_round(1).body)["left_out"] == []
+    # round 2: four of eight sign, one short of the quorum: no device would answer, the round fails
+    run_round(fed, drop={"consistency": {0, 1, 2, 3}}, clock=clock)
+    assert rm.model.version == 1 and fed.store.get_round(2).state == "failed"
+    assert decode(fed.store.ledger_entry_for_round(2).body)["reason"] == "secagg_aborted"
+    assert rm.current is None
+
+
+def test_a_coordinator_splitting_the_survivor_set_gets_no_unmask_answer(tmp_path, clock, monkeypatch):
+    """The attack the consistency round stops: the coordinator tells half the devices that device 1
+    survived (they would reveal their share of its self mask) and the other half that it dropped (their
+    share of its pairwise key): with both it could remove all of device 1's masks.  Each half signs the
+    set it was shown; neither half is a quorum, so no device answers either request, whichever
+    signatures come with it, and the round fails without a model."""
+    from qflare.secagg.messages import SecAggField, SecAggMessage, SecAggMsg, encode_indices
+
+    fed = secure_fed(tmp_path, clock)
+    rm = fed.coordinator.rounds
+    rm.open_next()
+    parts = [SecureParticipant.for_task(d, d.task()) for d in fed.selected()]
+    for p in parts:
+        p.advertise()
+    for p in parts:
+        p.share_keys()
+    for k, p in enumerate(parts):
+        p.masked_input(fed.result(seed=k).delta, 5)
+    secure = rm.current.secure
+    assert secure.phase.value == "consistency"
+    genuine = secure.server.request
+    fields = {
+        SecAggField.ROUND: (1).to_bytes(8, "big"),
+        SecAggField.SESSION: secure.config.session,
+        SecAggField.SURVIVORS: encode_indices(list(range(2, N + 1))),
+        SecAggField.DROPPED: encode_indices([1]),
+    }
+    forged = SecAggMessage.build(secure.config.suite, SecAggMsg.UNMASK_REQUEST, fields, fed.identity).raw
+    honest_relay = secure.relay
+
+    def relay(device_id: str, what: bytes) -> list[bytes]:  # indices 5..8 are shown the forged set
+        out = honest_relay(device_id, what)
+        return [forged, *out[1:]] if what == b"\x03" and secure.index_of(device_id) > N // 2 else out
+
+    monkeypatch.setattr(secure, "relay", relay)
+    first, second = parts[: N // 2], parts[N // 2 :]
+    sigs_first = [p.sign_request()[0] for p in first]
+    sigs_second = [p.sign_request()[0] for p in second]
+    for p in first:  # the honest server accepts these; it would refuse the others
+        p.send(Route.SECAGG_CONSISTENCY, Frame.SECAGG_CONSISTENCY, [p.sign_request()[0]])
+    with pytest.raises(QflareError) as info:
+        second[0].consistency()
+    assert info.value.code == "hash_mismatch"
+    # whatever the coordinator relays now, no device reveals a share
+    for p in parts:
+        for request in (genuine, forged):
+            for sigs in (sigs_first, sigs_second, sigs_first + sigs_second):
+                with pytest.raises(QflareError) as info:
+                    p.client.unmask(request, sigs)
+                assert info.value.code == "unmask_refused"
+    # a device signs one survivor set per round: shown the other set afterwards, it refuses
+    with pytest.raises(QflareError) as info:
+        first[1].client.consistency(forged)
+    assert info.value.code == "unmask_refused"
+    # the honest coordinator's view: 4 signatures of 8 at the deadline, quorum 5: the round fails
+    clock.advance(rm.config.round_timeout_s + 1)
+    rm.tick()
+    assert rm.current is None and rm.model.version == 0
+    assert decode(fed.store.ledger_entry_for_round(1).body)["reason"] == "secagg_aborted"

@@ -69,6 +69,7 @@ OPERATIONS = [
     ("POST", "/v1/secagg/shares"),
     ("POST", "/v1/secagg/masked"),
     ("POST", "/v1/secagg/unmask"),
+    ("POST", "/v1/secagg/consistency"),
     ("GET", "/v1/identity"),
     ("GET", "/v1/rotations"),
     ("GET", "/v1/status"),

@@ -27,6 +27,7 @@ Secure-aggregation rounds (docs/secure-aggregation.md; every body a *part list*,
     SECAGG_MASKED         0x3E (round)  device -> coordinator, [MASKED_INPUT, vector]
     SECAGG_UNMASK         0x3F (round)  device -> coordinator, [UNMASK_RESPONSE]
     SECAGG_ACK            0x40 (round)  coordinator -> device, no parts (the message was accepted)
+    SECAGG_CONSISTENCY    0x41 (round)  device -> coordinator, [CONSISTENCY] (its signature on U3)
 
 A part list is ``u32 count || (u32 length || bytes) * count`` (big-endian), nothing after it.
 
@@ -128,6 +129,7 @@ class Frame(enum.IntEnum):
     SECAGG_MASKED = 0x3E
     SECAGG_UNMASK = 0x3F
     SECAGG_ACK = 0x40
+    SECAGG_CONSISTENCY = 0x41
 
 
 class AckStatus(enum.IntEnum):
@@ -573,6 +575,7 @@ SECAGG_FRAMES = frozenset(
         Frame.SECAGG_SHARES,
         Frame.SECAGG_MASKED,
         Frame.SECAGG_UNMASK,
+        Frame.SECAGG_CONSISTENCY,
         Frame.SECAGG_ACK,
     }
 )

@@ -2,7 +2,8 @@
 
 On each poll of a secure round (``TaskInfo.secagg``) :class:`SecureRounds` does this device's message of
 the current phase, once: ADVERTISE, then its key shares, then its trained update quantised and masked,
-then its unmask answer.  Between polls (and across a restart of the device) the round's state is the
+then its signature on the coordinator's survivor set (CONSISTENCY), then its unmask answer (only to a
+request naming the set it signed, with a quorum of signatures on it).  Between polls (and across a restart of the device) the round's state is the
 file ``secagg.json`` in the state directory, mode 0600 (it holds the round's secrets): the
 :class:`~qflare.secagg.SecAggClient` state and the *outbox*, the message built for the current phase.
 The outbox is written before the message is sent, so a message whose answer was lost is sent again
@@ -29,7 +30,7 @@ from ..errors import ErrorCode, QflareError, Retry, RoundError
 from ..protocol import Device, TaskInfo
 from ..protocol.messages import Route
 from ..protocol.secure_device import SecureParticipant
-from ..protocol.secure_round import RELAY_ADVERTS, RELAY_REQUEST
+from ..protocol.secure_round import RELAY_ADVERTS
 from ..secagg import ClientPhase
 from ..training import TrainResult
 from .state import DeviceState, write_private
@@ -44,6 +45,7 @@ _STEPS: dict[str, tuple[Route, Frame, frozenset[ClientPhase]]] = {
     "advertise": (Route.SECAGG_ADVERTISE, Frame.SECAGG_ADVERTISE, frozenset({ClientPhase.NEW})),
     "share_keys": (Route.SECAGG_SHARES, Frame.SECAGG_SHARES, frozenset({ClientPhase.ADVERTISED})),
     "masked_input": (Route.SECAGG_MASKED, Frame.SECAGG_MASKED, frozenset({ClientPhase.SHARED})),
+    "consistency": (Route.SECAGG_CONSISTENCY, Frame.SECAGG_CONSISTENCY, frozenset({ClientPhase.MASKED})),
     "unmask": (Route.SECAGG_UNMASK, Frame.SECAGG_UNMASK, frozenset({ClientPhase.MASKED, ClientPhase.DONE})),
 }
 
@@ -72,10 +74,10 @@ class SecureRounds:
             return None
         return doc if isinstance(doc, dict) else None
 
-    def _save(self, rnd: int, participant: SecureParticipant, outbox: tuple[str, list[bytes]] | None) -> None:
+    def _save(self, rnd: int, client: str, outbox: tuple[str, list[bytes]] | None) -> None:
         doc = {
             "round": rnd,
-            "client": participant.to_json(),
+            "client": client,
             "outbox": None if outbox is None else [outbox[0], [p.hex() for p in outbox[1]]],
         }
         write_private(self.path, json.dumps(doc).encode())
@@ -122,33 +124,36 @@ class SecureRounds:
         elif task.submitted or participant.client.phase not in ready:
             return False  # answered already (or not this device's turn)
         else:
-            built = self._build(task, phase, participant)
+            built = self._build(task, phase, participant, lambda state: self._save(task.round, state, None))
             if built is None:
                 return False
             parts = built
-            self._save(task.round, participant, (route.value, parts))  # before sending: a resend is the same
+            # before sending: the client's state was persisted before it released the message, and the
+            # outbox now makes a resend the same bytes
+            self._save(task.round, participant.to_json(), (route.value, parts))
         participant.send(route, frame, parts)
         log.info("secure round %d: %s sent", task.round, phase)
         if phase == "unmask":  # the round's secrets are no longer needed: gone from the disk
             self.forget()
             self.done.add(task.round)
             return True
-        self._save(task.round, participant, None)
+        self._save(task.round, participant.to_json(), None)
         return False
 
-    def _build(self, task: TaskInfo, phase: str, participant: SecureParticipant) -> list[bytes] | None:
+    def _build(
+        self, task: TaskInfo, phase: str, participant: SecureParticipant, persist: Callable[[str], None]
+    ) -> list[bytes] | None:
         client = participant.client
         if phase == "advertise":
             return [client.advertise()]
         if phase == "share_keys":
-            manifest, entries = client.share_keys(participant.relay(RELAY_ADVERTS))
+            manifest, entries = client.share_keys(participant.relay(RELAY_ADVERTS), persist=persist)
             return [manifest, *entries]
         if phase == "masked_input":
             result = self._train(task)
             if result is None:
                 return None
-            return participant.mask(result.delta, result.num_examples)
-        relayed = participant.relay(RELAY_REQUEST)
-        if len(relayed) != 1:
-            raise RoundError("the coordinator relayed no unmask request", code=ErrorCode.SECAGG_ABORTED)
-        return [client.unmask(relayed[0])]
+            return participant.mask(result.delta, result.num_examples, persist=persist)
+        if phase == "consistency":
+            return participant.sign_request(persist=persist)
+        return participant.answer(persist=persist)

@@ -51,6 +51,7 @@ class Route(enum.StrEnum):
     SECAGG_SHARES = "secagg/shares"
     SECAGG_MASKED = "secagg/masked"
     SECAGG_UNMASK = "secagg/unmask"
+    SECAGG_CONSISTENCY = "secagg/consistency"
 
 
 SECAGG_ROUTES = frozenset(
@@ -61,6 +62,7 @@ SECAGG_ROUTES = frozenset(
         Route.SECAGG_SHARES,
         Route.SECAGG_MASKED,
         Route.SECAGG_UNMASK,
+        Route.SECAGG_CONSISTENCY,
     }
 )
 """The routes of a secure-aggregation round (sealed in the session, like ``update``)."""
@@ -69,7 +71,7 @@ SECAGG_ROUTES = frozenset(
 MAX_COUNTER = 2**53 - 1
 """The largest round number, model version or deadline a task may carry (exact in every JSON reader)."""
 TASK_STATES = frozenset({"open", "waiting", "finished"})
-SECAGG_PHASES = frozenset({"advertise", "share_keys", "masked_input", "unmask", "done", "aborted"})
+SECAGG_PHASES = frozenset({"advertise", "share_keys", "masked_input", "consistency", "unmask", "done", "aborted"})
 """The phases a secure round's task may name (``TaskInfo.secagg``; "" in a plaintext round)."""
 _HEX64 = re.compile(r"^[0-9a-f]{64}\Z")
 

@@ -1,19 +1,23 @@
 """A device's part in a secure-aggregation round (docs/secure-aggregation.md): the coordinator's round
-configuration, then :class:`~qflare.secagg.SecAggClient`'s four phases over the device's session.
+configuration, then :class:`~qflare.secagg.SecAggClient`'s five phases over the device's session.
 
 Each phase is one call: :meth:`SecureParticipant.advertise`, :meth:`~SecureParticipant.share_keys`,
 :meth:`~SecureParticipant.masked_input` (the trained delta, quantised and masked instead of sent as a
-plaintext update) and :meth:`~SecureParticipant.unmask`.  The relayed messages a phase needs are asked
+plaintext update), :meth:`~SecureParticipant.consistency` (its signature on the survivor set of the
+coordinator's signed request) and :meth:`~SecureParticipant.unmask` (answered only with the relayed
+consistency proof: a quorum of signatures on the very survivor set this device signed).  The relayed messages a phase needs are asked
 for first (SECAGG_RELAY).  The configuration arrives over the session authenticated by the pinned
 coordinator key; the device checks it is in range and builds its own :class:`~qflare.secagg.SecAggConfig`
 from it, with the session's suite and the pinned key as the coordinator's (so the round's session hash
 binds what this device was told).  Its state between phases is :meth:`SecureParticipant.to_json`
-(the round's secrets: keep it like the device key, mode 0600).
+(the round's secrets: keep it like the device key, mode 0600); the phase calls take ``persist=``, called
+with that state before a message is released (the client's rule: persist before you send).
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -147,8 +151,8 @@ class SecureParticipant:
     def advertise(self) -> None:
         self.send(Route.SECAGG_ADVERTISE, Frame.SECAGG_ADVERTISE, [self.client.advertise()])
 
-    def share_keys(self) -> None:
-        manifest, entries = self.client.share_keys(self.relay(RELAY_ADVERTS))
+    def share_keys(self, *, persist: Callable[[str], None] | None = None) -> None:
+        manifest, entries = self.client.share_keys(self.relay(RELAY_ADVERTS), persist=persist)
         self.send(Route.SECAGG_SHARES, Frame.SECAGG_SHARES, [manifest, *entries])
 
     def weight(self, num_examples: int) -> int:
@@ -157,7 +161,9 @@ class SecureParticipant:
             return 1
         return max(1, min(int(num_examples), self.config.quant.max_weight))
 
-    def mask(self, delta: torch.Tensor, num_examples: int) -> list[bytes]:
+    def mask(
+        self, delta: torch.Tensor, num_examples: int, *, persist: Callable[[str], None] | None = None
+    ) -> list[bytes]:
         """``[MASKED_INPUT, vector]``: the trained ``delta`` quantised (weighted by :meth:`weight`) and
         masked with the shares the coordinator relays (sent by :meth:`send_masked`)."""
         flat = self.relay(RELAY_SHARES)
@@ -165,7 +171,7 @@ class SecureParticipant:
             raise MalformedError("relayed shares come in (manifest, entry) pairs", code="malformed")
         pairs = list(zip(flat[0::2], flat[1::2], strict=True))
         update = delta.detach().to("cpu", torch.float32).numpy().astype(np.float64)
-        raw, vector = self.client.masked_input(pairs, update, self.weight(num_examples))
+        raw, vector = self.client.masked_input(pairs, update, self.weight(num_examples), persist=persist)
         return [raw, vector]
 
     def send_masked(self, parts: list[bytes]) -> None:
@@ -176,8 +182,24 @@ class SecureParticipant:
         """Quantise, mask and send the trained ``delta``: :meth:`mask` then :meth:`send_masked`."""
         self.send_masked(self.mask(delta, num_examples))
 
-    def unmask(self) -> None:
+    def sign_request(self, *, persist: Callable[[str], None] | None = None) -> list[bytes]:
+        """``[CONSISTENCY]``: this device's signature on the survivor set of the relayed unmask request
+        (sent by :meth:`consistency`; signed at most once per round, for a set containing this device)."""
         relayed = self.relay(RELAY_REQUEST)
         if len(relayed) != 1:
-            raise MalformedError("the coordinator relays exactly one unmask request", code="malformed")
-        self.send(Route.SECAGG_UNMASK, Frame.SECAGG_UNMASK, [self.client.unmask(relayed[0])])
+            raise MalformedError("in the consistency phase the coordinator relays one request", code="malformed")
+        return [self.client.consistency(relayed[0], persist=persist)]
+
+    def consistency(self, *, persist: Callable[[str], None] | None = None) -> None:
+        self.send(Route.SECAGG_CONSISTENCY, Frame.SECAGG_CONSISTENCY, self.sign_request(persist=persist))
+
+    def answer(self, *, persist: Callable[[str], None] | None = None) -> list[bytes]:
+        """``[UNMASK_RESPONSE]`` to the relayed request and consistency proof (``unmask_refused`` unless
+        the request names the survivor set this device signed and a quorum of devices signed it too)."""
+        relayed = self.relay(RELAY_REQUEST)
+        if not relayed:
+            raise MalformedError("the coordinator relayed no unmask request", code="malformed")
+        return [self.client.unmask(relayed[0], relayed[1:], persist=persist)]
+
+    def unmask(self, *, persist: Callable[[str], None] | None = None) -> None:
+        self.send(Route.SECAGG_UNMASK, Frame.SECAGG_UNMASK, self.answer(persist=persist))

@@ -4,14 +4,18 @@ When the pipeline says ``secure_aggregation``, :class:`~qflare.protocol.rounds.R
 round as a :class:`SecureRound`: the selected devices, in selection order, are the roster (indices
 1..n, each with its enrolled ML-DSA key), the graph seed is drawn from the OS CSPRNG, ``(n, k, t)`` come
 from :func:`~qflare.secagg.choose` with the configured dropout and corruption rates, and the quantisation
-sums at most n devices.  The round then moves through the four phases of
+sums at most n devices.  The round then moves through the five phases of
 :class:`~qflare.secagg.SecAggServer`::
 
-    ADVERTISE -> SHARE_KEYS -> MASKED_INPUT -> UNMASK -> finish (aggregate) -> publish
-                                  (any phase: too few devices or shares -> failed, secagg_aborted)
+    ADVERTISE -> SHARE_KEYS -> MASKED_INPUT -> CONSISTENCY -> UNMASK -> finish (aggregate) -> publish
+                  (any phase: too few devices, signatures or shares -> failed, secagg_aborted)
 
-A phase closes as soon as every device expected in it answered (all of the roster, then U1, U2, U3), or
-at its own deadline (``phase_timeout_s`` after it began) with whoever answered.  After ``finish`` the
+A phase closes as soon as every device expected in it answered (all of the roster, then U1, U2, U3,
+then the devices of U3 that signed it), or at its own deadline (``phase_timeout_s`` after it began)
+with whoever answered.  In CONSISTENCY the relay carries the signed unmask request (naming U3) and each
+device of U3 signs U3; fewer than ``params.quorum`` signatures at the close fail the round.  In UNMASK
+the relay carries the request followed by the consistency proof (``params.quorum`` signatures), without
+which no device reveals a share.  After ``finish`` the
 weighted mean update goes through the parts of the pipeline that compose with secure aggregation --
 central noise and the server optimiser -- and the same model check as a plaintext round; the round
 manager then signs and publishes it with a ledger entry.
@@ -23,8 +27,9 @@ commit to.  ``left_out`` names the other selected devices with the phase they dr
 (``secagg_no_advert``, ``secagg_no_shares``, ``secagg_no_input``) or the code their message was
 refused with.
 
-Nothing of a secure round is persisted here: a coordinator restarted mid-round fails the round
-(``secagg_aborted``) -- it never unmasks, let alone twice -- and the next round opens.
+Persistence is the round manager's (:mod:`qflare.protocol.secure_manager`): every accepted message and
+phase close is stored through :attr:`SecureRound.persist`, and :meth:`SecureRound.resume` rebuilds the
+round from the store after a restart (every message checked again).
 """
 
 from __future__ import annotations
@@ -73,7 +78,8 @@ NO_INPUT = "secagg_no_input"
 removed with its neighbours' shares)."""
 
 RELAY_ADVERTS, RELAY_SHARES, RELAY_REQUEST = 1, 2, 3
-"""What a SECAGG_RELAY_REQUEST asks for (its one byte)."""
+"""What a SECAGG_RELAY_REQUEST asks for (its one byte).  ``RELAY_REQUEST`` answers ``[request]`` in the
+CONSISTENCY phase and ``[request, signature, ...]`` (the consistency proof) in UNMASK."""
 
 # route -> (request frame, fewest parts, most parts, the phase it belongs to)
 _INBOUND: Mapping[Route, tuple[Frame, int, int, ServerPhase | None]] = {
@@ -82,6 +88,7 @@ _INBOUND: Mapping[Route, tuple[Frame, int, int, ServerPhase | None]] = {
     Route.SECAGG_ADVERTISE: (Frame.SECAGG_ADVERTISE, 1, 1, ServerPhase.ADVERTISE),
     Route.SECAGG_SHARES: (Frame.SECAGG_SHARES, 1, 1 + 10_000, ServerPhase.SHARE_KEYS),
     Route.SECAGG_MASKED: (Frame.SECAGG_MASKED, 2, 2, ServerPhase.MASKED_INPUT),
+    Route.SECAGG_CONSISTENCY: (Frame.SECAGG_CONSISTENCY, 1, 1, ServerPhase.CONSISTENCY),
     Route.SECAGG_UNMASK: (Frame.SECAGG_UNMASK, 1, 1, ServerPhase.UNMASK),
 }
 
@@ -89,6 +96,7 @@ _MESSAGE = {
     Frame.SECAGG_ADVERTISE: SecAggMsg.ADVERTISE,
     Frame.SECAGG_SHARES: SecAggMsg.MANIFEST,
     Frame.SECAGG_MASKED: SecAggMsg.MASKED_INPUT,
+    Frame.SECAGG_CONSISTENCY: SecAggMsg.CONSISTENCY,
     Frame.SECAGG_UNMASK: SecAggMsg.UNMASK_RESPONSE,
 }
 
@@ -332,7 +340,8 @@ class SecureRound:
             ServerPhase.ADVERTISE: frozenset(range(1, len(self.selected) + 1)),
             ServerPhase.SHARE_KEYS: s.u1,
             ServerPhase.MASKED_INPUT: s.u2,
-            ServerPhase.UNMASK: s.u3,
+            ServerPhase.CONSISTENCY: s.u3,
+            ServerPhase.UNMASK: s.signers,
         }.get(s.phase, frozenset())
 
     def submitted(self, device_id: str) -> bool:
@@ -361,7 +370,8 @@ class SecureRound:
 
     def relay(self, device_id: str, what: bytes) -> list[bytes]:
         """The signed phase messages relayed to ``device_id``: 1 its neighbours' adverts, 2 the share
-        entries addressed to it (manifest, entry, manifest, entry, ...), 3 the unmask request."""
+        entries addressed to it (manifest, entry, manifest, entry, ...), 3 the unmask request (in
+        CONSISTENCY, to sign) or the request and the consistency proof (in UNMASK, to answer)."""
         index = self.index_of(device_id)
         kind = what[0] if len(what) == 1 else 0
         s = self.server
@@ -371,9 +381,11 @@ class SecureRound:
             return [raw for pair in s.shares_for(index) for raw in pair]
         if kind == RELAY_REQUEST:
             request = s.request
-            if s.phase is not ServerPhase.UNMASK or request is None or index not in s.u3:
-                raise RoundError(f"no unmask request for device {index} now", code=ErrorCode.NOT_SELECTED)
-            return [request]
+            if s.phase is ServerPhase.CONSISTENCY and request is not None and index in s.u3:
+                return [request]
+            if s.phase is ServerPhase.UNMASK and request is not None and index in s.signers:
+                return [request, *s.consistency_proof()]
+            raise RoundError(f"no unmask request for device {index} now", code=ErrorCode.NOT_SELECTED)
         raise MalformedError("a relay request is one byte: 1, 2 or 3", code="malformed")
 
     # -- messages ----------------------------------------------------------------------------------------
@@ -415,6 +427,8 @@ class SecureRound:
                 s.receive_masked(parts[0], parts[1])
                 signed = SecAggMessage.parse(parts[0], expected=SecAggMsg.MASKED_INPUT)
                 self.vector_hashes[index] = signed.get(SecAggField.VECTOR_HASH).hex()
+            elif route is Route.SECAGG_CONSISTENCY:
+                s.receive_consistency(parts[0])
             else:
                 s.receive_unmask(parts[0])
         except QflareError as exc:
@@ -436,6 +450,8 @@ class SecureRound:
                 s.close_shares()
             elif s.phase is ServerPhase.MASKED_INPUT:
                 s.close_masked()
+            elif s.phase is ServerPhase.CONSISTENCY:
+                s.close_consistency()
             elif s.phase is ServerPhase.UNMASK:
                 self._save(unmasking=True)  # stored before any mask is removed: never unmasked twice
                 self.result = s.finish()

@@ -148,8 +148,14 @@ class SecAggServer:
 
     @property
     def request(self) -> bytes | None:
-        """The signed UNMASK_REQUEST, once :meth:`close_masked` made it (what every survivor answers)."""
+        """The signed UNMASK_REQUEST once :meth:`close_masked` made it: what every survivor signs in the
+        CONSISTENCY phase and answers in UNMASK (relayed again after a restart)."""
         return self._request
+
+    @property
+    def signers(self) -> frozenset[int]:
+        """The devices of U3 whose CONSISTENCY signature was accepted (those that may answer in UNMASK)."""
+        return frozenset(self._c.signatures)
 
     def received(self) -> frozenset[int]:
         """The devices whose message of the current phase was accepted (none once DONE or ABORTED)."""
@@ -158,6 +164,7 @@ class SecAggServer:
             ServerPhase.ADVERTISE: c.adverts,
             ServerPhase.SHARE_KEYS: c.shared,
             ServerPhase.MASKED_INPUT: c.masked,
+            ServerPhase.CONSISTENCY: c.signatures,
             ServerPhase.UNMASK: c.responses,
         }
         return frozenset(by_phase.get(self.phase, ()))
@@ -323,11 +330,6 @@ class SecAggServer:
         """What ``SecAggClient.unmask`` takes: ``params.quorum`` CONSISTENCY signatures (the lowest signer
         indices; a quorum is all a device needs, and each signature is ~3.4 kB to download)."""
         return [self._c.signatures[i] for i in sorted(self._c.signatures)[: self.config.params.quorum]]
-
-    @property
-    def request(self) -> bytes | None:
-        """The signed UNMASK_REQUEST once ``close_masked`` has run (relayed again after a restart)."""
-        return self._request
 
     # -- phase 5 ---------------------------------------------------------------------------------------
     def receive_unmask(self, raw: bytes) -> None:

@@ -290,6 +290,7 @@ def create_app(runtime: ServerRuntime) -> FastAPI:
     protocol_route(Route.SECAGG_ADVERTISE, "Sealed signed ADVERTISE -> sealed ack")
     protocol_route(Route.SECAGG_SHARES, "Sealed signed MANIFEST + SHARE entries -> sealed ack", limit=update_limit)
     protocol_route(Route.SECAGG_MASKED, "Sealed signed MASKED_INPUT + masked vector -> sealed ack", limit=update_limit)
+    protocol_route(Route.SECAGG_CONSISTENCY, "Sealed signed CONSISTENCY (a signature on U3) -> sealed ack")
     protocol_route(Route.SECAGG_UNMASK, "Sealed signed UNMASK_RESPONSE -> sealed ack")
 
     @app.post(

@@ -374,6 +374,9 @@ SECAGG_STEPS: list[tuple[str, Frame, list[bytes]]] = [
     ("device", Frame.SECAGG_MASKED, [b"MASKED_INPUT", b"\x00" * 8]),
     ("device", Frame.SECAGG_UNMASK, [b"UNMASK_RESPONSE"]),
     ("coordinator", Frame.SECAGG_ACK, []),
+    ("coordinator", Frame.SECAGG_RELAY, [b"UNMASK_REQUEST"]),
+    ("device", Frame.SECAGG_CONSISTENCY, [b"CONSISTENCY"]),
+    ("coordinator", Frame.SECAGG_RELAY, [b"UNMASK_REQUEST", b"CONSISTENCY 1", b"CONSISTENCY 2"]),
 ]
 """Secure-aggregation frames of round 4: part lists (placeholders for the phase messages, whose own
 vectors are tests/test_secagg_messages.py's), sealed after the frames above."""
