@@ -908,8 +908,9 @@ CODE_SPECS: Mapping[ErrorCode, CodeSpec] = MappingProxyType(
             RoundError,
         ),
         _C.UNMASK_REFUSED: _spec(
-            "a device refuses an unmask request that asks for both kinds of share of one peer, or that contradicts "
-            "what it saw in the round",
+            "a device refuses an unmask request that asks for both kinds of share of one peer, that contradicts "
+            "what it saw in the round, that names a survivor set it did not sign, or that comes without a quorum "
+            "of consistency signatures on that set (or a second survivor set to sign)",
             _D,
             ProtocolError,
         ),
