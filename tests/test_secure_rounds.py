@@ -430,3 +430,69 @@ def test_a_coordinator_splitting_the_survivor_set_gets_no_unmask_answer(tmp_path
     rm.tick()
     assert rm.current is None and rm.model.version == 0
     assert decode(fed.store.ledger_entry_for_round(1).body)["reason"] == "secagg_aborted"
+
+
+def test_consistency_relay_and_route_only_serve_the_devices_of_the_phase(tmp_path, clock):
+    fed = secure_fed(tmp_path, clock, n=5)  # (5, 4, 3), quorum 3
+    rm = fed.coordinator.rounds
+
+    def to_consistency(masking: int) -> list[SecureParticipant]:
+        rm.open_next()
+        parts = [SecureParticipant.for_task(d, d.task()) for d in fed.selected()]
+        for p in parts:
+            p.advertise()
+        for p in parts:
+            p.share_keys()
+        with pytest.raises(QflareError) as info:  # no request before the masked phase closed
+            parts[0].sign_request()
+        assert info.value.code == "not_selected"
+        for k, p in enumerate(parts[:masking]):
+            p.masked_input(fed.result(seed=k).delta, 5)
+        if masking < len(parts):
+            clock.advance(rm.config.round_timeout_s + 1)
+            rm.tick()
+        assert rm.current.secure.phase.value == "consistency"
+        assert parts[0].device.task().secagg == "consistency"
+        return parts
+
+    parts = to_consistency(4)  # the fifth drops: U3 = {1, 2, 3, 4}
+    with pytest.raises(QflareError) as info:  # not in U3: nothing to sign
+        parts[4].sign_request()
+    assert info.value.code == "not_selected"
+    for p in parts[:3]:
+        p.consistency()
+    parts[0].consistency()  # the same signature again is accepted again (a lost answer's resend)
+    assert rm.current.secure.phase.value == "consistency" and parts[0].device.task().submitted
+    parts[3].consistency()
+    assert rm.current.secure.phase.value == "unmask"
+    for p in parts[:4]:
+        p.unmask()
+    assert rm.model.version == 1
+    assert [x[0] for x in decode(fed.store.ledger_entry_for_round(1).body)["left_out"]] == [parts[4].device.device_id]
+    # round 2: all five mask, the fifth signs only after the deadline
+    parts = to_consistency(5)
+    for p in parts[:4]:
+        p.consistency()
+    late = parts[4].sign_request()
+    clock.advance(rm.config.round_timeout_s + 1)
+    rm.tick()
+    assert rm.current.secure.phase.value == "unmask"
+    with pytest.raises(QflareError) as info:  # its signature is out of phase now
+        parts[4].send(Route.SECAGG_CONSISTENCY, Frame.SECAGG_CONSISTENCY, late)
+    assert info.value.code == "secagg_mismatch"
+    with pytest.raises(QflareError) as info:  # and it is not asked to unmask
+        parts[4].answer()
+    assert info.value.code == "not_selected"
+    for p in parts[:4]:
+        p.unmask()
+    assert rm.model.version == 2
+    body = decode(fed.store.ledger_entry_for_round(2).body)
+    assert len(body["updates"]) == 5 and body["left_out"] == []  # the fifth is in U3: its input counts
+    # round 3: two of five sign (quorum 3): the round fails at the phase's close, before any unmask
+    parts = to_consistency(5)
+    for p in parts[:2]:
+        p.consistency()
+    clock.advance(rm.config.round_timeout_s + 1)
+    rm.tick()
+    assert rm.current is None and fed.store.get_round(3).state == "failed"
+    assert decode(fed.store.ledger_entry_for_round(3).body)["reason"] == "secagg_aborted"

@@ -318,11 +318,20 @@ class SecAggServer:
 
     def close_consistency(self) -> list[bytes]:
         """The CONSISTENCY signatures to relay with the request to every signer; aborts with fewer than
-        ``params.quorum`` of them (no device would answer)."""
+        ``params.quorum`` of them (no device would answer), or when a secret that must be rebuilt has
+        fewer than ``t`` holders among the signers (only they are asked to unmask: abort before any share
+        is revealed rather than at ``finish``)."""
         self._expect(ServerPhase.CONSISTENCY)
         quorum = self.config.params.quorum
         if len(self._c.signatures) < quorum:
             raise self._abort(f"{len(self._c.signatures)} devices signed the survivor set, quorum is {quorum}")
+        t, signers = self.config.params.t, self.signers
+        for u in sorted(self.u2):
+            holders = len(self._graph[u] & signers)
+            if (u in self.u3 or self._graph[u] & self.u3) and holders < t:
+                raise self._abort(
+                    f"device {u} keeps {holders} neighbours that signed the survivor set, threshold is {t}"
+                )
         self.phase = ServerPhase.UNMASK
         return self.consistency_proof()
 
