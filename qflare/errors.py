@@ -259,6 +259,7 @@ class ErrorCode(enum.StrEnum):
     BAD_SHARE = "bad_share"
     # simulation backends
     DEVICE_HOST_FAILED = "device_host_failed"
+    SECAGG_MISMATCH = "secagg_mismatch"
 
 
 class Retry(enum.Enum):
@@ -909,8 +910,9 @@ CODE_SPECS: Mapping[ErrorCode, CodeSpec] = MappingProxyType(
             RoundError,
         ),
         _C.UNMASK_REFUSED: _spec(
-            "a device refuses an unmask request that asks for both kinds of share of one peer, or that contradicts "
-            "what it saw in the round",
+            "a device refuses an unmask request that asks for both kinds of share of one peer, that contradicts "
+            "what it saw in the round, that names a survivor set it did not sign, or that comes without a quorum "
+            "of consistency signatures on that set (or a second survivor set to sign)",
             _D,
             ProtocolError,
         ),
@@ -924,6 +926,12 @@ CODE_SPECS: Mapping[ErrorCode, CodeSpec] = MappingProxyType(
             "a simulation's device host (a Ray actor) died or failed outside the protocol; the run stops",
             _F,
             TrainingError,
+        ),
+        _C.SECAGG_MISMATCH: _spec(
+            "a message that does not fit the open round: a plaintext update to a secure-aggregation round, a "
+            "secure-aggregation message to a plaintext round, or a phase message outside its phase",
+            _D,
+            ProtocolError,
         ),
     }
 )

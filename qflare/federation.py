@@ -119,6 +119,10 @@ class FederationSpec:
     """Adaptive threat detection (docs/defences.md): None = off, unless :attr:`aggregator` names
     ``reputation`` (then on with the defaults); a mapping of
     :class:`~qflare.protocol.detection.DetectionConfig` options (``{}``: on, with the defaults)."""
+    secure_aggregation: bool = False
+    """Post-quantum secure aggregation (docs/secure-aggregation.md): the coordinator sees only masked
+    updates and learns their weighted sum; the strategy runs with ``secure_aggregation=True`` (its
+    example-weighted mean, central noise and server optimiser; nothing that reads single updates)."""
 
     def __post_init__(self) -> None:
         for name in _NAMES:
@@ -161,6 +165,8 @@ class FederationSpec:
             raise ConfigError(f"train must be a TrainConfig, got {type(self.train).__name__}")
         if not isinstance(self.suite, Suite):
             raise ConfigError(f"suite must be a Suite, got {type(self.suite).__name__}")
+        if not isinstance(self.secure_aggregation, bool):
+            raise ConfigError(f"secure_aggregation must be true or false, got {self.secure_aggregation!r}")
         if not isinstance(self.strategy_args, Mapping):
             raise ConfigError("strategy_args must be a mapping of option name to value")
         for key, value in self.strategy_args.items():
@@ -217,6 +223,10 @@ class FederationSpec:
                 raise ConfigError(f"strategy option {name!r} is the federation's own {name}; set it there")
             if name in params:
                 args[name] = getattr(self, name)
+        if self.secure_aggregation:
+            if "secure_aggregation" in args:
+                raise ConfigError("strategy option 'secure_aggregation' is the federation's own; set it there")
+            args["secure_aggregation"] = True
         pipeline = build_strategy(self.strategy, **args)
         if privacy_of(pipeline) is not None and (
             self.aggregator.strip().lower() != "none" or self.detection_config() is not None

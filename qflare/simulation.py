@@ -49,6 +49,8 @@ from .models import create_model
 from .precision import Precision, resolve_precision
 from .protocol import Coordinator, CoordinatorConfig, Device, RoundConfig
 from .protocol.provenance import NO_UPDATE, NOT_COMBINED, export_ledger
+from .protocol.rounds import _OpenRound
+from .protocol.secure_device import SecureParticipant
 from .protocol.selection import build_selector, check_selection
 from .storage import Database, Store
 from .strategy import ClientUpdate, DPFedAvg, Pipeline, PrivacySpent, RoundAggregation, privacy_of
@@ -96,6 +98,8 @@ class SimulationConfig:
     def __post_init__(self) -> None:
         if self.ledger_out is not None and not self.protocol:
             raise ConfigError("ledger_out needs the protocol: --no-protocol writes no ledger")
+        if getattr(self.federation, "secure_aggregation", False) and not self.protocol:
+            raise ConfigError("secure aggregation runs over the protocol: it cannot be combined with --no-protocol")
         if not isinstance(self.federation, FederationSpec):
             raise ConfigError(f"federation must be a FederationSpec, got {type(self.federation).__name__}")
         if self.workers < 0:
@@ -339,7 +343,17 @@ class CoordinatorSide:
 
     def open_round(self) -> tuple[int, list[int]] | None:
         rnd = self.coordinator.rounds.open_next()
-        return None if rnd is None else (rnd.number, [self.index[d] for d in rnd.selected])
+        if rnd is None:
+            return None
+        chosen = [self.index[d] for d in rnd.selected]
+        self._round_opened(rnd, chosen)
+        return rnd.number, chosen
+
+    def _round_opened(self, rnd: _OpenRound, chosen: list[int]) -> None:
+        """What the devices do as a round opens, before anyone trains (here: nothing; the in-process
+        backend runs secure aggregation's key phases)."""
+        if rnd.secure is not None:
+            raise ConfigError("this simulation backend does not run secure aggregation (use the thread backend)")
 
     def published(self, number: int) -> bool:
         return self.coordinator.rounds.model.round_number == number
@@ -417,16 +431,38 @@ class _SecureFederation(CoordinatorSide):
             self.discard()
             raise
         self.index = {d.device_id: i for i, d in enumerate(self.devices)}
+        self._secure: dict[int, SecureParticipant] = {}  # a secure round's devices, by index
+
+    def _round_opened(self, rnd: _OpenRound, chosen: list[int]) -> None:
+        self._secure = {}
+        if rnd.secure is not None:  # the key phases, before anyone trains (every device answers here)
+            self._secure = {i: SecureParticipant(self.devices[i], rnd.number) for i in chosen}
+            for p in self._secure.values():
+                p.advertise()
+            for p in self._secure.values():
+                p.share_keys()
 
     def work(self, i: int, train: Callable[[torch.Tensor, int], TrainResult]) -> tuple[Any, TrainResult]:
         dev = self.devices[i]
         task = dev.task()
         gm = dev.fetch_model(task)
         result = train(gm.flat, task.round)
+        secure = self._secure.get(i)
+        if secure is not None:  # masked on the worker thread, sent in selection order by submit()
+            return secure.mask(result.delta, result.num_examples), result
         return dev.prepare_update(task, gm, result), result
 
     def submit(self, i: int, sealed: Any) -> None:
-        self.devices[i].submit(sealed)
+        secure = self._secure.get(i)
+        if secure is None:
+            self.devices[i].submit(sealed)
+            return
+        secure.send_masked(sealed)
+        if all(p.sent_masked for p in self._secure.values()):  # the last one closed the masked phase
+            for p in self._secure.values():  # the consistency round: each signs the survivor set
+                p.consistency()
+            for p in self._secure.values():
+                p.unmask()
 
 
 class _DirectFederation:

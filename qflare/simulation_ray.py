@@ -264,6 +264,8 @@ class RayFederation(CoordinatorSide):
             raise ConfigError("--backend ray always runs the protocol: --no-protocol needs --backend thread")
         if spec.train.device != "cpu":
             raise ConfigError(f"--backend ray trains on CPU only, got --device {spec.train.device}")
+        if spec.secure_aggregation:
+            raise ConfigError("--backend ray does not run secure aggregation yet: use --backend thread")
         super().__init__(cfg, layout, initial)  # no root data: FLTrust is refused with no_root_data
         self._started = False
         self._hosts: list[Any] = []

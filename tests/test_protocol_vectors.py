@@ -20,13 +20,16 @@ from qflare.crypto.payloads import (
     SignedUpdate,
     open_global_model,
     open_model_request,
+    open_parts,
     open_proof,
     open_proof_request,
     open_receipt,
     open_task,
     open_task_request,
     open_update,
+    pack_parts,
     pack_signed,
+    unpack_parts,
     unpack_signed,
 )
 from qflare.crypto.suite import DEFAULT_POLICY, DEFAULT_SUITE, Policy, Suite, sha256
@@ -194,7 +197,10 @@ def _open_with_recipe(
         row = envs[msg_type]
         return SigningKey.from_seed(row["signer_alg"], x(row["signer_seed"]))
 
-    if name == "TASK_REQUEST":
+    if name.startswith("SECAGG_"):
+        parts = open_parts(receiver, Frame[name], rnd, frame)
+        assert pack_parts(parts) == pt and unpack_parts(pt) == parts
+    elif name == "TASK_REQUEST":
         open_task_request(receiver, frame)
     elif name == "TASK":
         assert open_task(receiver, frame) == pt

@@ -379,3 +379,23 @@ def test_a_survivor_set_smaller_than_the_quorum_aborts_before_any_request() -> N
         mask(r, {6, 7, 8, 9, 10})
     assert info.value.code is ErrorCode.SECAGG_ABORTED and "quorum" in str(info.value)
     assert r.request is None
+
+
+def test_a_secret_with_fewer_than_t_signing_holders_aborts_at_the_consistency_close() -> None:
+    """Only the signers of U3 are asked to unmask: a secret with fewer than t of them among its holders
+    could not be rebuilt, so the round aborts when the consistency phase closes, before any device is
+    asked for a share (not at ``finish``, after the shares were revealed)."""
+    r = start(make_config(5, 4, 3))  # complete graph, quorum 3
+    advertise(r)
+    share(r)
+    mask(r, {5})  # U3 = {1, 2, 3, 4}
+    with pytest.raises(QflareError) as info:
+        sign(r, {4})  # three signers, a quorum; device 1's neighbours among them: 2 and 3 only
+    assert info.value.code is ErrorCode.SECAGG_ABORTED and "threshold" in str(info.value)
+    assert r.server.phase.value == "aborted"
+    r2 = start(make_config(5, 4, 3))  # the same with every device of U3 signing completes
+    advertise(r2)
+    share(r2)
+    mask(r2, {5})
+    sign(r2)
+    assert np.array_equal(unmask(r2).total, r2.expected_total({1, 2, 3, 4}))

@@ -63,6 +63,13 @@ OPERATIONS = [
     ("POST", "/v1/model"),
     ("POST", "/v1/update"),
     ("POST", "/v1/proof"),
+    ("POST", "/v1/secagg/config"),
+    ("POST", "/v1/secagg/relay"),
+    ("POST", "/v1/secagg/advertise"),
+    ("POST", "/v1/secagg/shares"),
+    ("POST", "/v1/secagg/masked"),
+    ("POST", "/v1/secagg/unmask"),
+    ("POST", "/v1/secagg/consistency"),
     ("GET", "/v1/identity"),
     ("GET", "/v1/rotations"),
     ("GET", "/v1/status"),
@@ -203,7 +210,9 @@ def test_admin_route_authenticated(
     _assert_intact(fuzzed)
 
 
-@pytest.mark.parametrize("path", ["/v1/task", "/v1/model", "/v1/update", "/v1/proof"])
+@pytest.mark.parametrize(
+    "path", ["/v1/task", "/v1/model", "/v1/update", "/v1/proof", "/v1/secagg/config", "/v1/secagg/masked"]
+)
 def test_sessioned_route_with_a_live_session(path: str, fuzzed: Fuzzed, operations: dict[tuple[str, str], Any]) -> None:
     """Random frames under the device's real session id reach the channel: refused, never a 5xx."""
     session = fuzzed.device._session_id

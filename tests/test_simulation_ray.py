@@ -117,6 +117,7 @@ def test_backend_ray_without_ray_is_a_config_error_naming_the_extra(monkeypatch)
         (["--ray-address", "127.0.0.1:6379"], "--ray-address needs --backend ray"),
         (["--backend", "ray", "--batched-devices"], "--batched-devices"),
         (["--backend", "ray", "--no-protocol"], "--no-protocol"),
+        (["--backend", "ray", "--secure-aggregation"], "secure aggregation"),
     ],
 )
 def test_backend_options_that_do_not_fit_are_refused(extra, message):

@@ -22,10 +22,12 @@ from qflare.errors import (
     ConfigError,
     ReplayError,
     RevokedError,
+    RoundError,
     SessionExpiredError,
     TokenError,
     UnknownDeviceError,
     ValidationError,
+    WrongRoundError,
 )
 from qflare.storage import Database, Store, hash_token, key_id
 from qflare.storage import tables as t
@@ -66,7 +68,7 @@ def test_migrations_match_models_and_round_trip(
     monkeypatch.chdir(tmp_path)  # no alembic.ini anywhere near the CWD
     assert empty_db.current_revision() is None
     empty_db.upgrade()
-    assert empty_db.current_revision() == "0005"
+    assert empty_db.current_revision() == "0006"
     with empty_db.connect() as conn:
         tables = set(inspect(conn).get_table_names())
     assert tables == set(t.Base.metadata.tables) | {"alembic_version"}
@@ -282,3 +284,32 @@ def test_security_events_filter_by_reason_device_and_time(store: Store) -> None:
     assert store.security_events(10, reason="nothing_like_it") == []
     with pytest.raises(ValueError, match="timezone-aware"):
         store.security_events(10, since=datetime(2026, 1, 1))  # no time zone: refused, not guessed
+
+
+# -- secure-aggregation round state (migration 0006) ------------------------------------------
+
+
+def test_secagg_round_state_is_written_only_while_the_round_is_open(store: Store) -> None:
+    dev = _device(store)
+    store.open_round(1, "ab" * 32, [dev], 1, 1, T0 + timedelta(hours=1))
+    due = T0 + timedelta(minutes=5)
+    with pytest.raises(ValidationError):  # the first state carries the running sum
+        store.save_secagg_round(1, config={"n": 2}, state="{}", total=None, phase_deadline=due)
+    store.save_secagg_round(1, config={"n": 2}, state="s1", total=b"\0" * 8, phase_deadline=due)
+    row = store.get_secagg_round(1)
+    assert (row.state, row.total, row.unmasking_at, row.phase_deadline) == ("s1", b"\0" * 8, None, due)
+    store.save_secagg_round(1, config={"n": 2}, state="s2", total=None, phase_deadline=due, unmasking=True)
+    row = store.get_secagg_round(1)
+    assert (row.state, row.total, row.unmasking_at) == ("s2", b"\0" * 8, T0)  # the sum kept, unmasking stamped
+    store.save_secagg_round(1, config={"n": 2}, state="s3", total=b"\1" * 8, phase_deadline=due)
+    row = store.get_secagg_round(1)
+    assert (row.total, row.unmasking_at) == (b"\1" * 8, T0)  # never cleared
+    with pytest.raises(ValidationError):
+        store.save_secagg_round(1, config={"n": 3}, state="s4", total=None, phase_deadline=due)
+    store.set_round_state(1, "open", "failed")
+    with pytest.raises(RoundError) as info:
+        store.save_secagg_round(1, config={"n": 2}, state="s5", total=None, phase_deadline=due)
+    assert info.value.code == "round_state_conflict"
+    assert store.get_secagg_round(1).state == "s3" and store.get_secagg_round(2) is None
+    with pytest.raises(WrongRoundError):
+        store.save_secagg_round(2, config={}, state="", total=b"", phase_deadline=due)

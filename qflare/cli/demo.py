@@ -61,6 +61,12 @@ def demo(
     prox_mu: float = opts.PROX_MU,
     max_grad_norm: float | None = opts.MAX_GRAD_NORM,
     precision: str | None = opts.PRECISION,
+    secure_aggregation: bool = typer.Option(
+        False,
+        "--secure-aggregation",
+        help="Post-quantum secure aggregation (docs/secure-aggregation.md): the coordinator only learns the "
+        "weighted mean of masked updates; needs --per-round >= 2 and no aggregator.",
+    ),
     out: Path | None = typer.Option(
         None,
         help="Write history.json and history.csv here as rounds finish, and history.png and the final global "
@@ -111,6 +117,7 @@ def demo(
                 precision=precision,
             ),
             data_root=opts.path_text(data_root),
+            secure_aggregation=secure_aggregation,
         )
         opts.check_strategy(spec, root_data=False)
         chosen = resolve_precision(spec.train.precision, resolve_device(spec.train.device))

@@ -53,6 +53,7 @@ WORKLOAD_OPTIONS = (
     "max_grad_norm",
     "device",
     "suite",
+    "secure_aggregation",
 )
 
 
@@ -115,6 +116,13 @@ def simulate(
     protocol: bool = typer.Option(
         True,
         help="Run the secure protocol (PQ sessions, signatures, database). --no-protocol aggregates training results directly: only to measure the protocol's cost.",
+    ),
+    secure_aggregation: bool = typer.Option(
+        False,
+        "--secure-aggregation",
+        help="Post-quantum secure aggregation (docs/secure-aggregation.md): devices send masked, quantised "
+        "updates and the coordinator only learns their weighted mean; needs --per-round >= 2, an aggregator of "
+        "none and a strategy that reads no single update.",
     ),
     batched_devices: bool = typer.Option(
         False,
@@ -183,6 +191,7 @@ def simulate(
                     device=device,
                 ),
                 suite=suite_by_name(suite),
+                secure_aggregation=secure_aggregation,
             )
             opts.check_strategy(spec)
             return spec

@@ -16,6 +16,21 @@ Channel frame types (the round value bound into each frame's AES-GCM AAD in brac
     PROOF        0x37 (round)    coordinator -> device, the round's signed ledger entry + the device's
                                  inclusion proof or left-out reason (qflare.protocol.proofs)
 
+Secure-aggregation rounds (docs/secure-aggregation.md; every body a *part list*, below)::
+
+    SECAGG_CONFIG_REQUEST 0x38 (round)  device -> coordinator, no parts
+    SECAGG_CONFIG         0x39 (round)  coordinator -> device, [config JSON]
+    SECAGG_RELAY_REQUEST  0x3A (round)  device -> coordinator, [what: 1 byte, 1 adverts | 2 shares | 3 request]
+    SECAGG_RELAY          0x3B (round)  coordinator -> device, the relayed phase messages
+    SECAGG_ADVERTISE      0x3C (round)  device -> coordinator, [ADVERTISE]
+    SECAGG_SHARES         0x3D (round)  device -> coordinator, [MANIFEST, SHARE, ...]
+    SECAGG_MASKED         0x3E (round)  device -> coordinator, [MASKED_INPUT, vector]
+    SECAGG_UNMASK         0x3F (round)  device -> coordinator, [UNMASK_RESPONSE]
+    SECAGG_ACK            0x40 (round)  coordinator -> device, no parts (the message was accepted)
+    SECAGG_CONSISTENCY    0x41 (round)  device -> coordinator, [CONSISTENCY] (its signature on U3)
+
+A part list is ``u32 count || (u32 length || bytes) * count`` (big-endian), nothing after it.
+
 MODEL, UPDATE and RECEIPT frames carry a signed payload whose plaintext is::
 
     offset  size  field
@@ -64,6 +79,7 @@ __all__ = [
     "check_update_ack",
     "open_global_model",
     "open_model_request",
+    "open_parts",
     "open_proof",
     "open_proof_request",
     "open_receipt",
@@ -71,9 +87,11 @@ __all__ = [
     "open_task",
     "open_task_request",
     "open_update",
+    "pack_parts",
     "pack_signed",
     "seal_model",
     "seal_model_request",
+    "seal_parts",
     "seal_proof",
     "seal_proof_request",
     "seal_receipt",
@@ -83,6 +101,7 @@ __all__ = [
     "sign_global_model",
     "sign_update",
     "sign_update_ack",
+    "unpack_parts",
     "unpack_signed",
 ]
 
@@ -101,6 +120,16 @@ class Frame(enum.IntEnum):
     RECEIPT = 0x35
     PROOF_REQUEST = 0x36
     PROOF = 0x37
+    SECAGG_CONFIG_REQUEST = 0x38
+    SECAGG_CONFIG = 0x39
+    SECAGG_RELAY_REQUEST = 0x3A
+    SECAGG_RELAY = 0x3B
+    SECAGG_ADVERTISE = 0x3C
+    SECAGG_SHARES = 0x3D
+    SECAGG_MASKED = 0x3E
+    SECAGG_UNMASK = 0x3F
+    SECAGG_ACK = 0x40
+    SECAGG_CONSISTENCY = 0x41
 
 
 class AckStatus(enum.IntEnum):
@@ -533,3 +562,69 @@ def open_proof(channel: Channel, frame: bytes, round: int) -> bytes:
     """Device: open the PROOF frame of ``round`` (a frame for another round fails authentication);
     checking what it holds is :func:`qflare.protocol.proofs.verify_answer`'s."""
     return channel.open(Frame.PROOF, round, frame)
+
+
+# ---------------------------------------------------------------------------- secure aggregation
+SECAGG_FRAMES = frozenset(
+    {
+        Frame.SECAGG_CONFIG_REQUEST,
+        Frame.SECAGG_CONFIG,
+        Frame.SECAGG_RELAY_REQUEST,
+        Frame.SECAGG_RELAY,
+        Frame.SECAGG_ADVERTISE,
+        Frame.SECAGG_SHARES,
+        Frame.SECAGG_MASKED,
+        Frame.SECAGG_UNMASK,
+        Frame.SECAGG_CONSISTENCY,
+        Frame.SECAGG_ACK,
+    }
+)
+
+
+def pack_parts(parts: list[bytes] | tuple[bytes, ...]) -> bytes:
+    """``u32 count || (u32 length || bytes) * count``."""
+    out = [_LEN.pack(len(parts))]
+    for part in parts:
+        out += [_LEN.pack(len(part)), part]
+    return b"".join(out)
+
+
+def unpack_parts(data: bytes | memoryview, *, min_parts: int = 0, max_parts: int = 1 << 16) -> list[bytes]:
+    """The parts of :func:`pack_parts`' encoding; MalformedError unless it is exactly one such list of
+    ``min_parts..max_parts`` parts (a count beyond what the bytes could hold is refused before any copy)."""
+    view = memoryview(data)
+    if len(view) < _LEN.size:
+        raise MalformedError("part list shorter than its count", code="truncated")
+    (count,) = _LEN.unpack_from(view, 0)
+    if not min_parts <= count <= max_parts or count * _LEN.size > len(view) - _LEN.size:
+        raise MalformedError(f"part list of {count} parts, expected {min_parts}..{max_parts}", code="malformed")
+    parts: list[bytes] = []
+    at = _LEN.size
+    for _ in range(count):
+        if len(view) - at < _LEN.size:
+            raise MalformedError("part list truncated", code="truncated")
+        (n,) = _LEN.unpack_from(view, at)
+        at += _LEN.size
+        if len(view) - at < n:
+            raise MalformedError("part list truncated", code="truncated")
+        parts.append(bytes(view[at : at + n]))
+        at += n
+    if at != len(view):
+        raise MalformedError("trailing bytes after the part list", code="malformed")
+    return parts
+
+
+def seal_parts(channel: Channel, frame: Frame, round: int, parts: list[bytes] | tuple[bytes, ...]) -> bytes:
+    """Seal a secure-aggregation frame of ``round`` carrying ``parts``."""
+    if frame not in SECAGG_FRAMES:
+        raise ConfigError(f"{frame!r} is not a secure-aggregation frame", code="bad_argument")
+    return channel.seal(frame, round, pack_parts(parts))
+
+
+def open_parts(
+    channel: Channel, frame: Frame, round: int, data: bytes, *, min_parts: int = 0, max_parts: int = 1 << 16
+) -> list[bytes]:
+    """Open a secure-aggregation frame of ``round`` and split its parts (see :func:`unpack_parts`)."""
+    if frame not in SECAGG_FRAMES:
+        raise ConfigError(f"{frame!r} is not a secure-aggregation frame", code="bad_argument")
+    return unpack_parts(channel.open(frame, round, data), min_parts=min_parts, max_parts=max_parts)

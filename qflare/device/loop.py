@@ -45,7 +45,9 @@ from ..errors import (
     StaleModelError,
 )
 from ..protocol import Device, Receipt, SignedUpdate, TaskInfo, Transport
+from ..training import TrainResult
 from .proofs import Awaiting, awaiting_proof, collect
+from .secure import SecureRounds
 from .state import DeviceState
 from .workload import Workload
 
@@ -152,6 +154,7 @@ class DeviceClient:
         self._capped_logged = False
         self._rekey = rekey
         self._awaiting: Awaiting | None = awaiting_proof(state)  # survives a restart (receipts.jsonl)
+        self._secure = SecureRounds(self.device, state, self._secure_train)  # secure-aggregation rounds
 
     @property
     def device_id(self) -> str:
@@ -268,8 +271,9 @@ class DeviceClient:
                 receipt = self._work(task)
                 refusals = failures = 0
                 patience.ok()
-                if receipt is not None:
-                    summary.receipts.append(receipt)
+                if receipt is not None or task.round in self._secure.done:
+                    if receipt is not None:
+                        summary.receipts.append(receipt)
                     if task.round not in summary.rounds_trained:
                         summary.rounds_trained.append(task.round)
                     if max_rounds is not None and len(summary.rounds_trained) >= max_rounds:
@@ -388,6 +392,18 @@ class DeviceClient:
         self._trainings.append(now)
         return True
 
+    def _secure_train(self, task: TaskInfo) -> TrainResult | None:
+        """Train for a secure round's masked input (None when the training limits say not now)."""
+        if not self._may_train(task):
+            return None
+        model = self.device.fetch_model(task)
+        self.state.record_progress(model_version=model.version)
+        result = self.workload.train(model.flat, task.round)
+        log.info(
+            "secure round %d: trained on %d examples in %.2f s", task.round, result.num_examples, result.duration_s
+        )
+        return result
+
     def _work(self, task: TaskInfo) -> Receipt | None:
         """Act on one task: train and submit, resend an unconfirmed update, or nothing (None)."""
         pending = self._pending
@@ -398,6 +414,10 @@ class DeviceClient:
             self._seen_round = task.round
             log.info("round %d open: %s", task.round, "selected" if task.selected else "not selected, waiting")
         if task.state != "open" or not task.selected or task.round in self._skipped:
+            return None
+        if task.secagg:  # a secure round: no plaintext update, the phase messages instead
+            if self._secure.step(task):
+                self.state.record_progress(round=task.round)
             return None
         if pending is None:
             if task.submitted or not self._may_train(task):

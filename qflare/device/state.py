@@ -47,6 +47,7 @@ __all__ = [
     "pin_server_key",
     "read_pin_file",
     "served_key",
+    "write_private",
 ]
 
 SUITES_BY_NAME: dict[str, Suite] = {s.name: s for s in (DEFAULT_SUITE, HIGH_SUITE)}
@@ -124,7 +125,7 @@ def pin_server_key(identity: Mapping[str, Any], pinned_key_id: str) -> tuple[Ver
     return served_key(identity)
 
 
-def _write_private(path: Path, data: bytes) -> None:
+def write_private(path: Path, data: bytes) -> None:
     """Atomically replace ``path`` with ``data``, mode 0600."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_NOFOLLOW", 0), 0o600)
@@ -212,7 +213,7 @@ class DeviceState:
         return path.read_bytes() if path.exists() else None
 
     def save_record(self, record: bytes) -> None:
-        _write_private(self.dir / self.RECORD, record)
+        write_private(self.dir / self.RECORD, record)
 
     # ------------------------------------------------------------------ pinned key, kept for audits
     def save_server_key(self, key: VerifyKey) -> None:
@@ -223,11 +224,11 @@ class DeviceState:
         self.pin(key.key_id)  # the same check as for a given id: one coordinator per state dir
         pin_path = self.dir / self.PIN
         if not pin_path.exists():
-            _write_private(pin_path, (key.key_id + "\n").encode())
+            write_private(pin_path, (key.key_id + "\n").encode())
         doc = json.dumps({"alg": key.alg, "public_key": key.raw.hex()}, sort_keys=True) + "\n"
         path = self.dir / self.SERVER_KEY
         if not path.exists() or path.read_text() != doc:
-            _write_private(path, doc.encode())
+            write_private(path, doc.encode())
 
     def load_server_key(self) -> VerifyKey:
         """The saved coordinator key, checked against the pin (AuthError ``server_key_mismatch``)."""
@@ -264,8 +265,8 @@ class DeviceState:
         saved key - each file replaced atomically, so a crash leaves the old pin or the new one."""
         if chain.current != key:
             raise ConfigError("move_pin: the key is not the chain's current key", code="bad_argument")
-        _write_private(self.dir / self.ROTATIONS, "".join(r.raw.hex() + "\n" for r in chain.records).encode())
-        _write_private(self.dir / self.PIN, (key.key_id + "\n").encode())
+        write_private(self.dir / self.ROTATIONS, "".join(r.raw.hex() + "\n" for r in chain.records).encode())
+        write_private(self.dir / self.PIN, (key.key_id + "\n").encode())
         self.save_server_key(key)
 
     # ------------------------------------------------------------------ progress (rollback protection)
@@ -289,7 +290,7 @@ class DeviceState:
         new = (max(old[0], model_version or 0), max(old[1], round or 0))
         if new != old:
             doc = {"model_version": new[0], "round": new[1]}
-            _write_private(self.dir / self.PROGRESS, (json.dumps(doc, sort_keys=True) + "\n").encode())
+            write_private(self.dir / self.PROGRESS, (json.dumps(doc, sort_keys=True) + "\n").encode())
         return new
 
     # ------------------------------------------------------------------ receipts

@@ -52,7 +52,7 @@ from ..crypto import (
 from ..crypto.envelope import u64
 from ..crypto.handshake import HELLO_FRESHNESS_S
 from ..crypto.identity import key_id_of
-from ..crypto.payloads import seal_proof
+from ..crypto.payloads import open_parts, seal_parts, seal_proof
 from ..errors import (
     AuthError,
     ConfigError,
@@ -76,11 +76,12 @@ from ..errors import (
 from ..strategy import ClientUpdate, Pipeline
 from ..wire import ParamLayout, decode_blob
 from .budget import CryptoBudget, Work
-from .messages import Receipt, Route, TaskInfo
+from .messages import SECAGG_ROUTES, Receipt, Route, TaskInfo
 from .proofs import answer_for
 from .provenance import entry_of
 from .records import DeviceRow
 from .rounds import PublishedModel, RoundConfig, RoundManager
+from .secure_round import inbound
 from .store import BlobSink, CoordinatorStore
 
 __all__ = ["Coordinator", "CoordinatorConfig"]
@@ -311,6 +312,8 @@ class Coordinator:
                         out = self._model(sess, body)
                     elif route is Route.PROOF:
                         out = self._proof(sess, body)
+                    elif route in SECAGG_ROUTES:
+                        out = self._secagg(sess, route, body)
                     else:
                         out = self._update(sess, body)
                 except QflareError as exc:
@@ -545,6 +548,19 @@ class Coordinator:
         else:
             # a round whose publication waits for storage takes no more updates: nobody is asked to train
             submitted = sess.device_id in rnd.accepted
+            if rnd.secure is not None:
+                secure = rnd.secure
+                info = TaskInfo(
+                    rnd.number,
+                    "open",
+                    sess.device_id in rnd.selected and not rnd.closing,
+                    rnd.base.sha256,
+                    rnd.base.version,
+                    rnd.deadline,
+                    secure.submitted(sess.device_id) and not rnd.closing,
+                    secure.phase.value,
+                )
+                return seal_task(sess.channel, info.to_bytes())
             info = TaskInfo(
                 rnd.number,
                 "open",
@@ -578,6 +594,16 @@ class Coordinator:
                 code=ErrorCode.NO_LEDGER_ENTRY,
             )
         return seal_proof(sess.channel, number, answer_for(entry_of(row), sess.device_id))
+
+    def _secagg(self, sess: _Session, route: Route, body: bytes) -> bytes:
+        """A secure-aggregation request (docs/protocol.md): its frame is bound to the open round."""
+        rnd = self.rounds.current
+        if rnd is None:
+            raise WrongRoundError("no round is open", code="wrong_round")
+        frame, fewest, most = inbound(route)
+        parts = open_parts(sess.channel, frame, rnd.number, body, min_parts=fewest, max_parts=most)
+        reply, out = self.rounds.secure_message(sess.device_id, route, rnd.number, parts)
+        return seal_parts(sess.channel, reply, rnd.number, out)
 
     def _update(self, sess: _Session, body: bytes) -> bytes:
         if len(body) > self.config.max_update_bytes:

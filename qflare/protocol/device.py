@@ -146,6 +146,11 @@ class Device:
                 self._channel = None
         raise AssertionError("unreachable")
 
+    def exchange(self, route: Route, seal: Callable[[Channel], bytes], open_: Callable[[Channel, bytes], _T]) -> _T:
+        """One sealed request on the session, built by ``seal`` and its reply checked by ``open_`` (the
+        secure-aggregation phases of :mod:`qflare.protocol.secure_device` use it)."""
+        return self._call(route, seal, open_)
+
     # ------------------------------------------------------------------ round steps
     def task(self) -> TaskInfo:
         return TaskInfo.from_bytes(self._call(Route.TASK, seal_task_request, open_task))

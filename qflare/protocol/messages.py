@@ -24,6 +24,8 @@ from ..crypto.payloads import Frame, canonical_json
 from ..errors import MalformedError
 
 __all__ = [
+    "SECAGG_PHASES",
+    "SECAGG_ROUTES",
     "Frame",
     "Receipt",
     "Route",
@@ -43,11 +45,34 @@ class Route(enum.StrEnum):
     MODEL = "model"
     UPDATE = "update"
     PROOF = "proof"
+    SECAGG_CONFIG = "secagg/config"
+    SECAGG_RELAY = "secagg/relay"
+    SECAGG_ADVERTISE = "secagg/advertise"
+    SECAGG_SHARES = "secagg/shares"
+    SECAGG_MASKED = "secagg/masked"
+    SECAGG_UNMASK = "secagg/unmask"
+    SECAGG_CONSISTENCY = "secagg/consistency"
+
+
+SECAGG_ROUTES = frozenset(
+    {
+        Route.SECAGG_CONFIG,
+        Route.SECAGG_RELAY,
+        Route.SECAGG_ADVERTISE,
+        Route.SECAGG_SHARES,
+        Route.SECAGG_MASKED,
+        Route.SECAGG_UNMASK,
+        Route.SECAGG_CONSISTENCY,
+    }
+)
+"""The routes of a secure-aggregation round (sealed in the session, like ``update``)."""
 
 
 MAX_COUNTER = 2**53 - 1
 """The largest round number, model version or deadline a task may carry (exact in every JSON reader)."""
 TASK_STATES = frozenset({"open", "waiting", "finished"})
+SECAGG_PHASES = frozenset({"advertise", "share_keys", "masked_input", "consistency", "unmask", "done", "aborted"})
+"""The phases a secure round's task may name (``TaskInfo.secagg``; "" in a plaintext round)."""
 _HEX64 = re.compile(r"^[0-9a-f]{64}\Z")
 
 
@@ -62,9 +87,16 @@ class TaskInfo:
     model_version: int = 0
     deadline: float = 0.0
     submitted: bool = False
+    secagg: str = ""
+    """A secure-aggregation round: its current phase (one of :data:`SECAGG_PHASES`), and ``submitted``
+    says whether this device's message of that phase was accepted; "" in a plaintext round (and then
+    the key is left out of the JSON, so a plaintext task's bytes are as before)."""
 
     def to_bytes(self) -> bytes:
-        return encode_json(asdict(self))
+        obj = asdict(self)
+        if not self.secagg:
+            del obj["secagg"]
+        return encode_json(obj)
 
     @classmethod
     def from_bytes(cls, data: bytes) -> TaskInfo:
@@ -72,7 +104,9 @@ class TaskInfo:
         model versions outside ``0..MAX_COUNTER``, an unknown state, a non-finite or negative deadline,
         a model hash that is not 64 lowercase hex digits (it may be empty only when the device is not
         selected), ``submitted`` without ``selected``."""
-        info: TaskInfo = _strict(cls, decode_json(data))
+        obj = decode_json(data)
+        obj.setdefault("secagg", "")
+        info: TaskInfo = _strict(cls, obj)
         info.check()
         return info
 
@@ -94,6 +128,8 @@ class TaskInfo:
             problems.append("submitted without being selected")
         if self.selected and self.state != "open":
             problems.append(f"selected in a {self.state!r} state")
+        if self.secagg and (self.secagg not in SECAGG_PHASES or self.state != "open"):
+            problems.append(f"secure-aggregation phase {self.secagg[:32]!r} is unknown or the round is not open")
         if problems:
             raise MalformedError(f"coordinator sent a task out of range: {'; '.join(problems)}", code="bad_task")
 

@@ -16,6 +16,7 @@ __all__ = [
     "ModelRow",
     "NewUpdate",
     "RoundRow",
+    "SecAggRoundRow",
     "SecurityEventRow",
     "SessionRow",
     "TokenRow",
@@ -83,6 +84,19 @@ class RoundRow:
     opened_at: datetime
     closed_at: datetime | None
     result_model_hash: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class SecAggRoundRow:
+    """The stored state of an open secure-aggregation round (:mod:`qflare.protocol.secure_round`)."""
+
+    round_number: int
+    config: dict[str, Any]
+    state: str
+    total: bytes
+    phase_deadline: datetime
+    unmasking_at: datetime | None
+    updated_at: datetime
 
 
 @dataclass(frozen=True, slots=True)

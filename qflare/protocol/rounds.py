@@ -35,6 +35,7 @@ from ..errors import (
     ConfigError,
     ErrorCode,
     PolicyError,
+    ProtocolError,
     QflareError,
     RoundError,
     StaleModelError,
@@ -52,6 +53,8 @@ from .commits import GroupCommit
 from .detection import QUARANTINED, DetectionConfig, Detector, RoundVerdict
 from .provenance import QUORUM_NOT_REACHED, next_entry, round_record
 from .records import NewUpdate
+from .secure_manager import SecureRoundOps
+from .secure_round import SecAggSettings, SecureRound, apply_mean, check_secure_pipeline
 from .selection import ClientSelector, RandomSelector, SelectorFactory, build_selector, check_selection
 from .store import BlobSink, CoordinatorStore
 
@@ -81,6 +84,8 @@ class RoundConfig:
     """Adaptive threat detection (docs/defences.md): when set, a round's updates are held and judged
     when it closes, before any is folded in; anomalous ones are left out and persistent offenders
     quarantined.  None: every valid update is folded in as it arrives."""
+    secagg: SecAggSettings = field(default_factory=SecAggSettings)
+    """How secure-aggregation rounds run (only when the pipeline says ``secure_aggregation``)."""
 
     def __post_init__(self) -> None:
         if self.detection is not None and not isinstance(self.detection, DetectionConfig):
@@ -131,6 +136,8 @@ class _OpenRound:
     """With detection: the device ids folded in, in order (None: all of ``accepted``, in order)."""
     pending: dict[str, threading.Event] = field(default_factory=dict)
     """device id -> set once its update, admitted and waiting for the group commit, is recorded or refused."""
+    secure: SecureRound | None = None
+    """A secure-aggregation round (:mod:`qflare.protocol.secure_round`): no plaintext update is taken."""
 
     @property
     def closing(self) -> bool:
@@ -178,8 +185,9 @@ def _check_metrics(metrics: dict[str, float]) -> None:
         raise ValidationError("update metrics contain a NUL character", code="bad_json")
 
 
-class RoundManager:
-    """Owns the current round and the current global model.  Thread-safe."""
+class RoundManager(SecureRoundOps):
+    """Owns the current round and the current global model.  Thread-safe.  Secure-aggregation rounds
+    are run by :class:`~qflare.protocol.secure_manager.SecureRoundOps`."""
 
     def __init__(
         self,
@@ -213,6 +221,11 @@ class RoundManager:
         self.stop_reason: str | None = None
         """Why the federation ended before its last round (the privacy budget), or None."""
         self.detector = Detector(config.detection) if config.detection is not None else None
+        self._weighting: str | None = None
+        if strategy.secure_aggregation:
+            self._weighting = check_secure_pipeline(strategy, config.per_round)
+            if self.detector is not None:
+                raise ConfigError("threat detection reads individual updates, which secure aggregation hides")
         self.verdicts: dict[int, RoundVerdict] = {}
         """With detection: the verdicts of the latest rounds this process judged (at most 1000), by round."""
         self._round: _OpenRound | None = None
@@ -261,6 +274,9 @@ class RoundManager:
         if row is None or row.state not in ("open", "aggregating"):
             last = self._store.list_rounds(limit=1)
             self.finished = bool(last) and last[0].round_number >= self.config.rounds and last[0].state == "closed"
+            return
+        if self._weighting is not None:
+            self._resume_secure_round(row)
             return
         assert self._blobs is not None
         agg = self.strategy.begin(self.model.flat)
@@ -372,10 +388,15 @@ class RoundManager:
             minimum = min(self.config.min_participants or k, k)
             opened = self._clock()
             deadline = opened + self.config.round_timeout_s
+            secure = self._new_secure_round(number, chosen, opened)  # before anything is stored
+            if secure is not None:
+                deadline = secure.phase_deadline
             self._store.open_round(number, self.model.sha256, chosen, minimum, k, _utc(deadline))
             self._round = _OpenRound(
                 number, chosen, k, minimum, deadline, self.model, self.strategy.begin(self.model.flat), {}, opened
             )
+            if secure is not None:
+                self._start_secure_round(self._round, secure)
             return self._round
 
     def accept(
@@ -585,6 +606,11 @@ class RoundManager:
                 return None, len(rnd.accepted)
             if rnd.closing:
                 raise RoundError(f"round {rnd.number} is being aggregated", code="round_not_open")
+            if rnd.secure is not None:
+                raise ProtocolError(
+                    f"round {rnd.number} runs secure aggregation: it takes masked inputs, not updates",
+                    code="secagg_mismatch",
+                )
             if previous is None:
                 return rnd, len(rnd.accepted)
             raise ValidationError("a different update was already accepted for this round", code="duplicate_submission")
@@ -623,6 +649,9 @@ class RoundManager:
             if rnd is not None and rnd.closing:
                 self._close(rnd)
                 return
+            if rnd is not None and rnd.secure is not None:
+                self._secure_advance(rnd)
+                return
             if rnd is None or self._clock() < rnd.deadline or rnd.pending:
                 return  # updates being recorded are folded in first (the store refuses them past the deadline)
             if len(rnd.accepted) >= rnd.min_participants:
@@ -633,6 +662,8 @@ class RoundManager:
     def _ledger_entry(self, rnd: _OpenRound, reason: str | None, published: PublishedModel | None) -> LedgerEntry:
         """The round's signed ledger entry, chained to the stored head (read now, under the round lock;
         the store refuses it, and the transaction carrying it, if the head moved meanwhile)."""
+        if rnd.secure is not None:
+            return self._secure_entry(rnd, reason, published)
         rows = {u.device_id: u for u in self._store.updates_for_round(rnd.number)}
         order = [rows[d] for d in rnd.accepted if d in rows] + [u for d, u in rows.items() if d not in rnd.accepted]
         in_order = list(rnd.accepted) if rnd.committed is None else rnd.committed
@@ -726,9 +757,12 @@ class RoundManager:
         written the round stays aggregating with its result kept, and :meth:`tick` tries again."""
         try:
             if rnd.result is None:
-                if self.detector is not None and rnd.committed is None:
-                    self._judge(rnd)
-                rnd.result = rnd.aggregation.finish()
+                if rnd.secure is not None:
+                    rnd.result = apply_mean(self.strategy, rnd.base.flat, rnd.secure.mean(), len(rnd.accepted))
+                else:
+                    if self.detector is not None and rnd.committed is None:
+                        self._judge(rnd)
+                    rnd.result = rnd.aggregation.finish()
             if rnd.db_state == "open":
                 self._store.set_round_state(rnd.number, "open", "aggregating")
                 rnd.db_state = "aggregating"
@@ -737,6 +771,8 @@ class RoundManager:
             metrics: dict[str, object] = {"updates": folded, "examples": rnd.aggregation.total_examples}
             if rnd.left_out:
                 metrics["left_out"] = dict(sorted(rnd.left_out.items()))
+            if rnd.secure is not None:
+                metrics["secure_aggregation"] = rnd.secure.summary()
             rows = [u for u in self._store.updates_for_round(rnd.number) if u.device_id not in rnd.left_out]
             train_loss = mean_reported_loss(u.metrics for u in rows)
             if train_loss is not None:

@@ -21,6 +21,7 @@ from .records import (
     ModelRow,
     NewUpdate,
     RoundRow,
+    SecAggRoundRow,
     SecurityEventRow,
     SessionRow,
     TokenRow,
@@ -167,6 +168,23 @@ class CoordinatorStore(Protocol):
         session_id: str | None = None,
         remote_addr: str | None = None,
     ) -> SecurityEventRow: ...
+
+    # -- secure aggregation -----------------------------------------------------------------
+    def save_secagg_round(
+        self,
+        round_number: int,
+        *,
+        config: dict[str, Any],
+        state: str,
+        total: bytes | None,
+        phase_deadline: datetime,
+        unmasking: bool = False,
+    ) -> None:
+        """Write an open secure round's state (one transaction; ``total`` None keeps the stored sum;
+        ``unmasking`` stamps, once, that the masks are about to be removed)."""
+        ...
+
+    def get_secagg_round(self, round_number: int) -> SecAggRoundRow | None: ...
 
 
 class BlobSink(Protocol):

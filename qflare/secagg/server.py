@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import enum
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -145,6 +145,33 @@ class SecAggServer:
         self.u1: frozenset[int] = frozenset()
         self.u2: frozenset[int] = frozenset()
         self.u3: frozenset[int] = frozenset()
+
+    @property
+    def request(self) -> bytes | None:
+        """The signed UNMASK_REQUEST once :meth:`close_masked` made it: what every survivor signs in the
+        CONSISTENCY phase and answers in UNMASK (relayed again after a restart)."""
+        return self._request
+
+    @property
+    def signers(self) -> frozenset[int]:
+        """The devices of U3 whose CONSISTENCY signature was accepted (those that may answer in UNMASK)."""
+        return frozenset(self._c.signatures)
+
+    def received(self) -> frozenset[int]:
+        """The devices whose message of the current phase was accepted (none once DONE or ABORTED)."""
+        c = self._c
+        by_phase: dict[ServerPhase, Iterable[int]] = {
+            ServerPhase.ADVERTISE: c.adverts,
+            ServerPhase.SHARE_KEYS: c.shared,
+            ServerPhase.MASKED_INPUT: c.masked,
+            ServerPhase.CONSISTENCY: c.signatures,
+            ServerPhase.UNMASK: c.responses,
+        }
+        return frozenset(by_phase.get(self.phase, ()))
+
+    def masked_inputs(self) -> dict[int, bytes]:
+        """Sender -> its accepted signed MASKED_INPUT (without the vector, which is in the running sum)."""
+        return dict(self._c.masked)
 
     # -- helpers ---------------------------------------------------------------------------------------
     def _expect(self, phase: ServerPhase) -> None:
@@ -291,11 +318,20 @@ class SecAggServer:
 
     def close_consistency(self) -> list[bytes]:
         """The CONSISTENCY signatures to relay with the request to every signer; aborts with fewer than
-        ``params.quorum`` of them (no device would answer)."""
+        ``params.quorum`` of them (no device would answer), or when a secret that must be rebuilt has
+        fewer than ``t`` holders among the signers (only they are asked to unmask: abort before any share
+        is revealed rather than at ``finish``)."""
         self._expect(ServerPhase.CONSISTENCY)
         quorum = self.config.params.quorum
         if len(self._c.signatures) < quorum:
             raise self._abort(f"{len(self._c.signatures)} devices signed the survivor set, quorum is {quorum}")
+        t, signers = self.config.params.t, self.signers
+        for u in sorted(self.u2):
+            holders = len(self._graph[u] & signers)
+            if (u in self.u3 or self._graph[u] & self.u3) and holders < t:
+                raise self._abort(
+                    f"device {u} keeps {holders} neighbours that signed the survivor set, threshold is {t}"
+                )
         self.phase = ServerPhase.UNMASK
         return self.consistency_proof()
 
@@ -303,11 +339,6 @@ class SecAggServer:
         """What ``SecAggClient.unmask`` takes: ``params.quorum`` CONSISTENCY signatures (the lowest signer
         indices; a quorum is all a device needs, and each signature is ~3.4 kB to download)."""
         return [self._c.signatures[i] for i in sorted(self._c.signatures)[: self.config.params.quorum]]
-
-    @property
-    def request(self) -> bytes | None:
-        """The signed UNMASK_REQUEST once ``close_masked`` has run (relayed again after a restart)."""
-        return self._request
 
     # -- phase 5 ---------------------------------------------------------------------------------------
     def receive_unmask(self, raw: bytes) -> None:

@@ -29,6 +29,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import ErrorCode, QflareError, RateLimitedError, StorageFullError
 from ..protocol import Route
+from ..protocol.messages import SECAGG_ROUTES
 from .admin import admin_router
 from .dashboard import dashboard_router
 from .gate import SESSION_HEADER, RequestGate, remote_of
@@ -220,13 +221,20 @@ def create_app(runtime: ServerRuntime) -> FastAPI:
         gate.charge_session(session_id)
         return Response(content=reply, media_type=media_type)
 
-    def protocol_route(route: Route, summary: str, media_type: str = "application/octet-stream") -> None:
+    def protocol_route(
+        route: Route, summary: str, media_type: str = "application/octet-stream", limit: int | None = None
+    ) -> None:
         async def serve(request: Request, session_id: str | None) -> Response:
             await gate.admit(request, session_id)
             if route in (Route.ENROLL, Route.HELLO):
                 await gate.admit_keys(request)
             await gate.media_type(request, _OCTETS, session_id)
-            body = await gate.body(request, small, session_id)
+            if limit is not None:  # a model-sized body: its declared length is refused before it is read
+                try:
+                    declared_length(request, limit)
+                except QflareError as exc:
+                    raise await gate.refuse(exc, request, session_id) from None
+            body = await gate.body(request, small if limit is None else limit, session_id)
             return await call(route, request, body, session_id, media_type)
 
         async def counted(request: Request, session_id: str | None) -> Response:
@@ -242,7 +250,7 @@ def create_app(runtime: ServerRuntime) -> FastAPI:
             return response
 
         endpoint: Callable[..., Awaitable[Response]]
-        if route in (Route.TASK, Route.MODEL, Route.PROOF):
+        if route in (Route.TASK, Route.MODEL, Route.PROOF) or route in SECAGG_ROUTES:
 
             async def endpoint(request: Request, x_qflare_session: SessionHeader = None) -> Response:
                 return await counted(request, x_qflare_session)
@@ -274,6 +282,16 @@ def create_app(runtime: ServerRuntime) -> FastAPI:
         "Sealed proof request (a closed round) -> sealed signed ledger entry + this device's inclusion proof "
         "or left-out reason",
     )
+
+    # secure aggregation (docs/secure-aggregation.md): sealed phase messages, each answered by the same
+    # Coordinator.handle as in-process; only the masked input is model-sized
+    protocol_route(Route.SECAGG_CONFIG, "Sealed request -> the open secure round's configuration")
+    protocol_route(Route.SECAGG_RELAY, "Sealed relay request -> the phase messages relayed to this device")
+    protocol_route(Route.SECAGG_ADVERTISE, "Sealed signed ADVERTISE -> sealed ack")
+    protocol_route(Route.SECAGG_SHARES, "Sealed signed MANIFEST + SHARE entries -> sealed ack", limit=update_limit)
+    protocol_route(Route.SECAGG_MASKED, "Sealed signed MASKED_INPUT + masked vector -> sealed ack", limit=update_limit)
+    protocol_route(Route.SECAGG_CONSISTENCY, "Sealed signed CONSISTENCY (a signature on U3) -> sealed ack")
+    protocol_route(Route.SECAGG_UNMASK, "Sealed signed UNMASK_RESPONSE -> sealed ack")
 
     @app.post(
         "/v1/update",

@@ -14,13 +14,15 @@ from qflare.storage.db import Database
 from qflare.storage.identity import IdentityOps, hash_token, key_id
 from qflare.storage.ledger import LedgerOps
 from qflare.storage.operators import OperatorOps
+from qflare.storage.secagg import SecAggOps
 from qflare.storage.training import ROUND_TRANSITIONS, TrainingOps
 
 __all__ = ["ROUND_TRANSITIONS", "Clock", "Store", "hash_token", "key_id", "utc_now"]
 
 
-class Store(IdentityOps, TrainingOps, AuditOps, LedgerOps, OperatorOps):
-    """Tokens, devices, sessions, rounds, updates, model versions, security events, ledger, operator sessions."""
+class Store(IdentityOps, TrainingOps, AuditOps, LedgerOps, OperatorOps, SecAggOps):
+    """Tokens, devices, sessions, rounds, updates, model versions, security events, ledger, operator
+    sessions, secure-aggregation round state."""
 
     def __init__(self, db: Database, *, clock: Clock = utc_now) -> None:
         super().__init__(db, clock=clock)

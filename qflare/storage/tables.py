@@ -40,6 +40,7 @@ __all__ = [
     "ModelVersion",
     "OperatorSession",
     "Round",
+    "SecAggRound",
     "SecurityEvent",
     "Session",
     "UTCDateTime",
@@ -239,3 +240,21 @@ class OperatorSession(Base):
     closed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     remote_addr: Mapped[str | None] = mapped_column(String(64))
     method: Mapped[str] = mapped_column(String(16))
+
+
+class SecAggRound(Base):
+    """The coordinator's state of an open secure-aggregation round (qflare.protocol.secure_round): its
+    public configuration, :meth:`qflare.secagg.SecAggServer.snapshot` (every accepted phase message, the
+    phase) and the running sum of the masked inputs, rewritten in the transaction that accepts each
+    message.  ``unmasking_at`` is stamped before the masks are removed: a restart that finds it set fails
+    the round instead of unmasking a second time."""
+
+    __tablename__ = "secagg_rounds"
+
+    round_number: Mapped[int] = mapped_column(ForeignKey("rounds.round_number"), primary_key=True)
+    config: Mapped[dict[str, Any]] = mapped_column(JSON)
+    state: Mapped[str] = mapped_column(Text)
+    total: Mapped[bytes] = mapped_column(LargeBinary, deferred=True)  # loaded when read, not when rewritten
+    phase_deadline: Mapped[datetime] = mapped_column(UTCDateTime)
+    unmasking_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime)

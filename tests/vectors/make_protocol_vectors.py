@@ -41,9 +41,11 @@ from qflare.crypto.payloads import (  # noqa: E402
     open_receipt,
     open_task_request,
     open_update,
+    pack_parts,
     pack_signed,
     seal_model,
     seal_model_request,
+    seal_parts,
     seal_proof,
     seal_proof_request,
     seal_receipt,
@@ -362,6 +364,24 @@ def proof_answer() -> bytes:
     return answer_for(entry, dev.key_id)
 
 
+SECAGG_STEPS: list[tuple[str, Frame, list[bytes]]] = [
+    ("device", Frame.SECAGG_CONFIG_REQUEST, []),
+    ("coordinator", Frame.SECAGG_CONFIG, [b'{"round":4}']),
+    ("device", Frame.SECAGG_RELAY_REQUEST, [b"\x01"]),
+    ("coordinator", Frame.SECAGG_RELAY, [b"advert 1", b"advert 2"]),
+    ("device", Frame.SECAGG_ADVERTISE, [b"ADVERTISE"]),
+    ("device", Frame.SECAGG_SHARES, [b"MANIFEST", b"SHARE 1", b"SHARE 2"]),
+    ("device", Frame.SECAGG_MASKED, [b"MASKED_INPUT", b"\x00" * 8]),
+    ("device", Frame.SECAGG_UNMASK, [b"UNMASK_RESPONSE"]),
+    ("coordinator", Frame.SECAGG_ACK, []),
+    ("coordinator", Frame.SECAGG_RELAY, [b"UNMASK_REQUEST"]),
+    ("device", Frame.SECAGG_CONSISTENCY, [b"CONSISTENCY"]),
+    ("coordinator", Frame.SECAGG_RELAY, [b"UNMASK_REQUEST", b"CONSISTENCY 1", b"CONSISTENCY 2"]),
+]
+"""Secure-aggregation frames of round 4: part lists (placeholders for the phase messages, whose own
+vectors are tests/test_secagg_messages.py's), sealed after the frames above."""
+
+
 def frames() -> dict[str, Any]:
     device = Channel(SID, C2S, S2C)  # device sends with c2s
     coord = Channel(SID, S2C, C2S)
@@ -391,6 +411,8 @@ def frames() -> dict[str, Any]:
         ("device", Frame.PROOF_REQUEST, 0, encode_json({"round": 4}), lambda ch: seal_proof_request(ch, 4)),
         ("coordinator", Frame.PROOF, 4, answer, lambda ch: seal_proof(ch, 4, answer)),
     ]
+    for sender, ft, parts in SECAGG_STEPS:
+        steps.append((sender, ft, 4, pack_parts(parts), lambda ch, ft=ft, parts=parts: seal_parts(ch, ft, 4, parts)))
     rows = []
     for sender, ft, rnd, pt, seal in steps:
         ch = device if sender == "device" else coord
