@@ -258,3 +258,14 @@ def test_swagger_ui_is_served(tmp_path: Path) -> None:
         schema = client.get("/openapi.json")
         assert schema.status_code == 200 and "/v1/status" in schema.json()["paths"]
         assert "/docs" not in schema.json()["paths"]
+
+
+@pytest.mark.parametrize("command", ["simulate", "server", "demo"])
+def test_secure_aggregation_option_reaches_the_federation_and_is_checked(command: str, tmp_path: Path) -> None:
+    # An aggregator that needs single updates cannot run under secure aggregation: refused before anything starts.
+    extra = ["--data-dir", str(tmp_path / "srv")] if command == "server" else []
+    result = run(
+        command, "--dataset", "digits", "--model", "mlp", "--secure-aggregation", "--aggregator", "median", *extra
+    )
+    assert result.exit_code != 0
+    assert "secure aggregation" in result.output

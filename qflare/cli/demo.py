@@ -61,12 +61,7 @@ def demo(
     prox_mu: float = opts.PROX_MU,
     max_grad_norm: float | None = opts.MAX_GRAD_NORM,
     precision: str | None = opts.PRECISION,
-    secure_aggregation: bool = typer.Option(
-        False,
-        "--secure-aggregation",
-        help="Post-quantum secure aggregation (docs/secure-aggregation.md): the coordinator only learns the "
-        "weighted mean of masked updates; needs --per-round >= 2 and no aggregator.",
-    ),
+    secure_aggregation: bool = opts.SECURE_AGGREGATION,
     out: Path | None = typer.Option(
         None,
         help="Write history.json and history.csv here as rounds finish, and history.png and the final global "

@@ -155,6 +155,13 @@ BYZANTINE: Any = typer.Option(
     min=0,
     help="f, the Byzantine updates per round --aggregator must tolerate (default: 20% of a round, rounded up).",
 )
+SECURE_AGGREGATION: Any = typer.Option(
+    False,
+    "--secure-aggregation",
+    help="Post-quantum secure aggregation (docs/secure-aggregation.md): devices send masked, quantised "
+    "updates and the coordinator only learns their weighted mean; needs --per-round >= 2, an aggregator of "
+    "none and a strategy that reads no single update.",
+)
 
 
 def _finite(option: str, value: float, *, positive: bool = False) -> None:

@@ -47,6 +47,7 @@ WORKLOAD_OPTIONS = (
     "dp_quantile",
     "aggregator",
     "byzantine",
+    "secure_aggregation",
     "seed",
     "round_timeout",
     "suite",
@@ -109,6 +110,7 @@ def server(
     dp_quantile: float | None = opts.DP_QUANTILE,
     aggregator: str = opts.AGGREGATOR,
     byzantine: int | None = opts.BYZANTINE,
+    secure_aggregation: bool = opts.SECURE_AGGREGATION,
     seed: int = typer.Option(0, min=0, help="Seed of the initial model and of device selection."),
     round_timeout: float = typer.Option(600.0, min=1.0, help="Seconds before a round's deadline."),
     suite: str = typer.Option(
@@ -175,6 +177,7 @@ def server(
                 ),
                 aggregator=aggregator,
                 byzantine=byzantine,
+                secure_aggregation=secure_aggregation,
                 seed=seed,
                 round_timeout_s=round_timeout,
                 suite=suite_by_name(suite),

@@ -117,13 +117,7 @@ def simulate(
         True,
         help="Run the secure protocol (PQ sessions, signatures, database). --no-protocol aggregates training results directly: only to measure the protocol's cost.",
     ),
-    secure_aggregation: bool = typer.Option(
-        False,
-        "--secure-aggregation",
-        help="Post-quantum secure aggregation (docs/secure-aggregation.md): devices send masked, quantised "
-        "updates and the coordinator only learns their weighted mean; needs --per-round >= 2, an aggregator of "
-        "none and a strategy that reads no single update.",
-    ),
+    secure_aggregation: bool = opts.SECURE_AGGREGATION,
     batched_devices: bool = typer.Option(
         False,
         "--batched-devices",
