@@ -28,6 +28,7 @@ import struct
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
+from typing import TypeVar
 
 from qflare.crypto.identity import SigningKey, VerifyKey
 from qflare.crypto.kem import kem_ciphertext_len, kem_public_len
@@ -49,6 +50,7 @@ __all__ = [
     "context_for",
     "decode_fields",
     "encode_fields",
+    "parse_header",
     "u32",
     "u64",
 ]
@@ -58,6 +60,49 @@ WIRE_VERSION = 1
 HEADER_LEN = len(MAGIC) + 1 + SUITE_WIRE_LEN + 1  # 10
 DEFAULT_MAX_ENVELOPE = 64 * 1024
 _TLV = struct.Struct(">BI")
+
+
+_E = TypeVar("_E", bound=enum.IntEnum)
+
+
+def parse_header(
+    data: object,
+    *,
+    magic: bytes,
+    version: int,
+    types: type[_E],
+    expected: _E | None,
+    max_size: int,
+    kind: str,
+    max_note: str = "",
+) -> tuple[bytes, Suite, _E]:
+    """The checks every QFLARE wire format makes of its header (magic[3] ‖ version ‖ suite ‖ type), in
+    order: bytes at all, size, magic (a prefix of it for short input), length, version, suite, type, the
+    expected type.  Returns the bytes, the suite and the type; raises only QflareError subclasses.
+    ``kind`` names the format in messages ("envelope", "secure-aggregation message")."""
+    noun = kind.rsplit(" ", 1)[-1]
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise MalformedError(f"{noun} must be bytes", code="malformed")
+    if len(data) > max_size:
+        raise OversizeError(f"{noun} of {len(data)} bytes exceeds {max_note}{max_size}", code="oversized")
+    raw = bytes(data)
+    header_len = len(magic) + 1 + SUITE_WIRE_LEN + 1
+    if raw[: len(magic)] != magic[: min(len(raw), len(magic))]:
+        raise MalformedError(f"bad magic: not a {kind}", code="malformed")
+    if len(raw) < header_len:
+        raise MalformedError(f"{noun} shorter than its header", code="truncated")
+    if raw[len(magic)] != version:
+        raise MalformedError(f"unknown wire version {raw[len(magic)]}", code="malformed")
+    suite = Suite.from_bytes(raw[len(magic) + 1 : len(magic) + 1 + SUITE_WIRE_LEN])
+    try:
+        mt = types(raw[header_len - 1])
+    except ValueError:
+        raise MalformedError(f"unknown message type 0x{raw[header_len - 1]:02x}", code="malformed") from None
+    if expected is not None and mt is not types(expected):
+        raise MalformedError(f"expected {types(expected).name}, got {mt.name}", code="unexpected_message")
+    return raw, suite, mt
+
+
 _U32 = struct.Struct(">I")
 
 
@@ -289,25 +334,17 @@ class SignedEnvelope:
         cls, data: bytes, *, max_size: int = DEFAULT_MAX_ENVELOPE, expected_type: MsgType | None = None
     ) -> SignedEnvelope:
         """Strict structural parse of untrusted bytes.  Raises only QflareError subclasses."""
-        if not isinstance(data, (bytes, bytearray, memoryview)):
-            raise MalformedError("envelope must be bytes", code="malformed")
-        if len(data) > max_size:
-            raise OversizeError(f"envelope of {len(data)} bytes exceeds max_size={max_size}", code="oversized")
-        raw = bytes(data)
+        raw, suite, mt = parse_header(
+            data,
+            magic=MAGIC,
+            version=WIRE_VERSION,
+            types=MsgType,
+            expected=expected_type,
+            max_size=max_size,
+            kind="QFLARE envelope",
+            max_note="max_size=",
+        )
         buf = memoryview(raw)
-        if raw[: len(MAGIC)] != MAGIC[: min(len(raw), len(MAGIC))]:
-            raise MalformedError("bad magic: not a QFLARE envelope", code="malformed")
-        if len(raw) < HEADER_LEN:
-            raise MalformedError("envelope shorter than its header", code="truncated")
-        if raw[3] != WIRE_VERSION:
-            raise MalformedError(f"unknown wire version {raw[3]}", code="malformed")
-        suite = Suite.from_bytes(raw[4 : 4 + SUITE_WIRE_LEN])
-        try:
-            mt = MsgType(raw[HEADER_LEN - 1])
-        except ValueError:
-            raise MalformedError(f"unknown message type 0x{raw[HEADER_LEN - 1]:02x}", code="malformed") from None
-        if expected_type is not None and mt is not MsgType(expected_type):
-            raise MalformedError(f"expected {MsgType(expected_type).name}, got {mt.name}", code="unexpected_message")
         fields, pos = _decode(mt, suite, buf, HEADER_LEN)
         body = raw[:pos]
         if len(raw) - pos < _U32.size:

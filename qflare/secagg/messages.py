@@ -48,10 +48,11 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
+from qflare.crypto.envelope import parse_header
 from qflare.crypto.identity import SigningKey, VerifyKey
 from qflare.crypto.kem import kem_ciphertext_len, kem_public_len
 from qflare.crypto.suite import SUITE_WIRE_LEN, Suite, sha256
-from qflare.errors import BadSignatureError, ConfigError, ErrorCode, MalformedError, OversizeError, WrongRoundError
+from qflare.errors import BadSignatureError, ConfigError, ErrorCode, MalformedError, WrongRoundError
 from qflare.secagg.keys import SecAggConfig
 from qflare.secagg.params import MAX_DEVICES
 from qflare.secagg.shamir import SHARE_LEN
@@ -259,24 +260,15 @@ class SecAggMessage:
     @classmethod
     def parse(cls, data: bytes, *, expected: SecAggMsg, max_size: int = MAX_MESSAGE) -> SecAggMessage:
         """Strict structural parse of untrusted bytes; raises only QflareError subclasses."""
-        if not isinstance(data, (bytes, bytearray, memoryview)):
-            raise MalformedError("message must be bytes", code="malformed")
-        if len(data) > max_size:
-            raise OversizeError(f"message of {len(data)} bytes exceeds {max_size}", code="oversized")
-        raw = bytes(data)
-        if raw[: len(MAGIC)] != MAGIC[: min(len(raw), len(MAGIC))]:
-            raise MalformedError("bad magic: not a secure-aggregation message", code="malformed")
-        if len(raw) < HEADER_LEN:
-            raise MalformedError("message shorter than its header", code="truncated")
-        if raw[3] != WIRE_VERSION:
-            raise MalformedError(f"unknown wire version {raw[3]}", code="malformed")
-        suite = Suite.from_bytes(raw[4 : 4 + SUITE_WIRE_LEN])
-        try:
-            mt = SecAggMsg(raw[HEADER_LEN - 1])
-        except ValueError:
-            raise MalformedError(f"unknown message type 0x{raw[HEADER_LEN - 1]:02x}", code="malformed") from None
-        if mt is not SecAggMsg(expected):
-            raise MalformedError(f"expected {SecAggMsg(expected).name}, got {mt.name}", code="unexpected_message")
+        raw, suite, mt = parse_header(
+            data,
+            magic=MAGIC,
+            version=WIRE_VERSION,
+            types=SecAggMsg,
+            expected=expected,
+            max_size=max_size,
+            kind="secure-aggregation message",
+        )
         fields: dict[SecAggField, bytes] = {}
         pos = HEADER_LEN
         schema = SCHEMAS[mt]
