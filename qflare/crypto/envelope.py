@@ -51,6 +51,7 @@ __all__ = [
     "decode_fields",
     "encode_fields",
     "parse_header",
+    "parse_signature_trailer",
     "u32",
     "u64",
 ]
@@ -101,6 +102,24 @@ def parse_header(
     if expected is not None and mt is not types(expected):
         raise MalformedError(f"expected {types(expected).name}, got {mt.name}", code="unexpected_message")
     return raw, suite, mt
+
+
+def parse_signature_trailer(raw: bytes, pos: int, suite: Suite, name: str) -> bytes:
+    """The signature that ends a message at ``pos`` (u32 length ‖ signature, the suite's exact length, and
+    nothing after it); MalformedError otherwise.  ``name`` (the message type) prefixes the messages."""
+    if len(raw) - pos < _U32.size:
+        raise MalformedError(f"{name}: truncated before signature", code="truncated")
+    (sig_len,) = _U32.unpack_from(raw, pos)
+    if sig_len != suite.sig_alg.signature_len:
+        raise MalformedError(
+            f"{name}: signature length {sig_len} is not {suite.sig_alg.signature_len}", code="malformed"
+        )
+    pos += _U32.size
+    if len(raw) - pos < sig_len:
+        raise MalformedError(f"{name}: signature truncated", code="truncated")
+    if pos + sig_len != len(raw):
+        raise MalformedError(f"{name}: {len(raw) - pos - sig_len} trailing bytes", code="malformed")
+    return raw[pos : pos + sig_len]
 
 
 _U32 = struct.Struct(">I")
@@ -347,20 +366,7 @@ class SignedEnvelope:
         buf = memoryview(raw)
         fields, pos = _decode(mt, suite, buf, HEADER_LEN)
         body = raw[:pos]
-        if len(raw) - pos < _U32.size:
-            raise MalformedError(f"{mt.name}: truncated before signature", code="truncated")
-        (sig_len,) = _U32.unpack_from(buf, pos)
-        if sig_len != suite.sig_alg.signature_len:
-            raise MalformedError(
-                f"{mt.name}: signature length {sig_len} is not {suite.sig_alg.signature_len}", code="malformed"
-            )
-        pos += _U32.size
-        if len(raw) - pos < sig_len:
-            raise MalformedError(f"{mt.name}: signature truncated", code="truncated")
-        sig = raw[pos : pos + sig_len]
-        pos += sig_len
-        if pos != len(raw):
-            raise MalformedError(f"{mt.name}: {len(raw) - pos} trailing bytes", code="malformed")
+        sig = parse_signature_trailer(raw, pos, suite, mt.name)
         return cls(suite, mt, MappingProxyType(fields), body, sig, raw)
 
     def verify(self, key: VerifyKey) -> SignedEnvelope:

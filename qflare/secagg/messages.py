@@ -48,7 +48,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
-from qflare.crypto.envelope import parse_header
+from qflare.crypto.envelope import parse_header, parse_signature_trailer
 from qflare.crypto.identity import SigningKey, VerifyKey
 from qflare.crypto.kem import kem_ciphertext_len, kem_public_len
 from qflare.crypto.suite import SUITE_WIRE_LEN, Suite, sha256
@@ -287,20 +287,12 @@ class SecAggMessage:
             fields[want] = raw[pos : pos + length]
             pos += length
         body = raw[:pos]
-        sig = b""
-        if mt not in _UNSIGNED:
-            if len(raw) - pos < _U32.size:
-                raise MalformedError(f"{mt.name}: truncated before signature", code="truncated")
-            (sig_len,) = _U32.unpack_from(raw, pos)
-            if sig_len != suite.sig_alg.signature_len:
-                raise MalformedError(f"{mt.name}: signature length {sig_len} is wrong", code="malformed")
-            pos += _U32.size
-            if len(raw) - pos < sig_len:
-                raise MalformedError(f"{mt.name}: signature truncated", code="truncated")
-            sig = raw[pos : pos + sig_len]
-            pos += sig_len
-        if pos != len(raw):
-            raise MalformedError(f"{mt.name}: {len(raw) - pos} trailing bytes", code="malformed")
+        if mt in _UNSIGNED:
+            if pos != len(raw):
+                raise MalformedError(f"{mt.name}: {len(raw) - pos} trailing bytes", code="malformed")
+            sig = b""
+        else:
+            sig = parse_signature_trailer(raw, pos, suite, mt.name)
         return cls(suite, mt, MappingProxyType(fields), body, sig, raw)
 
     def verify(self, key: VerifyKey) -> SecAggMessage:
