@@ -49,7 +49,7 @@ from .models import create_model
 from .precision import Precision, resolve_precision
 from .protocol import Coordinator, CoordinatorConfig, Device, RoundConfig
 from .protocol.provenance import NO_UPDATE, NOT_COMBINED, export_ledger
-from .protocol.rounds import _OpenRound
+from .protocol.rounds import OpenRound
 from .protocol.secure_device import SecureParticipant
 from .protocol.selection import build_selector, check_selection
 from .storage import Database, Store
@@ -349,7 +349,7 @@ class CoordinatorSide:
         self._round_opened(rnd, chosen)
         return rnd.number, chosen
 
-    def _round_opened(self, rnd: _OpenRound, chosen: list[int]) -> None:
+    def _round_opened(self, rnd: OpenRound, chosen: list[int]) -> None:
         """What the devices do as a round opens, before anyone trains (here: nothing; the in-process
         backend runs secure aggregation's key phases)."""
         if rnd.secure is not None:
@@ -433,7 +433,7 @@ class _SecureFederation(CoordinatorSide):
         self.index = {d.device_id: i for i, d in enumerate(self.devices)}
         self._secure: dict[int, SecureParticipant] = {}  # a secure round's devices, by index
 
-    def _round_opened(self, rnd: _OpenRound, chosen: list[int]) -> None:
+    def _round_opened(self, rnd: OpenRound, chosen: list[int]) -> None:
         self._secure = {}
         if rnd.secure is not None:  # the key phases, before anyone trains (every device answers here)
             self._secure = {i: SecureParticipant(self.devices[i], rnd.number) for i in chosen}

@@ -58,7 +58,7 @@ from .secure_round import SecAggSettings, SecureRound, apply_mean, check_secure_
 from .selection import ClientSelector, RandomSelector, SelectorFactory, build_selector, check_selection
 from .store import BlobSink, CoordinatorStore
 
-__all__ = ["PublishedModel", "RoundConfig", "RoundManager"]
+__all__ = ["OpenRound", "PublishedModel", "RoundConfig", "RoundManager"]
 
 _log = logging.getLogger("qflare.rounds")
 
@@ -112,7 +112,10 @@ class PublishedModel:
 
 
 @dataclass
-class _OpenRound:
+class OpenRound:
+    """A round the manager has opened (``RoundManager.open_next``): who was selected, what has been
+    accepted so far, and its aggregation state; ``secure`` is set for a secure-aggregation round."""
+
     number: int
     selected: tuple[str, ...]
     quorum: int
@@ -148,7 +151,7 @@ class _OpenRound:
 class _Pending:
     """An admitted update waiting for the group commit: its round, its row, its checked aggregation input."""
 
-    round: _OpenRound
+    round: OpenRound
     record: NewUpdate
     prepared: Any
     delta: torch.Tensor
@@ -228,7 +231,7 @@ class RoundManager(SecureRoundOps):
                 raise ConfigError("threat detection reads individual updates, which secure aggregation hides")
         self.verdicts: dict[int, RoundVerdict] = {}
         """With detection: the verdicts of the latest rounds this process judged (at most 1000), by round."""
-        self._round: _OpenRound | None = None
+        self._round: OpenRound | None = None
         self._inflight: dict[str, int] = {}  # update digests being written and recorded (kept from GC)
         self._inflight_lock = threading.Lock()
         self._commits: GroupCommit[_Pending, tuple[int, bool]] = GroupCommit(self._record_batch)
@@ -297,7 +300,7 @@ class RoundManager(SecureRoundOps):
                     device_id=upd.device_id,
                 )
                 _log.error("round %d failed at restart: update %s unreadable [%s]", row.round_number, upd.id, exc.code)
-                broken = _OpenRound(
+                broken = OpenRound(
                     row.round_number,
                     tuple(row.selected_devices),
                     row.quorum,
@@ -332,7 +335,7 @@ class RoundManager(SecureRoundOps):
             except StorageFullError:  # the in-memory deadline holds; a later restart extends it again
                 _log.warning("round %d: could not persist the extended deadline (storage full)", row.round_number)
             _log.warning("round %d: deadline passed while stopped; extended to give devices time", row.round_number)
-        self._round = _OpenRound(
+        self._round = OpenRound(
             row.round_number,
             tuple(row.selected_devices),
             row.quorum,
@@ -351,10 +354,10 @@ class RoundManager(SecureRoundOps):
 
     # ------------------------------------------------------------------ rounds
     @property
-    def current(self) -> _OpenRound | None:
+    def current(self) -> OpenRound | None:
         return self._round
 
-    def open_next(self) -> _OpenRound | None:
+    def open_next(self) -> OpenRound | None:
         """Open the next round with the devices the selector chooses among the active ones, in enrollment
         order, narrowed by ``candidates`` when given (None when finished).  A selection that is not ``per_round`` distinct active devices (or
         all of them, when fewer are active) raises RoundError ``bad_selection`` and opens nothing."""
@@ -392,7 +395,7 @@ class RoundManager(SecureRoundOps):
             if secure is not None:
                 deadline = secure.phase_deadline
             self._store.open_round(number, self.model.sha256, chosen, minimum, k, _utc(deadline))
-            self._round = _OpenRound(
+            self._round = OpenRound(
                 number, chosen, k, minimum, deadline, self.model, self.strategy.begin(self.model.flat), {}, opened
             )
             if secure is not None:
@@ -443,7 +446,7 @@ class RoundManager(SecureRoundOps):
             if self._blobs is not None:
                 self._blobs.put(blob, expected_sha256=update_hash)
             slot: threading.Event | None = None
-            held: _OpenRound | None = None
+            held: OpenRound | None = None
             try:
                 again, count = self._reserve(update, update_hash, round_number, base_hash)
                 if again is None:
@@ -478,7 +481,7 @@ class RoundManager(SecureRoundOps):
 
     def _reserve(
         self, update: ClientUpdate, update_hash: str, round_number: int, base_hash: str
-    ) -> tuple[_OpenRound | None, int]:
+    ) -> tuple[OpenRound | None, int]:
         """Admit the update again, under the round lock, and hold the device's slot until its group commit
         is done; while another update of the device holds it, wait for that one first."""
         while True:
@@ -520,7 +523,7 @@ class RoundManager(SecureRoundOps):
         except BaseException as exc:  # the transaction failed: none is recorded
             outcomes = [exc] * len(batch)
         results: list[tuple[int, bool] | BaseException] = []
-        closing: list[_OpenRound] = []
+        closing: list[OpenRound] = []
         with self._lock:
             for item, outcome in zip(batch, outcomes, strict=True):
                 rnd, device = item.round, item.record.device_id
@@ -589,7 +592,7 @@ class RoundManager(SecureRoundOps):
 
     def _admit(
         self, update: ClientUpdate, update_hash: str, round_number: int, base_hash: str
-    ) -> tuple[_OpenRound | None, int]:
+    ) -> tuple[OpenRound | None, int]:
         """(the open round, count) if this update may be accepted; (None, count) if it already was."""
         with self._lock:
             rnd = self._round
@@ -615,7 +618,7 @@ class RoundManager(SecureRoundOps):
                 return rnd, len(rnd.accepted)
             raise ValidationError("a different update was already accepted for this round", code="duplicate_submission")
 
-    def step(self) -> _OpenRound | None:
+    def step(self) -> OpenRound | None:
         """What a server calls periodically: handle the deadline, open the next round when none is."""
         with self._lock:
             self.tick()
@@ -659,7 +662,7 @@ class RoundManager(SecureRoundOps):
             else:
                 self._fail(rnd, QUORUM_NOT_REACHED)
 
-    def _ledger_entry(self, rnd: _OpenRound, reason: str | None, published: PublishedModel | None) -> LedgerEntry:
+    def _ledger_entry(self, rnd: OpenRound, reason: str | None, published: PublishedModel | None) -> LedgerEntry:
         """The round's signed ledger entry, chained to the stored head (read now, under the round lock;
         the store refuses it, and the transaction carrying it, if the head moved meanwhile)."""
         if rnd.secure is not None:
@@ -692,7 +695,7 @@ class RoundManager(SecureRoundOps):
         )
         return next_entry(self._store.last_ledger_entry(), record, self._identity, int(now))
 
-    def _judge(self, rnd: _OpenRound) -> None:
+    def _judge(self, rnd: OpenRound) -> None:
         """Detection at close: leave out the updates of devices quarantined meanwhile (by an operator),
         judge the others, quarantine the devices the verdict names, fold in the rest in acceptance order.
         Raises ConfigError ``too_few_updates`` (the round fails) when what is left cannot be combined."""
@@ -743,14 +746,14 @@ class RoundManager(SecureRoundOps):
         if before == "quarantined":
             self._store.record_security_event("reinstated", "an operator reinstated the device", device_id=device_id)
 
-    def _fail(self, rnd: _OpenRound, reason: str) -> None:
+    def _fail(self, rnd: OpenRound, reason: str) -> None:
         """Mark the round failed, with its ledger entry in the same transaction; the next round opens."""
         entry = self._ledger_entry(rnd, reason, None)
         self._store.set_round_state(rnd.number, rnd.db_state, "failed", ledger=entry)
         if self._round is rnd:
             self._round = None
 
-    def _close(self, rnd: _OpenRound) -> None:
+    def _close(self, rnd: OpenRound) -> None:
         """Aggregate, sign and publish as the next model version, with the round's ledger entry.
 
         A round whose aggregation fails is marked failed (never stuck).  When the storage cannot be

@@ -36,7 +36,7 @@ from .secure_round import SecureRound, lost_round_record
 from .store import CoordinatorStore
 
 if TYPE_CHECKING:
-    from .rounds import PublishedModel, RoundConfig, _OpenRound
+    from .rounds import OpenRound, PublishedModel, RoundConfig
 
 __all__ = ["SecureRoundOps"]
 
@@ -53,7 +53,7 @@ class SecureRoundOps:
 
     if TYPE_CHECKING:
         _lock: threading.RLock
-        _round: _OpenRound | None
+        _round: OpenRound | None
         _store: CoordinatorStore
         _identity: SigningKey
         _suite: Suite
@@ -64,9 +64,9 @@ class SecureRoundOps:
         strategy: Pipeline
         config: RoundConfig
 
-        def _fail(self, rnd: _OpenRound, reason: str) -> None: ...
+        def _fail(self, rnd: OpenRound, reason: str) -> None: ...
 
-        def _close(self, rnd: _OpenRound) -> None: ...
+        def _close(self, rnd: OpenRound) -> None: ...
 
     def _new_secure_round(self, number: int, chosen: tuple[str, ...], opened: float) -> SecureRound | None:
         """The secure round ``number`` over ``chosen`` (None when the pipeline is not secure)."""
@@ -85,7 +85,7 @@ class SecureRoundOps:
             now=opened,
         )
 
-    def _start_secure_round(self, rnd: _OpenRound, secure: SecureRound) -> None:
+    def _start_secure_round(self, rnd: OpenRound, secure: SecureRound) -> None:
         rnd.secure, secure.persist = secure, self._persist_secure
         try:
             self._persist_secure(secure, True, False)
@@ -134,7 +134,7 @@ class SecureRoundOps:
             self._secure_advance(rnd)
             return Frame.SECAGG_ACK, []
 
-    def _secure_advance(self, rnd: _OpenRound) -> None:
+    def _secure_advance(self, rnd: OpenRound) -> None:
         """Close the secure round's complete or expired phases; fail it when it aborts, publish its
         aggregate once unmasked."""
         assert rnd.secure is not None
@@ -149,7 +149,7 @@ class SecureRoundOps:
             rnd.accepted = {rnd.secure.selected[i - 1]: rnd.secure.vector_hashes[i] for i in result.survivors}
             self._close(rnd)
 
-    def _secure_entry(self, rnd: _OpenRound, reason: str | None, published: PublishedModel | None) -> LedgerEntry:
+    def _secure_entry(self, rnd: OpenRound, reason: str | None, published: PublishedModel | None) -> LedgerEntry:
         """The signed ledger entry of a secure round (see :meth:`SecureRound.record`)."""
         assert rnd.secure is not None
         closed = int(self._clock())
@@ -169,7 +169,7 @@ class SecureRoundOps:
         """A restart found a secure round open: resume it from its stored state, every message checked
         again; fail it (``secagg_aborted``) when there is none, when it cannot be restored, or when the
         unmasking had begun (the result died with the process: the masks are never removed twice)."""
-        from .rounds import _OpenRound  # the manager's own type (rounds.py imports this module)
+        from .rounds import OpenRound  # the manager's own type (rounds.py imports this module)
 
         stored = self._store.get_secagg_round(row.round_number)
         why = "no stored state" if stored is None else "the unmasking had begun" if stored.unmasking_at else None
@@ -186,7 +186,7 @@ class SecureRoundOps:
                 why = f"its stored state does not restore ({exc.code}: {exc})"
             else:
                 secure.stored, secure.persist = True, self._persist_secure
-                self._round = _OpenRound(
+                self._round = OpenRound(
                     row.round_number,
                     tuple(row.selected_devices),
                     row.quorum,
