@@ -100,6 +100,16 @@ def test_frame_types_are_the_protocols() -> None:
         ("RECEIPT", 0x35),
         ("PROOF_REQUEST", 0x36),
         ("PROOF", 0x37),
+        ("SECAGG_CONFIG_REQUEST", 0x38),
+        ("SECAGG_CONFIG", 0x39),
+        ("SECAGG_RELAY_REQUEST", 0x3A),
+        ("SECAGG_RELAY", 0x3B),
+        ("SECAGG_ADVERTISE", 0x3C),
+        ("SECAGG_SHARES", 0x3D),
+        ("SECAGG_MASKED", 0x3E),
+        ("SECAGG_UNMASK", 0x3F),
+        ("SECAGG_ACK", 0x40),
+        ("SECAGG_CONSISTENCY", 0x41),
     ]
     assert messages.Frame is Frame
     assert [(s.name, int(s)) for s in AckStatus] == [("ACCEPTED", 0), ("DUPLICATE", 1)]

@@ -22,7 +22,13 @@ def _plain_weighted_mean(**kw):
 
 
 plain_weighted_mean = "test-plain-weighted-mean"
-register_strategy(plain_weighted_mean, _plain_weighted_mean, replace=True)
+
+
+@pytest.fixture(autouse=True)
+def _plain_strategy_registered() -> None:
+    # Registered per test (conftest.py restores the registries after each one): a registration at import
+    # time would show in every other test's view of the strategies.
+    register_strategy(plain_weighted_mean, _plain_weighted_mean, replace=True)
 
 
 def run(rounds: int, **kw):
