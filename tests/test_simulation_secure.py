@@ -82,3 +82,20 @@ def test_cli_simulate_secure_aggregation(tmp_path):
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     assert '"secure_aggregation": true' in result.output
+
+
+def test_secure_round_with_colluding_devices_assumed_runs_to_the_end():
+    """With 10 devices a round the parameters assume one colluding device (``corrupt`` = 1); the device
+    must build the same session as the coordinator (it once left ``corrupt`` out: every round failed)."""
+    from qflare.secagg import choose
+
+    assert choose(10, dropout=0.1, corruption=0.1).corrupt >= 1
+    result = CliRunner().invoke(
+        app,
+        [
+            "simulate", "--dataset", "digits", "--model", "mlp", "--devices", "10", "--per-round", "10",
+            "--rounds", "1", "--workers", "1", "--secure-aggregation", "--json",
+        ],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert '"secure_aggregation": true' in result.output

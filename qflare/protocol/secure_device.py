@@ -41,6 +41,7 @@ _CONFIG_KEYS = frozenset(
         "n",
         "k",
         "t",
+        "corrupt",
         "graph_seed",
         "clip",
         "max_devices",
@@ -92,7 +93,7 @@ def parse_config(device: Device, round_number: int, raw: bytes) -> tuple[SecAggC
         raise MalformedError("secure-aggregation config has bad hex", code="bad_task") from None
     config = SecAggConfig(
         round=round_number,
-        params=SecAggParams(n, _int(doc, "k", 1, n - 1), _int(doc, "t", 1, n - 1)),
+        params=SecAggParams(n, _int(doc, "k", 1, n - 1), _int(doc, "t", 1, n - 1), _int(doc, "corrupt", 0, n - 1)),
         graph_seed=graph_seed,
         quant=QuantSpec(float(doc["clip"]), _int(doc, "max_devices", 2, 10**6), _int(doc, "max_weight", 1, 10**6)),
         length=_int(doc, "length", 1, 2**31),

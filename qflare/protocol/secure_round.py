@@ -250,6 +250,7 @@ class SecureRound:
             "n": c.params.n,
             "k": c.params.k,
             "t": c.params.t,
+            "corrupt": c.params.corrupt,
             "graph_seed": c.graph_seed.hex(),
             "clip": c.quant.clip,
             "max_devices": c.quant.max_devices,
@@ -275,7 +276,7 @@ class SecureRound:
         try:
             config = SecAggConfig(
                 round=row.round_number,
-                params=SecAggParams(int(doc["n"]), int(doc["k"]), int(doc["t"])),
+                params=SecAggParams(int(doc["n"]), int(doc["k"]), int(doc["t"]), int(doc["corrupt"])),
                 graph_seed=bytes.fromhex(str(doc["graph_seed"])),
                 quant=QuantSpec(float(doc["clip"]), int(doc["max_devices"]), int(doc["max_weight"])),
                 length=int(doc["length"]),
@@ -357,6 +358,7 @@ class SecureRound:
             "n": c.params.n,
             "k": c.params.k,
             "t": c.params.t,
+            "corrupt": c.params.corrupt,
             "graph_seed": c.graph_seed.hex(),
             "clip": c.quant.clip,
             "max_devices": c.quant.max_devices,
