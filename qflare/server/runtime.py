@@ -29,7 +29,7 @@ from ..models import create_model
 from ..protocol import Coordinator, CoordinatorConfig, PublishedModel, RoundConfig
 from ..protocol.key_ledger import catch_up
 from ..published import Architecture
-from ..storage import BlobStore, Database, Store
+from ..storage import BlobBackend, Database, Store, blob_store_from_env
 from ..storage.scrub import ScrubReport, verify_store
 from ..tracking import open_trackers
 from ..wire import ParamLayout
@@ -70,6 +70,9 @@ class ServerConfig:
     """Write per-round TensorBoard event files here (:mod:`qflare.tracking`)."""
     mlflow: str | None = None
     """Log per-round metrics to an MLflow run at this tracking URI."""
+    blob_store: str | None = None
+    """Where the blobs live: ``s3://BUCKET[/PREFIX]``; None: ``$QFLARE_BLOB_STORE`` if set, else
+    ``data_dir/blobs`` (:func:`qflare.storage.blob_store_from_env`)."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.federation, FederationSpec):
@@ -99,7 +102,7 @@ class ServerRuntime:
         try:
             self.db.upgrade()
             self.store = Store(self.db)
-            self.blobs = BlobStore(self.data_dir / "blobs")
+            self.blobs: BlobBackend = blob_store_from_env(self.data_dir, environ, url=config.blob_store)
             self.blobs.remove_stale_temp_files(older_than_s=0.0)  # nothing is writing yet
             self.rotations: ChainState = recover_rotation(self.data_dir, config.key_passphrase)
             self.identity, self.identity_created = load_or_create_identity(
