@@ -110,9 +110,9 @@ def apply_masks(acc: Vector, masks: Sequence[tuple[bytes, bool]], *, workers: in
 
 def mask(seed: bytes, n: int) -> Vector:
     """The mask vector of ``seed``: ``n`` words of Z_{2^32} (a new array)."""
-    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0:
         raise ConfigError("mask length must be an integer >= 0", code=ErrorCode.BAD_ARGUMENT)
-    out: Vector = np.zeros(n, dtype=np.uint32)
+    out: Vector = np.zeros(int(n), dtype=np.uint32)
     apply_masks(out, [(_check_seed(seed), True)])
     return out
 

@@ -128,7 +128,7 @@ class SecAggServer:
     ``workers`` threads regenerate the masks to remove in :meth:`finish`, default
     :func:`~qflare.secagg.prg.default_workers`, the usable CPUs up to 8: on the shared 2-core VM two
     threads took 0.30-0.37 s against 0.45-0.49 s for one, for ``finish`` at n = 100 with 10% dropout,
-    docs/secure-aggregation.md section 8)."""
+    and gained nothing while other processes kept both cores busy; docs/secure-aggregation.md section 8)."""
 
     def __init__(self, config: SecAggConfig, key: SigningKey, *, workers: int | None = None) -> None:
         if key.public != config.coordinator:
