@@ -76,6 +76,7 @@ from ..errors import (
 from ..strategy import ClientUpdate, Pipeline
 from ..wire import ParamLayout, decode_blob
 from .budget import CryptoBudget, Work
+from .cluster import Leadership
 from .messages import SECAGG_ROUTES, Receipt, Route, TaskInfo
 from .proofs import answer_for
 from .provenance import entry_of
@@ -185,7 +186,10 @@ class Coordinator:
         blobs: BlobSink | None = None,
         clock: Callable[[], float] = time.time,
         on_model: Callable[[PublishedModel], None] | None = None,
+        leadership: Leadership | None = None,
     ) -> None:
+        """``leadership`` makes this coordinator one worker of several on one store
+        (:mod:`qflare.protocol.cluster`)."""
         self.config = config or CoordinatorConfig()
         self.config.policy.check(self.config.suite)
         if identity.alg != self.config.suite.sig:
@@ -222,6 +226,7 @@ class Coordinator:
             clock=clock,
             on_model=on_model,
             candidates=self.live_devices,
+            leadership=leadership,
         )
 
     @property

@@ -8,6 +8,7 @@
 
 from qflare.storage.blobs import BlobNotFoundError, BlobStore
 from qflare.storage.db import DATABASE_URL_ENV, Database
+from qflare.storage.leader import AdvisoryLeadership
 from qflare.storage.records import (
     DeviceRow,
     LedgerRow,
@@ -22,6 +23,7 @@ from qflare.storage.repository import Store, hash_token, key_id
 
 __all__ = [
     "DATABASE_URL_ENV",
+    "AdvisoryLeadership",
     "BlobNotFoundError",
     "BlobStore",
     "Database",
