@@ -7,6 +7,7 @@ background work; the FastAPI app (:mod:`qflare.server.app`) only translates HTTP
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
@@ -29,7 +30,8 @@ from ..models import create_model
 from ..protocol import Coordinator, CoordinatorConfig, PublishedModel, RoundConfig
 from ..protocol.key_ledger import catch_up
 from ..published import Architecture
-from ..storage import BlobStore, Database, Store
+from ..storage import AdvisoryLeadership, BlobStore, Database, Store
+from ..storage.leader import startup_lock
 from ..storage.scrub import ScrubReport, verify_store
 from ..tracking import open_trackers
 from ..wire import ParamLayout
@@ -70,6 +72,10 @@ class ServerConfig:
     """Write per-round TensorBoard event files here (:mod:`qflare.tracking`)."""
     mlflow: str | None = None
     """Log per-round metrics to an MLflow run at this tracking URI."""
+    cluster: bool = False
+    """Serve as one worker of several (this machine's or others') sharing one PostgreSQL database and
+    one blob store: any worker takes any request, one leader at a time runs the rounds
+    (:mod:`qflare.protocol.cluster`)."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.federation, FederationSpec):
@@ -96,37 +102,14 @@ class ServerRuntime:
         except BaseException:
             self._release_lock()
             raise
+        self.leadership: AdvisoryLeadership | None = None
         try:
-            self.db.upgrade()
-            self.store = Store(self.db)
-            self.blobs = BlobStore(self.data_dir / "blobs")
-            self.blobs.remove_stale_temp_files(older_than_s=0.0)  # nothing is writing yet
-            self.rotations: ChainState = recover_rotation(self.data_dir, config.key_passphrase)
-            self.identity, self.identity_created = load_or_create_identity(
-                self.data_dir, config.key_passphrase, config.federation.suite.sig
-            )
-            check_key_matches_chain(self.identity, self.rotations)
-            # before the round manager's recovery can sign a round entry with a key the ledger does not
-            # know yet: the rotation records a crash left out of the ledger go in first
-            for row in catch_up(self.store, self.rotations, self.identity):
-                _log.warning(
-                    "ledger: appended key record entry %d (%s) left out by an interrupted rotation", row.seq, row.kind
-                )
-            self.admin: AdminToken = load_or_create_admin_token(self.data_dir, environ)
-            self.metrics = ServerMetrics()
-            self.trackers = open_trackers(
-                tensorboard=config.tensorboard,
-                mlflow=config.mlflow,
-                run_name=f"server-{self.data_dir.name}",
-                params=config.federation.to_json(),
-                on_error=lambda message: _log.error("tracking: %s", message),
-            )
-            self._refused_seen = 0.0
-            self._build_coordinator()
-            self.coordinator.rounds.collect_garbage()  # blobs left by a crash between write and record
+            with startup_lock(self.db) if config.cluster else contextlib.nullcontext():
+                self._start_up(config, environ)
         except BaseException:
             if hasattr(self, "trackers"):
                 self.trackers.close()
+            self._release_leadership()
             self.db.dispose()
             self._release_lock()
             raise
@@ -148,6 +131,41 @@ class ServerRuntime:
         self._last_round: int | None = None
         self._last_error = ""
         self.started = False
+
+    def _start_up(self, config: ServerConfig, environ: Mapping[str, str] | None) -> None:
+        """Migrate, open the stores, load the keys and build the coordinator (a cluster's workers one at a
+        time, under its start-up lock: they would race to create the same rows and files)."""
+        self.db.upgrade()
+        self.store = Store(self.db)
+        self.blobs = BlobStore(self.data_dir / "blobs")
+        # nothing is writing yet -- unless other workers of a cluster share the directory
+        self.blobs.remove_stale_temp_files(older_than_s=3600.0 if config.cluster else 0.0)
+        if config.cluster:
+            self.leadership = AdvisoryLeadership(self.db)
+        self.rotations: ChainState = recover_rotation(self.data_dir, config.key_passphrase)
+        self.identity, self.identity_created = load_or_create_identity(
+            self.data_dir, config.key_passphrase, config.federation.suite.sig
+        )
+        check_key_matches_chain(self.identity, self.rotations)
+        # before the round manager's recovery can sign a round entry with a key the ledger does not
+        # know yet: the rotation records a crash left out of the ledger go in first
+        for row in catch_up(self.store, self.rotations, self.identity):
+            _log.warning(
+                "ledger: appended key record entry %d (%s) left out by an interrupted rotation", row.seq, row.kind
+            )
+        self.admin: AdminToken = load_or_create_admin_token(self.data_dir, environ)
+        self.metrics = ServerMetrics()
+        self.trackers = open_trackers(
+            tensorboard=config.tensorboard,
+            mlflow=config.mlflow,
+            run_name=f"server-{self.data_dir.name}",
+            params=config.federation.to_json(),
+            on_error=lambda message: _log.error("tracking: %s", message),
+        )
+        self._refused_seen = 0.0
+        self._build_coordinator()
+        if not config.cluster:  # other workers may be writing blobs they have not recorded yet
+            self.coordinator.rounds.collect_garbage()  # blobs left by a crash between write and record
 
     def _build_coordinator(self) -> None:
         cfg, spec = self.config, self.config.federation
@@ -207,6 +225,7 @@ class ServerRuntime:
             ),
             blobs=self.blobs,
             on_model=self._on_model,
+            leadership=self.leadership,
         )
 
     # ------------------------------------------------------------------ lifecycle
@@ -242,8 +261,13 @@ class ServerRuntime:
             self.evaluator.stop()
         self.started = False
         self.trackers.close()
+        self._release_leadership()
         self.db.dispose()
         self._release_lock()
+
+    def _release_leadership(self) -> None:
+        if self.leadership is not None:
+            self.leadership.release()
 
     def _release_lock(self) -> None:
         if self._lock_fd is not None:
@@ -420,6 +444,8 @@ class ServerRuntime:
 
     def status(self) -> dict[str, Any]:
         out: dict[str, Any] = dict(self.coordinator.rounds.status())
+        if self.leadership is not None:
+            out["worker"] = {"pid": os.getpid(), "leader": self.leadership.held}
         out["history"] = self.history()
         out["devices"] = self._active_devices()
         return out
