@@ -260,6 +260,8 @@ class ErrorCode(enum.StrEnum):
     # simulation backends
     DEVICE_HOST_FAILED = "device_host_failed"
     SECAGG_MISMATCH = "secagg_mismatch"
+    # blob store backends (qflare/storage/blob_backend.py)
+    STORAGE_UNAVAILABLE = "storage_unavailable"
 
 
 class Retry(enum.Enum):
@@ -438,8 +440,9 @@ class RateLimitedError(ProtocolError):
 
 
 class StorageFullError(ProtocolError):
-    """The coordinator cannot write its blobs or database (disk full or failing): nothing was stored; retry
-    after ``retry_after_s`` (answered as 503 with ``Retry-After``)."""
+    """The coordinator cannot write its blobs or database (disk full or failing; code ``storage_unavailable``:
+    its S3 blob store cannot be reached or refused the request): nothing was stored; retry after
+    ``retry_after_s`` (answered as 503 with ``Retry-After``)."""
 
     code = ErrorCode.STORAGE_FULL
     http_status = 503
@@ -932,6 +935,12 @@ CODE_SPECS: Mapping[ErrorCode, CodeSpec] = MappingProxyType(
             "secure-aggregation message to a plaintext round, or a phase message outside its phase",
             _D,
             ProtocolError,
+        ),
+        _C.STORAGE_UNAVAILABLE: _spec(
+            "the coordinator's blob store (an S3 service) cannot be reached or refused the request; nothing was "
+            "stored: wait and retry",
+            _T,
+            StorageFullError,
         ),
     }
 )

@@ -3,8 +3,8 @@ model file (:mod:`qflare.model_file`) after checking it.
 
 ``qflare server`` writes ``model.json`` (the registered model name, input shape, class count and
 architecture fingerprint) into its data directory at start-up; the versions themselves are rows of the
-database (version, round, hash, parent hash, signed GLOBAL_MODEL envelope, metrics) and blobs under
-``blobs/``.  :func:`export_version` verifies, before writing anything: the envelope's ML-DSA signature
+database (version, round, hash, parent hash, signed GLOBAL_MODEL envelope, metrics) and blobs in the
+blob store (``blobs/``, or the ``s3://`` store ``$QFLARE_BLOB_STORE`` names).  :func:`export_version` verifies, before writing anything: the envelope's ML-DSA signature
 against the coordinator's public key (``coordinator.pub``, optionally pinned by key id), that it signs
 this version and this hash, the blob's size and SHA-256 against the signed ones, and the blob's
 architecture against ``model.json``.
@@ -25,7 +25,7 @@ from .files import write_atomic
 from .model_file import write_model_file
 from .models import create_model
 from .protocol.records import ModelRow
-from .storage import BlobStore, Database, Store
+from .storage import Database, Store, blob_store_from_env
 from .storage.db import DATABASE_URL_ENV, SQLITE_FILENAME
 from .wire import ParamLayout, decode_blob, sha256_hex
 
@@ -173,7 +173,7 @@ def _verified_blob(data_dir: Path, row: ModelRow, key_id: str | None) -> tuple[b
             f"hash {env.get(Field.MODEL_HASH).hex()}, not the database's {row.model_hash}",
             code="hash_mismatch",
         )
-    blob = BlobStore(Path(data_dir).expanduser() / "blobs").get(row.model_hash)  # hash-checked
+    blob = blob_store_from_env(data_dir).get(row.model_hash)  # $QFLARE_BLOB_STORE or DATA_DIR/blobs; hash-checked
     if len(blob) != env.get_int(Field.PAYLOAD_SIZE) or sha256_hex(blob) != env.get(Field.MODEL_HASH).hex():
         raise ValidationError(f"version {row.version}: the blob is not the one signed", code="hash_mismatch")
     return blob, key

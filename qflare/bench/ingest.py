@@ -38,7 +38,7 @@ from ..federation import FederationSpec
 from ..models import create_model
 from ..protocol import Device, Receipt
 from ..protocol.device import SignedUpdate
-from ..storage import BlobStore, Database, Store
+from ..storage import BlobBackend, Database, Store, blob_store_from_env
 from ..training import TrainResult
 from ..transport import HttpTransport, RetryPolicy
 from ..wire import ParamLayout
@@ -115,7 +115,7 @@ def _sample_in_flight(url: str, stop: threading.Event, out: list[float]) -> None
                 out[0] = max(out[0], _gauge(probe.get("/metrics").text, "qflare_uploads_in_flight"))
 
 
-def check_database(database_url: str, blobs: BlobStore, receipts: Sequence[tuple[str, Receipt]]) -> IngestCheck:
+def check_database(database_url: str, blobs: BlobBackend, receipts: Sequence[tuple[str, Receipt]]) -> IngestCheck:
     """(device id, receipt) pairs against the server's ``updates`` table, blobs and published model (see the
     module docstring).  Open the database only once the server has stopped, or read-only while it runs."""
     db = Database(database_url)
@@ -180,7 +180,8 @@ def run_ingest_bench(devices: int = 100, *, max_uploads: int = 8, data_root: str
             status = server.status()
             exit_code = server.stop()
             acked = [(devs[i].device_id, r) for i, r in enumerate(receipts) if r is not None]
-            check = check_database(server.database_url, BlobStore(server.data_dir / "blobs"), acked)
+            # the server process inherits this one's environment, so $QFLARE_BLOB_STORE names its store too
+            check = check_database(server.database_url, blob_store_from_env(server.data_dir), acked)
         finally:
             for t in transports:
                 t.close()

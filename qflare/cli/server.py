@@ -26,6 +26,7 @@ if TYPE_CHECKING:
 
 __all__ = ["LOG_FORMAT_ENV", "parse_duration", "register", "token_app"]
 
+BLOB_STORE_HELP = "Where blobs live: s3://BUCKET[/PREFIX] (endpoint, keys: AWS_* variables)."
 LOG_FORMAT_ENV = "QFLARE_LOG_FORMAT"
 """Environment variable that sets ``--log-format`` (containers set it rather than the command line)."""
 _UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
@@ -88,6 +89,9 @@ def server(
     host: str = typer.Option("127.0.0.1", help="Address to listen on."),
     port: int = typer.Option(8443, min=0, max=65535, help="TCP port."),
     data_dir: Path = typer.Option(default_data_dir(), help="Server state: database, blobs, keys, admin token."),
+    blob_store: str | None = typer.Option(
+        None, help=BLOB_STORE_HELP + " Default: $QFLARE_BLOB_STORE, else DATA_DIR/blobs."
+    ),
     dataset: str = typer.Option(
         "fashion-mnist",
         help=f"Data set whose shape the model takes and whose test split evaluates it; {opts.choices(DATASETS)}.",
@@ -203,10 +207,13 @@ def server(
             http=limits,
             tensorboard=tensorboard,
             mlflow=mlflow,
+            blob_store=blob_store,
         )
         runtime = ServerRuntime(config)
         effective = runconfig.write_effective(ctx, runtime.data_dir / "server-config.toml")
-        console.print(f"qflare server · data dir {runtime.data_dir} · database {runtime.db.url}")
+        console.print(
+            f"qflare server · data dir {runtime.data_dir} · database {runtime.db.url} · blobs {runtime.blobs!r}"
+        )
         console.print(f"effective configuration: {effective}")
         if runtime.evaluator is not None:
             console.print(f"evaluation precision: {runtime.evaluator.precision.describe()}", highlight=False)
@@ -252,21 +259,24 @@ def token_create(
 @server_app.command("verify-store")
 def verify_store(
     data_dir: Path = typer.Option(default_data_dir(), help="The server's data directory (database and blobs)."),
+    blob_store: str | None = typer.Option(
+        None, help=BLOB_STORE_HELP + " Default: $QFLARE_BLOB_STORE, else DATA_DIR/blobs."
+    ),
     json_: bool = typer.Option(False, "--json", help="Print the report as JSON."),
 ) -> None:
     """Re-hash every stored blob and check that every blob the database refers to exists.
 
-    Each corrupt or missing blob is reported by file path with what to do, and recorded as a security
-    event.  Exit status 0: all intact; 1: problems found; 2: the store could not be opened.  Safe to run
-    while the server runs."""
-    from ..storage import BlobStore, Database, Store
+    Each corrupt or missing blob is reported by where it lives (file path or s3:// URL) with what to do,
+    and recorded as a security event.  Exit status 0: all intact; 1: problems found; 2: the store could
+    not be opened.  Safe to run while the server runs."""
+    from ..storage import Database, Store, blob_store_from_env
     from ..storage.scrub import verify_store as scrub
 
     with friendly_errors():
         db = Database.from_env(data_dir)
         try:
             db.upgrade()
-            report = scrub(Store(db), BlobStore(Path(data_dir).expanduser() / "blobs"))
+            report = scrub(Store(db), blob_store_from_env(data_dir, url=blob_store))
         finally:
             db.dispose()
     if json_:

@@ -2,8 +2,9 @@
 
 :class:`~qflare.protocol.Coordinator` and :class:`~qflare.protocol.RoundManager` depend on these two
 protocols only; :class:`qflare.storage.Store` (SQLAlchemy, SQLite or PostgreSQL) and
-:class:`qflare.storage.BlobStore` (content-addressed files) implement them.  Each method is one
-transaction: it either happens completely or raises and changes nothing.
+:class:`qflare.storage.BlobStore` (content-addressed files) or :class:`qflare.storage.S3BlobStore` (an
+S3-compatible bucket) implement them.  Each method is one transaction: it either happens completely or
+raises and changes nothing.
 """
 
 from __future__ import annotations

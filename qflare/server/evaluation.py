@@ -22,7 +22,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from ..data import ArrayDataset
 from ..errors import QflareError
 from ..precision import Precision, resolve_precision
-from ..storage import BlobStore, Store
+from ..storage import BlobBackend, Store
 from ..training import evaluate
 from ..wire import ParamLayout, decode_blob
 from .logs import bind_round
@@ -69,7 +69,7 @@ class Evaluator:
             self._busy += 1
         self._queue.put((round_number, version, flat))
 
-    def submit_unevaluated(self, blobs: BlobStore) -> int:
+    def submit_unevaluated(self, blobs: BlobBackend) -> int:
         """Queue every round model that has no stored evaluation (after a restart); returns how many."""
         count = 0
         for row in self._store.list_models():

@@ -30,7 +30,7 @@ from ..models import create_model
 from ..protocol import Coordinator, CoordinatorConfig, PublishedModel, RoundConfig
 from ..protocol.key_ledger import catch_up
 from ..published import Architecture
-from ..storage import AdvisoryLeadership, BlobStore, Database, Store
+from ..storage import AdvisoryLeadership, BlobBackend, Database, Store, blob_store_from_env
 from ..storage.leader import startup_lock
 from ..storage.scrub import ScrubReport, verify_store
 from ..tracking import open_trackers
@@ -72,6 +72,9 @@ class ServerConfig:
     """Write per-round TensorBoard event files here (:mod:`qflare.tracking`)."""
     mlflow: str | None = None
     """Log per-round metrics to an MLflow run at this tracking URI."""
+    blob_store: str | None = None
+    """Where the blobs live: ``s3://BUCKET[/PREFIX]``; None: ``$QFLARE_BLOB_STORE`` if set, else
+    ``data_dir/blobs`` (:func:`qflare.storage.blob_store_from_env`)."""
     cluster: bool = False
     """Serve as one worker of several (this machine's or others') sharing one PostgreSQL database and
     one blob store: any worker takes any request, one leader at a time runs the rounds
@@ -137,7 +140,7 @@ class ServerRuntime:
         time, under its start-up lock: they would race to create the same rows and files)."""
         self.db.upgrade()
         self.store = Store(self.db)
-        self.blobs = BlobStore(self.data_dir / "blobs")
+        self.blobs: BlobBackend = blob_store_from_env(self.data_dir, environ, url=config.blob_store)
         # nothing is writing yet -- unless other workers of a cluster share the directory
         self.blobs.remove_stale_temp_files(older_than_s=3600.0 if config.cluster else 0.0)
         if config.cluster:

@@ -22,7 +22,7 @@ from typing import BinaryIO, Literal
 from qflare.errors import BlobNotFoundError, OversizeError, StorageFullError, ValidationError
 from qflare.hashed import HashedBytes
 
-__all__ = ["DEFAULT_CHUNK_SIZE", "BlobNotFoundError", "BlobStore"]
+__all__ = ["DEFAULT_CHUNK_SIZE", "STORAGE_RETRY_AFTER_S", "BlobNotFoundError", "BlobStore"]
 
 #: How long a device is told to wait (``Retry-After``) when the blob store cannot be written.
 STORAGE_RETRY_AFTER_S = 30.0
@@ -93,6 +93,10 @@ class BlobStore:
     def path_for(self, sha256: str) -> Path:
         digest = _digest(sha256)
         return self.root / digest[:2] / digest[2:]
+
+    def describe(self, sha256: str) -> str:
+        """The blob's file path (for messages)."""
+        return str(self.path_for(sha256))
 
     # -- writing ------------------------------------------------------------------------------
 

@@ -2,8 +2,8 @@
 
 Blobs are verified when they are read, but most are never read again (old updates, superseded models),
 so corruption of them would go unnoticed.  :func:`verify_store` (``qflare server verify-store``, and
-periodically in the server) re-reads all of them, reports each damaged or missing blob by its file path
-with what to do, and records a security event (``blob_corrupt`` / ``blob_missing``) for each.
+periodically in the server) re-reads all of them, reports each damaged or missing blob by where it lives
+(its file path, or its ``s3://`` URL; :meth:`~qflare.storage.blob_backend.BlobBackend.describe`) with what to do, and records a security event (``blob_corrupt`` / ``blob_missing``) for each.
 """
 
 from __future__ import annotations
@@ -12,15 +12,15 @@ from collections.abc import Container
 from dataclasses import dataclass
 from typing import Literal
 
-from qflare.storage.blobs import BlobStore
+from qflare.storage.blob_backend import BlobBackend
 from qflare.storage.repository import Store
 
 __all__ = ["BlobProblem", "ScrubReport", "verify_store"]
 
 _ADVICE = {
-    "corrupt": "its bytes no longer match its digest; restore the file from a backup (the coordinator refuses "
-    "to serve or aggregate it)",
-    "missing": "a database row refers to it but the file is gone; restore it from a backup",
+    "corrupt": "its bytes no longer match its digest; restore the file (or object) from a backup (the coordinator "
+    "refuses to serve or aggregate it)",
+    "missing": "a database row refers to it but the file (or object) is gone; restore it from a backup",
 }
 
 
@@ -28,6 +28,7 @@ _ADVICE = {
 class BlobProblem:
     digest: str
     path: str
+    """Where the blob lives: a file path, or an ``s3://`` URL."""
     problem: Literal["corrupt", "missing"]
     referenced: bool
     """Whether a database row refers to it (an unreferenced blob is garbage and may simply be deleted)."""
@@ -55,7 +56,7 @@ class ScrubReport:
 
 
 def verify_store(
-    store: Store, blobs: BlobStore, *, record_events: bool = True, skip_events: Container[str] = ()
+    store: Store, blobs: BlobBackend, *, record_events: bool = True, skip_events: Container[str] = ()
 ) -> ScrubReport:
     """Re-hash every stored blob and look for referenced ones that are missing.
 
@@ -66,7 +67,7 @@ def verify_store(
     problems: list[BlobProblem] = []
     unreferenced = 0
     for digest in sorted(stored | referenced):
-        path = str(blobs.path_for(digest))
+        path = blobs.describe(digest)
         status: Literal["missing", "corrupt"] | None = "missing" if digest not in stored else blobs.check(digest)
         if status is None:
             unreferenced += digest not in referenced
