@@ -39,6 +39,7 @@ from ..models import create_model
 from ..protocol import Device, Receipt
 from ..protocol.device import SignedUpdate
 from ..storage import BlobBackend, Database, Store, blob_store_from_env
+from ..storage.testing import temporary_postgres_database
 from ..training import TrainResult
 from ..transport import HttpTransport, RetryPolicy
 from ..wire import ParamLayout
@@ -138,8 +139,21 @@ def check_database(database_url: str, blobs: BlobBackend, receipts: Sequence[tup
     return IngestCheck(len(rows), lost, extra_rows + counted_twice + over_counted, model_updates)
 
 
-def run_ingest_bench(devices: int = 100, *, max_uploads: int = 8, data_root: str | None = None) -> dict[str, Any]:
-    """Run the benchmark (see the module docstring) and return its figures."""
+def run_ingest_bench(
+    devices: int = 100,
+    *,
+    max_uploads: int = 8,
+    data_root: str | None = None,
+    workers: int = 1,
+    database_url: str | None = None,
+) -> dict[str, Any]:
+    """Run the benchmark (see the module docstring) and return its figures.  ``workers`` > 1 runs
+    ``qflare server --workers N`` on ``database_url`` (PostgreSQL; a temporary database when None)."""
+    if workers > 1 and database_url is None:
+        with temporary_postgres_database(prefix="qflare_bench_") as url:
+            return run_ingest_bench(
+                devices, max_uploads=max_uploads, data_root=data_root, workers=workers, database_url=url
+            )
     fed = FederationSpec(
         dataset="fashion-mnist",
         model="fedavg-cnn",
@@ -153,7 +167,8 @@ def run_ingest_bench(devices: int = 100, *, max_uploads: int = 8, data_root: str
     torch.manual_seed(fed.seed)
     layout = ParamLayout.from_module(create_model(fed.model, test.input_shape, test.num_classes))
     retry = RetryPolicy(attempts=3, initial_s=0.2, max_wait_s=2.0)
-    with ServerSpec(fed, max_uploads=max_uploads).process() as server:
+    spec = ServerSpec(fed, max_uploads=max_uploads, workers=workers, database_url=database_url)
+    with spec.process() as server:
         server.wait_ready()
         transports = [HttpTransport(server.url, timeout=600.0, retry=retry) for _ in range(devices)]
         try:
@@ -207,6 +222,8 @@ def run_ingest_bench(devices: int = 100, *, max_uploads: int = 8, data_root: str
         "server_rss_before_mb": round(rss_before / 2**20, 1),
         "server_peak_rss_mb": round(max(rss.peak_bytes, rss_before) / 2**20, 1),
         "max_uploads": max_uploads,
+        "workers": workers,
+        "database": "postgresql" if database_url else "sqlite",
         "max_in_flight_sampled": int(in_flight[0]),
         "server_state_after": status.get("state"),
         "server_exit": exit_code,
