@@ -11,7 +11,7 @@ import torch
 
 from qflare.crypto import SigningKey
 from qflare.models import create_model
-from qflare.protocol import Coordinator, Device, RoundConfig, Route
+from qflare.protocol import Coordinator, CoordinatorConfig, Device, RoundConfig, Route
 from qflare.storage import Database, Store
 from qflare.strategy import fedavg
 from qflare.training import TrainResult
@@ -64,6 +64,7 @@ class Federation:
         min_participants: int | None = None,
         database: Database | None = None,
         identity: SigningKey | None = None,
+        config: CoordinatorConfig | None = None,
     ) -> None:
         self.clock = time.time if clock is None else clock  # devices share it: their hellos are timestamped
         self.db = Database(f"sqlite:///{tmp}/coordinator.db") if database is None else database
@@ -90,6 +91,7 @@ class Federation:
                 selector=selector,
                 min_participants=min_participants,
             ),
+            config=config,
             blobs=blobs,
             clock=time.time if clock is None else clock,
         )

@@ -68,7 +68,7 @@ def test_migrations_match_models_and_round_trip(
     monkeypatch.chdir(tmp_path)  # no alembic.ini anywhere near the CWD
     assert empty_db.current_revision() is None
     empty_db.upgrade()
-    assert empty_db.current_revision() == "0006"
+    assert empty_db.current_revision() == "0007"
     with empty_db.connect() as conn:
         tables = set(inspect(conn).get_table_names())
     assert tables == set(t.Base.metadata.tables) | {"alembic_version"}
@@ -102,7 +102,12 @@ def test_sqlite_connection_settings(tmp_path: Path) -> None:
             assert conn.exec_driver_sql("PRAGMA busy_timeout").scalar() == 30_000
         db.upgrade()
         with pytest.raises(IntegrityError, match="FOREIGN KEY"), db.connect() as conn:
-            conn.execute(text("INSERT INTO sessions VALUES ('s', 'nope', :a, :a, NULL)"), {"a": "2030-01-01"})
+            conn.execute(
+                text(
+                    "INSERT INTO sessions (session_id, device_id, created_at, expires_at) VALUES ('s', 'nope', :a, :a)"
+                ),
+                {"a": "2030-01-01"},
+            )
     finally:
         db.dispose()
 

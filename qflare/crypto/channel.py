@@ -212,6 +212,17 @@ class Channel:
         (``replay``: counter not above the last accepted one), AuthError (``wrong_msg_type``,
         ``wrong_round`` or ``bad_mac``).  Only a frame that authenticates advances the receive counter.
         """
+        counter = self._frame_counter(msg_type, round, data)
+        with self._lock:
+            self._check_expiry()
+            self._check_fresh(counter)
+            plaintext = self._decrypt(msg_type, round, counter, data)
+            self._last_recv = counter
+        return plaintext
+
+    def _frame_counter(self, msg_type: int, round: int, data: bytes) -> int:
+        """Check a frame's size and header against what the caller expects; return its counter.  Nothing
+        is authenticated yet."""
         _check_args(msg_type, round)
         if not isinstance(data, (bytes, bytearray, memoryview)):
             raise MalformedError("frame must be bytes", code="malformed")
@@ -230,19 +241,21 @@ class Channel:
             raise AuthError(f"frame is for message type {h_type}, expected {msg_type}", code="wrong_msg_type")
         if h_round != round:
             raise AuthError(f"frame is for round {h_round}, expected {round}", code="wrong_round")
-        with self._lock:
-            self._check_expiry()
-            if counter <= self._last_recv:
-                raise ReplayError(
-                    f"frame counter {counter} is not above the last accepted {self._last_recv}", code="replay"
-                )
-            aad = frame_aad(self._session_id, msg_type, round, counter)
-            try:
-                plaintext = self._recv_aead.decrypt(frame_nonce(counter), memoryview(data)[FRAME_HEADER_LEN:], aad)
-            except InvalidTag:
-                raise AuthError("frame failed authentication", code="bad_mac") from None
-            self._last_recv = counter
-        return plaintext
+        return int(counter)
+
+    def _check_fresh(self, counter: int) -> None:
+        if counter <= self._last_recv:
+            raise ReplayError(
+                f"frame counter {counter} is not above the last accepted {self._last_recv}", code="replay"
+            )
+
+    def _decrypt(self, msg_type: int, round: int, counter: int, data: bytes) -> bytes:
+        """Authenticate and decrypt (under ``self._lock``); AuthError ``bad_mac``."""
+        aad = frame_aad(self._session_id, msg_type, round, counter)
+        try:
+            return self._recv_aead.decrypt(frame_nonce(counter), memoryview(data)[FRAME_HEADER_LEN:], aad)
+        except InvalidTag:
+            raise AuthError("frame failed authentication", code="bad_mac") from None
 
     def rekey(self) -> None:
         """Ratchet both directions' keys forward (forward secrecy within a session).

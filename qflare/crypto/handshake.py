@@ -34,6 +34,7 @@ from typing import Protocol
 
 from qflare.crypto.channel import DEFAULT_MAX_PLAINTEXT, Channel
 from qflare.crypto.envelope import DEFAULT_MAX_ENVELOPE, Field, MsgType, SignedEnvelope, u32, u64
+from qflare.crypto.handshake_state import HandshakeState
 from qflare.crypto.identity import SigningKey, VerifyKey
 from qflare.crypto.kem import EphemeralKem, Role, SessionKeys, derive_session_keys, encapsulate
 from qflare.crypto.suite import DEFAULT_POLICY, DEFAULT_SUITE, Policy, Suite, sha256
@@ -55,6 +56,7 @@ __all__ = [
     "ClientHandshake",
     "DeviceResolver",
     "HandshakeAdmission",
+    "HandshakeState",
     "HelloReplayCheck",
     "ServerHandshake",
     "handshake_in_process",
@@ -322,6 +324,53 @@ class ServerHandshake(_Machine):
         self._suite, self._device = suite, device
         self._started = self._clock()
         return hello
+
+    def export_state(self) -> HandshakeState:
+        """The state :meth:`finish` needs, after :meth:`respond` (ProtocolError ``bad_state`` otherwise)."""
+        self._expect(_State.WAITING, "export_state")
+        if self._suite is None or self._device is None or self._keys is None:  # pragma: no cover
+            raise ProtocolError("handshake state is incomplete", code="bad_state")
+        return HandshakeState(
+            self._suite, self._device.key_id, self._started, self._lifetime_s, self._transcript, self._keys
+        )
+
+    @classmethod
+    def resume(
+        cls,
+        server_key: SigningKey,
+        resolve_device: DeviceResolver,
+        state: HandshakeState,
+        *,
+        policy: Policy = DEFAULT_POLICY,
+        handshake_timeout_s: float = DEFAULT_HANDSHAKE_TIMEOUT_S,
+        max_plaintext: int = DEFAULT_MAX_PLAINTEXT,
+        max_envelope: int = DEFAULT_MAX_ENVELOPE,
+        clock: Callable[[], float] = time.time,
+    ) -> ServerHandshake:
+        """A machine waiting for CLIENT_FINISH in ``state`` (exported by another process's :meth:`respond`).
+        The device is resolved again, so one revoked since its hello is refused (``revoked``)."""
+        hs = cls(
+            server_key,
+            resolve_device,
+            policy=policy,
+            lifetime_s=state.lifetime_s,
+            handshake_timeout_s=handshake_timeout_s,
+            max_plaintext=max_plaintext,
+            max_envelope=max_envelope,
+            clock=clock,
+        )
+        suite = policy.check(state.suite)
+        device = resolve_device(state.device_key_id)
+        if device is None:
+            raise UnknownDeviceError(
+                f"no enrolled device with key id {state.device_key_id[:16]}...", code="unknown_device"
+            )
+        if device.key_id != state.device_key_id:
+            raise AuthError("device resolver returned a key with another key id", code="key_id_mismatch")
+        hs._suite, hs._device, hs._keys = suite, device, state.keys
+        hs._transcript, hs._started = state.transcript, state.started
+        hs._state = _State.WAITING
+        return hs
 
     def finish(self, client_finish: bytes) -> Channel:
         """Consume CLIENT_FINISH, return the established Channel."""

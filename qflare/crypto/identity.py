@@ -16,6 +16,7 @@ from typing import Any
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 
+from qflare.crypto.kem import hkdf_sha256
 from qflare.crypto.suite import SIG_ALGORITHMS, SigAlgorithm, load_mldsa, sha256
 from qflare.errors import (
     AuthError,
@@ -183,6 +184,14 @@ class SigningKey:
     def sign(self, data: bytes, context: bytes) -> bytes:
         """ML-DSA signature (hedged/randomised by OpenSSL) over ``data`` with a domain-separation context."""
         return bytes(self._key.sign(bytes(data), _check_context(context)))
+
+    def derive_secret(self, info: bytes, length: int = 32) -> bytes:
+        """A secret derived from this private key: ``HKDF-SHA256(IKM = the seed, salt = the key id (32),
+        info)``.  Every holder of the key derives the same value for one ``info`` (e.g. the key wrapping the
+        coordinator state its processes share); ``info`` separates purposes.  Nothing derived reveals the key."""
+        if not isinstance(info, (bytes, bytearray)) or not info:
+            raise ConfigError("derivation info must be non-empty bytes", code="bad_argument")
+        return hkdf_sha256(bytes(self._key.private_bytes_raw()), self.key_id_bytes, bytes(info), length)
 
     def unsafe_seed_bytes(self) -> bytes:
         """DANGEROUS: the raw 32-byte private seed.  Only for vectors and HSM export."""

@@ -12,6 +12,11 @@ encapsulates and signs.  The expensive work of both is drawn from one
 device last proved itself (enrollment, handshake, any sealed request) and offers the round selector only
 devices that hold a live session or were seen within ``liveness_window_s`` (all active devices when
 there are none).
+
+With ``CoordinatorConfig.shared_sessions`` the pending handshakes, the sessions (keys wrapped, counters),
+the hello replay cache and the liveness sightings live in the store instead of this process
+(:mod:`.shared_state`), so every coordinator on the same database and identity key continues any
+device's handshake and session.
 """
 
 from __future__ import annotations
@@ -83,6 +88,7 @@ from .provenance import entry_of
 from .records import DeviceRow
 from .rounds import PublishedModel, RoundConfig, RoundManager
 from .secure_round import inbound
+from .shared_state import SharedState
 from .store import BlobSink, CoordinatorStore
 
 __all__ = ["Coordinator", "CoordinatorConfig"]
@@ -154,6 +160,11 @@ class CoordinatorConfig:
     liveness_window_s: float | None = 300.0
     """Rounds select among devices that hold a live session or were seen (enrolled, handshaked, sent a
     sealed request) this recently; None: among all active devices."""
+    shared_sessions: bool = False
+    """Keep pending handshakes, sessions (keys wrapped under a key derived from the identity key, counters),
+    the hello replay cache and liveness in the store, so that several coordinator processes on one
+    database and identity key serve one federation (docs/protocol.md section 6.1); False: in this process
+    (no database round trip per request beyond today's)."""
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.handshake_timeout_s) and self.handshake_timeout_s > 0):
@@ -168,6 +179,8 @@ class _Session:
     key: VerifyKey
     channel: Channel
     lock: threading.Lock
+    status: str | None = None
+    """The device's status read with a shared session's row; None: ask the store (in-memory sessions)."""
 
 
 class Coordinator:
@@ -202,6 +215,9 @@ class Coordinator:
         self._last_seen: dict[str, float] = {}  # device id -> when it last proved itself
         self._hellos = _HelloReplayCache(clock)
         cfg = self.config
+        self._shared: SharedState | None = None
+        if cfg.shared_sessions:
+            self._shared = SharedState(store, identity, clock=clock, max_plaintext=cfg.max_update_bytes)
         self.budget: CryptoBudget | None = None
         if cfg.crypto_ops_per_s is not None:
             self.budget = CryptoBudget(
@@ -245,7 +261,11 @@ class Coordinator:
         window = self.config.liveness_window_s
         if window is None:
             return list(active)
-        cutoff = self._clock() - window
+        now = self._clock()
+        cutoff = now - window
+        if self._shared is not None:  # every process's sessions and sightings
+            seen = self._shared.live(now, cutoff)
+            return [d for d in active if d in seen] or list(active)
         with self._lock:
             in_session = {s.device_id for s in self._sessions.values() if not s.channel.expired()}
         live = [d for d in active if d in in_session or self._last_seen.get(d, -math.inf) >= cutoff]
@@ -270,7 +290,9 @@ class Coordinator:
 
     def revoke(self, device_id: str, reason: str) -> None:
         """Revoke a device: its sessions die and its next message is refused."""
-        self.store.revoke_device(device_id, reason)
+        self.store.revoke_device(device_id, reason)  # closes its sessions in the store too
+        if self._shared is not None:
+            self._shared.forget_device(device_id)
         with self._lock:
             for sid in [s for s, v in self._sessions.items() if v.device_id == device_id]:
                 del self._sessions[sid]
@@ -450,10 +472,13 @@ class Coordinator:
             max_plaintext=self.config.max_update_bytes,
             clock=self._clock,
             admit=lambda _device: self._spend(Work.HANDSHAKE),
-            seen=self._hellos,
+            seen=self._hellos if self._shared is None else self._shared.hellos,
         )
         with self._timed("handshake_respond"):
             reply = hs.respond(body)
+        if self._shared is not None:
+            self._shared.keep_pending(reply, hs.export_state(), self.config.handshake_timeout_s)
+            return reply
         key = hashlib.sha256(reply).hexdigest()
         now = self._clock()
         with self._lock:
@@ -475,13 +500,16 @@ class Coordinator:
 
     @property
     def pending_handshakes(self) -> int:
-        return len(self._pending)
+        """Handshakes awaiting their CLIENT_FINISH (with shared sessions: every process's)."""
+        return len(self._pending) if self._shared is None else self._shared.pending_count()
 
     def _finish(self, body: bytes) -> bytes:
         """Body: ``SHA-256(server hello) || CLIENT_FINISH``; returns the session id (hex, ASCII)."""
         if len(body) < 32:
             raise MalformedError("handshake finish is truncated", code="truncated")
         now = self._clock()
+        if self._shared is not None:
+            return self._finish_shared(self._shared, body, now)
         with self._lock:
             entry = self._pending.pop(body[:32].hex(), None)
             self._expire_pending(now)
@@ -504,7 +532,35 @@ class Coordinator:
         self._seen(key.key_id)
         return sid.encode()
 
+    def _finish_shared(self, shared: SharedState, body: bytes, now: float) -> bytes:
+        """:meth:`_finish` on a pending handshake any process may have answered: taken from the store
+        (exactly one process gets it), resumed, finished, and the session stored."""
+        state = shared.take_pending(body[:32])
+        if state is None:
+            raise AuthError("no handshake in progress for this server hello", code="unknown_handshake")
+        if now - state.started > self.config.handshake_timeout_s:
+            raise SessionExpiredError("handshake took too long", code="handshake_expired")
+        hs = ServerHandshake.resume(
+            self.identity,
+            self._resolve,
+            state,
+            policy=self.config.policy,
+            handshake_timeout_s=self.config.handshake_timeout_s,
+            max_plaintext=self.config.max_update_bytes,
+            clock=self._clock,
+        )
+        with self._timed("handshake_finish"):
+            hs.finish(body[32:])
+        key = hs.device_key
+        assert key is not None
+        sid = shared.add_session(state, key, self._clock())
+        self._seen(key.key_id)
+        return sid.encode()
+
     def _session(self, session_id: str | None) -> _Session:
+        if self._shared is not None:
+            found = self._shared.session(session_id)
+            return _Session(found.device_id, found.key, found.channel, threading.Lock(), found.status)
         sess = self._sessions.get(session_id or "")
         if sess is None:
             raise AuthError("unknown or closed session: run the handshake again", code="unknown_session")
@@ -537,7 +593,7 @@ class Coordinator:
         self._check_active(sess)
 
     def _check_active(self, sess: _Session) -> None:
-        status = self.store.device_status(sess.device_id)
+        status = self.store.device_status(sess.device_id) if sess.status is None else sess.status
         if status is None:
             raise UnknownDeviceError("device is no longer enrolled", code="unknown_device")
         if status not in ("active", "quarantined"):

@@ -15,10 +15,12 @@ __all__ = [
     "LedgerRow",
     "ModelRow",
     "NewUpdate",
+    "PendingHandshakeRow",
     "RoundRow",
     "SecAggRoundRow",
     "SecurityEventRow",
     "SessionRow",
+    "SharedSessionRow",
     "TokenRow",
     "UpdateRow",
 ]
@@ -70,6 +72,37 @@ class SessionRow:
 
     def is_live(self, now: datetime) -> bool:
         return self.closed_at is None and now < self.expires_at
+
+
+@dataclass(frozen=True, slots=True)
+class SharedSessionRow:
+    """A session of coordinators that share their sessions (``CoordinatorConfig.shared_sessions``), with
+    its device's status: ``last_recv`` / ``next_send`` are its counters (None for a session one process
+    keeps in memory); the wrapped keys and the device's public key are read only when asked for."""
+
+    session_id: str
+    device_id: str
+    created_at: datetime
+    expires_at: datetime
+    closed_at: datetime | None
+    last_recv: int | None
+    next_send: int | None
+    device_status: str
+    wrapped_keys: bytes | None = None
+    sig_alg: str | None = None
+    sig_public_key: bytes | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class PendingHandshakeRow:
+    """A handshake answered (SERVER_HELLO sent) and awaiting its CLIENT_FINISH, keyed by SHA-256 of the
+    SERVER_HELLO; ``state`` is the server side's state, wrapped (:mod:`qflare.crypto.wrap`)."""
+
+    hello_hash: str
+    device_id: str
+    state: bytes
+    started_at: datetime
+    expires_at: datetime
 
 
 @dataclass(frozen=True, slots=True)

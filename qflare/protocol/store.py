@@ -21,10 +21,12 @@ from .records import (
     LedgerRow,
     ModelRow,
     NewUpdate,
+    PendingHandshakeRow,
     RoundRow,
     SecAggRoundRow,
     SecurityEventRow,
     SessionRow,
+    SharedSessionRow,
     TokenRow,
     UpdateRow,
 )
@@ -65,6 +67,49 @@ class CoordinatorStore(Protocol):
     def add_session(
         self, session_id: str, device_id: str, expires_at: datetime, *, created_at: datetime | None = None
     ) -> SessionRow: ...
+
+    # -- shared sessions (CoordinatorConfig.shared_sessions; qflare.protocol.shared_state) -----
+    def add_shared_session(
+        self,
+        session_id: str,
+        device_id: str,
+        expires_at: datetime,
+        *,
+        wrapped_keys: bytes,
+        created_at: datetime | None = None,
+    ) -> SessionRow:
+        """A session with its wrapped keys and fresh counters; the device's other open sessions are closed."""
+        ...
+
+    def shared_session(self, session_id: str, *, with_keys: bool = False) -> SharedSessionRow | None:
+        """The session, its counters and its device's status (one indexed read)."""
+        ...
+
+    def advance_session(self, session_id: str, counter: int, *, now: datetime) -> int | None:
+        """ONE atomic step: last received := ``counter`` if above it (open, unexpired session), and the
+        reserved send counter returned; None (nothing changed) otherwise."""
+        ...
+
+    def live_device_ids(self, *, now: datetime, seen_since: datetime) -> set[str]: ...
+
+    def hello_seen(self, digest: str) -> bool: ...
+
+    def record_hello(self, digest: str, *, expires_at: datetime, now: datetime, purge: bool = False) -> bool:
+        """False when already recorded (atomic: one of concurrent callers gets True); ``purge`` first
+        deletes the expired digests and pending handshakes."""
+        ...
+
+    def put_pending_handshake(
+        self, hello_hash: str, device_id: str, state: bytes, *, started_at: datetime, expires_at: datetime
+    ) -> None: ...
+
+    def take_pending_handshake(self, hello_hash: str) -> PendingHandshakeRow | None:
+        """Remove and return it: of concurrent callers exactly one gets it."""
+        ...
+
+    def count_pending_handshakes(self, *, now: datetime) -> int: ...
+
+    def purge_shared_state(self, *, now: datetime) -> int: ...
 
     # -- rounds and updates -----------------------------------------------------------------
     def open_round(

@@ -292,11 +292,14 @@ class IdentityOps(StoreBase):
             return [snapshot(DeviceRow, r) for r in s.scalars(stmt)]
 
     def last_seen(self) -> dict[str, datetime]:
-        """Per device, the latest time it opened a session (handshake) or sent an update: its last contact."""
+        """Per device, the latest time it opened a session (handshake), sent a frame that authenticated on
+        a shared session (any coordinator process's, see ``add_shared_session``) or sent an update: its
+        last contact."""
         with self._read() as s:
             seen: dict[str, datetime] = {}
             for table_key, column in (
                 (t.Session.device_id, t.Session.created_at),
+                (t.Session.device_id, t.Session.last_seen_at),
                 (t.Update.device_id, t.Update.received_at),
             ):
                 for device, at in s.execute(select(table_key, func.max(column)).group_by(table_key)):
@@ -315,6 +318,27 @@ class IdentityOps(StoreBase):
         created_at: datetime | None = None,
     ) -> SessionRow:
         """Record a session for an active device (the session key itself is never stored)."""
+        return self._add_session(session_id, device_id, expires_at, created_at, None)
+
+    def add_shared_session(
+        self,
+        session_id: str,
+        device_id: str,
+        expires_at: datetime,
+        *,
+        wrapped_keys: bytes,
+        created_at: datetime | None = None,
+    ) -> SessionRow:
+        """Record a session of coordinators that share their sessions: its wrapped keys, its counters at
+        their start (nothing received yet, the first reply sealed with 0), seen at ``created_at``; the
+        device's other open sessions are closed in the same transaction (a new handshake replaces them)."""
+        if not isinstance(wrapped_keys, bytes | bytearray) or not wrapped_keys:
+            raise ValidationError("wrapped_keys must be non-empty bytes")
+        return self._add_session(session_id, device_id, expires_at, created_at, bytes(wrapped_keys))
+
+    def _add_session(
+        self, session_id: str, device_id: str, expires_at: datetime, created_at: datetime | None, wrapped: bytes | None
+    ) -> SessionRow:
         check_nonempty(session_id, "session_id", 128)
         created = self._now(created_at, "created_at")
         expires = require_aware(expires_at, "expires_at")
@@ -336,6 +360,14 @@ class IdentityOps(StoreBase):
                     expires_at=expires,
                     closed_at=None,
                 )
+                if wrapped is not None:
+                    s.execute(
+                        update(t.Session)
+                        .where(t.Session.device_id == device_id, t.Session.closed_at.is_(None))
+                        .values(closed_at=created)
+                        .execution_options(synchronize_session=False)
+                    )
+                    row.wrapped_keys, row.last_recv, row.next_send, row.last_seen_at = wrapped, -1, 0, created
                 s.add(row)
                 s.flush()
                 return snapshot(SessionRow, row)

@@ -15,14 +15,15 @@ from qflare.storage.identity import IdentityOps, hash_token, key_id
 from qflare.storage.ledger import LedgerOps
 from qflare.storage.operators import OperatorOps
 from qflare.storage.secagg import SecAggOps
+from qflare.storage.shared import SharedSessionOps
 from qflare.storage.training import ROUND_TRANSITIONS, TrainingOps
 
 __all__ = ["ROUND_TRANSITIONS", "Clock", "Store", "hash_token", "key_id", "utc_now"]
 
 
-class Store(IdentityOps, TrainingOps, AuditOps, LedgerOps, OperatorOps, SecAggOps):
+class Store(IdentityOps, TrainingOps, AuditOps, LedgerOps, OperatorOps, SecAggOps, SharedSessionOps):
     """Tokens, devices, sessions, rounds, updates, model versions, security events, ledger, operator
-    sessions, secure-aggregation round state."""
+    sessions, secure-aggregation round state, the shared connection state of coordinator processes."""
 
     def __init__(self, db: Database, *, clock: Clock = utc_now) -> None:
         super().__init__(db, clock=clock)

@@ -1,8 +1,10 @@
 """SQLAlchemy 2 declarative models for the coordinator's persistent state.
 
 Every timestamp column is a timezone-aware UTC ``datetime`` in Python (see :class:`UTCDateTime`);
-naive datetimes are refused on write.  Secrets never reach these tables: enrollment tokens are stored
-only as SHA-256 hashes and session keys are not stored at all.
+naive datetimes are refused on write.  Secrets never reach these tables in plaintext: enrollment tokens
+are stored only as SHA-256 hashes, and session keys are not stored at all, except by coordinators that
+share their sessions (``CoordinatorConfig.shared_sessions``), which store them wrapped
+(:mod:`qflare.crypto.wrap`).
 
 ``migrations/versions`` mirrors this module by hand; ``tests/test_storage.py`` asserts that
 Alembic's autogenerate comparison finds no difference between the two.
@@ -15,6 +17,7 @@ from typing import Any
 
 from sqlalchemy import (
     JSON,
+    BigInteger,
     CheckConstraint,
     DateTime,
     Dialect,
@@ -36,9 +39,11 @@ __all__ = [
     "Base",
     "Device",
     "EnrollmentToken",
+    "HelloDigest",
     "LedgerEntry",
     "ModelVersion",
     "OperatorSession",
+    "PendingHandshake",
     "Round",
     "SecAggRound",
     "SecurityEvent",
@@ -139,6 +144,39 @@ class Session(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
     expires_at: Mapped[datetime] = mapped_column(UTCDateTime)
     closed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # The columns below are set only for the sessions of coordinators that share them (migration 0007;
+    # qflare.protocol.shared_state): NULL for a session one coordinator process keeps in memory.
+    wrapped_keys: Mapped[bytes | None] = mapped_column(LargeBinary)
+    """The channel keys, suite and lifetime, wrapped under the coordinator's state key (AAD: session id)."""
+    last_recv: Mapped[int | None] = mapped_column(BigInteger)
+    """The counter of the last frame accepted from the device (-1 before any)."""
+    next_send: Mapped[int | None] = mapped_column(BigInteger)
+    """The counter the next reply will be sealed with: reserved, in the statement accepting a frame."""
+    last_seen_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    """When a frame last authenticated on this session (or it was made): the device's liveness."""
+
+
+class PendingHandshake(Base):
+    """A handshake of coordinators that share their sessions: SERVER_HELLO sent, CLIENT_FINISH awaited.
+    Keyed by SHA-256 (hex) of the SERVER_HELLO; ``state`` is the server side's state, wrapped."""
+
+    __tablename__ = "pending_handshakes"
+
+    hello_hash: Mapped[str] = mapped_column(String(64), primary_key=True)
+    device_id: Mapped[str] = mapped_column(_DEVICE_ID)
+    state: Mapped[bytes] = mapped_column(LargeBinary)
+    started_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
+
+
+class HelloDigest(Base):
+    """The CLIENT_HELLO replay cache of coordinators that share their sessions: SHA-256 (hex) of each
+    hello answered, until it could no longer be fresh."""
+
+    __tablename__ = "hello_digests"
+
+    digest: Mapped[str] = mapped_column(String(64), primary_key=True)
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
 
 
 class Round(Base):
