@@ -68,9 +68,9 @@ class Cluster:
             initial_flat=self.layout.module_to_flat(model),
             strategy=fedavg(),
             identity=self.identity,
-            store=Store(db),
+            store=Store(db, shared=True),
             rounds=RoundConfig(rounds=self.rounds, per_round=per_round, seed=0, round_timeout_s=600.0),
-            config=CoordinatorConfig(liveness_window_s=None),
+            config=CoordinatorConfig(liveness_window_s=None, shared_sessions=True),
             blobs=BlobStore(tmp / "blobs"),
             leadership=AdvisoryLeadership(db),
         )

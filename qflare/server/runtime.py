@@ -139,7 +139,7 @@ class ServerRuntime:
         """Migrate, open the stores, load the keys and build the coordinator (a cluster's workers one at a
         time, under its start-up lock: they would race to create the same rows and files)."""
         self.db.upgrade()
-        self.store = Store(self.db)
+        self.store = Store(self.db, shared=config.cluster)
         self.blobs: BlobBackend = blob_store_from_env(self.data_dir, environ, url=config.blob_store)
         # nothing is writing yet -- unless other workers of a cluster share the directory
         self.blobs.remove_stale_temp_files(older_than_s=3600.0 if config.cluster else 0.0)
@@ -224,7 +224,10 @@ class ServerRuntime:
                 detection=spec.detection_config(),
             ),
             config=CoordinatorConfig(
-                suite=spec.suite, session_lifetime_s=cfg.session_lifetime_s, max_update_bytes=cfg.max_update_bytes
+                suite=spec.suite,
+                session_lifetime_s=cfg.session_lifetime_s,
+                max_update_bytes=cfg.max_update_bytes,
+                shared_sessions=cfg.cluster,  # any worker continues any device's handshake and session
             ),
             blobs=self.blobs,
             on_model=self._on_model,
