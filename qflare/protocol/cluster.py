@@ -120,8 +120,9 @@ class ClusterRoundOps:
         if rnd.result is None:
             rnd.db_state = row.state
         rnd.deadline = row.deadline.timestamp()
-        for upd in self._store.updates_for_round(row.round_number):
-            rnd.accepted.setdefault(upd.device_id, upd.update_hash)
+        if self._store.count_updates(row.round_number) != len(rnd.accepted):  # one cheap query at most steps
+            for upd in self._store.updates_for_round(row.round_number):
+                rnd.accepted.setdefault(upd.device_id, upd.update_hash)
 
     def _round_from_row(self, row: RoundRow) -> OpenRound:
         from .rounds import OpenRound

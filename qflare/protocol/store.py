@@ -158,6 +158,10 @@ class CoordinatorStore(Protocol):
 
     def updates_for_round(self, round_number: int) -> list[UpdateRow]: ...
 
+    def count_updates(self, round_number: int | None = None) -> int:
+        """Updates recorded for ``round_number`` (in all rounds when None)."""
+        ...
+
     # -- model versions ---------------------------------------------------------------------
     def add_model_version(
         self,
