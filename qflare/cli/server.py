@@ -252,10 +252,21 @@ def server(
             console.print(f"TLS via {report.openssl}; post-quantum TLS group: {group}")
         else:
             err_console.print("[yellow]no TLS[/]: device traffic is protected by the post-quantum channel only")
-        sock = None if listen_fd is None else socket.socket(fileno=listen_fd)
+        sock = None if listen_fd is None else _inherited_socket(listen_fd)
         if runtime.leadership is not None:
             console.print(f"cluster worker pid {os.getpid()}: one of the workers on this database leads the rounds")
         serve(runtime, host=host, port=port, tls_cert=tls_cert, tls_key=tls_key, log_level=log_level.lower(), sock=sock)
+
+
+def _inherited_socket(fd: int) -> socket.socket:
+    """The listening socket ``--workers`` handed this worker as descriptor ``fd``."""
+    try:
+        sock = socket.socket(fileno=fd)
+    except OSError as exc:
+        raise ConfigError(f"--listen-fd {fd} is not an open socket: {exc.strerror or exc}") from None
+    if sock.type != socket.SOCK_STREAM:
+        raise ConfigError(f"--listen-fd {fd} is not a stream socket")
+    return sock
 
 
 def _run_workers(config: ServerConfig, workers: int, host: str, port: int) -> int:
