@@ -8,6 +8,7 @@ Devices keep their session on one worker; their uploads are spread over the work
 
 from __future__ import annotations
 
+import os
 import random
 import time
 from pathlib import Path
@@ -34,12 +35,22 @@ class Killed(BaseException):
 
 
 class Cluster:
-    def __init__(self, db: Database, tmp: Path, workers: int, *, devices: int = 6, per_round: int = 4, rounds: int = 3):
+    def __init__(
+        self,
+        db: Database,
+        tmp: Path,
+        workers: int,
+        *,
+        devices: int = 6,
+        per_round: int = 4,
+        rounds: int = 3,
+        min_participants: int | None = None,
+    ):
         torch.manual_seed(0)
         model = create_model("mlp", (1, 8, 8), 10)
         self.layout = ParamLayout.from_module(model)
         self.identity = SigningKey.generate()
-        self.rounds = rounds
+        self.rounds, self.min_participants = rounds, min_participants
         self.workers: list[Coordinator] = []
         self.dbs: list[Database] = []
         for _ in range(workers):
@@ -69,7 +80,13 @@ class Cluster:
             strategy=fedavg(),
             identity=self.identity,
             store=Store(db, shared=True),
-            rounds=RoundConfig(rounds=self.rounds, per_round=per_round, seed=0, round_timeout_s=600.0),
+            rounds=RoundConfig(
+                rounds=self.rounds,
+                per_round=per_round,
+                seed=0,
+                round_timeout_s=600.0,
+                min_participants=self.min_participants,
+            ),
             config=CoordinatorConfig(liveness_window_s=None, shared_sessions=True),
             blobs=BlobStore(tmp / "blobs"),
             leadership=AdvisoryLeadership(db),
@@ -231,3 +248,94 @@ def test_a_cluster_refuses_sqlite_and_secure_aggregation(tmp_path):
     with pytest.raises(ConfigError, match="PostgreSQL"):
         AdvisoryLeadership(db)
     db.dispose()
+
+
+def test_a_round_past_its_deadline_with_enough_updates_is_published_from_what_was_recorded(tmp_path):
+    with scratch("postgresql", tmp_path) as db:
+        cluster = Cluster(db, tmp_path, 2, devices=6, per_round=4, min_participants=3)
+        try:
+            cluster.step()
+            chosen = cluster.selected()
+            for index in chosen[:3]:
+                cluster.upload(index)
+            for worker in cluster.workers:
+                worker.rounds._clock = lambda: time.time() + 10_000  # type: ignore[method-assign]
+            cluster.step()
+            assert cluster.store.get_round(1).state == "closed"  # type: ignore[union-attr]
+            assert [m.version for m in cluster.store.list_models()] == [0, 1]
+            assert cluster.store.list_models()[1].metrics["updates"] == 3
+        finally:
+            cluster.close()
+
+
+def test_the_leaders_garbage_collection_spares_blobs_being_written_by_other_workers(tmp_path):
+    with scratch("postgresql", tmp_path) as db:
+        cluster = Cluster(db, tmp_path, 2)
+        try:
+            cluster.step()
+            leader = next(w for w in cluster.workers if w.rounds._leadership.held)  # type: ignore[union-attr]
+            follower = next(w for w in cluster.workers if w is not leader)
+            blobs = BlobStore(tmp_path / "blobs")
+            old, _ = blobs.put(b"an orphan from long ago")
+            past = time.time() - 3600
+            os.utime(blobs.path_for(old), (past, past))
+            rewritten, _ = blobs.put(b"an orphan whose bytes are uploaded again")
+            os.utime(blobs.path_for(rewritten), (past, past))
+            assert follower.rounds.collect_garbage() == []  # only the leader collects
+            assert leader.rounds.collect_garbage() == []  # first sighting: suspects only
+            blobs.delete(rewritten)
+            blobs.put(b"an orphan whose bytes are uploaded again")  # a retry writes the same bytes anew
+            fresh, _ = blobs.put(b"written since the last pass")
+            assert leader.rounds.collect_garbage() == [old]
+            assert blobs.exists(rewritten) and blobs.exists(fresh)
+            assert all(blobs.exists(m.model_hash) for m in cluster.store.list_models())
+        finally:
+            cluster.close()
+
+
+def test_a_worker_with_another_coordinator_key_is_refused(tmp_path):
+    from qflare.server.runtime import _check_cluster_key
+
+    with scratch("postgresql", tmp_path) as db:
+        cluster = Cluster(db, tmp_path, 1)
+        try:
+            _check_cluster_key(cluster.store, cluster.identity)  # the federation's own key
+            with pytest.raises(ConfigError, match=r"same coordinator\.key"):
+                _check_cluster_key(cluster.store, SigningKey.generate())
+            for _ in range(2):  # and once the ledger has entries, its head's signer decides
+                cluster.step()
+                for index in cluster.selected():
+                    cluster.upload(index)
+                cluster.step()
+            assert cluster.store.last_ledger_entry() is not None
+            _check_cluster_key(cluster.store, cluster.identity)
+            with pytest.raises(ConfigError, match=r"same coordinator\.key"):
+                _check_cluster_key(cluster.store, SigningKey.generate())
+        finally:
+            cluster.close()
+
+
+def test_a_blob_store_outage_at_close_delays_the_round_and_loses_nothing(tmp_path):
+    from qflare.errors import StorageFullError
+
+    with scratch("postgresql", tmp_path) as db:
+        cluster = Cluster(db, tmp_path, 2)
+        try:
+            cluster.step()
+            leader = next(w for w in cluster.workers if w.rounds._leadership.held)  # type: ignore[union-attr]
+            for index in cluster.selected():
+                cluster.upload(index)
+            real_get = leader.rounds._blobs.get  # type: ignore[union-attr]
+
+            def unavailable(digest: str) -> bytes:
+                raise StorageFullError("the blob store is unreachable", code="storage_unavailable")
+
+            leader.rounds._blobs.get = unavailable  # type: ignore[union-attr,method-assign]
+            cluster.step()
+            assert cluster.store.get_round(1).state == "aggregating"  # type: ignore[union-attr]
+            leader.rounds._blobs.get = real_get  # type: ignore[union-attr,method-assign]
+            cluster.step()
+            assert cluster.store.get_round(1).state == "closed"  # type: ignore[union-attr]
+            assert cluster.store.list_models()[1].metrics["updates"] == 4
+        finally:
+            cluster.close()

@@ -264,8 +264,8 @@ def _inherited_socket(fd: int) -> socket.socket:
         sock = socket.socket(fileno=fd)
     except OSError as exc:
         raise ConfigError(f"--listen-fd {fd} is not an open socket: {exc.strerror or exc}") from None
-    if sock.type != socket.SOCK_STREAM:
-        raise ConfigError(f"--listen-fd {fd} is not a stream socket")
+    if sock.type != socket.SOCK_STREAM or not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+        raise ConfigError(f"--listen-fd {fd} is not a listening stream socket")
     return sock
 
 

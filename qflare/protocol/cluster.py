@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Protocol
 
 import torch
 
-from ..errors import QflareError, ValidationError
+from ..errors import QflareError, StorageFullError
 from ..strategy import ClientUpdate, Pipeline, PreparedUpdate
 from ..wire import ParamLayout, decode_blob
 from .provenance import QUORUM_NOT_REACHED
@@ -46,7 +46,11 @@ if TYPE_CHECKING:
     from .detection import Detector
     from .rounds import OpenRound, PublishedModel, RoundConfig
 
-__all__ = ["ClusterRoundOps", "Leadership"]
+__all__ = ["CLOCK_SKEW_S", "ClusterRoundOps", "Leadership"]
+
+CLOCK_SKEW_S = 60.0
+"""How far apart the workers' and the blob store's clocks may be (garbage collection keeps any blob
+written later than this before its previous pass began)."""
 
 _log = logging.getLogger("qflare.rounds")
 
@@ -75,6 +79,7 @@ class ClusterRoundOps:
         _clock: Callable[[], float]
         _leadership: Leadership | None
         _gc_suspects: set[str]
+        _gc_pass_at: float | None
         layout: ParamLayout
         model: PublishedModel
         strategy: Pipeline
@@ -143,19 +148,14 @@ class ClusterRoundOps:
     def _cluster_step(self) -> OpenRound | None:
         """A worker's step: follow the store; the leader also runs deadlines, quorum, closes and opens."""
         assert self._leadership is not None
+        leading = self._leadership.leading()  # a database round trip: not under the round lock uploads need
         with self._lock:
             self._follow()
-            if not self._leadership.leading():
+            if not leading:
                 return self._round
             rnd = self._round
-            if rnd is not None:
-                if rnd.closing or len(rnd.accepted) >= rnd.quorum:
-                    self._close_clustered(rnd)
-                elif self._clock() >= rnd.deadline:
-                    if len(rnd.accepted) >= rnd.min_participants:
-                        self._close_clustered(rnd)
-                    else:
-                        self._fail_clustered(rnd)
+            if rnd is not None and (rnd.closing or len(rnd.accepted) >= rnd.quorum or self._clock() >= rnd.deadline):
+                self._close_clustered(rnd)
             if self._round is None and not self.finished:
                 active = self._store.list_devices(status="active")
                 if len(active) >= self.config.min_devices:
@@ -163,7 +163,10 @@ class ClusterRoundOps:
             return self._round
 
     def _close_clustered(self, rnd: OpenRound) -> None:
-        """Stop the round taking updates (``open`` -> ``aggregating``), fold in what was recorded, close."""
+        """Stop the round taking updates (``open`` -> ``aggregating``, which waits for every update being
+        recorded under the round's row lock and refuses later ones), then count and fold in what was
+        recorded: publish when it is at least ``min_participants``, else fail the round.  Counting before
+        that transition would race a worker still recording an update (acknowledged, then dropped)."""
         if rnd.db_state == "open":
             try:
                 self._store.set_round_state(rnd.number, "open", "aggregating")
@@ -172,20 +175,26 @@ class ClusterRoundOps:
                 self._round = None
                 return
             rnd.db_state = "aggregating"
-        if rnd.result is None and not self._gather(rnd):
-            return
+        if rnd.result is None:
+            if not self._gather(rnd):
+                return
+            if len(rnd.accepted) < rnd.min_participants:
+                self._fail_clustered(rnd, QUORUM_NOT_REACHED)
+                return
         self._close(rnd)
 
-    def _fail_clustered(self, rnd: OpenRound) -> None:
+    def _fail_clustered(self, rnd: OpenRound, reason: str) -> None:
         try:
-            self._fail(rnd, QUORUM_NOT_REACHED)
+            self._fail(rnd, reason)
         except QflareError as exc:
             _log.warning("round %d: not failed here (%s)", rnd.number, exc)
         self._round = None
 
     def _gather(self, rnd: OpenRound) -> bool:
-        """Rebuild ``rnd``'s aggregation from the stored updates, in selection order; False (and the round
-        failed) when one cannot be read back."""
+        """Rebuild ``rnd``'s aggregation from the stored updates, in selection order.  False when it cannot:
+        the blob store is unreachable or full for now (the round stays aggregating; the next step tries
+        again), or an acknowledged update cannot be read back or no longer passes the checks (the round is
+        failed, with a security event naming the update)."""
         assert self._blobs is not None
         position = {device: i for i, device in enumerate(rnd.selected)}
         rows = sorted(
@@ -200,7 +209,10 @@ class ClusterRoundOps:
                 flat = decode_blob(blob, self.layout, kind="update", expected_sha256=upd.update_hash).flat
                 update = ClientUpdate(upd.device_id, flat, upd.num_examples, dict(upd.metrics))
                 prepared = agg.check(update)
-            except (ValidationError, QflareError) as exc:  # damaged store, or a check that no longer passes
+            except StorageFullError as exc:
+                _log.warning("round %d: the blob store cannot be read now, closing later: %s", rnd.number, exc)
+                return False
+            except QflareError as exc:  # a damaged store, or a check that no longer passes
                 self._store.record_security_event(
                     exc.code,
                     f"round {rnd.number}: the acknowledged update of device {upd.device_id[:16]}... cannot be "
@@ -209,7 +221,7 @@ class ClusterRoundOps:
                 )
                 _log.error("round %d failed at close: update %s unreadable [%s]", rnd.number, upd.id, exc.code)
                 rnd.accepted = {u.device_id: u.update_hash for u in rows}
-                self._fail_clustered(rnd)
+                self._fail_clustered(rnd, str(exc.code))
                 return False
             if self.detector is not None:
                 held[upd.device_id] = (flat, prepared)
@@ -220,11 +232,20 @@ class ClusterRoundOps:
         return True
 
     def _collect_clustered(self, listed: list[str], referenced: set[str]) -> list[str]:
-        """The blobs a cluster's leader may delete: unreferenced now AND at its previous pass (a blob another
-        worker has written but not recorded yet is referenced, or gone, by the next pass)."""
+        """The blobs a cluster's leader may delete: unreferenced at its previous pass and now, and not written
+        since that pass began.  Another worker may be between writing a blob and recording its row (an
+        upload takes seconds; passes are minutes apart), and a retry may rewrite the very bytes of a blob
+        that was an orphan at the previous pass -- the write time tells that rewrite apart."""
         if self._leadership is None or not self._leadership.leading():
             return []
+        assert self._blobs is not None
+        now = self._clock()
         unreferenced = {d for d in listed if d not in referenced}
-        doomed = sorted(unreferenced & self._gc_suspects)
-        self._gc_suspects = unreferenced - set(doomed)
+        previous, since = self._gc_suspects, self._gc_pass_at
+        doomed = []
+        for digest in sorted(unreferenced & previous):
+            written = self._blobs.written_at(digest)
+            if written is not None and since is not None and written < since - CLOCK_SKEW_S:
+                doomed.append(digest)
+        self._gc_suspects, self._gc_pass_at = unreferenced - set(doomed), now
         return doomed

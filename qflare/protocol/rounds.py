@@ -219,6 +219,7 @@ class RoundManager(SecureRoundOps, ClusterRoundOps):
         self._clock, self._on_model = clock, on_model
         self._leadership = leadership
         self._gc_suspects: set[str] = set()
+        self._gc_pass_at: float | None = None
         self._lock = threading.RLock()
         self._selector = build_selector(config.selector)
         self._privacy = privacy_of(strategy)

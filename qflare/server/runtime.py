@@ -21,10 +21,10 @@ import torch
 from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
 
-from ..crypto import require_primitives
+from ..crypto import MsgType, SignedEnvelope, SigningKey, require_primitives
 from ..crypto.rotation import ChainState
 from ..data import load_dataset
-from ..errors import ConfigError
+from ..errors import ConfigError, QflareError
 from ..federation import FederationSpec
 from ..models import create_model
 from ..protocol import Coordinator, CoordinatorConfig, PublishedModel, RoundConfig
@@ -35,7 +35,7 @@ from ..storage.leader import startup_lock
 from ..storage.scrub import ScrubReport, verify_store
 from ..tracking import open_trackers
 from ..wire import ParamLayout
-from .credentials import AdminToken, load_or_create_admin_token, load_or_create_identity
+from .credentials import KEY_FILE, AdminToken, load_or_create_admin_token, load_or_create_identity
 from .evaluation import Evaluator
 from .limits import HttpLimits
 from .logs import bind_round
@@ -89,6 +89,30 @@ class ServerConfig:
             raise ConfigError("min_devices must be >= 1")
         if self.gc_interval_s < 0 or self.scrub_interval_s < 0:
             raise ConfigError("gc_interval_s and scrub_interval_s must be >= 0")
+
+
+def _check_cluster_key(store: Store, identity: SigningKey) -> None:
+    """Refuse a cluster worker whose coordinator key is not the federation's: the key that signed the
+    ledger's latest entry (a rotation's entry is signed by the new key too), else the initial model."""
+    head = store.last_ledger_entry()
+    if head is not None:
+        signers = {key_id for key_id, _ in head.signatures}
+        if identity.key_id in signers:
+            return
+        theirs = ", ".join(sorted(k[:16] + "..." for k in signers))
+    else:
+        first = store.get_model(0)
+        if first is None:
+            return  # a new federation: this worker's key is the federation's
+        try:
+            SignedEnvelope.open(bytes(first.signature), identity.public, expected_type=MsgType.GLOBAL_MODEL)
+            return
+        except QflareError:
+            theirs = "another key"
+    raise ConfigError(
+        f"this worker's coordinator key {identity.key_id[:16]}... is not the federation's (its latest ledger entry "
+        f"or initial model is signed by {theirs}): every worker of a cluster needs the same coordinator.key"
+    )
 
 
 class ServerRuntime:
@@ -145,6 +169,12 @@ class ServerRuntime:
         self.blobs.remove_stale_temp_files(older_than_s=3600.0 if config.cluster else 0.0)
         if config.cluster:
             self.leadership = AdvisoryLeadership(self.db)
+        if config.cluster and not (self.data_dir / KEY_FILE).exists() and self.store.latest_model() is not None:
+            raise ConfigError(
+                f"{self.data_dir / KEY_FILE} is missing and this federation already exists: every worker of a "
+                "cluster signs with the same coordinator key; copy coordinator.key (and admin.token) from another "
+                "worker's data directory"
+            )
         self.rotations: ChainState = recover_rotation(self.data_dir, config.key_passphrase)
         self.identity, self.identity_created = load_or_create_identity(
             self.data_dir, config.key_passphrase, config.federation.suite.sig
@@ -156,6 +186,8 @@ class ServerRuntime:
             _log.warning(
                 "ledger: appended key record entry %d (%s) left out by an interrupted rotation", row.seq, row.kind
             )
+        if config.cluster:
+            _check_cluster_key(self.store, self.identity)
         self.admin: AdminToken = load_or_create_admin_token(self.data_dir, environ)
         self.metrics = ServerMetrics()
         self.trackers = open_trackers(

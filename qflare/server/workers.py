@@ -5,9 +5,10 @@ socket (``--listen-fd``); the kernel hands each new connection to one of them.  
 worker of the cluster (:mod:`qflare.protocol.cluster`): they share the PostgreSQL database
 (``QFLARE_DATABASE_URL``, required) and the blob store, and elect one leader among themselves.  The
 supervisor holds no federation state: it restarts a worker that dies (a kill -9 loses nothing that was
-acknowledged) and, on SIGINT/SIGTERM, stops them all gracefully.  A worker that dies within
-:data:`FAST_FAILURE_S` of its start three times in a row (a configuration error, a database it cannot
-reach) stops the supervisor instead of looping.
+acknowledged), waiting longer after each quick death (0.5 s doubling up to :data:`MAX_BACKOFF_S`: a
+database or blob store outage must not become a restart storm), and, on SIGINT/SIGTERM, stops them all
+gracefully.  Only at start -- before any worker has stayed up :data:`FAST_FAILURE_S` -- does a worker dying
+quickly three times in a row (a configuration error) stop the supervisor instead.
 """
 
 from __future__ import annotations
@@ -24,12 +25,13 @@ from types import FrameType
 
 from ..errors import ConfigError
 
-__all__ = ["FAST_FAILURE_S", "bind_listener", "run_workers", "worker_command"]
+__all__ = ["FAST_FAILURE_S", "MAX_BACKOFF_S", "bind_listener", "run_workers", "worker_command"]
 
 _log = logging.getLogger("qflare.server")
 
 FAST_FAILURE_S = 10.0
-"""A worker that exits sooner than this after its start counts towards giving up (three in a row)."""
+"""A worker that exits sooner than this after its start died quickly (backoff; at start, giving up)."""
+MAX_BACKOFF_S = 30.0
 
 
 def bind_listener(host: str, port: int, backlog: int = 2048) -> socket.socket:
@@ -83,25 +85,36 @@ def run_workers(
     previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     children: list[subprocess.Popen[bytes] | None] = [None] * workers
     started = [0.0] * workers
+    not_before = [0.0] * workers  # when a dead worker's slot may be started again
     fast_failures = [0] * workers
+    settled = False  # some worker stayed up FAST_FAILURE_S: later quick deaths are outages, not set-up errors
     status = 0
     try:
         while not stopping:
+            now = time.monotonic()
             for slot in range(workers):
                 proc = children[slot]
                 if proc is not None and proc.poll() is None:
+                    settled = settled or now - started[slot] >= FAST_FAILURE_S
                     continue
-                if proc is not None:
-                    lived = time.monotonic() - started[slot]
+                if proc is not None:  # it just died: note it, and when it may come back
+                    lived = now - started[slot]
                     fast_failures[slot] = fast_failures[slot] + 1 if lived < FAST_FAILURE_S else 0
                     say(f"worker {slot} (pid {proc.pid}) exited with status {proc.returncode} after {lived:.1f} s")
-                    if fast_failures[slot] >= 3:
+                    if not settled and fast_failures[slot] >= 3:
                         say(f"worker {slot} failed three times in a row within {FAST_FAILURE_S:.0f} s: stopping")
                         stopping, status = True, 1
                         break
+                    wait = (
+                        min(MAX_BACKOFF_S, 0.5 * 2 ** max(fast_failures[slot] - 1, 0)) if fast_failures[slot] else 0.0
+                    )
+                    not_before[slot] = now + wait
+                    children[slot] = None
+                if now < not_before[slot]:
+                    continue
                 children[slot] = _start(command, sock.fileno())
-                started[slot] = time.monotonic()
-                if proc is not None:
+                started[slot] = now
+                if proc is not None or fast_failures[slot]:
                     say(f"worker {slot} restarted (pid {children[slot].pid})")  # type: ignore[union-attr]
             if not stopping:
                 time.sleep(poll_s)
@@ -118,17 +131,27 @@ def _start(command: Sequence[str], fd: int) -> subprocess.Popen[bytes]:
         list(command),
         stdin=subprocess.DEVNULL,
         pass_fds=(fd,),
-        preexec_fn=_die_with_parent,
+        preexec_fn=_preexec(os.getpid()),
     )
 
 
-def _die_with_parent() -> None:
-    """In the child: SIGTERM when the supervisor dies, even by SIGKILL (Linux)."""
+def _preexec(parent: int) -> Callable[[], None]:
+    """In the child, before exec: SIGTERM when the supervisor dies, even by SIGKILL (Linux), and its own
+    process group (a Ctrl-C in the terminal reaches the supervisor, which stops the workers in order)."""
+    prctl = None
     if sys.platform.startswith("linux"):
         import ctypes
 
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
-    os.setpgrp()  # a Ctrl-C in the terminal reaches the supervisor, which stops the workers in order
+        prctl = ctypes.CDLL("libc.so.6", use_errno=True).prctl  # resolved here, not in the forked child
+
+    def preexec() -> None:
+        if prctl is not None:
+            prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
+            if os.getppid() != parent:  # the supervisor died before the request took effect
+                os._exit(1)
+        os.setpgrp()
+
+    return preexec
 
 
 def _stop_all(children: list[subprocess.Popen[bytes]], timeout_s: float) -> None:

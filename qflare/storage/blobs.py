@@ -281,6 +281,13 @@ class BlobStore:
     def exists(self, sha256: str) -> bool:
         return self.path_for(sha256).is_file()
 
+    def written_at(self, sha256: str) -> float | None:
+        """The file's modification time (a rewrite replaces the file, so it moves); None if absent."""
+        try:
+            return self.path_for(sha256).stat().st_mtime
+        except FileNotFoundError:
+            return None
+
     def size(self, sha256: str) -> int:
         try:
             return self.path_for(sha256).stat().st_size

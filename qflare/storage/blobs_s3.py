@@ -365,6 +365,11 @@ class S3BlobStore:
     def exists(self, sha256: str) -> bool:
         return self._head(sha256) is not None
 
+    def written_at(self, sha256: str) -> float | None:
+        """The object's LastModified (every PUT moves it, the same bytes too); None if absent."""
+        head = self._head(sha256)
+        return None if head is None else float(head["LastModified"].timestamp())
+
     def size(self, sha256: str) -> int:
         head = self._head(sha256)
         if head is None:

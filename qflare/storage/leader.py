@@ -20,11 +20,13 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from sqlalchemy import Connection, text
+from sqlalchemy import Connection, Engine, create_engine, text
 from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.pool import NullPool
 
 from ..errors import ConfigError
 from .db import Database
@@ -35,6 +37,14 @@ _log = logging.getLogger("qflare.cluster")
 
 LEADER_LOCK_ID = 0x51464C5245_01  # "QFLRE" + 1: the federation's leadership
 STARTUP_LOCK_ID = 0x51464C5245_02  # serialises worker start-up (migrations, the initial model version)
+
+KEEPALIVE = {"keepalives": 1, "keepalives_idle": 10, "keepalives_interval": 5, "keepalives_count": 3}
+"""TCP keepalives of the leadership connection, both ends: a leader whose machine died or was cut off
+loses the lock after about 25 s (PostgreSQL's defaults would keep it for two hours), and a leader cut off
+from the database notices as soon (``tcp_user_timeout`` too)."""
+STATEMENT_TIMEOUT_MS = 5000
+STARTUP_WAIT_S = 600.0
+"""How long a worker waits for another's start-up before giving up."""
 
 
 def require_cluster_database(db: Database) -> None:
@@ -51,7 +61,15 @@ def startup_lock(db: Database) -> Iterator[None]:
     """Hold the cluster's start-up lock (blocking) while a worker migrates and builds its coordinator."""
     require_cluster_database(db)
     with db.engine.connect() as conn:
-        conn.execute(text("SELECT pg_advisory_lock(:k)"), {"k": STARTUP_LOCK_ID})
+        deadline = time.monotonic() + STARTUP_WAIT_S
+        while not conn.execute(text("SELECT pg_try_advisory_lock(:k)"), {"k": STARTUP_LOCK_ID}).scalar():
+            conn.commit()
+            if time.monotonic() > deadline:
+                raise ConfigError(
+                    f"another worker has been starting for over {STARTUP_WAIT_S:.0f} s (the cluster's start-up lock "
+                    "is held): is one stuck?"
+                )
+            time.sleep(0.5)
         conn.commit()
         try:
             yield
@@ -69,6 +87,12 @@ class AdvisoryLeadership:
     def __init__(self, db: Database, *, lock_id: int = LEADER_LOCK_ID) -> None:
         require_cluster_database(db)
         self._db, self._lock_id = db, lock_id
+        # its own engine: one connection, never pooled, with keepalives on both ends
+        self._engine: Engine = create_engine(
+            db.engine.url,
+            poolclass=NullPool,
+            connect_args={**KEEPALIVE, "tcp_user_timeout": 25_000, "connect_timeout": 5},
+        )
         self._conn: Connection | None = None
         self._held = False
         self._mutex = threading.Lock()
@@ -83,7 +107,14 @@ class AdvisoryLeadership:
         with self._mutex:
             try:
                 if self._conn is None:
-                    self._conn = self._db.engine.connect()
+                    self._conn = self._engine.connect()
+                    for name, value in (
+                        ("tcp_keepalives_idle", KEEPALIVE["keepalives_idle"]),
+                        ("tcp_keepalives_interval", KEEPALIVE["keepalives_interval"]),
+                        ("tcp_keepalives_count", KEEPALIVE["keepalives_count"]),
+                        ("statement_timeout", STATEMENT_TIMEOUT_MS),
+                    ):
+                        self._conn.execute(text(f"SET {name} = {int(value)}"))
                 if self._held:
                     self._conn.execute(text("SELECT 1"))  # the lock lives as long as this connection
                 else:
@@ -101,13 +132,17 @@ class AdvisoryLeadership:
     def release(self) -> None:
         """Give the leadership up (closing the connection releases the lock)."""
         with self._mutex:
-            if self._held and self._conn is not None:
-                try:  # at once; closing the connection would release it too, once the server notices
-                    self._conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": self._lock_id})
-                    self._conn.commit()
-                except SQLAlchemyError:
-                    pass
-            self._drop()
+            self._release()
+            self._engine.dispose()
+
+    def _release(self) -> None:
+        if self._held and self._conn is not None:
+            try:  # at once; closing the connection would release it too, once the server notices
+                self._conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": self._lock_id})
+                self._conn.commit()
+            except SQLAlchemyError:
+                pass
+        self._drop()
 
     def _drop(self) -> None:
         self._held = False
