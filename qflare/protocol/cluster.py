@@ -39,7 +39,7 @@ from ..errors import QflareError, StorageFullError
 from ..strategy import ClientUpdate, Pipeline, PreparedUpdate
 from ..wire import ParamLayout, decode_blob
 from .provenance import QUORUM_NOT_REACHED
-from .records import RoundRow
+from .records import RoundRow, UpdateRow
 from .store import BlobSink, CoordinatorStore
 
 if TYPE_CHECKING:
@@ -92,6 +92,8 @@ class ClusterRoundOps:
         def _fail(self, rnd: OpenRound, reason: str) -> None: ...
 
         def _begin_privacy_of(self, row: RoundRow) -> None: ...
+
+        def _report_unreadable(self, round_number: int, upd: UpdateRow, exc: QflareError, when: str) -> None: ...
 
         def _close(self, rnd: OpenRound) -> None: ...
 
@@ -213,13 +215,7 @@ class ClusterRoundOps:
                 _log.warning("round %d: the blob store cannot be read now, closing later: %s", rnd.number, exc)
                 return False
             except QflareError as exc:  # a damaged store, or a check that no longer passes
-                self._store.record_security_event(
-                    exc.code,
-                    f"round {rnd.number}: the acknowledged update of device {upd.device_id[:16]}... cannot be "
-                    f"read back at close ({exc}); the round is marked failed"[:2000],
-                    device_id=upd.device_id,
-                )
-                _log.error("round %d failed at close: update %s unreadable [%s]", rnd.number, upd.id, exc.code)
+                self._report_unreadable(rnd.number, upd, exc, "at close")
                 rnd.accepted = {u.device_id: u.update_hash for u in rows}
                 self._fail_clustered(rnd, str(exc.code))
                 return False

@@ -53,7 +53,7 @@ from .cluster import ClusterRoundOps, Leadership
 from .commits import GroupCommit
 from .detection import QUARANTINED, DetectionConfig, Detector, RoundVerdict
 from .provenance import QUORUM_NOT_REACHED, next_entry, round_record
-from .records import NewUpdate, RoundRow
+from .records import NewUpdate, RoundRow, UpdateRow
 from .secure_manager import SecureRoundOps
 from .secure_round import SecAggSettings, SecureRound, apply_mean, check_secure_pipeline
 from .selection import ClientSelector, RandomSelector, SelectorFactory, build_selector, check_selection
@@ -310,13 +310,7 @@ class RoundManager(SecureRoundOps, ClusterRoundOps):
             except ValidationError as exc:  # blob_corrupt / blob_missing: the store was damaged while we were down
                 # Aggregating without it would silently drop an acknowledged update, and refusing to start
                 # would wedge the federation: the round fails, visibly, and the next one opens.
-                self._store.record_security_event(
-                    exc.code,
-                    f"round {row.round_number}: the acknowledged update of device {upd.device_id[:16]}... cannot "
-                    f"be read back ({exc}); the round is marked failed and the next one opens"[:2000],
-                    device_id=upd.device_id,
-                )
-                _log.error("round %d failed at restart: update %s unreadable [%s]", row.round_number, upd.id, exc.code)
+                self._report_unreadable(row.round_number, upd, exc, "at restart")
                 broken = OpenRound(
                     row.round_number,
                     tuple(row.selected_devices),
@@ -365,6 +359,16 @@ class RoundManager(SecureRoundOps, ClusterRoundOps):
         if row.state == "aggregating" or len(accepted) >= row.quorum:
             # crashed between quorum and publication, or after the last update: finish the job
             self._close(self._round)
+
+    def _report_unreadable(self, round_number: int, upd: UpdateRow, exc: QflareError, when: str) -> None:
+        """The security event and log line of an acknowledged update that cannot be read back (its round fails)."""
+        self._store.record_security_event(
+            exc.code,
+            f"round {round_number}: the acknowledged update of device {upd.device_id[:16]}... cannot be read back "
+            f"{when} ({exc}); the round is marked failed and the next one opens"[:2000],
+            device_id=upd.device_id,
+        )
+        _log.error("round %d failed %s: update %s unreadable [%s]", round_number, when, upd.id, exc.code)
 
     def _begin_privacy_of(self, row: RoundRow) -> None:
         """Charge the accountant for a round this process did not open (a restart, another worker's)."""
