@@ -14,7 +14,7 @@ from qflare.errors import ConfigError, ErrorCode, MalformedError, QflareError, V
 from qflare.secagg import QuantSpec, SecAggParams, choose, dequantize, quantize
 from qflare.secagg.graph import neighbours, ring_order
 from qflare.secagg.params import _bounds, _log2_gap_probability
-from qflare.secagg.prg import add_mask, mask, sub_mask
+from qflare.secagg.prg import TILE_WORDS, add_mask, apply_masks, mask, sub_mask
 from qflare.secagg.shamir import MAX_INDEX, SHARE_LEN, P, decode_share, encode_share, reconstruct, split
 
 # -- Shamir ---------------------------------------------------------------------------------------------
@@ -128,6 +128,44 @@ def test_add_then_sub_mask_is_identity_mod_2_32() -> None:
 def test_mask_refuses_a_short_seed() -> None:
     with pytest.raises(ConfigError):
         mask(b"k" * 16, 10)
+
+
+def _keystream_words(seed: bytes, n: int) -> np.ndarray:
+    raw = Cipher(algorithms.AES(seed), modes.CTR(bytes(16))).encryptor().update(bytes(4 * n))
+    return np.frombuffer(raw, dtype="<u4").astype(np.uint32)
+
+
+@pytest.mark.parametrize("n", [1, 7, TILE_WORDS - 1, TILE_WORDS, 2 * TILE_WORDS + 5])
+def test_apply_masks_is_each_mask_added_or_subtracted_over_any_workers(n: int) -> None:
+    rng = np.random.default_rng(n)
+    seeds = [(rng.bytes(32), add) for add in (True, False, False, True, False)]
+    x = rng.integers(0, 2**32, n, dtype=np.uint64).astype(np.uint32)
+    want = x.copy()
+    for seed, add in seeds:  # the reference: whole keystreams from pyca, one at a time
+        if add:
+            want += _keystream_words(seed, n)
+        else:
+            want -= _keystream_words(seed, n)
+    for workers in (1, 2, 3, 64):  # ranges of tiles start mid-stream at their own counter block
+        y = x.copy()
+        apply_masks(y, seeds, workers=workers)
+        assert np.array_equal(y, want), workers
+
+
+def test_apply_masks_checks_every_seed_and_argument_before_changing_anything() -> None:
+    x = np.arange(100, dtype=np.uint32)
+    y = x.copy()
+    with pytest.raises(ConfigError) as exc:
+        apply_masks(y, [(b"k" * 32, True), (b"k" * 16, False)])
+    assert exc.value.code == ErrorCode.BAD_SEED
+    assert np.array_equal(x, y)
+    for bad in (x.astype(np.int64), x.reshape(10, 10)):
+        with pytest.raises(ConfigError):
+            apply_masks(bad, [(b"k" * 32, True)])  # type: ignore[arg-type]
+    for workers in (0, 65, True):
+        with pytest.raises(ConfigError):
+            apply_masks(y, [(b"k" * 32, True)], workers=workers)
+    assert np.array_equal(x, y)
 
 
 # -- quantisation ---------------------------------------------------------------------------------------

@@ -10,10 +10,13 @@ remove every pair mask they share with a survivor.
 
 Figures:
 * ``exact_match``: the unmasked sum equals the sum of the survivors' quantised vectors, word for word.
-* ``device_s`` (mean) / ``device_s_max``: compute of one device for all its phases (quantising, masking,
-  KEM, signing; not the generation of its random update).
-* ``coordinator_s``: compute of every coordinator call of the round (checks, relaying, running sum,
-  reconstruction and unmasking).  ``plaintext_coordinator_s``: weighted FedAvg of the same survivors'
+* ``device_s`` (mean) / ``device_s_max``: compute of one device for all its phases (its set-up: graph and
+  KEM keys; quantising, masking, KEM, signing; not the generation of its random update).
+* ``coordinator_s``: compute of every coordinator call of the round (set-up: graph and running sum;
+  checks, relaying, running sum, reconstruction and unmasking), wall-clock seconds inside the calls; ``coordinator_cpu_s``: the
+  process's CPU seconds over the same calls (every thread: with ``coordinator_workers`` > 1 the mask
+  removal runs on several threads, so this can exceed ``coordinator_s``; on a loaded machine it is
+  lower, the calls waiting for a core).  ``plaintext_coordinator_s``: weighted FedAvg of the same survivors'
   float32 updates (numpy, accumulate then divide) plus the SHA-256 of each update's bytes, which the
   plaintext protocol checks against the signed UPDATE envelope; timed in the same run.
 * ``bytes_ratio``: mean bytes a surviving device sends (advert, manifest, share entries, masked input and
@@ -71,7 +74,7 @@ def run_secagg_bench(devices: int, dropout: float, *, seed: int = 0, length: int
         coordinator=ids[0].public,
     )
     drop = {int(i) + 1 for i in rng.choice(devices, round(dropout * devices), replace=False)}
-    coord = 0.0
+    coord = coord_cpu = 0.0
     consistency_sent = 0
     dev_s = dict.fromkeys(range(1, devices + 1), 0.0)
     sent = dict.fromkeys(range(1, devices + 1), 0)
@@ -84,14 +87,15 @@ def run_secagg_bench(devices: int, dropout: float, *, seed: int = 0, length: int
         return out
 
     def timed_coord(fn: Any, *args: Any) -> Any:
-        nonlocal coord
-        t0 = time.perf_counter()
+        nonlocal coord, coord_cpu
+        t0, c0 = time.perf_counter(), time.process_time()
         out = fn(*args)
         coord += time.perf_counter() - t0
+        coord_cpu += time.process_time() - c0
         return out
 
-    server = SecAggServer(config, ids[0])
-    clients = {i: SecAggClient(config, i, ids[i]) for i in range(1, devices + 1)}
+    server = timed_coord(SecAggServer, config, ids[0])  # the graph and the running sum
+    clients = {i: timed_dev(i, SecAggClient, config, i, ids[i]) for i in range(1, devices + 1)}  # graph, KEM keys
     for i, c in clients.items():
         raw = timed_dev(i, c.advertise)
         sent[i] += len(raw)
@@ -169,6 +173,8 @@ def run_secagg_bench(devices: int, dropout: float, *, seed: int = 0, length: int
         "device_s": float(np.mean(device_times)),
         "device_s_max": float(np.max(device_times)),
         "coordinator_s": coord,
+        "coordinator_cpu_s": coord_cpu,
+        "coordinator_workers": server.workers,
         "plaintext_coordinator_s": plain_s,
     }
     out["meets_targets"] = {

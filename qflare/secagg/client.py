@@ -84,7 +84,7 @@ from qflare.secagg.messages import (
     share_commitment,
     survivors_hash,
 )
-from qflare.secagg.prg import Vector, add_mask, sub_mask
+from qflare.secagg.prg import Vector, apply_masks
 from qflare.secagg.quantize import quantize
 from qflare.secagg.shamir import SHARE_LEN, encode_share, split
 
@@ -266,9 +266,9 @@ class SecAggClient:
                 f"update has {size} values, round takes {self.config.length}", code=ErrorCode.BAD_SHAPE
             )
         y: Vector = quantize(update, weight, self.config.quant)
-        add_mask(y, self_mask_seed(self.config, self._s.b))
-        for peer, h in held.items():
-            (add_mask if self.index < peer else sub_mask)(y, h.pair_seed)
+        masks = [(self_mask_seed(self.config, self._s.b), True)]
+        masks += [(h.pair_seed, self.index < peer) for peer, h in held.items()]
+        apply_masks(y, masks)
         return y.astype("<u4", copy=False).tobytes()
 
     def masked_input(

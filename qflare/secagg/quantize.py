@@ -97,5 +97,6 @@ def dequantize(total: Vector, devices: int, spec: QuantSpec) -> tuple[npt.NDArra
         raise ValidationError(
             f"sum of weights {weight_sum} impossible for {devices} devices", code=ErrorCode.AGGREGATE_OUT_OF_BOUNDS
         )
-    signed = total[:-1].view(np.int32).astype(np.float64)
-    return signed / (spec.scale * weight_sum), weight_sum
+    mean = total[:-1].view(np.int32).astype(np.float64)
+    mean /= spec.scale * weight_sum  # in place: the same quotients, one 8-byte-per-word array fewer
+    return mean, weight_sum

@@ -36,7 +36,6 @@ from __future__ import annotations
 import enum
 import json
 from collections.abc import Iterable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -77,7 +76,7 @@ from qflare.secagg.messages import (
     share_commitment,
     survivors_hash,
 )
-from qflare.secagg.prg import Vector, add_mask, sub_mask
+from qflare.secagg.prg import MAX_WORKERS, Vector, apply_masks, default_workers
 from qflare.secagg.quantize import dequantize
 from qflare.secagg.shamir import decode_share, reconstruct
 
@@ -126,17 +125,19 @@ class _Collected:
 
 class SecAggServer:
     """One round of secure aggregation as the coordinator runs it (``key`` signs the unmask request;
-    ``workers`` threads regenerate the masks to remove; default 1: on the shared 2-core VM two threads
-    were slower, 0.49-0.64 s against 0.29-0.45 s for ``finish`` at n = 40 with 20% dropout)."""
+    ``workers`` threads regenerate the masks to remove in :meth:`finish`, default
+    :func:`~qflare.secagg.prg.default_workers`, the usable CPUs up to 8: on the shared 2-core VM two
+    threads took 0.30-0.37 s against 0.45-0.49 s for one, for ``finish`` at n = 100 with 10% dropout,
+    and gained nothing while other processes kept both cores busy; docs/secure-aggregation.md section 8)."""
 
     def __init__(self, config: SecAggConfig, key: SigningKey, *, workers: int | None = None) -> None:
         if key.public != config.coordinator:
             raise ConfigError("key is not the round's coordinator key", code=ErrorCode.BAD_ARGUMENT)
         self.config = config
         self._key = key
-        self.workers = 1 if workers is None else workers
-        if not 1 <= self.workers <= 64:
-            raise ConfigError("workers must be in 1..64", code=ErrorCode.BAD_ARGUMENT)
+        self.workers = default_workers() if workers is None else workers
+        if isinstance(self.workers, bool) or not isinstance(self.workers, int) or not 1 <= self.workers <= MAX_WORKERS:
+            raise ConfigError(f"workers must be in 1..{MAX_WORKERS}", code=ErrorCode.BAD_ARGUMENT)
         self._graph: Mapping[int, frozenset[int]] = neighbours(config.params, config.graph_seed)
         self.phase = ServerPhase.ADVERTISE
         self._c = _Collected()
@@ -202,9 +203,14 @@ class SecAggServer:
     @staticmethod
     def _first(store: Mapping[int, bytes], sender: int, raw: bytes) -> bool:
         """True if new; False for the same bytes again; ReplayError for different bytes."""
-        if sender not in store:
+        return SecAggServer._new(store.get(sender), sender, raw)
+
+    @staticmethod
+    def _new(before: bytes | None, sender: int, raw: bytes) -> bool:
+        """:meth:`_first` given what ``sender`` sent before in this phase (None: nothing)."""
+        if before is None:
             return True
-        if store[sender] == raw:
+        if before == raw:
             return False
         raise ReplayError(f"device {sender} already sent a different message", code=ErrorCode.DUPLICATE_SUBMISSION)
 
@@ -212,7 +218,8 @@ class SecAggServer:
     def receive_advert(self, raw: bytes) -> None:
         self._expect(ServerPhase.ADVERTISE)
         msg, sender = self._signed(raw, SecAggMsg.ADVERTISE, range(1, self.config.params.n + 1))
-        if self._first({k: v.raw for k, v in self._c.adverts.items()}, sender, msg.raw):
+        before = self._c.adverts.get(sender)
+        if self._new(None if before is None else before.raw, sender, msg.raw):
             # a key nobody can encapsulate to would make every neighbour's share_keys fail: refuse it here
             check_kem_public(self.config.suite, msg.get(F.CHANNEL_PUBLIC))
             check_kem_public(self.config.suite, msg.get(F.MASK_PUBLIC))
@@ -234,7 +241,8 @@ class SecAggServer:
     def receive_shares(self, manifest: bytes, entries: Sequence[bytes]) -> None:
         self._expect(ServerPhase.SHARE_KEYS)
         msg, sender = self._signed(manifest, SecAggMsg.MANIFEST, self.u1)
-        if not self._first({k: v.manifest for k, v in self._c.shared.items()}, sender, msg.raw):
+        shared = self._c.shared.get(sender)
+        if not self._new(None if shared is None else shared.manifest, sender, msg.raw):
             return
         listed = decode_entries(msg.get(F.ENTRIES))
         want = sorted(self._graph[sender] & self.u1)
@@ -491,22 +499,6 @@ class SecAggServer:
                     r = open_sealed(self.config, b"pair", v, u, kem, entry.get(F.CT_MASK), entry.get(F.SEALED_PAIR))
                     removals.append((r, False))
         total = self._sum.copy()
-        for part in self._mask_sums(removals):
-            np.add(total, part, out=total)
+        apply_masks(total, removals, workers=self.workers)
         mean, weight_sum = dequantize(total, len(self.u3), self.config.quant)
         return SecAggResult(total, mean, weight_sum, tuple(sorted(self.u3)), tuple(dropped))
-
-    def _mask_sums(self, removals: list[tuple[bytes, bool]]) -> list[Vector]:
-        """Partial sums of the signed masks, over ``workers`` threads (AES-CTR and numpy release the GIL)."""
-        chunks = [removals[i :: self.workers] for i in range(self.workers) if removals[i :: self.workers]]
-
-        def run(chunk: list[tuple[bytes, bool]]) -> Vector:
-            acc: Vector = np.zeros(self.config.length + 1, dtype=np.uint32)
-            for seed, add in chunk:
-                (add_mask if add else sub_mask)(acc, seed)
-            return acc
-
-        if len(chunks) <= 1:
-            return [run(c) for c in chunks]
-        with ThreadPoolExecutor(max_workers=len(chunks), thread_name_prefix="qflare-unmask") as pool:
-            return list(pool.map(run, chunks))

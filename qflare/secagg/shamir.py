@@ -76,17 +76,28 @@ def reconstruct(shares: Mapping[int, int], threshold: int) -> bytes:
     for x in pts:
         if not 0 <= shares[x] < P:
             raise MalformedError("share value outside the field", code=ErrorCode.BAD_SHARE)
-    num_all = 1
-    for x in pts:
-        num_all = num_all * x % P
-    acc = 0
+    # Lagrange at 0: s = sum_i y_i * num_i / den_i, num_i = prod_{j != i} x_j, den_i = prod_{j != i} (x_j - x_i)
+    # (never 0 mod P: the x are distinct and < P).  All den_i are inverted with one field inversion
+    # (Montgomery's trick: invert their product, then peel one factor off at a time).
+    nums: list[int] = []
+    dens: list[int] = []
     for xi in pts:
-        num = num_all * pow(xi, -1, P) % P  # product of the other x_j
-        den = 1
+        num = den = 1
         for xj in pts:
             if xj != xi:
+                num = num * xj % P
                 den = den * (xj - xi) % P
-        acc = (acc + shares[xi] * num * pow(den, -1, P)) % P
+        nums.append(num)
+        dens.append(den)
+    prefix = [1]  # prefix[i] = den_0 * ... * den_{i-1}
+    for den in dens:
+        prefix.append(prefix[-1] * den % P)
+    inv = pow(prefix[-1], -1, P)  # 1 / (den_0 * ... * den_{i})  for i = len - 1, then downwards
+    acc = 0
+    for i in range(len(pts) - 1, -1, -1):
+        inv_den = inv * prefix[i] % P
+        inv = inv * dens[i] % P
+        acc = (acc + shares[pts[i]] * nums[i] % P * inv_den) % P
     if acc >= 2 ** (8 * SECRET_LEN):
         raise AuthError("shares do not interpolate to a 32-byte secret", code=ErrorCode.BAD_SHARE)
     return acc.to_bytes(SECRET_LEN, "big")
