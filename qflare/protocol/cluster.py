@@ -97,6 +97,14 @@ class ClusterRoundOps:
         """Whether this manager is one worker of several on a shared store."""
         return self._leadership is not None
 
+    def catch_up(self) -> OpenRound | None:
+        """This worker's round, brought up to the store's now (outside a cluster: the round as it is).  For
+        a request about a round this worker has not followed yet: the store moved since its last step."""
+        with self._lock:
+            if self._leadership is not None:
+                self._follow()
+            return self._round
+
     def _follow(self) -> None:
         """Bring this worker's copy of the model and the round up to the store's (under the round lock)."""
         latest = self._store.latest_model()
