@@ -175,6 +175,14 @@ class Workers:
             time.sleep(0.1)  # real time: the workers are real processes
         raise AssertionError(f"status condition not met in {timeout_s} s; last {status}\n{self.server.log_tail()}")
 
+    def wait_everywhere(self, pred: Any, timeout_s: float = 60.0) -> None:
+        """Until every worker's own ``/v1/status`` satisfies ``pred`` (each follows the store at its steps)."""
+        deadline = time.monotonic() + timeout_s
+        for pid in self.wait_all_ready():
+            while not pred(status := self.status_of(pid)):
+                assert time.monotonic() < deadline, f"worker {pid}: {status}\n{self.server.log_tail()}"
+                time.sleep(0.05)
+
     def device(self, transport: Any, identity: SigningKey | None = None) -> Device:
         return Device(
             transport=transport, identity=identity or SigningKey.generate(), server_key=self.key, layout=_LAYOUT
@@ -263,7 +271,7 @@ def test_a_session_made_on_one_worker_is_honoured_by_the_other(tmp_path: Path, d
         dev = cluster.device(Alternating())
         dev.enroll(token)  # a
         dev.connect()  # hello on b, finish on a: the pending handshake is shared too
-        cluster.wait_status(lambda s: s["state"] == "open")
+        cluster.wait_everywhere(lambda s: s["state"] == "open")
         receipt = _submit(dev, 1)  # task on b, model on a, update on b
         assert served == [
             (Route.ENROLL, a),
@@ -344,7 +352,7 @@ def test_kill_9_of_the_leader_around_the_close_publishes_every_round_once(tmp_pa
         killed: list[int] = []
         seen_at_kill: list[str] = []
         for rnd in range(1, rounds + 1):
-            cluster.wait_status(lambda s, rnd=rnd: s["round"] == rnd and s["state"] == "open")
+            cluster.wait_everywhere(lambda s, rnd=rnd: s["round"] == rnd and s["state"] == "open")
             leader = cluster.leader()
             assert leader not in killed
             for i, dev in enumerate(devices):
@@ -399,7 +407,7 @@ def test_kill_9_of_a_worker_holding_uploads_loses_nothing(tmp_path: Path, databa
         for dev, token in zip(devices, cluster.server.tokens(6), strict=True):
             dev.enroll(token)
             dev.connect()
-        cluster.wait_status(lambda s: s["state"] == "open")
+        cluster.wait_everywhere(lambda s: s["state"] == "open")
         leader = cluster.leader()
         victim = next(p for p in cluster.pids() if p != leader)
         receipts: dict[int, Receipt] = {}
