@@ -78,7 +78,7 @@ class Workers:
         )
         self.url = self.server.url
         self.started: set[int] = set()  # every worker pid seen, restarts included
-        self._stopped: set[int] = set()
+        self.killed: set[int] = set()
 
     def start(self) -> Workers:
         self.server.start()
@@ -99,7 +99,11 @@ class Workers:
             children = psutil.Process(self.server.pid).children()
         except psutil.NoSuchProcess:
             return []
-        return sorted(p.pid for p in children if p.is_running() and p.status() != psutil.STATUS_ZOMBIE)
+        return sorted(
+            p.pid
+            for p in children
+            if p.pid not in self.killed and p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+        )
 
     def wait_all_ready(self, timeout_s: float = 150.0) -> list[int]:
         """Until N workers run and every worker ever started has finished starting (its uvicorn serves)."""
@@ -130,11 +134,14 @@ class Workers:
 
     def stop(self, pid: int) -> None:
         _signal(pid, signal.SIGSTOP)
-        self._stopped.add(pid)
 
     def resume(self, pid: int) -> None:
         _signal(pid, signal.SIGCONT)
-        self._stopped.discard(pid)
+
+    def kill(self, pid: int) -> None:
+        """kill -9 (no shutdown at all); the supervisor starts another worker in its place."""
+        os.kill(pid, signal.SIGKILL)
+        self.killed.add(pid)
 
     def status_of(self, pid: int) -> dict[str, Any]:
         """``/v1/status`` as worker ``pid`` answers it (the others stopped meanwhile)."""
@@ -368,7 +375,7 @@ def test_kill_9_of_the_leader_around_the_close_publishes_every_round_once(tmp_pa
                         time.sleep(0.001)
                 elif rnd == 3:
                     time.sleep(0.1)
-                os.kill(leader, signal.SIGKILL)
+                cluster.kill(leader)
                 killed.append(leader)
                 seen_at_kill.append(store.get_round(rnd).state)  # type: ignore[union-attr]
             # another worker takes the lead and finishes what the dead one started
@@ -444,8 +451,7 @@ def test_kill_9_of_a_worker_holding_uploads_loses_nothing(tmp_path: Path, databa
             th.start()
         time.sleep(1.0)
         assert all(th.is_alive() for th in threads.values())  # held: the victim reads nothing
-        os.kill(victim, signal.SIGKILL)
-        cluster.resume(victim)  # (dead: for the bookkeeping only)
+        cluster.kill(victim)
         for th in threads.values():
             th.join(60.0)
         assert not failures, failures
