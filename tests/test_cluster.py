@@ -243,6 +243,35 @@ def test_a_late_update_on_a_follower_is_refused_once_the_round_closes(tmp_path):
             cluster.close()
 
 
+def test_a_follower_that_has_not_followed_the_round_yet_takes_its_updates(tmp_path):
+    """A worker follows the rounds at its steps; an update for a round it has not seen open yet (the
+    device's task came from the leader) is taken after it catches up, not refused ``wrong_round`` --
+    which a device answers by dropping its update, and it trains once per round."""
+    with scratch("postgresql", tmp_path) as db:
+        cluster = Cluster(db, tmp_path, 2, devices=4, per_round=4, rounds=2)
+        try:
+            leader = next(i for i, w in enumerate(cluster.workers) if w.rounds._leadership.leading())  # type: ignore[union-attr]
+            follower = 1 - leader
+            for rnd in (1, 2):
+                cluster.step(live=[leader])  # opens the round (round 2: closes round 1 first); the follower sleeps
+                for index in cluster.selected():
+                    dev = cluster.devices[index]
+                    dev.transport = InProcessTransport(cluster.workers[leader])
+                    task = dev.task()
+                    model = dev.fetch_model(task)
+                    dev.transport = InProcessTransport(cluster.workers[follower])
+                    receipt = dev.submit(dev.prepare_update(task, model, cluster.result(index, task.round)))
+                    assert (receipt.round, receipt.duplicate) == (rnd, False)
+            cluster.step(live=[leader])
+            assert sorted((r.round_number, r.state) for r in cluster.store.list_rounds()) == [
+                (1, "closed"),
+                (2, "closed"),
+            ]
+            assert [m.version for m in cluster.store.list_models()] == [0, 1, 2]
+        finally:
+            cluster.close()
+
+
 def test_a_cluster_refuses_sqlite_and_secure_aggregation(tmp_path):
     db = Database(f"sqlite:///{tmp_path}/x.db")
     with pytest.raises(ConfigError, match="PostgreSQL"):

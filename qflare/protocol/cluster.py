@@ -2,8 +2,9 @@
 
 Every worker runs a :class:`~qflare.protocol.rounds.RoundManager` on the same store.  The round state
 machine lives in the store (rounds, updates and model versions, moved by compare-and-set transitions);
-each worker's in-memory round is a copy it *follows* from the store at every step.  Any worker accepts
-an update: it checks it, writes its blob, records its row (the store refuses a row unless the round is
+each worker's in-memory round is a copy it *follows* from the store at every step (and at once, through
+:meth:`ClusterRoundOps.catch_up`, when an update names a round opened since its last step).  Any worker
+accepts an update: it checks it, writes its blob, records its row (the store refuses a row unless the round is
 open and before its deadline, under a shared lock on the round's row) and acknowledges it.  Only the
 *leader* (:class:`Leadership`, a PostgreSQL advisory lock in :mod:`qflare.storage.leader`) opens rounds,
 enforces deadlines and closes rounds.
@@ -103,6 +104,14 @@ class ClusterRoundOps:
     def clustered(self) -> bool:
         """Whether this manager is one worker of several on a shared store."""
         return self._leadership is not None
+
+    def catch_up(self) -> OpenRound | None:
+        """This worker's round, brought up to the store's now (outside a cluster: the round as it is).  For
+        a request about a round this worker has not followed yet: the store moved since its last step."""
+        with self._lock:
+            if self._leadership is not None:
+                self._follow()
+            return self._round
 
     def _follow(self) -> None:
         """Bring this worker's copy of the model and the round up to the store's (under the round lock)."""

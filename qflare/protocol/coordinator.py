@@ -670,10 +670,21 @@ class Coordinator:
         if len(body) > self.config.max_update_bytes:
             raise OversizeError(f"update of {len(body)} bytes exceeds {self.config.max_update_bytes}")
         rnd = self.rounds.current
+        if rnd is None and self.rounds.clustered:
+            rnd = self.rounds.catch_up()
         if rnd is None:
             raise WrongRoundError("no round is open", code="wrong_round")
         with self._timed("update_open"):
-            opened = open_update(sess.channel, sess.key, body, rnd.number, base_model_hash=rnd.base.sha256)
+            try:
+                opened = open_update(sess.channel, sess.key, body, rnd.number, base_model_hash=rnd.base.sha256)
+            except QflareError as exc:
+                # a cluster's worker follows the rounds at its steps: one that has not seen this round open
+                # yet catches up once (the frame's round is checked before its counter is used)
+                fresh = self.rounds.catch_up() if exc.code == ErrorCode.WRONG_ROUND and self.rounds.clustered else None
+                if fresh is None or fresh.number == rnd.number:
+                    raise
+                rnd = fresh
+                opened = open_update(sess.channel, sess.key, body, rnd.number, base_model_hash=rnd.base.sha256)
         examples = opened.num_examples
         if not 1 <= examples <= _MAX_EXAMPLES:
             raise ValidationError(f"example count {examples} is outside 1..{_MAX_EXAMPLES}", code="bad_example_count")
