@@ -456,6 +456,28 @@ def test_expired_hello_digests_and_handshakes_are_purged(cluster: Cluster) -> No
     assert store.purge_shared_state(now=later + timedelta(seconds=200)) == 2
 
 
+def test_closed_and_expired_sessions_keep_no_wrapped_keys(cluster: Cluster) -> None:
+    """Once a session is closed (replaced, revoked) or expired, its keys leave the database: a later copy
+    of the database and the coordinator key must not open the sessions of the past."""
+
+    def wrapped(sid: str) -> bytes | None:
+        with cluster.dbs[0].connect(write=False) as conn:
+            return conn.execute(select(t.Session.wrapped_keys).where(t.Session.session_id == sid)).scalar_one()
+
+    dev = cluster.device()
+    old = dev.connect()
+    new = dev.connect()  # replaces the old one
+    assert wrapped(old) is None and wrapped(new) is not None
+    cluster.a.revoke(dev.device_id, "lost device")
+    assert wrapped(new) is None
+    other = cluster.device()
+    sid = other.connect()
+    assert wrapped(sid) is not None
+    cluster.clock.advance(LIFETIME_S + 1)
+    cluster.store.purge_shared_state(now=datetime.fromtimestamp(cluster.clock(), UTC))
+    assert wrapped(sid) is None
+
+
 # -- the single-process default ------------------------------------------------------------------------
 
 

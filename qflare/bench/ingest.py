@@ -13,7 +13,13 @@ the upload phase), per-upload latency p50/p99, the server's RSS before and at pe
 server is stopped cleanly and its database is checked against the receipts: ``lost`` counts updates
 acknowledged to a device but absent from the ``updates`` table (or whose blob is missing); ``duplicated``
 counts rows beyond one per (round, device), receipts that newly acknowledged an already counted update
-(equal running counts), and updates counted in the published model beyond the rows.
+(equal running counts; one server only), and updates counted in the published model beyond the rows.
+
+With ``--workers N`` the server is N processes (their RSS summed, supervisor included) and the round is
+closed afterwards by the leader, which reads every update back from the blob store: the benchmark waits
+for that close (``close_after_upload_s``) before it stops the server.  A receipt's running count is the
+answering worker's view of the round, so equal counts from two workers are not duplicates and are not
+counted; ``max_in_flight_sampled`` is one worker's gauge (whichever answered the sample).
 """
 
 from __future__ import annotations
@@ -39,6 +45,7 @@ from ..models import create_model
 from ..protocol import Device, Receipt
 from ..protocol.device import SignedUpdate
 from ..storage import BlobBackend, Database, Store, blob_store_from_env
+from ..storage.testing import temporary_postgres_database
 from ..training import TrainResult
 from ..transport import HttpTransport, RetryPolicy
 from ..wire import ParamLayout
@@ -68,10 +75,14 @@ def _gauge(text: str, name: str) -> float:
 
 
 def _prepare(devices: list[Device], layout: ParamLayout) -> list[SignedUpdate]:
-    """Each device fetches the round's model and signs an update (a seeded random delta)."""
+    """Each device fetches the round's model and signs an update (a seeded random delta).  With several
+    workers, one that has not followed the round's opening yet (it does at its next step) answers
+    ``waiting``: asked again until 30 s have passed."""
     sealed: list[SignedUpdate] = []
     for i, dev in enumerate(devices):
-        task = dev.task()
+        deadline = time.monotonic() + 30.0
+        while not ((task := dev.task()).state == "open" and task.selected) and time.monotonic() < deadline:
+            time.sleep(0.05)
         if not (task.state == "open" and task.selected):
             raise QflareError(f"device {i} is not selected for an open round ({task})")
         model = dev.fetch_model(task)
@@ -115,9 +126,17 @@ def _sample_in_flight(url: str, stop: threading.Event, out: list[float]) -> None
                 out[0] = max(out[0], _gauge(probe.get("/metrics").text, "qflare_uploads_in_flight"))
 
 
-def check_database(database_url: str, blobs: BlobBackend, receipts: Sequence[tuple[str, Receipt]]) -> IngestCheck:
+def check_database(
+    database_url: str,
+    blobs: BlobBackend,
+    receipts: Sequence[tuple[str, Receipt]],
+    *,
+    unique_counts: bool = True,
+) -> IngestCheck:
     """(device id, receipt) pairs against the server's ``updates`` table, blobs and published model (see the
-    module docstring).  Open the database only once the server has stopped, or read-only while it runs."""
+    module docstring).  Open the database only once the server has stopped, or read-only while it runs.
+    ``unique_counts``: the receipts' running counts come from one process, so two equal ones are a
+    duplicate (not so for several workers, each of which counts what it has seen of the round)."""
     db = Database(database_url)
     try:
         store = Store(db)
@@ -132,14 +151,27 @@ def check_database(database_url: str, blobs: BlobBackend, receipts: Sequence[tup
     lost = sum(1 for key, h in acked.items() if stored.get(key) != h or not blobs.exists(h))
     extra_rows = len(rows) - len(stored)
     fresh = [r.updates_in_round for _, r in receipts if not r.duplicate]
-    counted_twice = len(fresh) - len(set(fresh))
+    counted_twice = len(fresh) - len(set(fresh)) if unique_counts else 0
     model_updates = sum(int(m.metrics.get("updates", 0)) for m in models if m is not None) if models else None
     over_counted = max(0, (model_updates or 0) - len(stored))
     return IngestCheck(len(rows), lost, extra_rows + counted_twice + over_counted, model_updates)
 
 
-def run_ingest_bench(devices: int = 100, *, max_uploads: int = 8, data_root: str | None = None) -> dict[str, Any]:
-    """Run the benchmark (see the module docstring) and return its figures."""
+def run_ingest_bench(
+    devices: int = 100,
+    *,
+    max_uploads: int = 8,
+    data_root: str | None = None,
+    workers: int = 1,
+    database_url: str | None = None,
+) -> dict[str, Any]:
+    """Run the benchmark (see the module docstring) and return its figures.  ``workers`` > 1 runs
+    ``qflare server --workers N`` on ``database_url`` (PostgreSQL; a temporary database when None)."""
+    if workers > 1 and database_url is None:
+        with temporary_postgres_database(prefix="qflare_bench_") as url:
+            return run_ingest_bench(
+                devices, max_uploads=max_uploads, data_root=data_root, workers=workers, database_url=url
+            )
     fed = FederationSpec(
         dataset="fashion-mnist",
         model="fedavg-cnn",
@@ -153,7 +185,8 @@ def run_ingest_bench(devices: int = 100, *, max_uploads: int = 8, data_root: str
     torch.manual_seed(fed.seed)
     layout = ParamLayout.from_module(create_model(fed.model, test.input_shape, test.num_classes))
     retry = RetryPolicy(attempts=3, initial_s=0.2, max_wait_s=2.0)
-    with ServerSpec(fed, max_uploads=max_uploads).process() as server:
+    spec = ServerSpec(fed, max_uploads=max_uploads, workers=workers, database_url=database_url)
+    with spec.process() as server:
         server.wait_ready()
         transports = [HttpTransport(server.url, timeout=600.0, retry=retry) for _ in range(devices)]
         try:
@@ -177,11 +210,18 @@ def run_ingest_bench(devices: int = 100, *, max_uploads: int = 8, data_root: str
                 wall, receipts, latency, errors = _upload(devs, sealed)
                 stop.set()
                 sampler.join()
+            closed_at = time.perf_counter()
             status = server.status()
+            deadline = time.monotonic() + 600.0
+            while status.get("state") != "finished" and not errors and time.monotonic() < deadline:
+                time.sleep(0.05)  # several workers: the leader closes the round at its next step
+                status = server.status()
+            close_s = time.perf_counter() - closed_at
             exit_code = server.stop()
             acked = [(devs[i].device_id, r) for i, r in enumerate(receipts) if r is not None]
             # the server process inherits this one's environment, so $QFLARE_BLOB_STORE names its store too
-            check = check_database(server.database_url, blob_store_from_env(server.data_dir), acked)
+            blobs = blob_store_from_env(server.data_dir)
+            check = check_database(server.database_url, blobs, acked, unique_counts=workers == 1)
         finally:
             for t in transports:
                 t.close()
@@ -207,8 +247,11 @@ def run_ingest_bench(devices: int = 100, *, max_uploads: int = 8, data_root: str
         "server_rss_before_mb": round(rss_before / 2**20, 1),
         "server_peak_rss_mb": round(max(rss.peak_bytes, rss_before) / 2**20, 1),
         "max_uploads": max_uploads,
+        "workers": workers,
+        "database": "postgresql" if database_url else "sqlite",
         "max_in_flight_sampled": int(in_flight[0]),
         "server_state_after": status.get("state"),
+        "close_after_upload_s": round(close_s, 3),
         "server_exit": exit_code,
         "targets": TARGETS,
     }

@@ -29,10 +29,15 @@ class ServerSpec:
     federation: FederationSpec
     max_uploads: int = 8
     ready_timeout_s: float = 180.0
+    workers: int = 1
+    """``qflare server --workers``: more than one needs ``database_url`` (PostgreSQL)."""
+    database_url: str | None = None
 
     def __post_init__(self) -> None:
         if self.max_uploads < 1:
             raise ConfigError(f"max_uploads must be >= 1, got {self.max_uploads}")
+        if self.workers < 1 or (self.workers > 1 and self.database_url is None):
+            raise ConfigError("workers must be >= 1, and more than one needs a PostgreSQL database_url")
 
     def server_args(self) -> list[str]:
         """The ``qflare server`` options of a benchmark server beyond its federation."""
@@ -46,11 +51,16 @@ class ServerSpec:
             str(_UNLIMITED_RATE),
             "--log-level",
             "warning",
+            *(["--workers", str(self.workers)] if self.workers > 1 else []),
         ]
 
     def process(self) -> ServerProcess:
         """The server, not started yet (a context manager: ``with spec.process() as server``), on a temporary
         data directory; the whole federation enrolls before the first round opens."""
         return ServerProcess(
-            self.federation, args=self.server_args(), env=MALLOC_ENV, ready_timeout_s=self.ready_timeout_s
+            self.federation,
+            args=self.server_args(),
+            env=MALLOC_ENV,
+            ready_timeout_s=self.ready_timeout_s,
+            database_url=self.database_url,
         )

@@ -135,14 +135,27 @@ def ingest(
     devices: int = typer.Option(100, min=1, max=1000, help="Devices uploading at once (one connection each)."),
     max_uploads: int = typer.Option(8, min=1, help="The server's --max-uploads (update bodies processed at once)."),
     data_root: str | None = typer.Option(None, help="Fashion-MNIST folder (default: search the usual places)."),
+    workers: int = typer.Option(
+        1, min=1, max=64, help="The server's --workers; more than one runs on PostgreSQL (a temporary database)."
+    ),
+    postgres: bool = typer.Option(
+        False,
+        "--postgres",
+        help="Run a single server on a temporary PostgreSQL database too (the baseline for --workers).",
+    ),
     json_: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
     """N devices upload a sealed 6.65 MB FedAvg-CNN update to one `qflare server` at once: throughput,
     latency, server RSS, and the server's database checked against the receipts (lost / duplicated)."""
     from ..bench.ingest import run_ingest_bench
+    from ..storage.testing import temporary_postgres_database
 
     with friendly_errors():
-        result = run_ingest_bench(devices, max_uploads=max_uploads, data_root=data_root)
+        if postgres and workers == 1:
+            with temporary_postgres_database(prefix="qflare_bench_") as url:
+                result = run_ingest_bench(devices, max_uploads=max_uploads, data_root=data_root, database_url=url)
+        else:
+            result = run_ingest_bench(devices, max_uploads=max_uploads, data_root=data_root, workers=workers)
     if json_:
         print(json.dumps(result))
     else:

@@ -6,6 +6,8 @@ import json
 import math
 import os
 import re
+import socket
+import sys
 from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -22,6 +24,7 @@ from . import runconfig
 from .common import FEDERATION_HELP, console, err_console, federation_spec, friendly_errors, writable_dir
 
 if TYPE_CHECKING:
+    from ..server import ServerConfig
     from ..server.rotation import RotationResult
 
 __all__ = ["LOG_FORMAT_ENV", "parse_duration", "register", "token_app"]
@@ -145,6 +148,20 @@ def server(
     mlflow: str | None = typer.Option(
         None, help="Log per-round metrics to this MLflow tracking URI (file:DIR or http://host:5000); needs mlflow."
     ),
+    workers: int = typer.Option(
+        1,
+        min=1,
+        max=64,
+        help="Worker processes serving this federation on one port; more than one needs PostgreSQL "
+        "(QFLARE_DATABASE_URL). Any worker takes any request; one at a time runs the rounds.",
+    ),
+    cluster: bool = typer.Option(
+        False,
+        "--cluster",
+        help="Serve as one worker of several, on this or other machines, sharing QFLARE_DATABASE_URL "
+        "(PostgreSQL), the blob store (--blob-store) and the coordinator key.",
+    ),
+    listen_fd: int | None = typer.Option(None, hidden=True, help="An inherited listening socket (--workers)."),
 ) -> None:
     """Run the coordinator: HTTP API v1 over the post-quantum protocol, rounds, evaluation, metrics.
 
@@ -208,7 +225,12 @@ def server(
             tensorboard=tensorboard,
             mlflow=mlflow,
             blob_store=blob_store,
+            cluster=cluster,
         )
+        if workers > 1:
+            raise typer.Exit(_run_workers(config, workers, host, port))
+        if listen_fd is not None and not cluster:
+            raise ConfigError("--listen-fd is for the --cluster workers that --workers starts")
         runtime = ServerRuntime(config)
         effective = runconfig.write_effective(ctx, runtime.data_dir / "server-config.toml")
         console.print(
@@ -230,7 +252,39 @@ def server(
             console.print(f"TLS via {report.openssl}; post-quantum TLS group: {group}")
         else:
             err_console.print("[yellow]no TLS[/]: device traffic is protected by the post-quantum channel only")
-        serve(runtime, host=host, port=port, tls_cert=tls_cert, tls_key=tls_key, log_level=log_level.lower())
+        sock = None if listen_fd is None else _inherited_socket(listen_fd)
+        if runtime.leadership is not None:
+            console.print(f"cluster worker pid {os.getpid()}: one of the workers on this database leads the rounds")
+        serve(runtime, host=host, port=port, tls_cert=tls_cert, tls_key=tls_key, log_level=log_level.lower(), sock=sock)
+
+
+def _inherited_socket(fd: int) -> socket.socket:
+    """The listening socket ``--workers`` handed this worker as descriptor ``fd``."""
+    try:
+        sock = socket.socket(fileno=fd)
+    except OSError as exc:
+        raise ConfigError(f"--listen-fd {fd} is not an open socket: {exc.strerror or exc}") from None
+    if sock.type != socket.SOCK_STREAM or not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+        raise ConfigError(f"--listen-fd {fd} is not a listening stream socket")
+    return sock
+
+
+def _run_workers(config: ServerConfig, workers: int, host: str, port: int) -> int:
+    """The supervisor of ``--workers N`` (:mod:`qflare.server.workers`); its exit status."""
+    from ..server.workers import bind_listener, run_workers, worker_command
+    from ..storage import Database
+    from ..storage.leader import require_cluster_database
+
+    if config.cluster:
+        raise ConfigError("--workers starts its --cluster workers itself: give one of the two")
+    db = Database.from_env(config.data_dir)
+    try:
+        require_cluster_database(db)
+    finally:
+        db.dispose()
+    sock = bind_listener(host, port)
+    console.print(f"qflare server · {workers} workers on {host}:{port} · database {db.url}")
+    return run_workers(worker_command(sys.argv[1:], sock.fileno()), workers, sock)
 
 
 @token_app.command("create")

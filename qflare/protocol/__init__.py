@@ -1,6 +1,7 @@
 """The protocol between devices and the coordinator: messages, device, coordinator, rounds, and the
 store interface the coordinator needs (implemented by :mod:`qflare.storage`), and client selection."""
 
+from .cluster import Leadership
 from .coordinator import Coordinator, CoordinatorConfig
 from .device import Device, GlobalModel, SignedUpdate, Transport
 from .messages import Frame, Receipt, Route, TaskInfo
@@ -28,6 +29,7 @@ __all__ = [
     "DeviceRow",
     "Frame",
     "GlobalModel",
+    "Leadership",
     "ModelRow",
     "PublishedModel",
     "RandomSelector",

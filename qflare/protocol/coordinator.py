@@ -81,6 +81,7 @@ from ..errors import (
 from ..strategy import ClientUpdate, Pipeline
 from ..wire import ParamLayout, decode_blob
 from .budget import CryptoBudget, Work
+from .cluster import Leadership
 from .messages import SECAGG_ROUTES, Receipt, Route, TaskInfo
 from .proofs import answer_for
 from .provenance import entry_of
@@ -198,7 +199,10 @@ class Coordinator:
         blobs: BlobSink | None = None,
         clock: Callable[[], float] = time.time,
         on_model: Callable[[PublishedModel], None] | None = None,
+        leadership: Leadership | None = None,
     ) -> None:
+        """``leadership`` makes this coordinator one worker of several on one store
+        (:mod:`qflare.protocol.cluster`)."""
         self.config = config or CoordinatorConfig()
         self.config.policy.check(self.config.suite)
         if identity.alg != self.config.suite.sig:
@@ -238,6 +242,7 @@ class Coordinator:
             clock=clock,
             on_model=on_model,
             candidates=self.live_devices,
+            leadership=leadership,
         )
 
     @property
@@ -665,10 +670,21 @@ class Coordinator:
         if len(body) > self.config.max_update_bytes:
             raise OversizeError(f"update of {len(body)} bytes exceeds {self.config.max_update_bytes}")
         rnd = self.rounds.current
+        if rnd is None and self.rounds.clustered:
+            rnd = self.rounds.catch_up()
         if rnd is None:
             raise WrongRoundError("no round is open", code="wrong_round")
         with self._timed("update_open"):
-            opened = open_update(sess.channel, sess.key, body, rnd.number, base_model_hash=rnd.base.sha256)
+            try:
+                opened = open_update(sess.channel, sess.key, body, rnd.number, base_model_hash=rnd.base.sha256)
+            except QflareError as exc:
+                # a cluster's worker follows the rounds at its steps: one that has not seen this round open
+                # yet catches up once (the frame's round is checked before its counter is used)
+                fresh = self.rounds.catch_up() if exc.code == ErrorCode.WRONG_ROUND and self.rounds.clustered else None
+                if fresh is None or fresh.number == rnd.number:
+                    raise
+                rnd = fresh
+                opened = open_update(sess.channel, sess.key, body, rnd.number, base_model_hash=rnd.base.sha256)
         examples = opened.num_examples
         if not 1 <= examples <= _MAX_EXAMPLES:
             raise ValidationError(f"example count {examples} is outside 1..{_MAX_EXAMPLES}", code="bad_example_count")

@@ -49,10 +49,11 @@ from ..strategy import ClientUpdate, Pipeline, PreparedUpdate, RoundAggregation
 from ..strategy.dp import privacy_of
 from ..strategy.state import encode_pipeline_state, load_pipeline_state
 from ..wire import ParamLayout, decode_blob, encode_model
+from .cluster import ClusterRoundOps, Leadership
 from .commits import GroupCommit
 from .detection import QUARANTINED, DetectionConfig, Detector, RoundVerdict
 from .provenance import QUORUM_NOT_REACHED, next_entry, round_record
-from .records import NewUpdate
+from .records import NewUpdate, RoundRow, UpdateRow
 from .secure_manager import SecureRoundOps
 from .secure_round import SecAggSettings, SecureRound, apply_mean, check_secure_pipeline
 from .selection import ClientSelector, RandomSelector, SelectorFactory, build_selector, check_selection
@@ -188,9 +189,10 @@ def _check_metrics(metrics: dict[str, float]) -> None:
         raise ValidationError("update metrics contain a NUL character", code="bad_json")
 
 
-class RoundManager(SecureRoundOps):
+class RoundManager(SecureRoundOps, ClusterRoundOps):
     """Owns the current round and the current global model.  Thread-safe.  Secure-aggregation rounds
-    are run by :class:`~qflare.protocol.secure_manager.SecureRoundOps`."""
+    are run by :class:`~qflare.protocol.secure_manager.SecureRoundOps`; with ``leadership``, this is one
+    worker of several on one store (:mod:`qflare.protocol.cluster`)."""
 
     def __init__(
         self,
@@ -206,13 +208,18 @@ class RoundManager(SecureRoundOps):
         clock: Callable[[], float] = time.time,
         on_model: Callable[[PublishedModel], None] | None = None,
         candidates: Callable[[Sequence[str]], Sequence[str]] | None = None,
+        leadership: Leadership | None = None,
     ) -> None:
         """``candidates`` narrows the active devices (in enrollment order) to those the selector is offered
-        (the coordinator passes the devices it has seen recently); it keeps their order."""
+        (the coordinator passes the devices it has seen recently); it keeps their order.  ``leadership``
+        makes this manager one worker of a cluster on a shared store (:mod:`qflare.protocol.cluster`)."""
         self.layout, self.strategy, self.config = layout, strategy, config
         self._candidates = candidates
         self._identity, self._suite, self._store, self._blobs = identity, suite, store, blobs
         self._clock, self._on_model = clock, on_model
+        self._leadership = leadership
+        self._gc_suspects: set[str] = set()
+        self._gc_pass_at: float | None = None
         self._lock = threading.RLock()
         self._selector = build_selector(config.selector)
         self._privacy = privacy_of(strategy)
@@ -229,6 +236,13 @@ class RoundManager(SecureRoundOps):
             self._weighting = check_secure_pipeline(strategy, config.per_round)
             if self.detector is not None:
                 raise ConfigError("threat detection reads individual updates, which secure aggregation hides")
+            if leadership is not None:
+                raise ConfigError(
+                    "secure aggregation runs on a single coordinator process: its round state between phases "
+                    "is that process's memory (run one worker)"
+                )
+        if leadership is not None and blobs is None:
+            raise ConfigError("a worker of a cluster reads the round's updates back from the blob store: give one")
         self.verdicts: dict[int, RoundVerdict] = {}
         """With detection: the verdicts of the latest rounds this process judged (at most 1000), by round."""
         self._round: OpenRound | None = None
@@ -242,7 +256,10 @@ class RoundManager(SecureRoundOps):
             store.add_model_version(0, None, self.model.sha256, None, self.model.envelope, {})
         else:
             self.model = self._recover_model(latest.version, latest.model_hash)
-            self._recover_round()
+            if leadership is not None:
+                self._follow()  # the leader's step resumes (closes) what a crashed leader left open
+            else:
+                self._recover_round()
 
     # ------------------------------------------------------------------ models
     def _publish(self, version: int, flat: torch.Tensor, round_number: int | None = None) -> PublishedModel:
@@ -293,13 +310,7 @@ class RoundManager(SecureRoundOps):
             except ValidationError as exc:  # blob_corrupt / blob_missing: the store was damaged while we were down
                 # Aggregating without it would silently drop an acknowledged update, and refusing to start
                 # would wedge the federation: the round fails, visibly, and the next one opens.
-                self._store.record_security_event(
-                    exc.code,
-                    f"round {row.round_number}: the acknowledged update of device {upd.device_id[:16]}... cannot "
-                    f"be read back ({exc}); the round is marked failed and the next one opens"[:2000],
-                    device_id=upd.device_id,
-                )
-                _log.error("round %d failed at restart: update %s unreadable [%s]", row.round_number, upd.id, exc.code)
+                self._report_unreadable(row.round_number, upd, exc, "at restart")
                 broken = OpenRound(
                     row.round_number,
                     tuple(row.selected_devices),
@@ -320,10 +331,7 @@ class RoundManager(SecureRoundOps):
             else:
                 agg.add(restored)
             accepted[upd.device_id] = upd.update_hash
-        if self._privacy is not None:  # the candidates of the round's draw are gone: never under-charge it
-            active = len(self._store.list_devices(status="active"))
-            rate = len(row.selected_devices) / active if active else 1.0
-            self._privacy.begin_round(min(1.0, max(self._privacy.sampling_rate, rate)))
+        self._begin_privacy_of(row)
         deadline = row.deadline.timestamp()
         now = self._clock()
         if row.state == "open" and 0 < len(accepted) < row.min_participants and deadline <= now:
@@ -351,6 +359,23 @@ class RoundManager(SecureRoundOps):
         if row.state == "aggregating" or len(accepted) >= row.quorum:
             # crashed between quorum and publication, or after the last update: finish the job
             self._close(self._round)
+
+    def _report_unreadable(self, round_number: int, upd: UpdateRow, exc: QflareError, when: str) -> None:
+        """The security event and log line of an acknowledged update that cannot be read back (its round fails)."""
+        self._store.record_security_event(
+            exc.code,
+            f"round {round_number}: the acknowledged update of device {upd.device_id[:16]}... cannot be read back "
+            f"{when} ({exc}); the round is marked failed and the next one opens"[:2000],
+            device_id=upd.device_id,
+        )
+        _log.error("round %d failed %s: update %s unreadable [%s]", round_number, when, upd.id, exc.code)
+
+    def _begin_privacy_of(self, row: RoundRow) -> None:
+        """Charge the accountant for a round this process did not open (a restart, another worker's)."""
+        if self._privacy is not None:  # the candidates of the round's draw are gone: never under-charge it
+            active = len(self._store.list_devices(status="active"))
+            rate = len(row.selected_devices) / active if active else 1.0
+            self._privacy.begin_round(min(1.0, max(self._privacy.sampling_rate, rate)))
 
     # ------------------------------------------------------------------ rounds
     @property
@@ -532,12 +557,16 @@ class RoundManager(SecureRoundOps):
                     if isinstance(outcome, BaseException):
                         results.append(outcome)
                         continue
-                    if self.detector is not None:  # judged with the whole round when it closes
+                    if self._leadership is not None:
+                        pass  # the leader reads it back from the blob store at close, in selection order
+                    elif self.detector is not None:  # judged with the whole round when it closes
                         rnd.held[device] = (item.delta, item.prepared)
                     else:
                         rnd.aggregation.commit(item.prepared)
                     rnd.accepted[device] = item.record.update_hash
                     results.append((len(rnd.accepted), False))
+                    if self._leadership is not None:
+                        continue  # the leader's step closes the round
                     if len(rnd.accepted) >= rnd.quorum and not any(r is rnd for r in closing):
                         closing.append(rnd)
                 except Exception as exc:  # recorded but not folded in: the device's retry folds it in
@@ -556,8 +585,9 @@ class RoundManager(SecureRoundOps):
 
     def _discard_blob(self, digest: str) -> None:
         """Remove a just-written update blob that was not recorded (under the round lock), unless another
-        upload of the same bytes is in flight or a row refers to it."""
-        if self._blobs is None:
+        upload of the same bytes is in flight or a row refers to it.  A worker of a cluster leaves it to
+        the leader's garbage collection: another worker may be recording the same bytes."""
+        if self._blobs is None or self._leadership is not None:
             return
         try:
             with self._inflight_lock:
@@ -579,6 +609,8 @@ class RoundManager(SecureRoundOps):
         removed: list[str] = []
         with self._lock:
             referenced = self._store.referenced_blobs()
+            if self._leadership is not None:
+                listed = self._collect_clustered(listed, referenced)
             for digest in listed:
                 if digest in referenced:
                     continue
@@ -620,6 +652,8 @@ class RoundManager(SecureRoundOps):
 
     def step(self) -> OpenRound | None:
         """What a server calls periodically: handle the deadline, open the next round when none is."""
+        if self._leadership is not None:
+            return self._cluster_step()
         with self._lock:
             self.tick()
             if self._round is None and not self.finished:
@@ -647,6 +681,9 @@ class RoundManager(SecureRoundOps):
     def tick(self) -> None:
         """Deadline handling: aggregate with what arrived, or fail the round and move on; retry a
         publication that the storage refused."""
+        if self._leadership is not None:
+            self._cluster_step()
+            return
         with self._lock:
             rnd = self._round
             if rnd is not None and rnd.closing:

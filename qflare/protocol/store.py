@@ -158,6 +158,10 @@ class CoordinatorStore(Protocol):
 
     def updates_for_round(self, round_number: int) -> list[UpdateRow]: ...
 
+    def count_updates(self, round_number: int | None = None) -> int:
+        """Updates recorded for ``round_number`` (in all rounds when None)."""
+        ...
+
     # -- model versions ---------------------------------------------------------------------
     def add_model_version(
         self,
@@ -247,3 +251,7 @@ class BlobSink(Protocol):
     def digests(self) -> Iterator[str]: ...
 
     def delete(self, sha256: str) -> bool: ...
+
+    def written_at(self, sha256: str) -> float | None:
+        """When the blob was last written (Unix seconds; a rewrite of the same bytes moves it), None if absent."""
+        ...

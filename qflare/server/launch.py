@@ -9,6 +9,7 @@ after 3.13), the server prefers it; :func:`tls_report` says what this interprete
 from __future__ import annotations
 
 import signal
+import socket
 import ssl
 import threading
 from collections.abc import Callable
@@ -75,9 +76,12 @@ def serve(
     tls_key: Path | None = None,
     log_level: str = "info",
     graceful_timeout_s: int = 30,
+    sock: socket.socket | None = None,
 ) -> None:
     """Serve until SIGINT/SIGTERM: stop accepting, let in-flight requests finish (up to
-    ``graceful_timeout_s``), then stop the round loop and evaluator and close the database."""
+    ``graceful_timeout_s``), then stop the round loop and evaluator and close the database.  ``sock``:
+    an already listening socket to serve instead of binding ``host:port`` (a worker of
+    ``qflare server --workers N``, :mod:`qflare.server.workers`)."""
     if (tls_cert is None) != (tls_key is None):
         raise ConfigError("--tls-cert and --tls-key go together")
     for path in (tls_cert, tls_key):
@@ -99,14 +103,15 @@ def serve(
         timeout_graceful_shutdown=graceful_timeout_s,
     )
     server = uvicorn.Server(config)
+    sockets = None if sock is None else [sock]
     if threading.current_thread() is not threading.main_thread():
-        server.run()
+        server.run(sockets=sockets)
         return
     # uvicorn re-raises the signal that stopped it once shutdown is complete; answer it with exit status
     # 0, since the shutdown was the graceful one that was asked for.
     previous = {sig: signal.signal(sig, _exit_cleanly) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        server.run()
+        server.run(sockets=sockets)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)

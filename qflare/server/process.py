@@ -25,7 +25,7 @@ from ..config import MALLOC_ENV
 from ..errors import QflareError
 from ..federation import FederationSpec
 from ..processes import child_environment, free_port, log_tail, spawn, stop_processes
-from ..storage.db import SQLITE_FILENAME
+from ..storage.db import DATABASE_URL_ENV, SQLITE_FILENAME
 from ..transport import HttpTransport, RetryPolicy
 from .credentials import ADMIN_TOKEN_ENV, KEYID_FILE
 
@@ -55,8 +55,10 @@ class ServerProcess:
         log_path: Path | None = None,
         ready_timeout_s: float = 180.0,
         python: str = sys.executable,
+        database_url: str | None = None,
     ) -> None:
         self.federation = federation
+        self._database_url = database_url
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
         if data_dir is None:
             self._tmp = tempfile.TemporaryDirectory(prefix="qflare-server-")
@@ -85,7 +87,8 @@ class ServerProcess:
 
     @property
     def database_url(self) -> str:
-        return f"sqlite:///{self.data_dir / SQLITE_FILENAME}"
+        """The server's database: the one given (``QFLARE_DATABASE_URL`` of the child), else its SQLite file."""
+        return self._database_url or f"sqlite:///{self.data_dir / SQLITE_FILENAME}"
 
     def key_id(self) -> str:
         """The pin, read out of band from the server's data directory."""
@@ -117,7 +120,10 @@ class ServerProcess:
             raise QflareError("this server process was already started; make a new ServerProcess to restart")
         self.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.federation.save(self.federation_file)
-        env = child_environment({**MALLOC_ENV, "PYTHONUNBUFFERED": "1", **self.env, ADMIN_TOKEN_ENV: self.admin_token})
+        extra = {**MALLOC_ENV, "PYTHONUNBUFFERED": "1", **self.env, ADMIN_TOKEN_ENV: self.admin_token}
+        if self._database_url is not None:
+            extra[DATABASE_URL_ENV] = self._database_url
+        env = child_environment(extra)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in close()
         self.proc = spawn(self.command(), self._log, env)

@@ -7,6 +7,7 @@ background work; the FastAPI app (:mod:`qflare.server.app`) only translates HTTP
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
@@ -20,20 +21,21 @@ import torch
 from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
 
-from ..crypto import require_primitives
+from ..crypto import MsgType, SignedEnvelope, SigningKey, require_primitives
 from ..crypto.rotation import ChainState
 from ..data import load_dataset
-from ..errors import ConfigError
+from ..errors import ConfigError, QflareError
 from ..federation import FederationSpec
 from ..models import create_model
 from ..protocol import Coordinator, CoordinatorConfig, PublishedModel, RoundConfig
 from ..protocol.key_ledger import catch_up
 from ..published import Architecture
-from ..storage import BlobBackend, Database, Store, blob_store_from_env
+from ..storage import AdvisoryLeadership, BlobBackend, Database, Store, blob_store_from_env
+from ..storage.leader import startup_lock
 from ..storage.scrub import ScrubReport, verify_store
 from ..tracking import open_trackers
 from ..wire import ParamLayout
-from .credentials import AdminToken, load_or_create_admin_token, load_or_create_identity
+from .credentials import KEY_FILE, AdminToken, load_or_create_admin_token, load_or_create_identity
 from .evaluation import Evaluator
 from .limits import HttpLimits
 from .logs import bind_round
@@ -73,6 +75,10 @@ class ServerConfig:
     blob_store: str | None = None
     """Where the blobs live: ``s3://BUCKET[/PREFIX]``; None: ``$QFLARE_BLOB_STORE`` if set, else
     ``data_dir/blobs`` (:func:`qflare.storage.blob_store_from_env`)."""
+    cluster: bool = False
+    """Serve as one worker of several (this machine's or others') sharing one PostgreSQL database and
+    one blob store: any worker takes any request, one leader at a time runs the rounds
+    (:mod:`qflare.protocol.cluster`)."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.federation, FederationSpec):
@@ -83,6 +89,30 @@ class ServerConfig:
             raise ConfigError("min_devices must be >= 1")
         if self.gc_interval_s < 0 or self.scrub_interval_s < 0:
             raise ConfigError("gc_interval_s and scrub_interval_s must be >= 0")
+
+
+def _check_cluster_key(store: Store, identity: SigningKey) -> None:
+    """Refuse a cluster worker whose coordinator key is not the federation's: the key that signed the
+    ledger's latest entry (a rotation's entry is signed by the new key too), else the initial model."""
+    head = store.last_ledger_entry()
+    if head is not None:
+        signers = {key_id for key_id, _ in head.signatures}
+        if identity.key_id in signers:
+            return
+        theirs = ", ".join(sorted(k[:16] + "..." for k in signers))
+    else:
+        first = store.get_model(0)
+        if first is None:
+            return  # a new federation: this worker's key is the federation's
+        try:
+            SignedEnvelope.open(bytes(first.signature), identity.public, expected_type=MsgType.GLOBAL_MODEL)
+            return
+        except QflareError:
+            theirs = "another key"
+    raise ConfigError(
+        f"this worker's coordinator key {identity.key_id[:16]}... is not the federation's (its latest ledger entry "
+        f"or initial model is signed by {theirs}): every worker of a cluster needs the same coordinator.key"
+    )
 
 
 class ServerRuntime:
@@ -99,37 +129,14 @@ class ServerRuntime:
         except BaseException:
             self._release_lock()
             raise
+        self.leadership: AdvisoryLeadership | None = None
         try:
-            self.db.upgrade()
-            self.store = Store(self.db)
-            self.blobs: BlobBackend = blob_store_from_env(self.data_dir, environ, url=config.blob_store)
-            self.blobs.remove_stale_temp_files(older_than_s=0.0)  # nothing is writing yet
-            self.rotations: ChainState = recover_rotation(self.data_dir, config.key_passphrase)
-            self.identity, self.identity_created = load_or_create_identity(
-                self.data_dir, config.key_passphrase, config.federation.suite.sig
-            )
-            check_key_matches_chain(self.identity, self.rotations)
-            # before the round manager's recovery can sign a round entry with a key the ledger does not
-            # know yet: the rotation records a crash left out of the ledger go in first
-            for row in catch_up(self.store, self.rotations, self.identity):
-                _log.warning(
-                    "ledger: appended key record entry %d (%s) left out by an interrupted rotation", row.seq, row.kind
-                )
-            self.admin: AdminToken = load_or_create_admin_token(self.data_dir, environ)
-            self.metrics = ServerMetrics()
-            self.trackers = open_trackers(
-                tensorboard=config.tensorboard,
-                mlflow=config.mlflow,
-                run_name=f"server-{self.data_dir.name}",
-                params=config.federation.to_json(),
-                on_error=lambda message: _log.error("tracking: %s", message),
-            )
-            self._refused_seen = 0.0
-            self._build_coordinator()
-            self.coordinator.rounds.collect_garbage()  # blobs left by a crash between write and record
+            with startup_lock(self.db) if config.cluster else contextlib.nullcontext():
+                self._start_up(config, environ)
         except BaseException:
             if hasattr(self, "trackers"):
                 self.trackers.close()
+            self._release_leadership()
             self.db.dispose()
             self._release_lock()
             raise
@@ -151,6 +158,49 @@ class ServerRuntime:
         self._last_round: int | None = None
         self._last_error = ""
         self.started = False
+
+    def _start_up(self, config: ServerConfig, environ: Mapping[str, str] | None) -> None:
+        """Migrate, open the stores, load the keys and build the coordinator (a cluster's workers one at a
+        time, under its start-up lock: they would race to create the same rows and files)."""
+        self.db.upgrade()
+        self.store = Store(self.db, shared=config.cluster)
+        self.blobs: BlobBackend = blob_store_from_env(self.data_dir, environ, url=config.blob_store)
+        # nothing is writing yet -- unless other workers of a cluster share the directory
+        self.blobs.remove_stale_temp_files(older_than_s=3600.0 if config.cluster else 0.0)
+        if config.cluster:
+            self.leadership = AdvisoryLeadership(self.db)
+        if config.cluster and not (self.data_dir / KEY_FILE).exists() and self.store.latest_model() is not None:
+            raise ConfigError(
+                f"{self.data_dir / KEY_FILE} is missing and this federation already exists: every worker of a "
+                "cluster signs with the same coordinator key; copy coordinator.key (and admin.token) from another "
+                "worker's data directory"
+            )
+        self.rotations: ChainState = recover_rotation(self.data_dir, config.key_passphrase)
+        self.identity, self.identity_created = load_or_create_identity(
+            self.data_dir, config.key_passphrase, config.federation.suite.sig
+        )
+        check_key_matches_chain(self.identity, self.rotations)
+        # before the round manager's recovery can sign a round entry with a key the ledger does not
+        # know yet: the rotation records a crash left out of the ledger go in first
+        for row in catch_up(self.store, self.rotations, self.identity):
+            _log.warning(
+                "ledger: appended key record entry %d (%s) left out by an interrupted rotation", row.seq, row.kind
+            )
+        if config.cluster:
+            _check_cluster_key(self.store, self.identity)
+        self.admin: AdminToken = load_or_create_admin_token(self.data_dir, environ)
+        self.metrics = ServerMetrics()
+        self.trackers = open_trackers(
+            tensorboard=config.tensorboard,
+            mlflow=config.mlflow,
+            run_name=f"server-{self.data_dir.name}",
+            params=config.federation.to_json(),
+            on_error=lambda message: _log.error("tracking: %s", message),
+        )
+        self._refused_seen = 0.0
+        self._build_coordinator()
+        if not config.cluster:  # other workers may be writing blobs they have not recorded yet
+            self.coordinator.rounds.collect_garbage()  # blobs left by a crash between write and record
 
     def _build_coordinator(self) -> None:
         cfg, spec = self.config, self.config.federation
@@ -206,10 +256,14 @@ class ServerRuntime:
                 detection=spec.detection_config(),
             ),
             config=CoordinatorConfig(
-                suite=spec.suite, session_lifetime_s=cfg.session_lifetime_s, max_update_bytes=cfg.max_update_bytes
+                suite=spec.suite,
+                session_lifetime_s=cfg.session_lifetime_s,
+                max_update_bytes=cfg.max_update_bytes,
+                shared_sessions=cfg.cluster,  # any worker continues any device's handshake and session
             ),
             blobs=self.blobs,
             on_model=self._on_model,
+            leadership=self.leadership,
         )
 
     # ------------------------------------------------------------------ lifecycle
@@ -245,8 +299,13 @@ class ServerRuntime:
             self.evaluator.stop()
         self.started = False
         self.trackers.close()
+        self._release_leadership()
         self.db.dispose()
         self._release_lock()
+
+    def _release_leadership(self) -> None:
+        if self.leadership is not None:
+            self.leadership.release()
 
     def _release_lock(self) -> None:
         if self._lock_fd is not None:
@@ -423,6 +482,8 @@ class ServerRuntime:
 
     def status(self) -> dict[str, Any]:
         out: dict[str, Any] = dict(self.coordinator.rounds.status())
+        if self.leadership is not None:
+            out["worker"] = {"pid": os.getpid(), "leader": self.leadership.held}
         out["history"] = self.history()
         out["devices"] = self._active_devices()
         return out

@@ -12,6 +12,7 @@ from qflare.storage.blob_backend import BLOB_STORE_ENV, BlobBackend, blob_store_
 from qflare.storage.blobs import BlobNotFoundError, BlobStore
 from qflare.storage.blobs_s3 import S3BlobStore
 from qflare.storage.db import DATABASE_URL_ENV, Database
+from qflare.storage.leader import AdvisoryLeadership
 from qflare.storage.records import (
     DeviceRow,
     LedgerRow,
@@ -27,6 +28,7 @@ from qflare.storage.repository import Store, hash_token, key_id
 __all__ = [
     "BLOB_STORE_ENV",
     "DATABASE_URL_ENV",
+    "AdvisoryLeadership",
     "BlobBackend",
     "BlobNotFoundError",
     "BlobStore",

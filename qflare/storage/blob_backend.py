@@ -68,6 +68,10 @@ class BlobBackend(Protocol):
 
     def exists(self, sha256: str) -> bool: ...
 
+    def written_at(self, sha256: str) -> float | None:
+        """When the blob was last written (Unix seconds), None if absent."""
+        ...
+
     def check(self, sha256: str) -> Literal["missing", "corrupt"] | None:
         """Re-hash one stored blob: ``None`` if intact, else ``"missing"`` or ``"corrupt"``."""
         ...

@@ -15,7 +15,7 @@ import os
 import re
 import tempfile
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import BinaryIO, Literal
 
@@ -68,6 +68,20 @@ def _corrupt_message(path: object, digest: str) -> str:
         f"blob file {path} no longer hashes to {digest}: it is corrupt. Restore it from a backup, or run "
         "'qflare server verify-store' to list every damaged blob"
     )
+
+
+def check_stream(open_stream: Callable[[str], Iterable[bytes]], sha256: str) -> Literal["missing", "corrupt"] | None:
+    """Read a blob through ``open_stream`` (which re-hashes it): ``None`` if intact, else what is wrong."""
+    try:
+        for _ in open_stream(sha256):
+            pass
+    except BlobNotFoundError:
+        return "missing"
+    except ValidationError as exc:
+        if exc.code != "blob_corrupt":
+            raise
+        return "corrupt"
+    return None
 
 
 def _fsync_dir(path: Path) -> None:
@@ -267,19 +281,17 @@ class BlobStore:
 
     def check(self, sha256: str) -> Literal["missing", "corrupt"] | None:
         """Re-hash one stored blob: ``None`` if intact, else ``"missing"`` or ``"corrupt"``."""
-        try:
-            for _ in self.open_stream(sha256):
-                pass
-        except BlobNotFoundError:
-            return "missing"
-        except ValidationError as exc:
-            if exc.code != "blob_corrupt":
-                raise
-            return "corrupt"
-        return None
+        return check_stream(self.open_stream, sha256)
 
     def exists(self, sha256: str) -> bool:
         return self.path_for(sha256).is_file()
+
+    def written_at(self, sha256: str) -> float | None:
+        """The file's modification time (a rewrite replaces the file, so it moves); None if absent."""
+        try:
+            return self.path_for(sha256).stat().st_mtime
+        except FileNotFoundError:
+            return None
 
     def size(self, sha256: str) -> int:
         try:

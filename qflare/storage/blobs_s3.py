@@ -29,7 +29,7 @@ from typing import IO, Any, Literal
 from qflare.errors import BlobNotFoundError, ConfigError, OversizeError, StorageFullError, ValidationError
 from qflare.hashed import HashedBytes
 from qflare.storage import s3_errors
-from qflare.storage.blobs import DEFAULT_CHUNK_SIZE, STORAGE_RETRY_AFTER_S, _digest, _Source
+from qflare.storage.blobs import DEFAULT_CHUNK_SIZE, STORAGE_RETRY_AFTER_S, _digest, _Source, check_stream
 
 __all__ = ["INSTALL_HINT", "S3BlobStore"]
 
@@ -342,16 +342,7 @@ class S3BlobStore:
 
     def check(self, sha256: str) -> Literal["missing", "corrupt"] | None:
         """Re-hash one stored blob: ``None`` if intact, else ``"missing"`` or ``"corrupt"``."""
-        try:
-            for _ in self.open_stream(sha256):
-                pass
-        except BlobNotFoundError:
-            return "missing"
-        except ValidationError as exc:
-            if exc.code != "blob_corrupt":
-                raise
-            return "corrupt"
-        return None
+        return check_stream(self.open_stream, sha256)
 
     def _head(self, sha256: str) -> dict[str, Any] | None:
         try:
@@ -364,6 +355,11 @@ class S3BlobStore:
 
     def exists(self, sha256: str) -> bool:
         return self._head(sha256) is not None
+
+    def written_at(self, sha256: str) -> float | None:
+        """The object's LastModified (every PUT moves it, the same bytes too); None if absent."""
+        head = self._head(sha256)
+        return None if head is None else float(head["LastModified"].timestamp())
 
     def size(self, sha256: str) -> int:
         head = self._head(sha256)

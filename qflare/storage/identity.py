@@ -244,7 +244,7 @@ class IdentityOps(StoreBase):
                 s.execute(
                     update(t.Session)
                     .where(t.Session.device_id == device_id, t.Session.closed_at.is_(None))
-                    .values(closed_at=at)
+                    .values(closed_at=at, wrapped_keys=None)  # a closed session's keys are gone for good
                     .execution_options(synchronize_session=False)
                 )
                 s.flush()
@@ -364,7 +364,7 @@ class IdentityOps(StoreBase):
                     s.execute(
                         update(t.Session)
                         .where(t.Session.device_id == device_id, t.Session.closed_at.is_(None))
-                        .values(closed_at=created)
+                        .values(closed_at=created, wrapped_keys=None)
                         .execution_options(synchronize_session=False)
                     )
                     row.wrapped_keys, row.last_recv, row.next_send, row.last_seen_at = wrapped, -1, 0, created
@@ -402,7 +402,7 @@ class IdentityOps(StoreBase):
             stmt = (
                 update(t.Session)
                 .where(t.Session.session_id == session_id, t.Session.closed_at.is_(None))
-                .values(closed_at=at)
+                .values(closed_at=at, wrapped_keys=None)
                 .execution_options(synchronize_session=False)
             )
             return cast(CursorResult[Any], s.execute(stmt)).rowcount == 1

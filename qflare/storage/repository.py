@@ -16,6 +16,7 @@ from qflare.storage.ledger import LedgerOps
 from qflare.storage.operators import OperatorOps
 from qflare.storage.secagg import SecAggOps
 from qflare.storage.shared import SharedSessionOps
+from qflare.storage.status_cache import ActiveDeviceCache
 from qflare.storage.training import ROUND_TRANSITIONS, TrainingOps
 
 __all__ = ["ROUND_TRANSITIONS", "Clock", "Store", "hash_token", "key_id", "utc_now"]
@@ -25,8 +26,12 @@ class Store(IdentityOps, TrainingOps, AuditOps, LedgerOps, OperatorOps, SecAggOp
     """Tokens, devices, sessions, rounds, updates, model versions, security events, ledger, operator
     sessions, secure-aggregation round state, the shared connection state of coordinator processes."""
 
-    def __init__(self, db: Database, *, clock: Clock = utc_now) -> None:
+    def __init__(self, db: Database, *, clock: Clock = utc_now, shared: bool = False) -> None:
+        """``shared``: other coordinator processes write this database too (a cluster's workers), so no
+        device status is cached (:mod:`qflare.storage.status_cache`)."""
         super().__init__(db, clock=clock)
+        if shared:
+            self._active_devices = ActiveDeviceCache(enabled=False)
 
     def __repr__(self) -> str:
         return f"Store({self.db!r})"

@@ -179,4 +179,10 @@ class SharedSessionOps(StoreBase):
         for table in (t.HelloDigest, t.PendingHandshake):
             result = s.execute(delete(table).where(table.expires_at <= at))
             gone += int(cast(CursorResult[Any], result).rowcount)
+        # an expired session's wrapped keys are of no use to anyone but a later reader of this database
+        s.execute(
+            update(t.Session)
+            .where(t.Session.expires_at <= at, t.Session.wrapped_keys.is_not(None))
+            .values(wrapped_keys=None)
+        )
         return gone

@@ -28,13 +28,18 @@ __all__ = ["ActiveDeviceCache"]
 class ActiveDeviceCache:
     """Device ids read as active, forgotten on revocation (see the module docstring).  Thread-safe."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, enabled: bool = True) -> None:
+        """``enabled`` False: every call reads (a store shared by several coordinator processes, where
+        another process may revoke or quarantine a device)."""
+        self._enabled = enabled
         self._active: set[str] = set()
         self._generation = 0
         self._lock = threading.Lock()
 
     def status(self, device_id: str, read: Callable[[str], str | None]) -> str | None:
         """``device_id``'s status: "active" from the cache, else ``read(device_id)`` (cached if active)."""
+        if not self._enabled:
+            return read(device_id)
         with self._lock:
             if device_id in self._active:
                 return "active"
