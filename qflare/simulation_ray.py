@@ -48,7 +48,7 @@ from .data import ArrayDataset, load_dataset
 from .errors import ConfigError, QflareError, TrainingError, error_from_code
 from .federation import FederationSpec
 from .simulation import CoordinatorSide, FederationFactory, SimulationConfig
-from .simulation_ray_host import DeviceHost, HostStats, Item
+from .simulation_ray_host import DeviceHost, HostStats, Item, process_rss
 from .training import TrainResult
 from .wire import ParamLayout
 
@@ -122,6 +122,8 @@ class RayFederation(CoordinatorSide):
         """True when this federation started a local Ray with the hosts' environment (``_HOST_ENV``)."""
         self._hosts: list[Any] = []
         self.spawn_stats: list[HostStats] = []
+        self.driver_rss_spawned = 0
+        """The driver's resident set once the hosts started, before any device enrolled."""
         self.enroll_s = 0.0
         self.final_stats: list[HostStats] = []
         """The hosts' processes when the federation closed (their peak RSS covers the rounds)."""
@@ -129,6 +131,7 @@ class RayFederation(CoordinatorSide):
             self._start(ray, options)
             self._spawn(ray, cfg, layout, options)
             self.spawn_stats = self.host_stats()  # started (data set and shards loaded), no device enrolled
+            self.driver_rss_spawned = process_rss()
             t0 = time.perf_counter()
             self._enroll_all(spec)
             self.enroll_s = time.perf_counter() - t0

@@ -35,7 +35,7 @@ from .protocol.messages import Route
 from .training import LocalTrainer, TrainResult, client_seed
 from .wire import ParamLayout
 
-__all__ = ["DeviceHost", "HostStats", "Item"]
+__all__ = ["DeviceHost", "HostStats", "Item", "process_rss"]
 
 # What crosses between driver and host.  Into an operation: ("start", op, *args), ("reply", bytes) or
 # ("fail", code, message).  Out of it: ("request", route, body, session_id), ("done", value) or
@@ -55,7 +55,8 @@ class HostStats:
     """``MALLOC_ARENA_MAX`` in the host's environment (what glibc read as the process started)."""
 
 
-def _rss() -> int:
+def process_rss() -> int:
+    """This process's resident set now, in bytes (Linux: /proc/self/statm; 0 where it cannot be read)."""
     try:
         with open("/proc/self/statm") as f:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
@@ -142,7 +143,7 @@ class DeviceHost:
 
     def stats(self) -> HostStats:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-        return HostStats(len(self._devices), _rss(), peak, os.environ.get("MALLOC_ARENA_MAX"))
+        return HostStats(len(self._devices), process_rss(), peak, os.environ.get("MALLOC_ARENA_MAX"))
 
     # ------------------------------------------------------------------ the operations
     def _target(self, i: int, op: str, args: tuple[Any, ...]) -> Callable[[], Any]:
