@@ -124,18 +124,24 @@ class RayFederation(CoordinatorSide):
         self.spawn_stats: list[HostStats] = []
         self.driver_rss_spawned = 0
         """The driver's resident set once the hosts started, before any device enrolled."""
+        self.ray_init_s = 0.0
+        """Starting (or joining) Ray."""
+        self.hosts_start_s = 0.0
+        """Starting the device hosts until each answers (their processes import torch, get their data)."""
         self.enroll_s = 0.0
+        """Enrolling and connecting every device: keys, enrollment, handshake (ML-DSA, ML-KEM)."""
         self.final_stats: list[HostStats] = []
         """The hosts' processes when the federation closed (their peak RSS covers the rounds)."""
         try:
+            t0 = time.perf_counter()
             self._start(ray, options)
+            t1 = time.perf_counter()
             self._spawn(ray, cfg, layout, options)
             self.spawn_stats = self.host_stats()  # started (data set and shards loaded), no device enrolled
+            t2 = time.perf_counter()
             self.driver_rss_spawned = process_rss()
-            t0 = time.perf_counter()
             self._enroll_all(spec)
-            self.enroll_s = time.perf_counter() - t0
-            """Enrolling and connecting every device: keys, enrollment, handshake (ML-DSA, ML-KEM)."""
+            self.ray_init_s, self.hosts_start_s, self.enroll_s = t1 - t0, t2 - t1, time.perf_counter() - t2
         except BaseException:
             self._stop()
             self.discard()

@@ -128,6 +128,8 @@ def run_ray_scale(
         "cpus": os.cpu_count(),
         "load_avg_1m_before": load_before,
         "load_avg_1m": _load(),
+        "ray_init_s": round(fed.ray_init_s, 2),
+        "hosts_start_s": round(fed.hosts_start_s, 2),
         "enroll_s": round(fed.enroll_s, 2),
         "enroll_ms_per_device": round(1000 * fed.enroll_s / devices, 2),
         "host_rss_mb_before_enroll": [round(s.rss_bytes / 2**20, 1) for s in spawned],
