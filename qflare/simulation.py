@@ -399,6 +399,10 @@ class CoordinatorSide:
         finally:
             self.discard()
 
+    def database_bytes(self) -> int:
+        """The size of the coordinator's scratch database files (in memory where /dev/shm exists)."""
+        return sum(f.stat().st_size for f in Path(self._scratch.name).iterdir() if f.is_file())
+
     def discard(self) -> None:
         """Drop the scratch database without exporting anything (a federation that failed to start)."""
         self._db.dispose()

@@ -15,13 +15,17 @@ same bytes - and the next ``step`` carries the answers (or the coordinator's ref
 typed error on the device side) back in.  Requests are relayed in device index order at every step, so
 devices enroll in index order and the coordinator's seeded selection draws the same devices as with
 the thread backend: for one seed, the models are bit-identical to the thread backend's (one torch
-thread per training, as the thread backend's pool uses).
+thread per training, as the thread backend's pool uses).  Enrollment is pipelined: two lanes of steps
+alternate, so the hosts run the devices' side of enrollment and handshake (key generation, proof of
+possession, the client's handshake) while the driver relays the other lane's requests; the
+coordinator still receives the enrollment requests in device index order.
 
 Ray is optional (``pip install 'qflare[ray]'``); without it :func:`ray_federation` raises a
 ConfigError naming the extra.  A local Ray is started on demand with a small footprint (``num_cpus``
-as asked, no dashboard, a capped object store) and shut down at the end; with ``address`` an existing
-cluster is joined (qflare and the data set must be importable and loadable on its nodes).  A host that
-dies or fails outside the protocol surfaces as a ``device_host_failed`` TrainingError.
+as asked, no dashboard, a capped object store, two malloc arenas per process) and shut down at the
+end; with ``address`` an existing cluster is joined (qflare and the data set must be importable and
+loadable on its nodes).  A host that dies or fails outside the protocol surfaces as a
+``device_host_failed`` TrainingError.  The hosts' code is :mod:`qflare.simulation_ray_host`.
 
 Not built: attacks (the attackers' training lives in the driver) and FLTrust's root data, GPU actors.
 """
@@ -31,11 +35,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
-import queue
-import resource
-import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
@@ -43,18 +44,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from .crypto import SigningKey, VerifyKey
 from .data import ArrayDataset, load_dataset
-from .errors import ConfigError, ErrorCode, QflareError, TrainingError, error_from_code
+from .errors import ConfigError, QflareError, TrainingError, error_from_code
 from .federation import FederationSpec
-from .memory import release_free_memory, tune_heap
-from .models import create_model
-from .plugins import load_plugins
-from .protocol import Device
-from .protocol.device import SignedUpdate
-from .protocol.messages import Route
 from .simulation import CoordinatorSide, FederationFactory, SimulationConfig
-from .training import LocalTrainer, TrainResult, client_seed
+from .simulation_ray_host import DeviceHost, HostStats, Item, process_rss
+from .training import TrainResult
 from .wire import ParamLayout
 
 __all__ = ["DeviceHost", "HostStats", "RayFederation", "RayOptions", "ray_federation", "require_ray"]
@@ -62,13 +57,15 @@ __all__ = ["DeviceHost", "HostStats", "RayFederation", "RayOptions", "ray_federa
 _INSTALL = "pip install 'qflare[ray]'"
 _INLINE = 256 * 1024 * 1024
 """Call arguments and results up to this size travel inline (a local Ray): no object-store copies."""
-_ENROLL_WAVE = 64
-"""Devices per host whose enrollments run in one pump (their threads wait in the host meanwhile)."""
+_ENROLL_CHUNK = 16
+"""Devices per host that start enrolling at each step of an enrollment lane (see ``_enroll_all``)."""
+_LANES = 2
+"""Enrollment steps in flight: the hosts run one lane's step while the driver relays the other's requests."""
 
-# What crosses between driver and host.  Into an operation: ("start", op, *args), ("reply", bytes) or
-# ("fail", code, message).  Out of it: ("request", route, body, session_id), ("done", value) or
-# ("error", code, message).
-Item = tuple[Any, ...]
+_HOST_ENV = {"MALLOC_ARENA_MAX": "2"}
+"""The hosts' environment.  Two malloc arenas from the process's start (Ray's own threads included): with
+glibc's default of 8 per core, a host's resident size grew by ~250 MB over 4 fmnist-dir05 rounds; with 2
+it stays flat."""
 
 
 def require_ray() -> ModuleType:
@@ -99,153 +96,6 @@ class RayOptions:
 
 
 @dataclass(frozen=True)
-class HostStats:
-    """A device host's process, as it reports itself."""
-
-    devices: int
-    rss_bytes: int
-    """Resident set of the host's process now (Linux: from /proc/self/statm)."""
-    max_rss_bytes: int
-
-
-def _rss() -> int:
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except OSError:
-        return 0
-
-
-class _Operation:
-    """One device operation on its own thread; its transport exchanges items with :meth:`DeviceHost.step`."""
-
-    def __init__(self, target: Callable[[], Any]) -> None:
-        self.inbox: queue.SimpleQueue[Item] = queue.SimpleQueue()
-        self.outbox: queue.SimpleQueue[Item] = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._run, args=(target,), daemon=True, name="qflare-device-op")
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def _run(self, target: Callable[[], Any]) -> None:
-        try:
-            self.outbox.put(("done", target()))
-        except QflareError as exc:
-            self.outbox.put(("error", str(exc.code), exc.message))
-        except Exception as exc:  # a bug or a torch failure: typed, with its cause, for the driver
-            self.outbox.put(("error", ErrorCode.DEVICE_HOST_FAILED.value, f"{type(exc).__name__}: {exc}"))
-
-    def request(self, route: Route, body: bytes, session_id: str | None) -> bytes:
-        self.outbox.put(("request", route, body, session_id))
-        answer = self.inbox.get()
-        if answer[0] == "fail":
-            raise error_from_code(str(answer[1]), str(answer[2]))
-        return bytes(answer[1])
-
-
-class _Relay:
-    """A device's transport inside a host: the request goes to whichever operation the device runs now."""
-
-    def __init__(self, ops: dict[int, _Operation], index: int) -> None:
-        self._ops, self._index = ops, index
-
-    def request(self, route: Route, body: bytes, session_id: str | None = None) -> bytes:
-        return self._ops[self._index].request(route, body, session_id)
-
-
-class DeviceHost:
-    """A Ray actor's body: some of the federation's devices, their shards, and one trainer for them all."""
-
-    def __init__(
-        self,
-        spec: FederationSpec,
-        layout: ParamLayout,
-        server_key: bytes,
-        train: ArrayDataset,
-        shards: dict[int, np.ndarray],
-        threads: int = 1,
-    ) -> None:
-        torch.set_num_threads(threads)
-        tune_heap()  # free pages go back to the system after each operation (release_free_memory)
-        load_plugins()  # the model may come from a plugin, as in the driver
-        self._spec, self._layout, self._train, self._shards = spec, layout, train, shards
-        self._server_key = VerifyKey.from_bytes(spec.suite.sig, server_key)
-        self._trainer: LocalTrainer | None = None
-        self._devices: dict[int, Device] = {}
-        self._prepared: dict[int, SignedUpdate] = {}
-        self._ops: dict[int, _Operation] = {}
-
-    # ------------------------------------------------------------------ the pump
-    def step(self, items: list[tuple[int, Item]]) -> list[tuple[int, Item]]:
-        """Start or resume each device's operation and return where each one stopped next."""
-        out: list[tuple[int, Item]] = []
-        for i, item in items:
-            if item[0] == "start":
-                op = self._ops[i] = _Operation(self._target(i, str(item[1]), item[2:]))
-                op.start()  # registered first: its transport finds it
-            else:
-                op = self._ops[i]
-                op.inbox.put(item)
-            msg = op.outbox.get()
-            if msg[0] != "request":
-                del self._ops[i]
-                release_free_memory()
-            out.append((i, msg))
-        return out
-
-    def stats(self) -> HostStats:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-        return HostStats(len(self._devices), _rss(), peak)
-
-    # ------------------------------------------------------------------ the operations
-    def _target(self, i: int, op: str, args: tuple[Any, ...]) -> Callable[[], Any]:
-        if op == "enroll":
-            return lambda: self._enroll(i, str(args[0]))
-        if op == "work":
-            return lambda: self._work(i)
-        if op == "submit":
-            return lambda: self._submit(i)
-        raise ConfigError(f"unknown device operation {op!r}")
-
-    def _enroll(self, i: int, token: str) -> str:
-        dev = Device(
-            transport=_Relay(self._ops, i),
-            identity=SigningKey.generate(self._spec.suite.sig),
-            server_key=self._server_key,
-            layout=self._layout,
-            suite=self._spec.suite,
-        )
-        dev.enroll(token)
-        dev.connect()
-        self._devices[i] = dev
-        return dev.device_id
-
-    def _work(self, i: int) -> TrainResult:
-        dev = self._devices[i]
-        task = dev.task()
-        gm = dev.fetch_model(task)
-        idx = torch.from_numpy(self._shards[i])
-        x, y = self._train.normalized(idx), self._train.labels[idx]
-        result = self._get_trainer().train(gm.flat, x, y, seed=client_seed(self._spec.seed, task.round, i))
-        self._prepared[i] = dev.prepare_update(task, gm, result)
-        result.delta = torch.empty(0)  # the driver needs the numbers, not the update (the device sends it)
-        return result
-
-    def _submit(self, i: int) -> str:
-        prepared = self._prepared.pop(i)
-        receipt = self._devices[i].submit(prepared)
-        if receipt.update_hash != prepared.update_hash or receipt.round != prepared.round:
-            raise TrainingError(f"device {i}'s receipt acknowledges another update", code="device_host_failed")
-        return receipt.update_hash
-
-    def _get_trainer(self) -> LocalTrainer:
-        if self._trainer is None:
-            model = create_model(self._spec.model, self._train.input_shape, self._train.num_classes)
-            self._trainer = LocalTrainer(model, self._spec.train, self._layout)
-        return self._trainer
-
-
-@dataclass(frozen=True)
 class _Prepared:
     """What ``work`` hands the driver for ``submit``: the update stays with its device in the host."""
 
@@ -268,19 +118,30 @@ class RayFederation(CoordinatorSide):
             raise ConfigError("--backend ray does not run secure aggregation yet: use --backend thread")
         super().__init__(cfg, layout, initial)  # no root data: FLTrust is refused with no_root_data
         self._started = False
+        self._env_inherited = False
+        """True when this federation started a local Ray with the hosts' environment (``_HOST_ENV``)."""
         self._hosts: list[Any] = []
         self.spawn_stats: list[HostStats] = []
+        self.driver_rss_spawned = 0
+        """The driver's resident set once the hosts started, before any device enrolled."""
+        self.ray_init_s = 0.0
+        """Starting (or joining) Ray."""
+        self.hosts_start_s = 0.0
+        """Starting the device hosts until each answers (their processes import torch, get their data)."""
         self.enroll_s = 0.0
+        """Enrolling and connecting every device: keys, enrollment, handshake (ML-DSA, ML-KEM)."""
         self.final_stats: list[HostStats] = []
         """The hosts' processes when the federation closed (their peak RSS covers the rounds)."""
         try:
+            t0 = time.perf_counter()
             self._start(ray, options)
+            t1 = time.perf_counter()
             self._spawn(ray, cfg, layout, options)
             self.spawn_stats = self.host_stats()  # started (data set and shards loaded), no device enrolled
-            t0 = time.perf_counter()
+            t2 = time.perf_counter()
+            self.driver_rss_spawned = process_rss()
             self._enroll_all(spec)
-            self.enroll_s = time.perf_counter() - t0
-            """Enrolling and connecting every device: keys, enrollment, handshake (ML-DSA, ML-KEM)."""
+            self.ray_init_s, self.hosts_start_s, self.enroll_s = t1 - t0, t2 - t1, time.perf_counter() - t2
         except BaseException:
             self._stop()
             self.discard()
@@ -298,16 +159,23 @@ class RayFederation(CoordinatorSide):
                 ray.init(address=options.address, log_to_driver=False, configure_logging=False)
             else:
                 cpus = options.hosts or (os.cpu_count() or 1)
-                ray.init(
-                    num_cpus=cpus,
-                    include_dashboard=False,
-                    object_store_memory=options.object_store_mb * 1024 * 1024,
-                    log_to_driver=False,
-                    configure_logging=False,
-                    # Models and a host's share of the data travel in the calls themselves, not through the
-                    # shared-memory object store (whose pages every process that maps them counts as resident).
-                    _system_config={"max_direct_call_object_size": _INLINE, "task_rpc_inlined_bytes_limit": _INLINE},
-                )
+                # The local Ray's processes inherit the hosts' environment: the hosts then need no runtime
+                # environment of their own, and Ray starts them in the workers it has already started.
+                with _environ(_HOST_ENV):
+                    ray.init(
+                        num_cpus=cpus,
+                        include_dashboard=False,
+                        object_store_memory=options.object_store_mb * 1024 * 1024,
+                        log_to_driver=False,
+                        configure_logging=False,
+                        # Models and a host's share of the data travel in the calls themselves, not through the
+                        # shared-memory object store (whose pages every process that maps them counts as resident).
+                        _system_config={
+                            "max_direct_call_object_size": _INLINE,
+                            "task_rpc_inlined_bytes_limit": _INLINE,
+                        },
+                    )
+                self._env_inherited = True
         except (ConnectionError, RuntimeError, ValueError) as exc:
             where = options.address or "a local Ray"
             raise ConfigError(f"--backend ray could not start or reach {where}: {exc}") from None
@@ -322,20 +190,35 @@ class RayFederation(CoordinatorSide):
         hosts = min(spec.devices, options.hosts or max(1, cpus))
         train = load_dataset(spec.dataset, "train", root=spec.data_root)
         parts = spec.partitions(train.labels.numpy())
-        # Two malloc arenas from the process's start (Ray's own threads included): with glibc's default of
-        # 8 per core, a host's resident size grew by ~250 MB over 4 fmnist-dir05 rounds; with 2 it stays flat.
-        actor = ray.remote(num_cpus=1, max_restarts=0, runtime_env={"env_vars": {"MALLOC_ARENA_MAX": "2"}})(DeviceHost)
+        # A Ray this federation did not start (a cluster, or one already up) gets the hosts' environment as a
+        # runtime environment: Ray then starts the hosts in workers of their own (slower to start).
+        env = None if self._env_inherited else {"env_vars": _HOST_ENV}
+        actor = ray.remote(num_cpus=1, max_restarts=0, runtime_env=env)(DeviceHost)
         raw = self.coordinator.public_key.raw
         for k in range(hosts):
             data, shards = _host_share(train, {i: parts[i] for i in range(k, spec.devices, hosts)})
             self._hosts.append(actor.remote(spec, layout, raw, data, shards))
 
     def _enroll_all(self, spec: FederationSpec) -> None:
+        """Enroll and connect every device, pipelined: two lanes of steps alternate, so the hosts run one
+        lane's client side (keys, proof of possession, handshakes) while the driver relays the other
+        lane's requests to the coordinator.  Each lane step starts the next ``_ENROLL_CHUNK`` devices per
+        host, and a lane's results are relayed in device index order before the other lane's; a device's
+        enrollment request reaches the coordinator in the turn right after it started, so the
+        coordinator sees the enrollments in device index order, as with the thread backend."""
         tokens = self.coordinator.create_tokens(spec.devices, ttl_s=3600, label="simulation")
-        wave = _ENROLL_WAVE * len(self._hosts)
-        for lo in range(0, spec.devices, wave):
-            ids = self._drive({i: ("start", "enroll", tokens[i]) for i in range(lo, min(lo + wave, spec.devices))})
-            self.index.update({str(ids[i]): i for i in sorted(ids)})
+        chunk = _ENROLL_CHUNK * len(self._hosts)
+        started = 0
+        ids: dict[int, Any] = {}
+        in_flight: list[list[tuple[int, Any]]] = [[] for _ in range(_LANES)]
+        while started < spec.devices or any(in_flight):
+            for lane, calls in enumerate(in_flight):
+                items = self._answer(self._collect(calls), ids) if calls else {}
+                end = min(started + chunk, spec.devices)
+                items.update({i: ("start", "enroll", tokens[i]) for i in range(started, end)})
+                started = end
+                in_flight[lane] = self._send(items)
+        self.index.update({str(ids[i]): i for i in sorted(ids)})
 
     # ------------------------------------------------------------------ the pump, driver side
     def _drive(self, items: dict[int, Item]) -> dict[int, Any]:
@@ -343,24 +226,35 @@ class RayFederation(CoordinatorSide):
         requests they reach to the coordinator in device index order; a refusal ends the run typed."""
         done: dict[int, Any] = {}
         while items:
-            calls = []
-            for k, host in enumerate(self._hosts):
-                mine = [(i, item) for i, item in sorted(items.items()) if i % len(self._hosts) == k]
-                if mine:
-                    calls.append((k, host.step.remote(mine)))
-            reached: dict[int, Item] = {}
-            for k, ref in calls:
-                reached.update(self._get(k, ref))
-            items = {}
-            for i in sorted(reached):
-                msg = reached[i]
-                if msg[0] == "request":
-                    items[i] = self._relay(msg)
-                elif msg[0] == "done":
-                    done[i] = msg[1]
-                else:
-                    raise error_from_code(str(msg[1]), f"device {i}: {msg[2]}")
+            items = self._answer(self._collect(self._send(items)), done)
         return done
+
+    def _send(self, items: dict[int, Item]) -> list[tuple[int, Any]]:
+        """One ``step`` call per host that has items, each host's in device index order: (host, its call)."""
+        mine: list[list[tuple[int, Item]]] = [[] for _ in self._hosts]
+        for i in sorted(items):
+            mine[i % len(self._hosts)].append((i, items[i]))
+        return [(k, self._hosts[k].step.remote(share)) for k, share in enumerate(mine) if share]
+
+    def _collect(self, calls: list[tuple[int, Any]]) -> dict[int, Item]:
+        reached: dict[int, Item] = {}
+        for k, ref in calls:
+            reached.update(self._get(k, ref))
+        return reached
+
+    def _answer(self, reached: dict[int, Item], done: dict[int, Any]) -> dict[int, Item]:
+        """Relay the requests reached to the coordinator in device index order (their answers are the next
+        items); keep what the finished operations returned in ``done``; a failed operation raises typed."""
+        items: dict[int, Item] = {}
+        for i in sorted(reached):
+            msg = reached[i]
+            if msg[0] == "request":
+                items[i] = self._relay(msg)
+            elif msg[0] == "done":
+                done[i] = msg[1]
+            else:
+                raise error_from_code(str(msg[1]), f"device {i}: {msg[2]}")
+        return items
 
     def _relay(self, msg: Item) -> Item:
         _, route, body, session_id = msg
@@ -407,6 +301,21 @@ class RayFederation(CoordinatorSide):
         if self._started:
             self._ray.shutdown()
             self._started = False
+
+
+@contextlib.contextmanager
+def _environ(values: dict[str, str]) -> Iterator[None]:
+    """``values`` in this process's environment for the block (what the processes it starts inherit)."""
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def _host_share(train: ArrayDataset, parts: dict[int, np.ndarray]) -> tuple[ArrayDataset, dict[int, np.ndarray]]:

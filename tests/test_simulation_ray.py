@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -49,9 +52,11 @@ def test_more_hosts_than_the_cluster_has_cpus_is_refused_not_a_hang(ray_session)
 
 
 @pytest.mark.slow
-def test_ray_backend_is_bit_identical_to_the_thread_backend(ray_session):
+def test_ray_backend_is_bit_identical_to_the_thread_backend(ray_session, monkeypatch):
     from qflare.simulation_ray import RayOptions, ray_federation
 
+    # One device per host starts per enrollment step: the 8 devices enroll through 4 steps of two lanes.
+    monkeypatch.setattr("qflare.simulation_ray._ENROLL_CHUNK", 1)
     threads = run_simulation(SimulationConfig(SPEC, workers=2))
     actors = run_simulation(SimulationConfig(SPEC, workers=2), federation=ray_federation(RayOptions(hosts=2)))
     assert [r.model_sha256 for r in actors.rounds] == [r.model_sha256 for r in threads.rounds]
@@ -64,6 +69,57 @@ def test_ray_backend_is_bit_identical_to_the_thread_backend(ray_session):
     # another seed gives another federation: the comparison can fail
     other = run_simulation(SimulationConfig(SPEC.replace(seed=4), workers=2), federation=ray_federation())
     assert other.rounds[-1].model_sha256 != threads.rounds[-1].model_sha256
+
+
+@pytest.mark.slow
+def test_pipelined_enrollment_reaches_the_coordinator_in_device_index_order(ray_session, monkeypatch):
+    monkeypatch.setattr("qflare.simulation_ray._ENROLL_CHUNK", 1)  # 4 chunks of 2 devices, two lanes in flight
+    fed = _federation(ray_session)
+    try:
+        enrolled = [fed.index[d.device_id] for d in fed.coordinator.store.list_devices()]
+        assert enrolled == list(range(SPEC.devices))  # the enrollment order the selection draws from
+        assert fed.coordinator.store.get_device(next(iter(fed.index))) is not None
+        # This Ray was already up: the hosts got their two malloc arenas as a runtime environment.
+        assert [s.malloc_arena_max for s in fed.host_stats()] == ["2", "2"]
+        assert [s.devices for s in fed.host_stats()] == [4, 4]
+    finally:
+        fed.close()
+
+
+_OWN_RAY = """
+import json, os
+from qflare.models import create_model
+from qflare.simulation import SimulationConfig
+from qflare.federation import FederationSpec
+from qflare.simulation_ray import RayFederation, RayOptions
+from qflare.training import TrainConfig
+from qflare.wire import ParamLayout
+SPEC = FederationSpec(dataset="digits", model="mlp", devices=8, per_round=4, rounds=3, alpha=1.0, seed=3,
+                      train=TrainConfig(lr=0.1))
+model = create_model(SPEC.model, (1, 8, 8), 10)
+layout = ParamLayout.from_module(model)
+fed = RayFederation(SimulationConfig(SPEC), layout, layout.module_to_flat(model), RayOptions(hosts=1))
+try:
+    stats = fed.host_stats()
+    print(json.dumps({"arenas": [s.malloc_arena_max for s in stats], "devices": [s.devices for s in stats],
+                      "driver": os.environ.get("MALLOC_ARENA_MAX")}))
+finally:
+    fed.close()
+"""
+
+
+@pytest.mark.slow
+def test_a_local_ray_it_starts_gives_its_hosts_two_arenas_through_the_environment():
+    """Started by the federation (here in a child process: this module's Ray is up), the local Ray
+    inherits MALLOC_ARENA_MAX from the driver while it starts; the driver's environment is restored."""
+    pytest.importorskip("ray", reason="the Ray backend needs pip install 'qflare[ray]'")
+    env = {k: v for k, v in os.environ.items() if k not in ("MALLOC_ARENA_MAX", "RAY_ADDRESS")}
+    root = str(Path(__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join([root, env.get("PYTHONPATH", "")])
+    out = subprocess.run([sys.executable, "-c", _OWN_RAY], env=env, cwd=root, capture_output=True, timeout=600)
+    assert out.returncode == 0, out.stderr.decode()[-3000:]
+    seen = json.loads(out.stdout.decode().strip().splitlines()[-1])
+    assert seen == {"arenas": ["2"], "devices": [SPEC.devices], "driver": None}
 
 
 @pytest.mark.slow

@@ -9,7 +9,8 @@ measured the same way.
 
 :func:`run_ray_scale`: many enrolled devices (each with its own ML-DSA identity and session in a Ray
 actor), ``per_round`` of them a round, in this process: enrollment time, the device hosts' memory per
-idle enrolled device, and the round times.
+idle enrolled device (and the driver's: the coordinator's sessions, and its scratch database), and the
+round times.
 """
 
 from __future__ import annotations
@@ -89,12 +90,15 @@ def run_ray_scale(
     hosts: int = 0,
     address: str | None = None,
     data_root: str | None = None,
+    partition: str = "dirichlet",
 ) -> dict[str, Any]:
-    """fmnist-dir05's data and model over ``devices`` devices in Ray actors, ``per_round`` a round."""
+    """fmnist-dir05's data and model over ``devices`` devices in Ray actors, ``per_round`` a round; with
+    ``partition`` another split of the data (fmnist-dir05's Dirichlet split needs 10 examples a device)."""
     from ..simulation_ray import RayFederation, RayOptions
+    from ..simulation_ray_host import process_rss
 
     spec: FederationSpec = FMNIST_DIR05.replace(
-        devices=devices, per_round=per_round, rounds=rounds, data_root=data_root
+        devices=devices, per_round=per_round, rounds=rounds, data_root=data_root, partition=partition
     )
     made: list[RayFederation] = []
     seen: dict[str, list[Any]] = {}
@@ -103,22 +107,29 @@ def run_ray_scale(
         fed = RayFederation(cfg, layout, initial, RayOptions(address=address, hosts=hosts))
         made.append(fed)
         seen["idle"] = fed.host_stats()  # every device enrolled, none trained yet
+        seen["driver"] = [process_rss(), fed.database_bytes()]
         return fed
 
+    load_before = _load()
     t0 = time.perf_counter()
     result = run_simulation(SimulationConfig(spec, workers=hosts), federation=factory)
     wall = time.perf_counter() - t0
     fed = made[0]
     spawned, idle = fed.spawn_stats, seen["idle"]
     per_device = sum(i.rss_bytes - s.rss_bytes for s, i in zip(spawned, idle, strict=True)) / devices
+    driver_idle, db_bytes = seen["driver"]
     times = [r.seconds for r in result.rounds]
     return {
         "devices": devices,
+        "partition": spec.partition,
         "per_round": per_round,
         "rounds": rounds,
         "hosts": len(spawned),
         "cpus": os.cpu_count(),
+        "load_avg_1m_before": load_before,
         "load_avg_1m": _load(),
+        "ray_init_s": round(fed.ray_init_s, 2),
+        "hosts_start_s": round(fed.hosts_start_s, 2),
         "enroll_s": round(fed.enroll_s, 2),
         "enroll_ms_per_device": round(1000 * fed.enroll_s / devices, 2),
         "host_rss_mb_before_enroll": [round(s.rss_bytes / 2**20, 1) for s in spawned],
@@ -126,6 +137,10 @@ def run_ray_scale(
         "host_rss_mb_end": [round(s.rss_bytes / 2**20, 1) for s in fed.final_stats],
         "host_peak_rss_mb": [round(s.max_rss_bytes / 2**20, 1) for s in fed.final_stats],
         "kb_per_idle_device": round(per_device / 1024, 1),
+        "driver_rss_mb_before_enroll": round(fed.driver_rss_spawned / 2**20, 1),
+        "driver_rss_mb_idle": round(driver_idle / 2**20, 1),
+        "driver_kb_per_idle_device": round((driver_idle - fed.driver_rss_spawned) / devices / 1024, 1),
+        "coordinator_db_kb_per_device": round(db_bytes / devices / 1024, 1),
         "round_s": [round(t, 2) for t in times],
         "startup_s": round(result.startup_s, 2),
         "wall_s": round(wall, 2),

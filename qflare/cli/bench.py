@@ -443,6 +443,11 @@ def ray_scale(
     workers: int = typer.Option(0, min=0, help="Device-host actors (0 = one per CPU Ray offers)."),
     ray_address: str | None = opts.RAY_ADDRESS,
     data_root: str | None = typer.Option(None, help="Fashion-MNIST folder (default: search the usual places)."),
+    partition: str = typer.Option(
+        "dirichlet",
+        help="How the 60,000 examples are split (fmnist-dir05: dirichlet, alpha 0.5, at least 10 examples a "
+        "device, so at most 6,000 devices; iid gives every device at least one).",
+    ),
     json_: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
     """The Ray backend with many enrolled devices (fmnist-dir05's data and model): enrollment time, the device
@@ -454,7 +459,13 @@ def ray_scale(
         require_ray()
         opts.check_per_round(per_round, devices)
         result = run_ray_scale(
-            devices, per_round=per_round, rounds=rounds, hosts=workers, address=ray_address, data_root=data_root
+            devices,
+            per_round=per_round,
+            rounds=rounds,
+            hosts=workers,
+            address=ray_address,
+            data_root=data_root,
+            partition=partition,
         )
     if json_:
         print(json.dumps(result))
