@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Protocol
 import torch
 
 from ..errors import QflareError, StorageFullError
-from ..strategy import ClientUpdate, Pipeline, PreparedUpdate
+from ..strategy import ClientUpdate, Pipeline, PreparedUpdate, RoundAggregation
 from ..wire import ParamLayout, decode_blob
 from .provenance import QUORUM_NOT_REACHED
 from .records import RoundRow, UpdateRow
@@ -140,7 +140,14 @@ class ClusterRoundOps:
             for upd in self._store.updates_for_round(row.round_number):
                 rnd.accepted.setdefault(upd.device_id, upd.update_hash)
 
-    def _round_from_row(self, row: RoundRow) -> OpenRound:
+    def _round_from_row(
+        self,
+        row: RoundRow,
+        aggregation: RoundAggregation | None = None,
+        accepted: dict[str, str] | None = None,
+        deadline: float | None = None,
+    ) -> OpenRound:
+        """The stored round ``row`` on the current model (a fresh aggregation and nothing accepted unless given)."""
         from .rounds import OpenRound
 
         return OpenRound(
@@ -148,10 +155,10 @@ class ClusterRoundOps:
             tuple(row.selected_devices),
             row.quorum,
             row.min_participants,
-            row.deadline.timestamp(),
+            row.deadline.timestamp() if deadline is None else deadline,
             self.model,
-            self.strategy.begin(self.model.flat),
-            {},
+            self.strategy.begin(self.model.flat) if aggregation is None else aggregation,
+            {} if accepted is None else accepted,
             opened=row.opened_at.timestamp(),
             db_state=row.state,
         )

@@ -311,18 +311,7 @@ class RoundManager(SecureRoundOps, ClusterRoundOps):
                 # Aggregating without it would silently drop an acknowledged update, and refusing to start
                 # would wedge the federation: the round fails, visibly, and the next one opens.
                 self._report_unreadable(row.round_number, upd, exc, "at restart")
-                broken = OpenRound(
-                    row.round_number,
-                    tuple(row.selected_devices),
-                    row.quorum,
-                    row.min_participants,
-                    row.deadline.timestamp(),
-                    self.model,
-                    agg,
-                    {u.device_id: u.update_hash for u in recorded},
-                    opened=row.opened_at.timestamp(),
-                    db_state=row.state,
-                )
+                broken = self._round_from_row(row, agg, {u.device_id: u.update_hash for u in recorded})
                 self._fail(broken, str(exc.code))
                 return
             restored = ClientUpdate(upd.device_id, flat, upd.num_examples, dict(upd.metrics))
@@ -343,19 +332,8 @@ class RoundManager(SecureRoundOps, ClusterRoundOps):
             except StorageFullError:  # the in-memory deadline holds; a later restart extends it again
                 _log.warning("round %d: could not persist the extended deadline (storage full)", row.round_number)
             _log.warning("round %d: deadline passed while stopped; extended to give devices time", row.round_number)
-        self._round = OpenRound(
-            row.round_number,
-            tuple(row.selected_devices),
-            row.quorum,
-            row.min_participants,
-            deadline,
-            self.model,
-            agg,
-            accepted,
-            opened=row.opened_at.timestamp(),
-            db_state=row.state,
-            held=held,
-        )
+        self._round = self._round_from_row(row, agg, accepted, deadline)
+        self._round.held = held
         if row.state == "aggregating" or len(accepted) >= row.quorum:
             # crashed between quorum and publication, or after the last update: finish the job
             self._close(self._round)
