@@ -535,11 +535,10 @@ class RoundManager(SecureRoundOps, ClusterRoundOps):
                     if isinstance(outcome, BaseException):
                         results.append(outcome)
                         continue
-                    if self._leadership is not None:
-                        pass  # the leader reads it back from the blob store at close, in selection order
-                    elif self.detector is not None:  # judged with the whole round when it closes
+                    # (a cluster's leader reads it back from the blob store at close, in selection order)
+                    if self._leadership is None and self.detector is not None:  # judged with the round at close
                         rnd.held[device] = (item.delta, item.prepared)
-                    else:
+                    elif self._leadership is None:
                         rnd.aggregation.commit(item.prepared)
                     rnd.accepted[device] = item.record.update_hash
                     results.append((len(rnd.accepted), False))
