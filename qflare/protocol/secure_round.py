@@ -243,8 +243,8 @@ class SecureRound:
         return cls(number, tuple(selected), config, weighting, server, identity, timeout, now + timeout)
 
     # -- persistence -------------------------------------------------------------------------------------
-    def public_doc(self) -> dict[str, object]:
-        """The public configuration to store (the roster is the round's selection, the keys enrolled)."""
+    def _parameters(self) -> dict[str, object]:
+        """The round's public parameters, as stored and as sent to its devices (the session hashes them all)."""
         c = self.config
         return {
             "n": c.params.n,
@@ -257,8 +257,11 @@ class SecureRound:
             "max_weight": c.quant.max_weight,
             "length": c.length,
             "weighting": self.weighting,
-            "phase_timeout_s": self.phase_timeout_s,
         }
+
+    def public_doc(self) -> dict[str, object]:
+        """The public configuration to store (the roster is the round's selection, the keys enrolled)."""
+        return {**self._parameters(), "phase_timeout_s": self.phase_timeout_s}
 
     @classmethod
     def resume(
@@ -355,16 +358,7 @@ class SecureRound:
         doc = {
             "round": c.round,
             "index": self.index_of(device_id),
-            "n": c.params.n,
-            "k": c.params.k,
-            "t": c.params.t,
-            "corrupt": c.params.corrupt,
-            "graph_seed": c.graph_seed.hex(),
-            "clip": c.quant.clip,
-            "max_devices": c.quant.max_devices,
-            "max_weight": c.quant.max_weight,
-            "length": c.length,
-            "weighting": self.weighting,
+            **self._parameters(),
             "roster": [c.roster[i].raw.hex() for i in range(1, c.params.n + 1)],
             "session": c.session.hex(),
         }
