@@ -210,6 +210,7 @@ class Coordinator:
         self.identity, self.store, self.layout = identity, store, layout
         self._clock = clock
         self._sessions: dict[str, _Session] = {}
+        self._session_of: dict[str, str] = {}  # device id -> its one live session id (a lookup, not a scan)
         self._pending: dict[str, tuple[float, ServerHandshake]] = {}  # insertion (= time) ordered
         self._lock = threading.Lock()
         self._last_seen: dict[str, float] = {}  # device id -> when it last proved itself
@@ -294,8 +295,9 @@ class Coordinator:
         if self._shared is not None:
             self._shared.forget_device(device_id)
         with self._lock:
-            for sid in [s for s, v in self._sessions.items() if v.device_id == device_id]:
-                del self._sessions[sid]
+            sid = self._session_of.pop(device_id, None)
+            if sid is not None:
+                self._sessions.pop(sid, None)
 
     def quarantine(self, device_id: str, reason: str) -> None:
         """An operator's quarantine: the device stays connected but is not selected and its updates are
@@ -526,9 +528,11 @@ class Coordinator:
         expires = datetime.fromtimestamp(self._clock() + self.config.session_lifetime_s, UTC)
         self.store.add_session(sid, key.key_id, expires, created_at=datetime.fromtimestamp(self._clock(), UTC))
         with self._lock:
-            for old_sid in [s for s, v in self._sessions.items() if v.device_id == key.key_id]:
-                del self._sessions[old_sid]  # one live session per device: a new handshake replaces it
+            old_sid = self._session_of.get(key.key_id)
+            if old_sid is not None:  # one live session per device: a new handshake replaces it
+                self._sessions.pop(old_sid, None)
             self._sessions[sid] = _Session(key.key_id, key, channel, threading.Lock())
+            self._session_of[key.key_id] = sid
         self._seen(key.key_id)
         return sid.encode()
 
@@ -567,6 +571,8 @@ class Coordinator:
         if sess.channel.expired():
             with self._lock:
                 self._sessions.pop(session_id or "", None)
+                if self._session_of.get(sess.device_id) == session_id:
+                    del self._session_of[sess.device_id]
             raise SessionExpiredError("session expired: run the handshake again", code="session_expired")
         return sess
 
