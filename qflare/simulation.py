@@ -278,7 +278,9 @@ class Federation(Protocol):
     # ``privacy() -> PrivacySpent | None`` after a round, ``stop_reason: str | None`` once finished,
     # ``left_out(round) -> {device: reason}`` and ``quarantined(round) -> [device]`` for the defence log,
     # ``driver_threads: int``: the worker threads its ``work`` calls need to keep it busy (the pool
-    # gets at least that many), ``backend_info: dict[str, Any]``: recorded in the result's config.
+    # gets at least that many), ``backend_info: dict[str, Any]``: recorded in the result's config,
+    # ``evaluate_chunk(flat, lo, hi) -> (loss, accuracy)``: evaluates the model on test examples
+    # ``lo:hi`` where the federation computes (the same numbers as this process would).
 
 
 FederationFactory = Callable[["SimulationConfig", ParamLayout, torch.Tensor], Federation]
@@ -660,12 +662,17 @@ def run_simulation(
             jobs.append(DeviceJob(train.normalized(idx), train.labels[idx], client_seed(spec.seed, number, i)))
         return _Batched(number, flat, dict(zip(chosen, batched.train_round(flat, jobs), strict=True)))
 
+    elsewhere: Callable[[torch.Tensor, int, int], tuple[float, float]] | None = getattr(fed, "evaluate_chunk", None)
+
     def eval_chunk(flat: torch.Tensor, lo: int, hi: int, number: int, total: int) -> tuple[float, int]:
-        m = pool.eval_model()
-        layout.load_into(m, flat)
-        loss, acc = evaluate(
-            m, x_test[lo:hi], y_test[lo:hi], channels_last=spec.train.channels_last, precision=precision
-        )
+        if elsewhere is not None:
+            loss, acc = elsewhere(flat, lo, hi)
+        else:
+            m = pool.eval_model()
+            layout.load_into(m, flat)
+            loss, acc = evaluate(
+                m, x_test[lo:hi], y_test[lo:hi], channels_last=spec.train.channels_last, precision=precision
+            )
         report(number, "eval", total)
         return loss * (hi - lo), round(acc * (hi - lo))
 

@@ -1,16 +1,22 @@
 """The Ray backend's device hosts: the actor body that runs some of a federation's devices.
 
 :class:`DeviceHost` owns devices ``i`` with ``i % hosts == k`` - each a real
-:class:`~qflare.protocol.Device` with its own ML-DSA identity and post-quantum session - their shards,
-and one trainer for them all.  Each device operation (enroll and connect, a round's work, a submission)
-runs on a thread whose transport hands each request out; :meth:`DeviceHost.step` returns the requests
-the operations have reached and resumes them with the driver's answers (see
-:mod:`qflare.simulation_ray`, which drives it).  This module imports only what a host needs: Ray starts
-the hosts' processes by importing it.
+:class:`~qflare.protocol.Device` with its own ML-DSA identity and post-quantum session - and has one
+trainer.  Each device operation (enroll and connect, fetch the round's model, prepare the update, submit
+it) runs on a thread whose transport hands each request out; :meth:`DeviceHost.step` returns the
+requests the operations have reached and resumes them with the driver's answers (see
+:mod:`qflare.simulation_ray`, which drives it).  Training is apart from the protocol, in the actor's
+``train`` concurrency group (one thread, beside the default group's ``step``): :meth:`DeviceHost.train_own`
+trains one of the host's own devices on the model it fetched, :meth:`DeviceHost.train_for` trains any
+device of the federation on a model the driver sends, :meth:`DeviceHost.evaluate` evaluates a global
+model on a chunk of the test set (the driver balances a round's trainings and evaluation over the
+hosts).  A host keeps the test set, not the training set: each training call carries the device's shard.  This module imports
+only what a host needs: Ray starts the hosts' processes by importing it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import queue
 import resource
@@ -19,7 +25,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 
 from .crypto import SigningKey, VerifyKey
@@ -29,10 +34,11 @@ from .federation import FederationSpec
 from .memory import release_free_memory, tune_heap
 from .models import create_model
 from .plugins import load_plugins
+from .precision import resolve_precision
 from .protocol import Device
-from .protocol.device import SignedUpdate
-from .protocol.messages import Route
-from .training import LocalTrainer, TrainResult, client_seed
+from .protocol.device import GlobalModel
+from .protocol.messages import Route, TaskInfo
+from .training import LocalTrainer, TrainResult, evaluate
 from .wire import ParamLayout
 
 __all__ = ["DeviceHost", "HostStats", "Item", "process_rss"]
@@ -64,6 +70,16 @@ def process_rss() -> int:
         return 0
 
 
+def _outcome(target: Callable[[], Any]) -> Item:
+    """("done", what ``target`` returned) or ("error", code, message): how a host reports every outcome."""
+    try:
+        return ("done", target())
+    except QflareError as exc:
+        return ("error", str(exc.code), exc.message)
+    except Exception as exc:  # a bug or a torch failure: typed, with its cause, for the driver
+        return ("error", ErrorCode.DEVICE_HOST_FAILED.value, f"{type(exc).__name__}: {exc}")
+
+
 class _Operation:
     """One device operation on its own thread; its transport exchanges items with :meth:`DeviceHost.step`."""
 
@@ -76,12 +92,7 @@ class _Operation:
         self._thread.start()
 
     def _run(self, target: Callable[[], Any]) -> None:
-        try:
-            self.outbox.put(("done", target()))
-        except QflareError as exc:
-            self.outbox.put(("error", str(exc.code), exc.message))
-        except Exception as exc:  # a bug or a torch failure: typed, with its cause, for the driver
-            self.outbox.put(("error", ErrorCode.DEVICE_HOST_FAILED.value, f"{type(exc).__name__}: {exc}"))
+        self.outbox.put(_outcome(target))
 
     def request(self, route: Route, body: bytes, session_id: str | None) -> bytes:
         self.outbox.put(("request", route, body, session_id))
@@ -102,28 +113,25 @@ class _Relay:
 
 
 class DeviceHost:
-    """A Ray actor's body: some of the federation's devices, their shards, and one trainer for them all."""
+    """A Ray actor's body: some of the federation's devices and one trainer (see the module docstring)."""
 
     def __init__(
-        self,
-        spec: FederationSpec,
-        layout: ParamLayout,
-        server_key: bytes,
-        train: ArrayDataset,
-        shards: dict[int, np.ndarray],
-        threads: int = 1,
+        self, spec: FederationSpec, layout: ParamLayout, server_key: bytes, test: ArrayDataset, threads: int = 1
     ) -> None:
         torch.set_num_threads(threads)
         tune_heap()  # free pages go back to the system after each operation (release_free_memory)
         load_plugins()  # the model may come from a plugin, as in the driver
-        self._spec, self._layout, self._train, self._shards = spec, layout, train, shards
+        self._spec, self._layout, self._test = spec, layout, test
+        self._precision = resolve_precision(spec.train.precision, "cpu")
         self._server_key = VerifyKey.from_bytes(spec.suite.sig, server_key)
         self._trainer: LocalTrainer | None = None
+        self._eval_model: torch.nn.Module | None = None
         self._devices: dict[int, Device] = {}
-        self._prepared: dict[int, SignedUpdate] = {}
+        self._fetched: dict[int, tuple[TaskInfo, GlobalModel]] = {}
+        self._trained: dict[int, TrainResult] = {}
         self._ops: dict[int, _Operation] = {}
 
-    # ------------------------------------------------------------------ the pump
+    # ------------------------------------------------------------------ the pump (default group)
     def step(self, items: list[tuple[int, Item]]) -> list[tuple[int, Item]]:
         """Start or resume each device's operation and return where each one stopped next."""
         out: list[tuple[int, Item]] = []
@@ -145,14 +153,56 @@ class DeviceHost:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         return HostStats(len(self._devices), process_rss(), peak, os.environ.get("MALLOC_ARENA_MAX"))
 
+    # ------------------------------------------------------------------ training ("train" group)
+    def train_own(self, i: int, shard: ArrayDataset, seed: int) -> Item:
+        """Train device ``i`` of this host on the model it fetched; the update stays here for ``prepare``:
+        ("done", the result without its delta) or ("error", code, message)."""
+
+        def own() -> TrainResult:
+            _, gm = self._fetched[i]
+            result = self._trained[i] = self._train(gm.flat, shard, seed)
+            return dataclasses.replace(result, delta=torch.empty(0))
+
+        return _outcome(own)
+
+    def train_for(self, shard: ArrayDataset, flat: torch.Tensor, seed: int) -> Item:
+        """Train another host's device: its shard, the model it fetched (sent by the driver), its seed:
+        ("done", the result with its delta) or ("error", code, message)."""
+        return _outcome(lambda: self._train(flat, shard, seed))
+
+    def evaluate(self, flat: torch.Tensor, lo: int, hi: int) -> Item:
+        """The model ``flat`` on test examples ``lo:hi``: ("done", (mean loss, accuracy)) or ("error", ...);
+        the numbers the driver's own evaluation gives (same inputs, kernels and precision)."""
+
+        def run() -> tuple[float, float]:
+            test = self._test
+            if self._eval_model is None:
+                self._eval_model = create_model(self._spec.model, test.input_shape, test.num_classes)
+            self._layout.load_into(self._eval_model, flat)
+            x, y = test.normalized(slice(lo, hi)), test.labels[lo:hi]
+            return evaluate(
+                self._eval_model, x, y, channels_last=self._spec.train.channels_last, precision=self._precision
+            )
+
+        return _outcome(run)
+
+    def _train(self, flat: torch.Tensor, shard: ArrayDataset, seed: int) -> TrainResult:
+        if self._trainer is None:
+            model = create_model(self._spec.model, shard.input_shape, shard.num_classes)
+            self._trainer = LocalTrainer(model, self._spec.train, self._layout)
+        try:
+            return self._trainer.train(flat, shard.normalized(), shard.labels, seed=seed)
+        finally:
+            release_free_memory()
+
     # ------------------------------------------------------------------ the operations
     def _target(self, i: int, op: str, args: tuple[Any, ...]) -> Callable[[], Any]:
         if op == "enroll":
             return lambda: self._enroll(i, str(args[0]))
-        if op == "work":
-            return lambda: self._work(i)
+        if op == "fetch":
+            return lambda: self._fetch(i)
         if op == "submit":
-            return lambda: self._submit(i)
+            return lambda: self._submit(i, args[0])
         raise ConfigError(f"unknown device operation {op!r}")
 
     def _enroll(self, i: int, token: str) -> str:
@@ -168,26 +218,22 @@ class DeviceHost:
         self._devices[i] = dev
         return dev.device_id
 
-    def _work(self, i: int) -> TrainResult:
+    def _fetch(self, i: int) -> tuple[int, str]:
+        """The device asks for its task and fetches (and verifies) the model it names: (round, model hash)."""
         dev = self._devices[i]
         task = dev.task()
         gm = dev.fetch_model(task)
-        idx = torch.from_numpy(self._shards[i])
-        x, y = self._train.normalized(idx), self._train.labels[idx]
-        result = self._get_trainer().train(gm.flat, x, y, seed=client_seed(self._spec.seed, task.round, i))
-        self._prepared[i] = dev.prepare_update(task, gm, result)
-        result.delta = torch.empty(0)  # the driver needs the numbers, not the update (the device sends it)
-        return result
+        self._fetched[i] = (task, gm)
+        return task.round, gm.sha256
 
-    def _submit(self, i: int) -> str:
-        prepared = self._prepared.pop(i)
-        receipt = self._devices[i].submit(prepared)
+    def _submit(self, i: int, result: TrainResult | None) -> str:
+        """Serialise and sign the update of the training ``result`` (None: the one ``train_own`` kept) and
+        submit it; the receipt must acknowledge it."""
+        task, gm = self._fetched.pop(i)
+        trained = self._trained.pop(i) if result is None else result
+        dev = self._devices[i]
+        prepared = dev.prepare_update(task, gm, trained)
+        receipt = dev.submit(prepared)
         if receipt.update_hash != prepared.update_hash or receipt.round != prepared.round:
             raise TrainingError(f"device {i}'s receipt acknowledges another update", code="device_host_failed")
         return receipt.update_hash
-
-    def _get_trainer(self) -> LocalTrainer:
-        if self._trainer is None:
-            model = create_model(self._spec.model, self._train.input_shape, self._train.num_classes)
-            self._trainer = LocalTrainer(model, self._spec.train, self._layout)
-        return self._trainer

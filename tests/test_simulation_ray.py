@@ -72,6 +72,35 @@ def test_ray_backend_is_bit_identical_to_the_thread_backend(ray_session, monkeyp
 
 
 @pytest.mark.slow
+def test_devices_trained_on_other_hosts_give_the_same_bits(ray_session, monkeypatch):
+    """Every training that may move is run on another host than its device's (its shard and the model it
+    verified are sent there, the delta comes back to be signed): the models stay the thread backend's."""
+    from qflare.simulation_ray import RayFederation, RayOptions, _TrainingSlots, ray_federation
+
+    evaluated, trained = [], []
+    real_acquire, real_train = _TrainingSlots.acquire, RayFederation._train
+
+    def elsewhere_first(self, own, *, anywhere):
+        if own is None:  # an evaluation chunk: the hosts evaluate, not the driver
+            evaluated.append(own)
+            return real_acquire(self, None, anywhere=True)
+        return real_acquire(self, (own + 1) % 2 if anywhere else own, anywhere=False)
+
+    def spy(self, k, i, ref):
+        trained.append((k, i))
+        return real_train(self, k, i, ref)
+
+    monkeypatch.setattr(RayFederation, "_train", spy)
+    monkeypatch.setattr(_TrainingSlots, "acquire", elsewhere_first)
+    threads = run_simulation(SimulationConfig(SPEC, workers=2))
+    moved = run_simulation(SimulationConfig(SPEC, workers=2), federation=ray_federation(RayOptions(hosts=2)))
+    assert [r.model_sha256 for r in moved.rounds] == [r.model_sha256 for r in threads.rounds]
+    assert [(r.accuracy, r.loss) for r in moved.rounds] == [(r.accuracy, r.loss) for r in threads.rounds]
+    assert evaluated  # the test set's chunks went to the hosts
+    assert len(trained) == SPEC.rounds * SPEC.per_round and all(k != i % 2 for k, i in trained)
+
+
+@pytest.mark.slow
 def test_pipelined_enrollment_reaches_the_coordinator_in_device_index_order(ray_session, monkeypatch):
     monkeypatch.setattr("qflare.simulation_ray._ENROLL_CHUNK", 1)  # 4 chunks of 2 devices, two lanes in flight
     fed = _federation(ray_session)
@@ -143,9 +172,13 @@ def test_host_failures_surface_as_typed_errors(ray_session):
         # and the driver the same way.
         with pytest.raises(RoundError):
             fed.submit(0, prepared)
-        # A failure outside the protocol (here: submitting again, with nothing prepared) is device_host_failed.
+        # Submitting the same prepared update again is refused in the driver, before any host or coordinator.
         with pytest.raises(TrainingError) as failed:
             fed.submit(0, prepared)
+        assert failed.value.code == ErrorCode.DEVICE_HOST_FAILED and "submitted already" in failed.value.message
+        # A failure outside the protocol in a host (here: a device index it does not hold) is device_host_failed.
+        with pytest.raises(TrainingError) as failed:
+            fed._drive({SPEC.devices: ("start", "fetch")})  # host 0 holds devices 0, 2, 4, 6
         assert failed.value.code == ErrorCode.DEVICE_HOST_FAILED and "KeyError" in failed.value.message
         # A host that dies: its devices' operations fail typed, not with Ray's exception.
         ray_session.kill(fed._hosts[0])
