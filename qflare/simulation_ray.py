@@ -9,13 +9,15 @@ A round's work for device ``i``: its host fetches the task and the signed model 
 training then runs on whichever host has its training slot free first - its own host when that one is
 free (the model stays there), another host otherwise (*stealing*: the driver sends the device's shard
 and the model, identified by the SHA-256 the device verified, and gets the delta back); its own host
-then signs and seals the update (protocol).  The driver holds the data set and sends each training its
-device's shard (uint8, as the thread backend slices it); a training's seed and inputs do not depend on
-the host, so where it ran does not change a bit.  Without stealing the busier host of a round set the
-round's pace (with seed 0 on fmnist-dir05 one of two hosts held 6.2 of a round's 10 devices on average).
+then signs the update and keeps it until the simulation submits, in selection order.  Each global model's evaluation chunks go through the same slots, so the
+hosts do the training and evaluation and the driver the coordinator's work.  The driver holds the
+training set and sends each training its device's shard (uint8, as the thread backend slices it); the
+hosts hold the test set.  A training's seed and inputs do not depend on the host, so where it ran does
+not change a bit.  (Without stealing, the busier host set a round's pace: with seed 0 on fmnist-dir05
+one of two hosts held 6.2 of a round's 10 devices on average.)
 
 How their bytes travel: a device's protocol code is synchronous (``transport.request(route, body)``
-returns the coordinator's answer), so each operation (enroll and connect, a round's work, a submission)
+returns the coordinator's answer), so each operation (enroll and connect, fetch, sign, submit)
 runs on a thread inside the host, whose transport hands each request out of the actor and waits.  The
 driver pumps: :meth:`DeviceHost.step` returns the requests the operations have reached, the driver
 passes each to :meth:`Coordinator.handle` - exactly the call the in-process transport makes, with the
@@ -31,8 +33,8 @@ coordinator still receives the enrollment requests in device index order.
 Ray is optional (``pip install 'qflare[ray]'``); without it :func:`ray_federation` raises a
 ConfigError naming the extra.  A local Ray is started on demand with a small footprint (``num_cpus``
 as asked, no dashboard, a capped object store, two malloc arenas per process) and shut down at the
-end; with ``address`` an existing cluster is joined (qflare and the data set must be importable and
-loadable on its nodes).  A host that dies or fails outside the protocol surfaces as a
+end; with ``address`` an existing cluster is joined (qflare must be importable on its nodes; the data
+travels from the driver).  A host that dies or fails outside the protocol surfaces as a
 ``device_host_failed`` TrainingError.  The hosts' code is :mod:`qflare.simulation_ray_host`.
 
 Not built: attacks (the attackers' training lives in the driver) and FLTrust's root data, GPU actors.
@@ -136,12 +138,10 @@ class _TrainingSlots:
 
 @dataclass
 class _Prepared:
-    """What ``work`` hands the driver for ``submit``: the device's first request of its submission, already
-    sealed by its host (whose operation waits for the answer); the update stays with the device."""
+    """What ``work`` hands the driver for ``submit``: the signed update stays with its device in the host."""
 
     device: int
-    request: Item | None
-    """None once submitted."""
+    submitted: bool = False
 
 
 class RayFederation(CoordinatorSide):
@@ -343,26 +343,20 @@ class RayFederation(CoordinatorSide):
         flat = current.flat if current.sha256 == sha else None  # the model the device verified, or stay home
         k = self._slots.acquire(own, anywhere=flat is not None)
         try:
-            host = self._hosts[k]
-            if k == own:
-                result, handed = (
-                    self._train(k, i, host.train_own.options(concurrency_group="train").remote(i, shard, seed)),
-                    None,
+            if k == own:  # trained and signed in its own host, where the update stays until submitted
+                result = self._outcome(
+                    k, i, self._hosts[k].train_own.options(concurrency_group="train").remote(i, shard, seed)
                 )
-            else:
-                result = handed = self._train(
-                    k, i, host.train_for.options(concurrency_group="train").remote(shard, flat, seed)
-                )
+            else:  # trained elsewhere; its own host signs the delta and keeps the update
+                remote = self._hosts[k].train_for.options(concurrency_group="train").remote(shard, flat, seed)
+                result = self._outcome(k, i, remote)
         finally:
             self._slots.release(k)
-        # The host signs the update and seals its submission now, in parallel with the other devices; the
-        # request waits in the driver for ``submit``, which relays it in the coordinator's selection order.
-        request = self._collect(self._send({i: ("start", "submit", handed)}))[i]
-        if request[0] != "request":  # the operation failed (an update the device refuses to send)
-            self._answer({i: request}, {})  # raises it typed
-            raise TrainingError(f"device {i} submitted without asking the coordinator", code="device_host_failed")
-        result.delta = torch.empty(0)  # the device's update is in its host, prepared
-        return _Prepared(i, request), result
+        if k != own:
+            self._outcome(own, i, self._hosts[own].prepare.remote(i, result))
+        assert isinstance(result, TrainResult)
+        result.delta = torch.empty(0)  # the device's update is in its host, signed
+        return _Prepared(i), result
 
     def evaluate_chunk(self, flat: torch.Tensor, lo: int, hi: int) -> tuple[float, float]:
         """Evaluate ``flat`` on test examples ``lo:hi`` on the first host with a free slot."""
@@ -380,13 +374,12 @@ class RayFederation(CoordinatorSide):
         loss, acc = outcome[1]
         return float(loss), float(acc)
 
-    def _train(self, k: int, i: int, ref: Any) -> TrainResult:
+    def _outcome(self, k: int, i: int, ref: Any) -> Any:
+        """What host ``k``'s call ``ref`` for device ``i`` returned, or its failure raised typed."""
         outcome = self._get(k, ref)
         if outcome[0] != "done":
             raise error_from_code(str(outcome[1]), f"device {i}: {outcome[2]}")
-        result = outcome[1]
-        assert isinstance(result, TrainResult)
-        return result
+        return outcome[1]
 
     def _shard(self, i: int) -> ArrayDataset:
         """Device ``i``'s examples, as uint8 (the thread backend's slice of the same data set)."""
@@ -397,10 +390,10 @@ class RayFederation(CoordinatorSide):
 
     def submit(self, i: int, prepared: Any) -> None:
         assert isinstance(prepared, _Prepared) and prepared.device == i
-        request, prepared.request = prepared.request, None
-        if request is None:
+        if prepared.submitted:
             raise TrainingError(f"device {i}'s update was submitted already", code="device_host_failed")
-        self._drive(self._answer({i: request}, {}))
+        prepared.submitted = True
+        self._drive({i: ("start", "submit")})
 
     def host_stats(self) -> list[HostStats]:
         """Each device host's process, as it reports itself."""

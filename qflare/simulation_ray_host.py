@@ -36,7 +36,7 @@ from .models import create_model
 from .plugins import load_plugins
 from .precision import resolve_precision
 from .protocol import Device
-from .protocol.device import GlobalModel
+from .protocol.device import GlobalModel, SignedUpdate
 from .protocol.messages import Route, TaskInfo
 from .training import LocalTrainer, TrainResult, evaluate
 from .wire import ParamLayout
@@ -128,7 +128,7 @@ class DeviceHost:
         self._eval_model: torch.nn.Module | None = None
         self._devices: dict[int, Device] = {}
         self._fetched: dict[int, tuple[TaskInfo, GlobalModel]] = {}
-        self._trained: dict[int, TrainResult] = {}
+        self._prepared: dict[int, SignedUpdate] = {}
         self._ops: dict[int, _Operation] = {}
 
     # ------------------------------------------------------------------ the pump (default group)
@@ -155,12 +155,12 @@ class DeviceHost:
 
     # ------------------------------------------------------------------ training ("train" group)
     def train_own(self, i: int, shard: ArrayDataset, seed: int) -> Item:
-        """Train device ``i`` of this host on the model it fetched; the update stays here for ``prepare``:
-        ("done", the result without its delta) or ("error", code, message)."""
+        """Train device ``i`` of this host on the model it fetched and sign the update, which stays here
+        until it is submitted: ("done", the result without its delta) or ("error", code, message)."""
 
         def own() -> TrainResult:
-            _, gm = self._fetched[i]
-            result = self._trained[i] = self._train(gm.flat, shard, seed)
+            result = self._train(self._fetched[i][1].flat, shard, seed)
+            self._prepare(i, result)
             return dataclasses.replace(result, delta=torch.empty(0))
 
         return _outcome(own)
@@ -195,6 +195,11 @@ class DeviceHost:
         finally:
             release_free_memory()
 
+    def prepare(self, i: int, result: TrainResult) -> Item:
+        """Sign the update of device ``i`` that another host trained (``train_for``); it stays here until it
+        is submitted: ("done", None) or ("error", code, message)."""
+        return _outcome(lambda: self._prepare(i, result))
+
     # ------------------------------------------------------------------ the operations
     def _target(self, i: int, op: str, args: tuple[Any, ...]) -> Callable[[], Any]:
         if op == "enroll":
@@ -202,7 +207,7 @@ class DeviceHost:
         if op == "fetch":
             return lambda: self._fetch(i)
         if op == "submit":
-            return lambda: self._submit(i, args[0])
+            return lambda: self._submit(i)
         raise ConfigError(f"unknown device operation {op!r}")
 
     def _enroll(self, i: int, token: str) -> str:
@@ -226,14 +231,15 @@ class DeviceHost:
         self._fetched[i] = (task, gm)
         return task.round, gm.sha256
 
-    def _submit(self, i: int, result: TrainResult | None) -> str:
-        """Serialise and sign the update of the training ``result`` (None: the one ``train_own`` kept) and
-        submit it; the receipt must acknowledge it."""
+    def _prepare(self, i: int, result: TrainResult) -> None:
+        """Serialise and sign the update of the training ``result`` on the model device ``i`` fetched."""
         task, gm = self._fetched.pop(i)
-        trained = self._trained.pop(i) if result is None else result
-        dev = self._devices[i]
-        prepared = dev.prepare_update(task, gm, trained)
-        receipt = dev.submit(prepared)
+        self._prepared[i] = self._devices[i].prepare_update(task, gm, result)
+
+    def _submit(self, i: int) -> str:
+        """Submit the signed update; the receipt must acknowledge it."""
+        prepared = self._prepared.pop(i)
+        receipt = self._devices[i].submit(prepared)
         if receipt.update_hash != prepared.update_hash or receipt.round != prepared.round:
             raise TrainingError(f"device {i}'s receipt acknowledges another update", code="device_host_failed")
         return receipt.update_hash
