@@ -5,8 +5,8 @@ The simulation drives the real protocol objects — :class:`~qflare.protocol.Dev
 post-quantum handshake, signed models, sealed and signed updates, the round state machine and the
 database all run exactly as in a deployment, and their cost is part of every measurement.
 
-Parallelism: the selected devices' local training (and the evaluation of the previous global model)
-runs on a pool of ``workers`` threads, each with its own model instance and one torch intra-op thread.
+Parallelism: the selected devices' local training (and the evaluation of the previous global model, unless
+the federation evaluates it itself: ``evaluate_chunk``) runs on a pool of ``workers`` threads, each with its own model instance and one torch intra-op thread.
 PyTorch releases the GIL inside its kernels, so the threads use the cores in parallel while sharing one
 copy of the data set and of torch itself (one process: no second ~0.3 GB interpreter, no data copies).
 Updates are submitted in the coordinator's selection order, so results are identical run to run for
@@ -259,9 +259,9 @@ class Federation(Protocol):
 
     def work(self, i: int, train: Callable[[torch.Tensor, int], TrainResult]) -> tuple[Any, TrainResult]:
         """Device ``i``'s part of the round, run on a worker thread: get the model, ``train(flat, round)``,
-        and return what :meth:`submit` sends, with the training result.  A backend whose devices train
-        where they live (:mod:`qflare.simulation_ray`) trains them there, with the same seeds and data, and
-        does not call ``train``."""
+        and return what :meth:`submit` sends, with the training result.  A backend that trains elsewhere
+        (:mod:`qflare.simulation_ray`: on its Ray actors) trains with the same seeds and data, and does not
+        call ``train``."""
 
     def submit(self, i: int, prepared: Any) -> None:
         """Send device ``i``'s prepared update (called in selection order on the driver thread)."""

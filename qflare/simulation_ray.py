@@ -9,15 +9,17 @@ A round's work for device ``i``: its host fetches the task and the signed model 
 training then runs on whichever host has its training slot free first - its own host when that one is
 free (the model stays there), another host otherwise (*stealing*: the driver sends the device's shard
 and the model, identified by the SHA-256 the device verified, and gets the delta back); its own host
-then signs the update and keeps it until the simulation submits, in selection order.  Each global model's evaluation chunks go through the same slots, so the
-hosts do the training and evaluation and the driver the coordinator's work.  The driver holds the
-training set and sends each training its device's shard (uint8, as the thread backend slices it); the
-hosts hold the test set.  A training's seed and inputs do not depend on the host, so where it ran does
-not change a bit.  (Without stealing, the busier host set a round's pace: with seed 0 on fmnist-dir05
+then signs the update and keeps it until the simulation submits, in selection order.  Each global
+model's evaluation chunks go through the same slots, so the hosts do the training and evaluation and
+the driver the coordinator's work.  The driver holds the training set and sends each training its
+device's shard (uint8, as the thread backend slices it); the hosts hold the test set and compute in the
+precision the driver resolved.  A training's seed and inputs do not depend on the host, so where it ran
+does not change a bit (``ray_trained_elsewhere`` in the run's config counts the moves; it depends on
+timing, the models do not).  (Without stealing, the busier host set a round's pace: with seed 0 on fmnist-dir05
 one of two hosts held 6.2 of a round's 10 devices on average.)
 
 How their bytes travel: a device's protocol code is synchronous (``transport.request(route, body)``
-returns the coordinator's answer), so each operation (enroll and connect, fetch, sign, submit)
+returns the coordinator's answer), so each operation (enroll and connect, fetch, submit)
 runs on a thread inside the host, whose transport hands each request out of the actor and waits.  The
 driver pumps: :meth:`DeviceHost.step` returns the requests the operations have reached, the driver
 passes each to :meth:`Coordinator.handle` - exactly the call the in-process transport makes, with the
@@ -58,6 +60,7 @@ import torch
 from .data import ArrayDataset, load_dataset
 from .errors import ConfigError, QflareError, TrainingError, error_from_code
 from .federation import FederationSpec
+from .precision import resolve_precision
 from .simulation import CoordinatorSide, FederationFactory, SimulationConfig
 from .simulation_ray_host import DeviceHost, HostStats, Item, process_rss
 from .training import TrainResult, client_seed
@@ -67,7 +70,8 @@ __all__ = ["DeviceHost", "HostStats", "RayFederation", "RayOptions", "ray_federa
 
 _INSTALL = "pip install 'qflare[ray]'"
 _INLINE = 256 * 1024 * 1024
-"""Call arguments and results up to this size travel inline (a local Ray): no object-store copies."""
+"""Call arguments and results up to this size travel inline (a local Ray): no object-store copies (a model
+under evaluation is the exception: put in the object store once for all its chunks)."""
 _ENROLL_CHUNK = 16
 """Devices per host that start enrolling at each step of an enrollment lane (see ``_enroll_all``)."""
 _LANES = 2
@@ -186,7 +190,7 @@ class RayFederation(CoordinatorSide):
             self._start(ray, options)
             t1 = time.perf_counter()
             self._spawn(ray, cfg, layout, options)
-            self.spawn_stats = self.host_stats()  # started (data set and shards loaded), no device enrolled
+            self.spawn_stats = self.host_stats()  # started (the test set loaded), no device enrolled
             t2 = time.perf_counter()
             self.driver_rss_spawned = process_rss()
             self._enroll_all(spec)
@@ -227,7 +231,7 @@ class RayFederation(CoordinatorSide):
                         object_store_memory=options.object_store_mb * 1024 * 1024,
                         log_to_driver=False,
                         configure_logging=False,
-                        # Models and a host's share of the data travel in the calls themselves, not through the
+                        # Models, shards and deltas travel in the calls themselves, not through the
                         # shared-memory object store (whose pages every process that maps them counts as resident).
                         _system_config={
                             "max_direct_call_object_size": _INLINE,
@@ -257,7 +261,10 @@ class RayFederation(CoordinatorSide):
         actor = ray.remote(num_cpus=1, max_restarts=0, runtime_env=env, concurrency_groups=groups)(DeviceHost)
         raw = self.coordinator.public_key.raw
         test = load_dataset(spec.dataset, "test", root=spec.data_root)
-        self._hosts = [actor.remote(spec, layout, raw, test) for _ in range(hosts)]
+        # Every host computes in the precision the driver resolves (one answer for "auto" on a mixed cluster).
+        resolved = resolve_precision(spec.train.precision, "cpu").name
+        host_spec = spec.replace(train=dataclasses.replace(spec.train, precision=resolved))
+        self._hosts = [actor.remote(host_spec, layout, raw, test) for _ in range(hosts)]
         self._slots = _TrainingSlots(hosts)
 
     def _enroll_all(self, spec: FederationSpec) -> None:
@@ -324,6 +331,13 @@ class RayFederation(CoordinatorSide):
         except QflareError as exc:  # what the in-process transport would raise in the device
             return ("fail", str(exc.code), exc.message)
 
+    def _put(self, value: Any) -> Any:
+        ray = self._ray
+        try:
+            return ray.put(value)
+        except ray.exceptions.RayError as exc:  # e.g. the object store full
+            raise TrainingError(f"Ray's object store refused a model: {exc}", code="device_host_failed") from None
+
     def _get(self, k: int, ref: Any) -> Any:
         ray = self._ray
         try:
@@ -362,7 +376,7 @@ class RayFederation(CoordinatorSide):
         """Evaluate ``flat`` on test examples ``lo:hi`` on the first host with a free slot."""
         with self._eval_lock:
             if self._eval_model is None or self._eval_model[0] is not flat:
-                self._eval_model = (flat, self._ray.put(flat))
+                self._eval_model = (flat, self._put(flat))
             ref = self._eval_model[1]
         k = self._slots.acquire(None, anywhere=True)
         try:

@@ -2,16 +2,18 @@
 
 :class:`DeviceHost` owns devices ``i`` with ``i % hosts == k`` - each a real
 :class:`~qflare.protocol.Device` with its own ML-DSA identity and post-quantum session - and has one
-trainer.  Each device operation (enroll and connect, fetch the round's model, prepare the update, submit
-it) runs on a thread whose transport hands each request out; :meth:`DeviceHost.step` returns the
-requests the operations have reached and resumes them with the driver's answers (see
-:mod:`qflare.simulation_ray`, which drives it).  Training is apart from the protocol, in the actor's
-``train`` concurrency group (one thread, beside the default group's ``step``): :meth:`DeviceHost.train_own`
-trains one of the host's own devices on the model it fetched, :meth:`DeviceHost.train_for` trains any
-device of the federation on a model the driver sends, :meth:`DeviceHost.evaluate` evaluates a global
-model on a chunk of the test set (the driver balances a round's trainings and evaluation over the
-hosts).  A host keeps the test set, not the training set: each training call carries the device's shard.  This module imports
-only what a host needs: Ray starts the hosts' processes by importing it.
+trainer.  Each device operation that talks to the coordinator (enroll and connect, fetch the round's
+model, submit the update) runs on a thread whose transport hands each request out;
+:meth:`DeviceHost.step` returns the requests the operations have reached and resumes them with the
+driver's answers (see :mod:`qflare.simulation_ray`, which drives it).  Training and evaluation are apart
+from the protocol, in the actor's ``train`` concurrency group (one thread, beside the default group's
+``step``): :meth:`DeviceHost.train_own` trains one of the host's own devices on the model it fetched and
+signs the update, :meth:`DeviceHost.train_for` trains any device of the federation on a model the driver
+sends (its own host then signs the delta: :meth:`DeviceHost.prepare`), :meth:`DeviceHost.evaluate`
+evaluates a global model on a chunk of the test set; the driver balances a round's trainings and
+evaluation over the hosts.  A host keeps the test set, not the training set: each training call carries
+the device's shard.  This module imports only what a host needs: Ray starts the hosts' processes by
+importing it.
 """
 
 from __future__ import annotations

@@ -158,7 +158,7 @@ def test_cli_backend_ray_records_the_backend(ray_session):
 
 
 @pytest.mark.slow
-def test_host_failures_surface_as_typed_errors(ray_session):
+def test_host_failures_surface_as_typed_errors(ray_session, monkeypatch):
     fed = _federation(ray_session)
     try:
         assert len(fed.index) == SPEC.devices  # every device enrolled, each under its own identity
@@ -182,6 +182,11 @@ def test_host_failures_surface_as_typed_errors(ray_session):
         with pytest.raises(TrainingError) as died:
             fed.work(2, lambda flat, rnd: pytest.fail("unreachable"))
         assert died.value.code == ErrorCode.DEVICE_HOST_FAILED and "died" in died.value.message
+        # A training sent to the dead host for a device of the live one fails typed as well.
+        monkeypatch.setattr(fed._slots, "acquire", lambda own, *, anywhere: 0)
+        with pytest.raises(TrainingError) as died:
+            fed.work(1, lambda flat, rnd: pytest.fail("unreachable"))
+        assert died.value.code == ErrorCode.DEVICE_HOST_FAILED and "device host 0" in died.value.message
     finally:
         fed.close()
 
