@@ -24,6 +24,7 @@ from collections.abc import Callable, Sequence
 from types import FrameType
 
 from ..errors import ConfigError
+from ..processes import stop_processes
 
 __all__ = ["FAST_FAILURE_S", "MAX_BACKOFF_S", "bind_listener", "run_workers", "worker_command"]
 
@@ -121,7 +122,7 @@ def run_workers(
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-        _stop_all([c for c in children if c is not None], graceful_timeout_s)
+        stop_processes([c for c in children if c is not None], graceful_timeout_s)
         sock.close()
     return status
 
@@ -152,16 +153,3 @@ def _preexec(parent: int) -> Callable[[], None]:
         os.setpgrp()
 
     return preexec
-
-
-def _stop_all(children: list[subprocess.Popen[bytes]], timeout_s: float) -> None:
-    for proc in children:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-    deadline = time.monotonic() + timeout_s
-    for proc in children:
-        try:
-            proc.wait(max(deadline - time.monotonic(), 0.01))
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
